@@ -1,0 +1,1 @@
+"""replay: read traceml recordings back (engine, dashboard, reports)."""

@@ -1,0 +1,22 @@
+"""traceml: a record-and-replay profiler for PyTorch training.
+
+``with traceml.trace_step(model): ...`` marks a training step.  Under
+``traceml run`` that is the only change a script needs.  Importing traceml does
+not import torch; the rank runtime loads on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from traceml._version import __version__
+
+__all__ = ["__version__", "init", "shutdown", "trace_step", "trace_time"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("trace_step", "trace_time", "init", "shutdown"):
+        from traceml import decorators
+
+        return getattr(decorators, name)
+    raise AttributeError(f"module 'traceml' has no attribute {name!r}")

@@ -1,0 +1,12 @@
+"""The ``traceml`` command line: composes every room; heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+from traceml.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,88 @@
+"""Environment variables: the only way configuration reaches the ranks.
+
+``traceml run`` sets these for torchrun's children; a script run with plain
+``python`` may set ``TRACEML_OUT`` to record its own ``.tml``.  Leaf module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from traceml.errors import ConfigError
+
+ENV_AGGREGATOR_HOST = "TRACEML_AGGREGATOR_HOST"
+ENV_AGGREGATOR_PORT = "TRACEML_AGGREGATOR_PORT"
+ENV_TOKEN = "TRACEML_TOKEN"
+ENV_RUN_ID = "TRACEML_RUN_ID"
+ENV_INTERVAL = "TRACEML_INTERVAL"
+ENV_OUT = "TRACEML_OUT"
+ENV_DISABLED = "TRACEML_DISABLED"
+ENV_NO_AUTO_INTEGRATIONS = "TRACEML_NO_AUTO_INTEGRATIONS"
+ENV_MAX_FRAME_MB = "TRACEML_MAX_FRAME_MB"
+
+DEFAULT_INTERVAL_S = 1.0
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """What a rank reads from its environment at ``traceml.init``."""
+
+    aggregator_host: str | None = None
+    aggregator_port: int | None = None
+    token: str = ""
+    run_id: str = ""
+    interval_s: float = DEFAULT_INTERVAL_S
+    out: str | None = None
+    disabled: bool = False
+    auto_integrations: bool = True
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+
+    @property
+    def streaming(self) -> bool:
+        return self.aggregator_host is not None and self.aggregator_port is not None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds, e.g. {name}=1.0") from exc
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _truthy(raw: str | None) -> bool:
+    return (raw or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def rank_config_from_env(env: Mapping[str, str] | None = None) -> RankConfig:
+    env = os.environ if env is None else env
+    port_raw = env.get(ENV_AGGREGATOR_PORT)
+    port: int | None = None
+    if port_raw:
+        try:
+            port = int(port_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_AGGREGATOR_PORT}={port_raw!r}: expected a TCP port number") from exc
+        if not 0 < port < 65536:
+            raise ConfigError(f"{ENV_AGGREGATOR_PORT}={port_raw!r}: expected a port in 1..65535")
+    host = env.get(ENV_AGGREGATOR_HOST) or ("127.0.0.1" if port is not None else None)
+    max_frame_mb = _float(env, ENV_MAX_FRAME_MB, DEFAULT_MAX_FRAME_BYTES / 1024 / 1024)
+    return RankConfig(
+        aggregator_host=host,
+        aggregator_port=port,
+        token=env.get(ENV_TOKEN, ""),
+        run_id=env.get(ENV_RUN_ID, ""),
+        interval_s=_float(env, ENV_INTERVAL, DEFAULT_INTERVAL_S),
+        out=env.get(ENV_OUT) or None,
+        disabled=_truthy(env.get(ENV_DISABLED)),
+        auto_integrations=not _truthy(env.get(ENV_NO_AUTO_INTEGRATIONS)),
+        max_frame_bytes=int(max_frame_mb * 1024 * 1024),
+    )

@@ -1,0 +1,202 @@
+"""Table schemas: the names and column types every room agrees on.
+
+A *table* is a stream of rows with fixed, typed columns.  Ranks append rows as
+tuples (in column order); the wire and the ``.tml`` file carry them column by
+column; stores hold them as numpy arrays.  This module is a leaf: it imports
+nothing of traceml but the error tree.
+
+Column type codes (``dtype`` strings):
+
+    i8  int64          u1  uint8 (flags)      f8  float64
+    i4  int32          f4  float32            str UTF-8 string (msgpack list)
+
+Conventions: times are ``*_ns`` int64 nanoseconds since the Unix epoch (wall
+clock) or durations ``*_us`` int64 microseconds; sizes are ``*_bytes`` int64;
+a value that was not measured is ``-1`` (integers) or ``nan`` (floats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from traceml.errors import ConfigError
+
+#: numpy dtype (little-endian) for every numeric type code; ``str`` maps to object.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "i8": np.dtype("<i8"),
+    "i4": np.dtype("<i4"),
+    "u1": np.dtype("u1"),
+    "f8": np.dtype("<f8"),
+    "f4": np.dtype("<f4"),
+}
+STR = "str"
+TYPE_CODES: frozenset[str] = frozenset([*NUMPY_DTYPES, STR])
+
+#: the value that means "not measured" for each type code
+MISSING: dict[str, Any] = {"i8": -1, "i4": -1, "u1": 0, "f8": float("nan"), "f4": float("nan"), "str": ""}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """An ordered list of typed columns under a table name."""
+
+    name: str
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "columns": [[c.name, c.dtype] for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TableSchema:
+        try:
+            name = str(data["name"])
+            cols = tuple(Column(str(n), str(t)) for n, t in data["columns"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"table schema must be {{'name': str, 'columns': [[name, dtype], ...]}}; found {data!r:.200}"
+            ) from exc
+        for c in cols:
+            if c.dtype not in TYPE_CODES:
+                raise ConfigError(
+                    f"column {name}.{c.name} has type {c.dtype!r}; expected one of {sorted(TYPE_CODES)}"
+                )
+        return cls(name, cols)
+
+
+def table(name: str, *cols: tuple[str, str]) -> TableSchema:
+    return TableSchema(name, tuple(Column(n, t) for n, t in cols))
+
+
+# --- the standard tables -------------------------------------------------------------
+
+#: The phases of a step, in display order.  ``<phase>_us`` columns of STEP_TIME.
+PHASES: tuple[str, ...] = ("dataloader", "h2d", "forward", "backward", "optimizer", "residual")
+#: Phases timed on the GPU clock too (STEP_GPU).
+GPU_PHASES: tuple[str, ...] = ("h2d", "forward", "backward", "optimizer", "step")
+
+#: One row per step per rank, appended at the end of the step (CPU wall clock).
+#: ``step_us`` = dataloader wait since the previous step + the traced body;
+#: ``residual_us`` = step_us minus the other phases (>= 0).  ``failed`` = 1 when the body raised.
+STEP_TIME = table(
+    "step_time",
+    ("step", "i8"),
+    ("ts_ns", "i8"),
+    ("failed", "u1"),
+    ("step_us", "i8"),
+    *((f"{p}_us", "i8") for p in PHASES),
+)
+
+#: GPU time per phase from CUDA events, appended when the events resolve (later than STEP_TIME).
+STEP_GPU = table("step_gpu", ("step", "i8"), ("ts_ns", "i8"), *((f"{p}_gpu_us", "i8") for p in GPU_PHASES))
+
+#: User-named regions (``traceml.trace_time``) per step: total CPU time and call count.
+STEP_REGION = table(
+    "step_region", ("step", "i8"), ("ts_ns", "i8"), ("name", "str"), ("cpu_us", "i8"), ("calls", "i4")
+)
+
+#: Per-step CUDA memory peaks (peak stats reset at step start).  Absent on CPU.
+STEP_MEMORY = table(
+    "step_memory", ("step", "i8"), ("ts_ns", "i8"), ("peak_alloc_bytes", "i8"), ("peak_reserved_bytes", "i8")
+)
+
+#: Per-rank process sample (~1 Hz, background thread).  GPU columns -1 without CUDA.
+PROCESS = table(
+    "process",
+    ("ts_ns", "i8"),
+    ("cpu_pct", "f4"),
+    ("rss_bytes", "i8"),
+    ("threads", "i4"),
+    ("fds", "i4"),
+    ("gpu_alloc_bytes", "i8"),
+    ("gpu_reserved_bytes", "i8"),
+    ("gpu_total_bytes", "i8"),
+)
+
+#: Per-node system sample, from local rank 0 only.
+SYSTEM = table(
+    "system",
+    ("ts_ns", "i8"),
+    ("node_rank", "i4"),
+    ("cpu_pct", "f4"),
+    ("ram_used_bytes", "i8"),
+    ("ram_total_bytes", "i8"),
+)
+
+#: Per-GPU system sample via NVML, from local rank 0 only; absent without NVML.
+SYSTEM_GPU = table(
+    "system_gpu",
+    ("ts_ns", "i8"),
+    ("node_rank", "i4"),
+    ("gpu_idx", "i4"),
+    ("util_pct", "f4"),
+    ("mem_used_bytes", "i8"),
+    ("mem_total_bytes", "i8"),
+    ("temp_c", "f4"),
+    ("power_w", "f4"),
+    ("power_limit_w", "f4"),
+)
+
+STANDARD_TABLES: dict[str, TableSchema] = {
+    t.name: t for t in (STEP_TIME, STEP_GPU, STEP_REGION, STEP_MEMORY, PROCESS, SYSTEM, SYSTEM_GPU)
+}
+
+
+# --- rows <-> columns ---------------------------------------------------------------
+
+
+def rows_to_columns(schema: TableSchema, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """Turn tuple rows (column order) into ``{name: numpy array | list[str]}``."""
+    if not rows:
+        return {c.name: ([] if c.dtype == STR else np.empty(0, NUMPY_DTYPES[c.dtype])) for c in schema.columns}
+    cols = list(zip(*rows, strict=True))
+    out: dict[str, Any] = {}
+    for col, values in zip(schema.columns, cols, strict=True):
+        if col.dtype == STR:
+            out[col.name] = [str(v) for v in values]
+        else:
+            out[col.name] = np.asarray(values, dtype=NUMPY_DTYPES[col.dtype])
+    return out
+
+
+def empty_columns(schema: TableSchema) -> dict[str, Any]:
+    return rows_to_columns(schema, [])
+
+
+def column_length(columns: Mapping[str, Any]) -> int:
+    """Row count of a column dict; raises if columns disagree."""
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ConfigError(f"columns have different lengths {sorted(lengths)}; expected one length")
+    return lengths.pop() if lengths else 0
+
+
+def schema_from_columns(name: str, columns: Mapping[str, Any]) -> TableSchema:
+    """Infer a schema from arrays (used for tables not in STANDARD_TABLES)."""
+    cols = []
+    for cname, values in columns.items():
+        if isinstance(values, np.ndarray):
+            code = next((k for k, d in NUMPY_DTYPES.items() if d == values.dtype.newbyteorder("<")), None)
+            if code is None:
+                raise ConfigError(f"column {name}.{cname} has numpy dtype {values.dtype}; expected one of i8 i4 u1 f8 f4")
+            cols.append(Column(cname, code))
+        else:
+            cols.append(Column(cname, STR))
+    return TableSchema(name, tuple(cols))
+
+
+def iter_standard_schemas() -> Iterable[TableSchema]:
+    return STANDARD_TABLES.values()

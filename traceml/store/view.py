@@ -1,0 +1,72 @@
+"""The read-only store view: the one seam between capture and presentation.
+
+A :class:`StoreView` is an immutable snapshot of run metadata, per-rank state and
+per (table, rank) numpy columns.  The aggregator builds it from its live store; the
+replay engine builds it from a ``.tml`` file.  Views, diagnosis and renderers take
+only this type, and never know which of the two filled it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from traceml.schema import STANDARD_TABLES, TableSchema, empty_columns
+
+if TYPE_CHECKING:
+    from traceml.store.columns import RankInfo
+
+
+@dataclass(frozen=True)
+class StoreView:
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    schemas: Mapping[str, TableSchema] = field(default_factory=dict)
+    #: (table, rank) -> {column: read-only numpy array}
+    tables: Mapping[tuple[str, int], Mapping[str, np.ndarray]] = field(default_factory=dict)
+    rank_info: Mapping[int, RankInfo] = field(default_factory=dict)
+    attachments: Mapping[str, Any] = field(default_factory=dict)
+    #: (table, rank) -> rows evicted from the bounded live window (0 in replay)
+    evicted: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    #: newest ``ts_ns`` seen in any table (the view's "now")
+    latest_ns: int = 0
+    #: integrity verdict of the source file, None when live
+    integrity: Mapping[str, Any] | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        seen = {r for (_, r) in self.tables} | set(self.rank_info)
+        return sorted(seen)
+
+    def table_names(self) -> list[str]:
+        return sorted({t for (t, _) in self.tables})
+
+    def table_ranks(self, table: str) -> list[int]:
+        return sorted(r for (t, r) in self.tables if t == table)
+
+    def has(self, table: str) -> bool:
+        return any(t == table and len(next(iter(c.values()), ())) for (t, _), c in self.tables.items())
+
+    def columns(self, table: str, rank: int) -> Mapping[str, np.ndarray]:
+        """Columns of one rank's table; empty arrays when absent."""
+        cols = self.tables.get((table, rank))
+        if cols is not None:
+            return cols
+        schema = self.schemas.get(table) or STANDARD_TABLES.get(table)
+        if schema is None:
+            return {}
+        return {k: (v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)) for k, v in empty_columns(schema).items()}
+
+    def rows(self, table: str, rank: int) -> int:
+        cols = self.tables.get((table, rank))
+        return len(next(iter(cols.values()))) if cols else 0
+
+    def total_rows(self, table: str | None = None) -> int:
+        return sum(self.rows(t, r) for (t, r) in self.tables if table is None or t == table)
+
+    def dropped(self, rank: int | None = None) -> int:
+        """Rows lost before reaching the store (rank-side), summed over tables."""
+        infos = self.rank_info.values() if rank is None else [self.rank_info[rank]] if rank in self.rank_info else []
+        return sum(sum(i.drops.values()) for i in infos)
