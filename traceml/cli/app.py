@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from traceml.cli import format_cmds, replay_cmds, run_cmd
+from traceml.cli import format_cmds, replay_cmds, report_cmds, run_cmd
 
 app = typer.Typer(
     name="traceml",
@@ -24,6 +24,7 @@ def _root() -> None:
 run_cmd.register(app)
 format_cmds.register(app)
 replay_cmds.register(app)
+report_cmds.register(app)
 
 
 @app.command("version")
