@@ -38,8 +38,16 @@ def no_leaks(request: pytest.FixtureRequest):
     deadline = time.monotonic() + 5.0
     while True:
         leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-        leaked_children = [c for c in proc.children(recursive=True) if c.pid not in children_before and c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        leaked_sockets = {s for s in _sockets(proc) - sockets_before if s[2] not in ("TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT2", "FIN_WAIT1", "LAST_ACK", "CLOSING")}
+        leaked_children = [
+            c
+            for c in proc.children(recursive=True)
+            if c.pid not in children_before and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+        ]
+        leaked_sockets = {
+            s
+            for s in _sockets(proc) - sockets_before
+            if s[2] not in ("TIME_WAIT", "CLOSE_WAIT", "FIN_WAIT2", "FIN_WAIT1", "LAST_ACK", "CLOSING")
+        }
         patches = _traceml_patches()
         if not (leaked_threads or leaked_children or leaked_sockets or patches) or time.monotonic() > deadline:
             break

@@ -71,9 +71,7 @@ class TableSchema:
             ) from exc
         for c in cols:
             if c.dtype not in TYPE_CODES:
-                raise ConfigError(
-                    f"column {name}.{c.name} has type {c.dtype!r}; expected one of {sorted(TYPE_CODES)}"
-                )
+                raise ConfigError(f"column {name}.{c.name} has type {c.dtype!r}; expected one of {sorted(TYPE_CODES)}")
         return cls(name, cols)
 
 
@@ -104,9 +102,7 @@ STEP_TIME = table(
 STEP_GPU = table("step_gpu", ("step", "i8"), ("ts_ns", "i8"), *((f"{p}_gpu_us", "i8") for p in GPU_PHASES))
 
 #: User-named regions (``traceml.trace_time``) per step: total CPU time and call count.
-STEP_REGION = table(
-    "step_region", ("step", "i8"), ("ts_ns", "i8"), ("name", "str"), ("cpu_us", "i8"), ("calls", "i4")
-)
+STEP_REGION = table("step_region", ("step", "i8"), ("ts_ns", "i8"), ("name", "str"), ("cpu_us", "i8"), ("calls", "i4"))
 
 #: Per-step CUDA memory peaks (peak stats reset at step start).  Absent on CPU.
 STEP_MEMORY = table(
@@ -191,7 +187,9 @@ def schema_from_columns(name: str, columns: Mapping[str, Any]) -> TableSchema:
         if isinstance(values, np.ndarray):
             code = next((k for k, d in NUMPY_DTYPES.items() if d == values.dtype.newbyteorder("<")), None)
             if code is None:
-                raise ConfigError(f"column {name}.{cname} has numpy dtype {values.dtype}; expected one of i8 i4 u1 f8 f4")
+                raise ConfigError(
+                    f"column {name}.{cname} has numpy dtype {values.dtype}; expected one of i8 i4 u1 f8 f4"
+                )
             cols.append(Column(cname, code))
         else:
             cols.append(Column(cname, STR))

@@ -57,7 +57,10 @@ class StoreView:
         schema = self.schemas.get(table) or STANDARD_TABLES.get(table)
         if schema is None:
             return {}
-        return {k: (v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)) for k, v in empty_columns(schema).items()}
+        return {
+            k: (v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object))
+            for k, v in empty_columns(schema).items()
+        }
 
     def rows(self, table: str, rank: int) -> int:
         cols = self.tables.get((table, rank))
