@@ -1,0 +1,143 @@
+"""``diagnose(view)``: run every rule over one window and choose the primary diagnosis."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from traceml.diagnosis import thresholds as th
+from traceml.diagnosis.findings import (
+    COMPUTE_BOUND,
+    HEALTHY,
+    INSUFFICIENT_DATA,
+    STRAGGLER,
+    Diagnosis,
+    Finding,
+    Severity,
+    Window,
+    severity_rank,
+)
+from traceml.diagnosis.memory import memory_creep
+from traceml.diagnosis.step_rules import (
+    compute_bound,
+    compute_measured,
+    h2d_bound,
+    input_bound,
+    ms,
+    residual_heavy,
+    straggler,
+)
+from traceml.diagnosis.steps import StepData, step_data
+from traceml.diagnosis.system import low_gpu_utilization
+from traceml.store import StoreView
+
+
+def _window(data: StepData) -> Window:
+    span = data.time_range()
+    return Window(
+        first_step=int(data.steps[0]) if len(data.steps) else None,
+        last_step=int(data.steps[-1]) if len(data.steps) else None,
+        steps=len(data.steps),
+        ranks=data.ranks,
+        warmup_steps=data.warmup_steps,
+        failed_rows=data.failed_rows,
+        last_n=data.last_n,
+        start_ns=span[0] if span else None,
+        end_ns=span[1] if span else None,
+    )
+
+
+def _insufficient(data: StepData, missing: list[str], severity: Severity) -> Finding:
+    steps = data.min_rank_steps()
+    return Finding(
+        kind=INSUFFICIENT_DATA,
+        severity=severity,
+        rank=None,
+        summary="insufficient data: missing " + "; ".join(missing),
+        evidence={
+            "steps": steps,
+            "min_steps": th.MIN_STEPS,
+            "recorded_rows": data.recorded_rows,
+            "failed_rows": data.failed_rows,
+            "warmup_steps": data.warmup_steps,
+        },
+    )
+
+
+def diagnose(view: StoreView, *, last_n: int | None = None) -> Diagnosis:
+    """Classify the run in ``view`` (whole run, or its last ``last_n`` analysed steps).
+
+    Failed steps and the warm-up (see :func:`traceml.diagnosis.steps.warmup_count`) are skipped.
+    """
+    data = step_data(view, last_n=last_n)
+    findings: list[Finding] = []
+    missing: list[str] = []  # signals whose absence stopped a rule
+    core_missing: list[str] = []  # absences that stop the run being classified
+
+    enough_steps = data.min_rank_steps() >= th.MIN_STEPS and not data.empty
+    if data.recorded_rows == 0:
+        core_missing.append("step timings (no step_time rows: is the loop wrapped in traceml.trace_step?)")
+    elif data.empty:
+        core_missing.append(
+            f"successful steps after warm-up ({data.recorded_rows} rows recorded, {data.failed_rows} failed)"
+        )
+    elif not enough_steps:
+        core_missing.append(
+            f"enough steps: {data.min_rank_steps()} analysable on the shortest rank, the step rules need {th.MIN_STEPS}"
+        )
+
+    if enough_steps:
+        findings += [f for f in (input_bound(data), straggler(data), h2d_bound(view, data)) if f is not None]
+        if compute_measured(data):
+            findings += [f for f in (residual_heavy(data),) if f is not None]
+            # a synchronised straggler makes the others wait inside backward, which reads as compute
+            synced_straggler = any(f.kind == STRAGGLER and f.evidence.get("steps_synchronised") == 1 for f in findings)
+            cb = compute_bound(data)
+            if cb is not None and not synced_straggler:
+                findings.append(cb)
+        else:
+            core_missing.append("forward/backward timings (residual and compute rules need the model's phases)")
+        if not view.has("step_gpu"):
+            missing.append("step_gpu (GPU clock): H2D rule skipped")
+        if len(data.ranks) < 2:
+            missing.append("a second rank: straggler rule skipped")
+    creep, short = memory_creep(view, data)
+    findings += creep
+    missing += [f"memory series {s}: creep rule skipped" for s in short]
+    if not (view.has("process") or view.has("step_memory")):
+        missing.append("process/step_memory samples: memory creep rule skipped")
+    gpu = low_gpu_utilization(view, data)
+    if gpu is not None:
+        findings.append(gpu)
+    elif not view.has("system_gpu"):
+        missing.append("system_gpu (NVML): GPU utilization rule skipped")
+
+    if core_missing:
+        findings.append(_insufficient(data, core_missing, "warn" if not enough_steps else "info"))
+    findings.sort(key=Finding.sort_key)
+    alarms = [f for f in findings if severity_rank(f.severity) >= severity_rank("warn")]
+    if alarms:
+        primary = alarms[0]
+    elif any(f.kind == INSUFFICIENT_DATA for f in findings):
+        primary = next(f for f in findings if f.kind == INSUFFICIENT_DATA)
+    elif any(f.kind == COMPUTE_BOUND for f in findings):
+        primary = next(f for f in findings if f.kind == COMPUTE_BOUND)
+    else:
+        primary = _healthy(data)
+        findings.append(primary)
+    return Diagnosis(primary=primary, findings=findings, window=_window(data), missing=tuple(core_missing + missing))
+
+
+def _healthy(data: StepData) -> Finding:
+    step = np.concatenate([data.per_rank[r].step_us for r in data.ranks])
+    step = step[np.isfinite(step)]
+    median = float(np.median(step)) if len(step) else float("nan")
+    return Finding(
+        kind=HEALTHY,
+        severity="info",
+        rank=None,
+        summary=(
+            f"healthy: no bottleneck past its threshold over {len(data.steps)} steps on "
+            f"{len(data.ranks)} rank{'s' if len(data.ranks) != 1 else ''} (median step {ms(median)})"
+        ),
+        evidence={"steps": len(data.steps), "ranks": len(data.ranks), "step_median_us": median},
+    )

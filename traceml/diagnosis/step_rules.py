@@ -1,0 +1,322 @@
+"""Step-time rules: where the typical step's time goes, and which rank holds the others back.
+
+Each rule takes :class:`~traceml.diagnosis.steps.StepData` (and the view where it needs another
+table) and returns findings plus the names of signals it missed.  Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from traceml.diagnosis import thresholds as th
+from traceml.diagnosis.findings import (
+    COMPUTE_BOUND,
+    H2D_BOUND,
+    INPUT_BOUND,
+    RESIDUAL_HEAVY,
+    STRAGGLER,
+    Finding,
+    Severity,
+)
+from traceml.diagnosis.steps import COMPUTE_PHASES, RankSteps, StepData
+from traceml.schema import PHASES
+from traceml.store import StoreView
+
+#: phases DDP does not equalise across ranks: a slow rank shows up here, the others wait in backward
+NON_EQUALISED = ("dataloader", "h2d", "forward", "optimizer", "residual")
+CAUSES: dict[str, tuple[str, ...]] = {
+    "input": ("dataloader", "h2d"),
+    "compute": ("forward", "backward", "optimizer"),
+    "other": ("residual",),
+}
+#: above this many ranks the reference is the median of all ranks (one rank barely moves it)
+_EXACT_REFERENCE_MAX_RANKS = 8
+
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.1f} ms" if abs(us) >= 100 else f"{us / 1000:.2f} ms"
+
+
+def pct(share: float) -> str:
+    return f"{share * 100:.0f}%"
+
+
+def grade(score: float, warn: float, critical: float, steps: int, *, lower_is_worse: bool = False) -> Severity | None:
+    """warn/critical for a score past its threshold; critical needs MIN_STEPS_CRITICAL steps."""
+    if lower_is_worse:
+        hit_critical, hit_warn = score <= critical, score <= warn
+    else:
+        hit_critical, hit_warn = score >= critical, score >= warn
+    if hit_critical:
+        return "critical" if steps >= th.MIN_STEPS_CRITICAL else "warn"
+    if hit_warn:
+        return "warn"
+    return None
+
+
+def _share(part: np.ndarray, whole: np.ndarray) -> float:
+    ok = np.isfinite(part) & np.isfinite(whole) & (whole > 0)
+    total = float(whole[ok].sum())
+    return float(part[ok].sum()) / total if total > 0 else float("nan")
+
+
+def _per_rank_shares(data: StepData, part: Callable[[RankSteps], np.ndarray]) -> dict[int, float]:
+    shares = {}
+    for r in data.ranks:
+        s = _share(part(data.per_rank[r]), data.per_rank[r].step_us)
+        if np.isfinite(s):
+            shares[r] = s
+    return shares
+
+
+def _typical(shares: dict[int, float]) -> tuple[float, int, float]:
+    """median share over ranks, the worst rank and its share."""
+    worst = max(shares, key=lambda r: shares[r])
+    return float(np.median(list(shares.values()))), worst, shares[worst]
+
+
+def _median_us(data: StepData, phase: str) -> float:
+    vals = np.concatenate(
+        [data.per_rank[r].phases[phase] if phase != "step" else data.per_rank[r].step_us for r in data.ranks]
+    )
+    vals = vals[np.isfinite(vals)]
+    return float(np.median(vals)) if len(vals) else float("nan")
+
+
+def _share_finding(
+    data: StepData, kind: str, shares: dict[int, float], warn: float, critical: float, what: str, phase_us: float
+) -> Finding | None:
+    if not shares:
+        return None
+    typical, worst, worst_share = _typical(shares)
+    steps = data.min_rank_steps()
+    severity = grade(typical, warn, critical, steps)
+    if severity is None:
+        return None
+    step_us = _median_us(data, "step")
+    n = len(shares)
+    where = f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+    return Finding(
+        kind=kind,
+        severity=severity,
+        rank=None if n > 1 else worst,
+        summary=f"{what} is {pct(typical)} of step time ({where}); {ms(phase_us)} of a {ms(step_us)} step",
+        evidence={
+            "share": typical,
+            "worst_rank": worst,
+            "worst_rank_share": worst_share,
+            "phase_median_us": phase_us,
+            "step_median_us": step_us,
+            "warn_share": warn,
+            "critical_share": critical,
+            "steps": steps,
+            "ranks": n,
+        },
+    )
+
+
+def input_bound(data: StepData) -> Finding | None:
+    shares = _per_rank_shares(data, lambda rs: rs.phases["dataloader"])
+    return _share_finding(
+        data,
+        INPUT_BOUND,
+        shares,
+        th.INPUT_WARN,
+        th.INPUT_CRITICAL,
+        "input-bound: dataloader wait",
+        _median_us(data, "dataloader"),
+    )
+
+
+def compute_measured(data: StepData) -> bool:
+    return any(data.per_rank[r].measured(p) for r in data.ranks for p in ("forward", "backward"))
+
+
+def residual_heavy(data: StepData) -> Finding | None:
+    shares = _per_rank_shares(data, lambda rs: rs.phases["residual"])
+    return _share_finding(
+        data,
+        RESIDUAL_HEAVY,
+        shares,
+        th.RESIDUAL_WARN,
+        th.RESIDUAL_CRITICAL,
+        "residual-heavy: time outside the named phases",
+        _median_us(data, "residual"),
+    )
+
+
+def compute_bound(data: StepData) -> Finding | None:
+    def compute(rs: RankSteps) -> np.ndarray:
+        total = np.zeros(len(rs))
+        for p in COMPUTE_PHASES:
+            total = total + np.nan_to_num(rs.phases[p])
+        return total
+
+    shares = _per_rank_shares(data, compute)
+    if not shares:
+        return None
+    typical, worst, _ = _typical(shares)
+    if typical < th.COMPUTE_BOUND_SHARE:
+        return None
+    return Finding(
+        kind=COMPUTE_BOUND,
+        severity="info",
+        rank=None,
+        summary=(
+            f"compute-bound: forward + backward + optimizer take {pct(typical)} of step time "
+            f"(median over {len(shares)} rank{'s' if len(shares) > 1 else ''}); speed comes from the model or the device"
+        ),
+        evidence={
+            "share": typical,
+            "threshold_share": th.COMPUTE_BOUND_SHARE,
+            "forward_median_us": _median_us(data, "forward"),
+            "backward_median_us": _median_us(data, "backward"),
+            "optimizer_median_us": _median_us(data, "optimizer"),
+            "step_median_us": _median_us(data, "step"),
+            "steps": data.min_rank_steps(),
+            "ranks": len(shares),
+        },
+    )
+
+
+def h2d_bound(view: StoreView, data: StepData) -> Finding | None:
+    """H2D share on the GPU clock (STEP_GPU); None when no rank has GPU-timed H2D in the window."""
+    shares: dict[int, float] = {}
+    h2d_all: list[np.ndarray] = []
+    steps = 0
+    for r in data.ranks:
+        if view.rows("step_gpu", r) == 0:
+            continue
+        g = view.columns("step_gpu", r)
+        rs = data.per_rank[r]
+        gstep = np.asarray(g["step"], np.int64)
+        keep = np.isin(gstep, rs.step)
+        h2d = np.asarray(g["h2d_gpu_us"], np.float64)[keep]
+        whole = np.asarray(g["step_gpu_us"], np.float64)[keep]
+        cpu = rs.step_us[np.clip(np.searchsorted(rs.step, gstep[keep]), 0, len(rs.step) - 1)]
+        whole = np.where(whole > 0, whole, cpu)
+        ok = h2d >= 0
+        if not ok.any():
+            continue
+        s = _share(h2d[ok], whole[ok])
+        if np.isfinite(s):
+            shares[r] = s
+            h2d_all.append(h2d[ok])
+            steps = int(ok.sum()) if not steps else min(steps, int(ok.sum()))
+    if not shares:
+        return None
+    typical, worst, worst_share = _typical(shares)
+    severity = grade(typical, th.H2D_WARN, th.H2D_CRITICAL, steps)
+    if severity is None:
+        return None
+    h2d_med = float(np.median(np.concatenate(h2d_all)))
+    n = len(shares)
+    where = f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+    return Finding(
+        kind=H2D_BOUND,
+        severity=severity,
+        rank=None if n > 1 else worst,
+        summary=f"H2D-bound: host-to-device copies take {pct(typical)} of GPU step time ({where}); {ms(h2d_med)} per step",
+        evidence={
+            "share": typical,
+            "worst_rank": worst,
+            "worst_rank_share": worst_share,
+            "h2d_gpu_median_us": h2d_med,
+            "warn_share": th.H2D_WARN,
+            "critical_share": th.H2D_CRITICAL,
+            "steps": steps,
+            "ranks": n,
+        },
+    )
+
+
+def _reference(m: np.ndarray, i: int) -> np.ndarray:
+    """Per-step median of the ranks other than ``i`` (of all ranks when there are many)."""
+    others = m if m.shape[0] > _EXACT_REFERENCE_MAX_RANKS else np.delete(m, i, axis=0)
+    with np.errstate(all="ignore"):
+        return np.asarray(np.nanmedian(others, axis=0))
+
+
+def _median_delta(row: np.ndarray, ref: np.ndarray) -> float:
+    d = row - ref
+    d = d[np.isfinite(d)]
+    return float(np.median(d)) if len(d) else 0.0
+
+
+def straggler(data: StepData) -> Finding | None:
+    """The rank whose non-equalised time (or, without DDP sync, whose step) exceeds the others'.
+
+    DDP's all-reduce makes fast ranks wait inside backward for the slowest one, so step times
+    match and the straggler has the *smallest* backward.  The gap is therefore measured on the
+    phases DDP does not equalise; only when step times themselves differ (no per-step sync)
+    does the step-time excess count, and then backward may be the cause.
+    """
+    if len(data.ranks) < 2:
+        return None
+    steps = data.common_steps()
+    if len(steps) < th.MIN_STEPS:
+        return None
+    mats = {p: np.nan_to_num(data.matrix(p, steps)) for p in PHASES}
+    step_m = data.matrix("step", steps)
+    with np.errstate(all="ignore"):
+        typical_step = float(np.nanmedian(step_m))
+    if not np.isfinite(typical_step) or typical_step <= 0:
+        return None
+    best: tuple[float, int, dict[str, float], float, float] | None = None
+    for i, _rank in enumerate(data.ranks):
+        deltas = {p: _median_delta(mats[p][i], _reference(mats[p], i)) for p in PHASES}
+        step_delta = _median_delta(step_m[i], _reference(step_m, i))
+        ne_gap = sum(max(0.0, deltas[p]) for p in NON_EQUALISED)
+        gap = max(ne_gap, step_delta)
+        if best is None or gap > best[0]:
+            best = (gap, i, deltas, ne_gap, step_delta)
+    assert best is not None
+    gap, i, deltas, ne_gap, step_delta = best
+    score = gap / typical_step
+    severity = grade(score, th.STRAGGLER_WARN, th.STRAGGLER_CRITICAL, len(steps))
+    if severity is None:
+        return None
+    culprit = data.ranks[i]
+    synced = ne_gap >= step_delta  # steps equalised: the excess hides in backward of the others
+    counted = NON_EQUALISED if synced else PHASES
+    contrib = {p: max(0.0, deltas[p]) for p in counted}
+    total = sum(contrib.values()) or 1.0
+    by_cause = {c: sum(contrib.get(p, 0.0) for p in ps) / total for c, ps in CAUSES.items()}
+    cause = max(by_cause, key=lambda c: by_cause[c])
+    if by_cause[cause] < th.STRAGGLER_CAUSE_SHARE:
+        cause = "mixed"
+    top_phase = max(contrib, key=lambda p: contrib[p])
+    backward = mats["backward"]
+    culprit_bwd = float(np.median(backward[i]))
+    others_bwd = float(np.median(np.delete(backward, i, axis=0)))
+    evidence: dict[str, float | int | None] = {
+        "score": score,
+        "gap_us": gap,
+        "step_median_us": typical_step,
+        "steps_synchronised": int(synced),
+        "culprit_backward_median_us": culprit_bwd,
+        "others_backward_median_us": others_bwd,
+        "cause_share": by_cause.get(cause, max(by_cause.values())),
+        "warn_score": th.STRAGGLER_WARN,
+        "critical_score": th.STRAGGLER_CRITICAL,
+        "steps": len(steps),
+        "ranks": len(data.ranks),
+    }
+    evidence.update({f"delta_{p}_us": deltas[p] for p in PHASES})
+    what = "non-synchronised time" if synced else "step time"
+    text = (
+        f"rank {culprit} is a straggler ({cause}): {ms(gap)} ({pct(score)} of a {ms(typical_step)} step) "
+        f"more {what} per step than the other ranks, mostly {top_phase} (+{ms(contrib[top_phase])})"
+    )
+    if synced and culprit_bwd < others_bwd:
+        text += f"; its backward is {ms(others_bwd - culprit_bwd)} shorter because the others wait for it there"
+    return Finding(
+        kind=STRAGGLER,
+        severity=severity,
+        rank=culprit,
+        summary=text,
+        evidence=evidence,
+        labels={"cause": cause, "top_phase": top_phase},
+    )

@@ -1,0 +1,329 @@
+"""The versioned run summary: ``build_summary(view) -> dict`` (schema in docs/summary.schema.json).
+
+One function serves three places: ``summary.json`` of ``traceml report``, the ``summary``
+attachment embedded in a ``.tml`` when a recorded run ends, and the lines ``traceml run``
+prints.  Pure and deterministic (no clock): the same view gives the same dict, so a summary
+recomputed from the file matches the embedded one.  Only JSON/msgpack types inside.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from traceml.diagnosis import thresholds as th
+from traceml.diagnosis.engine import diagnose
+from traceml.diagnosis.findings import clean_number
+from traceml.diagnosis.memory import fmt_bytes
+from traceml.diagnosis.steps import StepData, job_series, step_data
+from traceml.schema import PHASES
+from traceml.store import StoreView
+
+SCHEMA_VERSION = 1
+#: the phases summarised, in display order ("step" is the whole step)
+SUMMARY_PHASES: tuple[str, ...] = ("step", *PHASES)
+
+
+def stats_ms(values_us: np.ndarray) -> dict[str, Any]:
+    """median and p95 of microsecond values, in milliseconds (None when nothing was measured)."""
+    v = np.asarray(values_us, np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"median_ms": None, "p95_ms": None}
+    return {
+        "median_ms": clean_number(float(np.median(v)) / 1000),
+        "p95_ms": clean_number(float(np.percentile(v, 95)) / 1000),
+    }
+
+
+def _int_or_none(x: Any) -> int | None:
+    try:
+        return None if x is None or isinstance(x, bool) else int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_ts(view: StoreView) -> int | None:
+    firsts = [int(np.min(c["ts_ns"])) for c in view.tables.values() if "ts_ns" in c and len(c["ts_ns"])]
+    firsts = [t for t in firsts if t > 0]
+    return min(firsts) if firsts else None
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _exit_status(view: StoreView, exit_info: Mapping[str, Any]) -> str:
+    status = exit_info.get("status")
+    if isinstance(status, str) and status:
+        return status
+    infos = list(view.rank_info.values())
+    if any(i.exit_status == "failed" or i.state == "died" for i in infos):
+        return "failed"
+    if infos and all(i.exit_status == "ok" for i in infos):
+        return "ok"
+    return "unknown"
+
+
+def run_section(view: StoreView) -> dict[str, Any]:
+    meta = view.meta
+    exit_info = view.attachments.get("exit")
+    exit_info = exit_info if isinstance(exit_info, Mapping) else {}
+    start_ns = _int_or_none(meta.get("start_ns")) or _first_ts(view)
+    duration = exit_info.get("duration_s")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration > 0:
+        duration_s: float | None = float(duration)
+    elif start_ns is not None and view.latest_ns > start_ns:
+        duration_s = (view.latest_ns - start_ns) / 1e9
+    else:
+        duration_s = None
+    hosts = {i.host for i in view.rank_info.values() if i.host}
+    meta_hosts = meta.get("hosts")
+    if isinstance(meta_hosts, (list, tuple)):
+        hosts |= {str(h) for h in meta_hosts if h}
+    if isinstance(meta.get("host"), str) and meta["host"]:
+        hosts.add(meta["host"])
+    world = _int_or_none(meta.get("world_size")) or _int_or_none(meta.get("expected_ranks")) or len(view.ranks)
+    return {
+        "id": str(meta.get("run_id", "") or ""),
+        "name": str(meta.get("run_name", "") or ""),
+        "start_ns": start_ns,
+        "start": _iso(start_ns),
+        "duration_s": clean_number(duration_s),
+        "world_size": world,
+        "hosts": sorted(hosts),
+        "exit_status": _exit_status(view, exit_info),
+        "exit_code": _int_or_none(exit_info.get("exit_code")),
+        "ranks": [
+            {
+                "rank": r,
+                "host": view.rank_info[r].host if r in view.rank_info else "",
+                "node_rank": view.rank_info[r].node_rank if r in view.rank_info else -1,
+                "state": view.rank_info[r].state if r in view.rank_info else "unknown",
+                "exit_status": view.rank_info[r].exit_status if r in view.rank_info else "",
+            }
+            for r in view.ranks
+        ],
+    }
+
+
+def steps_section(data: StepData) -> dict[str, Any]:
+    job = job_series(data)
+    overall = {p: stats_ms(job[p]) for p in SUMMARY_PHASES}
+    med = overall["step"]["median_ms"]
+    per_rank = []
+    for r in data.ranks:
+        rs = data.per_rank[r]
+        phases = {"step": stats_ms(rs.step_us)}
+        phases.update({p: stats_ms(rs.phases[p]) for p in PHASES})
+        per_rank.append({"rank": r, "count": len(rs), "phases": phases})
+    return {
+        "count": len(data.steps),
+        "recorded_rows": data.recorded_rows,
+        "failed_rows": data.failed_rows,
+        "warmup_steps": data.warmup_steps,
+        "first": int(data.steps[0]) if len(data.steps) else None,
+        "last": int(data.steps[-1]) if len(data.steps) else None,
+        "throughput_steps_per_s": clean_number(1000.0 / med) if med else None,
+        "overall": overall,
+        "per_rank": per_rank,
+    }
+
+
+def regions_section(view: StoreView, data: StepData) -> list[dict[str, Any]]:
+    """User regions (``traceml.trace_time``): CPU time per step over the analysed steps."""
+    per_name: dict[str, list[np.ndarray]] = {}
+    calls: dict[str, int] = {}
+    for r in view.table_ranks("step_region"):
+        cols = view.columns("step_region", r)
+        steps = np.asarray(cols["step"], np.int64)
+        keep = np.isin(steps, data.per_rank[r].step) if r in data.per_rank else np.zeros(len(steps), bool)
+        names = np.asarray(cols["name"], dtype=object)[keep]
+        cpu = np.asarray(cols["cpu_us"], np.float64)[keep]
+        ncalls = np.asarray(cols["calls"], np.int64)[keep]
+        for name in sorted(set(names.tolist())):
+            sel = names == name
+            per_name.setdefault(str(name), []).append(cpu[sel])
+            calls[str(name)] = calls.get(str(name), 0) + int(ncalls[sel].sum())
+    out = []
+    for name in sorted(per_name):
+        vals = np.concatenate(per_name[name])
+        out.append({"name": name, "samples": len(vals), "calls": calls[name], **stats_ms(vals)})
+    return out
+
+
+def _peak(view: StoreView, table: str, col: str, rank: int) -> int | None:
+    if view.rows(table, rank) == 0:
+        return None
+    v = np.asarray(view.columns(table, rank)[col], np.int64)
+    v = v[v >= 0]
+    return int(v.max()) if len(v) else None
+
+
+def _max_opt(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def memory_section(view: StoreView) -> dict[str, Any]:
+    per_rank = []
+    for r in view.ranks:
+        row = {
+            "rank": r,
+            "peak_rss_bytes": _peak(view, "process", "rss_bytes", r),
+            "peak_gpu_alloc_bytes": _max_opt(
+                _peak(view, "step_memory", "peak_alloc_bytes", r), _peak(view, "process", "gpu_alloc_bytes", r)
+            ),
+            "peak_gpu_reserved_bytes": _max_opt(
+                _peak(view, "step_memory", "peak_reserved_bytes", r), _peak(view, "process", "gpu_reserved_bytes", r)
+            ),
+            "gpu_total_bytes": _peak(view, "process", "gpu_total_bytes", r),
+        }
+        if any(v is not None for k, v in row.items() if k != "rank"):
+            per_rank.append(row)
+    keys = ("peak_rss_bytes", "peak_gpu_alloc_bytes", "peak_gpu_reserved_bytes", "gpu_total_bytes")
+    out: dict[str, Any] = {k: _max_opt(*(row[k] for row in per_rank)) for k in keys}
+    out["per_rank"] = per_rank
+    return out
+
+
+def _finite(values: Any) -> np.ndarray:
+    v = np.asarray(values, np.float64)
+    return v[np.isfinite(v) & (v >= 0)]
+
+
+def system_section(view: StoreView) -> dict[str, Any]:
+    nodes: dict[int, dict[str, list[np.ndarray]]] = {}
+    for r in view.table_ranks("system"):
+        cols = view.columns("system", r)
+        node = np.asarray(cols["node_rank"], np.int64)
+        for n in sorted(set(node.tolist())):
+            sel = node == n
+            d = nodes.setdefault(int(n), {"cpu": [], "used": [], "total": []})
+            d["cpu"].append(_finite(np.asarray(cols["cpu_pct"])[sel]))
+            d["used"].append(_finite(np.asarray(cols["ram_used_bytes"])[sel]))
+            d["total"].append(_finite(np.asarray(cols["ram_total_bytes"])[sel]))
+    node_rows = []
+    for n in sorted(nodes):
+        cpu, used, total = (np.concatenate(nodes[n][k]) for k in ("cpu", "used", "total"))
+        node_rows.append(
+            {
+                "node_rank": n,
+                "samples": len(cpu),
+                "cpu_pct_mean": clean_number(cpu.mean()) if len(cpu) else None,
+                "cpu_pct_max": clean_number(cpu.max()) if len(cpu) else None,
+                "ram_used_max_bytes": int(used.max()) if len(used) else None,
+                "ram_total_bytes": int(total.max()) if len(total) else None,
+            }
+        )
+    gpus: dict[tuple[int, int], dict[str, list[np.ndarray]]] = {}
+    for r in view.table_ranks("system_gpu"):
+        cols = view.columns("system_gpu", r)
+        node = np.asarray(cols["node_rank"], np.int64)
+        idx = np.asarray(cols["gpu_idx"], np.int64)
+        for key in sorted({(int(a), int(b)) for a, b in zip(node, idx, strict=True)}):
+            sel = (node == key[0]) & (idx == key[1])
+            d = gpus.setdefault(key, {})
+            for c in ("util_pct", "mem_used_bytes", "mem_total_bytes", "temp_c", "power_w"):
+                d.setdefault(c, []).append(_finite(np.asarray(cols[c])[sel]))
+    gpu_rows = []
+    for key in sorted(gpus):
+        g = {c: np.concatenate(v) for c, v in gpus[key].items()}
+        gpu_rows.append(
+            {
+                "node_rank": key[0],
+                "gpu_idx": key[1],
+                "samples": len(g["util_pct"]),
+                "util_pct_mean": clean_number(g["util_pct"].mean()) if len(g["util_pct"]) else None,
+                "util_pct_p95": clean_number(np.percentile(g["util_pct"], 95)) if len(g["util_pct"]) else None,
+                "mem_used_max_bytes": int(g["mem_used_bytes"].max()) if len(g["mem_used_bytes"]) else None,
+                "mem_total_bytes": int(g["mem_total_bytes"].max()) if len(g["mem_total_bytes"]) else None,
+                "temp_c_max": clean_number(g["temp_c"].max()) if len(g["temp_c"]) else None,
+                "power_w_mean": clean_number(g["power_w"].mean()) if len(g["power_w"]) else None,
+            }
+        )
+    return {"nodes": node_rows, "gpus": gpu_rows}
+
+
+def integrity_section(view: StoreView, data: StepData) -> dict[str, Any]:
+    src = dict(view.integrity) if view.integrity is not None else None
+    status = str(src.get("status", "unknown")) if src is not None else "live"
+    skipped_raw = src.get("skipped", 0) if src is not None else 0
+    if isinstance(skipped_raw, (list, tuple)):
+        skipped = len(skipped_raw)
+    else:
+        skipped = _int_or_none(skipped_raw) or 0
+    by_table: dict[str, int] = {}
+    for info in view.rank_info.values():
+        for t, n in info.drops.items():
+            by_table[t] = by_table.get(t, 0) + int(n)
+    dropped = sum(by_table.values())
+    evicted = sum(int(v) for v in view.evicted.values())
+    died = sorted(r for r, i in view.rank_info.items() if i.state == "died")
+    return {
+        "status": status,
+        "complete": status in ("complete", "live") and dropped == 0 and evicted == 0 and skipped == 0,
+        "recovered": status == "recovered",
+        "lost": {
+            "rows_dropped": dropped,
+            "rows_dropped_by_table": dict(sorted(by_table.items())),
+            "rows_evicted": evicted,
+            "skipped_records": skipped,
+            "ranks_died": died,
+            "failed_step_rows": data.failed_rows,
+        },
+    }
+
+
+def build_summary(view: StoreView, *, recent_steps: int = th.RECENT_STEPS) -> dict[str, Any]:
+    """The versioned summary of the run in ``view`` (whole run, and its last ``recent_steps``)."""
+    data = step_data(view)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": run_section(view),
+        "steps": steps_section(data),
+        "regions": regions_section(view, data),
+        "diagnosis": diagnose(view).to_dict(),
+        "diagnosis_recent": diagnose(view, last_n=recent_steps).to_dict(),
+        "memory": memory_section(view),
+        "system": system_section(view),
+        "integrity": integrity_section(view, data),
+    }
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """A few plain lines for a terminal: the verdict, the typical step, the other findings."""
+    diag = summary.get("diagnosis", {})
+    primary = diag.get("primary", {})
+    steps = summary.get("steps", {})
+    step = steps.get("overall", {}).get("step", {})
+    lines = [f"[{primary.get('severity', 'info')}] {primary.get('kind', '?')}: {primary.get('summary', '')}"]
+    if step.get("median_ms") is not None:
+        lines.append(
+            f"steps: {steps.get('count', 0)} analysed, median {step['median_ms']:.2f} ms, "
+            f"p95 {step['p95_ms']:.2f} ms, {steps.get('throughput_steps_per_s') or 0:.2f} steps/s"
+        )
+    for f in diag.get("findings", []):
+        if f.get("kind") != primary.get("kind") or f.get("rank") != primary.get("rank"):
+            lines.append(f"[{f.get('severity')}] {f.get('kind')}: {f.get('summary')}")
+    mem = summary.get("memory", {})
+    peaks = [
+        f"{label} {fmt_bytes(mem[k])}"
+        for k, label in (("peak_rss_bytes", "RSS"), ("peak_gpu_alloc_bytes", "GPU allocated"))
+        if mem.get(k) is not None
+    ]
+    if peaks:
+        lines.append("peak memory: " + ", ".join(peaks))
+    integ = summary.get("integrity", {})
+    if not integ.get("complete", True):
+        lost = integ.get("lost", {})
+        lines.append(
+            f"integrity: {integ.get('status')}; {lost.get('rows_dropped', 0)} rows dropped, "
+            f"{lost.get('rows_evicted', 0)} evicted, {lost.get('skipped_records', 0)} records skipped"
+        )
+    return lines

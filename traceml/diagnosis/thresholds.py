@@ -1,0 +1,58 @@
+"""Every number a diagnosis rule compares against, in one place (documented in docs/diagnosis.md).
+
+Shares are fractions of the step (0.10 = 10 %).  Changing a value here changes the rule; the
+docs table and the rule tests name these constants, so keep the three in step.
+"""
+
+from __future__ import annotations
+
+# --- which steps are analysed -----------------------------------------------------------
+#: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
+WARMUP_STEPS = 5
+#: ... but never more than this fraction of the run's steps, so short runs keep their data
+WARMUP_MAX_FRACTION = 0.2
+#: fewer analysable steps than this (per rank) and the step rules abstain
+MIN_STEPS = 5
+#: a finding may be critical only when it rests on at least this many steps; otherwise warn
+MIN_STEPS_CRITICAL = 20
+#: the trailing window shown next to the whole run ("last N steps")
+RECENT_STEPS = 100
+
+# --- step-time shares (median over ranks of each rank's share of step time) ----------------
+INPUT_WARN = 0.10
+INPUT_CRITICAL = 0.25
+H2D_WARN = 0.10
+H2D_CRITICAL = 0.25
+RESIDUAL_WARN = 0.15
+RESIDUAL_CRITICAL = 0.30
+#: forward + backward + optimizer share at or above which the run is called compute-bound
+COMPUTE_BOUND_SHARE = 0.85
+
+# --- stragglers -----------------------------------------------------------------------------
+#: culprit's excess time over the other ranks, as a fraction of the typical step
+STRAGGLER_WARN = 0.10
+STRAGGLER_CRITICAL = 0.25
+#: a cause (input / compute / other) is named when its phases explain this much of the gap
+STRAGGLER_CAUSE_SHARE = 0.70
+
+# --- memory creep ---------------------------------------------------------------------------
+#: band edges, as fractions of the window's samples: baseline, middle, recent
+CREEP_BANDS = ((0.10, 0.25), (0.45, 0.55), (0.85, 1.0))
+#: fewer samples (per rank and source) and the creep rule abstains
+CREEP_MIN_SAMPLES = 20
+#: growth must exceed max(CREEP_NOISE_SIGMAS * robust sigma of the baseline band, the floors below)
+CREEP_NOISE_SIGMAS = 3.0
+CREEP_MIN_BYTES = 8 * 1024 * 1024
+CREEP_MIN_FRACTION = 0.02
+#: a creep is confirmed (not early) with this many samples and a growth of this fraction or bytes
+CREEP_CONFIRM_SAMPLES = 60
+CREEP_CONFIRM_FRACTION = 0.10
+CREEP_CONFIRM_BYTES = 1024 * 1024 * 1024
+#: a confirmed creep whose recent level is at least this fraction of capacity is critical
+CREEP_CAPACITY_CRITICAL = 0.90
+
+# --- GPU utilization (SYSTEM_GPU) ---------------------------------------------------------
+LOW_GPU_UTIL_WARN = 30.0
+LOW_GPU_UTIL_CRITICAL = 10.0
+#: fewer samples per GPU within the window and the rule abstains
+GPU_UTIL_MIN_SAMPLES = 3
