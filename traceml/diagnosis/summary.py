@@ -70,11 +70,19 @@ def _exit_status(view: StoreView, exit_info: Mapping[str, Any]) -> str:
     return "unknown"
 
 
+def _run_meta(view: StoreView) -> dict[str, Any]:
+    """The view's meta with a recording header's nested free-form ``meta`` folded in underneath."""
+    nested = view.meta.get("meta")
+    merged = dict(nested) if isinstance(nested, Mapping) else {}
+    merged.update({k: v for k, v in view.meta.items() if k != "meta"})
+    return merged
+
+
 def run_section(view: StoreView) -> dict[str, Any]:
-    meta = view.meta
+    meta = _run_meta(view)
     exit_info = view.attachments.get("exit")
     exit_info = exit_info if isinstance(exit_info, Mapping) else {}
-    start_ns = _int_or_none(meta.get("start_ns")) or _first_ts(view)
+    start_ns = _int_or_none(meta.get("start_ns")) or _int_or_none(meta.get("created_ns")) or _first_ts(view)
     duration = exit_info.get("duration_s")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration > 0:
         duration_s: float | None = float(duration)
@@ -88,7 +96,10 @@ def run_section(view: StoreView) -> dict[str, Any]:
         hosts |= {str(h) for h in meta_hosts if h}
     if isinstance(meta.get("host"), str) and meta["host"]:
         hosts.add(meta["host"])
-    world = _int_or_none(meta.get("world_size")) or _int_or_none(meta.get("expected_ranks")) or len(view.ranks)
+    world = next(
+        (w for w in (_int_or_none(meta.get("world_size")), _int_or_none(meta.get("expected_ranks"))) if w and w > 0),
+        len(view.ranks),
+    )
     return {
         "id": str(meta.get("run_id", "") or ""),
         "name": str(meta.get("run_name", "") or ""),
@@ -269,7 +280,9 @@ def integrity_section(view: StoreView, data: StepData) -> dict[str, Any]:
         "status": status,
         "complete": status in ("complete", "live") and dropped == 0 and evicted == 0 and skipped == 0,
         "recovered": status == "recovered",
+        "message": str(src.get("message", "") or "") if src is not None else "",
         "lost": {
+            "bytes": _int_or_none(src.get("lost_bytes")) or 0 if src is not None else 0,
             "rows_dropped": dropped,
             "rows_dropped_by_table": dict(sorted(by_table.items())),
             "rows_evicted": evicted,
