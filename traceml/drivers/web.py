@@ -1,0 +1,624 @@
+"""Web driver: the Dash dashboard, shared by ``traceml run --ui web`` (live) and ``traceml replay --ui web``.
+
+:func:`build_app` takes a *source*, a callable returning the current :class:`StoreView`
+(``ColumnStore.snapshot`` live, a recording's view in replay), and draws it with the pure
+series views and figure renderers.  The driver owns time (``dcc.Interval`` in live mode) and
+the socket (:class:`WebServer`, 127.0.0.1 unless told otherwise).  Long series are reduced
+on the server; a step range chosen in the browser (zoom / brush on any step axis) is
+re-queried at full resolution.  Chart element ids are stable (``FIGURE_IDS``) for tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from traceml.errors import ConfigError, MissingDependencyError
+from traceml.renderers import figures
+from traceml.schema import PHASES
+from traceml.store import StoreView
+from traceml.views import series
+
+try:
+    import dash
+    from dash import Input, Output, State, ctx, dcc, html
+    from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+except ImportError as exc:  # pragma: no cover - dash is a core dependency, but be explicit
+    raise MissingDependencyError(
+        f"the web dashboard needs dash (found: {exc}); install it with `pip install 'dash>=2.16'`"
+    ) from exc
+
+Source = Callable[[], StoreView]
+T = TypeVar("T")
+
+#: DOM ids of the charts, stable for tests and bookmarks
+FIG_STEP_BREAKDOWN = "fig-step-breakdown"
+FIG_RANK_STEPS = "fig-rank-steps"
+FIG_RANK_HEATMAP = "fig-rank-heatmap"
+FIG_THROUGHPUT = "fig-throughput"
+FIG_MEMORY = "fig-memory"
+FIG_SYSTEM = "fig-system"
+FIG_GPU = "fig-gpu"
+FIGURE_IDS: tuple[str, ...] = (
+    FIG_STEP_BREAKDOWN,
+    FIG_RANK_STEPS,
+    FIG_RANK_HEATMAP,
+    FIG_THROUGHPUT,
+    FIG_MEMORY,
+    FIG_SYSTEM,
+    FIG_GPU,
+)
+#: the charts whose x axis is the step: zooming any of them sets the shared step range
+STEP_AXIS_FIGURES: tuple[str, ...] = (FIG_STEP_BREAKDOWN, FIG_RANK_STEPS, FIG_RANK_HEATMAP)
+
+DEFAULT_PORT = 8050
+DEFAULT_REFRESH_S = 2.0
+
+_CSS = {
+    "app": {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "12px"},
+    "row": {"display": "flex", "flexWrap": "wrap", "gap": "12px", "alignItems": "center", "margin": "6px 0"},
+    "card": {"border": "1px solid #e5e7eb", "borderRadius": "8px", "padding": "8px 12px", "margin": "8px 0"},
+    "grid": {"display": "grid", "gridTemplateColumns": "repeat(auto-fit, minmax(620px, 1fr))", "gap": "8px"},
+    "table": {"borderCollapse": "collapse", "fontSize": "13px"},
+    "cell": {"padding": "2px 10px 2px 0", "verticalAlign": "top"},
+}
+_BADGE = {"live": "#2563eb", "complete": "#16a34a", "recovered": "#d97706", "damaged": "#dc2626"}
+
+
+# --- caching -----------------------------------------------------------------------------------
+
+
+class _ModelCache:
+    """Small LRU of view models keyed by (view identity, what, parameters).
+
+    A replay source hands back the same view object every time, so repeated callbacks (other
+    charts, the same range again) reuse the models; a live source gives a fresh snapshot each
+    tick and so misses, as it should.  Entries keep their view alive so ``id`` cannot be reused.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[Hashable, ...], tuple[StoreView, Any]] = OrderedDict()
+
+    def get(self, view: StoreView, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
+        full = (id(view), *key)
+        with self._lock:
+            hit = self._items.get(full)
+            if hit is not None and hit[0] is view:
+                self._items.move_to_end(full)
+                value: T = hit[1]
+                return value
+        value = build()
+        with self._lock:
+            self._items[full] = (view, value)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+# --- input parsing (pure, tested directly) -----------------------------------------------------
+
+
+def parse_step_range(relayout: Mapping[str, Any] | None) -> tuple[int, int] | None | bool:
+    """A relayout event on a step axis -> ``(lo, hi)`` steps, ``None`` (full range), or False (not about x).
+
+    Plotly sends ``{"xaxis.range[0]": a, "xaxis.range[1]": b}`` for a zoom or brush,
+    ``{"xaxis.range": [a, b]}`` from ``Plotly.relayout``, ``{"xaxis.autorange": true}`` on
+    double-click, and unrelated keys (``autosize``, ``yaxis.*``, ``dragmode``) otherwise.
+    """
+    if not relayout:
+        return False
+    if relayout.get("xaxis.autorange"):
+        return None
+    rng = relayout.get("xaxis.range")
+    if isinstance(rng, (list, tuple)) and len(rng) == 2:
+        a, b = rng
+    elif "xaxis.range[0]" in relayout and "xaxis.range[1]" in relayout:
+        a, b = relayout["xaxis.range[0]"], relayout["xaxis.range[1]"]
+    else:
+        return False
+    try:
+        fa, fb = float(a), float(b)
+    except (TypeError, ValueError):
+        return False
+    if not (math.isfinite(fa) and math.isfinite(fb)):
+        return False
+    lo, hi = math.ceil(min(fa, fb)), math.floor(max(fa, fb))
+    if hi < lo:  # a zoom narrower than one step: keep the step under it
+        lo = hi = round((fa + fb) / 2)
+    return (lo, hi)
+
+
+def _as_range(data: Any) -> tuple[int, int] | None:
+    if isinstance(data, (list, tuple)) and len(data) == 2:
+        return (int(data[0]), int(data[1]))
+    return None
+
+
+def _ranks_arg(value: Any, available: Sequence[int]) -> tuple[int, ...]:
+    if value is None:
+        return tuple(available)
+    return tuple(sorted(int(v) for v in value))
+
+
+# --- panels ---------------------------------------------------------------------------------
+
+
+def _kv_table(rows: Sequence[tuple[str, str]], id_: str | None = None) -> html.Table:
+    body = [
+        html.Tr([html.Td(k, style={**_CSS["cell"], "color": "#6b7280"}), html.Td(v, style=_CSS["cell"])])
+        for k, v in rows
+    ]
+    if id_:
+        return html.Table(html.Tbody(body), style=_CSS["table"], id=id_)
+    return html.Table(html.Tbody(body), style=_CSS["table"])
+
+
+def _rank_table(rows: Sequence[tuple[str, ...]]) -> html.Table:
+    head = html.Tr(
+        [
+            html.Th(h, style={**_CSS["cell"], "textAlign": "left"})
+            for h in ("rank", "host", "state", "exit", "steps", "dropped")
+        ]
+    )
+    body = [html.Tr([html.Td(c, style=_CSS["cell"]) for c in row]) for row in rows]
+    return html.Table([html.Thead(head), html.Tbody(body)], style=_CSS["table"], id="rank-table")
+
+
+def _diagnosis_children(view: StoreView) -> list[Any]:
+    try:
+        from traceml.diagnosis import diagnose
+    except ImportError:
+        return [html.H4("Diagnosis"), html.P("diagnosis is not available in this installation", className="muted")]
+    try:
+        result = diagnose(view)
+    except Exception as exc:  # a diagnosis bug must not take the dashboard down
+        logging.getLogger(__name__).warning("diagnosis failed: %s", exc, exc_info=True)
+        return [html.H4("Diagnosis"), html.P(f"diagnosis failed: {exc}")]
+    items = []
+    for f in result.findings:
+        colour = {"critical": "#dc2626", "warn": "#d97706"}.get(str(f.severity), "#2563eb")
+        rank = "" if f.rank is None else f" (rank {f.rank})"
+        items.append(
+            html.Li(
+                [
+                    html.B(f"{f.kind}{rank}", style={"color": colour}),
+                    html.Span(f" [{f.severity}] "),
+                    html.Span(f.summary),
+                ],
+                className=f"finding finding-{f.severity}",
+            )
+        )
+    primary = result.primary
+    missing = getattr(result, "missing", ())
+    children: list[Any] = [
+        html.H4("Diagnosis"),
+        html.P([html.B(primary.kind, id="diagnosis-primary"), html.Span(f" — {primary.summary}")]),
+        html.Ul(items),
+    ]
+    if missing:
+        children.append(
+            html.P(f"not recorded, so some rules did not run: {', '.join(missing)}", style={"color": "#6b7280"})
+        )
+    return children
+
+
+def _stats_children(
+    bd: series.StepBreakdown, rs: series.RankSteps, compare: series.StepBreakdown | None, labels: tuple[str, str]
+) -> list[Any]:
+    def ms(v: float) -> str:
+        return "n/a" if not math.isfinite(v) else f"{v:.3f} ms"
+
+    parts = [
+        ("median step", ms(bd.median_ms), "stat-median"),
+        ("p95 step", ms(bd.p95_ms), "stat-p95"),
+        ("skew", "n/a" if not math.isfinite(rs.skew_pct) else f"{rs.skew_pct:.1f}%", "stat-skew"),
+        ("slowest rank", "-" if rs.slowest_rank is None else str(rs.slowest_rank), "stat-slowest"),
+        ("rows", f"{bd.rows:,} steps x ranks over {len(bd.ranks)} rank(s)", "stat-rows"),
+    ]
+    if compare is not None:
+        parts.append((f"{labels[1]} median step", ms(compare.median_ms), "stat-compare-median"))
+    return [
+        html.Span([html.Span(f"{k}: ", style={"color": "#6b7280"}), html.B(v, id=i)], style={"marginRight": "18px"})
+        for k, v, i in parts
+    ]
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sources:
+    main: Source
+    compare: Source | None
+    labels: tuple[str, str]
+
+
+def _labels(source: Source, compare: Source | None) -> tuple[str, str]:
+    if compare is None:
+        return ("A", "B")
+    a = series.run_info(source()).title
+    b = series.run_info(compare()).title
+    return (f"A {a}", f"B {b}") if a != b else ("A", "B")
+
+
+def build_app(
+    source: Source,
+    *,
+    live: bool,
+    compare_source: Source | None = None,
+    title: str | None = None,
+    refresh_s: float = DEFAULT_REFRESH_S,
+    max_points: int = series.MAX_POINTS,
+) -> dash.Dash:
+    """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`."""
+    if refresh_s <= 0:
+        raise ConfigError(f"refresh_s={refresh_s!r}: expected a positive number of seconds")
+    src = _Sources(source, compare_source, _labels(source, compare_source))
+    cache = _ModelCache()
+    first = source()
+    app_title = title or f"traceml — {series.run_info(first).title}"
+    app = dash.Dash(
+        __name__,
+        title=app_title,
+        update_title="",
+        serve_locally=True,
+        suppress_callback_exceptions=False,
+        assets_folder="__traceml_no_assets__",
+        include_assets_files=False,
+    )
+    figures.step_breakdown_figure(series.step_breakdown(first, max_buckets=8))  # warm plotly's validators
+
+    def views() -> tuple[StoreView, StoreView | None]:
+        return src.main(), (src.compare() if src.compare is not None else None)
+
+    def all_ranks(view: StoreView, other: StoreView | None) -> list[int]:
+        return sorted(set(view.ranks) | set(other.ranks if other is not None else ()))
+
+    def layout() -> html.Div:
+        view, other = views()
+        ranks = all_ranks(view, other)
+        mode = "live" if live else ("compare" if other is not None else "replay")
+        return html.Div(
+            id="traceml-app",
+            style=_CSS["app"],
+            children=[
+                html.Div(
+                    style=_CSS["row"],
+                    children=[
+                        html.H2(app_title, id="run-title", style={"margin": "4px 12px 4px 0"}),
+                        html.Span(
+                            mode,
+                            id="mode-badge",
+                            style={"padding": "2px 8px", "borderRadius": "6px", "background": "#eef2ff"},
+                        ),
+                        html.Span(id="integrity-badge"),
+                        html.Span(id="live-status", style={"color": "#6b7280"}),
+                    ],
+                ),
+                html.Div(
+                    style={**_CSS["card"], **_CSS["row"]},
+                    children=[
+                        html.B("Ranks"),
+                        dcc.Checklist(
+                            id="rank-filter",
+                            options=[{"label": f" {r}", "value": r} for r in ranks],
+                            value=ranks,
+                            inline=True,
+                            inputStyle={"marginLeft": "8px"},
+                        ),
+                        html.B("Phases", style={"marginLeft": "16px"}),
+                        dcc.Checklist(
+                            id="phase-toggle",
+                            options=[{"label": f" {p}", "value": p} for p in PHASES],
+                            value=list(PHASES),
+                            inline=True,
+                            inputStyle={"marginLeft": "8px"},
+                        ),
+                        html.Span("all steps", id="range-label", style={"marginLeft": "16px"}),
+                        html.Button("Full range", id="range-reset", n_clicks=0),
+                    ],
+                ),
+                dcc.Store(id="step-range", data=None),
+                dcc.Interval(id="live-interval", interval=int(refresh_s * 1000), disabled=not live),
+                html.Div(id="stats-panel", style={**_CSS["card"], **_CSS["row"]}),
+                html.Div(
+                    style=_CSS["grid"],
+                    children=[
+                        dcc.Graph(id=FIG_STEP_BREAKDOWN, config={"displaylogo": False}),
+                        dcc.Graph(id=FIG_RANK_STEPS, config={"displaylogo": False}),
+                        dcc.Graph(id=FIG_RANK_HEATMAP, config={"displaylogo": False}),
+                        dcc.Graph(id=FIG_THROUGHPUT, config={"displaylogo": False}),
+                        dcc.Graph(id=FIG_MEMORY, config={"displaylogo": False}),
+                        dcc.Graph(id=FIG_SYSTEM, config={"displaylogo": False}),
+                    ],
+                ),
+                dcc.Graph(id=FIG_GPU, config={"displaylogo": False}),
+                html.Div(
+                    style=_CSS["grid"],
+                    children=[
+                        html.Div(id="diagnosis-panel", style=_CSS["card"]),
+                        html.Div(id="meta-panel", style=_CSS["card"]),
+                    ],
+                ),
+                html.Div(id="integrity-panel", style=_CSS["card"]),
+            ],
+        )
+
+    app.layout = layout
+
+    # -- step range: a zoom / brush on any step axis, or the reset button -------------------------
+    @app.callback(
+        Output("step-range", "data"),
+        [Input(f, "relayoutData") for f in STEP_AXIS_FIGURES] + [Input("range-reset", "n_clicks")],
+        State("step-range", "data"),
+        prevent_initial_call=True,
+    )
+    def _on_range(*args: Any) -> Any:
+        current = args[-1]
+        trigger = ctx.triggered_id
+        if trigger == "range-reset":
+            return None if current is not None else dash.no_update
+        relayout = args[STEP_AXIS_FIGURES.index(trigger)] if trigger in STEP_AXIS_FIGURES else None
+        parsed = parse_step_range(relayout)
+        if parsed is False:
+            return dash.no_update
+        new = list(parsed) if isinstance(parsed, tuple) else None
+        return dash.no_update if new == current else new
+
+    def _params(
+        rank_value: Any, range_data: Any
+    ) -> tuple[StoreView, StoreView | None, tuple[int, ...], tuple[int, int] | None]:
+        view, other = views()
+        return view, other, _ranks_arg(rank_value, all_ranks(view, other)), _as_range(range_data)
+
+    # -- step charts ----------------------------------------------------------------------------
+    @app.callback(
+        Output(FIG_STEP_BREAKDOWN, "figure"),
+        Output("stats-panel", "children"),
+        Output("range-label", "children"),
+        Input("rank-filter", "value"),
+        Input("phase-toggle", "value"),
+        Input("step-range", "data"),
+        Input("live-interval", "n_intervals"),
+    )
+    def _breakdown(rank_value: Any, phases: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any]:
+        view, other, ranks, rng = _params(rank_value, range_data)
+        bd = cache.get(
+            view, ("bd", ranks, rng), lambda: series.step_breakdown(view, ranks, rng, max_buckets=max_points)
+        )
+        rs = cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=max_points))
+        bd_b = None
+        if other is not None:
+            bd_b = cache.get(
+                other, ("bd", ranks, rng), lambda: series.step_breakdown(other, ranks, rng, max_buckets=max_points)
+            )
+        shown = [p for p in PHASES if p in (phases or [])]
+        fig = figures.step_breakdown_figure(bd, shown, compare=bd_b, labels=src.labels)
+        if rng is None:
+            label = "all steps" + ("" if bd.bucket_steps == 1 else f" (reduced: {bd.bucket_steps} steps per point)")
+        else:
+            res = "full resolution" if bd.bucket_steps == 1 else f"{bd.bucket_steps} steps per point"
+            label = f"steps {rng[0]} .. {rng[1]} ({res})"
+        return fig, _stats_children(bd, rs, bd_b, src.labels), label
+
+    @app.callback(
+        Output(FIG_RANK_STEPS, "figure"),
+        Output(FIG_RANK_HEATMAP, "figure"),
+        Input("rank-filter", "value"),
+        Input("step-range", "data"),
+        Input("live-interval", "n_intervals"),
+    )
+    def _ranks(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any]:
+        view, other, ranks, rng = _params(rank_value, range_data)
+        rs = cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=max_points))
+        rs_b = None
+        if other is not None:
+            rs_b = cache.get(
+                other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=max_points)
+            )
+        return figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs)
+
+    # -- time charts: the step range maps to the time those steps took --------------------------
+    @app.callback(
+        Output(FIG_THROUGHPUT, "figure"),
+        Output(FIG_MEMORY, "figure"),
+        Output(FIG_SYSTEM, "figure"),
+        Output(FIG_GPU, "figure"),
+        Input("rank-filter", "value"),
+        Input("step-range", "data"),
+        Input("live-interval", "n_intervals"),
+    )
+    def _time(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any, Any]:
+        view, other, ranks, rng = _params(rank_value, range_data)
+
+        def models(v: StoreView) -> tuple[series.Throughput, series.MemorySeries, series.SystemSeries]:
+            def build() -> tuple[series.Throughput, series.MemorySeries, series.SystemSeries]:
+                window = series.step_range_to_time(v, rng, ranks)
+                return (
+                    series.throughput(v, ranks, rng, max_points=max_points),
+                    series.memory_series(v, ranks, window, max_points=max_points),
+                    series.system_series(v, window, max_points=max_points),
+                )
+
+            return cache.get(v, ("time", ranks, rng), build)
+
+        tp, mem, sysm = models(view)
+        tp_b = mem_b = None
+        if other is not None:
+            tp_b, mem_b, _ = models(other)
+        return (
+            figures.throughput_figure(tp, compare=tp_b, labels=src.labels),
+            figures.memory_figure(mem, compare=mem_b, labels=src.labels),
+            figures.system_figure(sysm),
+            figures.gpu_figure(sysm),
+        )
+
+    # -- panels ---------------------------------------------------------------------------------
+    @app.callback(
+        Output("diagnosis-panel", "children"),
+        Output("meta-panel", "children"),
+        Output("integrity-panel", "children"),
+        Output("integrity-badge", "children"),
+        Output("integrity-badge", "style"),
+        Output("live-status", "children"),
+        Input("live-interval", "n_intervals"),
+    )
+    def _panels(_tick: Any) -> tuple[Any, ...]:
+        view, other = views()
+        info = cache.get(view, ("info",), lambda: series.run_info(view))
+        diag = cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view))
+        meta: list[Any] = [html.H4("Run"), _kv_table(info.meta, "run-meta"), html.H4("Ranks"), _rank_table(info.ranks)]
+        if info.environment:
+            meta += [html.H4("Environment"), _kv_table(info.environment, "run-environment")]
+        else:
+            meta += [html.H4("Environment"), html.P("not recorded", style={"color": "#6b7280"})]
+        integ: list[Any] = [html.H4("Recording integrity"), _kv_table(info.integrity, "integrity-table")]
+        if other is not None:
+            info_b = cache.get(other, ("info",), lambda: series.run_info(other))
+            meta += [html.H4(f"Compared with: {src.labels[1]}"), _kv_table(info_b.meta, "compare-meta")]
+            integ += [html.H4(f"{src.labels[1]} integrity"), _kv_table(info_b.integrity)]
+        colour = _BADGE.get(info.integrity_status, "#6b7280")
+        badge_style = {"padding": "2px 8px", "borderRadius": "6px", "color": "white", "background": colour}
+        status = ""
+        if live:
+            status = f"{view.total_rows():,} rows, refreshed every {refresh_s:g} s"
+        return diag, meta, integ, info.integrity_status, badge_style, status
+
+    # -- live: ranks appear while the run starts ---------------------------------------------------
+    @app.callback(
+        Output("rank-filter", "options"),
+        Output("rank-filter", "value"),
+        Input("live-interval", "n_intervals"),
+        State("rank-filter", "options"),
+        State("rank-filter", "value"),
+        prevent_initial_call=True,
+    )
+    def _rank_options(_tick: Any, options: Any, value: Any) -> tuple[Any, Any]:
+        view, other = views()
+        ranks = all_ranks(view, other)
+        known = [o["value"] for o in options or []]
+        if ranks == known:
+            return dash.no_update, dash.no_update
+        everything = sorted(value or []) == sorted(known)
+        new_value = ranks if everything else [r for r in (value or []) if r in ranks]
+        return [{"label": f" {r}", "value": r} for r in ranks], new_value
+
+    return app
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebServer:
+    """A threaded WSGI server for a Dash app; ``port=0`` picks a free port.  ``stop()`` joins everything."""
+
+    def __init__(self, app: dash.Dash, host: str = "127.0.0.1", port: int = 0) -> None:
+        try:
+            self._server: BaseWSGIServer = make_server(
+                host, port, app.server, threaded=True, request_handler=_QuietHandler
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; choose another --port (0 picks a free one)"
+            ) from exc
+        self.host = host
+        self.port: int = self._server.server_port
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> WebServer:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="traceml-web", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until :meth:`stop` (from another thread) or Ctrl-C."""
+        try:
+            self._server.serve_forever(poll_interval=0.2)
+        finally:
+            self._server.server_close()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> WebServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(
+    source: Source,
+    *,
+    live: bool,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    compare_source: Source | None = None,
+    title: str | None = None,
+    refresh_s: float = DEFAULT_REFRESH_S,
+    stop: threading.Event | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Build the app and serve it until Ctrl-C (or ``stop`` is set).  Binds 127.0.0.1 unless ``host`` says otherwise."""
+    say = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    app = build_app(source, live=live, compare_source=compare_source, title=title, refresh_s=refresh_s)
+    server = WebServer(app, host, port)
+    if not is_loopback(host):
+        say(f"warning: the dashboard has no authentication and is reachable on {host}:{server.port}")
+    say(f"traceml dashboard: {server.url}  (Ctrl-C to stop)")
+    if stop is None:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return
+    server.start()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def serve_live(
+    snapshot: Source, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, refresh_s: float = DEFAULT_REFRESH_S
+) -> WebServer:
+    """Start the live dashboard over ``snapshot`` (``ColumnStore.snapshot``) in a thread; ``.stop()`` ends it."""
+    app = build_app(snapshot, live=True, refresh_s=refresh_s)
+    return WebServer(app, host, port).start()
