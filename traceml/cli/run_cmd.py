@@ -1,9 +1,675 @@
-"""CLI commands (being built)."""
+"""``traceml run``: launch a training through torchrun with the live view and a recording.
+
+Starts ONE aggregator process (``python -m traceml.aggregator``, node 0 only) in parallel with
+torchrun, whose ranks run the script inside ``traceml.runtime.executor``.  Configuration reaches
+the ranks only through the ``TRACEML_*`` environment variables of :mod:`traceml.config`; the
+run's token is generated here.  The training's stdout/stderr are kept in the run's directory
+(``stdout.log`` / ``stderr.log``) and shown above the live view (forwarded to the aggregator on
+its control channel, printed here directly when there is no terminal view or the aggregator is
+gone).  Ctrl-C once forwards SIGINT to the training; twice kills it; the recording is closed
+either way.  The command exits with the training's own exit code.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
 import typer
+
+from traceml import config
+from traceml.errors import ConfigError
+
+UI_CHOICES = ("terminal", "web", "none")
+DEFAULT_RUNS_DIR = "traceml_runs"
+#: torchrun, with each rank's own exit code as the launcher's exit code (plain torchrun exits 1
+#: for any failed rank) and 128+N when it was stopped by signal N.
+TORCHRUN_SHIM = """\
+import sys
+from torch.distributed.run import main
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+try:
+    main(sys.argv[1:])
+except ChildFailedError as exc:
+    code = exc.get_first_failure()[1].exitcode
+    sys.exit(128 - code if code < 0 else (code or 1))
+except SignalException as exc:
+    sys.exit(128 + int(exc.sigval))
+"""
+#: seconds the CLI waits for the aggregator to close the recording, beyond its own rank deadline
+AGGREGATOR_CLOSE_GRACE_S = 30.0
+#: seconds to wait for the output pipes to drain after torchrun exited (grandchildren may hold them)
+PIPE_DRAIN_S = 2.0
+#: most bytes of training output forwarded per control line
+MAX_FORWARD_CHARS = 64 * 1024
+FORWARD_QUEUE = 10_000
+FINISH_TIMEOUT_S = 10.0
+
+
+# --- the plan: every decision made before a process starts --------------------------------
+
+
+@dataclass
+class RunPlan:
+    script: str
+    script_args: list[str]
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    ui: str
+    out: Path | None
+    run_dir: Path
+    run_name: str
+    run_id: str
+    token: str
+    interval: float | None
+    aggregator_host: str
+    aggregator_port: int
+    web_port: int
+    python: str = sys.executable
+    finish_timeout_s: float = FINISH_TIMEOUT_S
+    start_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def starts_aggregator(self) -> bool:
+        return self.node_rank == 0
+
+    @property
+    def connect_host(self) -> str:
+        """Where this node's ranks reach the aggregator (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if self.aggregator_host in ("0.0.0.0", "", "::") else self.aggregator_host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    bind = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((bind, 0))
+        return int(s.getsockname()[1])
+
+
+def _unique_run_name(base: str, runs_dir: Path) -> str:
+    name, n = base, 1
+    while (runs_dir / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def plan_run(
+    script: str,
+    script_args: Sequence[str] = (),
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    ui: str | None = None,
+    out: str | None = None,
+    run_name: str | None = None,
+    interval: float | None = None,
+    aggregator_host: str = "127.0.0.1",
+    aggregator_port: int | None = None,
+    no_record: bool = False,
+    web_port: int = 8050,
+    token: str | None = None,
+    stdout_is_tty: bool = False,
+    runs_dir: str = DEFAULT_RUNS_DIR,
+    now: float | None = None,
+) -> RunPlan:
+    """Check the options and decide names, paths, ports and the token.  Raises ConfigError."""
+    if not Path(script).is_file():
+        raise ConfigError(f"script {script!r} not found; expected the path of a Python training script")
+    if nproc_per_node < 1 or nnodes < 1:
+        raise ConfigError(f"--nproc-per-node {nproc_per_node} --nnodes {nnodes}: expected both >= 1")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank}: expected 0..{nnodes - 1} for --nnodes {nnodes}")
+    ui = ui or ("terminal" if stdout_is_tty else "none")
+    if ui not in UI_CHOICES:
+        raise ConfigError(f"--ui {ui!r}: expected one of {', '.join(UI_CHOICES)}")
+    if interval is not None and interval <= 0:
+        raise ConfigError(f"--interval {interval}: expected a positive number of seconds")
+    if node_rank > 0:
+        if not token or aggregator_port is None:
+            raise ConfigError(
+                f"--node-rank {node_rank} streams to node 0's aggregator: give the same --token as node 0 and "
+                "--aggregator-host/--aggregator-port of node 0"
+            )
+        if aggregator_host in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(
+                f"--node-rank {node_rank} with --aggregator-host {aggregator_host}: expected node 0's address"
+            )
+    if nnodes > 1 and node_rank == 0 and not token:
+        raise ConfigError(
+            "a multi-node run needs one --token shared by every node (e.g. --token $(openssl rand -hex 16)); "
+            "give the same --token, --aggregator-host and --aggregator-port to each node's `traceml run`"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    runs = Path(runs_dir)
+    if out is not None and not no_record:
+        out_path: Path | None = Path(out)
+        assert out_path is not None
+        name = run_name or out_path.parent.name or Path(script).stem
+        run_dir = out_path.parent
+    else:
+        name = run_name or _unique_run_name(f"{Path(script).stem}-{stamp}", runs)
+        run_dir = runs / name
+        out_path = None if no_record else run_dir / "run.tml"
+    if node_rank > 0:
+        out_path = None  # node 0 records every rank
+    token = token or secrets.token_hex(16)
+    # every node derives the same run id from the shared token: node 0's aggregator checks it
+    run_id = hashlib.sha256(token.encode()).hexdigest()[:16]
+    if aggregator_port is None:
+        aggregator_port = free_port(aggregator_host)
+    if master_port is None:
+        master_port = free_port(master_addr) if nnodes == 1 else 29500
+    return RunPlan(
+        script=script,
+        script_args=list(script_args),
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        ui=ui,
+        out=out_path,
+        run_dir=run_dir,
+        run_name=name,
+        run_id=run_id,
+        token=token,
+        interval=interval,
+        aggregator_host=aggregator_host,
+        aggregator_port=aggregator_port,
+        web_port=web_port,
+    )
+
+
+def executor_available() -> bool:
+    """Whether the rank runtime ships its executor (checked on disk: importing it loads torch)."""
+    import traceml
+
+    return (Path(traceml.__file__).parent / "runtime" / "executor.py").is_file()
+
+
+def training_command(plan: RunPlan) -> list[str]:
+    cmd = [
+        plan.python,
+        "-c",
+        TORCHRUN_SHIM,
+        f"--nproc-per-node={plan.nproc_per_node}",
+        f"--nnodes={plan.nnodes}",
+        f"--node-rank={plan.node_rank}",
+        f"--master-addr={plan.master_addr}",
+        f"--master-port={plan.master_port}",
+    ]
+    if executor_available():
+        cmd += ["-m", "traceml.runtime.executor", plan.script]
+    else:
+        cmd += [plan.script]
+    return cmd + plan.script_args
+
+
+def aggregator_command(plan: RunPlan) -> list[str]:
+    cmd = [
+        plan.python,
+        "-m",
+        "traceml.aggregator",
+        "--host",
+        plan.aggregator_host,
+        "--port",
+        str(plan.aggregator_port),
+        "--run-id",
+        plan.run_id,
+        "--run-name",
+        plan.run_name,
+        "--ui",
+        plan.ui,
+        "--web-port",
+        str(plan.web_port),
+        "--expected-ranks",
+        str(plan.world_size),
+        "--nnodes",
+        str(plan.nnodes),
+        "--finish-timeout",
+        str(plan.finish_timeout_s),
+        "--start-ns",
+        str(plan.start_ns),
+        "--control-stdin",
+    ]
+    if plan.out is not None:
+        cmd += ["--out", str(plan.out)]
+    return cmd + ["--command", plan.script, *plan.script_args]
+
+
+def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
+    """The ranks' environment: the caller's, plus the TRACEML_* variables of this run."""
+    env = {k: v for k, v in base.items() if not k.startswith("TRACEML_")}
+    env[config.ENV_AGGREGATOR_HOST] = plan.connect_host
+    env[config.ENV_AGGREGATOR_PORT] = str(plan.aggregator_port)
+    env[config.ENV_TOKEN] = plan.token
+    env[config.ENV_RUN_ID] = plan.run_id
+    if plan.interval is not None:
+        env[config.ENV_INTERVAL] = str(plan.interval)
+    for name in (config.ENV_DISABLED, config.ENV_NO_AUTO_INTEGRATIONS, config.ENV_MAX_FRAME_MB):
+        if name in base:
+            env[name] = base[name]
+    env.setdefault("PYTHONUNBUFFERED", "1")  # output through our pipes shows up as it is printed
+    return env
+
+
+def aggregator_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if not k.startswith("TRACEML_")}
+    env[config.ENV_TOKEN] = plan.token
+    if config.ENV_MAX_FRAME_MB in base:
+        env[config.ENV_MAX_FRAME_MB] = base[config.ENV_MAX_FRAME_MB]
+    return env
+
+
+# --- output: tee to the run's logs, show above the live view -------------------------------
+
+
+class Forwarder:
+    """Owns the aggregator's stdin: output lines and the exit line, in order, from one thread.
+
+    ``forward`` never blocks: when the queue is full or the aggregator is gone the text is
+    written to this process's own stdout/stderr instead.
+    """
+
+    def __init__(self, stdin: IO[bytes] | None, show_directly: bool) -> None:
+        self._stdin = stdin
+        self._direct = show_directly or stdin is None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(FORWARD_QUEUE)
+        self._gone = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="traceml-forward", daemon=True)
+        if stdin is not None:
+            self._thread.start()
+
+    @property
+    def aggregator_gone(self) -> bool:
+        return self._gone.is_set()
+
+    def forward(self, stream: str, text: str) -> None:
+        if not self._direct and not self._gone.is_set():
+            from traceml.aggregator.control import output_line
+
+            for i in range(0, len(text), MAX_FORWARD_CHARS):
+                try:
+                    self._queue.put_nowait(output_line(stream, text[i : i + MAX_FORWARD_CHARS]))
+                except queue.Full:
+                    self.write_direct(stream, text[i:])
+                    return
+            return
+        self.write_direct(stream, text)
+
+    def write_direct(self, stream: str, text: str) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        with self._lock:
+            try:
+                out.write(text)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def send_exit(self, exit_code: int | None, signal_name: str, duration_s: float) -> None:
+        if self._stdin is None:
+            return
+        from traceml.aggregator.control import exit_line
+
+        try:
+            self._queue.put(exit_line(exit_code, signal_name, duration_s), timeout=5.0)
+        except queue.Full:
+            pass
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued, then close the aggregator's stdin (end of the control channel)."""
+        if self._stdin is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        assert self._stdin is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._gone.is_set():
+                continue
+            try:
+                self._stdin.write(item)
+                self._stdin.flush()
+            except (OSError, ValueError):
+                self._gone.set()
+                # the aggregator is gone: show what it was given here instead
+                from traceml.aggregator.control import parse_line
+
+                msg = parse_line(item)
+                if msg is not None and msg["kind"] == "output":
+                    self.write_direct(msg["stream"], msg["text"])
+
+
+class OutputPump:
+    """Reads one of the training's pipes: appends to the log file, forwards to the view."""
+
+    def __init__(self, pipe: IO[bytes], stream: str, log_path: Path, forwarder: Forwarder, line_mode: bool) -> None:
+        self._pipe = pipe
+        self._stream = stream
+        self._log_path = log_path
+        self._forwarder = forwarder
+        self._line_mode = line_mode
+        self.bytes = 0
+        self._thread = threading.Thread(target=self._run, name=f"traceml-{stream}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        fd = self._pipe.fileno()
+        tail = b""
+        try:
+            log: IO[bytes] | None = open(self._log_path, "ab")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            self._forwarder.write_direct("stderr", f"traceml: cannot write {self._log_path}: {exc}\n")
+            log = None
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                self.bytes += len(chunk)
+                if log is not None:
+                    try:
+                        log.write(chunk)
+                        log.flush()
+                    except OSError:
+                        log = None
+                if self._line_mode:
+                    # the live view prints whole lines; keep an unfinished one for the next chunk
+                    data = tail + chunk
+                    cut = data.rfind(b"\n") + 1
+                    if cut == 0 and len(data) < MAX_FORWARD_CHARS:
+                        tail = data
+                        continue
+                    cut = cut or len(data)
+                    tail = data[cut:]
+                    chunk = data[:cut]
+                self._forwarder.forward(self._stream, chunk.decode("utf-8", errors="replace"))
+            if tail:
+                self._forwarder.forward(self._stream, tail.decode("utf-8", errors="replace") + "\n")
+        finally:
+            if log is not None:
+                log.close()
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``proc`` and every process below it (torchrun's ranks have their own sessions)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        victims = [*parent.children(recursive=True), parent]
+    except psutil.Error:
+        victims = []
+    for p in victims:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class RunSupervisor:
+    """Starts the aggregator and torchrun, relays signals, waits, returns the exit code."""
+
+    def __init__(self, plan: RunPlan, env: Mapping[str, str] | None = None) -> None:
+        self.plan = plan
+        self.env = dict(os.environ if env is None else env)
+        self.aggregator: subprocess.Popen[bytes] | None = None
+        self.training: subprocess.Popen[bytes] | None = None
+        self.forwarder: Forwarder | None = None
+        self._signals: list[int] = []
+        self._gone_reported = False
+
+    # -- signals -------------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: Any = None) -> None:
+        self._signals.append(signum)
+        training = self.training
+        if training is None or training.poll() is not None:
+            # the training is over: a signal now hurries the aggregator, which closes the file
+            if self.aggregator is not None and self.aggregator.poll() is None:
+                self.aggregator.send_signal(signal.SIGTERM)
+            return
+        if len(self._signals) == 1:
+            self._say(f"{signal.Signals(signum).name}: stopping the training (again to kill it)")
+            try:
+                training.send_signal(signum)
+            except OSError:
+                pass
+        else:
+            self._say("killing the training; the recording is still closed")
+            kill_tree(training)
+
+    def _say(self, message: str) -> None:
+        line = f"traceml: {message}\n"
+        if self.forwarder is not None:
+            self.forwarder.forward("stderr", line)
+        else:
+            sys.stderr.write(line)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        plan = self.plan
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.starts_aggregator:
+            self.aggregator = subprocess.Popen(
+                aggregator_command(plan),
+                stdin=subprocess.PIPE,
+                env=aggregator_env(plan, self.env),
+                start_new_session=True,
+            )
+        show_directly = plan.ui != "terminal" or self.aggregator is None
+        self.forwarder = Forwarder(self.aggregator.stdin if self.aggregator else None, show_directly)
+        self.training = subprocess.Popen(
+            training_command(plan),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=rank_env(plan, self.env),
+            start_new_session=True,
+        )
+        assert self.training.stdout is not None and self.training.stderr is not None
+        line_mode = not show_directly
+        self._pumps = [
+            OutputPump(self.training.stdout, "stdout", plan.run_dir / "stdout.log", self.forwarder, line_mode),
+            OutputPump(self.training.stderr, "stderr", plan.run_dir / "stderr.log", self.forwarder, line_mode),
+        ]
+
+    def wait_training(self) -> int:
+        assert self.training is not None
+        while True:
+            try:
+                returncode = self.training.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                self._check_aggregator()
+        for pump in self._pumps:
+            if not pump.join(PIPE_DRAIN_S):
+                self._say("training output pipe still open after the training exited; not waiting for it")
+        return returncode
+
+    def _check_aggregator(self) -> None:
+        agg = self.aggregator
+        if agg is not None and not self._gone_reported and agg.poll() is not None:
+            self._gone_reported = True
+            self._say(
+                f"the aggregator exited early (code {agg.returncode}); the training goes on without the live view "
+                "and the recording keeps what was written"
+            )
+
+    def finish(self, returncode: int, duration_s: float) -> int:
+        """Tell the aggregator, wait for it to close the recording, return the exit code."""
+        code = _exit_code(returncode)
+        signal_name = ""
+        if self._signals:
+            first = self._signals[0]
+            signal_name = signal.Signals(first).name
+            if code != 0:
+                code = 128 + first
+        assert self.forwarder is not None
+        self.forwarder.send_exit(code, signal_name, duration_s)
+        self.forwarder.close()
+        agg = self.aggregator
+        if agg is not None:
+            try:
+                agg.wait(timeout=self.plan.finish_timeout_s + AGGREGATOR_CLOSE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._say("the aggregator did not close the recording in time; stopping it")
+                agg.terminate()
+                try:
+                    agg.wait(timeout=10.0)
+                except subprocess.TimeoutExpired:
+                    agg.kill()
+                    agg.wait()
+        return code
+
+    def run(self) -> int:
+        started = time.monotonic()
+        self.start()
+        returncode = self.wait_training()
+        return self.finish(returncode, time.monotonic() - started)
+
+    def abort(self) -> None:
+        """Kill what was started (used when the CLI itself fails)."""
+        for proc in (self.training, self.aggregator):
+            if proc is not None and proc.poll() is None:
+                kill_tree(proc)
+                proc.wait()
+
+
+def _describe_recording(plan: RunPlan) -> str:
+    if plan.out is None:
+        return "not recording (--no-record)" if plan.starts_aggregator else "streaming to node 0's aggregator"
+    try:
+        size = plan.out.stat().st_size
+    except OSError:
+        return f"recording {plan.out} is missing (see the messages above)"
+    return f"recording: {plan.out} ({size} bytes)"
+
+
+def run_plan(plan: RunPlan) -> int:
+    """Run ``plan`` end to end with signal handling; returns the training's exit code."""
+    target = plan.out if plan.out is not None else plan.run_dir
+    where = "" if not plan.starts_aggregator else f" live view: {plan.ui};"
+    print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
+    sup = RunSupervisor(plan)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, sup.on_signal)
+    try:
+        code = sup.run()
+    except BaseException:
+        sup.abort()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"traceml: {_describe_recording(plan)}", flush=True)
+    return code
+
+
+# --- the typer command -------------------------------------------------------------------------
+
+
+def run_command(
+    script: str = typer.Argument(..., help="the training script"),
+    script_args: list[str] | None = typer.Argument(None, help="arguments for the script, passed through untouched"),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="ranks on this node"),
+    nnodes: int = typer.Option(1, "--nnodes", help="nodes in the job"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this node's rank (node 0 runs the aggregator)"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun rendezvous address"),
+    master_port: int | None = typer.Option(None, "--master-port", help="default: a free port (29500 multi-node)"),
+    ui: str | None = typer.Option(None, "--ui", help="terminal | web | none (default: terminal on a TTY)"),
+    out: str | None = typer.Option(None, "--out", help="recording path (default traceml_runs/<run-name>/run.tml)"),
+    run_name: str | None = typer.Option(None, "--run-name", help="default: <script>-<date>-<time>"),
+    interval: float | None = typer.Option(None, "--interval", help="seconds between samples (default 1.0)"),
+    aggregator_host: str = typer.Option("127.0.0.1", "--aggregator-host", help="aggregator address (node 0)"),
+    aggregator_port: int | None = typer.Option(None, "--aggregator-port", help="default: a free port"),
+    no_record: bool = typer.Option(False, "--no-record", help="live view only, no .tml file"),
+    web_port: int = typer.Option(8050, "--web-port", help="port of the live dashboard (--ui web)"),
+    token: str | None = typer.Option(None, "--token", help="shared secret for multi-node runs (default: random)"),
+) -> None:
+    """Run SCRIPT on torchrun with the live view, recording every step of every rank."""
+    try:
+        plan = plan_run(
+            script,
+            script_args or [],
+            nproc_per_node=nproc_per_node,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            ui=ui,
+            out=out,
+            run_name=run_name,
+            interval=interval,
+            aggregator_host=aggregator_host,
+            aggregator_port=aggregator_port,
+            no_record=no_record,
+            web_port=web_port,
+            token=token,
+            stdout_is_tty=sys.stdout.isatty(),
+        )
+    except ConfigError as exc:
+        typer.echo(f"traceml run: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_plan(plan))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to *app*."""
+    """Add ``traceml run`` to *app*."""
+    app.command(
+        "run",
+        context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+    )(run_command)

@@ -1,1 +1,32 @@
-"""TODO."""
+"""Views: pure functions ``StoreView -> view model`` (small frozen dataclasses).
+
+No clock, no I/O, no drawing: "now" is ``view.latest_ns``.  Renderers draw the models;
+drivers decide when to take a snapshot.  ``live`` is the dashboard, ``final`` the end-of-run
+summary screen.
+"""
+
+from traceml.views.final import FinalModel, FindingLine, final_model
+from traceml.views.live import (
+    DEFAULT_WINDOW_STEPS,
+    GpuRow,
+    LiveModel,
+    NodeRow,
+    PhaseRow,
+    RankRow,
+    RecordingInfo,
+    live_model,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW_STEPS",
+    "FinalModel",
+    "FindingLine",
+    "GpuRow",
+    "LiveModel",
+    "NodeRow",
+    "PhaseRow",
+    "RankRow",
+    "RecordingInfo",
+    "final_model",
+    "live_model",
+]

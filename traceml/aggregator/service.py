@@ -1,0 +1,360 @@
+"""The aggregator: one process per run that serves the ranks, keeps the live store, spools the
+recording and drives the UI.
+
+Lifecycle: start (store, spool thread, TelemetryServer, UI) -> serve while the training runs ->
+the CLI says the training exited (control channel) -> wait until every rank finished or
+disconnected (or a deadline) -> write the ``exit`` and ``ranks`` attachments and close the file
+with the diagnosis summary -> print the summary screen.  Nothing here can stall the training:
+ranks are fail-open clients and this process only reads from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from traceml._version import __version__
+from traceml.aggregator.control import read_control
+from traceml.aggregator.ingest import Ingest
+from traceml.aggregator.spool import Spool, Writer
+from traceml.config import DEFAULT_MAX_FRAME_BYTES
+from traceml.errors import ConfigError, MissingDependencyError
+from traceml.schema import STANDARD_TABLES
+from traceml.store import ColumnStore, StoreView
+from traceml.transport.server import TelemetryServer
+from traceml.views.live import (
+    META_EXPECTED_RANKS,
+    META_RECORDING_BYTES,
+    META_RECORDING_ERROR,
+    META_RECORDING_PATH,
+    META_RUN_NAME,
+    META_START_NS,
+    META_STATUS,
+)
+
+log = logging.getLogger("traceml.aggregator")
+
+UI_CHOICES = ("terminal", "web", "none")
+#: after the training exited, wait this long without news from any rank before closing
+QUIET_S = 0.25
+#: how often the main loop looks at its conditions when nothing wakes it
+POLL_S = 0.05
+
+
+@dataclass
+class AggregatorOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str = ""
+    run_id: str = ""
+    run_name: str = ""
+    #: the recording path; None for a live-only run (--no-record)
+    out: str | None = None
+    ui: str = "none"
+    web_port: int = 8050
+    expected_ranks: int = 1
+    nnodes: int = 1
+    capacity: int = 200_000
+    #: seconds to wait for the ranks after the training exited
+    finish_timeout_s: float = 10.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    start_ns: int = field(default_factory=time.time_ns)
+    command: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.ui not in UI_CHOICES:
+            raise ConfigError(f"--ui {self.ui!r}: expected one of {', '.join(UI_CHOICES)}")
+        if self.expected_ranks < 1:
+            raise ConfigError(f"expected ranks = {self.expected_ranks}; expected at least 1")
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"--capacity {self.capacity}: expected at least 1 row per rank and table")
+        if not self.token:
+            raise ConfigError("the aggregator needs the run's token (TRACEML_TOKEN); `traceml run` generates one")
+
+
+def exit_status(exit_code: int | None, signal_name: str) -> str:
+    if exit_code is None:
+        return "unknown"
+    if signal_name:
+        return "interrupted"
+    return "ok" if exit_code == 0 else "failed"
+
+
+class _UI:
+    """What the service needs of a UI driver."""
+
+    def print_output(self, stream: str, text: str) -> None:
+        (sys.stdout if stream == "stdout" else sys.stderr).write(text)
+
+    def notify(self, message: str) -> None:
+        print(f"traceml: {message}", file=sys.stderr, flush=True)
+
+    def stop(self, final_view: StoreView | None) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if final_view is not None:
+            from rich.console import Console
+
+            from traceml.drivers.terminal import print_final
+
+            print_final(final_view, Console(file=sys.stdout, highlight=False))
+
+
+class _NotifyHandler(logging.Handler):
+    """Routes warnings of the traceml loggers to the UI (above the live region)."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._notify = notify
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._notify(record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+class Aggregator:
+    def __init__(self, opts: AggregatorOptions, open_writer: Callable[[], Writer] | None = None) -> None:
+        opts.check()
+        self.opts = opts
+        self.store = ColumnStore(
+            capacity=opts.capacity,
+            meta={
+                "run_id": opts.run_id,
+                META_RUN_NAME: opts.run_name,
+                META_START_NS: opts.start_ns,
+                META_EXPECTED_RANKS: opts.expected_ranks,
+                "world_size": opts.expected_ranks,
+                META_STATUS: "running",
+                META_RECORDING_PATH: opts.out or "",
+                META_RECORDING_BYTES: 0,
+                "host": socket.gethostname(),
+            },
+        )
+        self.spool: Spool | None = None
+        if opts.out is not None:
+            self.spool = Spool(
+                open_writer or self._open_tml_writer,
+                opts.out,
+                on_error=self._recording_failed,
+                on_progress=lambda n: self.store.set_meta(**{META_RECORDING_BYTES: n}),
+            )
+        self.ingest = Ingest(self.store, self.spool)
+        self.server = TelemetryServer(
+            opts.host,
+            opts.port,
+            opts.token,
+            self.ingest,
+            run_id=opts.run_id or None,
+            max_frame_bytes=opts.max_frame_bytes,
+            name="traceml-aggregator-server",
+        )
+        self.ui: Any = _UI()
+        self._log_handler: logging.Handler | None = None
+        self._exited = threading.Event()
+        self._stop = threading.Event()
+        self._exit_info: dict[str, Any] | None = None
+        self._exit_seen_ns = 0
+        self._web: Any = None
+        #: no control channel: the run is over once every expected rank finished or died
+        self._standalone = True
+        self.finished = threading.Event()
+
+    # -- pieces --------------------------------------------------------------------------
+    def _run_meta(self) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "run_id": o.run_id,
+            "run_name": o.run_name,
+            "start_ns": o.start_ns,
+            "world_size": o.expected_ranks,
+            "hosts": [socket.gethostname()],
+            "command": list(o.command),
+            "expected_ranks": o.expected_ranks,
+            "nnodes": o.nnodes,
+            "traceml_version": __version__,
+        }
+
+    def _open_tml_writer(self) -> Writer:
+        from traceml.format import TmlWriter
+
+        assert self.opts.out is not None
+        Path(self.opts.out).parent.mkdir(parents=True, exist_ok=True)
+        writer: Writer = TmlWriter(self.opts.out, self._run_meta(), list(STANDARD_TABLES.values()))
+        return writer
+
+    def _recording_failed(self, reason: str) -> None:
+        self.store.set_meta(**{META_RECORDING_ERROR: reason})
+        self.ui.notify(f"recording stopped ({reason}); the live view and the training continue")
+
+    def _start_ui(self) -> None:
+        if self.opts.ui == "terminal":
+            from traceml.drivers.terminal import TerminalDriver
+
+            driver = TerminalDriver(self.store.snapshot)
+            driver.start()
+            self.ui = driver
+        elif self.opts.ui == "web":
+            try:
+                from traceml.drivers.web import serve_live  # type: ignore[attr-defined]
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    f"--ui web needs the web driver ({exc}); install traceml with its dash dependency "
+                    "(pip install 'traceml-recorder'), or use --ui terminal"
+                ) from exc
+            self._web = serve_live(self.store.snapshot, port=self.opts.web_port)
+            self.ui.notify(f"live dashboard on http://127.0.0.1:{self.opts.web_port}/")
+
+    def start(self) -> None:
+        """Spool, server, UI.  The server listens before this returns."""
+        if self.spool is not None:
+            self.spool.start()
+        self.server.start()
+        self._start_ui()
+        self._log_handler = _NotifyHandler(self.ui.notify)
+        for name in ("traceml.aggregator", "traceml.transport"):
+            logging.getLogger(name).addHandler(self._log_handler)
+
+    # -- control channel -----------------------------------------------------------------
+    def on_output(self, stream: str, text: str) -> None:
+        self.ui.print_output(stream, text)
+
+    def on_exit(self, info: dict[str, Any] | None) -> None:
+        """The training is over (``info`` from the CLI; None when the CLI went away)."""
+        if self._exited.is_set():
+            return
+        self._exit_info = dict(info) if info is not None else None
+        self._exit_seen_ns = time.monotonic_ns()
+        self.store.set_meta(**{META_STATUS: "finishing"})
+        self._exited.set()
+        self.ingest.activity.set()
+
+    def request_stop(self) -> None:
+        """Finish now (SIGTERM/SIGINT to the aggregator): close the file with what is there."""
+        self._stop.set()
+        self.ingest.activity.set()
+
+    def attach_control(self, stream: IO[bytes]) -> threading.Thread:
+        self._standalone = False
+        thread = threading.Thread(
+            target=read_control, args=(stream, self.on_output, self.on_exit), name="traceml-control", daemon=True
+        )
+        thread.start()
+        return thread
+
+    # -- when to finish --------------------------------------------------------------------
+    def _ranks_done(self) -> bool:
+        ingest = self.ingest
+        if ingest.open_connections or self.server.pending_connections:
+            return False
+        quiet_ns = time.time_ns() - ingest.last_activity_ns
+        since_exit_ns = time.monotonic_ns() - self._exit_seen_ns
+        if min(quiet_ns, since_exit_ns) < QUIET_S * 1e9:
+            return False
+        if self.opts.nnodes > 1:
+            # other nodes' ranks may still be running or flushing: wait for every expected rank
+            return set(range(self.opts.expected_ranks)) <= ingest.done_ranks()
+        return True
+
+    def wait(self) -> None:
+        """Block until the run is over by the rules in the module docstring."""
+        expected = set(range(self.opts.expected_ranks))
+        while not self._stop.is_set():
+            if self._standalone and not self._exited.is_set() and expected <= self.ingest.done_ranks():
+                self.on_exit(None)
+            if self._exited.is_set():
+                if self._ranks_done():
+                    return
+                waited_s = (time.monotonic_ns() - self._exit_seen_ns) / 1e9
+                if waited_s > self.opts.finish_timeout_s:
+                    pending = sorted(set(range(self.opts.expected_ranks)) - self.ingest.done_ranks())
+                    log.warning(
+                        "closing the recording %.0f s after the training exited; ranks %s had not finished",
+                        waited_s,
+                        pending,
+                    )
+                    return
+            self.ingest.activity.wait(POLL_S)
+            self.ingest.activity.clear()
+
+    # -- the end -----------------------------------------------------------------------------
+    def finalize(self) -> StoreView:
+        """Stop serving, record exit status, rank table and summary, close the file."""
+        self.server.stop()  # closes what is still open: on_close marks those ranks died
+        now_ns = time.time_ns()
+        info = self._exit_info or {}
+        code = info.get("exit_code")
+        signal_name = str(info.get("signal", "") or "")
+        duration = info.get("duration_s")
+        if not isinstance(duration, (int, float)):
+            duration = (now_ns - self.opts.start_ns) / 1e9
+        exit_attachment = {
+            "exit_code": code,
+            "status": exit_status(code, signal_name) if self._exit_info is not None else "unknown",
+            "duration_s": round(float(duration), 3),
+            "signal": signal_name,
+        }
+        self.store.attach("exit", exit_attachment)
+        view = self.store.snapshot()
+        expected = set(range(self.opts.expected_ranks))
+        ranks = [view.rank_info[r].to_dict() for r in sorted(view.rank_info)]
+        ranks += [{"rank": r, "state": "unknown"} for r in sorted(expected - set(view.rank_info))]
+        self.store.attach("ranks", {"ranks": ranks})
+        self.store.set_meta(**{META_STATUS: "finished"})
+        summary = self._summary(self.store.snapshot())
+        if summary is not None:
+            self.store.attach("summary", summary)
+        if self.spool is not None:
+            self.spool.attach("exit", exit_attachment)
+            self.spool.attach("ranks", {"ranks": ranks})
+            if not self.spool.close(summary=summary):
+                log.warning("the recording thread did not finish closing %s in time", self.spool.path)
+            self.store.set_meta(**{META_RECORDING_BYTES: self.spool.bytes_on_disk})
+        return self.store.snapshot()
+
+    def _summary(self, view: StoreView) -> dict[str, Any] | None:
+        try:
+            from traceml.diagnosis.summary import build_summary
+        except ImportError:
+            return None
+        try:
+            return build_summary(view)
+        except Exception:  # a diagnosis bug must not cost the recording its close
+            log.exception("the run summary could not be built; the recording is closed without it")
+            return None
+
+    def close_ui(self, final_view: StoreView | None) -> None:
+        if self._log_handler is not None:
+            for name in ("traceml.aggregator", "traceml.transport"):
+                logging.getLogger(name).removeHandler(self._log_handler)
+            self._log_handler = None
+        if self._web is not None:
+            stop = getattr(self._web, "stop", None)
+            if callable(stop):
+                stop()
+            self._web = None
+        self.ui.stop(final_view)
+
+    def run(self, control: IO[bytes] | None = None, on_started: Callable[[], None] | None = None) -> None:
+        """Serve one run end to end: start, wait for its end, close the file, print the summary."""
+        started = False
+        try:
+            self.start()
+            started = True
+            if on_started is not None:
+                on_started()
+            if control is not None:
+                self.attach_control(control)
+            self.wait()
+        finally:
+            view = self.finalize()
+            self.close_ui(view if started else None)
+            self.finished.set()

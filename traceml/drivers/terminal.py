@@ -1,0 +1,153 @@
+"""Terminal driver: owns the Rich ``Live`` region, its clock and the console.
+
+It pulls a :class:`~traceml.store.StoreView` from ``snapshot()`` about twice a second, turns it
+into a view model and a renderable, and refreshes the region by hand (``auto_refresh`` off,
+``screen=False``, no flicker).  Training output and notices are queued and printed above the
+region in batches (at most ~10 re-draws a second however chatty the training is); when more
+than :data:`MAX_PENDING_LINES` lines wait, the oldest are skipped and counted (they are in the
+run's ``stdout.log`` / ``stderr.log``).  At the end the region is replaced by the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.text import Text
+
+from traceml.renderers.terminal import render_final, render_live
+from traceml.store import StoreView
+from traceml.views import DEFAULT_WINDOW_STEPS, final_model, live_model
+
+log = logging.getLogger("traceml.aggregator")
+
+#: seconds between dashboard refreshes (the driver's clock)
+REFRESH_S = 0.5
+#: seconds between output flushes when training prints
+OUTPUT_FLUSH_S = 0.1
+MAX_PENDING_LINES = 2000
+
+
+def print_final(view: StoreView, console: Console) -> None:
+    """Print the end-of-run summary screen for ``view``."""
+    console.print(render_final(final_model(view)))
+
+
+class TerminalDriver:
+    """Live dashboard over ``snapshot``; thread-safe ``print_output`` / ``notify``."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], StoreView],
+        console: Console | None = None,
+        refresh_s: float = REFRESH_S,
+        window: int = DEFAULT_WINDOW_STEPS,
+    ) -> None:
+        self._snapshot = snapshot
+        self.console = console or Console()
+        self._refresh_s = refresh_s
+        self._window = window
+        self._pending: deque[Text] = deque()
+        self._skipped = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._live: Live | None = None
+        self._thread: threading.Thread | None = None
+        self._render_failed = False
+        self.refreshes = 0
+
+    # -- called from other threads ---------------------------------------------------------
+    def print_output(self, stream: str, text: str) -> None:
+        """Queue a chunk of training output (one or more lines) to print above the region."""
+        self._enqueue(Text.from_ansi(text.rstrip("\n")))
+
+    def notify(self, message: str) -> None:
+        """Queue one traceml notice (styled, prefixed) to print above the region."""
+        self._enqueue(Text(f"traceml: {message}", style="bold yellow"))
+
+    def _enqueue(self, line: Text) -> None:
+        with self._lock:
+            self._pending.append(line)
+            while len(self._pending) > MAX_PENDING_LINES:
+                self._pending.popleft()
+                self._skipped += 1
+        self._wake.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._live = Live(
+            self._render(),
+            console=self.console,
+            screen=False,
+            auto_refresh=False,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live.start(refresh=True)
+        self._thread = threading.Thread(target=self._loop, name="traceml-terminal", daemon=True)
+        self._thread.start()
+
+    def stop(self, final_view: StoreView | None = None) -> None:
+        """Flush pending output, remove the live region, print the summary for ``final_view``."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        self._flush_output()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if final_view is not None:
+            print_final(final_view, self.console)
+
+    # -- the driver's clock ------------------------------------------------------------------
+    def _render(self) -> RenderableType:
+        try:
+            return render_live(live_model(self._snapshot(), self._window))
+        except Exception as exc:  # a drawing bug must not take the aggregator down
+            if not self._render_failed:
+                self._render_failed = True
+                log.exception("live view failed to render")
+            return Text(f"traceml: live view unavailable ({exc})", style="red")
+
+    def _loop(self) -> None:
+        assert self._live is not None
+        live = self._live
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_refresh:
+                live.update(self._render(), refresh=True)
+                self.refreshes += 1
+                next_refresh = now + self._refresh_s
+            self._wake.wait(max(0.0, min(next_refresh - time.monotonic(), self._refresh_s)))
+            if self._stop.is_set():
+                break
+            if self._wake.is_set():
+                self._wake.clear()
+                self._flush_output()
+                self._stop.wait(OUTPUT_FLUSH_S)  # batch the next lines instead of one re-draw per line
+
+    def _flush_output(self) -> None:
+        with self._lock:
+            lines = list(self._pending)
+            self._pending.clear()
+            skipped, self._skipped = self._skipped, 0
+        if not lines and not skipped:
+            return
+        out = Text()
+        if skipped:
+            out.append(f"traceml: {skipped} output lines not shown here (see stdout.log / stderr.log)\n", style="dim")
+        for i, line in enumerate(lines):
+            if i:
+                out.append("\n")
+            out.append_text(line)
+        self.console.print(out, soft_wrap=True, highlight=False, markup=False, emoji=False)

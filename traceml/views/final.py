@@ -1,0 +1,116 @@
+"""End-of-run view model: the compact one-screen summary ``traceml run`` prints at the end.
+
+Pure: reads the view's tables, its ``exit`` attachment (exit code, status, duration, signal,
+written by the aggregator) and its ``summary`` attachment (the diagnosis summary dict, when
+the diagnosis room produced one).  Phases are taken over every step the view holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from traceml.store import StoreView
+from traceml.views.live import (
+    META_RUN_NAME,
+    PhaseRow,
+    RankRow,
+    RecordingInfo,
+    phase_rows,
+    rank_rows,
+    rank_skew,
+    recording_info,
+)
+
+#: at most this many findings are listed on the summary screen
+MAX_FINDINGS = 6
+
+
+@dataclass(frozen=True)
+class FindingLine:
+    severity: str  # "info" | "warn" | "critical"
+    kind: str
+    rank: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    run_name: str
+    #: "ok" | "failed" | "interrupted" | "unknown"
+    status: str
+    exit_code: int | None
+    signal: str
+    duration_s: float
+    #: steps held per rank summed over ranks (evicted live rows included)
+    total_steps: int
+    phases: tuple[PhaseRow, ...]
+    skew_pct: float
+    slowest_rank: int
+    ranks: tuple[RankRow, ...]
+    #: the primary diagnosis first, then the other findings, most severe first
+    findings: tuple[FindingLine, ...]
+    #: findings left off the screen
+    more_findings: int
+    drops_total: int
+    recording: RecordingInfo
+
+
+def _finding(d: Mapping[str, Any]) -> FindingLine | None:
+    if not isinstance(d, Mapping):
+        return None
+    rank = d.get("rank")
+    return FindingLine(
+        severity=str(d.get("severity", "info")),
+        kind=str(d.get("kind", "")),
+        rank=int(rank) if isinstance(rank, int) else None,
+        text=str(d.get("summary", "") or d.get("message", "")),
+    )
+
+
+def findings_from_summary(summary: Any) -> list[FindingLine]:
+    """Findings from a diagnosis summary dict: ``primary`` first, then ``findings``, deduplicated.
+
+    Accepts the dict itself or one that nests it under ``"diagnosis"``; anything else gives [].
+    """
+    if not isinstance(summary, Mapping):
+        return []
+    diag = summary.get("diagnosis") if isinstance(summary.get("diagnosis"), Mapping) else summary
+    out: list[FindingLine] = []
+    seen: set[tuple[str, int | None, str]] = set()
+    raw = [diag.get("primary")] + list(diag.get("findings") or [])
+    for item in raw:
+        line = _finding(item) if item is not None else None
+        if line is None:
+            continue
+        key = (line.kind, line.rank, line.text)
+        if key not in seen:
+            seen.add(key)
+            out.append(line)
+    return out
+
+
+def final_model(view: StoreView) -> FinalModel:
+    exit_info = view.attachments.get("exit")
+    exit_info = exit_info if isinstance(exit_info, Mapping) else {}
+    code = exit_info.get("exit_code")
+    findings = findings_from_summary(view.attachments.get("summary"))
+    skew, slowest = rank_skew(view, None)
+    ranks = rank_rows(view, None)
+    return FinalModel(
+        run_name=str(view.meta.get(META_RUN_NAME, "") or ""),
+        status=str(exit_info.get("status", "unknown") or "unknown"),
+        exit_code=int(code) if isinstance(code, int) else None,
+        signal=str(exit_info.get("signal", "") or ""),
+        duration_s=float(exit_info.get("duration_s", 0.0) or 0.0),
+        total_steps=sum(r.steps for r in ranks),
+        phases=phase_rows(view, None),
+        skew_pct=skew,
+        slowest_rank=slowest,
+        ranks=ranks,
+        findings=tuple(findings[:MAX_FINDINGS]),
+        more_findings=max(0, len(findings) - MAX_FINDINGS),
+        drops_total=view.dropped(),
+        recording=recording_info(view),
+    )
