@@ -1,0 +1,164 @@
+"""Frames on the wire: a 4-byte big-endian length, then one msgpack map with a ``"kind"`` key.
+
+The only module of the transport room that touches msgpack.  Lengths read from a socket are
+checked against the frame limit before a byte is buffered for them; payloads are decoded with
+every msgpack size bounded by the frame size, string map keys only and no extension types, so a
+peer can never make us build anything but dicts, lists, str, bytes, ints, floats, bools and None.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any, NoReturn
+
+import msgpack
+
+from traceml.config import DEFAULT_MAX_FRAME_BYTES, ENV_MAX_FRAME_MB
+from traceml.errors import FrameTooLargeError, MalformedFrameError, TransportError
+
+#: the length prefix: unsigned 32-bit big-endian payload length
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.4g} MiB"
+
+
+def frame_too_large(size: int, limit: int, where: str = "") -> FrameTooLargeError:
+    """The one wording of the frame-limit error (size, limit and the setting that changes it)."""
+    origin = f" {where}" if where else ""
+    return FrameTooLargeError(
+        f"frame of {size} bytes ({_mib(size)}){origin} exceeds the {limit}-byte ({_mib(limit)}) frame limit; "
+        f"raise it with {ENV_MAX_FRAME_MB} (or --max-frame-mb), or send smaller batches"
+    )
+
+
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"msgpack extension type {code} is not allowed on the traceml wire")
+
+
+def encode_frame(msg: Mapping[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """Pack ``msg`` (a map with a ``"kind"`` key) into one length-prefixed frame.
+
+    Raises :class:`MalformedFrameError` when ``msg`` holds something msgpack cannot carry
+    (numpy arrays must go through :func:`traceml.transport.codec.encode_columns` first) and
+    :class:`FrameTooLargeError` when the frame would exceed ``max_frame_bytes``.
+    """
+    if not isinstance(msg, Mapping) or not isinstance(msg.get("kind"), str):
+        raise MalformedFrameError(f"a frame must be a map with a str 'kind' key; found {type(msg).__name__}")
+    try:
+        payload = msgpack.packb(msg, use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedFrameError(
+            f"message of kind {msg.get('kind')!r} cannot be packed ({exc}); expected only dict, list, str, "
+            "bytes, int, float, bool and None (encode numpy columns with encode_columns)"
+        ) from exc
+    if len(payload) > max_frame_bytes:
+        raise frame_too_large(len(payload), max_frame_bytes, f"(kind {msg.get('kind')!r})")
+    return HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Decode one frame payload into a message map, bounded by the payload's own size."""
+    size = len(payload)
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            max_bin_len=size,
+            max_str_len=size,
+            max_array_len=size,
+            max_map_len=size // 2,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises ValueError, UnicodeDecodeError, StackError, ExtraData, ...
+        raise MalformedFrameError(
+            f"frame of {size} bytes does not decode as one msgpack map ({type(exc).__name__}: {exc}); "
+            "expected a traceml message — is the peer a traceml rank of the same version?"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise MalformedFrameError(f"frame decodes to {type(obj).__name__}; expected a map with a 'kind' key")
+    kind = obj.get("kind")
+    if not isinstance(kind, str):
+        raise MalformedFrameError(f"message has 'kind' {kind!r:.80}; expected a str such as 'batch'")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental frame reader for one connection: feed it bytes as they arrive.
+
+    ``feed`` returns the complete messages (zero or more) and keeps the partial tail;
+    ``iter_feed`` yields them one by one, so that a receiver handles the good frames that precede
+    a bad one.  A length prefix over ``max_frame_bytes`` raises :class:`FrameTooLargeError` as
+    soon as its 4 bytes are seen (the frame's bytes are never buffered); a payload that is not a
+    message raises :class:`MalformedFrameError`.  After an error the decoder stays failed: the
+    stream has lost its framing, so the connection must be closed.  ``max_frame_bytes`` may be
+    changed between feeds (the server keeps it small until the hello has been accepted).
+    """
+
+    __slots__ = ("max_frame_bytes", "_buf", "_pos", "_failed", "frames", "bytes_fed")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self._failed: TransportError | None = None
+        self.frames = 0
+        self.bytes_fed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (a partial frame)."""
+        return len(self._buf) - self._pos
+
+    @property
+    def failed(self) -> TransportError | None:
+        return self._failed
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+        return list(self.iter_feed(data))
+
+    def iter_feed(self, data: bytes | bytearray | memoryview) -> Iterator[dict[str, Any]]:
+        if self._failed is not None:
+            raise type(self._failed)(f"decoder already failed: {self._failed}")
+        self.bytes_fed += len(data)
+        self._buf += data
+        return self._drain()
+
+    def _drain(self) -> Iterator[dict[str, Any]]:
+        while (msg := self._next()) is not None:
+            yield msg
+
+    def _next(self) -> dict[str, Any] | None:
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail >= HEADER_SIZE:
+            (length,) = HEADER.unpack_from(buf, pos)
+            if length > self.max_frame_bytes:
+                self._fail(frame_too_large(length, self.max_frame_bytes))
+            if avail - HEADER_SIZE >= length:
+                start = pos + HEADER_SIZE
+                try:
+                    msg = decode_payload(memoryview(buf)[start : start + length])
+                except TransportError as exc:
+                    self._fail(exc)
+                self._pos = start + length
+                self.frames += 1
+                return msg
+        if pos:  # keep only the partial tail
+            del buf[:pos]
+            self._pos = 0
+        return None
+
+    def _fail(self, exc: TransportError) -> NoReturn:
+        self._failed = exc
+        self._buf = bytearray()
+        self._pos = 0
+        raise exc
