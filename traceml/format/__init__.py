@@ -1,1 +1,26 @@
-"""TODO."""
+"""The ``.tml`` recording format: the only room that knows the file's bytes.
+
+Spec: ``docs/format.md``.  :class:`TmlWriter` appends rows, attachments and schemas from
+one thread; :func:`open_recording` reads a closed, crashed, damaged or growing file and
+reports what it could not read in ``integrity``.
+"""
+
+from __future__ import annotations
+
+from traceml.format._records import FORMAT_VERSION, MAGIC, PRIVATE_KINDS, RecordKind
+from traceml.format.reader import Batch, ReadLimits, SegmentInfo, TmlReader, open_recording
+from traceml.format.writer import STANDARD, TmlWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "PRIVATE_KINDS",
+    "STANDARD",
+    "Batch",
+    "ReadLimits",
+    "RecordKind",
+    "SegmentInfo",
+    "TmlReader",
+    "TmlWriter",
+    "open_recording",
+]

@@ -1,0 +1,178 @@
+"""Benchmark the .tml format on step-timing rows against a naive baseline (no assertions).
+
+    .venv/bin/python benchmarks/bench_format.py [--rows 400000] [--ranks 8] [--rounds 3]
+
+Rows are ``step_time`` rows (step, ts_ns, failed, step_us and six phase durations in µs)
+with realistic jitter: Gaussian noise of a few percent per phase, rare dataloader stalls,
+nanosecond noise on the timestamps.  For each round, .tml and the baseline (one msgpack
+dict per row, zstd level 3 over ~1 MiB chunks) run back to back on the same rows; the
+table shows the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zstandard
+
+from traceml.format import TmlWriter, open_recording
+from traceml.schema import PHASES, STEP_TIME
+
+PHASE_MEAN_US = {"dataloader": 400, "h2d": 900, "forward": 31_000, "backward": 62_000, "optimizer": 5_200}
+PHASE_JITTER = {"dataloader": 0.25, "h2d": 0.05, "forward": 0.02, "backward": 0.02, "optimizer": 0.03}
+
+
+def step_rows(steps: int, rank: int, seed: int) -> dict[str, np.ndarray]:
+    """``steps`` rows of one rank, as columns."""
+    rng = np.random.default_rng(seed * 1000 + rank)
+    cols: dict[str, np.ndarray] = {}
+    skew = 1.0 + 0.01 * rank
+    for phase, mean in PHASE_MEAN_US.items():
+        values = rng.normal(mean * skew, mean * PHASE_JITTER[phase], steps)
+        cols[f"{phase}_us"] = np.maximum(values, 1).astype(np.int64)
+    stalls = rng.random(steps) < 0.01
+    cols["dataloader_us"][stalls] *= 20
+    cols["residual_us"] = np.abs(rng.normal(150, 60, steps)).astype(np.int64)
+    cols["step_us"] = sum(cols[f"{p}_us"] for p in PHASES)
+    start_ns = 1_760_000_000_000_000_000 + rank * 1_234_567
+    cols["ts_ns"] = start_ns + np.cumsum(cols["step_us"] * 1000 + rng.integers(0, 1000, steps))
+    cols["step"] = np.arange(steps, dtype=np.int64)
+    cols["failed"] = (rng.random(steps) < 0.0005).astype(np.uint8)
+    return {c.name: cols[c.name] for c in STEP_TIME.columns}
+
+
+def batches(per_rank: dict[int, dict[str, np.ndarray]], batch: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Interleave ranks the way an aggregator receives them: one batch per rank in turn."""
+    out = []
+    steps = len(next(iter(per_rank.values()))["step"])
+    for start in range(0, steps, batch):
+        for rank, cols in per_rank.items():
+            out.append((rank, {k: v[start : start + batch] for k, v in cols.items()}))
+    return out
+
+
+def tml_write(path: Path, work: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    with TmlWriter(path, run_meta={"run_id": "bench"}) as writer:
+        for rank, cols in work:
+            writer.append(rank, "step_time", cols)
+
+
+def tml_read(path: Path) -> int:
+    with open_recording(path) as reader:
+        data = reader.read_table("step_time")
+    return sum(len(cols["step"]) for cols in data.values())
+
+
+def naive_write(path: Path, work: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    compressor = zstandard.ZstdCompressor(level=3)
+    names = list(STEP_TIME.names)
+    with open(path, "wb") as f:
+        chunk: list[bytes] = []
+        size = 0
+        for rank, cols in work:
+            lists = [cols[n].tolist() for n in names]
+            for values in zip(*lists, strict=True):
+                row = {"rank": rank, **dict(zip(names, values, strict=True))}
+                packed = msgpack.packb(row)
+                chunk.append(packed)
+                size += len(packed)
+                if size >= 1 << 20:
+                    blob = compressor.compress(b"".join(chunk))
+                    f.write(len(blob).to_bytes(4, "little") + blob)
+                    chunk, size = [], 0
+        if chunk:
+            blob = compressor.compress(b"".join(chunk))
+            f.write(len(blob).to_bytes(4, "little") + blob)
+        f.flush()
+        os.fdatasync(f.fileno())
+
+
+def naive_read(path: Path) -> int:
+    decompressor = zstandard.ZstdDecompressor()
+    columns: dict[tuple[int, str], list[Any]] = {}
+    data = path.read_bytes()
+    pos = 0
+    rows = 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "little")
+        raw = decompressor.decompress(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+        for row in _unpack_all(raw):
+            rank = row.pop("rank")
+            for name, value in row.items():
+                columns.setdefault((rank, name), []).append(value)
+            rows += 1
+    arrays = {key: np.asarray(values) for key, values in columns.items()}
+    return rows if arrays else 0
+
+
+def _unpack_all(raw: bytes) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(raw)
+    return unpacker
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=400_000, help="total step rows (split over ranks)")
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 4096], help="rows per append")
+    parser.add_argument("--baseline-rows", type=int, default=100_000, help="rows for the (slow) baseline")
+    args = parser.parse_args()
+
+    steps = args.rows // args.ranks
+    per_rank = {rank: step_rows(steps, rank, seed=1) for rank in range(args.ranks)}
+    total = steps * args.ranks
+    base_steps = max(1, args.baseline_rows // args.ranks)
+    base_rank = {rank: {k: v[:base_steps] for k, v in cols.items()} for rank, cols in per_rank.items()}
+    base_total = base_steps * args.ranks
+    raw_row_bytes = sum(np.dtype(v.dtype).itemsize for v in per_rank[0].values())
+
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for batch in args.batch:
+                work = batches(per_rank, batch)
+                path = Path(tmp) / f"run_{batch}.tml"
+                entry = results.setdefault(f".tml, {batch} rows/append", {"w": [], "r": [], "b": []})
+                entry["w"].append(total / timed(lambda w=work, p=path: tml_write(p, w)))
+                entry["r"].append(total / timed(lambda p=path: tml_read(p)))
+                entry["b"].append(path.stat().st_size / total)
+                assert tml_read(path) == total
+            work = batches(base_rank, 256)
+            path = Path(tmp) / "naive.bin"
+            entry = results.setdefault("baseline: msgpack dict/row + zstd", {"w": [], "r": [], "b": []})
+            entry["w"].append(base_total / timed(lambda w=work, p=path: naive_write(p, w)))
+            entry["r"].append(base_total / timed(lambda p=path: naive_read(p)))
+            entry["b"].append(path.stat().st_size / base_total)
+
+    print(f"step_time rows: {total:,} over {args.ranks} ranks ({raw_row_bytes} B/row as raw columns);")
+    print(f"baseline on {base_total:,} rows; median of {args.rounds} interleaved rounds\n")
+    header = f"{'writer':38} {'write rows/s':>14} {'read+decode rows/s':>19} {'B/row on disk':>14} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, entry in results.items():
+        w, r, b = (statistics.median(entry[k]) for k in "wrb")
+        print(f"{name:38} {w:>14,.0f} {r:>19,.0f} {b:>14.2f} {raw_row_bytes / b:>6.1f}x")
+    print("\nratio = raw column bytes per row / bytes per row on disk; targets: write >= 1 M rows/s,")
+    print("read+decode >= 5 M rows/s, <= 16 B per step row.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,679 @@
+"""The only code that knows the bytes of a ``.tml`` file (spec: ``docs/format.md``).
+
+Framing, record payloads and the column encodings of segments are packed and unpacked
+here; the writer and the reader call these functions and never touch bytes themselves.
+Every unpacking function validates what it reads and raises only ``traceml.errors`` types.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+import zstandard
+
+from traceml.errors import (
+    CorruptRecordError,
+    DecompressionBombError,
+    NotATmlFileError,
+    UnsupportedVersionError,
+)
+from traceml.schema import NUMPY_DTYPES, STR, TYPE_CODES, Column, TableSchema
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+_MAGIC_PREFIX = b"\x89TML"
+_MAGIC_SUFFIX = b"\r\n\x1a"
+MAGIC = _MAGIC_PREFIX + str(FORMAT_MAJOR).encode() + _MAGIC_SUFFIX
+MAGIC_SIZE = len(MAGIC)
+
+SYNC_SIZE = 16
+#: sync(16) | kind u8 | length u32 | head_crc u32
+_FRAME_HEAD = struct.Struct("<16sBII")
+FRAME_HEAD_SIZE = _FRAME_HEAD.size
+_U32 = struct.Struct("<I")
+#: head + payload crc: a record is FRAME_OVERHEAD + payload length bytes
+FRAME_OVERHEAD = FRAME_HEAD_SIZE + _U32.size
+
+_FOOTER_PAYLOAD = struct.Struct("<QQ8s")
+_FOOTER_END = b"TMLEND\r\n"
+FOOTER_SIZE = FRAME_OVERHEAD + _FOOTER_PAYLOAD.size
+
+DEFAULT_MAX_RECORD_BYTES = 64 << 20
+DEFAULT_MAX_DECOMPRESSED_BYTES = 256 << 20
+
+
+class RecordKind(IntEnum):
+    """Record kinds; the names are the spec's headings."""
+
+    HEADER = 0x01
+    SCHEMA = 0x02
+    SEGMENT = 0x03
+    ATTACHMENT = 0x04
+    INDEX = 0x05
+    SUMMARY = 0x06
+    FOOTER = 0x07
+
+
+#: kinds traceml never assigns; readers skip them like any unknown kind
+PRIVATE_KINDS = range(0xE0, 0x100)
+
+# --- magic and framing -----------------------------------------------------------------
+
+
+def check_magic(data: bytes) -> None:
+    """Raise unless *data* (the first 8 bytes) is the magic of a major version we read."""
+    if len(data) == MAGIC_SIZE and data.startswith(_MAGIC_PREFIX) and data.endswith(_MAGIC_SUFFIX):
+        digit = data[len(_MAGIC_PREFIX)]
+        if digit == MAGIC[len(_MAGIC_PREFIX)]:
+            return
+        if 0x30 <= digit <= 0x39:
+            raise UnsupportedVersionError(
+                f"file is .tml format version {chr(digit)}.x; this traceml reads version {FORMAT_VERSION}"
+                f" (major {FORMAT_MAJOR}) only: upgrade traceml to read it"
+            )
+    raise NotATmlFileError(f"expected the .tml magic bytes {MAGIC!r} at the start of the file; found {data[:8]!r}")
+
+
+def pack_record(sync: bytes, kind: int, payload: bytes) -> bytes:
+    kind_len = struct.pack("<BI", kind, len(payload))
+    head = sync + kind_len + _U32.pack(zlib.crc32(kind_len))
+    return b"".join((head, payload, _U32.pack(zlib.crc32(payload))))
+
+
+def parse_frame_head(head: bytes, sync: bytes) -> tuple[int, int]:
+    """``(kind, payload length)`` of a 25-byte frame head; raises if it is not a valid head."""
+    marker, kind, length, head_crc = _FRAME_HEAD.unpack(head)
+    if marker != sync:
+        raise CorruptRecordError("no sync marker where a record should start")
+    if zlib.crc32(head[SYNC_SIZE : SYNC_SIZE + 5]) != head_crc:
+        raise CorruptRecordError("record head CRC mismatch (kind or length damaged)")
+    return kind, length
+
+
+def split_payload(body: bytes | memoryview) -> memoryview:
+    """*body* is ``payload | u32 crc``; return the payload after checking the CRC."""
+    view = memoryview(body)
+    payload = view[:-4]
+    (expected,) = _U32.unpack(view[-4:])
+    if zlib.crc32(payload) != expected:
+        raise CorruptRecordError(f"payload CRC mismatch ({len(payload)} bytes)")
+    return payload
+
+
+# --- msgpack ---------------------------------------------------------------------------
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise CorruptRecordError(f"msgpack extension type {code} is not used in .tml files")
+
+
+_packer_strict = msgpack.Packer(use_bin_type=True)
+_packer_lenient = msgpack.Packer(use_bin_type=True, unicode_errors="replace")
+
+
+def pack_map(obj: Mapping[str, Any]) -> bytes:
+    """Pack a msgpack map; raises TypeError/ValueError for values msgpack cannot hold."""
+    return _packer_strict.pack(obj)
+
+
+def unpack(data: bytes | memoryview, what: str) -> Any:
+    """Unpack one msgpack object; sizes are bounded by ``len(data)``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_no_ext, use_list=True)
+    except CorruptRecordError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise CorruptRecordError(f"{what} does not decode as msgpack: {exc}") from exc
+
+
+def _map(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise CorruptRecordError(f"{what}: expected a msgpack map, found {type(obj).__name__}")
+    return obj
+
+
+def _int(value: Any, what: str, *, nullable: bool = False) -> Any:
+    if value is None and nullable:
+        return None
+    if type(value) is not int:
+        raise CorruptRecordError(f"{what}: expected an integer, found {value!r:.60}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise CorruptRecordError(f"{what}: expected a string, found {value!r:.60}")
+    return value
+
+
+# --- HEADER / SCHEMA / ATTACHMENT / SUMMARY / FOOTER --------------------------------------
+
+
+def header_payload(
+    *,
+    writer: str,
+    run_id: str,
+    created_ns: int,
+    hosts: Sequence[str],
+    world_size: int,
+    command: Sequence[str],
+    meta: Mapping[str, Any],
+    schemas: Sequence[TableSchema],
+    sync: bytes,
+) -> bytes:
+    return pack_map(
+        {
+            "format_version": FORMAT_VERSION,
+            "writer": writer,
+            "run_id": run_id,
+            "created_ns": created_ns,
+            "hosts": list(hosts),
+            "world_size": world_size,
+            "command": list(command),
+            "meta": dict(meta),
+            "schemas": {s.name: s.to_dict()["columns"] for s in schemas},
+            "sync": sync,
+        }
+    )
+
+
+def parse_header(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, TableSchema]]:
+    """Validate a HEADER payload: ``(header map, schemas)``.
+
+    Raises UnsupportedVersionError for another major version."""
+    header = _map(unpack(payload, "HEADER"), "HEADER")
+    version = _str(header.get("format_version"), "HEADER.format_version")
+    major_text = version.split(".", 1)[0]
+    if not major_text.isdigit():
+        raise CorruptRecordError(f"HEADER.format_version: expected 'major.minor', found {version!r:.40}")
+    if int(major_text) != FORMAT_MAJOR:
+        raise UnsupportedVersionError(
+            f"file is .tml format version {version}; this traceml reads version {FORMAT_VERSION}"
+            f" (major {FORMAT_MAJOR}) only: upgrade traceml to read it"
+        )
+    sync = header.get("sync")
+    if not isinstance(sync, bytes) or len(sync) != SYNC_SIZE:
+        raise CorruptRecordError("HEADER.sync: expected 16 bytes")
+    for key in ("writer", "run_id"):
+        _str(header.get(key), f"HEADER.{key}")
+    _int(header.get("created_ns"), "HEADER.created_ns")
+    _int(header.get("world_size"), "HEADER.world_size")
+    for key in ("hosts", "command"):
+        if not isinstance(header.get(key), list):
+            raise CorruptRecordError(f"HEADER.{key}: expected a list")
+    _map(header.get("meta"), "HEADER.meta")
+    raw_schemas = _map(header.get("schemas"), "HEADER.schemas")
+    schemas = {name: parse_schema({"name": name, "columns": cols}) for name, cols in raw_schemas.items()}
+    return header, schemas
+
+
+def schema_payload(schema: TableSchema) -> bytes:
+    return pack_map(schema.to_dict())
+
+
+def parse_schema(obj: Any) -> TableSchema:
+    try:
+        return TableSchema.from_dict(_map(obj, "SCHEMA"))
+    except CorruptRecordError:
+        raise
+    except Exception as exc:  # ConfigError from the schema module: bad on disk means corrupt here
+        raise CorruptRecordError(f"SCHEMA: {exc}") from exc
+
+
+def attachment_payload(name: str, data: Mapping[str, Any]) -> bytes:
+    return pack_map({"name": name, "data": dict(data)})
+
+
+def parse_attachment(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
+    obj = _map(unpack(payload, "ATTACHMENT"), "ATTACHMENT")
+    return _str(obj.get("name"), "ATTACHMENT.name"), _map(obj.get("data"), "ATTACHMENT.data")
+
+
+def parse_summary(payload: bytes | memoryview) -> dict[str, Any]:
+    return _map(unpack(payload, "SUMMARY"), "SUMMARY")
+
+
+def footer_payload(index_offset: int, summary_offset: int) -> bytes:
+    return _FOOTER_PAYLOAD.pack(index_offset, summary_offset, _FOOTER_END)
+
+
+def parse_footer(payload: bytes | memoryview) -> tuple[int, int]:
+    if len(payload) != _FOOTER_PAYLOAD.size:
+        raise CorruptRecordError(f"FOOTER: expected {_FOOTER_PAYLOAD.size} bytes, found {len(payload)}")
+    index_offset, summary_offset, end = _FOOTER_PAYLOAD.unpack(payload)
+    if end != _FOOTER_END:
+        raise CorruptRecordError("FOOTER: end marker missing")
+    return index_offset, summary_offset
+
+
+# --- INDEX -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentHead:
+    """The uncompressed head of a SEGMENT: what the index knows about it."""
+
+    t_min: int | None
+    t_max: int | None
+    step_min: int | None
+    step_max: int | None
+    streams: tuple[tuple[int, str, int], ...]  # (rank, table, rows)
+    raw_size: int
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    offset: int
+    length: int
+    name: str  # attachment / schema name
+
+
+@dataclass(frozen=True)
+class IndexCheckpoint:
+    prev: int | None
+    final: bool
+    segments: tuple[tuple[int, int, SegmentHead], ...]  # (offset, length, head)
+    attachments: tuple[IndexEntry, ...]
+    schemas: tuple[IndexEntry, ...]
+
+
+def index_payload(
+    *,
+    prev: int | None,
+    final: bool,
+    segments: Sequence[tuple[int, int, SegmentHead]],
+    attachments: Sequence[IndexEntry],
+    schemas: Sequence[IndexEntry],
+) -> bytes:
+    return pack_map(
+        {
+            "prev": prev,
+            "final": final,
+            "segments": [
+                [off, length, h.t_min, h.t_max, h.step_min, h.step_max, h.raw_size, [list(s) for s in h.streams]]
+                for off, length, h in segments
+            ],
+            "attachments": [[e.offset, e.length, e.name] for e in attachments],
+            "schemas": [[e.offset, e.length, e.name] for e in schemas],
+        }
+    )
+
+
+def _streams(raw: Any, what: str, tables: list[str] | None = None) -> tuple[tuple[int, str, int], ...]:
+    if not isinstance(raw, list):
+        raise CorruptRecordError(f"{what}: expected a list of streams")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise CorruptRecordError(f"{what}: expected [rank, table, rows], found {item!r:.60}")
+        rank = _int(item[0], what)
+        if tables is None:
+            table = _str(item[1], what)
+        else:
+            idx = _int(item[1], what)
+            if not 0 <= idx < len(tables):
+                raise CorruptRecordError(f"{what}: table index {idx} out of range")
+            table = tables[idx]
+        rows = _int(item[2], what)
+        if rows < 0:
+            raise CorruptRecordError(f"{what}: negative row count")
+        out.append((rank, table, rows))
+    return tuple(out)
+
+
+def _entries(raw: Any, what: str) -> tuple[IndexEntry, ...]:
+    if not isinstance(raw, list):
+        raise CorruptRecordError(f"{what}: expected a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise CorruptRecordError(f"{what}: expected [offset, length, name]")
+        out.append(IndexEntry(_int(item[0], what), _int(item[1], what), _str(item[2], what)))
+    return tuple(out)
+
+
+def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
+    obj = _map(unpack(payload, "INDEX"), "INDEX")
+    segments = []
+    raw_segments = obj.get("segments")
+    if not isinstance(raw_segments, list):
+        raise CorruptRecordError("INDEX.segments: expected a list")
+    for item in raw_segments:
+        if not isinstance(item, list) or len(item) != 8:
+            raise CorruptRecordError("INDEX.segments: expected 8-element entries")
+        off, length = _int(item[0], "INDEX offset"), _int(item[1], "INDEX length")
+        t_min, t_max, s_min, s_max = (_int(v, "INDEX range", nullable=True) for v in item[2:6])
+        head = SegmentHead(t_min, t_max, s_min, s_max, _streams(item[7], "INDEX streams"), _int(item[6], "raw_size"))
+        segments.append((off, length, head))
+    final = obj.get("final")
+    if not isinstance(final, bool):
+        raise CorruptRecordError("INDEX.final: expected a boolean")
+    return IndexCheckpoint(
+        prev=_int(obj.get("prev"), "INDEX.prev", nullable=True),
+        final=final,
+        segments=tuple(segments),
+        attachments=_entries(obj.get("attachments"), "INDEX.attachments"),
+        schemas=_entries(obj.get("schemas"), "INDEX.schemas"),
+    )
+
+
+# --- SEGMENT ---------------------------------------------------------------------------
+
+_SHUFFLE = "shuffle"
+_FOR = "for"
+_DELTA = "delta"
+_MSGPACK = "msgpack"
+_UNSIGNED: dict[str, np.dtype[Any]] = {"i8": np.dtype("<u8"), "i4": np.dtype("<u4")}
+_NARROW: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _width(span: int) -> int:
+    """Bytes needed for unsigned values in ``0..span``."""
+    return next(w for w in (1, 2, 4, 8) if span < 1 << (8 * w))
+
+
+def _transpose(a: np.ndarray) -> bytes:
+    if a.itemsize == 1:
+        return a.tobytes()
+    return a.view(np.uint8).reshape(len(a), a.itemsize).T.tobytes()
+
+
+def _planes(body: bytes, offset: int, n: int, width: int) -> np.ndarray:
+    """The byte planes of *n* transposed values as an (width, n) uint8 view."""
+    return np.frombuffer(body, np.uint8, n * width, offset).reshape(width, n)
+
+
+def _encode_numeric(values: np.ndarray, code: str) -> tuple[str, list[int], bytes]:
+    """Pick the column encoding of a numeric column: ``(encoding, args, blob)``."""
+    n = len(values)
+    if code not in _UNSIGNED or n == 0:
+        return _SHUFFLE, [], _transpose(values)
+    scalar = values.dtype.type
+    unsigned = _UNSIGNED[code]
+    lo, hi = int(values.min()), int(values.max())
+    if n > 2:
+        deltas = values[1:] - values[:-1]  # wraps, like the decoder's cumulative sum
+        d_lo, d_hi = int(deltas.min()), int(deltas.max())
+        if d_hi - d_lo < hi - lo:
+            width = _width(d_hi - d_lo)
+            stored = (deltas - scalar(d_lo)).view(unsigned).astype(_NARROW[width])
+            return _DELTA, [int(values[0]), d_lo, width], _transpose(stored)
+    width = _width(hi - lo)
+    stored = (values - scalar(lo)).view(unsigned).astype(_NARROW[width])
+    return _FOR, [lo, width], _transpose(stored)
+
+
+def _check_args(code: str, encoding: Any, args: Any, rows: int, nbytes: int) -> bool:
+    """Whether a layout entry is consistent (sizes included)."""
+    if not isinstance(args, list) or not all(type(a) is int for a in args):
+        return False
+    if code == STR:
+        return encoding == _MSGPACK and not args
+    itemsize = NUMPY_DTYPES[code].itemsize
+    if encoding == _SHUFFLE:
+        return not args and nbytes == rows * itemsize
+    if code not in _UNSIGNED:
+        return False
+    bits = itemsize * 8
+    in_range = all(-(1 << (bits - 1)) <= a < 1 << (bits - 1) for a in args[:-1])
+    if encoding == _FOR and len(args) == 2:
+        width = args[1]
+        return in_range and width in _NARROW and width <= itemsize and nbytes == rows * width
+    if encoding == _DELTA and len(args) == 3:
+        width = args[2]
+        return in_range and rows >= 1 and width in _NARROW and width <= itemsize and nbytes == (rows - 1) * width
+    return False
+
+
+def _decode_numeric(
+    body: bytes, offset: int, n: int, code: str, encoding: str, args: list[int], out: np.ndarray | None
+) -> np.ndarray:
+    """Decode a checked numeric column into *out* (a new array when None)."""
+    dtype = NUMPY_DTYPES[code]
+    if out is None:
+        out = np.empty(n, dtype)
+    if encoding == _SHUFFLE:
+        _scatter_planes(body, offset, n, dtype.itemsize, out)
+        return out
+    unsigned = _UNSIGNED[code]
+    modulus = 1 << (dtype.itemsize * 8)
+    target = out.view(unsigned)
+    if encoding == _FOR:
+        base, width = args
+        into = target
+    else:
+        first, base, width = args
+        target[:1] = first % modulus
+        into = target[1:]
+    if width == dtype.itemsize:
+        _scatter_planes(body, offset, len(into), width, into)
+    else:
+        into.fill(0)
+        _scatter_planes(body, offset, len(into), width, into)
+    if base % modulus:
+        into += unsigned.type(base % modulus)  # wraps, as the encoder did
+    if encoding == _DELTA:
+        np.cumsum(target, out=target)
+    return out
+
+
+def _scatter_planes(body: bytes, offset: int, n: int, width: int, out: np.ndarray) -> None:
+    """Write the *width* low bytes of each of *n* values from their transposed planes into *out*
+    (little-endian; higher bytes of *out* are left as they are)."""
+    planes = _planes(body, offset, n, width)
+    if out.itemsize == 1:
+        out.view(np.uint8)[:] = planes[0]
+        return
+    as_bytes = out.view(np.uint8).reshape(n, out.itemsize)
+    for k in range(width):  # one long strided copy per byte plane
+        as_bytes[:, k] = planes[k]
+
+
+#: one stream of a segment to encode: (rank, schema, {column: ndarray | list[str]}, rows)
+StreamColumns = tuple[int, TableSchema, Mapping[str, Any], int]
+
+
+def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdCompressor) -> tuple[bytes, SegmentHead]:
+    """Pack the SEGMENT payload for *streams* (in body order)."""
+    tables: list[str] = []
+    stream_list: list[list[int]] = []
+    layout: list[list[list[Any]]] = []
+    blobs: list[bytes] = []
+    t_lo: list[int] = []
+    t_hi: list[int] = []
+    s_lo: list[int] = []
+    s_hi: list[int] = []
+    for rank, schema, columns, rows in streams:
+        if schema.name not in tables:
+            tables.append(schema.name)
+        stream_list.append([rank, tables.index(schema.name), rows])
+        cols_layout = []
+        for col in schema.columns:
+            values = columns[col.name]
+            args: list[int] = []
+            if col.dtype == STR:
+                blob = _packer_lenient.pack(values)
+                encoding = _MSGPACK
+            else:
+                encoding, args, blob = _encode_numeric(values, col.dtype)
+                if rows and col.name == "ts_ns":
+                    t_lo.append(int(values.min()))
+                    t_hi.append(int(values.max()))
+                elif rows and col.name == "step":
+                    s_lo.append(int(values.min()))
+                    s_hi.append(int(values.max()))
+            cols_layout.append([col.name, col.dtype, encoding, len(blob), args])
+            blobs.append(blob)
+        layout.append(cols_layout)
+    layout_bytes = _packer_strict.pack(layout)
+    body = b"".join([_U32.pack(len(layout_bytes)), layout_bytes, *blobs])
+    head = SegmentHead(
+        t_min=min(t_lo) if t_lo else None,
+        t_max=max(t_hi) if t_hi else None,
+        step_min=min(s_lo) if s_lo else None,
+        step_max=max(s_hi) if s_hi else None,
+        streams=tuple((rank, schema.name, rows) for rank, schema, _, rows in streams),
+        raw_size=len(body),
+    )
+    head_bytes = pack_map(
+        {
+            "t_min": head.t_min,
+            "t_max": head.t_max,
+            "step_min": head.step_min,
+            "step_max": head.step_max,
+            "tables": tables,
+            "streams": stream_list,
+            "raw_size": head.raw_size,
+            "codec": "zstd",
+        }
+    )
+    return b"".join((_U32.pack(len(head_bytes)), head_bytes, compressor.compress(body))), head
+
+
+def parse_segment_head(payload: bytes | memoryview) -> tuple[SegmentHead, int]:
+    """The head of a SEGMENT payload and the offset of its compressed body."""
+    if len(payload) < 4:
+        raise CorruptRecordError("SEGMENT: payload shorter than its head length")
+    (head_len,) = _U32.unpack(payload[:4])
+    if head_len > len(payload) - 4:
+        raise CorruptRecordError(f"SEGMENT: head of {head_len} bytes overruns a {len(payload)}-byte payload")
+    obj = _map(unpack(payload[4 : 4 + head_len], "SEGMENT head"), "SEGMENT head")
+    if obj.get("codec") != "zstd":
+        raise CorruptRecordError(f"SEGMENT: codec {obj.get('codec')!r:.30} is not 'zstd'")
+    tables = obj.get("tables")
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        raise CorruptRecordError("SEGMENT.tables: expected a list of names")
+    raw_size = _int(obj.get("raw_size"), "SEGMENT.raw_size")
+    if raw_size < 4:
+        raise CorruptRecordError(f"SEGMENT.raw_size: {raw_size} is smaller than a body")
+    head = SegmentHead(
+        t_min=_int(obj.get("t_min"), "SEGMENT.t_min", nullable=True),
+        t_max=_int(obj.get("t_max"), "SEGMENT.t_max", nullable=True),
+        step_min=_int(obj.get("step_min"), "SEGMENT.step_min", nullable=True),
+        step_max=_int(obj.get("step_max"), "SEGMENT.step_max", nullable=True),
+        streams=_streams(obj.get("streams"), "SEGMENT.streams", tables),
+        raw_size=raw_size,
+    )
+    if len({(rank, table) for rank, table, _ in head.streams}) != len(head.streams):
+        raise CorruptRecordError("SEGMENT.streams lists a (rank, table) twice")
+    return head, 4 + head_len
+
+
+def _decompress(
+    data: memoryview, raw_size: int, max_decompressed: int, decompressor: zstandard.ZstdDecompressor
+) -> bytes:
+    if raw_size > max_decompressed:
+        raise DecompressionBombError(
+            f"segment declares {raw_size} decompressed bytes, over the {max_decompressed >> 20} MiB cap"
+            " (raise ReadLimits.max_decompressed_bytes to read it)"
+        )
+    try:
+        content_size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CorruptRecordError(f"SEGMENT body is not a zstd frame: {exc}") from exc
+    if content_size not in (-1, raw_size):
+        if content_size > raw_size:
+            raise DecompressionBombError(
+                f"zstd frame would expand to {content_size} bytes; the segment head declares {raw_size}"
+            )
+        raise CorruptRecordError(f"zstd frame holds {content_size} bytes; the segment head declares {raw_size}")
+    try:
+        if content_size == raw_size:
+            body = decompressor.decompress(data, allow_extra_data=False)
+        else:  # no size in the frame: never let zstd write more than declared (+1 to detect it)
+            with decompressor.stream_reader(data) as reader:
+                body = reader.read(raw_size + 1)
+            if len(body) > raw_size:
+                raise DecompressionBombError(f"zstd frame expands beyond the {raw_size} bytes its segment declares")
+    except zstandard.ZstdError as exc:
+        raise CorruptRecordError(f"SEGMENT body does not decompress: {exc}") from exc
+    if len(body) != raw_size:
+        raise CorruptRecordError(f"SEGMENT body decompressed to {len(body)} bytes; its head declares {raw_size}")
+    return body
+
+
+def decode_segment(
+    payload: bytes | memoryview,
+    decompressor: zstandard.ZstdDecompressor,
+    max_decompressed: int,
+    wanted: Any = None,
+    dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
+) -> list[tuple[int, str, TableSchema, dict[str, Any]]]:
+    """Decode the streams of a SEGMENT payload (those ``(rank, table)`` in *wanted*, or all).
+
+    Returns ``(rank, table, schema from the layout, columns)``; str columns are object
+    arrays.  A stream with an entry in *dest* is decoded into those arrays (one per
+    column, of the stream's length and dtype) instead of new ones.
+    """
+    head, body_offset = parse_segment_head(payload)
+    body = _decompress(memoryview(payload)[body_offset:], head.raw_size, max_decompressed, decompressor)
+    (layout_len,) = _U32.unpack(body[:4])
+    if layout_len > len(body) - 4:
+        raise CorruptRecordError("SEGMENT layout overruns the body")
+    layout = unpack(body[4 : 4 + layout_len], "SEGMENT layout")
+    if not isinstance(layout, list) or len(layout) != len(head.streams):
+        raise CorruptRecordError("SEGMENT layout does not list one entry per stream")
+    offset = 4 + layout_len
+    out = []
+    for (rank, table, rows), cols in zip(head.streams, layout, strict=True):
+        if not isinstance(cols, list):
+            raise CorruptRecordError("SEGMENT layout entry is not a list")
+        take = wanted is None or (rank, table) in wanted
+        into = dest.get((rank, table)) if dest is not None and take else None
+        columns: dict[str, Any] = {}
+        names: list[Column] = []
+        for entry in cols:
+            if not (isinstance(entry, list) and len(entry) == 5):
+                raise CorruptRecordError("SEGMENT column entry must be [name, dtype, encoding, nbytes, args]")
+            name, code, encoding, nbytes, args = entry
+            name = _str(name, "SEGMENT column name")
+            nbytes = _int(nbytes, "SEGMENT column size")
+            if code not in TYPE_CODES or not _check_args(code, encoding, args, rows, nbytes):
+                raise CorruptRecordError(
+                    f"SEGMENT column {table}.{name}: inconsistent entry {[code, encoding, nbytes, args]!r:.80}"
+                    f" for {rows} rows"
+                )
+            if nbytes < 0 or offset + nbytes > len(body):
+                raise CorruptRecordError(f"SEGMENT column {table}.{name} overruns the body")
+            if name in columns or any(c.name == name for c in names):
+                raise CorruptRecordError(f"SEGMENT layout of {table} repeats column {name!r:.40}")
+            if take:
+                target = None
+                if into is not None:
+                    target = into.get(name)
+                    expected = np.dtype(object) if code == STR else NUMPY_DTYPES[code]
+                    if target is None or len(target) != rows or target.dtype != expected:
+                        raise CorruptRecordError(
+                            f"SEGMENT column {table}.{name} ({code}) does not match the table schema"
+                        )
+                if code == STR:
+                    values = unpack(body[offset : offset + nbytes], "SEGMENT str column")
+                    if (
+                        not isinstance(values, list)
+                        or len(values) != rows
+                        or not all(isinstance(v, str) for v in values)
+                    ):
+                        raise CorruptRecordError(f"SEGMENT column {table}.{name}: expected {rows} strings")
+                    array = np.empty(rows, dtype=object) if target is None else target
+                    array[:] = values
+                    columns[name] = array
+                else:
+                    columns[name] = _decode_numeric(body, offset, rows, code, encoding, args, target)
+            names.append(Column(name, code))
+            offset += nbytes
+        if take:
+            if into is not None and set(into) != set(columns):
+                raise CorruptRecordError(f"SEGMENT columns of {table} do not match the table schema")
+            out.append((rank, table, TableSchema(table, tuple(names)), columns))
+    if offset != len(body):
+        raise CorruptRecordError(f"SEGMENT columns cover {offset} of {len(body)} body bytes")
+    return out

@@ -1,0 +1,774 @@
+"""``open_recording``: read a ``.tml`` file, closed, crashed, damaged or still growing.
+
+A clean file is opened from its footer and index; a crashed one from its last index
+checkpoint plus a forward scan; damage is skipped by resynchronising on the sync marker
+and reported in ``integrity``.  Only ``traceml.errors`` types escape; every length read
+from the file is bounded before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from traceml.errors import (
+    ConfigError,
+    CorruptRecordError,
+    FormatError,
+    RecordTooLargeError,
+    TruncatedFileError,
+)
+from traceml.format import _records
+from traceml.format._records import (
+    FOOTER_SIZE,
+    FRAME_HEAD_SIZE,
+    FRAME_OVERHEAD,
+    MAGIC,
+    MAGIC_SIZE,
+    SYNC_SIZE,
+    IndexCheckpoint,
+    RecordKind,
+    SegmentHead,
+)
+from traceml.schema import NUMPY_DTYPES, STR, TableSchema
+
+#: (rank, table, {column: ndarray}); str columns are object arrays
+Batch = tuple[int, str, dict[str, np.ndarray]]
+#: inclusive (low, high); None on either side leaves that side open
+Range = tuple[int | None, int | None]
+
+_SEARCH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what a reader allocates for one record (change them only for files you trust)."""
+
+    max_record_bytes: int = _records.DEFAULT_MAX_RECORD_BYTES
+    max_decompressed_bytes: int = _records.DEFAULT_MAX_DECOMPRESSED_BYTES
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One index entry: where a segment is and what it holds."""
+
+    offset: int
+    length: int
+    t_min: int | None
+    t_max: int | None
+    step_min: int | None
+    step_max: int | None
+    ranks: tuple[int, ...]
+    rows: Mapping[tuple[int, str], int] = field(hash=False)
+    raw_size: int
+
+    @classmethod
+    def from_head(cls, offset: int, length: int, head: SegmentHead) -> SegmentInfo:
+        rows: dict[tuple[int, str], int] = {}
+        for rank, table, n in head.streams:
+            rows[(rank, table)] = rows.get((rank, table), 0) + n
+        return cls(
+            offset=offset,
+            length=length,
+            t_min=head.t_min,
+            t_max=head.t_max,
+            step_min=head.step_min,
+            step_max=head.step_max,
+            ranks=tuple(sorted({rank for rank, _ in rows})),
+            rows=rows,
+            raw_size=head.raw_size,
+        )
+
+    @property
+    def tables(self) -> frozenset[str]:
+        return frozenset(table for _, table in self.rows)
+
+
+@dataclass
+class _Scan:
+    """Where a forward scan stands: next record offset, or a damaged span being skipped."""
+
+    pos: int
+    resync_from: int | None = None
+    reason: str = ""
+
+
+def open_recording(
+    path: str | os.PathLike[str], *, follow: bool = False, limits: ReadLimits | None = None
+) -> TmlReader:
+    """Open a ``.tml`` recording.  ``follow=True`` tails a file that is still being written."""
+    return TmlReader(path, follow=follow, limits=limits)
+
+
+class TmlReader:
+    """A ``.tml`` recording opened for reading (see :func:`open_recording`).  One thread."""
+
+    def __init__(self, path: str | os.PathLike[str], *, follow: bool = False, limits: ReadLimits | None = None) -> None:
+        self._path = Path(path)
+        self._follow = follow
+        self._limits = limits or ReadLimits()
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._segments: list[SegmentInfo] = []
+        self._segment_offsets: set[int] = set()
+        self._attachments: dict[str, dict[str, Any]] = {}
+        self._schemas: dict[str, TableSchema] = {}
+        self._header: dict[str, Any] = {}
+        self._summary: dict[str, Any] | None = None
+        self._skipped: dict[int, dict[str, Any]] = {}
+        self._tail: dict[str, Any] | None = None
+        self._footer = False
+        self._sync = b""
+        self._data_start = 0
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise FormatError(f"cannot open recording {self._path}: {exc.strerror or exc}") from exc
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- public API -----------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return dict(self._header)
+
+    @property
+    def schemas(self) -> dict[str, TableSchema]:
+        return dict(self._schemas)
+
+    @property
+    def segments(self) -> list[SegmentInfo]:
+        return list(self._segments)
+
+    @property
+    def attachments(self) -> dict[str, dict[str, Any]]:
+        return dict(self._attachments)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The SUMMARY record of a cleanly closed file (statistics), else None."""
+        return self._summary
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({rank for seg in self._segments for rank in seg.ranks})
+
+    @property
+    def tables(self) -> list[str]:
+        return sorted({table for seg in self._segments for _, table in seg.rows})
+
+    @property
+    def integrity(self) -> dict[str, Any]:
+        """``status``: complete | recovered (no footer: the writer did not finish, or is still
+        writing) | damaged (bytes were skipped); ``skipped``: [{offset, length, reason}]."""
+        skipped = sorted(self._skipped.values(), key=lambda s: s["offset"])
+        if self._tail is not None:
+            skipped.append(dict(self._tail))
+        lost = sum(s["length"] for s in skipped)
+        if self._skipped:
+            first = skipped[0]
+            status = "damaged"
+            message = (
+                f"damaged: {len(skipped)} span(s), {lost} bytes skipped; first at byte {first['offset']}:"
+                f" {first['reason']}"
+            )
+        elif self._footer:
+            status, message = "complete", "complete: the writer closed the file cleanly"
+        else:
+            status = "recovered"
+            if self._follow:
+                message = "recovered: no footer yet (the writer is still writing or did not finish)"
+            else:
+                message = "recovered: the writer did not finish (no footer); every complete record was read"
+            if self._tail is not None:
+                message += f"; the last {self._tail['length']} bytes were an incomplete record"
+        return {"status": status, "skipped": skipped, "lost_bytes": lost, "message": message}
+
+    def read_segment(self, info: SegmentInfo) -> list[Batch]:
+        """Decode one segment; raises the FormatError that describes what is wrong with it."""
+        kind, payload, total = self._read_record(info.offset, self._size())
+        if kind != RecordKind.SEGMENT or total != info.length:
+            raise CorruptRecordError(
+                f"expected a SEGMENT record of {info.length} bytes at byte {info.offset};"
+                f" found kind {kind} of {total} bytes"
+            )
+        return [(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)]
+
+    def read_table(
+        self,
+        table: str,
+        ranks: Iterable[int] | None = None,
+        step_range: Range | None = None,
+        time_range: Range | None = None,
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Rows of *table* per rank, restricted to *ranks* and the inclusive ranges.
+
+        ``step_range`` filters on the ``step`` column and ``time_range`` on ``ts_ns``; a table
+        without that column is not filtered by it.  Segments outside the ranges are not read.
+        """
+        wanted_ranks = None if ranks is None else {int(r) for r in ranks}
+        by_step = step_range is not None and self._has_column(table, "step")
+        by_time = time_range is not None and self._has_column(table, "ts_ns")
+        selected: list[tuple[SegmentInfo, set[tuple[int, str]], bool]] = []
+        capacity: dict[int, int] = {}
+        for seg in list(self._segments):
+            wanted = {key for key in seg.rows if key[1] == table and (wanted_ranks is None or key[0] in wanted_ranks)}
+            if not wanted:
+                continue
+            if by_step and _disjoint(seg.step_min, seg.step_max, step_range):
+                continue
+            if by_time and _disjoint(seg.t_min, seg.t_max, time_range):
+                continue
+            whole = (step_range is None or _inside(seg.step_min, seg.step_max, step_range)) and (
+                time_range is None or _inside(seg.t_min, seg.t_max, time_range)
+            )
+            selected.append((seg, wanted, whole))
+            for rank, _ in wanted:
+                capacity[rank] = capacity.get(rank, 0) + seg.rows[(rank, table)]
+        schema = self._schemas.get(table)
+        if schema is None:  # its SCHEMA record is lost: decode segment by segment
+            parts: dict[int, list[dict[str, np.ndarray]]] = {}
+            for seg, wanted, _ in selected:
+                for rank, _, cols in self._read_checked(seg, wanted):
+                    trimmed = _trim(cols, step_range, time_range)
+                    if trimmed is not None:
+                        parts.setdefault(rank, []).append(trimmed)
+            return {rank: _concat(chunks) for rank, chunks in sorted(parts.items())}
+        # decode straight into one array per rank and column, sized from the index
+        out = {
+            rank: {
+                c.name: np.empty(n, dtype=object if c.dtype == STR else NUMPY_DTYPES[c.dtype]) for c in schema.columns
+            }
+            for rank, n in capacity.items()
+        }
+        filled = dict.fromkeys(capacity, 0)
+        for seg, wanted, whole in selected:
+            if whole:
+                dest = {
+                    (rank, table): {
+                        name: array[filled[rank] : filled[rank] + seg.rows[(rank, table)]]
+                        for name, array in out[rank].items()
+                    }
+                    for rank, _ in wanted
+                }
+                for rank, _, _ in self._read_checked(seg, wanted, dest):
+                    filled[rank] += seg.rows[(rank, table)]
+                continue
+            for rank, _, cols in self._read_checked(seg, wanted):
+                trimmed = _trim(cols, step_range, time_range)
+                if trimmed is None or trimmed.keys() != out[rank].keys():
+                    continue
+                n = _rows(trimmed)
+                for name, array in out[rank].items():
+                    array[filled[rank] : filled[rank] + n] = trimmed[name]
+                filled[rank] += n
+        return {
+            rank: {name: array[: filled[rank]] for name, array in out[rank].items()}
+            for rank in sorted(out)
+            if filled[rank]
+        }
+
+    def iter_batches(self, step_range: Range | None = None, time_range: Range | None = None) -> Iterator[Batch]:
+        """Every stream of every segment in file order, trimmed to the ranges (as in read_table)."""
+        for seg in list(self._segments):
+            if step_range is not None and self._skippable(seg, "step", seg.step_min, seg.step_max, step_range):
+                continue
+            if time_range is not None and self._skippable(seg, "ts_ns", seg.t_min, seg.t_max, time_range):
+                continue
+            for rank, table, cols in self._read_checked(seg, None):
+                trimmed = _trim(cols, step_range, time_range)
+                if trimmed is not None:
+                    yield rank, table, trimmed
+
+    def poll(self) -> list[Batch]:
+        """Follow mode: the batches of records completed since open or the previous poll."""
+        if not self._follow:
+            raise ConfigError("poll() needs a reader opened with open_recording(path, follow=True)")
+        if self._footer:
+            return []
+        out: list[Batch] = []
+        self._scan_forward(self._tail_scan, on_batches=out.extend)
+        return out
+
+    def verify(self) -> dict[str, dict[str, Any]]:
+        """Read and check every record from the header to the end of the file.
+
+        Damage found is added to ``integrity``; returns per-table statistics of what decoded
+        (``rows``, ``ranks``, ``step_min/max``, ``t_min/max``).
+        """
+        stats: dict[str, dict[str, Any]] = {}
+
+        def account(batches: list[Batch]) -> None:
+            for rank, table, cols in batches:
+                entry = stats.setdefault(
+                    table, {"rows": 0, "ranks": set(), "step_min": None, "step_max": None, "t_min": None, "t_max": None}
+                )
+                n = len(next(iter(cols.values()))) if cols else 0
+                entry["rows"] += n
+                entry["ranks"].add(rank)
+                for col, lo, hi in (("step", "step_min", "step_max"), ("ts_ns", "t_min", "t_max")):
+                    if n and col in cols and cols[col].dtype.kind in "iu":
+                        low, high = int(cols[col].min()), int(cols[col].max())
+                        entry[lo] = low if entry[lo] is None else min(entry[lo], low)
+                        entry[hi] = high if entry[hi] is None else max(entry[hi], high)
+
+        self._scan_forward(_Scan(self._data_start), on_batches=account, verifying=True)
+        for entry in stats.values():
+            entry["ranks"] = sorted(entry["ranks"])
+        return stats
+
+    def inspect(self) -> dict[str, Any]:
+        """Everything ``traceml inspect --json`` prints; reads and checks the whole file."""
+        stats = self.verify()
+        size = self._size()
+        rows = sum(n for seg in self._segments for n in seg.rows.values())
+        raw = sum(seg.raw_size for seg in self._segments)
+        stored = sum(seg.length for seg in self._segments)
+        tables: dict[str, Any] = {}
+        for name in sorted(set(stats) | set(self.tables)):
+            schema = self._schemas.get(name)
+            entry = stats.get(name) or {"rows": 0, "ranks": []}
+            tables[name] = {
+                "rows": entry["rows"],
+                "ranks": entry["ranks"],
+                "step_min": entry.get("step_min"),
+                "step_max": entry.get("step_max"),
+                "t_min": entry.get("t_min"),
+                "t_max": entry.get("t_max"),
+                "columns": [[c.name, c.dtype] for c in schema.columns] if schema else [],
+            }
+        header = {k: v for k, v in self._header.items() if k not in ("sync", "schemas")}
+        header["sync"] = self._sync.hex()
+        return {
+            "path": str(self._path),
+            "file_bytes": size,
+            "header": header,
+            "ranks": self.ranks,
+            "tables": tables,
+            "segments": {
+                "count": len(self._segments),
+                "rows": rows,
+                "raw_bytes": raw,
+                "stored_bytes": stored,
+                "compression_ratio": round(raw / stored, 3) if stored else None,
+                "bytes_per_row": round(size / rows, 3) if rows else None,
+            },
+            "attachments": sorted(self._attachments),
+            "summary": self._summary,
+            "integrity": self.integrity,
+        }
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> TmlReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TmlReader({str(self._path)!r}, segments={len(self._segments)}, {self.integrity['status']})"
+
+    # --- opening --------------------------------------------------------------------
+
+    def _load(self) -> None:
+        size = self._size()
+        magic = self._pread(0, MAGIC_SIZE)
+        if len(magic) < MAGIC_SIZE and MAGIC.startswith(magic):
+            raise TruncatedFileError(
+                f"{self._path} is {size} bytes: it ends inside the 8-byte .tml magic"
+                + (" (the writer may not have started yet)" if self._follow else "")
+            )
+        _records.check_magic(magic)
+        self._read_header(size)
+        self._tail_scan = _Scan(self._data_start)
+        if not self._load_from_footer(size):
+            self._load_crashed(size)
+
+    def _read_header(self, size: int) -> None:
+        pos = MAGIC_SIZE
+        if size - pos < FRAME_HEAD_SIZE:
+            raise TruncatedFileError(f"{self._path} is {size} bytes: it ends inside the HEADER record")
+        head = self._pread(pos, FRAME_HEAD_SIZE)
+        self._sync = head[:SYNC_SIZE]
+        try:
+            kind, length, payload = self._read_record_parts(pos, size)
+        except TruncatedFileError as exc:
+            raise TruncatedFileError(f"{self._path}: {exc}; the file ends inside its HEADER record") from exc
+        except FormatError as exc:
+            raise type(exc)(f"{self._path}: the HEADER record is unreadable: {exc}") from exc
+        if kind != RecordKind.HEADER:
+            raise CorruptRecordError(f"{self._path}: expected the HEADER record at byte {pos}; found kind {kind}")
+        header, schemas = _records.parse_header(payload)
+        if header["sync"] != self._sync:
+            raise CorruptRecordError(f"{self._path}: the HEADER's sync marker differs from its record's")
+        self._header = header
+        self._schemas.update(schemas)
+        self._data_start = pos + FRAME_OVERHEAD + length
+
+    def _load_from_footer(self, size: int) -> bool:
+        if size < self._data_start + FOOTER_SIZE:
+            return False
+        try:
+            kind, payload, _ = self._read_record(size - FOOTER_SIZE, size)
+            if kind != RecordKind.FOOTER:
+                return False
+            index_offset, summary_offset = _records.parse_footer(payload)
+            chain = self._load_chain(index_offset, size)
+            kind, payload, _ = self._read_record(summary_offset, size)
+            if kind != RecordKind.SUMMARY:
+                return False
+            summary = _records.parse_summary(payload)
+            self._register_chain(chain, size)
+        except FormatError:
+            return False
+        self._summary = summary
+        self._footer = True
+        self._tail_scan = _Scan(size)
+        return True
+
+    def _load_crashed(self, size: int) -> None:
+        start = self._data_start
+        found = self._find_last_index(size)
+        if found is not None:
+            offset, total = found
+            try:
+                self._register_chain(self._load_chain(offset, size), size)
+                start = offset + total
+            except FormatError:
+                start = self._data_start  # a broken chain: every record gets scanned instead
+        self._tail_scan = _Scan(start)
+        self._scan_forward(self._tail_scan, on_batches=None)
+
+    def _load_chain(self, offset: int | None, size: int) -> list[IndexCheckpoint]:
+        """The INDEX checkpoints from *offset* back to the first, oldest first."""
+        chain: list[IndexCheckpoint] = []
+        while offset is not None:
+            if not self._data_start <= offset < size:
+                raise CorruptRecordError(f"INDEX offset {offset} lies outside the file")
+            kind, payload, _ = self._read_record(offset, size)
+            if kind != RecordKind.INDEX:
+                raise CorruptRecordError(f"expected an INDEX record at byte {offset}; found kind {kind}")
+            checkpoint = _records.parse_index(payload)
+            if checkpoint.prev is not None and checkpoint.prev >= offset:
+                raise CorruptRecordError(f"INDEX at byte {offset} points forward to {checkpoint.prev}")
+            chain.append(checkpoint)
+            offset = checkpoint.prev
+        chain.reverse()
+        return chain
+
+    def _register_chain(self, chain: list[IndexCheckpoint], size: int) -> None:
+        """Adopt the entries of *chain*; raises (changing nothing) if an entry is impossible."""
+        segments: list[SegmentInfo] = []
+        documents = []
+        for checkpoint in chain:
+            for offset, length, head in checkpoint.segments:
+                self._check_entry(offset, length, size)
+                segments.append(SegmentInfo.from_head(offset, length, head))
+            for entry in (*checkpoint.schemas, *checkpoint.attachments):
+                self._check_entry(entry.offset, entry.length, size)
+                documents.append(entry)
+        for info in segments:
+            self._add_segment(info)
+        for entry in sorted(documents, key=lambda e: e.offset):
+            try:
+                kind, payload, total = self._read_record(entry.offset, size)
+                if total != entry.length:
+                    raise CorruptRecordError(f"record is {total} bytes; the index says {entry.length}")
+                self._ingest(kind, payload, entry.offset, total, on_batches=None)
+            except FormatError as exc:
+                self._report(entry.offset, entry.length, f"{entry.name!r}: {exc}")
+
+    def _check_entry(self, offset: int, length: int, size: int) -> None:
+        if offset < self._data_start or length < FRAME_OVERHEAD or offset + length > size:
+            raise CorruptRecordError(f"index entry ({offset}, {length}) lies outside the file of {size} bytes")
+
+    def _find_last_index(self, size: int) -> tuple[int, int] | None:
+        """Offset and length of the last valid INDEX record, searching backwards."""
+        end = size
+        while end > self._data_start:
+            start = max(self._data_start, end - _SEARCH_CHUNK)
+            window = self._pread(start, min(size, end + SYNC_SIZE - 1) - start)
+            hits = []
+            at = window.find(self._sync)
+            while at >= 0 and start + at < end:
+                hits.append(start + at)
+                at = window.find(self._sync, at + 1)
+            for offset in reversed(hits):
+                head = self._pread(offset, FRAME_HEAD_SIZE)
+                try:
+                    kind, _ = _records.parse_frame_head(head, self._sync)
+                    if kind != RecordKind.INDEX:
+                        continue
+                    _, payload, total = self._read_record(offset, size)
+                    _records.parse_index(payload)
+                except FormatError:
+                    continue
+                return offset, total
+            end = start
+        return None
+
+    # --- scanning -------------------------------------------------------------------
+
+    def _scan_forward(
+        self, scan: _Scan, *, on_batches: Callable[[list[Batch]], None] | None, verifying: bool = False
+    ) -> None:
+        """Walk records from ``scan.pos`` to the end of the file, resyncing past damage."""
+        size = self._size()
+        while True:
+            if scan.resync_from is not None:
+                found = self._find_sync(scan.pos, size)
+                if found is None:
+                    if self._follow:  # the next marker may not be written yet
+                        scan.pos = max(scan.pos, size - SYNC_SIZE + 1)
+                        return
+                    self._report(scan.resync_from, size - scan.resync_from, scan.reason)
+                    scan.resync_from, scan.pos = None, size
+                    return
+                self._report(scan.resync_from, found - scan.resync_from, scan.reason)
+                scan.resync_from, scan.pos = None, found
+            if scan.pos >= size:
+                return
+            try:
+                kind, payload, total = self._read_record(scan.pos, size)
+            except TruncatedFileError as exc:
+                if not self._follow:
+                    self._tail = {
+                        "offset": scan.pos,
+                        "length": size - scan.pos,
+                        "reason": f"incomplete record at the end of the file (writer did not finish): {exc}",
+                    }
+                    scan.pos = size
+                return
+            except FormatError as exc:
+                scan.resync_from, scan.reason = scan.pos, str(exc)
+                scan.pos += 1
+                continue
+            self._ingest(kind, payload, scan.pos, total, on_batches=on_batches, verifying=verifying)
+            scan.pos += total
+
+    def _ingest(
+        self,
+        kind: int,
+        payload: memoryview,
+        offset: int,
+        total: int,
+        *,
+        on_batches: Callable[[list[Batch]], None] | None,
+        verifying: bool = False,
+    ) -> None:
+        try:
+            if kind == RecordKind.SEGMENT:
+                head, _ = _records.parse_segment_head(payload)
+                self._add_segment(SegmentInfo.from_head(offset, total, head))
+                if on_batches is not None:
+                    on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
+            elif verifying:
+                return
+            elif kind == RecordKind.ATTACHMENT:
+                name, data = _records.parse_attachment(payload)
+                self._attachments.pop(name, None)
+                self._attachments[name] = data
+            elif kind == RecordKind.SCHEMA:
+                schema = _records.parse_schema(_records.unpack(payload, "SCHEMA"))
+                self._schemas.setdefault(schema.name, schema)
+            elif kind == RecordKind.SUMMARY:
+                self._summary = _records.parse_summary(payload)
+            elif kind == RecordKind.FOOTER:
+                _records.parse_footer(payload)
+                self._footer = True
+            # HEADER again, INDEX (the scan sees every record itself), unknown and private kinds: skip
+        except FormatError as exc:
+            self._report(offset, total, f"{_kind_name(kind)} record: {exc}")
+
+    def _add_segment(self, info: SegmentInfo) -> None:
+        if info.offset in self._segment_offsets:
+            return
+        self._segment_offsets.add(info.offset)
+        if self._segments and self._segments[-1].offset > info.offset:
+            at = next(i for i, seg in enumerate(self._segments) if seg.offset > info.offset)
+            self._segments.insert(at, info)
+        else:
+            self._segments.append(info)
+
+    def _find_sync(self, start: int, size: int) -> int | None:
+        pos = start
+        while pos < size:
+            end = min(size, pos + _SEARCH_CHUNK)
+            at = self._pread(pos, end - pos).find(self._sync)
+            if at >= 0:
+                return pos + at
+            if end >= size:
+                return None
+            pos = end - SYNC_SIZE + 1
+        return None
+
+    # --- records --------------------------------------------------------------------
+
+    def _read_record_parts(self, offset: int, size: int) -> tuple[int, int, memoryview]:
+        if size - offset < FRAME_HEAD_SIZE:
+            raise TruncatedFileError(f"{size - offset} bytes left at byte {offset}, less than a record head")
+        kind, length = _records.parse_frame_head(self._pread(offset, FRAME_HEAD_SIZE), self._sync)
+        limit = self._limits.max_record_bytes
+        if length > limit:
+            raise RecordTooLargeError(
+                f"{_kind_name(kind)} record at byte {offset} declares {length} bytes, over the {_mib(limit)} record"
+                " limit (raise ReadLimits.max_record_bytes, e.g. open_recording(path, limits=ReadLimits("
+                "max_record_bytes=...)), only for a file you trust)"
+            )
+        if offset + FRAME_OVERHEAD + length > size:
+            raise TruncatedFileError(
+                f"{_kind_name(kind)} record at byte {offset} needs {FRAME_OVERHEAD + length} bytes;"
+                f" {size - offset} are present"
+            )
+        body = self._pread(offset + FRAME_HEAD_SIZE, length + 4)
+        if len(body) != length + 4:
+            raise TruncatedFileError(f"the file shrank while reading the record at byte {offset}")
+        try:
+            payload = _records.split_payload(body)
+        except CorruptRecordError as exc:
+            raise CorruptRecordError(f"{_kind_name(kind)} record at byte {offset}: {exc}") from exc
+        return kind, length, payload
+
+    def _read_record(self, offset: int, size: int) -> tuple[int, memoryview, int]:
+        """``(kind, payload, record length)`` of the record at *offset*, checked."""
+        kind, length, payload = self._read_record_parts(offset, size)
+        return kind, payload, FRAME_OVERHEAD + length
+
+    def _decode(
+        self,
+        payload: memoryview,
+        wanted: set[tuple[int, str]] | None,
+        dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
+    ) -> list[tuple[int, str, TableSchema, dict[str, np.ndarray]]]:
+        decoded = _records.decode_segment(
+            payload, self._decompressor, self._limits.max_decompressed_bytes, wanted, dest
+        )
+        for _, table, schema, _ in decoded:
+            self._schemas.setdefault(table, schema)
+        return decoded
+
+    def _read_checked(
+        self,
+        seg: SegmentInfo,
+        wanted: set[tuple[int, str]] | None,
+        dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
+    ) -> list[Batch]:
+        """Decode *seg* (into *dest* where given); damage is reported in ``integrity`` and yields nothing."""
+        try:
+            kind, payload, total = self._read_record(seg.offset, self._size())
+            if kind != RecordKind.SEGMENT or total != seg.length:
+                raise CorruptRecordError(f"expected a SEGMENT of {seg.length} bytes; found kind {kind} of {total}")
+            decoded = self._decode(payload, wanted, dest)
+            if dest is not None and any(
+                len(next(iter(cols.values()), ())) != seg.rows[(r, t)] for r, t, _, cols in decoded
+            ):
+                raise CorruptRecordError("segment rows differ from its index entry")
+            return [(rank, table, cols) for rank, table, _, cols in decoded]
+        except FormatError as exc:
+            self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: {exc}")
+            return []
+
+    def _report(self, offset: int, length: int, reason: str) -> None:
+        if offset not in self._skipped:
+            self._skipped[offset] = {"offset": offset, "length": length, "reason": reason}
+
+    def _has_column(self, table: str, column: str) -> bool:
+        schema = self._schemas.get(table)
+        return schema is not None and column in schema.names
+
+    def _skippable(self, seg: SegmentInfo, column: str, lo: int | None, hi: int | None, rng: Range) -> bool:
+        """A segment may be skipped for a range only if every table in it is filtered by that column."""
+        return _disjoint(lo, hi, rng) and all(self._has_column(t, column) for t in seg.tables)
+
+    def _size(self) -> int:
+        try:
+            return os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise FormatError(f"cannot stat {self._path}: {exc.strerror or exc}") from exc
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        try:
+            return os.pread(self._fd, n, offset)
+        except OSError as exc:
+            raise FormatError(f"reading {self._path} at byte {offset} failed: {exc.strerror or exc}") from exc
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return RecordKind(kind).name
+    except ValueError:
+        return f"kind-{kind:#04x}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _inside(lo: int | None, hi: int | None, rng: Range) -> bool:
+    """Whether [lo, hi] lies inside the range (unknown bounds: no)."""
+    if lo is None or hi is None:
+        return False
+    low, high = rng
+    return (low is None or lo >= low) and (high is None or hi <= high)
+
+
+def _disjoint(lo: int | None, hi: int | None, rng: Range | None) -> bool:
+    if rng is None or lo is None or hi is None:
+        return False
+    low, high = rng
+    return (high is not None and lo > high) or (low is not None and hi < low)
+
+
+def _trim(
+    cols: dict[str, np.ndarray], step_range: Range | None, time_range: Range | None
+) -> dict[str, np.ndarray] | None:
+    """Rows inside both ranges (a range whose column is absent does not filter); None if none."""
+    mask = None
+    for column, rng in (("step", step_range), ("ts_ns", time_range)):
+        if rng is None or column not in cols:
+            continue
+        values = cols[column]
+        low, high = rng
+        keep = np.ones(len(values), dtype=bool)
+        if low is not None:
+            keep &= values >= low
+        if high is not None:
+            keep &= values <= high
+        mask = keep if mask is None else mask & keep
+    if mask is None:
+        return cols if _rows(cols) else None
+    if mask.all():
+        return cols if len(mask) else None
+    if not mask.any():
+        return None
+    return {name: values[mask] for name, values in cols.items()}
+
+
+def _rows(cols: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(cols.values()))) if cols else 0
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(chunks) == 1:
+        return chunks[0]
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
