@@ -84,7 +84,8 @@ class RunBuilder:
         return self
 
     def step_memory(self, rank: int, peaks: Sequence[float], first_step: int = 0) -> RunBuilder:
-        rows = [(first_step + i, T0_NS + i, int(p), int(p * 1.2)) for i, p in enumerate(peaks)]
+        ts = self._sample_ts(rank, len(peaks), None)
+        rows = [(first_step + i, int(ts[i]), int(p), int(p * 1.2)) for i, p in enumerate(peaks)]
         self.store.append(rank, "step_memory", rows_to_columns(STEP_MEMORY, rows))
         return self
 

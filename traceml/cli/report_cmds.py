@@ -1,9 +1,110 @@
-"""CLI commands (being built)."""
+"""``traceml report`` and ``traceml compare``: CI artifacts and the regression gate.
+
+Both work from recordings (or summary.json files) alone; ``replay`` is imported inside the
+command functions, so ``traceml --help`` stays light and no torch is needed.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from typer.core import TyperCommand
+
+from traceml.errors import TracemlError
+
+#: usage and file errors (``traceml compare`` also exits 3 inconclusive, 4 regression: docs/compare.md)
+EXIT_ERROR = 1
+
+
+#: click's UsageError as typer raises it (recent typer versions vendor click under typer._click)
+_USAGE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+class _UsageErrorExitsOne(TyperCommand):
+    """Usage errors exit with 1 (not click's 2), the code documented for usage and file errors."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _USAGE_ERRORS as exc:
+            exc.exit_code = EXIT_ERROR  # type: ignore[attr-defined]
+            raise
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"traceml: {message}", err=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+def report(
+    recording: Path = typer.Argument(..., help="the .tml recording to report on"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="output directory (default: <recording>_report next to the file)"
+    ),
+    last_n: int = typer.Option(
+        100, "--last-n", min=1, help="size of the trailing window diagnosed next to the whole run"
+    ),
+) -> None:
+    """Write report.html (self-contained), summary.json and summary.md from a recording.
+
+    The summary.md is short Markdown fit for $GITHUB_STEP_SUMMARY.  Exit codes: 0 written,
+    1 usage or file error.
+    """
+    from replay.report import write_report
+
+    target = out if out is not None else recording.with_name(recording.stem + "_report")
+    try:
+        files = write_report(recording, target, recent_steps=last_n)
+    except TracemlError as exc:
+        raise _fail(str(exc)) from exc
+    import json
+
+    summary = json.loads(files.summary_json.read_text(encoding="utf-8"))
+    primary = summary["diagnosis"]["primary"]
+    typer.echo(f"{primary['kind']} ({primary['severity']}): {primary['summary']}")
+    for path in (files.html, files.summary_json, files.summary_md):
+        typer.echo(f"wrote {path}")
+
+
+def compare(
+    base: Path = typer.Argument(..., help="baseline: a .tml recording or a summary.json"),
+    new: Path = typer.Argument(..., help="candidate: a .tml recording or a summary.json"),
+    max_regression: float = typer.Option(
+        5.0, "--max-regression", help="gate in percent: a metric worse by more than this (confidently) is a regression"
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="also write compare.html, compare.json, compare.md here"),
+    seed: int = typer.Option(0, "--seed", help="seed of the bootstrap (results are deterministic for a seed)"),
+    resamples: int = typer.Option(2000, "--resamples", min=100, help="bootstrap resamples"),
+) -> None:
+    """Compare two runs: a verdict per metric (step time, each phase, throughput, peak memory).
+
+    Verdicts: REGRESSION, IMPROVEMENT, EQUIVALENT, INCONCLUSIVE, with a 95% interval from a
+    seeded bootstrap over the aligned steps (warm-up excluded); with a summary.json input the
+    interval is approximate (lower confidence).  Gated: step time, throughput, peak memory.
+
+    Exit codes: 0 pass (equivalent or improved), 1 usage or file error, 3 inconclusive,
+    4 regression.
+    """
+    if not max_regression > 0:
+        raise _fail(f"--max-regression must be a positive percentage, e.g. 5; found {max_regression}")
+    from replay.compare import compare_files, render_text, write_outputs
+
+    try:
+        result = compare_files(base, new, max_regression_pct=max_regression, resamples=resamples, seed=seed)
+        written = write_outputs(result, out) if out is not None else []
+    except TracemlError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(render_text(result), nl=False)
+    for path in written:
+        typer.echo(f"wrote {path}")
+    raise typer.Exit(result.exit_code)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to *app*."""
+    """Add ``report`` and ``compare`` to *app*."""
+    app.command("report", cls=_UsageErrorExitsOne)(report)
+    app.command("compare", cls=_UsageErrorExitsOne)(compare)

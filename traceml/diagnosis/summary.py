@@ -322,7 +322,11 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
             f"p95 {step['p95_ms']:.2f} ms, {steps.get('throughput_steps_per_s') or 0:.2f} steps/s"
         )
     for f in diag.get("findings", []):
-        if f.get("kind") != primary.get("kind") or f.get("rank") != primary.get("rank"):
+        if (f.get("kind"), f.get("rank"), f.get("summary")) != (
+            primary.get("kind"),
+            primary.get("rank"),
+            primary.get("summary"),
+        ):
             lines.append(f"[{f.get('severity')}] {f.get('kind')}: {f.get('summary')}")
     mem = summary.get("memory", {})
     peaks = [

@@ -1,0 +1,569 @@
+"""CI artifacts from a recording alone: ``report.html``, ``summary.json`` and ``summary.md``.
+
+:func:`build_report` is pure (StoreView -> the three documents); :func:`write_report` opens a
+``.tml`` through the replay engine and writes them.  The HTML is one self-contained file: the
+plotly.js bundle is inlined once, so it opens offline.  No torch anywhere on this path.
+
+If the recording carries an embedded ``summary`` attachment (written when the run ended), the
+report still recomputes everything from the data and records whether the two agree.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from traceml.diagnosis import build_summary, job_series, step_data
+from traceml.diagnosis import thresholds as th
+from traceml.diagnosis.memory import fmt_bytes
+from traceml.errors import ReportError, TracemlError
+from traceml.schema import PHASES
+from traceml.store import StoreView
+
+REPORT_HTML = "report.html"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+#: at most this many points per trace in report charts (step buckets are averaged)
+MAX_POINTS = 2000
+
+_SEVERITY_COLOR = {"critical": "#b91c1c", "warn": "#b45309", "info": "#1d4ed8"}
+_PHASE_COLOR = dict(zip(PHASES, ("#66c2a5", "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#b3b3b3"), strict=True))
+
+
+@dataclass(frozen=True)
+class Report:
+    summary: dict[str, Any]
+    html: str
+    markdown: str
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    summary_json: Path
+    summary_md: Path
+
+
+# --- embedded summary ----------------------------------------------------------------------------
+
+
+def _finding_keys(diag: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    return sorted((str(f.get("kind")), f.get("rank"), str(f.get("severity"))) for f in diag.get("findings", []))
+
+
+def check_embedded(embedded: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Compare the summary embedded at the end of the run with the one recomputed from the data.
+
+    Only data-derived facts are compared (step counts, the verdicts); the integrity block differs
+    by design (the embedded one was built from the live store).
+    """
+    if not isinstance(embedded, Mapping):
+        return {"present": False, "consistent": None, "differences": []}
+    diffs: list[str] = []
+
+    def cmp(label: str, a: Any, b: Any) -> None:
+        if a != b:
+            diffs.append(f"{label}: embedded {a!r}, recomputed {b!r}")
+
+    cmp("schema_version", embedded.get("schema_version"), summary.get("schema_version"))
+    e_steps, r_steps = embedded.get("steps") or {}, summary.get("steps") or {}
+    for key in ("count", "first", "last", "failed_rows"):
+        cmp(f"steps.{key}", e_steps.get(key), r_steps.get(key))
+    e_diag, r_diag = embedded.get("diagnosis") or {}, summary.get("diagnosis") or {}
+    e_p, r_p = e_diag.get("primary") or {}, r_diag.get("primary") or {}
+    for key in ("kind", "severity", "rank"):
+        cmp(f"diagnosis.primary.{key}", e_p.get(key), r_p.get(key))
+    cmp("diagnosis.findings", _finding_keys(e_diag), _finding_keys(r_diag))
+    return {"present": True, "consistent": not diffs, "differences": diffs}
+
+
+# --- figures (pure) -------------------------------------------------------------------------------
+
+
+def _bucketed(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of y over equal buckets of consecutive points, so a long run stays a light chart."""
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    k = int(np.ceil(n / max_points))
+    m = n // k * k
+    xb = x[:m].reshape(-1, k).mean(axis=1)
+    with np.errstate(all="ignore"):
+        yb = np.nanmean(y[:m].reshape(-1, k), axis=1)
+    if m < n:
+        xb = np.append(xb, x[m:].mean())
+        yb = np.append(yb, np.nanmean(y[m:]) if np.isfinite(y[m:]).any() else np.nan)
+    return xb, yb
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 340) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.01},
+        template="plotly_white",
+        height=height,
+        margin={"l": 60, "r": 20, "t": 50, "b": 45},
+        legend={"orientation": "h", "y": -0.25},
+        xaxis_title=x,
+        yaxis_title=y,
+    )
+    return fig
+
+
+def _empty(fig: go.Figure, text: str) -> go.Figure:
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def step_breakdown_figure(view: StoreView) -> go.Figure:
+    """Stacked phases per analysed step (job view: mean over ranks), in ms."""
+    fig = _layout(go.Figure(), "Step time breakdown (mean over ranks)", "step", "ms")
+    job = job_series(step_data(view))
+    if not len(job["steps"]):
+        return _empty(fig, "no steps recorded")
+    for p in PHASES:
+        x, y = _bucketed(job["steps"], job[p] / 1000)
+        if np.isfinite(y).any():
+            fig.add_trace(
+                go.Scatter(x=x, y=y, name=p, mode="lines", stackgroup="phases", line={"color": _PHASE_COLOR[p]})
+            )
+    return fig
+
+
+def rank_skew_figure(view: StoreView) -> go.Figure:
+    """Per rank: median of each phase, stacked, so the slow rank and its phase stand out."""
+    fig = _layout(go.Figure(), "Per-rank median step (ms)", "rank", "ms")
+    data = step_data(view)
+    if data.empty:
+        return _empty(fig, "no steps recorded")
+    ranks = [f"rank {r}" for r in data.ranks]
+    for p in PHASES:
+        med = [
+            float(np.nanmedian(data.per_rank[r].phases[p])) if data.per_rank[r].measured(p) else 0.0 for r in data.ranks
+        ]
+        fig.add_trace(go.Bar(x=ranks, y=np.asarray(med) / 1000, name=p, marker_color=_PHASE_COLOR[p]))
+    fig.update_layout(barmode="stack")
+    return fig
+
+
+def _time_s(ts: np.ndarray, origin: int) -> np.ndarray:
+    return (np.asarray(ts, np.int64) - origin) / 1e9
+
+
+def _origin(view: StoreView) -> int:
+    firsts = [int(np.min(c["ts_ns"])) for c in view.tables.values() if "ts_ns" in c and len(c["ts_ns"])]
+    return min(firsts) if firsts else 0
+
+
+def memory_figure(view: StoreView) -> go.Figure:
+    fig = _layout(go.Figure(), "Memory per rank (GiB)", "time since start (s)", "GiB")
+    origin = _origin(view)
+    drawn = False
+    for r in view.table_ranks("process"):
+        cols = view.columns("process", r)
+        t = _time_s(cols["ts_ns"], origin)
+        for col, label, dash in (("rss_bytes", "RSS", "solid"), ("gpu_alloc_bytes", "GPU allocated", "dash")):
+            v = np.asarray(cols[col], np.float64)
+            ok = v >= 0
+            if ok.any():
+                x, y = _bucketed(t[ok], v[ok] / 2**30)
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"rank {r} {label}", line={"dash": dash}))
+                drawn = True
+    for r in view.table_ranks("step_memory"):
+        cols = view.columns("step_memory", r)
+        v = np.asarray(cols["peak_alloc_bytes"], np.float64)
+        ok = v >= 0
+        if ok.any():
+            x, y = _bucketed(_time_s(cols["ts_ns"], origin)[ok], v[ok] / 2**30)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"rank {r} GPU step peak", line={"dash": "dot"}))
+            drawn = True
+    return fig if drawn else _empty(fig, "memory: not recorded")
+
+
+def system_figure(view: StoreView) -> go.Figure:
+    fig = _layout(go.Figure(), "System: host CPU and GPU utilization (%)", "time since start (s)", "%")
+    origin = _origin(view)
+    drawn = False
+    for r in view.table_ranks("system"):
+        cols = view.columns("system", r)
+        v = np.asarray(cols["cpu_pct"], np.float64)
+        x, y = _bucketed(_time_s(cols["ts_ns"], origin), v)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"node {int(cols['node_rank'][0])} CPU"))
+        drawn = True
+    for r in view.table_ranks("system_gpu"):
+        cols = view.columns("system_gpu", r)
+        node, idx = np.asarray(cols["node_rank"]), np.asarray(cols["gpu_idx"])
+        for n, g in sorted({(int(a), int(b)) for a, b in zip(node, idx, strict=True)}):
+            sel = (node == n) & (idx == g)
+            x, y = _bucketed(_time_s(cols["ts_ns"][sel], origin), np.asarray(cols["util_pct"], np.float64)[sel])
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"node {n} GPU {g} util", line={"dash": "dash"}))
+            drawn = True
+    return fig if drawn else _empty(fig, "system metrics: not recorded")
+
+
+def figures(view: StoreView) -> list[tuple[str, go.Figure]]:
+    return [
+        ("steps", step_breakdown_figure(view)),
+        ("ranks", rank_skew_figure(view)),
+        ("memory", memory_figure(view)),
+        ("system", system_figure(view)),
+    ]
+
+
+# --- documents ------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#111827;background:#f9fafb}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
+.sub{color:#6b7280;font-size:13px}
+.verdict{border-left:6px solid;padding:12px 16px;background:#fff;margin:16px 0;border-radius:4px}
+.verdict b{font-size:16px}
+table{border-collapse:collapse;background:#fff;font-size:13px;margin:6px 0}
+td,th{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.sev{font-weight:600;text-transform:uppercase;font-size:11px}
+.chart{background:#fff;margin:8px 0;border:1px solid #e5e7eb}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px} .grid>div{min-width:0}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _num(x: Any, fmt: str = "{:.2f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 99) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=num' if i >= numeric_from else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _findings_table(diag: Mapping[str, Any]) -> str:
+    rows = []
+    for f in diag.get("findings", []):
+        color = _SEVERITY_COLOR.get(f["severity"], "#374151")
+        rows.append(
+            [
+                f"<span class=sev style='color:{color}'>{_e(f['severity'])}</span>",
+                _e(f["kind"]),
+                _e("" if f.get("rank") is None else f["rank"]),
+                _e(f["summary"]),
+            ]
+        )
+    return _table(["severity", "finding", "rank", "what and how much"], rows)
+
+
+def _phase_table(steps: Mapping[str, Any]) -> str:
+    overall = steps.get("overall", {})
+    header = ["phase", "job median ms", "job p95 ms"]
+    per_rank = steps.get("per_rank", [])
+    header += [f"rank {r['rank']} median / p95" for r in per_rank[:16]]
+    rows = []
+    for p in overall:
+        row = [_e(p), _num(overall[p]["median_ms"]), _num(overall[p]["p95_ms"])]
+        for r in per_rank[:16]:
+            s = r["phases"].get(p, {})
+            row.append(f"{_num(s.get('median_ms'))} / {_num(s.get('p95_ms'))}")
+        rows.append(row)
+    return _table(header, rows, numeric_from=1)
+
+
+def _kv(rows: Sequence[tuple[str, Any]]) -> str:
+    return _table(["", ""], [[_e(k), _e(v)] for k, v in rows])
+
+
+def _environment(view: StoreView) -> list[tuple[str, Any]]:
+    env = view.attachments.get("environment/rank0")
+    if not isinstance(env, Mapping):
+        return []
+    out: list[tuple[str, Any]] = []
+    for k in sorted(env)[:30]:
+        v = env[k]
+        out.append((str(k), v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)[:200]))
+    return out
+
+
+def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[str, Any], source: str = "") -> str:
+    run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
+    recent = summary["diagnosis_recent"]
+    primary = diag["primary"]
+    color = _SEVERITY_COLOR.get(primary["severity"], "#374151")
+    title = run["name"] or run["id"] or (Path(source).name if source else "run")
+    parts = [
+        f"<h1>traceml report — {_e(title)}</h1>",
+        f"<div class=sub>{_e(source)} · run {_e(run['id'])} · started {_e(run['start'])} · "
+        f"{_e(run['world_size'])} rank(s) · exit {_e(run['exit_status'])}</div>",
+        f"<div class=verdict style='border-color:{color}'><b style='color:{color}'>{_e(primary['kind'])}</b> "
+        f"<span class=sev style='color:{color}'>{_e(primary['severity'])}</span><br>{_e(primary['summary'])}</div>",
+        "<h2>Diagnosis — whole run</h2>",
+        _findings_table(diag),
+        f"<div class=sub>window: steps {_e(diag['window']['first_step'])}–{_e(diag['window']['last_step'])} "
+        f"({diag['window']['steps']} analysed; {diag['window']['warmup_steps']} warm-up and "
+        f"{diag['window']['failed_rows']} failed rows skipped)</div>",
+        f"<h2>Diagnosis — last {_e(recent['window']['last_n'])} steps</h2>",
+        _findings_table(recent),
+    ]
+    if diag.get("missing"):
+        parts.append("<div class=sub>not checked: " + _e("; ".join(diag["missing"])) + "</div>")
+    tput = steps.get("throughput_steps_per_s")
+    parts += [
+        "<h2>Step time</h2>",
+        f"<div class=sub>{steps['count']} steps analysed (of {steps['recorded_rows']} rows recorded"
+        f"{'; ' + _num(tput) + ' steps/s at the median step' if tput else ''})</div>",
+        _phase_table(steps),
+    ]
+    charts = figures(view)
+    for i, (name, fig) in enumerate(charts):
+        if i % 2 == 0:
+            parts.append("<div class=grid>")
+        div = fig.to_html(
+            full_html=False, include_plotlyjs=False, div_id=f"chart-{name}", config={"displaylogo": False}
+        )
+        parts.append(f"<div class=chart>{div}</div>")
+        if i % 2 == 1 or i == len(charts) - 1:
+            parts.append("</div>")
+    mem = summary["memory"]
+    parts += [
+        "<h2>Memory</h2>",
+        _table(
+            ["rank", "peak RSS", "peak GPU allocated", "peak GPU reserved", "GPU total"],
+            [
+                [
+                    r["rank"],
+                    *(
+                        fmt_bytes(r[k]) if r[k] is not None else "—"
+                        for k in (
+                            "peak_rss_bytes",
+                            "peak_gpu_alloc_bytes",
+                            "peak_gpu_reserved_bytes",
+                            "gpu_total_bytes",
+                        )
+                    ),
+                ]
+                for r in mem["per_rank"]
+            ],
+            numeric_from=1,
+        ),
+    ]
+    gpus = summary["system"]["gpus"]
+    if gpus:
+        parts += [
+            "<h2>GPUs</h2>",
+            _table(
+                ["node", "gpu", "samples", "util mean %", "util p95 %", "max memory used", "max temp °C"],
+                [
+                    [
+                        g["node_rank"],
+                        g["gpu_idx"],
+                        g["samples"],
+                        _num(g["util_pct_mean"], "{:.0f}"),
+                        _num(g["util_pct_p95"], "{:.0f}"),
+                        fmt_bytes(g["mem_used_max_bytes"]) if g["mem_used_max_bytes"] is not None else "—",
+                        _num(g["temp_c_max"], "{:.0f}"),
+                    ]
+                    for g in gpus
+                ],
+                numeric_from=2,
+            ),
+        ]
+    integ = summary["integrity"]
+    lost = integ["lost"]
+    emb = (
+        "none in the file"
+        if not embedded["present"]
+        else "consistent with the data"
+        if embedded["consistent"]
+        else "differs: " + "; ".join(embedded["differences"])
+    )
+    parts += [
+        "<h2>Run</h2>",
+        _kv(
+            [
+                ("run id", run["id"]),
+                ("name", run["name"]),
+                ("start (UTC)", run["start"]),
+                ("duration", _num(run["duration_s"], "{:.1f} s")),
+                ("world size", run["world_size"]),
+                ("hosts", ", ".join(run["hosts"])),
+                ("exit status", f"{run['exit_status']} (code {run['exit_code']})"),
+                *[
+                    (
+                        f"rank {r['rank']}",
+                        f"{r['host']} node {r['node_rank']} · {r['state']} · {r['exit_status'] or '-'}",
+                    )
+                    for r in run["ranks"][:64]
+                ],
+            ]
+        ),
+    ]
+    env = _environment(view)
+    if env:
+        parts += ["<h2>Environment (rank 0)</h2>", _kv(env)]
+    parts += [
+        "<h2>Integrity</h2>",
+        _kv(
+            [
+                ("status", integ["status"]),
+                ("complete", integ["complete"]),
+                ("message", integ["message"]),
+                ("bytes skipped", lost["bytes"]),
+                ("records skipped", lost["skipped_records"]),
+                ("rows dropped by ranks", f"{lost['rows_dropped']} {lost['rows_dropped_by_table'] or ''}"),
+                ("rows evicted (live window)", lost["rows_evicted"]),
+                ("ranks that died", ", ".join(map(str, lost["ranks_died"])) or "none"),
+                ("failed steps (excluded)", lost["failed_step_rows"]),
+                ("embedded summary", emb),
+            ]
+        ),
+        f"<p class=sub>Generated by traceml report from the recording alone. Thresholds: docs/diagnosis.md "
+        f"(warm-up {th.WARMUP_STEPS} steps, at least {th.MIN_STEPS} steps per rank).</p>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<title>traceml report — {_e(title)}</title>"
+        f"<style>{_CSS}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        f"</head><body><main>{''.join(parts)}</main></body></html>\n"
+    )
+
+
+def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | None = None) -> str:
+    """A short summary for ``$GITHUB_STEP_SUMMARY``: the verdict first, then the numbers."""
+    run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
+    p = diag["primary"]
+    name = run["name"] or run["id"] or "run"
+    icon = {"critical": "🔴", "warn": "🟠", "info": "🟢"}.get(p["severity"], "")
+    lines = [
+        f"## traceml: {name} — {icon} {p['kind']} ({p['severity']})",
+        "",
+        f"> {p['summary']}",
+        "",
+    ]
+    step = steps["overall"]["step"]
+    facts = [
+        f"**{steps['count']}** steps analysed",
+        f"**{run['world_size']}** rank(s)",
+        f"exit **{run['exit_status']}**",
+    ]
+    if step["median_ms"] is not None:
+        facts.insert(1, f"median step **{step['median_ms']:.2f} ms** (p95 {step['p95_ms']:.2f} ms)")
+    if steps.get("throughput_steps_per_s"):
+        facts.append(f"{steps['throughput_steps_per_s']:.2f} steps/s")
+    lines += [" · ".join(facts), ""]
+    key = (p["kind"], p["rank"], p["summary"])
+    others = [f for f in diag["findings"] if (f["kind"], f["rank"], f["summary"]) != key]
+    if others:
+        lines.append("| severity | finding | rank | detail |")
+        lines.append("|---|---|---|---|")
+        for f in others:
+            detail = str(f["summary"]).replace("|", "\\|")
+            lines.append(f"| {f['severity']} | {f['kind']} | {'' if f['rank'] is None else f['rank']} | {detail} |")
+        lines.append("")
+    recent = summary["diagnosis_recent"]["primary"]
+    lines.append(
+        f"Last {summary['diagnosis_recent']['window']['last_n']} steps: **{recent['kind']}** ({recent['severity']})."
+    )
+    lines.append("")
+    overall = steps["overall"]
+    measured = [ph for ph in overall if overall[ph]["median_ms"] is not None]
+    if measured:
+        lines.append("| phase | median ms | p95 ms |")
+        lines.append("|---|---:|---:|")
+        for ph in measured:
+            lines.append(f"| {ph} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} |")
+        lines.append("")
+    mem = summary["memory"]
+    peaks = [
+        f"{label} {fmt_bytes(mem[k])}"
+        for k, label in (("peak_rss_bytes", "RSS"), ("peak_gpu_alloc_bytes", "GPU allocated"))
+        if mem.get(k) is not None
+    ]
+    if peaks:
+        lines.append("Peak memory: " + ", ".join(peaks) + ".")
+    integ = summary["integrity"]
+    lost = integ["lost"]
+    if integ["complete"]:
+        lines.append(f"Recording: {integ['status']}, nothing lost.")
+    else:
+        lines.append(
+            f"Recording: **{integ['status']}**; {lost['bytes']} bytes and {lost['skipped_records']} records skipped, "
+            f"{lost['rows_dropped']} rows dropped, {lost['rows_evicted']} evicted."
+        )
+    if embedded and embedded.get("present") and not embedded.get("consistent"):
+        lines.append("Embedded summary differs from the data: " + "; ".join(embedded["differences"]))
+    return "\n".join(lines) + "\n"
+
+
+def build_report(view: StoreView, *, source: str = "", recent_steps: int = th.RECENT_STEPS) -> Report:
+    """The three documents for ``view`` (pure; no file is touched)."""
+    summary = build_summary(view, recent_steps=recent_steps)
+    embedded = check_embedded(view.attachments.get("summary"), summary)
+    doc = dict(summary)
+    doc["embedded_summary"] = embedded
+    return Report(
+        summary=doc,
+        html=render_html(view, summary, embedded, source),
+        markdown=render_markdown(summary, embedded),
+    )
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def load_view(path: str | Path) -> StoreView:
+    """Open a recording with the replay engine and return its whole-run view."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"recording {str(p)!r} not found; expected a .tml file written by `traceml run`")
+    import replay
+
+    opener = getattr(replay, "open", None)
+    if opener is None:
+        raise ReportError("the replay engine (replay.open) is not available in this installation; reinstall traceml")
+    try:
+        rec = opener(str(p))
+        try:
+            return rec.view()
+        finally:
+            close = getattr(rec, "close", None)
+            if callable(close):
+                close()
+    except TracemlError:
+        raise
+    except OSError as exc:
+        raise ReportError(f"cannot read recording {str(p)!r}: {exc}") from exc
+
+
+def write_documents(report: Report, out_dir: str | Path) -> ReportFiles:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        files = ReportFiles(out / REPORT_HTML, out / SUMMARY_JSON, out / SUMMARY_MD)
+        files.html.write_text(report.html, encoding="utf-8")
+        files.summary_json.write_text(json.dumps(report.summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        files.summary_md.write_text(report.markdown, encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {str(out)!r}: {exc}; choose another --out directory") from exc
+    return files
+
+
+def write_report(recording: str | Path, out_dir: str | Path, *, recent_steps: int = th.RECENT_STEPS) -> ReportFiles:
+    """``traceml report``: read ``recording`` and write report.html, summary.json, summary.md."""
+    view = load_view(recording)
+    return write_documents(build_report(view, source=str(recording), recent_steps=recent_steps), out_dir)
