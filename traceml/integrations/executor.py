@@ -1,0 +1,39 @@
+"""``python -m traceml.integrations.executor SCRIPT [ARGS...]``: the rank executor, plus zero-code integrations.
+
+Exactly :mod:`traceml.runtime.executor` (same arguments, same exit status), except that
+the agent is started first and :func:`traceml.integrations.autohook.install` watches for
+``transformers`` / ``lightning`` / ``pytorch_lightning``, so a script that builds a
+Trainer is traced without a code change.  ``TRACEML_NO_AUTO_INTEGRATIONS=1`` skips the
+watching; ``TRACEML_DISABLED=1`` skips everything.  What ``traceml run`` launches under
+torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from traceml.runtime import executor
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    script_args = args[1:] if args and args[0] == "--" else args
+    if script_args and os.path.isfile(script_args[0]):
+        from traceml.integrations import autohook
+        from traceml.runtime import api
+
+        sys.argv = list(script_args)  # what the agent records as the command line
+        if autohook.enabled() and api.init(script=script_args[0]) is not None:
+            autohook.install()
+        try:
+            executor.main(args)
+        finally:
+            autohook.uninstall()  # already undone by the executor's shutdown, unless the script restarted traceml
+    else:
+        executor.main(args)  # prints the usage / not-found message and exits 2
+
+
+if __name__ == "__main__":
+    main()
