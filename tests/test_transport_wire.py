@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from traceml.errors import ConfigError, HandshakeError
 from traceml.schema import PROCESS, STEP_REGION, STEP_TIME, rows_to_columns, table
 from traceml.transport import (
     PROTOCOL_VERSION,
@@ -497,6 +498,17 @@ def test_send_never_raises_on_unencodable_or_odd_messages(server, recorder, make
     assert client.send(step_batch(1))
     recorder.wait(lambda: len(recorder.messages) == 1, "the good batch")
     assert client.dropped_messages == 2
+
+
+def test_bad_settings_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="buffer_messages=0"):
+        TelemetryClient("127.0.0.1", 1, hello("r", TOKEN, identity()), buffer_messages=0)
+    with pytest.raises(ConfigError, match="backoff_min_s"):
+        TelemetryClient("127.0.0.1", 1, hello("r", TOKEN, identity()), backoff_min_s=3.0, backoff_max_s=2.0)
+    with pytest.raises(ConfigError, match="max_frame_bytes=0"):
+        TelemetryServer(token=TOKEN, max_frame_bytes=0)
+    with pytest.raises(HandshakeError):
+        TelemetryClient("127.0.0.1", 1, {"kind": "hello", "token": TOKEN})
 
 
 def test_stalled_server_bounds_send_and_close(make_client) -> None:

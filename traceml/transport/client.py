@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from traceml.config import DEFAULT_MAX_FRAME_BYTES
+from traceml.errors import ConfigError
 from traceml.transport.framing import encode_frame
 from traceml.transport.messages import BATCH, RANK_FINISHED, batch_rows, parse_hello
 
@@ -74,9 +75,11 @@ class TelemetryClient:
         merge_drops: bool = True,
     ) -> None:
         if buffer_messages < 1:
-            raise ValueError(f"buffer_messages must be >= 1, got {buffer_messages}")
+            raise ConfigError(f"buffer_messages={buffer_messages}: expected at least 1 message")
         if not 0 < backoff_min_s <= backoff_max_s:
-            raise ValueError(f"expected 0 < backoff_min_s <= backoff_max_s, got {backoff_min_s}, {backoff_max_s}")
+            raise ConfigError(
+                f"backoff_min_s={backoff_min_s}, backoff_max_s={backoff_max_s}: expected 0 < backoff_min_s <= backoff_max_s"
+            )
         self.host = host
         self.port = int(port)
         #: who this client says it is (HandshakeError here for an ill-formed hello: a bug in the caller)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from traceml.config import DEFAULT_MAX_FRAME_BYTES, ENV_MAX_FRAME_MB
-from traceml.errors import FrameTooLargeError, MalformedFrameError, TransportError
+from traceml.errors import ConfigError, FrameTooLargeError, MalformedFrameError, TransportError
 
 #: the length prefix: unsigned 32-bit big-endian payload length
 HEADER = struct.Struct(">I")
@@ -105,7 +105,9 @@ class FrameDecoder:
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if max_frame_bytes < 1:
-            raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
+            raise ConfigError(
+                f"max_frame_bytes={max_frame_bytes}: expected a limit of at least 1 byte ({ENV_MAX_FRAME_MB})"
+            )
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
         self._pos = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from traceml.config import DEFAULT_MAX_FRAME_BYTES
-from traceml.errors import FrameTooLargeError, HandshakeError, MalformedFrameError, TransportError
+from traceml.errors import ConfigError, FrameTooLargeError, HandshakeError, MalformedFrameError, TransportError
 from traceml.transport.framing import HEADER_SIZE, FrameDecoder
 from traceml.transport.identity import RankIdentity
 from traceml.transport.messages import HELLO, KINDS, PROTOCOL_VERSION, parse_hello, validate_message
@@ -128,6 +128,11 @@ class TelemetryServer:
         max_connections: int = 1024,
         name: str = "traceml-transport-server",
     ) -> None:
+        if max_frame_bytes < 1 or hello_timeout_s <= 0 or max_connections < 1:
+            raise ConfigError(
+                f"max_frame_bytes={max_frame_bytes}, hello_timeout_s={hello_timeout_s}, max_connections={max_connections}: "
+                "expected a frame limit >= 1 byte, a positive hello timeout and at least 1 connection"
+            )
         self.host = host
         self._requested_port = int(port)
         self._token = token.encode("utf-8")
