@@ -533,17 +533,9 @@ def load_view(path: str | Path) -> StoreView:
         raise ReportError(f"recording {str(p)!r} not found; expected a .tml file written by `traceml run`")
     import replay
 
-    opener = getattr(replay, "open", None)
-    if opener is None:
-        raise ReportError("the replay engine (replay.open) is not available in this installation; reinstall traceml")
     try:
-        rec = opener(str(p))
-        try:
+        with replay.open(p) as rec:
             return rec.view()
-        finally:
-            close = getattr(rec, "close", None)
-            if callable(close):
-                close()
     except TracemlError:
         raise
     except OSError as exc:

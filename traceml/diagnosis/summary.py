@@ -90,12 +90,13 @@ def run_section(view: StoreView) -> dict[str, Any]:
         duration_s = (view.latest_ns - start_ns) / 1e9
     else:
         duration_s = None
+    # the ranks' hosts; the recording's own host list only when no rank said where it ran
     hosts = {i.host for i in view.rank_info.values() if i.host}
     meta_hosts = meta.get("hosts")
-    if isinstance(meta_hosts, (list, tuple)):
-        hosts |= {str(h) for h in meta_hosts if h}
-    if isinstance(meta.get("host"), str) and meta["host"]:
-        hosts.add(meta["host"])
+    if not hosts and isinstance(meta_hosts, (list, tuple)):
+        hosts = {str(h) for h in meta_hosts if h}
+    if not hosts and isinstance(meta.get("host"), str) and meta["host"]:
+        hosts = {meta["host"]}
     world = next(
         (w for w in (_int_or_none(meta.get("world_size")), _int_or_none(meta.get("expected_ranks"))) if w and w > 0),
         len(view.ranks),
