@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -536,16 +537,25 @@ class WebServer:
     """A threaded WSGI server for a Dash app; ``port=0`` picks a free port.  ``stop()`` joins everything."""
 
     def __init__(self, app: dash.Dash, host: str = "127.0.0.1", port: int = 0) -> None:
+        # bind here so a busy port is an error we can word (werkzeug would print and sys.exit)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
             self._server: BaseWSGIServer = make_server(
-                host, port, app.server, threaded=True, request_handler=_QuietHandler
+                host, port, app.server, threaded=True, request_handler=_QuietHandler, fd=sock.fileno()
             )
         except OSError as exc:
             raise ConfigError(
-                f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; choose another --port (0 picks a free one)"
+                f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; "
+                "choose another --port (0 picks a free one) or --host"
             ) from exc
+        finally:
+            sock.close()  # the server holds its own duplicate of the descriptor
         self.host = host
-        self.port: int = self._server.server_port
+        self.port: int = int(self._server.port)
         self._thread: threading.Thread | None = None
 
     @property

@@ -1,0 +1,495 @@
+"""The replay engine: a ``.tml`` recording as the same :class:`StoreView` the aggregator fills.
+
+:func:`open` reads the file's index (no scan of the rows); :meth:`Recording.columns` reads one
+table, seeking by step or time through the index; :meth:`Recording.view` loads every table into
+an unbounded :class:`ColumnStore` with the run's metadata, rank table, attachments and integrity,
+so the live views, diagnosis and renderers draw a recording exactly as they drew the run.
+Large files are decoded by a few threads (zstd and numpy release the GIL) with a progress bar
+on stderr.  Works on a file whose writer crashed (no footer) and on damaged files: what is
+readable is returned and ``integrity`` says what was lost.  Never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from types import TracebackType
+from typing import Any, overload
+
+import numpy as np
+
+from traceml.errors import FormatError, ReplayError
+from traceml.format import SegmentInfo, TmlReader, open_recording
+from traceml.schema import STANDARD_TABLES, TableSchema
+from traceml.store import ColumnStore, RankInfo, StoreView
+
+Columns = dict[str, np.ndarray]
+#: (low, high) inclusive; None on a side leaves it open
+Bounds = tuple[int | None, int | None]
+
+#: meta keys the live views read (see traceml.views.live)
+META_RUN_NAME = "run_name"
+META_START_NS = "start_ns"
+META_STATUS = "status"
+META_RECORDING_PATH = "recording_path"
+META_RECORDING_BYTES = "recording_bytes"
+
+#: show the loading progress bar for files at least this large, or loads slower than PROGRESS_AFTER_S
+PROGRESS_MIN_BYTES = 64 << 20
+PROGRESS_AFTER_S = 0.5
+#: at most this many decoding threads
+MAX_WORKERS = 4
+#: attachments written when the run ends (a replay shows them at its end)
+END_ATTACHMENTS = ("exit", "ranks", "summary")
+
+
+def _default_workers() -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+class _Progress:
+    """A Rich progress bar on stderr that appears only for big files or slow loads."""
+
+    def __init__(self, label: str, total_bytes: int, enabled: bool | None) -> None:
+        self._label = label
+        self._total = max(total_bytes, 1)
+        self._enabled = enabled
+        self._start = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+        self._done = 0
+
+    def update(self, done_bytes: int) -> None:
+        self._done = done_bytes
+        if self._bar is None:
+            if self._enabled is False:
+                return
+            slow = time.monotonic() - self._start > PROGRESS_AFTER_S
+            if not (self._enabled or slow or self._total >= PROGRESS_MIN_BYTES):
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+                auto_refresh=False,  # no refresh thread: we refresh as segments complete
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._label, total=self._total)
+        self._bar.update(self._task, completed=min(done_bytes, self._total))
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class Recording:
+    """A recording opened for replay.  Use :func:`open`; close it (or use ``with``) when done."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        follow: bool = False,
+        progress: bool | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ReplayError(f"recording {str(self.path)!r} not found; expected a .tml file written by `traceml run`")
+        if self.path.is_dir():
+            raise ReplayError(f"{str(self.path)!r} is a directory; expected a .tml file (e.g. {self.path}/run.tml)")
+        self._reader: TmlReader = open_recording(self.path, follow=follow)
+        self.follow = follow
+        self._progress = progress
+        self._workers = workers or _default_workers()
+        self._lock = threading.Lock()
+        self._tables: dict[str, dict[int, Columns]] = {}
+        self._damage: dict[int, dict[str, Any]] = {}
+        self._view: StoreView | None = None
+
+    # -- what the file says -------------------------------------------------------------
+    @property
+    def header(self) -> dict[str, Any]:
+        return self._reader.header
+
+    @property
+    def schemas(self) -> dict[str, TableSchema]:
+        return self._reader.schemas
+
+    @property
+    def segments(self) -> list[SegmentInfo]:
+        return self._reader.segments
+
+    @property
+    def attachments(self) -> dict[str, dict[str, Any]]:
+        return self._reader.attachments
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank with rows in the file, and those the ``ranks`` attachment names."""
+        named = {int(r["rank"]) for r in _rank_dicts(self.attachments) if "rank" in r}
+        return sorted(set(self._reader.ranks) | named)
+
+    @property
+    def tables(self) -> list[str]:
+        return self._reader.tables
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Rows per table, from the index."""
+        out: dict[str, int] = {}
+        for seg in self._reader.segments:
+            for (_, table), n in seg.rows.items():
+                out[table] = out.get(table, 0) + n
+        return dict(sorted(out.items()))
+
+    @property
+    def start_ns(self) -> int:
+        meta = self.header.get("meta") or {}
+        start = meta.get(META_START_NS)
+        if isinstance(start, int) and start > 0:
+            return start
+        t = [s.t_min for s in self._reader.segments if s.t_min is not None]
+        return min(t) if t else int(self.header.get("created_ns", 0) or 0)
+
+    @property
+    def end_ns(self) -> int:
+        t = [s.t_max for s in self._reader.segments if s.t_max is not None]
+        return max(t) if t else self.start_ns
+
+    @property
+    def integrity(self) -> dict[str, Any]:
+        """The reader's verdict plus damage found while decoding (``status``, ``skipped``, ``lost_bytes``, ``message``)."""
+        base = dict(self._reader.integrity)
+        with self._lock:
+            extra = [d for off, d in self._damage.items() if off not in {s["offset"] for s in base["skipped"]}]
+        if not extra:
+            return base
+        skipped = sorted([*base["skipped"], *extra], key=lambda s: s["offset"])
+        lost = sum(int(s["length"]) for s in skipped)
+        first = skipped[0]
+        return {
+            "status": "damaged",
+            "skipped": skipped,
+            "lost_bytes": lost,
+            "message": f"damaged: {len(skipped)} span(s), {lost} bytes skipped; first at byte {first['offset']}: {first['reason']}",
+        }
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Run metadata as the live store holds it: the writer's run meta, plus status and file facts."""
+        header = self.header
+        meta: dict[str, Any] = dict(header.get("meta") or {})
+        meta.setdefault("run_id", header.get("run_id", ""))
+        hosts = header.get("hosts") or []
+        if hosts and "host" not in meta:
+            meta["host"] = hosts[0]
+        meta.setdefault(META_START_NS, self.start_ns)
+        if "exit" in self.attachments or self._reader.integrity["status"] == "complete":
+            status = "finished"
+        else:
+            status = "running" if self.follow else "incomplete"
+        meta[META_STATUS] = status
+        meta[META_RECORDING_PATH] = str(self.path)
+        try:
+            meta[META_RECORDING_BYTES] = self.path.stat().st_size
+        except OSError:
+            meta[META_RECORDING_BYTES] = 0
+        return meta
+
+    def rank_infos(self, tables: Mapping[str, Mapping[int, Columns]] | None = None) -> dict[int, RankInfo]:
+        """The rank table: from the ``ranks`` attachment when the run ended, else from the
+        ``environment/rank<N>`` attachments and the rows (state ``unknown``)."""
+        infos: dict[int, RankInfo] = {}
+        for d in _rank_dicts(self.attachments):
+            try:
+                info = RankInfo.from_dict(d)
+            except (TypeError, ValueError, KeyError):
+                continue
+            infos[info.rank] = info
+        for name, env in self.attachments.items():
+            if not name.startswith("environment/rank"):
+                continue
+            try:
+                rank = int(name.removeprefix("environment/rank"))
+            except ValueError:
+                continue
+            if rank in infos or not isinstance(env, Mapping):
+                continue
+            infos[rank] = RankInfo(
+                rank=rank,
+                local_rank=_int(env.get("local_rank"), -1),
+                node_rank=_int(env.get("node_rank"), -1),
+                host=str(env.get("host", "") or ""),
+                pid=_int(env.get("pid"), -1),
+            )
+        last_seen: dict[int, int] = {}
+        for per_rank in (tables or {}).values():
+            for rank, cols in per_rank.items():
+                ts = cols.get("ts_ns")
+                if ts is not None and len(ts):
+                    last_seen[rank] = max(last_seen.get(rank, 0), int(ts.max()))
+        for rank in set(self._reader.ranks) | set(last_seen):
+            if rank not in infos:
+                infos[rank] = RankInfo(rank=rank, last_seen_ns=last_seen.get(rank, 0))
+            elif not infos[rank].last_seen_ns and rank in last_seen:
+                infos[rank] = dataclasses.replace(infos[rank], last_seen_ns=last_seen[rank])
+        return dict(sorted(infos.items()))
+
+    # -- rows -------------------------------------------------------------------------
+    @overload
+    def columns(self, table: str, rank: int, steps: Bounds | None = None, time: Bounds | None = None) -> Columns: ...
+
+    @overload
+    def columns(
+        self, table: str, rank: None = None, steps: Bounds | None = None, time: Bounds | None = None
+    ) -> dict[int, Columns]: ...
+
+    def columns(
+        self, table: str, rank: int | None = None, steps: Bounds | None = None, time: Bounds | None = None
+    ) -> Columns | dict[int, Columns]:
+        """Rows of ``table`` as numpy arrays: ``{column: array}`` for one ``rank``, else ``{rank: {column: array}}``.
+
+        ``steps=(a, b)`` keeps steps a..b (tables with a ``step`` column); ``time=(t0, t1)`` keeps
+        ``ts_ns`` in t0..t1 (wall-clock ns, like the ``ts_ns`` column; see :attr:`start_ns`).  Both
+        inclusive.  Segments outside the bounds are skipped through the index, not read.
+        """
+        if table not in self.schemas and table not in self.tables:
+            raise ReplayError(
+                f"{self.path.name} has no table {table!r}; it has {', '.join(self.tables) or 'no tables'}"
+            )
+        ranks = None if rank is None else [rank]
+        cached = self._tables.get(table)
+        if cached is not None:
+            out = {r: _trim(c, steps, time) for r, c in cached.items() if ranks is None or r in ranks}
+        else:
+            try:
+                out = self._reader.read_table(table, ranks=ranks, step_range=steps, time_range=time)
+            except FormatError as exc:
+                raise ReplayError(f"reading table {table!r} from {self.path}: {exc}") from exc
+        if rank is not None:
+            return out.get(rank) or _empty(self.schemas.get(table) or STANDARD_TABLES.get(table))
+        return out
+
+    def load(self, tables: Iterable[str] | None = None) -> dict[str, dict[int, Columns]]:
+        """Decode ``tables`` (all by default) into memory, in parallel, with a progress bar for big files."""
+        wanted = set(self.tables if tables is None else tables)
+        with self._lock:
+            missing = wanted - set(self._tables)
+        if missing:
+            loaded = self._decode(missing)
+            with self._lock:
+                for name in missing:
+                    self._tables[name] = loaded.get(name, {})
+        with self._lock:
+            return {t: self._tables[t] for t in wanted if t in self._tables}
+
+    def _decode(self, tables: set[str]) -> dict[str, dict[int, Columns]]:
+        segments = [s for s in self._reader.segments if s.tables & tables]
+        total = sum(s.length for s in segments)
+        progress = _Progress(f"loading {self.path.name}", total, self._progress)
+        chunks: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
+        workers = min(self._workers, max(1, len(segments) // 2))
+        done_bytes = 0
+        try:
+            if workers <= 1:
+                for seg in segments:
+                    self._collect(self._reader, seg, tables, chunks)
+                    done_bytes += seg.length
+                    progress.update(done_bytes)
+            else:
+                done_bytes = self._decode_parallel(segments, tables, chunks, workers, progress)
+        finally:
+            progress.close()
+        out: dict[str, dict[int, Columns]] = {}
+        for (table, rank), parts in sorted(chunks.items()):
+            parts.sort(key=lambda p: p[0])  # file order = append order
+            cols = [c for _, c in parts]
+            out.setdefault(table, {})[rank] = (
+                cols[0] if len(cols) == 1 else {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+            )
+        return out
+
+    def _decode_parallel(
+        self,
+        segments: list[SegmentInfo],
+        tables: set[str],
+        chunks: dict[tuple[str, int], list[tuple[int, Columns]]],
+        workers: int,
+        progress: _Progress,
+    ) -> int:
+        """Each thread decodes every ``workers``-th segment with its own reader (readers are single-threaded)."""
+        readers = [open_recording(self.path) for _ in range(workers)]
+        lock = threading.Lock()
+        done = [0]
+
+        def work(i: int) -> None:
+            for seg in segments[i::workers]:
+                local: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
+                self._collect(readers[i], seg, tables, local)
+                with lock:
+                    for key, parts in local.items():
+                        chunks.setdefault(key, []).extend(parts)
+                    done[0] += seg.length
+
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="traceml-replay-load") as pool:
+                pending: set[Future[None]] = {pool.submit(work, i) for i in range(workers)}
+                while pending:
+                    finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+                    with lock:
+                        progress.update(done[0])
+        finally:
+            for r in readers:
+                r.close()
+        return done[0]
+
+    def _collect(
+        self,
+        reader: TmlReader,
+        seg: SegmentInfo,
+        tables: set[str],
+        into: dict[tuple[str, int], list[tuple[int, Columns]]],
+    ) -> None:
+        try:
+            batches = reader.read_segment(seg)
+        except FormatError as exc:
+            with self._lock:
+                self._damage.setdefault(
+                    seg.offset,
+                    {"offset": seg.offset, "length": seg.length, "reason": f"SEGMENT at byte {seg.offset}: {exc}"},
+                )
+            return
+        for rank, table, cols in batches:
+            if table in tables and cols:
+                into.setdefault((table, rank), []).append((seg.offset, cols))
+
+    # -- the store view -----------------------------------------------------------------
+    def store(self, tables: Iterable[str] | None = None) -> ColumnStore:
+        """A new unbounded ColumnStore filled from the file, as the aggregator's was at the end."""
+        loaded = self.load(tables)
+        store = ColumnStore(capacity=None, meta=self.meta)
+        schemas = self.schemas
+        for table, per_rank in sorted(loaded.items()):
+            schema = schemas.get(table) or STANDARD_TABLES.get(table)
+            if schema is not None:
+                store.add_schema(schema)
+            for rank, cols in per_rank.items():
+                store.append(rank, table, cols, schema)
+        for info in self.rank_infos(loaded).values():
+            store.set_rank(info)
+        for name, data in self.attachments.items():
+            store.attach(name, data)
+        store.set_integrity(self.integrity)
+        return store
+
+    def view(self) -> StoreView:
+        """The whole recording as a :class:`StoreView` (loaded once, then cached)."""
+        if self._view is None or self.follow:
+            self._view = self.store().snapshot()
+        return self._view
+
+    # -- follow mode -------------------------------------------------------------------
+    def poll(self) -> list[tuple[int, str, Columns]]:
+        """Follow mode: the batches written since open or the previous poll."""
+        try:
+            batches = self._reader.poll()
+        except FormatError as exc:
+            raise ReplayError(f"following {self.path}: {exc}") from exc
+        if batches:
+            with self._lock:  # what was loaded is stale now: the next load() reads the index again
+                self._tables.clear()
+                self._view = None
+        return batches
+
+    @property
+    def finished(self) -> bool:
+        """The writer closed the file (it has its footer)."""
+        return bool(self._reader.integrity["status"] == "complete")
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Recording({str(self.path)!r}, ranks={self.ranks}, tables={self.tables}, {self.integrity['status']})"
+
+
+def _rank_dicts(attachments: Mapping[str, Any]) -> list[dict[str, Any]]:
+    doc = attachments.get("ranks")
+    ranks = doc.get("ranks") if isinstance(doc, Mapping) else None
+    return [dict(r) for r in ranks if isinstance(r, Mapping)] if isinstance(ranks, list) else []
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _empty(schema: TableSchema | None) -> Columns:
+    if schema is None:
+        return {}
+    from traceml.schema import empty_columns
+
+    return {
+        k: (v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)) for k, v in empty_columns(schema).items()
+    }
+
+
+def _trim(cols: Columns, steps: Bounds | None, time_: Bounds | None) -> Columns:
+    mask: np.ndarray | None = None
+    for column, bounds in (("step", steps), ("ts_ns", time_)):
+        if bounds is None or column not in cols:
+            continue
+        values = cols[column]
+        keep = np.ones(len(values), dtype=bool)
+        if bounds[0] is not None:
+            keep &= values >= bounds[0]
+        if bounds[1] is not None:
+            keep &= values <= bounds[1]
+        mask = keep if mask is None else mask & keep
+    if mask is None or mask.all():
+        return cols
+    return {k: v[mask] for k, v in cols.items()}
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    follow: bool = False,
+    progress: bool | None = None,
+    workers: int | None = None,
+) -> Recording:
+    """Open a ``.tml`` recording for replay.  Reads only the header and index; rows load on demand.
+
+    ``follow=True`` tails a file still being written (see :meth:`Recording.poll`).
+    ``progress``: None shows a bar on stderr for big or slow loads, True always, False never.
+    Raises :class:`~traceml.errors.ReplayError` for a missing path and the format's errors
+    (``NotATmlFileError``, ``UnsupportedVersionError``, ...) for a file that cannot be opened at all.
+    """
+    return Recording(path, follow=follow, progress=progress, workers=workers)

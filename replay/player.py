@@ -1,0 +1,335 @@
+"""Terminal replay: play a recording through the live terminal view, or tail one being written.
+
+:class:`Playback` feeds an unbounded :class:`ColumnStore` in the run's own time order (rows
+whose ``ts_ns`` is due), so the live terminal driver draws it exactly as it drew the run; at
+the end it holds what :meth:`Recording.view` holds.  The clock is injected: ``--speed max``
+jumps to the end.  A window (``--from`` / ``--to``) keeps only the rows inside it: times are
+seconds since the run's start, ``step:N`` are step numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from replay.engine import END_ATTACHMENTS, META_RECORDING_BYTES, META_STATUS, Columns, Recording
+from traceml.errors import ConfigError
+from traceml.schema import STANDARD_TABLES
+from traceml.store import ColumnStore, RankInfo, StoreView
+
+#: how often playback moves its clock (the terminal driver redraws on its own clock)
+TICK_S = 0.05
+#: how often follow mode looks for new records
+POLL_S = 0.5
+
+_BOUND = re.compile(r"^\s*(?:(step)\s*[:=]\s*(-?\d+)|(-?\d+(?:\.\d*)?|\.\d+)\s*s?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One end of a replay window: ``kind`` "time" (seconds since start) or "step"."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"step:{int(self.value)}" if self.kind == "step" else f"{self.value:g}s"
+
+
+def parse_bound(text: str, option: str = "--from") -> Bound:
+    """``"90"`` / ``"90s"`` / ``"12.5"`` -> seconds since the start; ``"step:500"`` -> step 500."""
+    m = _BOUND.match(text or "")
+    if not m:
+        raise ConfigError(
+            f"{option} {text!r}: expected seconds since the start (e.g. 90 or 12.5) or a step as step:N (e.g. step:500)"
+        )
+    if m.group(1):
+        value = float(int(m.group(2)))
+        kind = "step"
+    else:
+        value = float(m.group(3))
+        kind = "time"
+    if value < 0:
+        raise ConfigError(f"{option} {text!r}: expected a value >= 0")
+    return Bound(kind, value)
+
+
+def parse_speed(text: str | float | None) -> float | None:
+    """``1`` / ``10`` / any positive number -> that speed-up; ``max`` -> None (jump to the end)."""
+    if text is None:
+        return 1.0
+    if isinstance(text, str) and text.strip().lower() in ("max", "inf", "end"):
+        return None
+    try:
+        speed = float(text)
+    except ValueError as exc:
+        raise ConfigError(f"--speed {text!r}: expected 1, 10, another positive number, or max") from exc
+    if not (speed > 0 and math.isfinite(speed)):
+        raise ConfigError(f"--speed {text!r}: expected a positive number or max")
+    return speed
+
+
+@dataclass(frozen=True)
+class Window:
+    """Absolute bounds: ``t_lo``/``t_hi`` wall-clock ns and ``step_lo``/``step_hi`` (None = open)."""
+
+    t_lo: int | None = None
+    t_hi: int | None = None
+    step_lo: int | None = None
+    step_hi: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.t_lo is None and self.t_hi is None and self.step_lo is None and self.step_hi is None
+
+
+def resolve_window(
+    tables: Mapping[str, Mapping[int, Columns]], start_ns: int, lo: Bound | None, hi: Bound | None
+) -> Window:
+    """Turn ``--from`` / ``--to`` into absolute bounds; step bounds also bound time (for tables without steps)."""
+    t_lo = None if lo is None or lo.kind != "time" else start_ns + int(lo.value * 1e9)
+    t_hi = None if hi is None or hi.kind != "time" else start_ns + int(hi.value * 1e9)
+    s_lo = None if lo is None or lo.kind != "step" else int(lo.value)
+    s_hi = None if hi is None or hi.kind != "step" else int(hi.value)
+    if s_lo is not None and s_hi is not None and s_hi < s_lo:
+        raise ConfigError(f"--to step:{s_hi} is before --from step:{s_lo}")
+    if t_lo is not None and t_hi is not None and t_hi < t_lo:
+        raise ConfigError(f"--to {hi} is before --from {lo}")
+    if s_lo is not None or s_hi is not None:
+        # the wall-clock span of the chosen steps, so process and system samples follow them
+        starts, ends = [], []
+        for cols in tables.get("step_time", {}).values():
+            step, ts = cols["step"], cols["ts_ns"]
+            keep = np.ones(len(step), dtype=bool)
+            if s_lo is not None:
+                keep &= step >= s_lo
+            if s_hi is not None:
+                keep &= step <= s_hi
+            if keep.any():
+                idx = np.flatnonzero(keep)
+                starts.append(int(ts[idx[0]]) - max(int(cols["step_us"][idx[0]]), 0) * 1000)
+                ends.append(int(ts[idx[-1]]))
+        if s_lo is not None and starts:
+            t_lo = max(t_lo, min(starts)) if t_lo is not None else min(starts)
+        if s_hi is not None and ends:
+            t_hi = min(t_hi, max(ends)) if t_hi is not None else max(ends)
+    return Window(t_lo, t_hi, s_lo, s_hi)
+
+
+def _in_window(cols: Columns, w: Window) -> Columns:
+    """Rows inside the window: each side is a step bound (tables with steps) or a time bound."""
+    if w.whole or not cols:
+        return cols
+    n = len(next(iter(cols.values())))
+    keep = np.ones(n, dtype=bool)
+    has_step = "step" in cols
+    for side, step_bound, t_bound in (("lo", w.step_lo, w.t_lo), ("hi", w.step_hi, w.t_hi)):
+        if has_step and step_bound is not None:
+            values, bound = cols["step"], step_bound
+        elif "ts_ns" in cols and t_bound is not None:
+            values, bound = cols["ts_ns"], t_bound
+        else:
+            continue
+        keep &= (values >= bound) if side == "lo" else (values <= bound)
+    return cols if keep.all() else {k: v[keep] for k, v in cols.items()}
+
+
+class _Stream:
+    __slots__ = ("table", "rank", "cols", "due", "sent", "n")
+
+    def __init__(self, table: str, rank: int, cols: Columns) -> None:
+        self.table = table
+        self.rank = rank
+        self.cols = cols
+        self.n = len(next(iter(cols.values()))) if cols else 0
+        ts = cols.get("ts_ns")
+        # when each row is due: the running max of ts keeps the file's order when ts is not sorted
+        self.due = np.maximum.accumulate(ts) if ts is not None and self.n else np.zeros(self.n, dtype=np.int64)
+        self.sent = 0
+
+
+class Playback:
+    """Replays a loaded recording into a fresh unbounded store, row time by row time."""
+
+    def __init__(self, rec: Recording, start: Bound | None = None, end: Bound | None = None) -> None:
+        self.recording = rec
+        tables = rec.load()
+        self.window = resolve_window(tables, rec.start_ns, start, end)
+        self._schemas = rec.schemas
+        self._streams: list[_Stream] = []
+        for table, per_rank in sorted(tables.items()):
+            for rank, cols in sorted(per_rank.items()):
+                part = _in_window(cols, self.window)
+                s = _Stream(table, rank, part)
+                if s.n:
+                    self._streams.append(s)
+        dues = [int(s.due[0]) for s in self._streams] + [int(s.due[-1]) for s in self._streams]
+        self.t_begin = self.window.t_lo if self.window.t_lo is not None else (min(dues) if dues else rec.start_ns)
+        self.t_end = max(dues) if dues else self.t_begin
+        if self.window.t_hi is not None:
+            self.t_end = min(self.t_end, self.window.t_hi)
+        self.t_end = max(self.t_end, self.t_begin)
+        self._final_infos = rec.rank_infos(tables)
+        meta = rec.meta
+        self._final_status = meta[META_STATUS]
+        self.store = ColumnStore(capacity=None, meta={**meta, META_STATUS: "running"})
+        for name, data in rec.attachments.items():
+            if name not in END_ATTACHMENTS:
+                self.store.attach(name, data)
+        self.store.set_integrity(rec.integrity)
+        self.now_ns = self.t_begin
+        self.finished = False
+
+    @property
+    def duration_s(self) -> float:
+        return (self.t_end - self.t_begin) / 1e9
+
+    def advance_to(self, t_ns: float) -> int:
+        """Append every row due by ``t_ns``; returns how many."""
+        added = 0
+        appeared: list[int] = []
+        for s in self._streams:
+            if s.sent >= s.n:
+                continue
+            upto = s.n if t_ns >= s.due[-1] else int(np.searchsorted(s.due, t_ns, side="right"))
+            if upto > s.sent:
+                if s.sent == 0:
+                    appeared.append(s.rank)
+                part = {k: v[s.sent : upto] for k, v in s.cols.items()}
+                self.store.append(s.rank, s.table, part, self._schemas.get(s.table) or STANDARD_TABLES.get(s.table))
+                added += upto - s.sent
+                s.sent = upto
+        for rank in appeared:
+            current = self.store.rank_info(rank)
+            if current is None or current.state == "unknown":
+                final = self._final_infos.get(rank, RankInfo(rank=rank))
+                self.store.set_rank(replace(final, state="connected", exit_status="", died_ns=0))
+        self.now_ns = int(max(self.now_ns, min(t_ns, self.t_end)))
+        return added
+
+    @property
+    def done(self) -> bool:
+        return all(s.sent >= s.n for s in self._streams)
+
+    def finish(self) -> StoreView:
+        """Everything appended, the run's end state (rank table, exit, summary, status) set."""
+        self.advance_to(math.inf)
+        for info in self._final_infos.values():
+            self.store.set_rank(info)
+        for name in END_ATTACHMENTS:
+            if name in self.recording.attachments:
+                self.store.attach(name, self.recording.attachments[name])
+        self.store.set_meta(**{META_STATUS: self._final_status})
+        self.finished = True
+        return self.store.snapshot()
+
+    def snapshot(self) -> StoreView:
+        return self.store.snapshot()
+
+
+def print_end_state(view: StoreView, console: Console, *, final: bool = True) -> None:
+    """The live view of ``view`` printed once (``--speed max``), then the end-of-run summary."""
+    from traceml.drivers.terminal import print_final
+    from traceml.renderers.terminal import render_live
+    from traceml.views import live_model
+
+    console.print(render_live(live_model(view)))
+    if final:
+        print_final(view, console)
+
+
+def play(
+    rec: Recording,
+    *,
+    speed: float | None,
+    start: Bound | None = None,
+    end: Bound | None = None,
+    console: Console | None = None,
+    refresh_s: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> StoreView:
+    """Play ``rec`` through the live terminal view at ``speed`` (None = jump to the end).  Returns the end view."""
+    from traceml.drivers.terminal import TerminalDriver
+
+    console = console or Console()
+    playback = Playback(rec, start, end)
+    if speed is None:
+        view = playback.finish()
+        print_end_state(view, console)
+        return view
+    driver = TerminalDriver(playback.snapshot, console=console, refresh_s=refresh_s)
+    driver.start()
+    interrupted = False
+    try:
+        began = clock()
+        while True:
+            t = playback.t_begin + (clock() - began) * speed * 1e9
+            playback.advance_to(t)
+            if t >= playback.t_end:
+                break
+            sleep(min(TICK_S, max((playback.t_end - t) / 1e9 / speed, 0.001)))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        view = playback.snapshot() if interrupted else playback.finish()
+        driver.stop(final_view=view)
+    return view
+
+
+def follow(
+    rec: Recording,
+    *,
+    console: Console | None = None,
+    poll_s: float = POLL_S,
+    refresh_s: float = 0.5,
+    stop: threading.Event | None = None,
+) -> StoreView:
+    """Tail a recording being written: draw the live view until the file gets its footer, Ctrl-C, or ``stop``."""
+    from traceml.drivers.terminal import TerminalDriver
+
+    console = console or Console()
+    store = rec.store()
+    store.set_meta(**{META_STATUS: "running" if not rec.finished else rec.meta[META_STATUS]})
+    driver = TerminalDriver(store.snapshot, console=console, refresh_s=refresh_s)
+    driver.start()
+    stop = stop or threading.Event()
+    try:
+        while not rec.finished and not stop.is_set():
+            stop.wait(poll_s)
+            apply_batches(rec, store, rec.poll())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for info in rec.rank_infos().values():
+            if info.state != "unknown" or store.rank_info(info.rank) is None:
+                store.set_rank(info)
+        for name, data in rec.attachments.items():
+            store.attach(name, data)
+        meta = rec.meta
+        store.set_meta(**{META_STATUS: meta[META_STATUS], META_RECORDING_BYTES: meta[META_RECORDING_BYTES]})
+        store.set_integrity(rec.integrity)
+        view = store.snapshot()
+        driver.stop(final_view=view)
+    return view
+
+
+def apply_batches(rec: Recording, store: ColumnStore, batches: list[tuple[int, str, Columns]]) -> None:
+    """Append polled ``batches`` to ``store`` and refresh what the file added (attachments, size)."""
+    schemas = rec.schemas
+    for rank, table, cols in batches:
+        store.append(rank, table, cols, schemas.get(table) or STANDARD_TABLES.get(table))
+        if store.rank_info(rank) is None or store.rank_info(rank) == RankInfo(rank=rank):
+            store.update_rank(rank, state="connected")
+    for name, data in rec.attachments.items():
+        if name not in END_ATTACHMENTS:
+            store.attach(name, data)
+    store.set_meta(**{META_RECORDING_BYTES: rec.meta[META_RECORDING_BYTES]})

@@ -1,0 +1,205 @@
+"""Figure renderers and the web driver's pure parts (no browser): traces, highlighting, limits, inputs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from replay.synthetic import store_from_run, synthetic_run
+from traceml.drivers import web
+from traceml.errors import ConfigError
+from traceml.renderers import figures
+from traceml.schema import PHASES
+from traceml.store import ColumnStore
+from traceml.views import series
+
+
+@pytest.fixture(scope="module")
+def view():
+    return store_from_run(synthetic_run(ranks=3, steps=600, slow_rank=1, gpu=True, seed=5)).snapshot()
+
+
+def annotations(fig) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_breakdown_figure_stacks_the_chosen_phases_with_median_and_p95(view) -> None:
+    bd = series.step_breakdown(view)
+    fig = figures.step_breakdown_figure(bd)
+    stacked = [t for t in fig.data if t.stackgroup == "phases"]
+    assert [t.name for t in stacked] == list(PHASES)
+    names = [t.name for t in fig.data]
+    assert any(n.startswith("median ") for n in names) and any(n.startswith("p95 ") for n in names)
+    fewer = figures.step_breakdown_figure(bd, phases=["forward", "backward"])
+    assert [t.name for t in fewer.data if t.stackgroup == "phases"] == ["forward", "backward"]
+
+
+def test_rank_figure_highlights_the_slowest_rank(view) -> None:
+    rs = series.rank_steps(view)
+    fig = figures.rank_steps_figure(rs)
+    by_rank = {t.meta["rank"]: t for t in fig.data}
+    assert set(by_rank) == {0, 1, 2}
+    assert by_rank[1].line.color == figures.SLOWEST_COLOR and "slowest" in by_rank[1].name
+    assert by_rank[1].line.width > by_rank[0].line.width
+    assert "slowest" not in by_rank[0].name and by_rank[0].line.color != figures.SLOWEST_COLOR
+    assert fig.data[-1].meta["rank"] == 1  # drawn on top
+    assert "skew" in fig.layout.title.text
+
+
+def test_heatmap_has_one_row_per_rank(view) -> None:
+    fig = figures.rank_heatmap_figure(series.rank_steps(view, ranks=[0, 2]))
+    (heat,) = fig.data
+    assert list(heat.y) == ["rank 0", "rank 2"]
+    assert len(heat.z) == 2 and len(heat.z[0]) == len(heat.x)
+
+
+def test_compare_mode_overlays_b_dashed(view) -> None:
+    other = store_from_run(synthetic_run(ranks=2, steps=300, seed=9)).snapshot()
+    labels = ("A", "B")
+    fig = figures.step_breakdown_figure(
+        series.step_breakdown(view), compare=series.step_breakdown(other), labels=labels
+    )
+    b = [t for t in fig.data if t.name.startswith("B · ")]
+    assert b and all(t.line.dash in ("dash", "dashdot") for t in b)
+    assert all(t.name.startswith(("A · ", "B · ")) for t in fig.data)
+    rs = figures.rank_steps_figure(series.rank_steps(view), compare=series.rank_steps(other), labels=labels)
+    assert sorted(t.meta["rank"] for t in rs.data if t.name.startswith("B · ")) == [0, 1]
+    tp = figures.throughput_figure(series.throughput(view), compare=series.throughput(other), labels=labels)
+    assert [t.name for t in tp.data] == ["A · steps/s", "B · steps/s"]
+
+
+def test_missing_data_says_not_recorded() -> None:
+    cpu_only = store_from_run(synthetic_run(ranks=1, steps=100, gpu=False)).snapshot()
+    sysm = series.system_series(cpu_only)
+    assert any("not recorded" in a for a in annotations(figures.gpu_figure(sysm)))
+    assert not figures.gpu_figure(sysm).data
+    mem = figures.memory_figure(series.memory_series(cpu_only))
+    assert any("GPU memory: not recorded" in a for a in annotations(mem))
+    empty = ColumnStore().snapshot()
+    assert "no steps recorded" in annotations(figures.step_breakdown_figure(series.step_breakdown(empty)))
+    assert "memory: not recorded" in annotations(figures.memory_figure(series.memory_series(empty)))
+    assert "system CPU / RAM: not recorded" in annotations(figures.system_figure(series.system_series(empty)))
+
+
+def test_gpu_figure_draws_four_panels_per_gpu(view) -> None:
+    fig = figures.gpu_figure(series.system_series(view))
+    groups = {t.meta["group"] for t in fig.data}
+    assert groups == {"node 0 GPU 0", "node 0 GPU 1", "node 0 GPU 2"}
+    assert len(fig.data) == 4 * len(groups)
+    assert sum(1 for t in fig.data if t.showlegend is not False) == len(groups)
+
+
+def test_no_trace_sends_more_than_the_cap_for_a_long_run() -> None:
+    big = store_from_run(synthetic_run(ranks=2, steps=200_000, gpu=True, sample_every=20)).snapshot()
+    rs = series.rank_steps(big)
+    sysm = series.system_series(big)
+    figs = [
+        figures.step_breakdown_figure(series.step_breakdown(big)),
+        figures.rank_steps_figure(rs),
+        figures.throughput_figure(series.throughput(big)),
+        figures.memory_figure(series.memory_series(big)),
+        figures.system_figure(sysm),
+        figures.gpu_figure(sysm),
+    ]
+    assert all(figures.max_points(f) <= series.MAX_POINTS for f in figs)
+    heat = figures.rank_heatmap_figure(rs)
+    assert figures.max_points(heat) <= 2 * series.HEATMAP_BUCKETS
+    assert all(len(f.to_json()) < 400_000 for f in figs)
+    assert max(t.meta["points"] for t in figs[1].data) == 200_000
+
+
+# --- web driver, pure parts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("relayout", "expected"),
+    [
+        ({"xaxis.range[0]": 10.2, "xaxis.range[1]": 20.9}, (11, 20)),
+        ({"xaxis.range": [30, 5]}, (5, 30)),
+        ({"xaxis.range[0]": 7.2, "xaxis.range[1]": 7.6}, (7, 7)),
+        ({"xaxis.autorange": True, "yaxis.autorange": True}, None),
+        ({"autosize": True}, False),
+        ({"yaxis.range[0]": 1, "yaxis.range[1]": 2}, False),
+        ({"xaxis.range": ["a", "b"]}, False),
+        (None, False),
+    ],
+)
+def test_parse_step_range(relayout, expected) -> None:
+    assert web.parse_step_range(relayout) == expected
+
+
+def test_model_cache_reuses_models_per_view_object() -> None:
+    cache = web._ModelCache(size=2)
+    a = ColumnStore().snapshot()
+    b = ColumnStore().snapshot()
+    calls = []
+
+    def build() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert cache.get(a, ("k",), build) == 1
+    assert cache.get(a, ("k",), build) == 1
+    assert cache.get(b, ("k",), build) == 2  # another snapshot: rebuilt
+    assert cache.get(a, ("other",), build) == 3
+    assert cache.get(a, ("k",), build) == 4  # evicted (size 2)
+
+
+def test_app_layout_has_the_stable_ids(view) -> None:
+    app = web.build_app(lambda: view, live=False)
+    layout = json.dumps(app.layout().to_plotly_json(), default=lambda o: o.to_plotly_json())
+    for fid in (
+        *web.FIGURE_IDS,
+        "rank-filter",
+        "phase-toggle",
+        "step-range",
+        "range-reset",
+        "diagnosis-panel",
+        "meta-panel",
+        "integrity-panel",
+    ):
+        assert f'"{fid}"' in layout
+    with pytest.raises(ConfigError, match="refresh_s"):
+        web.build_app(lambda: view, live=True, refresh_s=0)
+
+
+def test_web_server_binds_loopback_and_refuses_a_busy_port(view) -> None:
+    app = web.build_app(lambda: view, live=False)
+    server = web.WebServer(app, "127.0.0.1", 0)
+    try:
+        assert server.url.startswith("http://127.0.0.1:")
+        with pytest.raises(ConfigError, match="choose another --port"):
+            web.WebServer(app, "127.0.0.1", server.port)
+    finally:
+        server.stop()
+    assert web.is_loopback("127.0.0.1") and web.is_loopback("::1") and web.is_loopback("localhost")
+    assert not web.is_loopback("0.0.0.0")
+
+
+def test_serve_answers_http_until_stopped(view) -> None:
+    import urllib.request
+
+    stop = threading.Event()
+    urls: list[str] = []
+
+    def announce(msg: str) -> None:
+        if "http://" in msg:
+            urls.append(msg.split()[2])
+
+    thread = threading.Thread(
+        target=web.serve, args=(lambda: view,), kwargs={"live": False, "port": 0, "stop": stop, "announce": announce}
+    )
+    thread.start()
+    try:
+        for _ in range(200):
+            if urls:
+                break
+            stop.wait(0.05)
+        with urllib.request.urlopen(urls[0] + "_dash-layout", timeout=10) as resp:
+            body = json.loads(resp.read())
+        assert "fig-step-breakdown" in json.dumps(body)
+    finally:
+        stop.set()
+        thread.join()
