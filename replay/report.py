@@ -17,25 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from traceml.diagnosis import build_summary, job_series, step_data
+from traceml.diagnosis import build_summary
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.memory import fmt_bytes
 from traceml.errors import ReportError, TracemlError
-from traceml.schema import PHASES
+from traceml.renderers import figures as fg
 from traceml.store import StoreView
+from traceml.views import series as sv
 
 REPORT_HTML = "report.html"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-#: at most this many points per trace in report charts (step buckets are averaged)
-MAX_POINTS = 2000
 
 _SEVERITY_COLOR = {"critical": "#b91c1c", "warn": "#b45309", "info": "#1d4ed8"}
-_PHASE_COLOR = dict(zip(PHASES, ("#66c2a5", "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#b3b3b3"), strict=True))
 
 
 @dataclass(frozen=True)
@@ -88,135 +85,24 @@ def check_embedded(embedded: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
 # --- figures (pure) -------------------------------------------------------------------------------
 
 
-def _bucketed(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of y over equal buckets of consecutive points, so a long run stays a light chart."""
-    n = len(x)
-    if n <= max_points:
-        return x, y
-    k = int(np.ceil(n / max_points))
-    m = n // k * k
-    xb = x[:m].reshape(-1, k).mean(axis=1)
-    with np.errstate(all="ignore"):
-        yb = np.nanmean(y[:m].reshape(-1, k), axis=1)
-    if m < n:
-        xb = np.append(xb, x[m:].mean())
-        yb = np.append(yb, np.nanmean(y[m:]) if np.isfinite(y[m:]).any() else np.nan)
-    return xb, yb
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 340) -> go.Figure:
-    fig.update_layout(
-        title={"text": title, "x": 0.01},
-        template="plotly_white",
-        height=height,
-        margin={"l": 60, "r": 20, "t": 50, "b": 45},
-        legend={"orientation": "h", "y": -0.25},
-        xaxis_title=x,
-        yaxis_title=y,
-    )
-    return fig
-
-
-def _empty(fig: go.Figure, text: str) -> go.Figure:
-    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
-
-
-def step_breakdown_figure(view: StoreView) -> go.Figure:
-    """Stacked phases per analysed step (job view: mean over ranks), in ms."""
-    fig = _layout(go.Figure(), "Step time breakdown (mean over ranks)", "step", "ms")
-    job = job_series(step_data(view))
-    if not len(job["steps"]):
-        return _empty(fig, "no steps recorded")
-    for p in PHASES:
-        x, y = _bucketed(job["steps"], job[p] / 1000)
-        if np.isfinite(y).any():
-            fig.add_trace(
-                go.Scatter(x=x, y=y, name=p, mode="lines", stackgroup="phases", line={"color": _PHASE_COLOR[p]})
-            )
-    return fig
-
-
-def rank_skew_figure(view: StoreView) -> go.Figure:
-    """Per rank: median of each phase, stacked, so the slow rank and its phase stand out."""
-    fig = _layout(go.Figure(), "Per-rank median step (ms)", "rank", "ms")
-    data = step_data(view)
-    if data.empty:
-        return _empty(fig, "no steps recorded")
-    ranks = [f"rank {r}" for r in data.ranks]
-    for p in PHASES:
-        med = [
-            float(np.nanmedian(data.per_rank[r].phases[p])) if data.per_rank[r].measured(p) else 0.0 for r in data.ranks
-        ]
-        fig.add_trace(go.Bar(x=ranks, y=np.asarray(med) / 1000, name=p, marker_color=_PHASE_COLOR[p]))
-    fig.update_layout(barmode="stack")
-    return fig
-
-
-def _time_s(ts: np.ndarray, origin: int) -> np.ndarray:
-    return (np.asarray(ts, np.int64) - origin) / 1e9
-
-
-def _origin(view: StoreView) -> int:
-    firsts = [int(np.min(c["ts_ns"])) for c in view.tables.values() if "ts_ns" in c and len(c["ts_ns"])]
-    return min(firsts) if firsts else 0
-
-
-def memory_figure(view: StoreView) -> go.Figure:
-    fig = _layout(go.Figure(), "Memory per rank (GiB)", "time since start (s)", "GiB")
-    origin = _origin(view)
-    drawn = False
-    for r in view.table_ranks("process"):
-        cols = view.columns("process", r)
-        t = _time_s(cols["ts_ns"], origin)
-        for col, label, dash in (("rss_bytes", "RSS", "solid"), ("gpu_alloc_bytes", "GPU allocated", "dash")):
-            v = np.asarray(cols[col], np.float64)
-            ok = v >= 0
-            if ok.any():
-                x, y = _bucketed(t[ok], v[ok] / 2**30)
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"rank {r} {label}", line={"dash": dash}))
-                drawn = True
-    for r in view.table_ranks("step_memory"):
-        cols = view.columns("step_memory", r)
-        v = np.asarray(cols["peak_alloc_bytes"], np.float64)
-        ok = v >= 0
-        if ok.any():
-            x, y = _bucketed(_time_s(cols["ts_ns"], origin)[ok], v[ok] / 2**30)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"rank {r} GPU step peak", line={"dash": "dot"}))
-            drawn = True
-    return fig if drawn else _empty(fig, "memory: not recorded")
-
-
-def system_figure(view: StoreView) -> go.Figure:
-    fig = _layout(go.Figure(), "System: host CPU and GPU utilization (%)", "time since start (s)", "%")
-    origin = _origin(view)
-    drawn = False
-    for r in view.table_ranks("system"):
-        cols = view.columns("system", r)
-        v = np.asarray(cols["cpu_pct"], np.float64)
-        x, y = _bucketed(_time_s(cols["ts_ns"], origin), v)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"node {int(cols['node_rank'][0])} CPU"))
-        drawn = True
-    for r in view.table_ranks("system_gpu"):
-        cols = view.columns("system_gpu", r)
-        node, idx = np.asarray(cols["node_rank"]), np.asarray(cols["gpu_idx"])
-        for n, g in sorted({(int(a), int(b)) for a, b in zip(node, idx, strict=True)}):
-            sel = (node == n) & (idx == g)
-            x, y = _bucketed(_time_s(cols["ts_ns"][sel], origin), np.asarray(cols["util_pct"], np.float64)[sel])
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"node {n} GPU {g} util", line={"dash": "dash"}))
-            drawn = True
-    return fig if drawn else _empty(fig, "system metrics: not recorded")
-
-
 def figures(view: StoreView) -> list[tuple[str, go.Figure]]:
-    return [
-        ("steps", step_breakdown_figure(view)),
-        ("ranks", rank_skew_figure(view)),
-        ("memory", memory_figure(view)),
-        ("system", system_figure(view)),
+    """The report's charts, drawn by the same renderers as the live and replay dashboards."""
+    ranks = sv.rank_steps(view)
+    system = sv.system_series(view)
+    charts = [
+        ("steps", fg.step_breakdown_figure(sv.step_breakdown(view))),
+        ("ranks", fg.rank_steps_figure(ranks)),
     ]
+    if len(ranks.stats) > 1:
+        charts.append(("heatmap", fg.rank_heatmap_figure(ranks)))
+    charts += [
+        ("throughput", fg.throughput_figure(sv.throughput(view))),
+        ("memory", fg.memory_figure(sv.memory_series(view))),
+        ("system", fg.system_figure(system)),
+    ]
+    if system.gpu_recorded:
+        charts.append(("gpus", fg.gpu_figure(system)))
+    return charts
 
 
 # --- documents ------------------------------------------------------------------------------------

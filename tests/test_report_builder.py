@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 from test_diagnosis_summary import SCHEMA_PATH, rich_view
 from test_diagnosis_support import RunBuilder
@@ -16,7 +15,9 @@ from test_diagnosis_support import RunBuilder
 from replay import report as rp
 from traceml.diagnosis import build_summary
 from traceml.errors import ReportError
+from traceml.renderers import figures as fg
 from traceml.store import StoreView
+from traceml.views import series as sv
 
 EXTERNAL = re.compile(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*['\"]?(https?:)?//", re.I)
 
@@ -38,9 +39,10 @@ def test_html_is_self_contained_with_every_section(built: rp.Report) -> None:
     assert EXTERNAL.search(page) is None, "report.html must open offline: no external script/link/img"
     assert "<script src" not in page.lower()
     assert len(page) > 3_000_000  # the plotly.js bundle is inlined
-    for name in ("steps", "ranks", "memory", "system"):
+    charts = ("steps", "ranks", "heatmap", "throughput", "memory", "system", "gpus")
+    for name in charts:
         assert f'id="chart-{name}"' in page
-    assert page.count("Plotly.newPlot(") == 4
+    assert page.count("Plotly.newPlot(") == len(charts)
     for section in (
         "Diagnosis — whole run",
         "Diagnosis — last 100 steps",
@@ -93,10 +95,15 @@ def test_empty_recording_still_reports() -> None:
     assert "memory: not recorded" in rep.html
 
 
-def test_long_runs_are_bucketed_in_charts() -> None:
+def test_long_runs_are_reduced_in_charts() -> None:
     view = RunBuilder().steps(0, 12_000, noise=0.01).steps(1, 12_000, noise=0.01).view()
-    fig = rp.step_breakdown_figure(view)
-    assert fig.data and max(len(t.x) for t in fig.data) <= rp.MAX_POINTS
+    for _, fig in rp.figures(view):
+        assert fg.max_points(fig) <= sv.MAX_POINTS
+
+
+def test_single_rank_cpu_run_has_no_heatmap_or_gpu_chart() -> None:
+    names = [name for name, _ in rp.figures(RunBuilder().steps(0, 30).view())]
+    assert names == ["steps", "ranks", "throughput", "memory", "system"]
 
 
 def test_write_documents_and_errors(tmp_path: Path, built: rp.Report) -> None:
@@ -110,10 +117,3 @@ def test_write_documents_and_errors(tmp_path: Path, built: rp.Report) -> None:
         rp.write_documents(built, blocker / "sub")
     with pytest.raises(ReportError, match="not found"):
         rp.load_view(tmp_path / "missing.tml")
-
-
-def test_bucketing_keeps_means() -> None:
-    x = np.arange(10, dtype=float)
-    xb, yb = rp._bucketed(x, x * 2, max_points=3)
-    assert len(xb) <= 4
-    assert np.allclose(yb, xb * 2)
