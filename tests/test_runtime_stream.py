@@ -1,0 +1,464 @@
+"""The rank runtime against a real TelemetryServer on 127.0.0.1: in-process agents, real
+subprocesses (plain python, the executor) and a real 2-rank torchrun with gloo + DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import traceml
+from traceml.config import RankConfig
+from traceml.errors import ConfigError
+from traceml.runtime import patches
+from traceml.runtime.agent import Agent
+from traceml.transport import BaseHandler, Connection, RankIdentity, TelemetryServer, decode_tables
+
+SCRIPT = Path(__file__).parent / "scripts" / "runtime_train.py"
+TOKEN = "runtime-test-token"
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+
+
+class Collector(BaseHandler):
+    """Keeps everything the server hands over, per rank."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hellos: list[Connection] = []
+        self.messages: list[tuple[int, dict[str, Any]]] = []
+        self.closes: list[tuple[int, str]] = []
+
+    def on_hello(self, conn: Connection) -> None:
+        with self.lock:
+            self.hellos.append(conn)
+
+    def on_message(self, conn: Connection, msg: dict[str, Any]) -> None:
+        with self.lock:
+            self.messages.append((conn.rank, msg))
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        with self.lock:
+            self.closes.append((conn.rank, reason))
+
+    def of_kind(self, kind: str, rank: int | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for r, m in self.messages if m["kind"] == kind and (rank is None or r == rank)]
+
+    def column(self, table: str, col: str, rank: int = 0) -> list[Any]:
+        out: list[Any] = []
+        for msg in self.of_kind("batch", rank):
+            tables = decode_tables(msg["tables"])
+            if table in tables:
+                out.extend(list(tables[table][1][col]))
+        return out
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gave up waiting for {what}; got kinds {[m['kind'] for _, m in self.messages]}")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[TelemetryServer, Collector]]:
+    handler = Collector()
+    srv = TelemetryServer("127.0.0.1", 0, token=TOKEN, handler=handler).start()
+    try:
+        yield srv, handler
+    finally:
+        srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def rank_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Point this process's traceml at a port; shut traceml down afterwards."""
+    for k in list(os.environ):
+        if k.startswith("TRACEML_") or k in TORCHRUN_VARS:
+            monkeypatch.delenv(k)
+
+    def point(port: int, interval: str = "0.1") -> None:
+        monkeypatch.setenv("TRACEML_AGGREGATOR_PORT", str(port))
+        monkeypatch.setenv("TRACEML_TOKEN", TOKEN)
+        monkeypatch.setenv("TRACEML_RUN_ID", "run-test")
+        monkeypatch.setenv("TRACEML_INTERVAL", interval)
+
+    yield point
+    traceml.shutdown()
+
+
+def subprocess_env(port: int | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACEML_") and k not in TORCHRUN_VARS}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    if port is not None:
+        env.update(
+            {
+                "TRACEML_AGGREGATOR_PORT": str(port),
+                "TRACEML_TOKEN": TOKEN,
+                "TRACEML_RUN_ID": "run-test",
+                "TRACEML_INTERVAL": "0.2",
+            }
+        )
+    env.update(extra)
+    return env
+
+
+def train_in_process(steps: int, agent: Agent | None = None) -> None:
+    """Train on CPU through the public API, or through ``agent`` directly when given."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from traceml.runtime.step import Region
+
+    if agent is None:
+        trace_step, trace_time = traceml.trace_step, traceml.trace_time
+    else:
+        trace_step = agent.step_context
+
+        def trace_time(name: str) -> Region:
+            return Region(name, lambda: agent.tracker)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = DataLoader(TensorDataset(torch.randn(steps * 4, 16), torch.randint(0, 2, (steps * 4,))), batch_size=4)
+    for x, y in loader:
+        with trace_step(model):
+            with trace_time("loss"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+# --- in-process --------------------------------------------------------------------------
+
+
+def test_in_process_training_streams_every_step_and_finishes(server, rank_env):
+    srv, got = server
+    rank_env(srv.port)
+    agent = traceml.init()
+    assert agent is not None and agent.sender is not None
+    train_in_process(30)
+    traceml.shutdown()
+    assert agent.threads_alive == []
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+
+    (conn,) = got.hellos
+    assert conn.identity is not None and conn.identity.rank == 0 and conn.run_id == "run-test"
+    assert got.column("step_time", "step") == list(range(30))
+    step_us = got.column("step_time", "step_us")
+    phase_sum = [
+        sum(v)
+        for v in zip(
+            *(
+                got.column("step_time", f"{p}_us")
+                for p in ("dataloader", "h2d", "forward", "backward", "optimizer", "residual")
+            ),
+            strict=True,
+        )
+    ]
+    assert phase_sum == step_us
+    assert all(v > 0 for v in got.column("step_time", "forward_us"))
+    assert all(v > 0 for v in got.column("step_time", "dataloader_us"))
+    assert got.column("step_region", "name") == ["loss"] * 30
+    assert len(got.column("process", "rss_bytes")) >= 1
+    assert all(v > 0 for v in got.column("process", "rss_bytes"))
+    assert got.column("process", "gpu_alloc_bytes")[0] == -1  # CPU: not measured
+    assert len(got.column("system", "ram_total_bytes")) >= 1
+    seqs = [m["seq"] for m in got.of_kind("batch")]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+    (env,) = [m for m in got.of_kind("attachment") if m["name"] == "environment/rank0"]
+    data = env["data"]
+    assert data["rank"] == 0 and data["world_size"] == 1 and data["wrapper"] == "none"
+    assert data["torch"].startswith("2.") and data["host"] == socket.gethostname()
+    assert data["run_id"] == "run-test" and isinstance(data["command"], list)
+
+    (fin,) = got.of_kind("rank_finished")
+    assert fin["status"] == "ok" and fin["drops"] == {}
+    got.wait(lambda: got.closes, "connection close")
+
+
+def test_keeps_recording_while_the_server_is_down_and_drop_counts_travel(rank_env):
+    port = free_port()
+    rank_env(port)
+    cfg = RankConfig(aggregator_host="127.0.0.1", aggregator_port=port, token=TOKEN, run_id="run-test")
+    agent = Agent(
+        cfg,
+        start=False,  # flushes are driven by hand: deterministic
+        identity=RankIdentity(host="h", pid=os.getpid()),
+        capacity={"step_time": 8},
+        stream_options={"buffer_messages": 2, "connect_timeout_s": 0.2, "send_timeout_s": 0.2, "backoff_min_s": 0.01},
+    )
+    try:
+        assert agent.sender is not None
+        train_in_process(5, agent)  # 5 steps -> flush: a batch the client must buffer
+        agent.sender.flush()
+        train_in_process(20, agent)  # 20 steps into a table of 8: 12 lost before the sender took them
+        agent.sender.flush()
+        train_in_process(5, agent)
+        agent.sender.flush()  # third batch: the 2-message buffer drops the first (5 rows)
+        assert agent.tracker.step == 30  # the training loop recorded every step regardless
+        assert agent.tables["step_time"].lost == 12
+
+        handler = Collector()
+        srv = TelemetryServer("127.0.0.1", port, token=TOKEN, handler=handler).start()
+        try:
+            client = agent.sinks[0].client  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 30
+            while client.pending and time.monotonic() < deadline:
+                agent.sender.flush()  # nothing new: the sender retries the buffered batches
+                time.sleep(0.02)
+            assert client.pending == 0 and client.connections == 1
+            train_in_process(3, agent)
+            agent.sender.flush()
+            agent.close()
+            handler.wait(lambda: handler.of_kind("rank_finished"), "rank_finished")
+        finally:
+            srv.stop()
+    finally:
+        agent.close()
+
+    received = handler.column("step_time", "step")
+    (fin,) = handler.of_kind("rank_finished")
+    lost = fin["drops"]["step_time"]
+    assert lost == 12 + 5
+    assert len(received) + lost == 33
+    assert received == sorted(received) and received[-3:] == [30, 31, 32]
+    # every batch carried the cumulative drops known when it was sent
+    assert all(m["drops"].get("step_time", 0) >= 12 for m in handler.of_kind("batch"))
+
+
+def test_sender_runs_on_its_own_and_shutdown_leaves_nothing_behind(server, rank_env):
+    srv, got = server
+    rank_env(srv.port, interval="0.05")
+    before = {t.name for t in threading.enumerate()}
+    agent = traceml.init()
+    assert agent is not None
+    assert {"traceml-sender", "traceml-sampler"} <= {t.name for t in threading.enumerate()}
+    train_in_process(3)
+    got.wait(lambda: len(got.column("step_time", "step")) == 3, "steps sent by the sender thread")
+    got.wait(lambda: len(got.column("process", "ts_ns")) >= 2, "two process samples")
+    traceml.shutdown()
+    assert {t.name for t in threading.enumerate()} <= before
+    assert patches.active_patches() == []
+    # init after shutdown works again, with a fresh connection
+    again = traceml.init()
+    assert again is not None and again is not agent
+    train_in_process(2)
+    traceml.shutdown()
+    got.wait(lambda: len(got.of_kind("rank_finished")) == 2, "second rank_finished")
+    assert len(got.hellos) == 2
+
+
+def test_traceml_out_records_a_readable_tml_of_its_own(rank_env, monkeypatch, tmp_path):
+    from traceml.format import open_recording
+
+    out = tmp_path / "alone.tml"
+    monkeypatch.setenv("TRACEML_OUT", str(out))
+    monkeypatch.setenv("TRACEML_INTERVAL", "0.05")
+    agent = traceml.init()
+    assert agent is not None and [s.name for s in agent.sinks] == ["file"]
+    train_in_process(12)
+    traceml.shutdown()
+    with open_recording(out) as rec:
+        assert rec.integrity["status"] == "complete"
+        cols = rec.read_table("step_time")[0]
+        assert list(cols["step"]) == list(range(12))
+        assert (cols["forward_us"] > 0).all()
+        assert list(rec.read_table("step_region")[0]["name"]) == ["loss"] * 12
+        assert len(rec.read_table("process")[0]["rss_bytes"]) >= 1
+        env = rec.attachments["environment/rank0"]
+        assert env["torch"].startswith("2.") and env["wrapper"] == "none"
+        assert rec.attachments["exit"]["status"] == "ok"
+        (rank,) = rec.attachments["ranks"]["ranks"]
+        assert rank["state"] == "finished" and rank["exit_status"] == "ok"
+        diagnosis = rec.attachments["summary"]  # the same closing summary the aggregator writes
+        assert diagnosis["run"]["world_size"] == 1 and diagnosis["steps"]
+
+
+def test_init_out_under_several_ranks_gives_each_rank_its_own_file(tmp_path):
+    from traceml.runtime.agent import recording_path
+
+    one = RankIdentity(rank=0, world_size=1)
+    two = RankIdentity(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    assert recording_path(str(tmp_path / "r.tml"), one) == str(tmp_path / "r.tml")
+    assert recording_path(str(tmp_path / "r.tml"), two) == str(tmp_path / "r.rank1.tml")
+    assert recording_path(str(tmp_path / "r-{rank}.tml"), two) == str(tmp_path / "r-1.tml")
+
+
+# --- real processes ----------------------------------------------------------------------
+
+
+def run(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+def test_plain_python_with_no_aggregator_runs_to_the_end(tmp_path):
+    port = free_port()  # nothing listens there
+    proc = run([str(SCRIPT), "--steps", "60", "--init"], subprocess_env(port))
+    assert proc.returncode == 0, proc.stderr
+    assert "done rank=0 steps=60" in proc.stdout
+    assert proc.stderr.count("cannot reach the traceml aggregator") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_any_config_nothing_leaves_the_process_and_no_thread_starts(rank_env):
+    before = set(threading.enumerate())
+    train_in_process(3)
+    from traceml.runtime import api
+
+    agent = api.current_agent()
+    assert agent is not None and agent.sinks == [] and agent.sender is None and agent.sampler is None
+    assert set(threading.enumerate()) == before
+    assert agent.tracker.step == 3  # still recorded, in memory only (bounded)
+    assert [r[0] for r in agent.tables["step_time"].recent()] == [0, 1, 2]
+
+
+def test_disabled_makes_everything_a_no_op(rank_env, monkeypatch):
+    import torch
+
+    rank_env(free_port())
+    monkeypatch.setenv("TRACEML_DISABLED", "1")
+    model = torch.nn.Linear(2, 2)
+    with traceml.trace_step(model) as step:
+        model(torch.randn(1, 2))
+    with traceml.trace_time("r"):
+        pass
+
+    @traceml.trace_time("f")
+    def f() -> int:
+        return 1
+
+    assert f() == 1
+    assert traceml.init() is None
+    assert step.step == -1
+    assert patches.active_patches() == []
+    assert "forward" not in vars(model)
+
+
+def test_bad_environment_is_logged_and_training_goes_on(rank_env, monkeypatch, caplog):
+    import torch
+
+    from traceml.runtime import _failopen
+
+    monkeypatch.setattr(_failopen, "_seen", set())  # "logged once" is per process
+
+    monkeypatch.setenv("TRACEML_AGGREGATOR_PORT", "not-a-port")
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level("WARNING", logger="traceml.runtime"), traceml.trace_step(model):
+        model(torch.randn(1, 2))
+    assert any(r.exc_info and "TRACEML_AGGREGATOR_PORT" in str(r.exc_info[1]) for r in caplog.records)
+    assert patches.active_patches() == []
+    with pytest.raises(ConfigError, match="interval"):
+        traceml.init(interval=-1)  # a bad argument is the caller's bug: it raises
+
+
+def test_import_traceml_and_the_executor_do_not_import_torch(server):
+    srv, got = server
+    proc = run(
+        ["-m", "traceml.runtime.executor", str(SCRIPT), "--no-torch", "a b"],
+        subprocess_env(srv.port),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"torch loaded: False; name=__main__; argv={['--no-torch', 'a b']}" in proc.stdout
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+    assert got.of_kind("rank_finished")[0]["status"] == "ok"
+    # the environment still goes out (no step ran: sent at shutdown), without torch facts
+    (env,) = got.of_kind("attachment")
+    assert env["name"] == "environment/rank0" and env["data"]["torch"] == ""
+    assert env["data"]["script"] == str(SCRIPT)
+
+
+def test_executor_streams_a_script_and_reports_success(server):
+    srv, got = server
+    proc = run(["-m", "traceml.runtime.executor", str(SCRIPT), "--steps", "25", "--regions"], subprocess_env(srv.port))
+    assert proc.returncode == 0, proc.stderr
+    assert "done rank=0 steps=25" in proc.stdout
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+    assert got.column("step_time", "step") == list(range(25))
+    assert got.column("step_region", "calls") == [1] * 25
+    assert got.of_kind("rank_finished")[0]["status"] == "ok"
+
+
+def test_executor_failure_keeps_the_exit_code_and_reports_failed(server):
+    srv, got = server
+    proc = run(
+        ["-m", "traceml.runtime.executor", str(SCRIPT), "--steps", "10", "--fail-at", "4"], subprocess_env(srv.port)
+    )
+    assert proc.returncode == 1
+    assert "RuntimeError: boom at step 4" in proc.stderr
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+    assert got.of_kind("rank_finished")[0]["status"] == "failed"
+    assert got.column("step_time", "step") == [0, 1, 2, 3, 4]
+    assert got.column("step_time", "failed") == [0, 0, 0, 0, 1]
+
+
+def test_executor_passes_sys_exit_codes_through(server):
+    srv, got = server
+    proc = run(
+        ["-m", "traceml.runtime.executor", str(SCRIPT), "--no-torch", "--exit-code", "3"], subprocess_env(srv.port)
+    )
+    assert proc.returncode == 3
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+    assert got.of_kind("rank_finished")[0]["status"] == "failed"
+
+
+def test_plain_python_uncaught_exception_reports_failed_via_excepthook(server):
+    srv, got = server
+    proc = run([str(SCRIPT), "--no-torch", "--init", "--raise"], subprocess_env(srv.port))
+    assert proc.returncode == 1 and "KeyError: 'uncaught on purpose'" in proc.stderr
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+    assert got.of_kind("rank_finished")[0]["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_ddp_gloo_stream_every_step(server):
+    srv, got = server
+    steps = 12
+    cmd = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "traceml.runtime.executor",
+        str(SCRIPT),
+        "--ddp",
+        "--steps",
+        str(steps),
+    ]
+    proc = run(cmd, subprocess_env(srv.port), timeout_s=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got.wait(lambda: len(got.of_kind("rank_finished")) == 2, "both ranks' rank_finished")
+    assert sorted(c.rank for c in got.hellos) == [0, 1]
+    for rank in (0, 1):
+        assert got.column("step_time", "step", rank) == list(range(steps))
+        assert all(v > 0 for v in got.column("step_time", "forward_us", rank))
+        assert all(v > 0 for v in got.column("step_time", "backward_us", rank))
+        (fin,) = got.of_kind("rank_finished", rank)
+        assert fin["status"] == "ok"
+        (env,) = [m["data"] for m in got.of_kind("attachment", rank) if m["name"] == f"environment/rank{rank}"]
+        assert env["wrapper"] == "DDP" and env["backend"] == "gloo"
+        assert env["world_size"] == 2 and env["dist_world_size"] == 2
+    idents = {c.identity.rank: c.identity for c in got.hellos if c.identity is not None}
+    assert idents[0].pid != idents[1].pid and idents[1].local_rank == 1

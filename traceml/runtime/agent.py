@@ -1,0 +1,348 @@
+"""The per-process agent: tables, phase patches, sampler and sender threads, lifecycle.
+
+Built by ``traceml.init()`` or the first ``trace_step``.  Where telemetry goes follows the
+config: a :class:`TelemetryClient` when ``TRACEML_AGGREGATOR_PORT`` is set, a local ``.tml``
+when ``TRACEML_OUT`` / ``init(out=)`` asks, nothing otherwise (then no thread is started and
+the tables only keep the recent rows in memory).  :meth:`Agent.close` undoes every patch,
+stops both threads and sends ``rank_finished``; nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from traceml.config import RankConfig
+from traceml.runtime import patches
+from traceml.runtime._failopen import disable_piece
+from traceml.runtime.importhook import call_after_import
+from traceml.runtime.samplers import (
+    NvmlSampler,
+    ProcessSampler,
+    SamplerThread,
+    SystemSampler,
+    collect_environment,
+    distributed_facts,
+)
+from traceml.runtime.sender import FileSink, Sender, Sink, StreamSink
+from traceml.runtime.step import PhaseClock, StepTracker
+from traceml.schema import STANDARD_TABLES
+from traceml.store import BoundedTable
+from traceml.transport import RankIdentity, TelemetryClient, hello, rank_identity_from_env
+
+#: rows kept per table on the rank before the oldest are evicted (and counted as lost)
+TABLE_CAPACITY: dict[str, int] = {
+    "step_time": 16384,
+    "step_gpu": 16384,
+    "step_region": 16384,
+    "step_memory": 16384,
+    "process": 1024,
+    "system": 1024,
+    "system_gpu": 4096,
+}
+
+
+class Agent:
+    """Everything telemetry does inside one training process.
+
+    ``start=False`` builds tables and patches but no threads (unit tests drive
+    :meth:`Sender.flush` / :meth:`SamplerThread.tick` by hand).  ``h2d`` forces the
+    host-to-device patch on or off (None: only where CUDA is available).  ``capacity``
+    overrides rows kept per table; ``stream_options`` go to the :class:`TelemetryClient`.
+    """
+
+    def __init__(
+        self,
+        config: RankConfig,
+        *,
+        out: str | None = None,
+        identity: RankIdentity | None = None,
+        start: bool = True,
+        h2d: bool | None = None,
+        sender_period_s: float = 0.5,
+        drain_timeout_s: float = 2.0,
+        script: str | None = None,
+        clock_ns: Any = time.time_ns,
+        capacity: Mapping[str, int] | None = None,
+        stream_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity if identity is not None else rank_identity_from_env()
+        self.out = out if out is not None else config.out
+        self.pid = os.getpid()
+        self.started_ns = time.time_ns()
+        self.closed = False
+        #: set when an uncaught exception ended the script (sys.excepthook / the executor)
+        self.failed = False
+        self.script = script
+        self.drain_timeout_s = drain_timeout_s
+        self.clock_ns = clock_ns
+        self._stream_options = dict(stream_options or {})
+        caps = {**TABLE_CAPACITY, **(capacity or {})}
+        self.tables: dict[str, BoundedTable] = {
+            name: BoundedTable(schema, caps.get(name, 4096)) for name, schema in STANDARD_TABLES.items()
+        }
+        self.clock = PhaseClock()
+        self.tracker = StepTracker(self.clock, self.tables["step_time"], self.tables["step_region"])
+        self.wrapper = "none"
+        self.cuda_device: int | None = None
+        self.gpu_timer: Any = None
+        self._h2d = h2d
+        self._model: Any = None
+        self._patch_names: list[str] = []
+        self._env_sent = False
+        self._env_wrapper = ""
+        self._dist_facts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+        self.sinks: list[Sink] = self._build_sinks()
+        self.sender: Sender | None = None
+        self.sampler: SamplerThread | None = None
+        if self.sinks:
+            self.sender = Sender(self.tables, self.sinks, period_s=sender_period_s, resolve=self._resolve_gpu)
+            self.sampler = SamplerThread(
+                self._build_samplers(), interval_s=config.interval_s, on_tick=self._maybe_send_environment
+            )
+
+        hook = call_after_import("torch", self._on_torch)
+        if hook is not None:
+            self._patch_names.append(hook)
+        self._install_excepthook()
+        atexit.register(self._atexit)
+        if start:
+            self.start()
+
+    # -- construction --------------------------------------------------------------
+    def _build_sinks(self) -> list[Sink]:
+        sinks: list[Sink] = []
+        cfg = self.config
+        if cfg.streaming:
+            assert cfg.aggregator_host is not None and cfg.aggregator_port is not None
+            client = TelemetryClient(
+                cfg.aggregator_host,
+                cfg.aggregator_port,
+                hello(cfg.run_id, cfg.token, self.identity),
+                **{"max_frame_bytes": cfg.max_frame_bytes, **self._stream_options},
+            )
+            sinks.append(StreamSink(client))
+        if self.out:
+            path = recording_path(self.out, self.identity)
+            try:
+                from traceml.format import TmlWriter
+
+                meta = {
+                    "run_id": cfg.run_id,
+                    "start_ns": self.started_ns,
+                    "hosts": [self.identity.host],
+                    "world_size": self.identity.world_size,
+                    "command": [str(a) for a in sys.argv],
+                    "recorded_by": f"rank {self.identity.rank}",
+                }
+                writer = TmlWriter(path, run_meta=meta, schemas=list(STANDARD_TABLES.values()))
+                sinks.append(FileSink(writer, self.identity, meta, self.started_ns))
+                self.out = path
+            except Exception:
+                disable_piece("sink-file-open", f"recording to {path!r}")
+        return sinks
+
+    def _build_samplers(self) -> list[tuple[str, Any, Any]]:
+        t = self.tables
+        samplers: list[tuple[str, Any, Any]] = []
+        try:
+            proc = ProcessSampler(self.clock_ns, cuda_device=lambda: self.cuda_device)
+            samplers.append(("process", proc.sample, t["process"].append))
+        except Exception:
+            disable_piece("sampler-process-init", "the process sampler")
+        if self.identity.local_rank == 0:  # one per node
+            try:
+                system = SystemSampler(self.identity.node_rank, self.clock_ns)
+                samplers.append(("system", system.sample, t["system"].append))
+            except Exception:
+                disable_piece("sampler-system-init", "the system sampler")
+            try:
+                nvml = NvmlSampler(self.identity.node_rank, self.clock_ns)
+                if nvml.available:
+                    samplers.append(("nvml", nvml.sample, t["system_gpu"].append))
+            except Exception:
+                disable_piece("sampler-nvml-init", "the NVML GPU sampler")
+        return samplers
+
+    def start(self) -> None:
+        if self.sender is not None and not self.sender.alive:
+            self.sender.start()
+        if self.sampler is not None and not self.sampler.alive:
+            self.sampler.start()
+
+    # -- torch ---------------------------------------------------------------------
+    def _on_torch(self, torch: ModuleType) -> None:
+        """Runs once torch is imported (now, or right after the script imports it)."""
+        if self.closed:
+            return
+        from traceml.runtime.hooks import install_torch_hooks
+
+        self._patch_names.extend(install_torch_hooks(self.clock, h2d=self._h2d))
+        try:
+            if torch.cuda.is_available():  # asked once; a CPU build answers False without raising
+                self.tracker.on_cuda_check = self._cuda_check
+        except Exception:
+            disable_piece("cuda-check", "CUDA detection")
+
+    def _cuda_check(self) -> bool:
+        """At step start until CUDA is in use: then build the event timer.  False = stop asking."""
+        torch = sys.modules["torch"]
+        if not torch.cuda.is_initialized():
+            return True
+        try:
+            from traceml.runtime.cuda import CudaStepMemory, GpuTimer
+
+            dev = int(torch.cuda.current_device())
+            self.cuda_device = dev
+            timer = GpuTimer(lambda: torch.cuda.Event(enable_timing=True))
+            self.gpu_timer = timer
+            self.clock.gpu = timer
+            self.tracker.gpu = timer
+            self.tracker.memory = CudaStepMemory(torch.cuda, dev, self.tables["step_memory"].append)
+        except Exception:
+            disable_piece("cuda-setup", "GPU timing setup")
+        return False
+
+    def _resolve_gpu(self) -> None:
+        timer = self.gpu_timer
+        if timer is not None:
+            append = self.tables["step_gpu"].append
+            for row in timer.resolve():
+                append(row)
+
+    # -- the step ------------------------------------------------------------------
+    def step_context(self, model: Any = None) -> StepTracker:
+        if model is not None and model is not self._model:
+            self._attach_model(model)
+        return self.tracker
+
+    def _attach_model(self, model: Any) -> None:
+        self._model = model
+        if self.closed:
+            return
+        try:
+            from traceml.runtime.hooks import wrap_forward, wrapper_kind
+
+            self.wrapper = wrapper_kind(model)
+            self._dist_facts = distributed_facts()  # now, while the process group surely exists
+            name = wrap_forward(self.clock, model)
+            if name is not None:
+                self._patch_names.append(name)
+        except Exception:
+            disable_piece("forward-wrap", "timing the model's forward")
+
+    # -- environment ---------------------------------------------------------------
+    def environment(self) -> dict[str, Any]:
+        env = collect_environment(self.identity.to_dict(), wrapper=self.wrapper, script=self.script)
+        for key, value in self._dist_facts.items():
+            if not env.get(key):
+                env[key] = value
+        env["started_ns"] = self.started_ns
+        env["run_id"] = self.config.run_id
+        return env
+
+    def _maybe_send_environment(self) -> None:
+        """Sampler-thread tick: send the environment once the first step ran (DDP and the
+        model wrapper are known by then), and again if the wrapper changes."""
+        if self.sender is None or self.tracker.step == 0 or self._env_wrapper == self.wrapper:
+            return
+        self._send_environment()
+
+    def _send_environment(self) -> None:
+        if self.sender is None:
+            return
+        self._env_wrapper = self.wrapper
+        self._env_sent = True
+        self.sender.queue_attachment(f"environment/rank{self.identity.rank}", self.environment())
+
+    # -- failure & exit ------------------------------------------------------------
+    def mark_failed(self) -> None:
+        self.failed = True
+
+    def _install_excepthook(self) -> None:
+        previous = sys.excepthook
+
+        def traceml_excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+            self.failed = True  # SystemExit never reaches here; KeyboardInterrupt is a failure
+            previous(exc_type, exc, tb)
+
+        try:
+            self._patch_names.append(patches.patch_attribute(sys, "excepthook", traceml_excepthook, "sys.excepthook"))
+        except Exception:
+            disable_piece("excepthook", "failure detection (sys.excepthook)")
+
+    def _atexit(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Undo every patch, stop the threads (bounded drain), send rank_finished.  Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.clock.enabled = False
+        self.tracker.enabled = False
+        self.clock.gpu = None
+        for name in reversed(self._patch_names):
+            patches.undo(name)
+        self._patch_names.clear()
+        self._model = None
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:
+            pass
+        if os.getpid() != self.pid:
+            return  # a forked child: the threads and sockets are the parent's
+        if self.sampler is not None:
+            self.sampler.stop()
+            if not self._env_sent:
+                try:
+                    self._send_environment()
+                except Exception:
+                    disable_piece("environment", "collecting the run environment")
+        if self.sender is not None:
+            self._drain_gpu(timeout_s=1.0)
+            self.sender.close("failed" if self.failed else "ok", drain_timeout_s=self.drain_timeout_s)
+
+    def _drain_gpu(self, timeout_s: float) -> None:
+        """Give in-flight CUDA events a bounded moment to complete (still no synchronize)."""
+        timer = self.gpu_timer
+        deadline = time.monotonic() + timeout_s
+        while timer is not None and timer.pending_steps and time.monotonic() < deadline:
+            self._resolve_gpu()
+            if timer.pending_steps:
+                time.sleep(0.01)
+
+    # -- introspection ---------------------------------------------------------------
+    @property
+    def threads_alive(self) -> list[str]:
+        out = []
+        if self.sender is not None and self.sender.alive:
+            out.append("sender")
+        if self.sampler is not None and self.sampler.alive:
+            out.append("sampler")
+        return out
+
+    def drops(self) -> Mapping[str, int]:
+        return {name: t.lost for name, t in self.tables.items() if t.lost}
+
+
+def recording_path(out: str, identity: RankIdentity) -> str:
+    """Where this rank records: ``out`` itself for a single process; with several ranks each
+    gets its own file (``{rank}`` in ``out`` is replaced, else ``.rank<N>`` goes before the
+    extension) so that ranks never write into one file."""
+    if "{rank}" in out:
+        return out.replace("{rank}", str(identity.rank))
+    if identity.world_size <= 1:
+        return out
+    root, ext = os.path.splitext(out)
+    return f"{root}.rank{identity.rank}{ext or '.tml'}"

@@ -1,0 +1,204 @@
+"""The user-facing functions: ``init``, ``shutdown``, ``trace_step``, ``trace_time``.
+
+One :class:`~traceml.runtime.agent.Agent` per process, built by :func:`init` or lazily by
+the first :func:`trace_step`.  Everything is fail-open: a broken environment or a bug in
+telemetry is logged once and turns traceml into a no-op; the training loop never sees an
+exception from here (bad *arguments* to :func:`init` raise :class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from traceml.config import rank_config_from_env
+from traceml.errors import ConfigError
+from traceml.runtime._failopen import disable_piece, log_once
+from traceml.runtime.agent import Agent
+from traceml.runtime.step import Region, StepTracker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_lock = threading.RLock()
+_agent: Agent | None = None
+#: None = not decided yet; True = TRACEML_DISABLED, a broken environment, or a forked child
+_off: bool | None = None
+
+
+class _NoStep:
+    """What ``trace_step`` returns when traceml is off: costs one attribute lookup."""
+
+    step = -1
+
+    def __enter__(self) -> _NoStep:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
+        return False
+
+
+class _NoRegion:
+    def __enter__(self) -> _NoRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        return False
+
+    def __call__(self, fn: F) -> F:
+        return fn
+
+
+_NO_STEP = _NoStep()
+_NO_REGION = _NoRegion()
+
+
+def _check_interval(interval: float | None) -> float | None:
+    if interval is None:
+        return None
+    try:
+        value = float(interval)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"interval={interval!r}: expected a number of seconds, e.g. interval=1.0") from exc
+    if not value > 0:
+        raise ConfigError(f"interval={interval!r}: expected a positive number of seconds, e.g. interval=1.0")
+    return value
+
+
+def init(
+    out: str | os.PathLike[str] | None = None,
+    interval: float | None = None,
+    *,
+    h2d: bool | None = None,
+    script: str | None = None,
+    start: bool = True,
+) -> Agent | None:
+    """Start traceml in this process (optional: the first ``trace_step`` does it too).
+
+    Reads :func:`traceml.config.rank_config_from_env`.  Under ``traceml run`` the agent
+    streams to the aggregator; ``out`` (or ``TRACEML_OUT``) also records this rank to a
+    ``.tml`` file; with neither, nothing leaves the process.  ``interval`` overrides
+    ``TRACEML_INTERVAL`` (seconds between samples).  ``h2d`` forces host-to-device timing on
+    or off (default: on where CUDA is available).  Returns the agent, or None when traceml
+    is disabled (``TRACEML_DISABLED=1``) or could not start (logged).  Calling it again while
+    running returns the running agent.
+    """
+    global _agent, _off
+    interval_s = _check_interval(interval)
+    out_path = os.fspath(out) if out is not None else None
+    with _lock:
+        if _agent is not None and not _agent.closed:
+            if out_path is not None and out_path != _agent.out:
+                log_once(
+                    "init-twice",
+                    "traceml.init(out=%r) ignored: traceml is already running (out=%r); call traceml.shutdown() first",
+                    out_path,
+                    _agent.out,
+                )
+            return _agent
+        try:
+            cfg = rank_config_from_env()
+            if cfg.disabled:
+                _off = True
+                return None
+            if interval_s is not None:
+                cfg = dataclasses.replace(cfg, interval_s=interval_s)
+            _agent = Agent(cfg, out=out_path, h2d=h2d, script=script, start=start)
+            _off = False
+            return _agent
+        except Exception:
+            _off = True
+            disable_piece("init", "starting traceml (check the TRACEML_* and torchrun environment variables)")
+            return None
+
+
+def shutdown() -> None:
+    """Remove every patch and hook, flush and stop the threads (bounded), send rank_finished.
+
+    Runs at exit on its own; safe to call twice.  ``init`` (or ``trace_step``) afterwards
+    starts a fresh agent.
+    """
+    global _agent, _off
+    with _lock:
+        agent, _agent = _agent, None
+        _off = None
+    if agent is not None:
+        try:
+            agent.close()
+        except Exception:
+            disable_piece("shutdown", "shutting traceml down")
+
+
+def current_agent() -> Agent | None:
+    """The running agent, starting one from the environment if none was started yet."""
+    agent = _agent
+    if agent is not None:
+        return agent
+    if _off:
+        return None
+    init()
+    return _agent
+
+
+def mark_failed() -> None:
+    """Record that the script ended with an uncaught exception (rank_finished says "failed")."""
+    agent = _agent
+    if agent is not None:
+        agent.mark_failed()
+
+
+def trace_step(model: Any = None) -> StepTracker | _NoStep:
+    """``with traceml.trace_step(model):`` marks one training step.
+
+    Records one ``step_time`` row per step: the wall time and the dataloader, h2d,
+    forward, backward, optimizer and residual phases (µs).  ``model`` is the model called
+    in the step (plain, DDP/FSDP-wrapped or ``torch.compile``'d); without it the forward
+    time falls into the residual.  Time spent in ``next()`` on a DataLoader (and copies to
+    the device) *before* entering the block is carried into the step.  A step whose body
+    raises is recorded with ``failed=1`` and the exception propagates unchanged.
+    """
+    agent = _agent if _agent is not None else current_agent()
+    if agent is None:
+        return _NO_STEP
+    try:
+        return agent.step_context(model)
+    except Exception:
+        disable_piece("trace-step", "trace_step")
+        return _NO_STEP
+
+
+def _tracker() -> StepTracker | None:
+    agent = _agent if _agent is not None else current_agent()
+    return agent.tracker if agent is not None else None
+
+
+def trace_time(name: str) -> Region | _NoRegion:
+    """Time a named region, as ``with traceml.trace_time("eval"):`` or ``@traceml.trace_time("eval")``.
+
+    Inside a step, the region's time and call count are summed per step (one
+    ``step_region`` row per name and step); outside any step each call is its own row
+    with ``step = -1``.  Regions may overlap the standard phases.
+    """
+    if _off:
+        return _NO_REGION
+    return Region(name, _tracker)
+
+
+def _after_fork_in_child() -> None:
+    # a forked child (a DataLoader worker) must not time or send anything: the threads and the
+    # socket belong to the parent
+    global _agent, _off
+    agent, _agent = _agent, None
+    _off = True
+    if agent is not None:
+        agent.clock.enabled = False
+        agent.tracker.enabled = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

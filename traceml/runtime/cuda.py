@@ -1,0 +1,195 @@
+"""GPU time per phase from pooled CUDA events, and per-step CUDA memory peaks.
+
+The training thread only *records* events on the current stream (no synchronize, ever);
+the sender thread later :meth:`GpuTimer.resolve` s the steps whose events have completed
+(``event.query()``) into STEP_GPU rows, oldest first, and returns the events to the pool.
+Works with any event factory, so the bookkeeping is unit-tested on CPU with stand-ins; the
+real factory is ``lambda: torch.cuda.Event(enable_timing=True)``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from traceml.runtime._failopen import disable_piece, log_once
+from traceml.runtime.step import DATALOADER, H2D, OPTIMIZER
+
+#: STEP_GPU column index of a phase index: h2d..optimizer -> 0..3, whole step -> 4
+_STEP_COL = 4
+
+
+class Event(Protocol):
+    def record(self) -> None: ...
+    def query(self) -> bool: ...
+    def elapsed_time(self, end: Any) -> float: ...
+
+
+class GpuTimer:
+    """Event pairs per phase, resolved off the training thread.
+
+    ``max_pending`` bounds how far the GPU may lag behind the CPU: beyond it, steps are
+    not GPU-timed (counted in :attr:`skipped_steps`) rather than growing the pool forever.
+    """
+
+    def __init__(self, new_event: Callable[[], Event], max_pending: int = 1024) -> None:
+        self._new_event = new_event
+        self._pool: deque[Event] = deque()
+        self._open: list[Event | None] = [None] * (OPTIMIZER + 1)
+        self._pairs: list[tuple[int, Event, Event]] = []
+        self._step_start: Event | None = None
+        self._pending: deque[tuple[int, int, Event, Event, list[tuple[int, Event, Event]]]] = deque()
+        self.max_pending = max_pending
+        self.enabled = True
+        self.skipped_steps = 0
+        self.resolved_steps = 0
+        self.events_created = 0
+
+    # -- training thread -------------------------------------------------------------
+    def _take(self) -> Event:
+        try:
+            return self._pool.pop()
+        except IndexError:
+            self.events_created += 1
+            return self._new_event()
+
+    def _record(self) -> Event | None:
+        if not self.enabled:
+            return None
+        try:
+            ev = self._take()
+            ev.record()
+            return ev
+        except Exception:
+            self._fail()
+            return None
+
+    def _fail(self) -> None:
+        self.enabled = False
+        disable_piece("cuda-events", "GPU phase timing (CUDA events)")
+
+    def begin(self, phase: int) -> None:
+        if phase == DATALOADER:
+            return
+        self._open[phase] = self._record()
+
+    def end(self, phase: int) -> None:
+        start = self._open[phase]
+        if start is None:
+            return
+        self._open[phase] = None
+        stop = self._record()
+        if stop is None:
+            self._pool.append(start)
+        else:
+            self._pairs.append((phase, start, stop))
+
+    def cancel(self, phase: int) -> None:
+        """Forget an opened phase (the call turned out not to be one, e.g. a CPU->CPU ``.to``)."""
+        start = self._open[phase]
+        if start is not None:
+            self._open[phase] = None
+            self._pool.append(start)
+
+    def step_begin(self) -> None:
+        # copies made between steps are carried into this step (as on the CPU clock); any other
+        # phase recorded outside a step (an eval forward) is dropped
+        kept = [p for p in self._pairs if p[0] == H2D]
+        if len(kept) != len(self._pairs):
+            for p in self._pairs:
+                if p[0] != H2D:
+                    self._pool.append(p[1])
+                    self._pool.append(p[2])
+        self._pairs = kept
+        self._step_start = self._record()
+
+    def step_end(self, step: int, ts_ns: int) -> None:
+        start = self._step_start
+        self._step_start = None
+        pairs, self._pairs = self._pairs, []
+        stop = self._record() if start is not None else None
+        if start is None or stop is None:
+            self._recycle(pairs, start, stop)
+            return
+        if len(self._pending) >= self.max_pending:
+            self.skipped_steps += 1
+            log_once(
+                "cuda-lag",
+                "traceml: the GPU is more than %d steps behind the CPU; GPU phase times are skipped for such steps",
+                self.max_pending,
+            )
+            self._recycle(pairs, start, stop)
+            return
+        self._pending.append((step, ts_ns, start, stop, pairs))
+
+    def _recycle(self, pairs: list[tuple[int, Event, Event]], *events: Event | None) -> None:
+        for _, a, b in pairs:
+            self._pool.append(a)
+            self._pool.append(b)
+        for ev in events:
+            if ev is not None:
+                self._pool.append(ev)
+
+    # -- background thread -----------------------------------------------------------
+    @property
+    def pending_steps(self) -> int:
+        return len(self._pending)
+
+    def resolve(self) -> list[tuple[int, ...]]:
+        """STEP_GPU rows of the oldest steps whose events have all completed (never blocks)."""
+        rows: list[tuple[int, ...]] = []
+        if not self.enabled:
+            return rows
+        try:
+            while self._pending:
+                step, ts_ns, start, stop, pairs = self._pending[0]
+                if not stop.query() or not all(b.query() for _, _, b in pairs):
+                    break
+                us = [0.0] * (_STEP_COL + 1)
+                first = start
+                for phase, a, b in pairs:
+                    us[phase - 1] += a.elapsed_time(b) * 1000.0
+                if pairs and pairs[0][0] == H2D:
+                    first = pairs[0][1]  # a copy carried from before the step starts the GPU span
+                us[_STEP_COL] = max(first.elapsed_time(stop), start.elapsed_time(stop)) * 1000.0
+                rows.append((step, ts_ns, *(int(round(v)) for v in us)))
+                self._pending.popleft()
+                self._recycle(pairs, start, stop)
+                self.resolved_steps += 1
+        except Exception:
+            self._fail()
+        return rows
+
+
+class CudaStepMemory:
+    """Per-step CUDA memory peaks: reset at step start, read at step end (STEP_MEMORY rows)."""
+
+    def __init__(self, cuda: Any, device: int, append: Callable[[tuple[int, ...]], None]) -> None:
+        self._cuda = cuda
+        self.device = device
+        self._append = append
+        self.enabled = True
+
+    def step_begin(self) -> None:
+        if self.enabled:
+            try:
+                self._cuda.reset_peak_memory_stats(self.device)
+            except Exception:
+                self.enabled = False
+                disable_piece("cuda-memory", "per-step CUDA memory peaks")
+
+    def step_end(self, step: int, ts_ns: int) -> None:
+        if self.enabled:
+            try:
+                self._append(
+                    (
+                        step,
+                        ts_ns,
+                        int(self._cuda.max_memory_allocated(self.device)),
+                        int(self._cuda.max_memory_reserved(self.device)),
+                    )
+                )
+            except Exception:
+                self.enabled = False
+                disable_piece("cuda-memory", "per-step CUDA memory peaks")

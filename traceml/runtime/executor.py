@@ -1,0 +1,54 @@
+"""``python -m traceml.runtime.executor SCRIPT [ARGS...]``: run a training script under traceml.
+
+What ``traceml run`` launches (under torchrun): starts the agent from the environment,
+runs SCRIPT as ``__main__`` exactly as ``python SCRIPT ARGS...`` would (``sys.argv``,
+``sys.path[0]``), records whether it failed, shuts the agent down, and exits with the
+script's own status.  Does not import torch: the script does, if it needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+
+USAGE = "usage: python -m traceml.runtime.executor SCRIPT [ARGS...]"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    script = args[0]
+    if not os.path.isfile(script):
+        print(f"traceml: script {script!r} not found (cwd {os.getcwd()}); {USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+
+    from traceml.runtime import api
+
+    sys.argv = [script, *args[1:]]
+    script_dir = os.path.dirname(os.path.abspath(script))
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path[0] = script_dir  # `python -m` put the cwd there; `python SCRIPT` puts the script's folder
+    else:
+        sys.path.insert(0, script_dir)
+    api.init(script=script)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            api.mark_failed()
+        raise
+    except BaseException:
+        api.mark_failed()
+        raise
+    finally:
+        api.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The torch patches that time each phase of a step; every one registered in :mod:`.patches`.
+
+* dataloader: ``_BaseDataLoaderIter.__next__`` (covers single- and multi-process loaders);
+* h2d: ``Tensor.to`` / ``Tensor.cuda`` when a CPU tensor lands on a device (installed only
+  where CUDA is available unless asked for: on a CPU build the phase is 0 at no cost);
+* forward: an instance-level wrapper of the traced model's ``forward`` (or of
+  ``_compiled_call_impl`` after ``model.compile()``), far cheaper than module hooks and
+  transparent to DDP, FSDP and ``torch.compile``;
+* backward: ``Tensor.backward`` and ``torch.autograd.backward``;
+* optimizer: torch's global optimizer step pre/post hooks (removable handles).
+
+Imports torch: only loaded once the script has imported it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from traceml.runtime import patches
+from traceml.runtime._failopen import disable_piece
+from traceml.runtime.step import BACKWARD, DATALOADER, FORWARD, H2D, NO_PHASE, OPTIMIZER, PhaseClock, timed
+
+_perf_ns = time.perf_counter_ns
+_get_ident = threading.get_ident
+
+
+def install_torch_hooks(clock: PhaseClock, h2d: bool | None = None, tag: str = "") -> list[str]:
+    """Install the global patches for ``clock``; returns their registry names.
+
+    ``h2d``: None = only when ``torch.cuda.is_available()``; True/False forces it.
+    Each piece that fails to install is logged once and skipped (fail-open).
+    """
+    names: list[str] = []
+    suffix = f" [{tag}]" if tag else ""
+    try:
+        from torch.utils.data import dataloader
+
+        base = dataloader._BaseDataLoaderIter
+        names.append(
+            patches.patch_attribute(
+                base, "__next__", timed(clock, DATALOADER, base.__next__, gpu=False), "DataLoader.__next__" + suffix
+            )
+        )
+    except Exception:
+        disable_piece("patch-dataloader", "the DataLoader wait patch")
+    try:
+        names.append(
+            patches.patch_attribute(
+                torch.Tensor, "backward", timed(clock, BACKWARD, torch.Tensor.backward), "Tensor.backward" + suffix
+            )
+        )
+        names.append(
+            patches.patch_attribute(
+                torch.autograd,
+                "backward",
+                timed(clock, BACKWARD, torch.autograd.backward),
+                "torch.autograd.backward" + suffix,
+            )
+        )
+    except Exception:
+        disable_piece("patch-backward", "the backward patch")
+    try:
+        names.extend(_install_optimizer_hooks(clock, suffix))
+    except Exception:
+        disable_piece("patch-optimizer", "the optimizer step hooks")
+    if h2d is None:
+        h2d = bool(torch.cuda.is_available())
+    if h2d:
+        try:
+            names.append(
+                patches.patch_attribute(torch.Tensor, "to", _h2d_wrapper(clock, torch.Tensor.to), "Tensor.to" + suffix)
+            )
+            names.append(
+                patches.patch_attribute(
+                    torch.Tensor, "cuda", _h2d_wrapper(clock, torch.Tensor.cuda), "Tensor.cuda" + suffix
+                )
+            )
+        except Exception:
+            disable_piece("patch-h2d", "the host-to-device copy patch")
+    return names
+
+
+def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def pre(opt: Any, args: Any, kwargs: Any) -> None:
+        c = clock
+        if not c.enabled or _get_ident() != c.owner:
+            return None
+        c.opt_depth += 1  # an optimizer wrapping another one steps it from inside its own step
+        if c.opt_depth == 1 and c.phase == NO_PHASE:
+            c.phase = OPTIMIZER
+            g = c.gpu
+            if g is not None:
+                g.begin(OPTIMIZER)
+            c.opt_t0 = _perf_ns()
+        return None
+
+    def post(opt: Any, args: Any, kwargs: Any) -> None:
+        c = clock
+        if not c.enabled or _get_ident() != c.owner:
+            return
+        t1 = _perf_ns()
+        if c.opt_depth > 0:
+            c.opt_depth -= 1
+        if c.opt_depth == 0 and c.phase == OPTIMIZER:
+            c.acc[OPTIMIZER] += t1 - c.opt_t0
+            c.phase = NO_PHASE
+            g = c.gpu
+            if g is not None:
+                g.end(OPTIMIZER)
+
+    pre_handle = register_optimizer_step_pre_hook(pre)
+    names = [patches.register("optimizer step pre-hook" + suffix, pre_handle.remove)]
+    post_handle = register_optimizer_step_post_hook(post)
+    names.append(patches.register("optimizer step post-hook" + suffix, post_handle.remove))
+    return names
+
+
+def _h2d_wrapper(clock: PhaseClock, fn: Any) -> Any:
+    is_compiling = torch.compiler.is_compiling
+
+    def traceml_h2d(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        c = clock
+        if is_compiling() or c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+            return fn(self, *args, **kwargs)
+        c.phase = H2D
+        g = c.gpu
+        if g is not None:
+            g.begin(H2D)
+        t0 = _perf_ns()
+        try:
+            out = fn(self, *args, **kwargs)
+        except BaseException:
+            c.phase = NO_PHASE
+            if g is not None:
+                g.cancel(H2D)
+            raise
+        dt = _perf_ns() - t0
+        c.phase = NO_PHASE
+        # only a host tensor landing on a device is a host-to-device copy (not a dtype cast)
+        if out is not self and isinstance(out, torch.Tensor) and self.device.type == "cpu" and out.device.type != "cpu":
+            c.acc[H2D] += dt
+            if g is not None:
+                g.end(H2D)
+        elif g is not None:
+            g.cancel(H2D)
+        return out
+
+    traceml_h2d.__wrapped__ = fn  # type: ignore[attr-defined]
+    traceml_h2d.__name__ = fn.__name__
+    traceml_h2d.__doc__ = fn.__doc__
+    return traceml_h2d
+
+
+# --- the traced model's forward ----------------------------------------------------------
+
+
+class TimedForward:
+    """Instance-level wrapper stored in the model's ``__dict__``; pickles/deepcopies as the
+    plain method so a saved or copied model carries no traceml state."""
+
+    __slots__ = ("_fn", "_clock", "_model", "__weakref__")
+
+    def __init__(self, clock: PhaseClock, fn: Any, model: Any) -> None:
+        self._fn = fn
+        self._clock = clock
+        self._model = weakref.ref(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        c = self._clock
+        if c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+            return self._fn(*args, **kwargs)
+        c.phase = FORWARD
+        g = c.gpu
+        if g is not None:
+            g.begin(FORWARD)
+        t0 = _perf_ns()
+        try:
+            return self._fn(*args, **kwargs)
+        finally:
+            c.acc[FORWARD] += _perf_ns() - t0
+            c.phase = NO_PHASE
+            if g is not None:
+                g.end(FORWARD)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        model = self._model()
+        return (getattr, (model, "forward")) if model is not None else (_identity_none, ())
+
+    def __getattr__(self, name: str) -> Any:
+        if name in TimedForward.__slots__:
+            raise AttributeError(name)
+        return getattr(self._fn, name)
+
+
+def _identity_none() -> None:
+    return None
+
+
+def wrapper_kind(model: Any) -> str:
+    """``DDP`` / ``FSDP`` / ``FSDP2`` / ``none``, read from the traced model's wrapper class."""
+    seen = 0
+    while model is not None and seen < 4:
+        seen += 1
+        names = {cls.__name__ for cls in type(model).__mro__}
+        if "DistributedDataParallel" in names:
+            return "DDP"
+        if "FullyShardedDataParallel" in names:
+            return "FSDP"
+        if "FSDPModule" in names:
+            return "FSDP2"
+        if "DeepSpeedEngine" in names:
+            return "DeepSpeed"
+        model = getattr(model, "_orig_mod", None)  # torch.compile'd: look inside
+    return "none"
+
+
+def wrap_forward(clock: PhaseClock, model: Any, tag: str = "") -> str | None:
+    """Time the outermost call of ``model``; returns the patch name (None when not possible)."""
+    try:
+        d = vars(model)
+    except TypeError:
+        return None
+    attr = "_compiled_call_impl" if d.get("_compiled_call_impl") is not None else "forward"
+    current = d.get(attr)
+    if isinstance(current, TimedForward) and current._clock is clock:
+        return None
+    had_own = attr in d
+    fn = current if had_own else getattr(model, attr)
+    wrapper = TimedForward(clock, fn, model)
+    name = f"forward of {type(model).__name__}#{id(model):x}" + (f" [{tag}]" if tag else "")
+    ref = weakref.ref(model)
+
+    def restore() -> None:
+        finalizer.detach()
+        m = ref()
+        if m is None:
+            return
+        md = vars(m)
+        if md.get(attr) is wrapper:
+            if had_own:
+                md[attr] = fn
+            else:
+                del md[attr]
+
+    try:
+        d[attr] = wrapper
+    except Exception:
+        disable_piece("patch-forward", "the forward timing wrapper")
+        return None
+    # a model collected while traced takes its registry entry with it
+    finalizer = weakref.finalize(model, patches.undo, name)
+    finalizer.atexit = False
+    patches.register(name, restore)
+    return name
