@@ -1,9 +1,169 @@
-"""CLI commands (being built)."""
+"""``traceml inspect | recover | export``: look into, repair and convert ``.tml`` recordings.
+
+Errors print one line (``error: ...``) and exit 1.  ``recover`` exits 0 when nothing was
+lost and 3 when data was lost (the MCAP ``recover`` convention).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, NoReturn
+
 import typer
+
+from traceml.errors import TracemlError
+
+EXPORT_FORMATS = ("csv", "chrome-trace")
+EXIT_FAILED = 1
+EXIT_DATA_LOST = 3
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to *app*."""
+    """Add ``inspect``, ``recover`` and ``export`` to *app*."""
+    app.command("inspect")(inspect_cmd)
+    app.command("recover")(recover_cmd)
+    app.command("export")(export_cmd)
+
+
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="the .tml recording"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Show a recording's header, tables, segments, sizes and integrity (reads every record)."""
+    from traceml.format import open_recording
+
+    try:
+        with open_recording(path) as reader:
+            info = reader.inspect()
+    except TracemlError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=_json_default))
+        return
+    _print_inspection(info)
+
+
+def recover_cmd(
+    path: Path = typer.Argument(..., help="the crashed or damaged .tml recording"),
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the clean copy"),
+) -> None:
+    """Rewrite a crashed or damaged recording as a clean one.  Exit 0: nothing lost; 3: data lost; 1: failed."""
+    from traceml.format.recover import recover
+
+    try:
+        result = recover(path, output)
+    except TracemlError as exc:
+        _fail(exc)
+    integrity = result.integrity
+    typer.echo(
+        f"wrote {output}: {result.rows} rows from {result.segments} segments, {result.attachments} attachments"
+        f" (source: {integrity['message']})"
+    )
+    if result.lost:
+        for item in integrity["skipped"][:10]:
+            typer.echo(f"  lost {item['length']} bytes at byte {item['offset']}: {item['reason']}")
+        raise typer.Exit(EXIT_DATA_LOST)
+
+
+def export_cmd(
+    path: Path = typer.Argument(..., help="the .tml recording"),
+    fmt: str = typer.Option(..., "--format", help="csv (a directory, one file per table) or chrome-trace (JSON)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory (csv) or file (chrome-trace)"),
+) -> None:
+    """Export a recording as CSV per table or as a Chrome trace (opens in Perfetto)."""
+    from traceml.format import open_recording
+    from traceml.format.export import export_csv, write_chrome_trace
+
+    if fmt not in EXPORT_FORMATS:
+        _fail(f"--format {fmt!r} is not supported; expected one of: {', '.join(EXPORT_FORMATS)}")
+    try:
+        with open_recording(path) as reader:
+            if fmt == "csv":
+                files = export_csv(reader, output)
+                typer.echo(f"wrote {len(files)} CSV files to {output}: {', '.join(f.name for f in files)}")
+            else:
+                write_chrome_trace(reader, output)
+                typer.echo(f"wrote {output} (open it in https://ui.perfetto.dev)")
+            integrity = reader.integrity
+    except TracemlError as exc:
+        _fail(exc)
+    if integrity["status"] != "complete":
+        typer.echo(f"note: {integrity['message']}", err=True)
+
+
+def _fail(error: object) -> NoReturn:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(EXIT_FAILED)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
+
+
+def _when(ns: int | None) -> str:
+    if ns is None or ns <= 0:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _span(lo: int | None, hi: int | None) -> str:
+    if lo is None or hi is None:
+        return "-"
+    return f"{_when(lo)} .. {_when(hi)} ({(hi - lo) / 1e9:,.1f} s)"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _print_inspection(info: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    header = info["header"]
+    console.print(f"[bold]{info['path']}[/bold]  ({_bytes(info['file_bytes'])})")
+    console.print(
+        f"run {header.get('run_id', '')}  format {header.get('format_version', '')}  written by {header.get('writer', '')}"
+    )
+    console.print(
+        f"created {_when(header.get('created_ns'))}  hosts {', '.join(map(str, header.get('hosts', [])))}"
+        f"  world size {header.get('world_size', -1)}"
+    )
+    console.print(f"command: {' '.join(map(str, header.get('command', [])))}")
+    console.print(f"ranks: {', '.join(map(str, info['ranks'])) or '-'}")
+
+    tables = Table(title="tables", title_justify="left")
+    for name, justify in (("table", "left"), ("ranks", "right"), ("rows", "right"), ("steps", "right"), ("time", "left")):
+        tables.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for name, entry in info["tables"].items():
+        steps = "-" if entry["step_min"] is None else f"{entry['step_min']}..{entry['step_max']}"
+        tables.add_row(name, str(len(entry["ranks"])), f"{entry['rows']:,}", steps, _span(entry["t_min"], entry["t_max"]))
+    console.print(tables)
+
+    seg = info["segments"]
+    ratio = "-" if seg["compression_ratio"] is None else f"{seg['compression_ratio']:.2f}x"
+    per_row = "-" if seg["bytes_per_row"] is None else f"{seg['bytes_per_row']:.1f} B"
+    console.print(
+        f"segments: {seg['count']:,}  rows: {seg['rows']:,}  column bytes: {_bytes(seg['raw_bytes'])}"
+        f"  stored: {_bytes(seg['stored_bytes'])}  compression: {ratio}  per row on disk: {per_row}"
+    )
+    console.print(f"attachments: {', '.join(info['attachments']) or '-'}")
+
+    integrity = info["integrity"]
+    colour = {"complete": "green", "recovered": "yellow", "damaged": "red"}[integrity["status"]]
+    console.print(f"integrity: [bold {colour}]{integrity['message']}[/]")
+    for item in integrity["skipped"][:20]:
+        console.print(f"  skipped {item['length']:,} bytes at byte {item['offset']:,}: {item['reason']}")
+    if len(integrity["skipped"]) > 20:
+        console.print(f"  ... and {len(integrity['skipped']) - 20} more")

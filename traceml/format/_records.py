@@ -505,10 +505,10 @@ def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdC
                 encoding = _MSGPACK
             else:
                 encoding, args, blob = _encode_numeric(values, col.dtype)
-                if rows and col.name == "ts_ns":
+                if rows and col.dtype in _UNSIGNED and col.name == "ts_ns":
                     t_lo.append(int(values.min()))
                     t_hi.append(int(values.max()))
-                elif rows and col.name == "step":
+                elif rows and col.dtype in _UNSIGNED and col.name == "step":
                     s_lo.append(int(values.min()))
                     s_hi.append(int(values.max()))
             cols_layout.append([col.name, col.dtype, encoding, len(blob), args])

@@ -398,7 +398,10 @@ class TmlReader:
                 f"{self._path} is {size} bytes: it ends inside the 8-byte .tml magic"
                 + (" (the writer may not have started yet)" if self._follow else "")
             )
-        _records.check_magic(magic)
+        try:
+            _records.check_magic(magic)
+        except FormatError as exc:
+            raise type(exc)(f"{self._path} is not a readable .tml recording: {exc}") from exc
         self._read_header(size)
         self._tail_scan = _Scan(self._data_start)
         if not self._load_from_footer(size):
