@@ -104,12 +104,17 @@ def serve(
     """``traceml replay --ui web``: serve the dashboard over ``path`` until Ctrl-C (or ``stop``)."""
     import sys
 
-    from traceml.drivers.web import WebServer, is_loopback
+    from traceml.drivers.web import WebServer, is_loopback, listen
 
     say = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    app, close = build_dashboard(path, compare, follow=follow, progress=progress)
+    sock = listen(host, port)  # a busy port fails before the recording is loaded
     try:
-        server = WebServer(app, host, port)
+        app, close = build_dashboard(path, compare, follow=follow, progress=progress)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        server = WebServer(app, sock=sock)
         if not is_loopback(host):
             say(f"warning: the dashboard has no authentication and is reachable on {host}:{server.port}")
         say(f"traceml dashboard for {path}: {server.url}  (Ctrl-C to stop)")

@@ -53,46 +53,56 @@ def _default_workers() -> int:
 
 
 class _Progress:
-    """A Rich progress bar on stderr that appears only for big files or slow loads."""
+    """Loading progress on stderr, only for big files or slow loads: a Rich bar on a terminal,
+    one summary line otherwise (logs, CI)."""
 
     def __init__(self, label: str, total_bytes: int, enabled: bool | None) -> None:
         self._label = label
         self._total = max(total_bytes, 1)
         self._enabled = enabled
         self._start = time.monotonic()
+        self._console: Any = None
         self._bar: Any = None
         self._task: Any = None
-        self._done = 0
+
+    def _wanted(self) -> bool:
+        if self._enabled is not None:
+            return self._enabled
+        return self._total >= PROGRESS_MIN_BYTES or time.monotonic() - self._start > PROGRESS_AFTER_S
 
     def update(self, done_bytes: int) -> None:
-        self._done = done_bytes
-        if self._bar is None:
-            if self._enabled is False:
-                return
-            slow = time.monotonic() - self._start > PROGRESS_AFTER_S
-            if not (self._enabled or slow or self._total >= PROGRESS_MIN_BYTES):
+        if self._console is None:
+            if not self._wanted():
                 return
             from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-                auto_refresh=False,  # no refresh thread: we refresh as segments complete
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(self._label, total=self._total)
-        self._bar.update(self._task, completed=min(done_bytes, self._total))
-        self._bar.refresh()
+            self._console = Console(stderr=True)
+            if self._console.is_terminal:
+                from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self._bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TimeRemainingColumn(),
+                    console=self._console,
+                    transient=True,
+                    auto_refresh=False,  # no refresh thread: refreshed as segments complete
+                )
+                self._bar.start()
+                self._task = self._bar.add_task(self._label, total=self._total)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(done_bytes, self._total))
+            self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        elif self._console is not None:
+            took = time.monotonic() - self._start
+            self._console.print(f"{self._label}: {self._total / (1 << 20):.1f} MiB in {took:.2f} s", highlight=False)
+        self._console = None
 
 
 class Recording:
@@ -311,16 +321,16 @@ class Recording:
                     done_bytes += seg.length
                     progress.update(done_bytes)
             else:
-                done_bytes = self._decode_parallel(segments, tables, chunks, workers, progress)
+                self._decode_parallel(segments, tables, chunks, workers, progress)
+            out: dict[str, dict[int, Columns]] = {}
+            for (table, rank), parts in sorted(chunks.items()):
+                parts.sort(key=lambda p: p[0])  # file order = append order
+                cols = [c for _, c in parts]
+                out.setdefault(table, {})[rank] = (
+                    cols[0] if len(cols) == 1 else {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+                )
         finally:
             progress.close()
-        out: dict[str, dict[int, Columns]] = {}
-        for (table, rank), parts in sorted(chunks.items()):
-            parts.sort(key=lambda p: p[0])  # file order = append order
-            cols = [c for _, c in parts]
-            out.setdefault(table, {})[rank] = (
-                cols[0] if len(cols) == 1 else {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-            )
         return out
 
     def _decode_parallel(

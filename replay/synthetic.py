@@ -7,13 +7,17 @@ one rank's forward pass slower (a straggler); ``gpu`` adds CUDA memory and NVML 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from traceml.schema import GPU_PHASES, PHASES, STANDARD_TABLES
 from traceml.store import ColumnStore
+
+if TYPE_CHECKING:
+    from traceml.format import TmlWriter
 
 #: 2023-11-14T22:13:20Z, a round wall-clock origin for synthetic runs
 START_NS = 1_700_000_000_000_000_000
@@ -153,3 +157,44 @@ def fill_store(store: ColumnStore, run: Run, chunk: int | None = None) -> Column
 def store_from_run(run: Run, meta: Mapping[str, Any] | None = None, capacity: int | None = None) -> ColumnStore:
     store = ColumnStore(capacity=capacity, meta=meta or run_meta(ranks=len(run)))
     return fill_store(store, run)
+
+
+def write_recording(
+    path: str | os.PathLike[str],
+    run: Run,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    attachments: Mapping[str, Mapping[str, Any]] | None = None,
+    chunk_steps: int | None = None,
+    close: bool = True,
+    **writer_options: Any,
+) -> TmlWriter:
+    """Write ``run`` to a ``.tml`` file as a run would: interleaved by time, ``chunk_steps`` steps at a time.
+
+    Every table is sliced in proportion to the steps, so process and system samples arrive
+    with the steps around them.  ``close=False`` leaves the writer open (the caller closes it,
+    or copies the file first to get a recording whose writer "crashed").
+    """
+    from traceml.format import TmlWriter
+
+    writer_options.setdefault("fsync_interval_s", None)
+    steps = max((len(t["step_time"]["step"]) for t in run.values() if "step_time" in t), default=1)
+    chunk = chunk_steps or steps
+    writer = TmlWriter(path, run_meta=dict(meta or run_meta(ranks=len(run))), **writer_options)
+    try:
+        for a in range(0, steps, chunk):
+            b = min(a + chunk, steps)
+            for r, tables in sorted(run.items()):
+                for name, cols in tables.items():
+                    n = len(cols["ts_ns"])
+                    lo, hi = a * n // steps, (n if b == steps else b * n // steps)
+                    if hi > lo:
+                        writer.append(r, name, {c: v[lo:hi] for c, v in cols.items()})
+        for name, data in (attachments or {}).items():
+            writer.attach(name, data)
+        if close:
+            writer.close()
+    except BaseException:
+        writer.close()
+        raise
+    return writer

@@ -533,28 +533,46 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class WebServer:
-    """A threaded WSGI server for a Dash app; ``port=0`` picks a free port.  ``stop()`` joins everything."""
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket on ``host:port``; a busy or bad address is a ConfigError that says what to change.
 
-    def __init__(self, app: dash.Dash, host: str = "127.0.0.1", port: int = 0) -> None:
-        # bind here so a busy port is an error we can word (werkzeug would print and sys.exit)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    Bind before loading anything heavy, then hand the socket to :class:`WebServer`.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; "
+            "choose another --port (0 picks a free one) or --host"
+        ) from exc
+    return sock
+
+
+class WebServer:
+    """A threaded WSGI server for a Dash app; ``port=0`` picks a free port.  ``stop()`` joins everything.
+
+    ``sock`` is a socket from :func:`listen` (the server takes it over); without it the server binds
+    ``host:port`` itself.
+    """
+
+    def __init__(
+        self, app: dash.Dash, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
+    ) -> None:
+        # bind ourselves so a busy port is an error we can word (werkzeug would print and sys.exit)
+        sock = sock if sock is not None else listen(host, port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
+            bound_host = sock.getsockname()[0]
             self._server: BaseWSGIServer = make_server(
-                host, port, app.server, threaded=True, request_handler=_QuietHandler, fd=sock.fileno()
+                bound_host, 0, app.server, threaded=True, request_handler=_QuietHandler, fd=sock.fileno()
             )
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; "
-                "choose another --port (0 picks a free one) or --host"
-            ) from exc
         finally:
             sock.close()  # the server holds its own duplicate of the descriptor
-        self.host = host
+        self.host = str(bound_host)
         self.port: int = int(self._server.port)
         self._thread: threading.Thread | None = None
 
