@@ -127,3 +127,15 @@ def test_steps_are_aligned_on_common_step_numbers() -> None:
     c = compare(view(300, seed=1), view(120, seed=2))
     assert c.aligned == (5, 119, 115)  # both skip 5 warm-up steps; the base's steps past 119 are not compared
     assert cp.metric(c, "step_time").n_base == cp.metric(c, "step_time").n_new == 115
+
+
+@pytest.mark.parametrize("n", [9, 10, 57])
+@pytest.mark.parametrize("q", [0.5, 0.95])
+def test_order_statistic_bootstrap_matches_brute_force_resampling(n: int, q: float) -> None:
+    x = np.random.default_rng(n).lognormal(0, 0.3, n)
+    fast = cp.bootstrap_quantile(x, q, 20_000, np.random.default_rng(1))
+    brute = np.quantile(x[np.random.default_rng(2).integers(0, n, size=(20_000, n))], q, axis=1)
+    # same sampling distribution: its 2.5 / 50 / 97.5 percentiles agree to within sampling error
+    assert np.allclose(np.quantile(fast, [0.025, 0.5, 0.975]), np.quantile(brute, [0.025, 0.5, 0.975]), rtol=0.03)
+    if q == 0.5 and n % 2:  # an odd sample's median is one of its values, in every resample
+        assert set(np.unique(fast)) <= set(x)

@@ -381,3 +381,13 @@ def test_waiting_in_backward_behind_a_straggler_is_not_called_compute_bound() ->
     d = diagnose(ddp_straggler(n_ranks=4, extra_us=40_000.0).view())
     assert STRAGGLER in kinds(d)
     assert COMPUTE_BOUND not in kinds(d)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 7, 16])
+def test_others_median_equals_the_median_of_the_other_rows(ranks: int) -> None:
+    from traceml.diagnosis.step_rules import others_median
+
+    m = np.random.default_rng(ranks).integers(0, 5, size=(ranks, 50)).astype(float)  # many ties
+    fast = others_median(m)
+    for i in range(ranks):
+        assert np.array_equal(fast[i], np.median(np.delete(m, i, axis=0), axis=0))

@@ -68,7 +68,11 @@ def diagnose(view: StoreView, *, last_n: int | None = None) -> Diagnosis:
 
     Failed steps and the warm-up (see :func:`traceml.diagnosis.steps.warmup_count`) are skipped.
     """
-    data = step_data(view, last_n=last_n)
+    return diagnose_steps(view, step_data(view, last_n=last_n))
+
+
+def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
+    """:func:`diagnose` over steps already selected by :func:`~traceml.diagnosis.steps.step_data`."""
     findings: list[Finding] = []
     missing: list[str] = []  # signals whose absence stopped a rule
     core_missing: list[str] = []  # absences that stop the run being classified

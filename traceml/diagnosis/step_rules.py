@@ -31,8 +31,6 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "compute": ("forward", "backward", "optimizer"),
     "other": ("residual",),
 }
-#: above this many ranks the reference is the median of all ranks (one rank barely moves it)
-_EXACT_REFERENCE_MAX_RANKS = 8
 
 
 def ms(us: float) -> str:
@@ -232,11 +230,23 @@ def h2d_bound(view: StoreView, data: StepData) -> Finding | None:
     )
 
 
-def _reference(m: np.ndarray, i: int) -> np.ndarray:
-    """Per-step median of the ranks other than ``i`` (of all ranks when there are many)."""
-    others = m if m.shape[0] > _EXACT_REFERENCE_MAX_RANKS else np.delete(m, i, axis=0)
-    with np.errstate(all="ignore"):
-        return np.asarray(np.nanmedian(others, axis=0))
+def others_median(m: np.ndarray) -> np.ndarray:
+    """[rank, step] -> [rank, step]: for each cell, the median of the *other* ranks at that step.
+
+    One sort per column: removing a rank's own value from the sorted column shifts the indices
+    at and above its position by one, so every rank's reference comes from the same sort.
+    """
+    r = m.shape[0]
+    order = np.argsort(m, axis=0, kind="stable")
+    srt = np.take_along_axis(m, order, axis=0)
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(r)[:, None], order.shape), axis=0)
+    n = r - 1
+
+    def nth_other(j: int) -> np.ndarray:
+        return np.take_along_axis(srt, j + (j >= pos), axis=0)
+
+    return (nth_other((n - 1) // 2) + nth_other(n // 2)) / 2
 
 
 def _median_delta(row: np.ndarray, ref: np.ndarray) -> float:
@@ -258,16 +268,21 @@ def straggler(data: StepData) -> Finding | None:
     steps = data.common_steps()
     if len(steps) < th.MIN_STEPS:
         return None
-    mats = {p: np.nan_to_num(data.matrix(p, steps)) for p in PHASES}
     step_m = data.matrix("step", steps)
-    with np.errstate(all="ignore"):
-        typical_step = float(np.nanmedian(step_m))
-    if not np.isfinite(typical_step) or typical_step <= 0:
+    timed = np.isfinite(step_m).all(axis=0)
+    if int(timed.sum()) < th.MIN_STEPS:
         return None
+    steps, step_m = steps[timed], step_m[:, timed]
+    mats = {p: np.nan_to_num(data.matrix(p, steps)) for p in PHASES}
+    typical_step = float(np.median(step_m))
+    if typical_step <= 0:
+        return None
+    refs = {p: others_median(mats[p]) for p in PHASES}
+    step_ref = others_median(step_m)
     best: tuple[float, int, dict[str, float], float, float] | None = None
     for i, _rank in enumerate(data.ranks):
-        deltas = {p: _median_delta(mats[p][i], _reference(mats[p], i)) for p in PHASES}
-        step_delta = _median_delta(step_m[i], _reference(step_m, i))
+        deltas = {p: _median_delta(mats[p][i], refs[p][i]) for p in PHASES}
+        step_delta = _median_delta(step_m[i], step_ref[i])
         ne_gap = sum(max(0.0, deltas[p]) for p in NON_EQUALISED)
         gap = max(ne_gap, step_delta)
         if best is None or gap > best[0]:

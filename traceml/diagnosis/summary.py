@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from traceml.diagnosis import thresholds as th
-from traceml.diagnosis.engine import diagnose
+from traceml.diagnosis.engine import diagnose, diagnose_steps
 from traceml.diagnosis.findings import clean_number
 from traceml.diagnosis.memory import fmt_bytes
 from traceml.diagnosis.steps import StepData, job_series, step_data
@@ -33,10 +33,8 @@ def stats_ms(values_us: np.ndarray) -> dict[str, Any]:
     v = v[np.isfinite(v)]
     if not len(v):
         return {"median_ms": None, "p95_ms": None}
-    return {
-        "median_ms": clean_number(float(np.median(v)) / 1000),
-        "p95_ms": clean_number(float(np.percentile(v, 95)) / 1000),
-    }
+    median, p95 = np.quantile(v, [0.5, 0.95])  # one partition for both
+    return {"median_ms": clean_number(float(median) / 1000), "p95_ms": clean_number(float(p95) / 1000)}
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -302,7 +300,7 @@ def build_summary(view: StoreView, *, recent_steps: int = th.RECENT_STEPS) -> di
         "run": run_section(view),
         "steps": steps_section(data),
         "regions": regions_section(view, data),
-        "diagnosis": diagnose(view).to_dict(),
+        "diagnosis": diagnose_steps(view, data).to_dict(),
         "diagnosis_recent": diagnose(view, last_n=recent_steps).to_dict(),
         "memory": memory_section(view),
         "system": system_section(view),
