@@ -391,3 +391,17 @@ def test_others_median_equals_the_median_of_the_other_rows(ranks: int) -> None:
     fast = others_median(m)
     for i in range(ranks):
         assert np.array_equal(fast[i], np.median(np.delete(m, i, axis=0), axis=0))
+
+
+def test_straggler_without_a_dominant_phase_has_a_mixed_cause() -> None:
+    # rank 1 loses 20 ms every step, but in a different phase each time: no phase explains the gap
+    extra = np.zeros((3, 90))
+    for i in range(90):
+        extra[i % 3, i] = 20_000.0
+    b = RunBuilder()
+    b.steps(0, 90).steps(2, 90)
+    b.steps(1, 90, dataloader=1_000.0 + extra[0], forward=30_000.0 + extra[1], optimizer=8_000.0 + extra[2])
+    f = one(diagnose(b.view()), STRAGGLER)
+    assert f.rank == 1
+    assert f.evidence["steps_synchronised"] == 0
+    assert f.labels["cause"] == "mixed"

@@ -297,7 +297,8 @@ def straggler(data: StepData) -> Finding | None:
     synced = ne_gap >= step_delta  # steps equalised: the excess hides in backward of the others
     counted = NON_EQUALISED if synced else PHASES
     contrib = {p: max(0.0, deltas[p]) for p in counted}
-    total = sum(contrib.values()) or 1.0
+    # shares of the gap (medians do not add up: what the phases do not explain stays unexplained)
+    total = max(gap, sum(contrib.values())) or 1.0
     by_cause = {c: sum(contrib.get(p, 0.0) for p in ps) / total for c, ps in CAUSES.items()}
     cause = max(by_cause, key=lambda c: by_cause[c])
     if by_cause[cause] < th.STRAGGLER_CAUSE_SHARE:
