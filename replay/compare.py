@@ -475,6 +475,7 @@ def compare_sides(
 
 
 NOT_MEASURED = "not measured in both inputs; not gated"
+PEAKS_ONLY = f"fewer than {MIN_SAMPLES} samples: peak values compared, no interval"
 
 
 def _compare_metric(
@@ -487,7 +488,15 @@ def _compare_metric(
         if not len(b) or not len(n):
             return MetricResult(spec, None, None, None, None, None, len(b), len(n), None, INCONCLUSIVE, NOT_MEASURED)
         bv, nv = _stat(b, spec.statistic), _stat(n, spec.statistic)
-        if len(b) < MIN_SAMPLES or len(n) < MIN_SAMPLES:
+        few = len(b) < MIN_SAMPLES or len(n) < MIN_SAMPLES
+        if few and spec.statistic == "p95" and b.max() > 0:
+            # memory is a level: with few samples, compare the peaks themselves (no interval)
+            ratio = float(n.max() / b.max())
+            verdict = verdict_for(ratio, ratio, ratio, gate, spec.higher_is_better)
+            return MetricResult(
+                spec, float(b.max()), float(n.max()), ratio, ratio, ratio, len(b), len(n), None, verdict, PEAKS_ONLY
+            )
+        if few:
             return MetricResult(
                 spec,
                 bv,

@@ -139,3 +139,13 @@ def test_order_statistic_bootstrap_matches_brute_force_resampling(n: int, q: flo
     assert np.allclose(np.quantile(fast, [0.025, 0.5, 0.975]), np.quantile(brute, [0.025, 0.5, 0.975]), rtol=0.03)
     if q == 0.5 and n % 2:  # an odd sample's median is one of its values, in every resample
         assert set(np.unique(fast)) <= set(x)
+
+
+def test_memory_with_few_samples_compares_peaks() -> None:
+    base = RunBuilder(seed=1).steps(0, 100).process(0, [1 * GiB] * 5).view()
+    same = RunBuilder(seed=2).steps(0, 100).process(0, [1 * GiB] * 4).view()
+    more = RunBuilder(seed=3).steps(0, 100).process(0, [1.5 * GiB] * 4).view()
+    assert cp.metric(compare(base, same), "peak_rss").verdict == cp.EQUIVALENT
+    assert compare(base, same).exit_code == 0
+    grown = cp.metric(compare(base, more), "peak_rss")
+    assert grown.verdict == cp.REGRESSION and grown.note == cp.PEAKS_ONLY
