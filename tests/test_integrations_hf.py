@@ -193,3 +193,17 @@ def test_disabled_traceml_leaves_training_alone(tmp_path: Path, monkeypatch: pyt
         assert api._agent is None and patches.active_patches() == []
     finally:
         traceml.shutdown()
+
+
+def test_example_is_traced_with_no_code_change(agent: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what `traceml run examples/hf_trainer.py` does inside the rank: hooks installed, script run as __main__
+    import runpy
+
+    example = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    autohook.install(force=True)
+    argv = [str(example), "--steps", "4", "--accum", "2", "--eval-every", "2", "--out-dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(example), run_name="__main__")
+    got = rows(agent)
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert all(r["forward_us"] > 0 and r["backward_us"] > 0 and r["optimizer_us"] > 0 for r in got), got

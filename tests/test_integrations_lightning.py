@@ -161,3 +161,17 @@ def test_callback_class_follows_the_imported_package() -> None:
     assert cls is lightning.callback_class()
     base = importlib.import_module(cls.traceml_flavor).Callback
     assert issubclass(cls, base) and issubclass(cls, lightning.TraceMLLightningCallback)
+
+
+def test_example_is_traced_with_no_code_change(agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what `traceml run examples/lightning_train.py` does inside the rank: hooks installed, script run as __main__
+    import runpy
+
+    example = Path(__file__).parent.parent / "examples" / "lightning_train.py"
+    autohook.install(force=True)
+    argv = [str(example), "--epochs", "1", "--samples", "256", "--batch-size", "32", "--accum", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(example), run_name="__main__")
+    got = rows(agent)
+    assert [r["step"] for r in got] == [0, 1, 2, 3]  # 8 batches, accumulate 2
+    assert all(r["forward_us"] > 0 and r["backward_us"] > 0 and r["optimizer_us"] > 0 for r in got), got
