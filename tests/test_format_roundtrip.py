@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from traceml.errors import ConfigError, WriterClosedError
-from traceml.format import MAGIC, RecordKind, TmlWriter, open_recording
-from traceml.format import _records
+from traceml.format import MAGIC, RecordKind, TmlWriter, _records, open_recording
 from traceml.schema import NUMPY_DTYPES, PHASES, STEP_TIME, TableSchema, table
 
 # --- helpers shared by the format tests ------------------------------------------------
@@ -64,7 +63,9 @@ def record_kinds(path: Path) -> list[tuple[int, int, int]]:
     return out
 
 
-def batches_by_stream(batches: Iterable[tuple[int, str, dict[str, np.ndarray]]]) -> dict[tuple[int, str], dict[str, Any]]:
+def batches_by_stream(
+    batches: Iterable[tuple[int, str, dict[str, np.ndarray]]],
+) -> dict[tuple[int, str], dict[str, Any]]:
     """Concatenate batches per (rank, table)."""
     parts: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
     for rank, tbl, cols in batches:
@@ -98,7 +99,9 @@ def _values(code: str, n: int) -> st.SearchStrategy[Any]:
     if code == "str":
         return st.lists(st.text(max_size=12), min_size=n, max_size=n)
     if code == "f8":
-        elems = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 5e-324, 1.7976931348623157e308])
+        elems = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+            [0.0, -0.0, 5e-324, 1.7976931348623157e308]
+        )
         return st.lists(elems, min_size=n, max_size=n).map(lambda v: np.array(v, dtype="<f8"))
     if code == "f4":
         return st.lists(st.floats(width=32, allow_nan=True), min_size=n, max_size=n).map(
@@ -121,7 +124,9 @@ def _values(code: str, n: int) -> st.SearchStrategy[Any]:
 def recordings(draw: st.DrawFn) -> tuple[list[TableSchema], list[tuple[int, str, dict[str, Any]]]]:
     schemas = []
     for t in range(draw(st.integers(1, 3))):
-        names = draw(st.lists(st.sampled_from(["step", "ts_ns", "a", "b", "c", "naïve ✓"]), min_size=1, max_size=5, unique=True))
+        names = draw(
+            st.lists(st.sampled_from(["step", "ts_ns", "a", "b", "c", "naïve ✓"]), min_size=1, max_size=5, unique=True)
+        )
         schemas.append(table(f"t{t}", *((n, draw(st.sampled_from(CODES))) for n in names)))
     ranks = draw(st.lists(st.integers(-1, 2**31), min_size=1, max_size=3, unique=True))
     appends = []
@@ -151,7 +156,11 @@ def test_round_trip_every_type_exactly(rec: Any, segment_bytes: int, tick_every:
                     w.tick()
         want = {
             key: {
-                c: (sum((list(p[c]) for p in parts), []) if isinstance(parts[0][c], list) else np.concatenate([p[c] for p in parts]))
+                c: (
+                    sum((list(p[c]) for p in parts), [])
+                    if isinstance(parts[0][c], list)
+                    else np.concatenate([p[c] for p in parts])
+                )
                 for c in parts[0]
             }
             for key, parts in expected.items()
@@ -257,7 +266,13 @@ def test_fdatasync_at_interval_checkpoint_and_close(tmp_path: Path, monkeypatch:
 
 def test_header_attachments_and_schemas(tmp_path: Path) -> None:
     path = tmp_path / "meta.tml"
-    meta = {"run_id": "r-42", "hosts": ["a", "b"], "world_size": 4, "command": ["train.py", "--lr", "1"], "x": {"y": [1, 2]}}
+    meta = {
+        "run_id": "r-42",
+        "hosts": ["a", "b"],
+        "world_size": 4,
+        "command": ["train.py", "--lr", "1"],
+        "x": {"y": [1, 2]},
+    }
     with writer(path, run_meta=meta) as w:
         w.attach("environment/rank0", {"python": "3.11"})
         w.attach("exit", {"status": "running"})
@@ -267,7 +282,12 @@ def test_header_attachments_and_schemas(tmp_path: Path) -> None:
         w.close(summary={"steps": 10})
     with open_recording(path) as r:
         h = r.header
-        assert (h["run_id"], h["hosts"], h["world_size"], h["command"]) == ("r-42", ["a", "b"], 4, ["train.py", "--lr", "1"])
+        assert (h["run_id"], h["hosts"], h["world_size"], h["command"]) == (
+            "r-42",
+            ["a", "b"],
+            4,
+            ["train.py", "--lr", "1"],
+        )
         assert h["meta"] == meta and h["format_version"] == "1.0" and h["writer"].startswith("traceml ")
         assert set(STEP_TIME.names) == set(r.schemas["step_time"].names)
         assert r.schemas["custom"] == table("custom", ("v", "f8"), ("tag", "str"))
@@ -363,7 +383,9 @@ def test_read_table_ranges_match_a_mask_on_all_rows(ranged: Any, ranks: Any, ste
         for col, rng in (("step", steps), ("ts_ns", times)):
             if rng is not None:
                 lo, hi = rng
-                keep &= (cols[col] >= (lo if lo is not None else -(2**63))) & (cols[col] <= (hi if hi is not None else 2**63 - 1))
+                keep &= (cols[col] >= (lo if lo is not None else -(2**63))) & (
+                    cols[col] <= (hi if hi is not None else 2**63 - 1)
+                )
         if keep.any():
             expected[rank] = {c: v[keep] for c, v in cols.items()}
     assert set(got) == set(expected)

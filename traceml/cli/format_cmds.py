@@ -144,11 +144,19 @@ def _print_inspection(info: dict[str, Any]) -> None:
     console.print(f"ranks: {', '.join(map(str, info['ranks'])) or '-'}")
 
     tables = Table(title="tables", title_justify="left")
-    for name, justify in (("table", "left"), ("ranks", "right"), ("rows", "right"), ("steps", "right"), ("time", "left")):
+    for name, justify in (
+        ("table", "left"),
+        ("ranks", "right"),
+        ("rows", "right"),
+        ("steps", "right"),
+        ("time", "left"),
+    ):
         tables.add_column(name, justify=justify)  # type: ignore[arg-type]
     for name, entry in info["tables"].items():
         steps = "-" if entry["step_min"] is None else f"{entry['step_min']}..{entry['step_max']}"
-        tables.add_row(name, str(len(entry["ranks"])), f"{entry['rows']:,}", steps, _span(entry["t_min"], entry["t_max"]))
+        tables.add_row(
+            name, str(len(entry["ranks"])), f"{entry['rows']:,}", steps, _span(entry["t_min"], entry["t_max"])
+        )
     console.print(tables)
 
     seg = info["segments"]

@@ -22,6 +22,7 @@ from traceml.errors import (
     CorruptRecordError,
     DecompressionBombError,
     NotATmlFileError,
+    TruncatedFileError,
     UnsupportedVersionError,
 )
 from traceml.schema import NUMPY_DTYPES, STR, TYPE_CODES, Column, TableSchema
@@ -91,6 +92,8 @@ def pack_record(sync: bytes, kind: int, payload: bytes) -> bytes:
 
 def parse_frame_head(head: bytes, sync: bytes) -> tuple[int, int]:
     """``(kind, payload length)`` of a 25-byte frame head; raises if it is not a valid head."""
+    if len(head) != FRAME_HEAD_SIZE:
+        raise TruncatedFileError(f"{len(head)} bytes where a {FRAME_HEAD_SIZE}-byte record head should be")
     marker, kind, length, head_crc = _FRAME_HEAD.unpack(head)
     if marker != sync:
         raise CorruptRecordError("no sync marker where a record should start")
@@ -392,78 +395,90 @@ def _planes(body: bytes, offset: int, n: int, width: int) -> np.ndarray:
     return np.frombuffer(body, np.uint8, n * width, offset).reshape(width, n)
 
 
-def _encode_numeric(values: np.ndarray, code: str) -> tuple[str, list[int], bytes]:
-    """Pick the column encoding of a numeric column: ``(encoding, args, blob)``."""
+def _encode_numeric(values: np.ndarray, code: str, starts: np.ndarray) -> tuple[str, list[int], bytes]:
+    """Pick the encoding of a numeric column whose runs begin at *starts*: ``(encoding, args, blob)``."""
     n = len(values)
     if code not in _UNSIGNED or n == 0:
         return _SHUFFLE, [], _transpose(values)
     scalar = values.dtype.type
     unsigned = _UNSIGNED[code]
     lo, hi = int(values.min()), int(values.max())
-    if n > 2:
-        deltas = values[1:] - values[:-1]  # wraps, like the decoder's cumulative sum
-        d_lo, d_hi = int(deltas.min()), int(deltas.max())
+    if n > len(starts) + 1:
+        deltas = np.empty_like(values)
+        np.subtract(values[1:], values[:-1], out=deltas[1:])  # wraps, like the decoder's cumulative sum
+        if len(starts) > 1:
+            inner_mask = np.ones(n, dtype=bool)
+            inner_mask[starts] = False
+            inner = deltas[inner_mask]
+        else:
+            inner = deltas[1:]
+        d_lo, d_hi = int(inner.min()), int(inner.max())
         if d_hi - d_lo < hi - lo:
+            deltas[starts] = d_lo
             width = _width(d_hi - d_lo)
             stored = (deltas - scalar(d_lo)).view(unsigned).astype(_NARROW[width])
-            return _DELTA, [int(values[0]), d_lo, width], _transpose(stored)
+            return _DELTA, [d_lo, width, *values[starts].tolist()], _transpose(stored)
     width = _width(hi - lo)
     stored = (values - scalar(lo)).view(unsigned).astype(_NARROW[width])
     return _FOR, [lo, width], _transpose(stored)
 
 
-def _check_args(code: str, encoding: Any, args: Any, rows: int, nbytes: int) -> bool:
+def _check_args(code: str, encoding: Any, args: Any, rows: int, runs: int, nbytes: int) -> bool:
     """Whether a layout entry is consistent (sizes included)."""
-    if not isinstance(args, list) or not all(type(a) is int for a in args):
+    if type(args) is not list:
         return False
     if code == STR:
         return encoding == _MSGPACK and not args
     itemsize = NUMPY_DTYPES[code].itemsize
     if encoding == _SHUFFLE:
         return not args and nbytes == rows * itemsize
-    if code not in _UNSIGNED:
+    if code not in _UNSIGNED or encoding not in (_FOR, _DELTA) or len(args) < 2:
         return False
-    bits = itemsize * 8
-    in_range = all(-(1 << (bits - 1)) <= a < 1 << (bits - 1) for a in args[:-1])
-    if encoding == _FOR and len(args) == 2:
-        width = args[1]
-        return in_range and width in _NARROW and width <= itemsize and nbytes == rows * width
-    if encoding == _DELTA and len(args) == 3:
-        width = args[2]
-        return in_range and rows >= 1 and width in _NARROW and width <= itemsize and nbytes == (rows - 1) * width
-    return False
+    base, width = args[0], args[1]
+    limit = 1 << (itemsize * 8 - 1)
+    if type(base) is not int or not -limit <= base < limit or width not in (1, 2, 4, 8) or width > itemsize:
+        return False
+    if nbytes != rows * width:
+        return False
+    if encoding == _FOR:
+        return len(args) == 2
+    firsts = args[2:]
+    return len(firsts) == runs and all(type(f) is int and -limit <= f < limit for f in firsts)
 
 
 def _decode_numeric(
-    body: bytes, offset: int, n: int, code: str, encoding: str, args: list[int], out: np.ndarray | None
-) -> np.ndarray:
-    """Decode a checked numeric column into *out* (a new array when None)."""
+    body: bytes,
+    offset: int,
+    code: str,
+    encoding: str,
+    args: list[int],
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Decode a checked numeric column of ``len(out)`` rows into *out*."""
+    n = len(out)
     dtype = NUMPY_DTYPES[code]
-    if out is None:
-        out = np.empty(n, dtype)
     if encoding == _SHUFFLE:
         _scatter_planes(body, offset, n, dtype.itemsize, out)
-        return out
+        return
     unsigned = _UNSIGNED[code]
     modulus = 1 << (dtype.itemsize * 8)
     target = out.view(unsigned)
-    if encoding == _FOR:
-        base, width = args
-        into = target
-    else:
-        first, base, width = args
-        target[:1] = first % modulus
-        into = target[1:]
-    if width == dtype.itemsize:
-        _scatter_planes(body, offset, len(into), width, into)
-    else:
-        into.fill(0)
-        _scatter_planes(body, offset, len(into), width, into)
-    if base % modulus:
-        into += unsigned.type(base % modulus)  # wraps, as the encoder did
+    base, width = args[0] % modulus, args[1]
+    if width < dtype.itemsize:
+        target.fill(0)
+    _scatter_planes(body, offset, n, width, target)
+    if base:
+        target += unsigned.type(base)  # wraps, as the encoder did
     if encoding == _DELTA:
         np.cumsum(target, out=target)
-    return out
+        firsts = np.array([f % modulus for f in args[2:]], dtype=unsigned)
+        shift = firsts - target[starts]  # per run: its first value minus the running sum there
+        if len(shift) == 1:
+            target += shift[0]
+        else:
+            target += np.repeat(shift, lengths)
 
 
 def _scatter_planes(body: bytes, offset: int, n: int, width: int, out: np.ndarray) -> None:
@@ -478,24 +493,34 @@ def _scatter_planes(body: bytes, offset: int, n: int, width: int, out: np.ndarra
         as_bytes[:, k] = planes[k]
 
 
-#: one stream of a segment to encode: (rank, schema, {column: ndarray | list[str]}, rows)
-StreamColumns = tuple[int, TableSchema, Mapping[str, Any], int]
+#: one table of a segment to encode: (schema, runs [(rank, rows), ...] in order,
+#: {column: the values of all runs, one run after the other})
+TableRuns = tuple[TableSchema, Sequence[tuple[int, int]], Mapping[str, Any]]
 
 
-def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdCompressor) -> tuple[bytes, SegmentHead]:
-    """Pack the SEGMENT payload for *streams* (in body order)."""
+def _starts(lengths: Sequence[int]) -> np.ndarray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def encode_segment(groups: Sequence[TableRuns], compressor: zstandard.ZstdCompressor) -> tuple[bytes, SegmentHead]:
+    """Pack the SEGMENT payload of *groups* (one per table, in body order)."""
     tables: list[str] = []
     stream_list: list[list[int]] = []
+    streams: list[tuple[int, str, int]] = []
     layout: list[list[list[Any]]] = []
     blobs: list[bytes] = []
     t_lo: list[int] = []
     t_hi: list[int] = []
     s_lo: list[int] = []
     s_hi: list[int] = []
-    for rank, schema, columns, rows in streams:
-        if schema.name not in tables:
-            tables.append(schema.name)
-        stream_list.append([rank, tables.index(schema.name), rows])
+    for index, (schema, runs, columns) in enumerate(groups):
+        tables.append(schema.name)
+        for rank, rows in runs:
+            stream_list.append([rank, index, rows])
+            streams.append((rank, schema.name, rows))
+        starts = _starts([rows for _, rows in runs])
         cols_layout = []
         for col in schema.columns:
             values = columns[col.name]
@@ -504,11 +529,11 @@ def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdC
                 blob = _packer_lenient.pack(values)
                 encoding = _MSGPACK
             else:
-                encoding, args, blob = _encode_numeric(values, col.dtype)
-                if rows and col.dtype in _UNSIGNED and col.name == "ts_ns":
+                encoding, args, blob = _encode_numeric(values, col.dtype, starts)
+                if len(values) and col.dtype in _UNSIGNED and col.name == "ts_ns":
                     t_lo.append(int(values.min()))
                     t_hi.append(int(values.max()))
-                elif rows and col.dtype in _UNSIGNED and col.name == "step":
+                elif len(values) and col.dtype in _UNSIGNED and col.name == "step":
                     s_lo.append(int(values.min()))
                     s_hi.append(int(values.max()))
             cols_layout.append([col.name, col.dtype, encoding, len(blob), args])
@@ -521,7 +546,7 @@ def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdC
         t_max=max(t_hi) if t_hi else None,
         step_min=min(s_lo) if s_lo else None,
         step_max=max(s_hi) if s_hi else None,
-        streams=tuple((rank, schema.name, rows) for rank, schema, _, rows in streams),
+        streams=tuple(streams),
         raw_size=len(body),
     )
     head_bytes = pack_map(
@@ -537,6 +562,19 @@ def encode_segment(streams: Sequence[StreamColumns], compressor: zstandard.ZstdC
         }
     )
     return b"".join((_U32.pack(len(head_bytes)), head_bytes, compressor.compress(body))), head
+
+
+def _groups(streams: Sequence[tuple[int, str, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Streams of a segment as (table, runs) groups in body order; they must be contiguous per table."""
+    groups: list[tuple[str, list[tuple[int, int]]]] = []
+    for rank, table, rows in streams:
+        if groups and groups[-1][0] == table:
+            groups[-1][1].append((rank, rows))
+        elif any(t == table for t, _ in groups):
+            raise CorruptRecordError(f"SEGMENT.streams of table {table!r:.40} are not contiguous")
+        else:
+            groups.append((table, [(rank, rows)]))
+    return groups
 
 
 def parse_segment_head(payload: bytes | memoryview) -> tuple[SegmentHead, int]:
@@ -565,6 +603,8 @@ def parse_segment_head(payload: bytes | memoryview) -> tuple[SegmentHead, int]:
     )
     if len({(rank, table) for rank, table, _ in head.streams}) != len(head.streams):
         raise CorruptRecordError("SEGMENT.streams lists a (rank, table) twice")
+    if any(rows == 0 for _, _, rows in head.streams):
+        raise CorruptRecordError("SEGMENT.streams lists a stream without rows")
     return head, 4 + head_len
 
 
@@ -573,7 +613,8 @@ def _decompress(
 ) -> bytes:
     if raw_size > max_decompressed:
         raise DecompressionBombError(
-            f"segment declares {raw_size} decompressed bytes, over the {max_decompressed >> 20} MiB cap"
+            f"segment declares {raw_size} decompressed bytes, over the {max_decompressed} byte"
+            f" ({max_decompressed / (1 << 20):g} MiB) cap"
             " (raise ReadLimits.max_decompressed_bytes to read it)"
         )
     try:
@@ -610,51 +651,65 @@ def decode_segment(
 ) -> list[tuple[int, str, TableSchema, dict[str, Any]]]:
     """Decode the streams of a SEGMENT payload (those ``(rank, table)`` in *wanted*, or all).
 
-    Returns ``(rank, table, schema from the layout, columns)``; str columns are object
-    arrays.  A stream with an entry in *dest* is decoded into those arrays (one per
-    column, of the stream's length and dtype) instead of new ones.
+    Returns ``(rank, table, schema from the layout, columns)`` in body order; str columns are
+    object arrays.  A stream with an entry in *dest* is decoded into those arrays (one per
+    column, of the stream's length and the column's dtype) instead of new ones.
     """
     head, body_offset = parse_segment_head(payload)
+    groups = _groups(head.streams)
     body = _decompress(memoryview(payload)[body_offset:], head.raw_size, max_decompressed, decompressor)
     (layout_len,) = _U32.unpack(body[:4])
     if layout_len > len(body) - 4:
         raise CorruptRecordError("SEGMENT layout overruns the body")
     layout = unpack(body[4 : 4 + layout_len], "SEGMENT layout")
-    if not isinstance(layout, list) or len(layout) != len(head.streams):
-        raise CorruptRecordError("SEGMENT layout does not list one entry per stream")
+    if not isinstance(layout, list) or len(layout) != len(groups):
+        raise CorruptRecordError("SEGMENT layout does not list one entry per table")
     offset = 4 + layout_len
     out = []
-    for (rank, table, rows), cols in zip(head.streams, layout, strict=True):
+    for (table, runs), cols in zip(groups, layout, strict=True):
         if not isinstance(cols, list):
             raise CorruptRecordError("SEGMENT layout entry is not a list")
-        take = wanted is None or (rank, table) in wanted
-        into = dest.get((rank, table)) if dest is not None and take else None
-        columns: dict[str, Any] = {}
+        lengths = [rows for _, rows in runs]
+        rows = sum(lengths)
+        taken = [wanted is None or (rank, table) in wanted for rank, _ in runs]
+        targets = [
+            dest.get((rank, table)) if dest is not None and take else None
+            for (rank, _), take in zip(runs, taken, strict=True)
+        ]
+        # one run going to a caller's arrays: decode straight into them
+        direct = targets[0] if len(runs) == 1 else None
+        starts = _starts(lengths)
+        length_array = np.asarray(lengths, dtype=np.int64)
+        full: dict[str, np.ndarray] = {}
         names: list[Column] = []
+        seen: set[str] = set()
         for entry in cols:
             if not (isinstance(entry, list) and len(entry) == 5):
                 raise CorruptRecordError("SEGMENT column entry must be [name, dtype, encoding, nbytes, args]")
             name, code, encoding, nbytes, args = entry
-            name = _str(name, "SEGMENT column name")
-            nbytes = _int(nbytes, "SEGMENT column size")
-            if code not in TYPE_CODES or not _check_args(code, encoding, args, rows, nbytes):
+            if not isinstance(name, str) or name in seen:
+                raise CorruptRecordError(f"SEGMENT layout of {table}: bad or repeated column name {name!r:.40}")
+            if (
+                code not in TYPE_CODES
+                or type(nbytes) is not int
+                or not _check_args(code, encoding, args, rows, len(runs), nbytes)
+            ):
                 raise CorruptRecordError(
                     f"SEGMENT column {table}.{name}: inconsistent entry {[code, encoding, nbytes, args]!r:.80}"
                     f" for {rows} rows"
                 )
-            if nbytes < 0 or offset + nbytes > len(body):
+            if offset + nbytes > len(body):
                 raise CorruptRecordError(f"SEGMENT column {table}.{name} overruns the body")
-            if name in columns or any(c.name == name for c in names):
-                raise CorruptRecordError(f"SEGMENT layout of {table} repeats column {name!r:.40}")
-            if take:
-                target = None
-                if into is not None:
-                    target = into.get(name)
-                    expected = np.dtype(object) if code == STR else NUMPY_DTYPES[code]
-                    if target is None or len(target) != rows or target.dtype != expected:
+            if any(taken):
+                dtype = np.dtype(object) if code == STR else NUMPY_DTYPES[code]
+                if direct is not None:
+                    array = direct.get(name)
+                    if array is None or len(array) != rows or array.dtype != dtype:
                         raise CorruptRecordError(
                             f"SEGMENT column {table}.{name} ({code}) does not match the table schema"
                         )
+                else:
+                    array = np.empty(rows, dtype)
                 if code == STR:
                     values = unpack(body[offset : offset + nbytes], "SEGMENT str column")
                     if (
@@ -663,17 +718,32 @@ def decode_segment(
                         or not all(isinstance(v, str) for v in values)
                     ):
                         raise CorruptRecordError(f"SEGMENT column {table}.{name}: expected {rows} strings")
-                    array = np.empty(rows, dtype=object) if target is None else target
                     array[:] = values
-                    columns[name] = array
                 else:
-                    columns[name] = _decode_numeric(body, offset, rows, code, encoding, args, target)
+                    _decode_numeric(body, offset, code, encoding, args, starts, length_array, array)
+                full[name] = array
+            seen.add(name)
             names.append(Column(name, code))
             offset += nbytes
-        if take:
-            if into is not None and set(into) != set(columns):
-                raise CorruptRecordError(f"SEGMENT columns of {table} do not match the table schema")
-            out.append((rank, table, TableSchema(table, tuple(names)), columns))
+        if not any(taken):
+            continue
+        schema = TableSchema(table, tuple(names))
+        for (rank, n), start, take, into in zip(runs, starts.tolist(), taken, targets, strict=True):
+            if not take:
+                continue
+            if into is None or direct is not None:
+                columns = full if len(runs) == 1 else {name: a[start : start + n] for name, a in full.items()}
+                if into is not None and into.keys() != full.keys():
+                    raise CorruptRecordError(f"SEGMENT columns of {table} do not match the table schema")
+            else:
+                if into.keys() != full.keys():
+                    raise CorruptRecordError(f"SEGMENT columns of {table} do not match the table schema")
+                for name, a in full.items():
+                    if len(into[name]) != n or into[name].dtype != a.dtype:
+                        raise CorruptRecordError(f"SEGMENT column {table}.{name} does not match the table schema")
+                    into[name][:] = a[start : start + n]
+                columns = dict(into)
+            out.append((rank, table, schema, columns))
     if offset != len(body):
         raise CorruptRecordError(f"SEGMENT columns cover {offset} of {len(body)} body bytes")
     return out

@@ -80,7 +80,9 @@ def _step_slices(rank: int, cols: dict[str, Any]) -> list[dict[str, Any]]:
     events = []
     phase_lists = [(phase, cols[f"{phase}_us"].tolist()) for phase in PHASES if f"{phase}_us" in cols]
     failed = cols["failed"].tolist() if "failed" in cols else [0] * len(cols["step"])
-    for i, (step, ts_ns, step_us) in enumerate(zip(cols["step"].tolist(), cols["ts_ns"].tolist(), cols["step_us"].tolist(), strict=True)):
+    for i, (step, ts_ns, step_us) in enumerate(
+        zip(cols["step"].tolist(), cols["ts_ns"].tolist(), cols["step_us"].tolist(), strict=True)
+    ):
         if step_us <= 0 or ts_ns <= 0:
             continue  # not measured
         end = ts_ns / 1000.0

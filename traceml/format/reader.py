@@ -724,7 +724,7 @@ def _kind_name(kind: int) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB"
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n}-byte"
 
 
 def _inside(lo: int | None, hi: int | None, rng: Range) -> bool:

@@ -97,16 +97,6 @@ class _Stream:
         self.chunks: dict[str, list[Any]] = {name: [] for name in schema.names}
         self.rows = 0
 
-    def columns(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for col in self.schema.columns:
-            parts = self.chunks[col.name]
-            if col.dtype == STR:
-                out[col.name] = parts[0] if len(parts) == 1 else [s for part in parts for s in part]
-            else:
-                out[col.name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out
-
 
 class _OpenSegment:
     __slots__ = ("streams", "raw_bytes", "opened_at")
@@ -382,8 +372,7 @@ class TmlWriter:
         segment, self._segment = self._segment, None
         if segment is None or not segment.streams:
             return
-        streams = [(rank, s.schema, s.columns(), s.rows) for (rank, _), s in segment.streams.items()]
-        payload, head = _records.encode_segment(streams, self._compressor)
+        payload, head = _records.encode_segment(_table_runs(segment), self._compressor)
         offset = self._offset
         length = self._write_record(RecordKind.SEGMENT, payload)
         self._pending_segments.append((offset, length, head))
@@ -487,6 +476,26 @@ class TmlWriter:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _table_runs(segment: _OpenSegment) -> list[_records.TableRuns]:
+    """The open segment's streams grouped by table: each column of a table is written once,
+    rank after rank, which keeps the per-column cost independent of the number of ranks."""
+    by_table: dict[str, list[tuple[int, _Stream]]] = {}
+    for (rank, table), stream in segment.streams.items():
+        by_table.setdefault(table, []).append((rank, stream))
+    groups = []
+    for members in by_table.values():
+        schema = members[0][1].schema
+        columns: dict[str, Any] = {}
+        for col in schema.columns:
+            parts = [chunk for _, stream in members for chunk in stream.chunks[col.name]]
+            if col.dtype == STR:
+                columns[col.name] = [value for part in parts for value in part]
+            else:
+                columns[col.name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        groups.append((schema, [(rank, stream.rows) for rank, stream in members], columns))
+    return groups
 
 
 def _widen(current: tuple[int, int] | None, lo: int | None, hi: int | None) -> tuple[int, int] | None:
