@@ -36,13 +36,15 @@ class FakeClock:
 
 
 def step_columns(start: int, n: int, rank: int = 0) -> dict[str, np.ndarray]:
-    """``n`` step_time rows from step ``start`` (deterministic, phases add up to step_us)."""
+    """``n`` step_time rows from step ``start``: each row a function of (step, rank) only, so
+    ``step_columns(0, 10)`` equals ``step_columns(0, 4)`` followed by ``step_columns(4, 6)``;
+    the phases add up to step_us."""
     steps = np.arange(start, start + n, dtype=np.int64)
-    rng = np.random.default_rng(start * 31 + rank)
+    jitter = (steps * 2654435761 + rank * 40503) % 1000  # deterministic noise in 0..999
     cols: dict[str, np.ndarray] = {"step": steps}
-    for phase, mean in zip(PHASES[:-1], (300, 800, 30_000, 60_000, 5_000), strict=True):
-        cols[f"{phase}_us"] = rng.integers(mean // 2, mean * 2, n).astype(np.int64)
-    cols["residual_us"] = rng.integers(0, 200, n).astype(np.int64)
+    for k, (phase, mean) in enumerate(zip(PHASES[:-1], (300, 800, 30_000, 60_000, 5_000), strict=True)):
+        cols[f"{phase}_us"] = mean + (jitter * (k + 3)) % (mean // 2)
+    cols["residual_us"] = jitter % 200
     cols["step_us"] = sum(cols[f"{p}_us"] for p in PHASES)
     cols["ts_ns"] = 1_760_000_000_000_000_000 + steps * 100_000_000 + rank * 1000
     cols["failed"] = (steps % 97 == 0).astype(np.uint8)

@@ -484,7 +484,7 @@ def _table_runs(segment: _OpenSegment) -> list[_records.TableRuns]:
     by_table: dict[str, list[tuple[int, _Stream]]] = {}
     for (rank, table), stream in segment.streams.items():
         by_table.setdefault(table, []).append((rank, stream))
-    groups = []
+    groups: list[_records.TableRuns] = []
     for members in by_table.values():
         schema = members[0][1].schema
         columns: dict[str, Any] = {}
