@@ -174,6 +174,9 @@ def test_shutdown_undoes_the_auto_integration(agent: Any) -> None:
     assert hf_trainer.Trainer.__init__ is original_init
     assert patches.active_patches() == []
     assert autohook.installed() == []
+    # a fresh agent can have them again
+    assert api.init(start=False) is not None
+    assert autohook.install(force=True) and hf_trainer.Trainer.__init__ is not original_init
 
 
 def test_flag_turns_auto_integrations_off(agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:

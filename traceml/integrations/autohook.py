@@ -48,8 +48,9 @@ def install(force: bool = False) -> list[str]:
     ``TRACEML_NO_AUTO_INTEGRATIONS`` / ``TRACEML_DISABLED`` unless ``force``, or already
     installed).  A framework imported already is patched at once.
     """
-    if _names or not (force or enabled()):
+    if installed() or not (force or enabled()):
         return []
+    _names.clear()  # what traceml.shutdown() undid since
     targets: list[tuple[str, Callable[[ModuleType], None]]] = [(HF_TRAINER_MODULE, _patch_hf)]
     targets += [(m, functools.partial(_patch_lightning, flavor=f)) for m, f in LIGHTNING_TRAINER_MODULES.items()]
     for module_name, patch in targets:
