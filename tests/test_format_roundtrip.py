@@ -46,7 +46,7 @@ def step_columns(start: int, n: int, rank: int = 0) -> dict[str, np.ndarray]:
         cols[f"{phase}_us"] = mean + (jitter * (k + 3)) % (mean // 2)
     cols["residual_us"] = jitter % 200
     cols["step_us"] = sum(cols[f"{p}_us"] for p in PHASES)
-    cols["ts_ns"] = 1_760_000_000_000_000_000 + steps * 100_000_000 + rank * 1000
+    cols["ts_ns"] = 1_760_000_000_000_000_000 + steps * 200_000_000 + rank * 1000
     cols["failed"] = (steps % 97 == 0).astype(np.uint8)
     return {c.name: cols[c.name] for c in STEP_TIME.columns}
 
@@ -364,8 +364,8 @@ def ranged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, di
         ([0, 2], (57, 211), None),
         (None, (None, 30), None),
         (None, (390, None), None),
-        (None, None, (1_760_000_000_000_000_000 + 100 * 100_000_000, 1_760_000_000_000_000_000 + 150 * 100_000_000)),
-        ([2], (10, 300), (1_760_000_000_000_000_000 + 200 * 100_000_000, None)),
+        (None, None, (1_760_000_000_000_000_000 + 100 * 200_000_000, 1_760_000_000_000_000_000 + 150 * 200_000_000)),
+        ([2], (10, 300), (1_760_000_000_000_000_000 + 200 * 200_000_000, None)),
         (None, (1000, 2000), None),
     ],
 )
