@@ -44,7 +44,8 @@ def tick_columns(start: int, n: int) -> dict[str, Any]:
 def small_recording(path: Path) -> Path:
     """Seven segments, two mid-file checkpoints, a SCHEMA record, attachments, a footer: ~3 KB."""
     clock = FakeClock()
-    with writer(path, clock, schemas=[TICK], checkpoint_every_segments=2) as w:
+    meta = {"run_id": "small", "command": ["train.py"], "hosts": ["h"]}
+    with writer(path, clock, schemas=[TICK], checkpoint_every_segments=2, run_meta=meta) as w:
         w.attach("environment/rank0", {"python": "3.11"})
         for i in range(6):
             w.append(i % 2, "tick", tick_columns(i * 3, 3))

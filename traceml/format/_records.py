@@ -7,6 +7,7 @@ Every unpacking function validates what it reads and raises only ``traceml.error
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -297,12 +298,26 @@ def index_payload(
     attachments: Sequence[IndexEntry],
     schemas: Sequence[IndexEntry],
 ) -> bytes:
+    tables: dict[str, int] = {}
+    for _, _, h in segments:
+        for _, table, _ in h.streams:
+            tables.setdefault(table, len(tables))
     return pack_map(
         {
             "prev": prev,
             "final": final,
+            "tables": list(tables),
             "segments": [
-                [off, length, h.t_min, h.t_max, h.step_min, h.step_max, h.raw_size, [list(s) for s in h.streams]]
+                [
+                    off,
+                    length,
+                    h.t_min,
+                    h.t_max,
+                    h.step_min,
+                    h.step_max,
+                    h.raw_size,
+                    [[rank, tables[table], rows] for rank, table, rows in h.streams],
+                ]
                 for off, length, h in segments
             ],
             "attachments": [[e.offset, e.length, e.name] for e in attachments],
@@ -346,6 +361,9 @@ def _entries(raw: Any, what: str) -> tuple[IndexEntry, ...]:
 
 def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
     obj = _map(unpack(payload, "INDEX"), "INDEX")
+    tables = obj.get("tables")
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        raise CorruptRecordError("INDEX.tables: expected a list of names")
     segments = []
     raw_segments = obj.get("segments")
     if not isinstance(raw_segments, list):
@@ -355,7 +373,7 @@ def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
             raise CorruptRecordError("INDEX.segments: expected 8-element entries")
         off, length = _int(item[0], "INDEX offset"), _int(item[1], "INDEX length")
         t_min, t_max, s_min, s_max = (_int(v, "INDEX range", nullable=True) for v in item[2:6])
-        head = SegmentHead(t_min, t_max, s_min, s_max, _streams(item[7], "INDEX streams"), _int(item[6], "raw_size"))
+        head = SegmentHead(t_min, t_max, s_min, s_max, _streams(item[7], "INDEX streams", tables), _int(item[6], "raw_size"))
         segments.append((off, length, head))
     final = obj.get("final")
     if not isinstance(final, bool):
@@ -376,6 +394,7 @@ _FOR = "for"
 _DELTA = "delta"
 _MSGPACK = "msgpack"
 _UNSIGNED: dict[str, np.dtype[Any]] = {"i8": np.dtype("<u8"), "i4": np.dtype("<u4")}
+_OBJECT = np.dtype(object)
 _NARROW: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
@@ -472,7 +491,7 @@ def _decode_numeric(
     if base:
         target += unsigned.type(base)  # wraps, as the encoder did
     if encoding == _DELTA:
-        np.cumsum(target, out=target)
+        target.cumsum(out=target)
         firsts = np.array([f % modulus for f in args[2:]], dtype=unsigned)
         shift = firsts - target[starts]  # per run: its first value minus the running sum there
         if len(shift) == 1:
@@ -499,9 +518,7 @@ TableRuns = tuple[TableSchema, Sequence[tuple[int, int]], Mapping[str, Any]]
 
 
 def _starts(lengths: Sequence[int]) -> np.ndarray:
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return starts
+    return np.fromiter(itertools.accumulate(lengths[:-1], initial=0), dtype=np.int64, count=len(lengths))
 
 
 def encode_segment(groups: Sequence[TableRuns], compressor: zstandard.ZstdCompressor) -> tuple[bytes, SegmentHead]:
@@ -672,6 +689,7 @@ def decode_segment(
         lengths = [rows for _, rows in runs]
         rows = sum(lengths)
         taken = [wanted is None or (rank, table) in wanted for rank, _ in runs]
+        take_any = any(taken)
         targets = [
             dest.get((rank, table)) if dest is not None and take else None
             for (rank, _), take in zip(runs, taken, strict=True)
@@ -679,7 +697,7 @@ def decode_segment(
         # one run going to a caller's arrays: decode straight into them
         direct = targets[0] if len(runs) == 1 else None
         starts = _starts(lengths)
-        length_array = np.asarray(lengths, dtype=np.int64)
+        length_array = np.array(lengths, dtype=np.int64)
         full: dict[str, np.ndarray] = {}
         names: list[Column] = []
         seen: set[str] = set()
@@ -700,8 +718,8 @@ def decode_segment(
                 )
             if offset + nbytes > len(body):
                 raise CorruptRecordError(f"SEGMENT column {table}.{name} overruns the body")
-            if any(taken):
-                dtype = np.dtype(object) if code == STR else NUMPY_DTYPES[code]
+            if take_any:
+                dtype = _OBJECT if code == STR else NUMPY_DTYPES[code]
                 if direct is not None:
                     array = direct.get(name)
                     if array is None or len(array) != rows or array.dtype != dtype:
@@ -725,7 +743,7 @@ def decode_segment(
             seen.add(name)
             names.append(Column(name, code))
             offset += nbytes
-        if not any(taken):
+        if not take_any:
             continue
         schema = TableSchema(table, tuple(names))
         for (rank, n), start, take, into in zip(runs, starts.tolist(), taken, targets, strict=True):
