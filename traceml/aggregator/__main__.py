@@ -10,7 +10,6 @@ finished or disconnected, or on SIGINT/SIGTERM.  Light imports: no torch, no das
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -42,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="traceml aggregator: %(message)s", stream=sys.stderr)
     from traceml.aggregator.service import Aggregator, AggregatorOptions
 
     max_frame_mb = args.max_frame_mb

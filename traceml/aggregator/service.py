@@ -108,7 +108,8 @@ class _UI:
 
 
 class _NotifyHandler(logging.Handler):
-    """Routes warnings of the traceml loggers to the UI (above the live region)."""
+    """Routes warnings of the ``traceml`` loggers to the UI: above the live region in the
+    terminal, else to stderr (prefixed ``traceml:``)."""
 
     def __init__(self, notify: Callable[[str], None]) -> None:
         super().__init__(logging.WARNING)
@@ -188,7 +189,7 @@ class Aggregator:
 
         assert self.opts.out is not None
         Path(self.opts.out).parent.mkdir(parents=True, exist_ok=True)
-        writer: Writer = TmlWriter(self.opts.out, self._run_meta(), list(STANDARD_TABLES.values()))
+        writer: Writer = TmlWriter(self.opts.out, run_meta=self._run_meta(), schemas=list(STANDARD_TABLES.values()))
         return writer
 
     def _recording_failed(self, reason: str) -> None:
@@ -220,8 +221,7 @@ class Aggregator:
         self.server.start()
         self._start_ui()
         self._log_handler = _NotifyHandler(self.ui.notify)
-        for name in ("traceml.aggregator", "traceml.transport"):
-            logging.getLogger(name).addHandler(self._log_handler)
+        logging.getLogger("traceml").addHandler(self._log_handler)
 
     # -- control channel -----------------------------------------------------------------
     def on_output(self, stream: str, text: str) -> None:
@@ -333,8 +333,7 @@ class Aggregator:
 
     def close_ui(self, final_view: StoreView | None) -> None:
         if self._log_handler is not None:
-            for name in ("traceml.aggregator", "traceml.transport"):
-                logging.getLogger(name).removeHandler(self._log_handler)
+            logging.getLogger("traceml").removeHandler(self._log_handler)
             self._log_handler = None
         if self._web is not None:
             stop = getattr(self._web, "stop", None)

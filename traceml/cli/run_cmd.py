@@ -56,6 +56,8 @@ PIPE_DRAIN_S = 2.0
 #: most bytes of training output forwarded per control line
 MAX_FORWARD_CHARS = 64 * 1024
 FORWARD_QUEUE = 10_000
+#: how often the CLI's wait loops look at signals and at the aggregator
+POLL_S = 0.1
 FINISH_TIMEOUT_S = 10.0
 
 
@@ -182,7 +184,11 @@ def plan_run(
     if aggregator_port is None:
         aggregator_port = free_port(aggregator_host)
     if master_port is None:
-        master_port = free_port(master_addr) if nnodes == 1 else 29500
+        master_port = 29500
+        if nnodes == 1:
+            master_port = free_port(master_addr)
+            while master_port == aggregator_port:
+                master_port = free_port(master_addr)
     return RunPlan(
         script=script,
         script_args=list(script_args),
@@ -471,26 +477,35 @@ class RunSupervisor:
         self.training: subprocess.Popen[bytes] | None = None
         self.forwarder: Forwarder | None = None
         self._signals: list[int] = []
+        self._handled = 0
+        #: the signals received while the training ran (the first one sets the exit code)
+        self.training_signals: list[int] = []
         self._gone_reported = False
 
     # -- signals -------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any = None) -> None:
+        """The handler only records the signal: acting on it here could re-enter a lock the
+        interrupted code holds.  The wait loops act on it within :data:`POLL_S`."""
         self._signals.append(signum)
-        training = self.training
-        if training is None or training.poll() is not None:
-            # the training is over: a signal now hurries the aggregator, which closes the file
-            if self.aggregator is not None and self.aggregator.poll() is None:
-                self.aggregator.send_signal(signal.SIGTERM)
-            return
-        if len(self._signals) == 1:
-            self._say(f"{signal.Signals(signum).name}: stopping the training (again to kill it)")
-            try:
-                training.send_signal(signum)
-            except OSError:
-                pass
-        else:
-            self._say("killing the training; the recording is still closed")
-            kill_tree(training)
+
+    def _handle_signals(self) -> None:
+        while self._handled < len(self._signals):
+            signum = self._signals[self._handled]
+            self._handled += 1
+            training = self.training
+            if training is None or training.poll() is not None:
+                # the training is over: a signal now hurries the aggregator, which closes the file
+                if self.aggregator is not None and self.aggregator.poll() is None:
+                    self.aggregator.send_signal(signal.SIGTERM)
+            elif self._handled == 1:
+                self._say(f"{signal.Signals(signum).name}: stopping the training (again to kill it)")
+                try:
+                    training.send_signal(signum)
+                except OSError:
+                    pass
+            else:
+                self._say("killing the training; the recording is still closed")
+                kill_tree(training)
 
     def _say(self, message: str) -> None:
         line = f"traceml: {message}\n"
@@ -529,11 +544,15 @@ class RunSupervisor:
     def wait_training(self) -> int:
         assert self.training is not None
         while True:
+            self._handle_signals()
             try:
-                returncode = self.training.wait(timeout=0.2)
+                returncode = self.training.wait(timeout=POLL_S)
                 break
             except subprocess.TimeoutExpired:
                 self._check_aggregator()
+        # signals that came in while the training ran were meant for it: they are done with
+        self.training_signals = list(self._signals)
+        self._handled = len(self.training_signals)
         for pump in self._pumps:
             if not pump.join(PIPE_DRAIN_S):
                 self._say("training output pipe still open after the training exited; not waiting for it")
@@ -552,8 +571,8 @@ class RunSupervisor:
         """Tell the aggregator, wait for it to close the recording, return the exit code."""
         code = _exit_code(returncode)
         signal_name = ""
-        if self._signals:
-            first = self._signals[0]
+        if self.training_signals:
+            first = self.training_signals[0]
             signal_name = signal.Signals(first).name
             if code != 0:
                 code = 128 + first
@@ -562,9 +581,14 @@ class RunSupervisor:
         self.forwarder.close()
         agg = self.aggregator
         if agg is not None:
-            try:
-                agg.wait(timeout=self.plan.finish_timeout_s + AGGREGATOR_CLOSE_GRACE_S)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + self.plan.finish_timeout_s + AGGREGATOR_CLOSE_GRACE_S
+            while agg.poll() is None and time.monotonic() < deadline:
+                self._handle_signals()
+                try:
+                    agg.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            if agg.poll() is None:
                 self._say("the aggregator did not close the recording in time; stopping it")
                 agg.terminate()
                 try:

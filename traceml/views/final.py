@@ -76,7 +76,8 @@ def findings_from_summary(summary: Any) -> list[FindingLine]:
     """
     if not isinstance(summary, Mapping):
         return []
-    diag = summary.get("diagnosis") if isinstance(summary.get("diagnosis"), Mapping) else summary
+    nested = summary.get("diagnosis")
+    diag: Mapping[str, Any] = nested if isinstance(nested, Mapping) else summary
     out: list[FindingLine] = []
     seen: set[tuple[str, int | None, str]] = set()
     raw = [diag.get("primary")] + list(diag.get("findings") or [])

@@ -98,6 +98,7 @@ class LiveModel:
 
     run_name: str
     status: str
+    #: seconds from the run's start to the newest row; nan before the first row
     elapsed_s: float
     window_steps: int
     expected_ranks: int
@@ -326,7 +327,7 @@ def recording_info(view: StoreView) -> RecordingInfo:
 def live_model(view: StoreView, window: int = DEFAULT_WINDOW_STEPS) -> LiveModel:
     """The whole live dashboard for one snapshot."""
     start_ns = int(view.meta.get(META_START_NS, 0) or 0)
-    elapsed = (view.latest_ns - start_ns) / 1e9 if start_ns and view.latest_ns > start_ns else 0.0
+    elapsed = (view.latest_ns - start_ns) / 1e9 if start_ns and view.latest_ns > start_ns else NAN
     rates = [_steps_per_s(_step_window(view, r, window)) for r in view.table_ranks("step_time")]
     skew, slowest = rank_skew(view, window)
     ranks = rank_rows(view, window)
