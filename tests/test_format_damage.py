@@ -25,7 +25,7 @@ from traceml.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from traceml.format import MAGIC, ReadLimits, RecordKind, TmlWriter, _records, open_recording
+from traceml.format import MAGIC, ReadLimits, RecordKind, SegmentInfo, TmlWriter, _records, open_recording
 from traceml.schema import table
 
 TICK = table("tick", ("step", "i8"), ("ts_ns", "i8"), ("v", "f4"), ("tag", "str"))
@@ -265,8 +265,12 @@ def test_decompression_bombs_are_refused_with_bounded_memory(tmp_path: Path, cas
     tracemalloc.start()
     try:
         with open_recording(path, limits=ReadLimits(max_decompressed_bytes=8 << 20)) as r:
-            r.verify()  # finds the unindexed segment
-            bomb = next(s for s in r.segments if s.tables == {"bomb"})
+            r.verify()  # meets the unindexed segment
+            bomb = next(
+                SegmentInfo(off, n, None, None, None, None, (0,), {(0, "bomb"): 1}, 0)
+                for off, kind, n in record_kinds(path)
+                if kind == RecordKind.SEGMENT and off not in {s.offset for s in r.segments if s.tables == {"step_time"}}
+            )
             with pytest.raises(DecompressionBombError) as err:
                 r.read_segment(bomb)
             steps = r.read_table("step_time")[0]["step"]
@@ -356,3 +360,54 @@ def test_writer_refuses_records_over_the_limit(tmp_path: Path) -> None:
         w.attach("small", {"ok": True})
     with open_recording(tmp_path / "big.tml") as r:
         assert r.attachments == {"small": {"ok": True}}
+
+
+def _lying_segment(sync: bytes, head_fields: dict[str, Any], body: bytes) -> bytes:
+    head = _records.pack_map(head_fields)
+    return _records.pack_record(sync, RecordKind.SEGMENT, struct.pack("<I", len(head)) + head + body)
+
+
+@pytest.mark.parametrize("where", ["segment-head", "index-entry", "index-entry-under-raw-size"])
+def test_absurd_row_counts_are_damage_not_allocations(tmp_path: Path, where: str) -> None:
+    """CRC-valid records whose streams claim 2**40 rows (or more rows than their columns can
+    hold): reported, never used to size an array, every real row still read."""
+    path = tmp_path / "liar.tml"
+    w = writer(path, FakeClock(), checkpoint_every_segments=1000)
+    w.append(0, "step_time", step_columns(0, 5))
+    w._close_segment()
+    real = w._pending_segments[0]
+    offset, length, head = real
+    w.append(0, "step_time", step_columns(5, 5))
+    w._close_segment()
+    data = path.read_bytes()
+    payload = data[offset + _records.FRAME_HEAD_SIZE : offset + length - 4]
+    (head_len,) = struct.unpack_from("<I", payload)
+    fields = _records.unpack(payload[4 : 4 + head_len], "head")
+    if where == "segment-head":
+        fields["streams"] = [[0, 0, 2**40]]
+        w._write(_lying_segment(w._sync, fields, payload[4 + head_len :]))
+    else:
+        rows = 2**40 if where == "index-entry" else head.raw_size  # the second fits raw_size, not 10 columns
+        w._pending_segments[0] = (offset, length, _records.SegmentHead(
+            head.t_min, head.t_max, head.step_min, head.step_max, ((0, "step_time", rows),), head.raw_size
+        ))  # fmt: skip
+    w.close()
+    tracemalloc.start()
+    try:
+        with open_recording(path) as r:
+            r.verify()
+            steps = r.read_table("step_time")
+            integrity = r.integrity
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    assert integrity["status"] == "damaged"
+    if where == "index-entry":  # the whole chain is refused: a forward scan finds both segments
+        np.testing.assert_array_equal(steps[0]["step"], np.arange(10))
+    elif where == "segment-head":
+        np.testing.assert_array_equal(steps[0]["step"], np.arange(10))
+        assert any("claims 1099511627776 rows" in s["reason"] for s in integrity["skipped"])
+    else:  # the lying entry is skipped; the other segment is read
+        np.testing.assert_array_equal(steps[0]["step"], np.arange(5, 10))
+        assert any("cannot fit in a body" in s["reason"] for s in integrity["skipped"])

@@ -373,7 +373,12 @@ def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
             raise CorruptRecordError("INDEX.segments: expected 8-element entries")
         off, length = _int(item[0], "INDEX offset"), _int(item[1], "INDEX length")
         t_min, t_max, s_min, s_max = (_int(v, "INDEX range", nullable=True) for v in item[2:6])
-        head = SegmentHead(t_min, t_max, s_min, s_max, _streams(item[7], "INDEX streams", tables), _int(item[6], "raw_size"))
+        head = SegmentHead(
+            t_min, t_max, s_min, s_max, _streams(item[7], "INDEX streams", tables), _int(item[6], "raw_size")
+        )
+        if off < 0 or length < FRAME_OVERHEAD:
+            raise CorruptRecordError(f"INDEX entry ({off}, {length}) is not a record")
+        _check_rows(head, "INDEX entry")
         segments.append((off, length, head))
     final = obj.get("final")
     if not isinstance(final, bool):
@@ -622,7 +627,16 @@ def parse_segment_head(payload: bytes | memoryview) -> tuple[SegmentHead, int]:
         raise CorruptRecordError("SEGMENT.streams lists a (rank, table) twice")
     if any(rows == 0 for _, _, rows in head.streams):
         raise CorruptRecordError("SEGMENT.streams lists a stream without rows")
+    _check_rows(head, "SEGMENT")
     return head, 4 + head_len
+
+
+def _check_rows(head: SegmentHead, what: str) -> None:
+    """Every row takes at least one body byte: more rows than ``raw_size`` is a lie, refused
+    before anyone sizes an array by it."""
+    rows = sum(n for _, _, n in head.streams)
+    if rows > head.raw_size:
+        raise CorruptRecordError(f"{what} claims {rows} rows in a body of {head.raw_size} bytes")
 
 
 def _decompress(

@@ -225,6 +225,7 @@ class TmlReader:
         by_time = time_range is not None and self._has_column(table, "ts_ns")
         selected: list[tuple[SegmentInfo, set[tuple[int, str]], bool]] = []
         capacity: dict[int, int] = {}
+        schema = self._schemas.get(table)
         for seg in list(self._segments):
             wanted = {key for key in seg.rows if key[1] == table and (wanted_ranks is None or key[0] in wanted_ranks)}
             if not wanted:
@@ -233,13 +234,18 @@ class TmlReader:
                 continue
             if by_time and _disjoint(seg.t_min, seg.t_max, time_range):
                 continue
+            claimed = sum(seg.rows[key] for key in wanted)
+            if schema is not None and claimed * max(1, len(schema.columns)) > seg.raw_size:
+                # each column takes a body byte per row at least: the index entry lies; do not size arrays by it
+                self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: {claimed} rows of {table}"
+                             f" cannot fit in a body of {seg.raw_size} bytes")  # fmt: skip
+                continue
             whole = (step_range is None or _inside(seg.step_min, seg.step_max, step_range)) and (
                 time_range is None or _inside(seg.t_min, seg.t_max, time_range)
             )
             selected.append((seg, wanted, whole))
             for rank, _ in wanted:
                 capacity[rank] = capacity.get(rank, 0) + seg.rows[(rank, table)]
-        schema = self._schemas.get(table)
         if schema is None:  # its SCHEMA record is lost: decode segment by segment
             parts: dict[int, list[dict[str, np.ndarray]]] = {}
             for seg, wanted, _ in selected:
@@ -585,26 +591,38 @@ class TmlReader:
                 self._add_segment(SegmentInfo.from_head(offset, total, head))
                 if on_batches is not None:
                     on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
-            elif verifying:
-                return
             elif kind == RecordKind.ATTACHMENT:
                 name, data = _records.parse_attachment(payload)
-                self._attachments.pop(name, None)
-                self._attachments[name] = data
+                if not verifying:  # verify() checks records; it does not change what was read
+                    self._attachments.pop(name, None)
+                    self._attachments[name] = data
             elif kind == RecordKind.SCHEMA:
                 schema = _records.parse_schema(_records.unpack(payload, "SCHEMA"))
                 self._schemas.setdefault(schema.name, schema)
             elif kind == RecordKind.SUMMARY:
-                self._summary = _records.parse_summary(payload)
+                summary = _records.parse_summary(payload)
+                if not verifying:
+                    self._summary = summary
             elif kind == RecordKind.FOOTER:
                 _records.parse_footer(payload)
-                self._footer = True
-            # HEADER again, INDEX (the scan sees every record itself), unknown and private kinds: skip
+                if not verifying:
+                    self._footer = True
+            elif kind == RecordKind.INDEX:
+                _records.parse_index(payload)  # checked only: the scan sees every record itself
+            # HEADER again, unknown and private kinds: skip
         except FormatError as exc:
             self._report(offset, total, f"{_kind_name(kind)} record: {exc}")
 
     def _add_segment(self, info: SegmentInfo) -> None:
         if info.offset in self._segment_offsets:
+            return
+        if info.raw_size > self._limits.max_decompressed_bytes:
+            self._report(
+                info.offset,
+                info.length,
+                f"SEGMENT at byte {info.offset} declares {info.raw_size} decompressed bytes, over the"
+                f" {_mib(self._limits.max_decompressed_bytes)} cap (raise ReadLimits.max_decompressed_bytes to read it)",
+            )
             return
         self._segment_offsets.add(info.offset)
         if self._segments and self._segments[-1].offset > info.offset:
