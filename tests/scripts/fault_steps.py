@@ -1,7 +1,9 @@
 """A torch-free rank for the fault and scale tests: ``trace_step`` in a paced loop.
 
 Run under ``traceml run`` (one process per rank) or started by hand with the ``TRACEML_*`` and
-torchrun variables set.  Prints ``done rank=R steps=N`` when it finishes normally.
+torchrun variables set.  Each step also does one step of plain-Python SGD on a tiny linear
+regression, so that the run ends with a deterministic ``final loss <repr>`` (the same with
+traceml or without, whatever happens to the aggregator), then ``done rank=R steps=N``.
 
     --steps N            steps to run (default 100)
     --rate R             steps per second (0: as fast as possible); steps go in bursts of --burst
@@ -40,6 +42,7 @@ def main() -> int:
     burst = max(1, args.burst)
     period = burst / args.rate if args.rate > 0 else 0.0
     next_burst = time.monotonic()
+    w, b, loss = 0.0, 0.0, 0.0
     for step in range(args.steps):
         if rank == args.kill_rank and step == args.kill_at:
             print(f"sigkill rank={rank} step={step} ns={time.time_ns()}", flush=True)
@@ -48,13 +51,25 @@ def main() -> int:
             for name in names:
                 with traceml.trace_time(name):
                     pass
+            w, b, loss = _sgd_step(w, b, step)
         if period and step % burst == burst - 1:
             next_burst += period
             delay = next_burst - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+    print(f"final loss {loss!r}", flush=True)
     print(f"done rank={rank} steps={args.steps}", flush=True)
     return 0
+
+
+def _sgd_step(w: float, b: float, step: int) -> tuple[float, float, float]:
+    """One SGD step on y = 3x + 1 over a fixed batch of 8 points; returns (w, b, loss)."""
+    xs = [((step * 8 + i) % 17) / 17.0 for i in range(8)]
+    errors = [w * x + b - (3.0 * x + 1.0) for x in xs]
+    loss = sum(e * e for e in errors) / len(errors)
+    w -= 0.1 * sum(2 * e * x for e, x in zip(errors, xs, strict=True)) / len(xs)
+    b -= 0.1 * sum(2 * e for e in errors) / len(xs)
+    return w, b, loss
 
 
 def _start_small_agent(capacity: int) -> None:
