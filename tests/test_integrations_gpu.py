@@ -9,6 +9,8 @@ from the runtime's CUDA events) for a Hugging Face Trainer and a Lightning Train
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,30 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
+if torch.cuda.is_available():
+    # the machine's own helpers, started on first use, before any test's leak check: CUDA's, and
+    # the MPI daemon (orted) Lightning's MPI detection starts where mpi4py is installed
+    torch.cuda.init()
+    torch.ones(1, device="cuda").sum().item()
+    if importlib.util.find_spec("mpi4py") is not None:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Get_size()
+
 import traceml  # noqa: E402
+from traceml.config import RankConfig  # noqa: E402
 from traceml.runtime import api  # noqa: E402
+from traceml.runtime.agent import Agent  # noqa: E402
 from traceml.schema import STEP_GPU, STEP_TIME  # noqa: E402
+from traceml.transport import RankIdentity  # noqa: E402
 
 
 @pytest.fixture
 def agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    for name in ("TRACEML_AGGREGATOR_PORT", "TRACEML_AGGREGATOR_HOST", "TRACEML_OUT", "TRACEML_DISABLED"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    torch.cuda.init()  # so the very first step is GPU-timed
-    a = api.init(start=False)
-    assert a is not None
+    # no threads, no sink, but CUDA event timing on (the test resolves the events itself)
+    a = Agent(RankConfig(), start=False, identity=RankIdentity(host="t", pid=os.getpid()), gpu_timing=True)
+    monkeypatch.setattr(api, "_agent", a)
     yield a
     traceml.shutdown()
 

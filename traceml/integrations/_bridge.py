@@ -179,6 +179,22 @@ class StepDriver:
             self._fail("resetting carried time")
         self.mark()
 
+    def prepare(self, model: Any) -> None:
+        """Training is about to start with ``model`` (already on its device): let the runtime
+        attach to it now.  The runtime decides on GPU timing when a step starts; deciding
+        before the first batch is fetched lets the copies carried into the first step be
+        timed on the GPU clock too."""
+        agent = self._current()
+        if agent is None or self._ctx is not None or model is None:
+            return
+        try:
+            tracker = agent.step_context(model)
+            check = getattr(tracker, "on_cuda_check", None)
+            if check is not None and not check():
+                tracker.on_cuda_check = None
+        except Exception:
+            self._fail("attaching to the model")
+
     def mark(self) -> None:
         """Remember the phase accumulators now; :meth:`rewind` returns to this point."""
         agent = self._current()
@@ -266,10 +282,15 @@ class StepDriver:
         except Exception:
             self._fail("timing the optimizer step")
 
-    def exclusive_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap ``fn`` (a framework's ``training_step``) so its time, less the phases timed
-        inside it (backward, optimizer, fetches, the traced model's own forward), counts as
-        forward.  Inside ``optimizer.step(closure)`` the optimizer phase is suspended first."""
+    def training_step(self, fn: Callable[..., Any], nests_phases: Callable[[], bool]) -> Callable[..., Any]:
+        """Wrap ``fn`` (a framework's ``training_step``) to time it as the forward phase.
+
+        Inside ``optimizer.step(closure)`` the optimizer phase is suspended first (Lightning).
+        When ``nests_phases()`` says the step runs backward or the optimizer itself (manual
+        optimization), those keep their own phases and forward is the rest: ``fn``'s time less
+        the phases timed inside it, on the CPU clock only.  Otherwise ``fn`` is one forward
+        phase, on the CPU and GPU clocks, as the runtime times a model's forward.
+        """
         driver = self
 
         def traceml_training_step(*args: Any, **kwargs: Any) -> Any:
@@ -284,14 +305,27 @@ class StepDriver:
             elif clock.phase != NO_PHASE:
                 return fn(*args, **kwargs)  # already inside a timed phase
             acc = clock.acc
-            before = acc[0] + acc[1] + acc[2] + acc[3] + acc[4]
+            if nests_phases():
+                before = acc[0] + acc[1] + acc[2] + acc[3] + acc[4]
+                t0 = _perf_ns()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    own = _perf_ns() - t0 - (acc[0] + acc[1] + acc[2] + acc[3] + acc[4] - before)
+                    if own > 0:
+                        acc[FORWARD] += own
+            clock.phase = FORWARD
+            gpu = clock.gpu
+            if gpu is not None:
+                gpu.begin(FORWARD)
             t0 = _perf_ns()
             try:
                 return fn(*args, **kwargs)
             finally:
-                own = _perf_ns() - t0 - (acc[0] + acc[1] + acc[2] + acc[3] + acc[4] - before)
-                if own > 0:
-                    acc[FORWARD] += own
+                acc[FORWARD] += _perf_ns() - t0
+                clock.phase = NO_PHASE
+                if gpu is not None:
+                    gpu.end(FORWARD)
 
         traceml_training_step.__wrapped__ = fn  # type: ignore[attr-defined]
         return traceml_training_step

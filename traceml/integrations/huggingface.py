@@ -69,8 +69,9 @@ class TraceMLCallback(TrainerCallback):  # type: ignore[misc]
         return wrapped if wrapped is not None else model
 
     # -- training ----------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.driver.discard()
+        self.driver.prepare(self._model(model))
         self.driver.reset_carried()
         self._time_device_copies()
 

@@ -8,10 +8,11 @@ is imported (or installed); :func:`callback_class` picks one explicitly.
 * A step opens at the first ``on_train_batch_start`` of an accumulation window and closes
   at the ``on_train_batch_end`` of the batch whose optimizer stepped: the micro-batches'
   fetches, copies, forward and backward passes all sum into that step.
-* forward = ``training_step`` (less any phase timed inside it, e.g. a manual backward);
-  Lightning calls it inside ``optimizer.step(closure)``, so the optimizer phase is
-  suspended during the closure and resumes at ``on_before_optimizer_step``: optimizer =
-  the parameter update (and gradient clipping) alone.
+* forward = ``training_step`` (with manual optimization: less the backward and optimizer
+  phases timed inside it, on the CPU clock only); Lightning calls it inside
+  ``optimizer.step(closure)``, so the optimizer phase is suspended during the closure and
+  resumes at ``on_before_optimizer_step``: optimizer = the parameter update (and gradient
+  clipping) alone.
 * h2d = the strategy's ``batch_to_device`` (timed on CPU as on GPU).
 * Validation and the sanity check never count: what they timed is forgotten at
   ``on_validation_end``, and when they run in the middle of an accumulation window their
@@ -57,6 +58,7 @@ class TraceMLLightningCallback:
         self.driver.reset_carried()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.driver.prepare(pl_module)
         self.driver.reset_carried()  # the sanity check's fetches are not the first step's
         self._install(trainer)
 
@@ -104,7 +106,13 @@ class TraceMLLightningCallback:
         tag = f"{type(strategy).__name__}#{id(strategy):x} [traceml lightning]"
         step = getattr(strategy, "training_step", None)
         if callable(step):
-            self.driver.patch(strategy, "training_step", self.driver.exclusive_forward(step), f"training_step of {tag}")
+
+            def manual() -> bool:  # training_step runs backward and the optimizer itself
+                module = getattr(trainer, "lightning_module", None)
+                return module is not None and not getattr(module, "automatic_optimization", True)
+
+            wrapped = self.driver.training_step(step, manual)
+            self.driver.patch(strategy, "training_step", wrapped, f"training_step of {tag}")
         to_device = getattr(strategy, "batch_to_device", None)
         if callable(to_device):
             timed = self.driver.timed_h2d(to_device)
