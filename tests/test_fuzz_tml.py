@@ -17,7 +17,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import psutil
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -119,9 +118,8 @@ msgpack_values = st.recursive(
     max_leaves=30,
 )
 huge_ints = st.sampled_from([-1, 0, 1, 2**31, 2**32 - 1, 2**40, 2**62, 2**63 - 1])
-#: row counts a lying record claims; absurd ones (2**31 and up) are the xfail tests below: today
-#: they make the reader allocate (and zero, for str columns) arrays of that many rows
-row_claims = st.one_of(st.integers(0, 50), st.sampled_from([2**16, 2**20]))
+#: row counts a lying record claims (a reader that sized arrays from them would allocate terabytes)
+row_claims = st.one_of(st.integers(0, 50), st.sampled_from([2**16, 2**20, 2**31, 2**40, 2**62]))
 
 
 @st.composite
@@ -330,13 +328,6 @@ def test_random_bytes_after_the_magic_raise_only_traceml_errors(tmp_path: Path, 
     assert PROCESS.memory_info().rss - rss_before < RSS_BOUND
 
 
-ABSURD_ROWS_BUG = (
-    "format room: a CRC-valid SEGMENT head or INDEX entry that claims 2**40 rows makes read_table "
-    "np.empty() 8 TiB (MemoryError); parse_segment_head/parse_index should refuse rows > raw_size and "
-    "the reader should refuse raw_size > ReadLimits.max_decompressed_bytes"
-)
-
-
 def _read_bounded(path: Path, tmp_path: Path) -> tuple[dict[tuple[int, int], int], dict[str, Any] | None, int]:
     tracemalloc.start()
     try:
@@ -347,7 +338,6 @@ def _read_bounded(path: Path, tmp_path: Path) -> tuple[dict[tuple[int, int], int
     return seen, integrity, peak
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError, reason=ABSURD_ROWS_BUG)
 def test_a_segment_declaring_absurd_row_counts_is_damage_not_an_allocation(tmp_path: Path) -> None:
     """A CRC-valid SEGMENT and INDEX whose streams claim 2**40 rows: reported as damage, no
     terabyte arrays, every original row still read."""
@@ -370,7 +360,6 @@ def test_a_segment_declaring_absurd_row_counts_is_damage_not_an_allocation(tmp_p
     assert len(seen) == len(original_steps(base, (0, 0), tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError, reason=ABSURD_ROWS_BUG)
 def test_an_index_declaring_absurd_row_counts_is_damage_not_an_allocation(tmp_path: Path) -> None:
     """The last INDEX of a crashed file lists a real segment with 2**40 rows and raw_size."""
     base = base_file("crashed")
