@@ -437,9 +437,11 @@ def _encode_numeric(values: np.ndarray, code: str, starts: np.ndarray) -> tuple[
         else:
             inner = deltas[1:]
         d_lo, d_hi = int(inner.min()), int(inner.max())
-        if d_hi - d_lo < hi - lo:
+        width = _width(d_hi - d_lo)
+        # bytes before compression: delta also stores each run's first value (up to 9 msgpack bytes)
+        delta_cost, for_cost = n * width + 9 * len(starts), n * _width(hi - lo)
+        if delta_cost < for_cost or (delta_cost == for_cost and d_hi - d_lo < hi - lo):
             deltas[starts] = d_lo
-            width = _width(d_hi - d_lo)
             stored = (deltas - scalar(d_lo)).view(unsigned).astype(_NARROW[width])
             return _DELTA, [d_lo, width, *values[starts].tolist()], _transpose(stored)
     width = _width(hi - lo)
