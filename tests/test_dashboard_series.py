@@ -49,7 +49,7 @@ def test_minmax_keeps_short_series_untouched() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=3000),
-    max_points=st.integers(4, 500),
+    max_points=st.integers(6, 500),
 )
 def test_minmax_bounds_points_and_keeps_every_extreme(values: list[float], max_points: int) -> None:
     y = np.asarray(values)
@@ -59,6 +59,7 @@ def test_minmax_bounds_points_and_keeps_every_extreme(values: list[float], max_p
     assert np.all(np.diff(xs) > 0)  # original order, no duplicates
     assert np.array_equal(ys, y[xs])  # real points, not averages
     assert ys.max() == y.max() and ys.min() == y.min()
+    assert xs[0] == 0 and xs[-1] == len(y) - 1
 
 
 def test_minmax_keeps_each_buckets_spike() -> None:

@@ -51,8 +51,14 @@ def test_a_step_window(tml: Path) -> None:
     out = traceml("replay", str(tml), "--speed", "max", "--width", "100", "--from", "step:100", "--to", "step:199")
     assert out.returncode == 0, out.stderr
     assert "step 199" in out.stdout
-    same = traceml("replay", str(tml), "--speed", "max", "--width", "100", "--from-step", "100", "--to-step", "199")
-    assert same.stdout == out.stdout
+    from typer.testing import CliRunner
+
+    from traceml.cli import app
+
+    same = CliRunner().invoke(
+        app, ["replay", str(tml), "--speed", "max", "--width", "100", "--from-step", "100", "--to-step", "199"]
+    )
+    assert same.exit_code == 0 and same.stdout == out.stdout
 
 
 def test_a_crashed_recording_replays_with_a_note(tml: Path, tmp_path: Path) -> None:
@@ -90,8 +96,12 @@ def test_errors_say_what_to_change(tml: Path, tmp_path: Path, args: list[str], m
 
 
 def test_help_documents_the_window_syntax() -> None:
-    out = traceml("replay", "--help")
-    assert out.returncode == 0
+    from typer.testing import CliRunner
+
+    from traceml.cli import app
+
+    out = CliRunner().invoke(app, ["replay", "--help"], terminal_width=200)
+    assert out.exit_code == 0
     flat = " ".join(out.stdout.split())
     for flag in (
         "--ui",

@@ -10,7 +10,9 @@ re-queried at full resolution.  Chart element ids are stable (``FIGURE_IDS``) fo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import logging
 import math
 import socket
@@ -330,6 +332,7 @@ def build_app(
                 ),
                 dcc.Store(id="step-range", data=None),
                 dcc.Interval(id="live-interval", interval=int(refresh_s * 1000), disabled=not live),
+                dcc.Store(id="data-version", data=None),
                 html.Div(id="stats-panel", style={**_CSS["card"], **_CSS["row"]}),
                 html.Div(
                     style=_CSS["grid"],
@@ -355,6 +358,42 @@ def build_app(
         )
 
     app.layout = layout
+
+    # -- live: the clock ticks, the data version moves only when the data did ----------------------
+    # Dash drops a response when a newer request for the same outputs was sent, so a version that
+    # moved faster than the charts are built would never show anything: it waits for them.
+    inflight = [0]
+    inflight_lock = threading.Lock()
+
+    def tracked(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(*args: Any) -> T:
+            with inflight_lock:
+                inflight[0] += 1
+            try:
+                return fn(*args)
+            finally:
+                with inflight_lock:
+                    inflight[0] -= 1
+
+        return run
+
+    @app.callback(
+        Output("data-version", "data"),
+        Input("live-interval", "n_intervals"),
+        State("data-version", "data"),
+        prevent_initial_call=True,
+    )
+    def _version(_tick: Any, current: Any) -> Any:
+        with inflight_lock:
+            if inflight[0]:
+                return dash.no_update
+        view = src.main()
+        states = sorted((r, i.state, i.exit_status) for r, i in view.rank_info.items())
+        integrity = view.integrity.get("status") if view.integrity else None
+        key = [view.total_rows(), view.latest_ns, states, len(view.attachments), view.meta.get("status"), integrity]
+        key = json.loads(json.dumps(key, default=str))
+        return dash.no_update if key == current else key
 
     # -- step range: a zoom / brush on any step axis, or the reset button -------------------------
     @app.callback(
@@ -389,8 +428,9 @@ def build_app(
         Input("rank-filter", "value"),
         Input("phase-toggle", "value"),
         Input("step-range", "data"),
-        Input("live-interval", "n_intervals"),
+        Input("data-version", "data"),
     )
+    @tracked
     def _breakdown(rank_value: Any, phases: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
         bd = cache.get(
@@ -416,8 +456,9 @@ def build_app(
         Output(FIG_RANK_HEATMAP, "figure"),
         Input("rank-filter", "value"),
         Input("step-range", "data"),
-        Input("live-interval", "n_intervals"),
+        Input("data-version", "data"),
     )
+    @tracked
     def _ranks(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
         rs = cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=max_points))
@@ -436,8 +477,9 @@ def build_app(
         Output(FIG_GPU, "figure"),
         Input("rank-filter", "value"),
         Input("step-range", "data"),
-        Input("live-interval", "n_intervals"),
+        Input("data-version", "data"),
     )
+    @tracked
     def _time(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
 
@@ -471,8 +513,9 @@ def build_app(
         Output("integrity-badge", "children"),
         Output("integrity-badge", "style"),
         Output("live-status", "children"),
-        Input("live-interval", "n_intervals"),
+        Input("data-version", "data"),
     )
+    @tracked
     def _panels(_tick: Any) -> tuple[Any, ...]:
         view, other = views()
         info = cache.get(view, ("info",), lambda: series.run_info(view))
@@ -498,11 +541,12 @@ def build_app(
     @app.callback(
         Output("rank-filter", "options"),
         Output("rank-filter", "value"),
-        Input("live-interval", "n_intervals"),
+        Input("data-version", "data"),
         State("rank-filter", "options"),
         State("rank-filter", "value"),
         prevent_initial_call=True,
     )
+    @tracked
     def _rank_options(_tick: Any, options: Any, value: Any) -> tuple[Any, Any]:
         view, other = views()
         ranks = all_ranks(view, other)
@@ -520,6 +564,11 @@ def build_app(
 
 
 class _QuietHandler(WSGIRequestHandler):
+    """No access log; one request per connection, so no handler thread waits on an idle browser
+    connection after the server stopped (the dashboard talks to 127.0.0.1: reconnecting is cheap)."""
+
+    protocol_version = "HTTP/1.0"
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 

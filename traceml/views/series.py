@@ -34,7 +34,7 @@ _EMPTY_F = np.empty(0, dtype=np.float64)
 
 
 def downsample_minmax(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Keep each bucket's minimum and maximum (in their original order): <= ``max_points`` points.
+    """Keep each bucket's minimum and maximum (in their original order) and both ends: <= ``max_points`` points.
 
     Buckets are equal runs of consecutive points; ``x`` is assumed sorted.  NaNs are
     ignored unless a whole bucket is NaN (then the bucket keeps a NaN, i.e. a gap).
@@ -44,8 +44,8 @@ def downsample_minmax(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS
     n = len(y)
     if n <= max_points:
         return x, y
-    max_points = max(max_points, 4)
-    n_buckets = max_points // 2
+    max_points = max(max_points, 6)
+    n_buckets = (max_points - 2) // 2  # two points per bucket, plus the first and the last point
     width = math.ceil(n / n_buckets)
     full = n // width
     yf = y.astype(np.float64, copy=False)
@@ -70,7 +70,7 @@ def downsample_minmax(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS
             t_lo = t_hi = start
         pairs[0] = np.append(pairs[0], min(t_lo, t_hi))
         pairs[1] = np.append(pairs[1], max(t_lo, t_hi))
-    idx = np.column_stack(pairs).ravel()
+    idx = np.concatenate([[0], np.column_stack(pairs).ravel(), [n - 1]])  # keep the ends: the x range stays true
     keep = np.ones(len(idx), dtype=bool)
     keep[1:] = idx[1:] != idx[:-1]  # a bucket whose min and max are the same point
     idx = idx[keep]
