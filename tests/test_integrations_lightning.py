@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import traceml
 from traceml.integrations import autohook
@@ -58,7 +59,12 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     monkeypatch.chdir(tmp_path)  # Lightning writes under the working directory
     a = api.init(start=False)
     assert a is not None
-    yield a
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a shared machine
+    try:
+        yield a
+    finally:
+        torch.set_num_threads(threads)
     autohook.uninstall()
     traceml.shutdown()
 
