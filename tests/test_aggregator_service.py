@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,47 @@ def test_exit_status_words() -> None:
         "interrupted",
         "unknown",
     ]
+
+
+def test_web_ui_serves_the_live_store(tmp_path: Path) -> None:
+    from traceml.cli.run_cmd import free_port
+
+    port = free_port()
+    agg = make_aggregator(tmp_path, ui="web", web_port=port, expected_ranks=1)
+    agg.start()
+    try:
+        c0 = rank_client(agg, 0, world=1)
+        c0.send(step_batch(1, 0, 30))
+        c0.send(rank_finished("ok"))
+        c0.close(drain_timeout_s=5.0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+            page = resp.read().decode()
+        assert resp.status == 200 and "traceml" in page
+        finish(agg, {"exit_code": 0})
+    finally:
+        view = agg.finalize()
+        agg.close_ui(None)
+    assert view.rows("step_time", 0) == 30
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+def test_web_ui_on_a_busy_port_keeps_recording(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        agg = make_aggregator(tmp_path, ui="web", web_port=busy.getsockname()[1], expected_ranks=1)
+        agg.start()
+        try:
+            c0 = rank_client(agg, 0, world=1)
+            c0.send(step_batch(1, 0, 5))
+            c0.send(rank_finished("ok"))
+            c0.close(drain_timeout_s=5.0)
+            finish(agg, {"exit_code": 0})
+        finally:
+            agg.finalize()
+            agg.close_ui(None)
+    assert "live dashboard unavailable" in capsys.readouterr().err
+    assert open_recording(tmp_path / "run.tml").read_table("step_time")[0]["step"].tolist() == list(range(5))

@@ -54,10 +54,10 @@ def test_unwritable_path_reports_once_and_discards(tmp_path: Path) -> None:
     blocker.write_text("x")
     path = blocker / "run.tml"
     errors: list[str] = []
-    spool = Spool(real_writer(path), str(path), on_error=errors.append, max_queued=1)
+    spool = Spool(real_writer(path), str(path), on_error=errors.append, max_queued_bytes=1)
     spool.start()
     for first in range(50):
-        spool.append(0, "step_time", step_columns(first, 1))  # max_queued=1: would block if not discarded
+        spool.append(0, "step_time", step_columns(first, 1))  # a 1-byte queue: would block if not discarded
     assert spool.close()
     assert len(errors) == 1 and errors[0].startswith(f"cannot open {path}")
     assert not path.exists()
@@ -92,7 +92,7 @@ class FailingWriter:
 def test_write_error_mid_run_stops_recording_without_blocking(tmp_path: Path) -> None:
     writer = FailingWriter()
     errors: list[str] = []
-    spool = Spool(lambda: writer, str(tmp_path / "x.tml"), on_error=errors.append, max_queued=2, tick_s=0.01)
+    spool = Spool(lambda: writer, str(tmp_path / "x.tml"), on_error=errors.append, max_queued_bytes=1, tick_s=0.01)
     spool.start()
     for first in range(200):
         spool.append(0, "step_time", step_columns(first, 1))

@@ -25,7 +25,7 @@ from traceml.aggregator.control import read_control
 from traceml.aggregator.ingest import Ingest
 from traceml.aggregator.spool import Spool, Writer
 from traceml.config import DEFAULT_MAX_FRAME_BYTES
-from traceml.errors import ConfigError, MissingDependencyError
+from traceml.errors import ConfigError, TracemlError
 from traceml.schema import STANDARD_TABLES
 from traceml.store import ColumnStore, StoreView
 from traceml.transport.server import TelemetryServer
@@ -58,6 +58,7 @@ class AggregatorOptions:
     #: the recording path; None for a live-only run (--no-record)
     out: str | None = None
     ui: str = "none"
+    web_host: str = "127.0.0.1"
     web_port: int = 8050
     expected_ranks: int = 1
     nnodes: int = 1
@@ -205,14 +206,14 @@ class Aggregator:
             self.ui = driver
         elif self.opts.ui == "web":
             try:
-                from traceml.drivers.web import serve_live  # type: ignore[attr-defined]
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    f"--ui web needs the web driver ({exc}); install traceml with its dash dependency "
-                    "(pip install 'traceml-recorder'), or use --ui terminal"
-                ) from exc
-            self._web = serve_live(self.store.snapshot, port=self.opts.web_port)
-            self.ui.notify(f"live dashboard on http://127.0.0.1:{self.opts.web_port}/")
+                from traceml.drivers.web import serve_live
+
+                self._web = serve_live(self.store.snapshot, host=self.opts.web_host, port=self.opts.web_port)
+            except (ImportError, TracemlError) as exc:
+                # the recording matters more than the dashboard: say why and carry on without it
+                self.ui.notify(f"live dashboard unavailable ({exc}); recording continues")
+                return
+            self.ui.notify(f"live dashboard on {self._web.url}")
 
     def start(self) -> None:
         """Spool, server, UI.  The server listens before this returns."""
@@ -336,9 +337,7 @@ class Aggregator:
             logging.getLogger("traceml").removeHandler(self._log_handler)
             self._log_handler = None
         if self._web is not None:
-            stop = getattr(self._web, "stop", None)
-            if callable(stop):
-                stop()
+            self._web.stop()
             self._web = None
         self.ui.stop(final_view)
 

@@ -1,8 +1,8 @@
 """The spool: every batch the aggregator receives goes to the ``.tml`` file as it arrives.
 
 One dedicated thread owns the :class:`~traceml.format.TmlWriter`; the ingest path only puts
-items on a bounded queue (a slow disk pushes back on ingest, never on the live view, and a slow
-terminal never touches the spool).  The thread calls ``writer.tick()`` about every 0.2 s so
+items on a queue bounded in bytes (a slow disk pushes back on ingest, never on the live view,
+and a slow terminal never touches the spool).  The thread calls ``writer.tick()`` about every 0.2 s so
 segments close on time.  A writer error (disk full, unwritable path) is reported once through
 ``on_error`` (with the reason, e.g. ``"writing run.tml: [Errno 28] No space left on device"``);
 from then on the spool discards what it is given, and the live view and training
@@ -12,9 +12,9 @@ carry on.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -22,8 +22,10 @@ from traceml.schema import TableSchema
 
 #: how often the spool thread calls ``writer.tick()`` and refreshes the byte count
 TICK_S = 0.2
-#: queued items before ``append`` blocks the caller (back-pressure on ingest)
-DEFAULT_MAX_QUEUED = 8192
+#: column bytes queued before ``append`` blocks the caller (back-pressure on ingest)
+DEFAULT_MAX_QUEUED_BYTES = 64 << 20
+#: what one value of a ``str`` column is counted as
+_STR_VALUE_BYTES = 48
 
 
 class Writer(Protocol):
@@ -51,7 +53,7 @@ class Spool:
         path: str,
         on_error: Callable[[str], None],
         on_progress: Callable[[int], None] | None = None,
-        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         tick_s: float = TICK_S,
     ) -> None:
         self.path = path
@@ -59,7 +61,10 @@ class Spool:
         self._on_error = on_error
         self._on_progress = on_progress
         self._tick_s = tick_s
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_queued)
+        self.max_queued_bytes = max_queued_bytes
+        self._items: deque[tuple[int, tuple[Any, ...]]] = deque()
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="traceml-spool", daemon=True)
         self._known_schemas: set[str] = set()
         self.error = ""
@@ -77,25 +82,45 @@ class Spool:
             return
         if schema is not None and table not in self._known_schemas:
             self._known_schemas.add(table)
-            self._put((_SCHEMA, schema))
-        self._put((_APPEND, rank, table, columns))
+            self._put((_SCHEMA, schema), 0)
+        nbytes = sum(getattr(v, "nbytes", None) or len(v) * _STR_VALUE_BYTES for v in columns.values())
+        self._put((_APPEND, rank, table, columns), nbytes)
 
     def attach(self, name: str, data: Any) -> None:
         if not self.error and not self._closed.is_set():
-            self._put((_ATTACH, name, data))
+            self._put((_ATTACH, name, data), 0)
 
-    def _put(self, item: tuple[Any, ...]) -> None:
-        # Blocks when the disk is behind; gives up once the writer has failed (the thread drains).
-        while not self.error:
-            try:
-                self._queue.put(item, timeout=0.5)
+    def _put(self, item: tuple[Any, ...], nbytes: int, force: bool = False) -> None:
+        """Queue ``item``; blocks while the disk is behind (one item always fits), returns at
+        once when the writer has failed."""
+        with self._cond:
+            while (
+                not force
+                and not self.error
+                and self._queued_bytes
+                and self._queued_bytes + nbytes > self.max_queued_bytes
+            ):
+                self._cond.wait(0.5)
+            if self.error and not force:
                 return
-            except queue.Full:
-                continue
+            self._items.append((nbytes, item))
+            self._queued_bytes += nbytes
+            self._cond.notify_all()
+
+    def _get(self, timeout_s: float) -> tuple[Any, ...] | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout_s)
+            if not self._items:
+                return None
+            nbytes, item = self._items.popleft()
+            self._queued_bytes -= nbytes
+            self._cond.notify_all()
+            return item
 
     @property
-    def queued(self) -> int:
-        return self._queue.qsize()
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     def close(self, summary: Any = None, timeout_s: float = 60.0) -> bool:
         """Write what is queued, close the file with ``summary``; True when the thread finished."""
@@ -103,7 +128,7 @@ class Spool:
             return True
         self._closed.set()
         if self._thread.is_alive():
-            self._queue.put((_CLOSE, summary))
+            self._put((_CLOSE, summary), 0, force=True)
             self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
@@ -111,6 +136,8 @@ class Spool:
     def _fail(self, what: str, exc: BaseException) -> None:
         if not self.error:
             self.error = f"{what}: {exc}"
+            with self._cond:
+                self._cond.notify_all()  # producers blocked on a full queue give up now
             self._on_error(self.error)
 
     def _run(self) -> None:
@@ -121,10 +148,7 @@ class Spool:
             self._fail(f"cannot open {self.path}", exc)
         next_tick = time.monotonic() + self._tick_s
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = None
+            item = self._get(max(0.0, next_tick - time.monotonic()))
             if item is not None and item[0] == _CLOSE:
                 if writer is not None and not self.error:
                     try:

@@ -403,7 +403,7 @@ class OutputPump:
         fd = self._pipe.fileno()
         tail = b""
         try:
-            log: IO[bytes] | None = open(self._log_path, "ab")  # noqa: SIM115 - closed below
+            log: IO[bytes] | None = open(self._log_path, "wb")  # noqa: SIM115 - closed below
         except OSError as exc:
             self._forwarder.write_direct("stderr", f"traceml: cannot write {self._log_path}: {exc}\n")
             log = None
