@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 from rich.console import Console
@@ -121,7 +121,9 @@ def test_a_stuck_terminal_and_slow_viewers_do_not_slow_the_spool(tmp_path: Path)
     agg = make_aggregator(tmp_path)
     terminal = StuckFile()
     driver = TerminalDriver(
-        agg.store.snapshot, console=Console(file=terminal, force_terminal=True, width=100), refresh_s=0.05
+        agg.store.snapshot,
+        console=Console(file=cast(IO[str], terminal), force_terminal=True, width=100),
+        refresh_s=0.05,
     )
     agg.ui = driver
     driver.start()
