@@ -153,11 +153,12 @@ def test_a_stuck_terminal_and_slow_viewers_do_not_slow_the_spool(tmp_path: Path)
             browsers.append(b)
         wait_until("the live view drew once", lambda: driver.refreshes > 0)
         terminal.stick()
-        printer = threading.Thread(
-            target=lambda: [agg.on_output("stdout", f"training line {i}\n") for i in range(5000)],
-            name="printer",
-            daemon=True,
-        )
+
+        def print_lines() -> None:  # the training is chatty while the terminal is stuck
+            for i in range(5000):
+                agg.on_output("stdout", f"training line {i}\n")
+
+        printer = threading.Thread(target=print_lines, name="printer", daemon=True)
         printer.start()
         refused_once(agg.server.port)
         client = stream_steps(agg.server.port)
