@@ -326,25 +326,19 @@ def index_payload(
     )
 
 
-def _streams(raw: Any, what: str, tables: list[str] | None = None) -> tuple[tuple[int, str, int], ...]:
-    if not isinstance(raw, list):
+def _streams(raw: Any, what: str, tables: list[str]) -> tuple[tuple[int, str, int], ...]:
+    """``[[rank, table_idx, rows], ...]`` checked, with table names resolved."""
+    if type(raw) is not list:
         raise CorruptRecordError(f"{what}: expected a list of streams")
     out = []
+    count = len(tables)
     for item in raw:
-        if not isinstance(item, list) or len(item) != 3:
+        if type(item) is not list or len(item) != 3:
             raise CorruptRecordError(f"{what}: expected [rank, table, rows], found {item!r:.60}")
-        rank = _int(item[0], what)
-        if tables is None:
-            table = _str(item[1], what)
-        else:
-            idx = _int(item[1], what)
-            if not 0 <= idx < len(tables):
-                raise CorruptRecordError(f"{what}: table index {idx} out of range")
-            table = tables[idx]
-        rows = _int(item[2], what)
-        if rows < 0:
-            raise CorruptRecordError(f"{what}: negative row count")
-        out.append((rank, table, rows))
+        rank, idx, rows = item
+        if type(rank) is not int or type(idx) is not int or type(rows) is not int or not 0 <= idx < count or rows < 0:
+            raise CorruptRecordError(f"{what}: bad stream entry {item!r:.60}")
+        out.append((rank, tables[idx], rows))
     return tuple(out)
 
 
@@ -591,12 +585,14 @@ def encode_segment(groups: Sequence[TableRuns], compressor: zstandard.ZstdCompre
 def _groups(streams: Sequence[tuple[int, str, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
     """Streams of a segment as (table, runs) groups in body order; they must be contiguous per table."""
     groups: list[tuple[str, list[tuple[int, int]]]] = []
+    seen: set[str] = set()
     for rank, table, rows in streams:
         if groups and groups[-1][0] == table:
             groups[-1][1].append((rank, rows))
-        elif any(t == table for t, _ in groups):
+        elif table in seen:
             raise CorruptRecordError(f"SEGMENT.streams of table {table!r:.40} are not contiguous")
         else:
+            seen.add(table)
             groups.append((table, [(rank, rows)]))
     return groups
 
@@ -706,6 +702,12 @@ def decode_segment(
         rows = sum(lengths)
         taken = [wanted is None or (rank, table) in wanted for rank, _ in runs]
         take_any = any(taken)
+        if not take_any:  # step over this table's columns; the size check below still covers them
+            for entry in cols:
+                if type(entry) is not list or len(entry) != 5 or type(entry[3]) is not int or entry[3] < 0:
+                    raise CorruptRecordError(f"SEGMENT layout of {table}: bad column entry {entry!r:.60}")
+                offset += entry[3]
+            continue
         targets = [
             dest.get((rank, table)) if dest is not None and take else None
             for (rank, _), take in zip(runs, taken, strict=True)
