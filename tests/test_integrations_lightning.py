@@ -181,3 +181,20 @@ def test_example_is_traced_with_no_code_change(agent: Any, monkeypatch: pytest.M
     got = rows(agent)
     assert [r["step"] for r in got] == [0, 1, 2, 3]  # 8 batches, accumulate 2
     assert all(r["forward_us"] > 0 and r["backward_us"] > 0 and r["optimizer_us"] > 0 for r in got), got
+
+
+def test_a_broken_integration_never_reaches_training(
+    agent: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from traceml.integrations import _bridge
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("integration bug")
+
+    monkeypatch.setattr(_bridge, "_recycle_gpu_pairs", broken)  # fails at train start
+    with caplog.at_level("WARNING", logger="traceml.runtime"):
+        trainer, counts = fit("--callback", "--accum", "2", "--batches", "4", "--val-every", "0")
+    assert counts["optimizer_steps"] == 2  # training ran to the end
+    assert rows(agent) == []  # the integration turned itself off ...
+    assert any("lightning integration" in r.getMessage() for r in caplog.records)  # ... and said so once
+    assert agent.tracker.depth == 0 and not [n for n in patches.active_patches() if "traceml lightning" in n]

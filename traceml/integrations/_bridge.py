@@ -83,6 +83,12 @@ class StepDriver:
     def _fail(self, what: str) -> None:
         self._off = True
         disable_piece(f"integration-{self.name}", f"the {self.name} integration ({what})")
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:  # never leave the runtime inside a step nobody will close
+            try:
+                ctx.__exit__(None, None, None)
+            except Exception:
+                pass
 
     def _current(self) -> Any:
         """The running agent (started from the environment if needed), or None when off."""
