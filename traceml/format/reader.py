@@ -275,8 +275,12 @@ class TmlReader:
                     filled[rank] += seg.rows[(rank, table)]
                 continue
             for rank, _, cols in self._read_checked(seg, wanted):
+                if cols.keys() != out[rank].keys() or any(cols[k].dtype != a.dtype for k, a in out[rank].items()):
+                    self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: columns of {table} differ"
+                                 " from the table schema")  # fmt: skip
+                    continue
                 trimmed = _trim(cols, step_range, time_range)
-                if trimmed is None or trimmed.keys() != out[rank].keys():
+                if trimmed is None:
                     continue
                 n = _rows(trimmed)
                 for name, array in out[rank].items():
