@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,9 +235,11 @@ def check_summary(summary: Mapping[str, Any], expected: Mapping[str, Any]) -> li
         hits = [f["summary"] for f in findings if f["kind"] == kind]
         if hits:
             problems.append(f"finding {kind} expected absent, found: {hits[0]}")
-    status = summary["integrity"]["status"]
-    if status != expected["integrity"]:
-        problems.append(f"integrity: expected {expected['integrity']!r}, found {status!r}")
+    integrity = summary["integrity"]
+    if integrity["status"] != expected["integrity"]:
+        problems.append(f"integrity: expected {expected['integrity']!r}, found {integrity['status']!r}")
+    if integrity["lost"]["bytes"] or integrity["lost"]["skipped_records"]:
+        problems.append(f"integrity: expected nothing skipped, found {integrity['message']}")
     if summary["steps"]["count"] < expected["min_steps"]:
         problems.append(f"analysed steps: expected at least {expected['min_steps']}, found {summary['steps']['count']}")
     world = summary["run"]["world_size"]
@@ -321,7 +324,14 @@ def record(scenario: Scenario, workdir: Path) -> Path:
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    timed_out = threading.Event()
+
+    def watchdog() -> None:  # a silent, hung run never ends the read loop below on its own
+        timed_out.set()
+        _kill_run(proc)
+
+    timer = threading.Timer(RUN_TIMEOUT_S, watchdog)
+    timer.start()
     killed = False
     log: list[str] = []
     try:
@@ -333,15 +343,15 @@ def record(scenario: Scenario, workdir: Path) -> Path:
                 _kill_run(proc)
                 killed = True
                 break
-            if time.monotonic() > deadline:
-                _kill_run(proc)
-                raise SystemExit(f"{scenario.name}: still running after {RUN_TIMEOUT_S:.0f} s; killed")
-        proc.stdout.close()
-        code = proc.wait(timeout=RUN_TIMEOUT_S)
+        code = proc.wait()
     finally:
+        timer.cancel()
         if proc.poll() is None:
             _kill_run(proc)
             proc.wait()
+        proc.stdout.close()
+    if timed_out.is_set():
+        raise SystemExit(f"{scenario.name}: still running after {RUN_TIMEOUT_S:.0f} s; killed")
     if scenario.crash_after_step is not None and not killed:
         raise SystemExit(f"{scenario.name}: the run ended (code {code}) before step {scenario.crash_after_step}")
     if not killed and code != 0:

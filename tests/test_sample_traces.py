@@ -160,6 +160,21 @@ def test_integrity_from_the_format_reader(name: str) -> None:
         assert {"summary", "exit"} <= attachments
 
 
+def test_replay_cli_plays_a_sample_to_its_verdict() -> None:
+    """The README's ``traceml replay sample_traces/<file>.tml --speed max``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACEML_")}
+    proc = subprocess.run(
+        [TRACEML, "replay", str(SAMPLES / CLI_SAMPLE), "--speed", "max"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{TRACES[CLI_SAMPLE]['primary']['kind']}: rank 1" in proc.stdout
+
+
 def test_inspect_cli_reports_the_crash() -> None:
     crashed = [n for n, t in TRACES.items() if t["integrity"] == "recovered"]
     assert crashed
