@@ -35,8 +35,8 @@ browser:
 
 ## check: lint, format, types, import contracts
 check: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/ruff check traceml replay tests benchmarks examples
-	$(TEST_VENV)/bin/ruff format --check traceml replay tests benchmarks examples
+	$(TEST_VENV)/bin/ruff check traceml replay tests benchmarks examples scripts
+	$(TEST_VENV)/bin/ruff format --check traceml replay tests benchmarks examples scripts
 	$(TEST_VENV)/bin/mypy
 	$(TEST_VENV)/bin/lint-imports
 
