@@ -18,7 +18,7 @@ $(TEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TEST_VENV)/bin/python -m pip install -q "$(TORCH_PIN)" numpy
-	$(TEST_VENV)/bin/python -m pip install -q -e '.[test,hf,lightning]' "$(TORCH_PIN)"
+	$(TEST_VENV)/bin/python -m pip install -q -e '.[test]' "$(TORCH_PIN)"
 	touch $@
 
 ## demo: record a small CPU training run with the live view, then write its report
