@@ -43,7 +43,7 @@ log = logging.getLogger("traceml.aggregator")
 
 UI_CHOICES = ("terminal", "web", "none")
 #: after the training exited, wait this long without news from any rank before closing
-QUIET_S = 0.25
+QUIET_S = 0.1
 #: how often the main loop looks at its conditions when nothing wakes it
 POLL_S = 0.05
 
@@ -121,6 +121,16 @@ class _NotifyHandler(logging.Handler):
             self._notify(record.getMessage())
         except Exception:
             self.handleError(record)
+
+
+def _warm_up() -> None:
+    try:
+        import rich.console  # noqa: F401  (the summary screen)
+
+        import traceml.diagnosis.summary
+        import traceml.drivers.terminal  # noqa: F401
+    except Exception:  # the end of the run imports them again and reports properly
+        pass
 
 
 class Aggregator:
@@ -221,6 +231,8 @@ class Aggregator:
             self.spool.start()
         self.server.start()
         self._start_ui()
+        # what the end of the run needs is imported while the training runs, not after it
+        threading.Thread(target=_warm_up, name="traceml-warm-up", daemon=True).start()
         self._log_handler = _NotifyHandler(self.ui.notify)
         logging.getLogger("traceml").addHandler(self._log_handler)
 
