@@ -3,7 +3,7 @@
 Run under ``traceml run`` (one process per rank) or started by hand with the ``TRACEML_*`` and
 torchrun variables set.  Each step also does one step of plain-Python SGD on a tiny linear
 regression, so that the run ends with a deterministic ``final loss <repr>`` (the same with
-traceml or without, whatever happens to the aggregator), then ``done rank=R steps=N``.
+traceml or without, whatever happens to the aggregator), then ``done rank=R steps=N seconds=S``.
 
     --steps N            steps to run (default 100)
     --rate R             steps per second (0: as fast as possible); steps go in bursts of --burst
@@ -41,7 +41,7 @@ def main() -> int:
     names = [f"region{i}" for i in range(args.regions)]
     burst = max(1, args.burst)
     period = burst / args.rate if args.rate > 0 else 0.0
-    next_burst = time.monotonic()
+    next_burst = started = time.monotonic()
     w, b, loss = 0.0, 0.0, 0.0
     for step in range(args.steps):
         if rank == args.kill_rank and step == args.kill_at:
@@ -58,7 +58,7 @@ def main() -> int:
             if delay > 0:
                 time.sleep(delay)
     print(f"final loss {loss!r}", flush=True)
-    print(f"done rank={rank} steps={args.steps}", flush=True)
+    print(f"done rank={rank} steps={args.steps} seconds={time.monotonic() - started:.3f}", flush=True)
     return 0
 
 
