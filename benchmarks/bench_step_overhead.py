@@ -204,6 +204,42 @@ def print_table(title: str, results: dict[str, list[float]]) -> None:
         print(f"{mode:<22}{med:>10.1f}{over:>13.1f}{100.0 * over / bare:>11.2f}%{best:>10.1f}{best - best_bare:>14.1f}")
 
 
+def cuda_costs(n: int = 20000) -> None:
+    """What the CUDA pieces of a traced step cost on the training thread, per call."""
+    from traceml.runtime.cuda import cuda_recorder
+
+    dev = torch.cuda.current_device()
+    ev = torch.cuda.Event(enable_timing=True)
+    fast = cuda_recorder(torch, dev)
+
+    def per_call(fn: Callable[[], Any]) -> float:
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter_ns() - t0) / n / 1000.0)
+        return best
+
+    c = torch._C
+    items: list[tuple[str, Callable[[], Any]]] = [
+        ("torch.cuda.is_initialized()", torch.cuda.is_initialized),
+        ("Event.record() (current_stream())", ev.record),
+        ("fast record (cached stream)", (lambda: fast(ev)) if fast is not None else ev.record),
+        ("Event.query()", ev.query),
+        ("reset_peak_memory_stats()", lambda: torch.cuda.reset_peak_memory_stats(dev)),
+        (
+            "max_memory_allocated+reserved()",
+            lambda: (torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)),
+        ),
+        ("C _cuda_resetPeakMemoryStats", lambda: c._cuda_resetPeakMemoryStats(dev)),
+        ("C _cuda_memoryStats (both peaks)", lambda: c._cuda_memoryStats(dev)),
+    ]
+    print("\nCUDA pieces on the training thread (best of 5, µs per call)")
+    for name, fn in items:
+        print(f"{name:<40}{per_call(fn):>8.2f}")
+
+
 # --- part 3: sender throughput --------------------------------------------------------------
 
 
@@ -253,6 +289,8 @@ def main() -> None:
     )
     server = ServerProcess()
     try:
+        if args.device == "cuda":
+            cuda_costs()
         mlp = rounds(make_mlp_loop(args.steps, args.device), args.rounds, server)
         print_table(
             f"MLP 512-512-10, batch 64, DataLoader, SGD on {args.device}: "

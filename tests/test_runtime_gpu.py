@@ -52,6 +52,8 @@ class FakeEvent:
 
     def elapsed_time(self, end: FakeEvent) -> float:
         assert self.t is not None and end.t is not None
+        if not (self.query() and end.query()):
+            raise RuntimeError("CUDA error: device not ready")  # what torch raises
         return end.t - self.t
 
 
@@ -102,6 +104,21 @@ def test_unfinished_steps_wait_and_nothing_blocks():
     gpu.done_until = float("inf")
     assert [r[0] for r in timer.resolve()] == [1, 2]
     assert timer.resolved_steps == 3
+
+
+def test_a_phase_on_another_stream_still_running_holds_its_step_back():
+    gpu = FakeGpu()
+    timer = GpuTimer(gpu.event)
+    timer.step_begin()
+    run_phase(timer, gpu, FORWARD, 1.0)
+    timer.step_end(0, 0)
+    slow_stream_end = timer._pending[0][4][0][2]
+    slow_stream_end.t = 100.0  # as if recorded on a side stream that finishes late
+    gpu.done_until = 50.0  # the step-end event is done, the side stream is not
+    assert timer.resolve() == [] and timer.enabled
+    gpu.done_until = float("inf")
+    (row,) = as_dicts(timer.resolve())
+    assert row["step"] == 0 and row["forward_gpu_us"] == 100_000
 
 
 def test_copies_before_the_step_are_carried_and_eval_phases_dropped():
@@ -169,6 +186,7 @@ def test_agent_wires_the_timer_into_every_phase_wrapper():
     try:
         gpu = FakeGpu()
         timer = GpuTimer(gpu.event)
+        agent.tracker.on_cuda_check = None  # on a CUDA machine: keep the stand-in timer
         agent.gpu_timer = timer
         agent.clock.gpu = timer
         agent.tracker.gpu = timer
@@ -188,6 +206,7 @@ def test_agent_wires_the_timer_into_every_phase_wrapper():
 
 
 def test_step_memory_resets_and_reads_the_peaks():
+    """Through torch.cuda's functions (no C API given) and through the C API's nested stats."""
     calls = []
 
     class FakeCuda:
@@ -206,6 +225,32 @@ def test_step_memory_resets_and_reads_the_peaks():
     mem.step_end(5, 99)
     assert calls == [("reset", 1)] and rows == [(5, 99, 100, 200)]
 
+    class FakeC:
+        @staticmethod
+        def _cuda_resetPeakMemoryStats(dev):
+            calls.append(("c-reset", dev))
+
+        @staticmethod
+        def _cuda_memoryStats(dev):
+            return {"allocated_bytes": {"all": {"peak": 300}}, "reserved_bytes": {"all": {"peak": 400}}}
+
+    mem = CudaStepMemory(FakeCuda(), 2, rows.append, FakeC)
+    mem.step_begin()
+    mem.step_end(6, 100)
+    assert calls[-1] == ("c-reset", 2) and rows[-1] == (6, 100, 300, 400)
+
+
+def test_gpu_timing_needs_a_cuda_model_and_a_consumer():
+    from traceml.runtime.agent import _model_cuda_device
+
+    assert _model_cuda_device(torch.nn.Linear(2, 2)) is None  # CPU model: not GPU-timed
+    assert _model_cuda_device(None) == -1 and _model_cuda_device(torch.nn.ReLU()) == -1
+    quiet = Agent(RankConfig(), start=False, identity=RankIdentity(host="t", pid=os.getpid()))
+    try:
+        assert quiet.sender is None and quiet._gpu_timing is False  # nobody would resolve events
+    finally:
+        quiet.close()
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -213,7 +258,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 def test_real_cuda_training_records_gpu_phases_memory_and_h2d(tmp_path):
-    agent = Agent(RankConfig(), start=False, identity=RankIdentity(host="t", pid=os.getpid()))
+    agent = Agent(RankConfig(), start=False, identity=RankIdentity(host="t", pid=os.getpid()), gpu_timing=True)
     try:
         dev = torch.device("cuda", 0)
         model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10)).to(dev)
@@ -241,6 +286,7 @@ def test_real_cuda_training_records_gpu_phases_memory_and_h2d(tmp_path):
         assert all(row[5] > 0 for row in cpu_rows)  # h2d_us on the CPU clock too
         assert [m[0] for m in mem_rows] == list(range(6))
         assert all(m[2] > 0 and m[3] >= m[2] for m in mem_rows)
+        assert agent.gpu_timer._record_on_stream is not None  # the C-API fast path is in use
         from traceml.runtime.samplers import ProcessSampler
 
         sample = ProcessSampler(cuda_device=lambda: agent.cuda_device).sample()
@@ -261,3 +307,43 @@ def test_real_cuda_nvml_sampler_reads_every_gpu():
     for idx, row in enumerate(rows):
         assert row[0] == 42 and row[2] == idx
         assert 0 <= row[3] <= 100 and row[5] > 0 and 0 < row[4] <= row[5]
+
+
+@pytest.mark.gpu
+@cuda
+def test_real_cuda_machine_with_a_cpu_model_is_not_gpu_timed():
+    torch.zeros(1, device="cuda")  # CUDA is initialized, but the model stays on the CPU
+    agent = Agent(RankConfig(), start=False, identity=RankIdentity(host="t", pid=os.getpid()), gpu_timing=True)
+    try:
+        model = torch.nn.Linear(8, 8)
+        for _ in range(3):
+            with agent.step_context(model):
+                model(torch.randn(2, 8)).sum().backward()
+        assert agent.gpu_timer is None and agent.tracker.on_cuda_check is None
+        assert agent.tables["step_gpu"].appended == 0 and agent.tables["step_memory"].appended == 0
+        cuda_model = torch.nn.Linear(8, 8).cuda()
+        with agent.step_context(cuda_model):  # a model on the GPU re-arms the check
+            cuda_model(torch.randn(2, 8, device="cuda")).sum().backward()
+        assert agent.gpu_timer is not None and agent.tables["step_memory"].appended == 1
+    finally:
+        agent.close()
+
+
+@pytest.mark.gpu
+@cuda
+def test_environment_never_initializes_cuda_in_a_cpu_process():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from traceml.runtime.samplers import NvmlSampler, ProcessSampler, collect_environment\n"
+        "list(DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))\n"
+        "env = collect_environment({})\n"
+        "ProcessSampler(cuda_device=lambda: 0).sample()\n"
+        "NvmlSampler(0).sample()\n"
+        "print('initialized', torch.cuda.is_initialized(), 'cuda', env['cuda'] != '')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "initialized False cuda True" in out.stdout

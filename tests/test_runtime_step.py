@@ -318,6 +318,7 @@ def test_traced_model_still_pickles_and_deepcopies(agent):
         assert clone(torch.randn(1, 8)).shape == (1, 4)
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
 def test_torch_compile_model_is_timed(agent):
     model = SlowForward()
     compiled = torch.compile(model, backend="eager")
@@ -331,6 +332,7 @@ def test_torch_compile_model_is_timed(agent):
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
 def test_module_compile_in_place_is_timed(agent):
     model = SlowForward()
     model.compile(backend="eager")

@@ -55,6 +55,8 @@ class Agent:
     :meth:`Sender.flush` / :meth:`SamplerThread.tick` by hand).  ``h2d`` forces the
     host-to-device patch on or off (None: only where CUDA is available).  ``capacity``
     overrides rows kept per table; ``stream_options`` go to the :class:`TelemetryClient`.
+    ``gpu_timing``: CUDA event timing and step memory peaks for steps of a model on a CUDA
+    device (None: only when telemetry leaves the process, i.e. a sender resolves the events).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Agent:
         clock_ns: Any = time.time_ns,
         capacity: Mapping[str, int] | None = None,
         stream_options: Mapping[str, Any] | None = None,
+        gpu_timing: bool | None = None,
     ) -> None:
         self.config = config
         self.identity = identity if identity is not None else rank_identity_from_env()
@@ -110,6 +113,8 @@ class Agent:
                 self._build_samplers(), interval_s=config.interval_s, on_tick=self._maybe_send_environment
             )
 
+        self._gpu_timing = gpu_timing if gpu_timing is not None else self.sender is not None
+        self._cuda_available = False
         hook = call_after_import("torch", self._on_torch)
         if hook is not None:
             self._patch_names.append(hook)
@@ -188,26 +193,35 @@ class Agent:
 
         self._patch_names.extend(install_torch_hooks(self.clock, h2d=self._h2d))
         try:
-            if torch.cuda.is_available():  # asked once; a CPU build answers False without raising
-                self.tracker.on_cuda_check = self._cuda_check
+            # asked once; a CPU build answers False without raising
+            self._cuda_available = bool(torch.cuda.is_available())
         except Exception:
             disable_piece("cuda-check", "CUDA detection")
+        self._arm_cuda_check()
+
+    def _arm_cuda_check(self) -> None:
+        if self._cuda_available and self._gpu_timing and self.gpu_timer is None:
+            self.tracker.on_cuda_check = self._cuda_check
 
     def _cuda_check(self) -> bool:
-        """At step start until CUDA is in use: then build the event timer.  False = stop asking."""
+        """At step start until decided: is this step's model on a CUDA device?  Then build the
+        event timer.  Returns False once decided (the tracker stops asking)."""
         torch = sys.modules["torch"]
         if not torch.cuda.is_initialized():
-            return True
+            return True  # not yet: CUDA may come later (lazy init, model.to after the first step)
+        device = _model_cuda_device(self._model)
+        if device is None:
+            return False  # a CPU model on a CUDA machine: nothing to time on the GPU
         try:
-            from traceml.runtime.cuda import CudaStepMemory, GpuTimer
+            from traceml.runtime.cuda import CudaStepMemory, GpuTimer, cuda_recorder
 
-            dev = int(torch.cuda.current_device())
+            dev = int(torch.cuda.current_device()) if device < 0 else device
             self.cuda_device = dev
-            timer = GpuTimer(lambda: torch.cuda.Event(enable_timing=True))
+            timer = GpuTimer(lambda: torch.cuda.Event(enable_timing=True), record=cuda_recorder(torch, dev))
             self.gpu_timer = timer
             self.clock.gpu = timer
             self.tracker.gpu = timer
-            self.tracker.memory = CudaStepMemory(torch.cuda, dev, self.tables["step_memory"].append)
+            self.tracker.memory = CudaStepMemory(torch.cuda, dev, self.tables["step_memory"].append, torch._C)
         except Exception:
             disable_piece("cuda-setup", "GPU timing setup")
         return False
@@ -237,6 +251,7 @@ class Agent:
             name = wrap_forward(self.clock, model)
             if name is not None:
                 self._patch_names.append(name)
+            self._arm_cuda_check()  # a new model may live on the GPU
         except Exception:
             disable_piece("forward-wrap", "timing the model's forward")
 
@@ -346,3 +361,17 @@ def recording_path(out: str, identity: RankIdentity) -> str:
         return out
     root, ext = os.path.splitext(out)
     return f"{root}.rank{identity.rank}{ext or '.tml'}"
+
+
+def _model_cuda_device(model: Any) -> int | None:
+    """CUDA device index of the model's first parameter or buffer; None when it is on the CPU
+    (or elsewhere); -1 when there is no model or it holds no tensor (then: the current device)."""
+    if model is None:
+        return -1
+    try:
+        for tensors in (model.parameters(), model.buffers()):
+            for t in tensors:
+                return int(t.device.index or 0) if t.is_cuda else None
+    except Exception:
+        return -1
+    return -1

@@ -39,21 +39,19 @@ def _torch_facts() -> dict[str, Any]:
     if torch is None:
         return {"torch": "", "cuda": "", "cudnn": "", "device_count": 0, "devices": [], **distributed_facts()}
     facts: dict[str, Any] = {"torch": str(torch.__version__), "cuda": str(torch.version.cuda or "")}
-    try:
-        cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    except Exception:
-        cudnn = None
-    facts["cudnn"] = str(cudnn or "")
+    # CUDA facts only once the script itself initialized CUDA: on torch 2.11 reading them first
+    # was seen to initialize CUDA in a CPU-only process (a context, GPU memory, seconds)
+    cudnn = ""
     devices: list[str] = []
     count = 0
     try:
-        if torch.cuda.is_initialized():  # never create a CUDA context just to read names
+        if torch.cuda.is_initialized():
+            cudnn = str(torch.backends.cudnn.version() or "")
             count = int(torch.cuda.device_count())
             devices = [str(torch.cuda.get_device_name(i)) for i in range(count)]
-        elif torch.cuda.is_available():
-            count = int(torch.cuda.device_count())
     except Exception:
         pass
+    facts["cudnn"] = cudnn
     facts["device_count"] = count
     facts["devices"] = devices
     facts.update(distributed_facts())
