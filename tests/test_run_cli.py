@@ -4,6 +4,7 @@ aggregator process and the recording it leaves, read back with open_recording.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACEML = str(Path(sys.executable).parent / "traceml")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 DEMO = str(ROOT / "examples" / "demo_train.py")
 DDP = str(ROOT / "examples" / "ddp_train.py")
 
@@ -205,23 +207,63 @@ def test_training_survives_the_aggregator_being_killed(tmp_path: Path) -> None:
     assert open_recording(tmp_path / "run.tml").integrity["status"] in ("recovered", "complete")
 
 
-def test_ctrl_c_stops_the_training_and_closes_the_recording(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_training_and_closes_the_recording(tmp_path: Path, sig: signal.Signals) -> None:
     (tmp_path / "loop.py").write_text(UNTIL_STOP)
     run = LiveRun(tmp_path, "loop.py")
     try:
         run.wait_for_line("at 50")
         wait_for_rows(tmp_path / "run.tml", 50, run)
-        run.proc.send_signal(signal.SIGINT)
+        run.proc.send_signal(sig)
     finally:
         code = run.finish()
-    assert code == 130, run.stderr
-    assert "KeyboardInterrupt" in (tmp_path / "stderr.log").read_text()
+    assert code == 128 + sig, run.stderr
     rec = open_recording(tmp_path / "run.tml")
     assert rec.integrity["status"] == "complete"
-    assert rec.attachments["exit"]["status"] == "interrupted" and rec.attachments["exit"]["signal"] == "SIGINT"
+    assert rec.attachments["exit"]["status"] == "interrupted" and rec.attachments["exit"]["signal"] == sig.name
     steps = rec.read_table("step_time")[0]["step"]
     assert len(steps) >= 50 and steps.tolist() == list(range(len(steps)))
-    assert rec.attachments["ranks"]["ranks"][0]["state"] == "finished"  # the rank shut down cleanly
+    if sig == signal.SIGINT:  # KeyboardInterrupt: the rank shuts down cleanly and says so
+        assert "KeyboardInterrupt" in (tmp_path / "stderr.log").read_text()
+        assert rec.attachments["ranks"]["ranks"][0]["state"] == "finished"
+
+
+def test_two_nodes_stream_to_node_0s_aggregator(tmp_path: Path) -> None:
+    from traceml.cli.run_cmd import free_port
+
+    script = tmp_path / "steps.py"
+    script.write_text(
+        "import os, traceml\n"
+        "for _ in range(12 + int(os.environ['RANK'])):\n"
+        "    with traceml.trace_step():\n"
+        "        pass\n"
+    )
+    agg_port, master_port = free_port(), free_port()
+    common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    common += ["--aggregator-port", str(agg_port), "--token", "shared-secret", "--ui", "none"]
+    node0 = subprocess.Popen(
+        [TRACEML, "run", *common, "--node-rank", "0", "--out", str(tmp_path / "run.tml"), str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    node1_dir = tmp_path / "node1"
+    node1_dir.mkdir()
+    node1 = subprocess.run(
+        [TRACEML, "run", *common, "--node-rank", "1", "--run-name", "n1", str(script)],
+        cwd=node1_dir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out0, err0 = node0.communicate(timeout=180)
+    assert node0.returncode == 0 and node1.returncode == 0, err0 + node1.stderr
+    assert steps_by_rank(tmp_path / "run.tml") == {0: list(range(12)), 1: list(range(13))}
+    ranks = open_recording(tmp_path / "run.tml").attachments["ranks"]["ranks"]
+    assert sorted((r["rank"], r["node_rank"], r["state"]) for r in ranks) == [(0, 0, "finished"), (1, 1, "finished")]
+    assert not list(node1_dir.rglob("*.tml"))  # node 1 records nothing itself
+    assert (node1_dir / "traceml_runs" / "n1" / "stdout.log").exists()
 
 
 def test_second_ctrl_c_kills_a_training_that_ignores_the_first(tmp_path: Path) -> None:
@@ -253,3 +295,48 @@ def test_second_ctrl_c_kills_a_training_that_ignores_the_first(tmp_path: Path) -
     assert rec.attachments["ranks"]["ranks"][0]["state"] == "died"
     assert len(rec.read_table("step_time")[0]["step"]) >= 50
     assert os.path.getsize(tmp_path / "stdout.log") > 0
+
+
+def test_terminal_ui_shows_the_dashboard_and_the_training_output(tmp_path: Path) -> None:
+    import pty
+
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import sys, time, traceml\n"
+        "for i in range(300):\n"
+        "    with traceml.trace_step():\n"
+        "        time.sleep(0.002)\n"
+        "    if i % 100 == 99:\n"
+        "        print(f'chatty step {i + 1}', flush=True)\n"
+        "print('to stderr', file=sys.stderr, flush=True)\n"
+    )
+    master, slave = pty.openpty()
+    os.set_blocking(master, True)
+    cmd = [TRACEML, "run", "--ui", "terminal", "--out", str(tmp_path / "run.tml"), str(script)]
+    env = {**os.environ, "COLUMNS": "100", "LINES": "50", "TERM": "xterm"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = proc.wait(60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = ANSI.sub("", b"".join(chunks).decode("utf-8", errors="replace"))
+    assert code == 0, text[-3000:]
+    assert "╭─ traceml ─" in text  # the live region was drawn
+    for line in ("chatty step 100", "chatty step 300", "to stderr"):
+        assert line in text
+    assert "traceml summary" in text and "ok (exit 0)" in text
+    assert "exited early" not in text  # the output went through the aggregator, not around it
+    assert steps_by_rank(tmp_path / "run.tml") == {0: list(range(300))}

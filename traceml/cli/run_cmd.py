@@ -150,16 +150,11 @@ def plan_run(
         raise ConfigError(f"--ui {ui!r}: expected one of {', '.join(UI_CHOICES)}")
     if interval is not None and interval <= 0:
         raise ConfigError(f"--interval {interval}: expected a positive number of seconds")
-    if node_rank > 0:
-        if not token or aggregator_port is None:
-            raise ConfigError(
-                f"--node-rank {node_rank} streams to node 0's aggregator: give the same --token as node 0 and "
-                "--aggregator-host/--aggregator-port of node 0"
-            )
-        if aggregator_host in ("127.0.0.1", "localhost", "::1"):
-            raise ConfigError(
-                f"--node-rank {node_rank} with --aggregator-host {aggregator_host}: expected node 0's address"
-            )
+    if node_rank > 0 and (not token or aggregator_port is None):
+        raise ConfigError(
+            f"--node-rank {node_rank} streams to node 0's aggregator: give the same --token as node 0 and "
+            "--aggregator-host/--aggregator-port of node 0"
+        )
     if nnodes > 1 and node_rank == 0 and not token:
         raise ConfigError(
             "a multi-node run needs one --token shared by every node (e.g. --token $(openssl rand -hex 16)); "
