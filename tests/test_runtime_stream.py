@@ -247,6 +247,25 @@ def test_keeps_recording_while_the_server_is_down_and_drop_counts_travel(rank_en
     assert all(m["drops"].get("step_time", 0) >= 12 for m in handler.of_kind("batch"))
 
 
+def test_an_idle_sender_heartbeats_and_attachments_go_out(server, rank_env):
+    srv, got = server
+    rank_env(srv.port)
+    cfg = RankConfig(aggregator_host="127.0.0.1", aggregator_port=srv.port, token=TOKEN, run_id="run-test")
+    agent = Agent(cfg, start=False, identity=RankIdentity(host="h", pid=os.getpid()))
+    try:
+        assert agent.sender is not None
+        sink = agent.sinks[0]
+        sink.heartbeat_s = 0.0  # type: ignore[attr-defined]
+        agent.sender.queue_attachment("notes/rank0", {"k": 1})
+        assert agent.sender.flush() == 0  # no rows: the attachment, then a heartbeat
+        got.wait(lambda: got.of_kind("heartbeat"), "a heartbeat")
+        assert got.of_kind("batch") == []
+        assert got.of_kind("attachment")[0]["data"] == {"k": 1}
+    finally:
+        agent.close()
+    got.wait(lambda: got.of_kind("rank_finished"), "rank_finished")
+
+
 def test_sender_runs_on_its_own_and_shutdown_leaves_nothing_behind(server, rank_env):
     srv, got = server
     rank_env(srv.port, interval="0.05")

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -70,7 +70,7 @@ class Agent:
         sender_period_s: float = 0.5,
         drain_timeout_s: float = 2.0,
         script: str | None = None,
-        clock_ns: Any = time.time_ns,
+        clock_ns: Callable[[], int] = time.time_ns,
         capacity: Mapping[str, int] | None = None,
         stream_options: Mapping[str, Any] | None = None,
         gpu_timing: bool | None = None,
@@ -115,13 +115,17 @@ class Agent:
 
         self._gpu_timing = gpu_timing if gpu_timing is not None else self.sender is not None
         self._cuda_available = False
-        hook = call_after_import("torch", self._on_torch)
-        if hook is not None:
-            self._patch_names.append(hook)
-        self._install_excepthook()
-        atexit.register(self._atexit)
-        if start:
-            self.start()
+        try:
+            hook = call_after_import("torch", self._on_torch)
+            if hook is not None:
+                self._patch_names.append(hook)
+            self._install_excepthook()
+            atexit.register(self._atexit)
+            if start:
+                self.start()
+        except BaseException:
+            self.close()  # a half-built agent must not leave patches or threads behind
+            raise
 
     # -- construction --------------------------------------------------------------
     def _build_sinks(self) -> list[Sink]:

@@ -66,7 +66,7 @@ def patch_attribute(owner: Any, attr: str, replacement: Any, name: str) -> str:
 
     The undo restores the original only while ``owner.attr`` is still our replacement;
     if someone patched over us since, restoring would drop their patch, so ours stays
-    in place (it passes through once its agent is closed) and a warning says so.
+    in place (it passes through once its agent is closed; logged at debug level).
     """
     own = vars(owner)
     had_own = attr in own
@@ -79,7 +79,8 @@ def patch_attribute(owner: Any, attr: str, replacement: Any, name: str) -> str:
             else:
                 delattr(owner, attr)  # it was inherited: uncover the base's again
         else:
-            logger.warning(
+            # expected, e.g. torch.distributed wraps sys.excepthook after us: not worth a warning
+            logger.debug(
                 "traceml: %s.%s was patched again after traceml; leaving both in place (traceml's part is inert)",
                 getattr(owner, "__name__", owner),
                 attr,
