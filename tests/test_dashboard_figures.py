@@ -203,3 +203,18 @@ def test_serve_answers_http_until_stopped(view) -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_diagnosis_comes_from_the_recorded_summary_when_there_is_one(view) -> None:
+    from traceml.diagnosis import build_summary
+
+    lines, _, source = web.diagnosis_lines(view, use_summary=True)  # no summary attachment: diagnosed here
+    assert lines and source == "diagnosed from the rows shown"
+    assert lines[0].kind == "STRAGGLER" and lines[0].rank == 1
+    store = store_from_run(synthetic_run(ranks=3, steps=600, slow_rank=1, gpu=True, seed=5))
+    store.attach("summary", build_summary(store.snapshot()))
+    recorded = store.snapshot()
+    lines_b, _, source_b = web.diagnosis_lines(recorded, use_summary=True)
+    assert source_b.startswith("the run's summary") and [f.kind for f in lines_b] == [f.kind for f in lines]
+    children = json.dumps(web._diagnosis_children(recorded, use_summary=True), default=lambda o: o.to_plotly_json())
+    assert "diagnosis-primary" in children and "STRAGGLER" in children

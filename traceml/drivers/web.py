@@ -18,6 +18,7 @@ import math
 import socket
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import StoreView
 from traceml.views import series
+from traceml.views.final import FindingLine, findings_from_summary
 
 try:
     import dash
@@ -63,6 +65,8 @@ STEP_AXIS_FIGURES: tuple[str, ...] = (FIG_STEP_BREAKDOWN, FIG_RANK_STEPS, FIG_RA
 
 DEFAULT_PORT = 8050
 DEFAULT_REFRESH_S = 2.0
+#: live mode diagnoses the window at most this often
+DIAGNOSIS_EVERY_S = 10.0
 
 _CSS = {
     "app": {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "12px"},
@@ -176,41 +180,58 @@ def _rank_table(rows: Sequence[tuple[str, ...]]) -> html.Table:
     return html.Table([html.Thead(head), html.Tbody(body)], style=_CSS["table"], id="rank-table")
 
 
-def _diagnosis_children(view: StoreView) -> list[Any]:
+def diagnosis_lines(view: StoreView, *, use_summary: bool) -> tuple[list[FindingLine], tuple[str, ...], str]:
+    """``(findings, missing signals, where they come from)``: the primary diagnosis first.
+
+    A finished recording carries the diagnosis of its whole run in the ``summary`` attachment, so
+    replay shows that one (no need to diagnose millions of rows again); otherwise (live, crashed
+    file) the view is diagnosed here.
+    """
+    if use_summary:
+        recorded = findings_from_summary(view.attachments.get("summary"))
+        if recorded:
+            return recorded, (), "the run's summary, written when it ended"
     try:
         from traceml.diagnosis import diagnose
     except ImportError:
-        return [html.H4("Diagnosis"), html.P("diagnosis is not available in this installation", className="muted")]
+        return [], (), "diagnosis is not available in this installation"
     try:
         result = diagnose(view)
     except Exception as exc:  # a diagnosis bug must not take the dashboard down
         logging.getLogger(__name__).warning("diagnosis failed: %s", exc, exc_info=True)
-        return [html.H4("Diagnosis"), html.P(f"diagnosis failed: {exc}")]
+        return [], (), f"diagnosis failed: {exc}"
+    lines = findings_from_summary(result.to_dict())
+    return lines, tuple(getattr(result, "missing", ())), "diagnosed from the rows shown"
+
+
+def _diagnosis_children(view: StoreView, *, use_summary: bool = False) -> list[Any]:
+    lines, missing, source = diagnosis_lines(view, use_summary=use_summary)
+    children: list[Any] = [html.H4("Diagnosis")]
+    if not lines:
+        return [*children, html.P(source, style={"color": "#6b7280"})]
+    primary = lines[0]
+    rank = "" if primary.rank is None else f" (rank {primary.rank})"
+    children.append(html.P([html.B(primary.kind, id="diagnosis-primary"), html.Span(f"{rank} — {primary.text}")]))
     items = []
-    for f in result.findings:
-        colour = {"critical": "#dc2626", "warn": "#d97706"}.get(str(f.severity), "#2563eb")
-        rank = "" if f.rank is None else f" (rank {f.rank})"
+    for f in lines:
+        colour = {"critical": "#dc2626", "warn": "#d97706"}.get(f.severity, "#2563eb")
+        where = "" if f.rank is None else f" (rank {f.rank})"
         items.append(
             html.Li(
                 [
-                    html.B(f"{f.kind}{rank}", style={"color": colour}),
+                    html.B(f"{f.kind}{where}", style={"color": colour}),
                     html.Span(f" [{f.severity}] "),
-                    html.Span(f.summary),
+                    html.Span(f.text),
                 ],
                 className=f"finding finding-{f.severity}",
             )
         )
-    primary = result.primary
-    missing = getattr(result, "missing", ())
-    children: list[Any] = [
-        html.H4("Diagnosis"),
-        html.P([html.B(primary.kind, id="diagnosis-primary"), html.Span(f" — {primary.summary}")]),
-        html.Ul(items),
-    ]
+    children.append(html.Ul(items))
     if missing:
         children.append(
             html.P(f"not recorded, so some rules did not run: {', '.join(missing)}", style={"color": "#6b7280"})
         )
+    children.append(html.P(f"source: {source}", style={"color": "#6b7280", "fontSize": "12px"}))
     return children
 
 
@@ -506,6 +527,8 @@ def build_app(
         )
 
     # -- panels ---------------------------------------------------------------------------------
+    diag_state: dict[str, Any] = {"children": None, "at": 0.0}
+
     @app.callback(
         Output("diagnosis-panel", "children"),
         Output("meta-panel", "children"),
@@ -519,7 +542,13 @@ def build_app(
     def _panels(_tick: Any) -> tuple[Any, ...]:
         view, other = views()
         info = cache.get(view, ("info",), lambda: series.run_info(view))
-        diag = cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view))
+        if live:  # diagnosing the whole live window on every refresh would cost more than the charts
+            now = time.monotonic()
+            if diag_state["children"] is None or now - diag_state["at"] >= DIAGNOSIS_EVERY_S:
+                diag_state["children"], diag_state["at"] = _diagnosis_children(view), now
+            diag = diag_state["children"]
+        else:
+            diag = cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view, use_summary=True))
         meta: list[Any] = [html.H4("Run"), _kv_table(info.meta, "run-meta"), html.H4("Ranks"), _rank_table(info.ranks)]
         if info.environment:
             meta += [html.H4("Environment"), _kv_table(info.environment, "run-environment")]

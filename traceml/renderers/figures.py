@@ -1,20 +1,24 @@
 """Figure renderers: series view models -> Plotly figures.  Pure: no I/O, no clock, no dash.
 
-Every trace carries ``meta = {"rank": ..., "points": ...}`` (the rows it stands for), so a
-test or a user can tell a reduced trace from a full one.  Figures for data that was not
-recorded say so in the plot instead of drawing empty axes.  In compare mode the second
-recording ("B") is drawn dashed over the first ("A").
+Every trace carries ``meta = {"rank": ..., "points": ..., "group": ...}`` (``points`` = the rows
+it stands for), so a test or a user can tell a reduced trace from a full one.  Figures for data
+that was not recorded say so in the plot instead of drawing empty axes.  In compare mode the
+second recording ("B") is drawn dashed over the first ("A").
+
+Each figure is assembled as plain dicts and validated once by ``go.Figure`` (incremental
+``update_layout`` / ``make_subplots`` / templates cost tens of ms per figure; a first render
+builds seven).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
-from plotly.subplots import make_subplots
 
 from traceml.schema import PHASES
 from traceml.views.series import MemorySeries, RankSteps, StepBreakdown, SystemSeries, Throughput, Trace
@@ -22,43 +26,88 @@ from traceml.views.series import MemorySeries, RankSteps, StepBreakdown, SystemS
 PALETTE: tuple[str, ...] = tuple(qualitative.D3)
 PHASE_COLORS: dict[str, str] = dict(zip(PHASES, qualitative.Set2, strict=False))
 SLOWEST_COLOR = "#d62728"
-MUTED = "#9aa5b1"
+COMPARE_COLOR = "#7c3aed"
+GREY = "#6b7280"
 HEIGHT = 340
 
 STEP_AXIS = "step"
 TIME_AXIS = "time since start (s)"
 
+_GRID = "#e5e7eb"
+_AXIS = {"gridcolor": _GRID, "zerolinecolor": _GRID, "linecolor": "#d1d5db", "automargin": True}
 
-def _base(title: str, x_title: str, y_title: str, height: int = HEIGHT) -> go.Figure:
-    fig = go.Figure()
-    fig.update_layout(
-        title={"text": title, "x": 0.01, "font": {"size": 15}},
-        template="plotly_white",
-        height=height,
-        margin={"l": 60, "r": 20, "t": 50, "b": 45},
-        legend={"orientation": "h", "y": -0.22, "font": {"size": 11}},
-        hovermode="x unified",
-        uirevision="keep",
-        xaxis={"title": {"text": x_title}},
-        yaxis={"title": {"text": y_title}},
+Dict = dict[str, Any]
+
+
+def _layout(title: str, height: int = HEIGHT, **extra: Any) -> Dict:
+    layout: Dict = {
+        "title": {"text": title, "x": 0.01, "font": {"size": 15}},
+        "height": height,
+        "margin": {"l": 60, "r": 20, "t": 50, "b": 45},
+        "legend": {"orientation": "h", "y": -0.22, "font": {"size": 11}},
+        "hovermode": "x unified",
+        "uirevision": "keep",
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "annotations": [],
+    }
+    layout.update(extra)
+    return layout
+
+
+def _xy(layout: Dict, x_title: str, y_title: str) -> Dict:
+    layout["xaxis"] = {**_AXIS, "title": {"text": x_title}}
+    layout["yaxis"] = {**_AXIS, "title": {"text": y_title}}
+    return layout
+
+
+def _grid(layout: Dict, rows: int, cols: int, titles: Sequence[str], hspace: float = 0.1, vspace: float = 0.16) -> Dict:
+    """Axes for a rows x cols grid (what make_subplots does, without its cost); titles as annotations."""
+    w = (1 - hspace * (cols - 1)) / cols
+    h = (1 - vspace * (rows - 1)) / rows
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        n = "" if i == 0 else str(i + 1)
+        x0 = c * (w + hspace)
+        y1 = 1 - r * (h + vspace)
+        layout[f"xaxis{n}"] = {**_AXIS, "domain": [x0, x0 + w], "anchor": f"y{n}"}
+        layout[f"yaxis{n}"] = {**_AXIS, "domain": [y1 - h, y1], "anchor": f"x{n}"}
+        layout["annotations"].append(
+            {
+                "text": titles[i],
+                "x": x0 + w / 2,
+                "y": y1,
+                "xref": "paper",
+                "yref": "paper",
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+                "font": {"size": 13},
+            }
+        )
+    return layout
+
+
+def _figure(traces: list[Dict], layout: Dict) -> go.Figure:
+    return go.Figure(data=traces, layout=layout)
+
+
+def _not_recorded(layout: Dict, text: str) -> go.Figure:
+    layout["annotations"].append(
+        {
+            "text": text,
+            "xref": "paper",
+            "yref": "paper",
+            "x": 0.5,
+            "y": 0.5,
+            "showarrow": False,
+            "font": {"size": 14, "color": GREY},
+            "name": "not-recorded",
+        }
     )
-    return fig
-
-
-def _not_recorded(fig: go.Figure, text: str) -> go.Figure:
-    fig.add_annotation(
-        text=text,
-        xref="paper",
-        yref="paper",
-        x=0.5,
-        y=0.5,
-        showarrow=False,
-        font={"size": 14, "color": "#6b7280"},
-        name="not-recorded",
-    )
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
+    for key in [k for k in layout if k.startswith(("xaxis", "yaxis"))] or ["xaxis", "yaxis"]:
+        layout[key] = {**layout.get(key, {}), "visible": False}
+    return _figure([], layout)
 
 
 def _rank_color(rank: int | None) -> str:
@@ -69,34 +118,51 @@ def _fmt_ms(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
 
 
+def _meta(rank: int | None, points: int, group: str) -> Dict:
+    return {"rank": rank, "points": int(points), "group": group}
+
+
 def _line(
-    trace: Trace, *, color: str, width: float = 1.2, dash: str | None = None, name: str | None = None
-) -> go.Scatter:
-    return go.Scatter(
-        x=trace.x,
-        y=trace.y,
-        mode="lines",
-        name=name or trace.name,
-        line={"color": color, "width": width, "dash": dash},
-        meta={"rank": trace.rank, "points": trace.points, "group": trace.group},
-        legendgroup=trace.group or trace.name,
-    )
+    trace: Trace,
+    *,
+    color: str,
+    width: float = 1.2,
+    dash: str | None = None,
+    name: str | None = None,
+    axis: str = "",
+    showlegend: bool = True,
+) -> Dict:
+    out: Dict = {
+        "type": "scatter",
+        "x": trace.x,
+        "y": trace.y,
+        "mode": "lines",
+        "name": name or trace.name,
+        "line": {"color": color, "width": width, **({"dash": dash} if dash else {})},
+        "meta": _meta(trace.rank, trace.points, trace.group),
+        "legendgroup": trace.group or trace.name,
+        "showlegend": showlegend,
+    }
+    if axis:
+        out["xaxis"], out["yaxis"] = f"x{axis}", f"y{axis}"
+    return out
 
 
-def _hline(fig: go.Figure, x0: float, x1: float, y: float, name: str, color: str, dash: str) -> None:
+def _hline(x0: float, x1: float, y: float, name: str, color: str, dash: str) -> list[Dict]:
     if not math.isfinite(y):
-        return
-    fig.add_trace(
-        go.Scatter(
-            x=[x0, x1],
-            y=[y, y],
-            mode="lines",
-            name=name,
-            line={"color": color, "width": 1.5, "dash": dash},
-            hoverinfo="name",
-            meta={"rank": None, "points": 0, "group": "stat"},
-        )
-    )
+        return []
+    return [
+        {
+            "type": "scatter",
+            "x": [x0, x1],
+            "y": [y, y],
+            "mode": "lines",
+            "name": name,
+            "line": {"color": color, "width": 1.5, "dash": dash},
+            "hoverinfo": "name",
+            "meta": _meta(None, 0, "stat"),
+        }
+    ]
 
 
 # --- step figures ------------------------------------------------------------------------------
@@ -111,126 +177,121 @@ def step_breakdown_figure(
     """Stacked phase times per step (mean over the selected ranks), with the range's median and p95."""
     shown = [p for p in (phases if phases is not None else PHASES) if p in model.phases]
     per = "" if model.bucket_steps == 1 else f" (mean per {model.bucket_steps} steps)"
-    fig = _base(f"Step time breakdown{per}", STEP_AXIS, "ms")
+    layout = _xy(_layout(f"Step time breakdown{per}"), STEP_AXIS, "ms")
     if model.empty:
-        return _not_recorded(fig, "no steps recorded")
+        return _not_recorded(layout, "no steps recorded")
     a = f"{labels[0]} · " if compare is not None else ""
-    for p in shown:
-        fig.add_trace(
-            go.Scatter(
-                x=model.steps,
-                y=model.phases[p],
-                mode="lines",
-                name=f"{a}{p}",
-                stackgroup="phases",
-                line={"width": 0.5, "color": PHASE_COLORS.get(p)},
-                meta={"rank": None, "points": model.rows, "group": p},
-            )
-        )
+    traces: list[Dict] = [
+        {
+            "type": "scatter",
+            "x": model.steps,
+            "y": model.phases[p],
+            "mode": "lines",
+            "name": f"{a}{p}",
+            "stackgroup": "phases",
+            "line": {"width": 0.5, "color": PHASE_COLORS.get(p)},
+            "meta": _meta(None, model.rows, p),
+        }
+        for p in shown
+    ]
     x0, x1 = float(model.steps[0]), float(model.steps[-1])
-    _hline(fig, x0, x1, model.median_ms, f"{a}median {_fmt_ms(model.median_ms)}", "#111827", "dash")
-    _hline(fig, x0, x1, model.p95_ms, f"{a}p95 {_fmt_ms(model.p95_ms)}", "#b91c1c", "dot")
+    traces += _hline(x0, x1, model.median_ms, f"{a}median {_fmt_ms(model.median_ms)}", "#111827", "dash")
+    traces += _hline(x0, x1, model.p95_ms, f"{a}p95 {_fmt_ms(model.p95_ms)}", "#b91c1c", "dot")
     if compare is not None and not compare.empty:
         b = f"{labels[1]} · "
-        fig.add_trace(
-            go.Scatter(
-                x=compare.steps,
-                y=compare.total_ms,
-                mode="lines",
-                name=f"{b}step (mean)",
-                line={"color": "#7c3aed", "width": 1.5, "dash": "dash"},
-                meta={"rank": None, "points": compare.rows, "group": "compare"},
-            )
+        traces.append(
+            {
+                "type": "scatter",
+                "x": compare.steps,
+                "y": compare.total_ms,
+                "mode": "lines",
+                "name": f"{b}step (mean)",
+                "line": {"color": COMPARE_COLOR, "width": 1.5, "dash": "dash"},
+                "meta": _meta(None, compare.rows, "compare"),
+            }
         )
-        _hline(fig, x0, x1, compare.median_ms, f"{b}median {_fmt_ms(compare.median_ms)}", "#7c3aed", "dashdot")
-    return fig
+        traces += _hline(x0, x1, compare.median_ms, f"{b}median {_fmt_ms(compare.median_ms)}", COMPARE_COLOR, "dashdot")
+    return _figure(traces, layout)
 
 
 def rank_steps_figure(
     model: RankSteps, compare: RankSteps | None = None, labels: tuple[str, str] = ("A", "B")
 ) -> go.Figure:
-    """One step-time line per rank; the slowest rank (highest median) drawn thick and red."""
+    """One step-time line per rank; the slowest rank (highest median) drawn thick and red, on top."""
     skew = "" if not math.isfinite(model.skew_pct) else f" — skew {model.skew_pct:.1f}%"
     slow = "" if model.slowest_rank is None else f", slowest rank {model.slowest_rank}"
-    fig = _base(f"Step time per rank{skew}{slow}", STEP_AXIS, "ms")
+    layout = _xy(_layout(f"Step time per rank{skew}{slow}"), STEP_AXIS, "ms")
     if model.empty:
-        return _not_recorded(fig, "no steps recorded")
+        return _not_recorded(layout, "no steps recorded")
     a = f"{labels[0]} · " if compare is not None else ""
     medians = {s.rank: s.median_ms for s in model.stats}
-    # the slowest last, so it is drawn on top
+    traces = []
     for t in sorted(model.traces, key=lambda t: t.rank == model.slowest_rank):
         slowest = t.rank == model.slowest_rank and len(model.traces) > 1
         name = f"{a}{t.name} (median {_fmt_ms(medians.get(t.rank or 0, math.nan))})"
         if slowest:
             name += " — slowest"
-        fig.add_trace(
-            _line(
-                t,
-                color=SLOWEST_COLOR if slowest else _rank_color(t.rank),
-                width=2.6 if slowest else 1.0,
-                name=name,
-            )
-        )
+        color = SLOWEST_COLOR if slowest else _rank_color(t.rank)
+        traces.append(_line(t, color=color, width=2.6 if slowest else 1.0, name=name))
     if compare is not None:
         for t in compare.traces:
-            fig.add_trace(_line(t, color=_rank_color(t.rank), width=1.0, dash="dash", name=f"{labels[1]} · {t.name}"))
-    return fig
+            traces.append(_line(t, color=_rank_color(t.rank), width=1.0, dash="dash", name=f"{labels[1]} · {t.name}"))
+    return _figure(traces, layout)
 
 
 def rank_heatmap_figure(model: RankSteps) -> go.Figure:
     """Ranks x step buckets, colour = mean step time (ms)."""
     per = "" if model.bucket_steps == 1 else f" (mean per {model.bucket_steps} steps)"
-    fig = _base(
-        f"Step time heatmap, ranks x steps{per}", STEP_AXIS, "rank", height=max(220, 90 + 28 * len(model.heat_ranks))
-    )
+    height = max(220, 90 + 28 * len(model.heat_ranks))
+    layout = _xy(_layout(f"Step time heatmap, ranks x steps{per}", height, hovermode="closest"), STEP_AXIS, "rank")
+    layout["yaxis"]["autorange"] = "reversed"
     if model.empty:
-        return _not_recorded(fig, "no steps recorded")
-    fig.add_trace(
-        go.Heatmap(
-            z=model.heat_ms,
-            x=model.heat_steps,
-            y=[f"rank {r}" for r in model.heat_ranks],
-            colorscale="Viridis",
-            colorbar={"title": {"text": "ms"}},
-            hovertemplate="%{y} step %{x:.0f}: %{z:.3g} ms<extra></extra>",
-            meta={"ranks": list(model.heat_ranks), "points": int(np.isfinite(model.heat_ms).sum())},
-        )
-    )
-    fig.update_layout(hovermode="closest")
-    fig.update_yaxes(autorange="reversed")
-    return fig
+        return _not_recorded(layout, "no steps recorded")
+    heat = {
+        "type": "heatmap",
+        "z": model.heat_ms,
+        "x": model.heat_steps,
+        "y": [f"rank {r}" for r in model.heat_ranks],
+        "colorscale": "Viridis",
+        "colorbar": {"title": {"text": "ms"}},
+        "hovertemplate": "%{y} step %{x:.0f}: %{z:.3g} ms<extra></extra>",
+        "meta": {"ranks": list(model.heat_ranks), "points": int(np.isfinite(model.heat_ms).sum())},
+    }
+    return _figure([heat], layout)
 
 
 def throughput_figure(
     model: Throughput, compare: Throughput | None = None, labels: tuple[str, str] = ("A", "B")
 ) -> go.Figure:
     mean = "" if not math.isfinite(model.mean_steps_per_s) else f" — mean {model.mean_steps_per_s:.3g} steps/s"
-    fig = _base(f"Throughput{mean}", TIME_AXIS, "steps/s")
+    layout = _xy(_layout(f"Throughput{mean}"), TIME_AXIS, "steps/s")
     if model.empty:
-        return _not_recorded(fig, "no steps recorded")
+        return _not_recorded(layout, "no steps recorded")
     a = f"{labels[0]} · " if compare is not None else ""
-    fig.add_trace(
-        go.Scatter(
-            x=model.x_s,
-            y=model.steps_per_s,
-            mode="lines",
-            name=f"{a}steps/s",
-            line={"color": "#2563eb", "width": 1.5},
-            meta={"rank": None, "points": model.steps, "group": "throughput"},
-        )
-    )
+    traces: list[Dict] = [
+        {
+            "type": "scatter",
+            "x": model.x_s,
+            "y": model.steps_per_s,
+            "mode": "lines",
+            "name": f"{a}steps/s",
+            "line": {"color": "#2563eb", "width": 1.5},
+            "meta": _meta(None, model.steps, "throughput"),
+        }
+    ]
     if compare is not None and not compare.empty:
-        fig.add_trace(
-            go.Scatter(
-                x=compare.x_s,
-                y=compare.steps_per_s,
-                mode="lines",
-                name=f"{labels[1]} · steps/s",
-                line={"color": "#7c3aed", "width": 1.5, "dash": "dash"},
-                meta={"rank": None, "points": compare.steps, "group": "compare"},
-            )
+        traces.append(
+            {
+                "type": "scatter",
+                "x": compare.x_s,
+                "y": compare.steps_per_s,
+                "mode": "lines",
+                "name": f"{labels[1]} · steps/s",
+                "line": {"color": COMPARE_COLOR, "width": 1.5, "dash": "dash"},
+                "meta": _meta(None, compare.steps, "compare"),
+            }
         )
-    return fig
+    return _figure(traces, layout)
 
 
 # --- memory and system ------------------------------------------------------------------------
@@ -241,92 +302,80 @@ def memory_figure(
 ) -> go.Figure:
     """RSS (solid), GPU allocated (dashed) and per-step GPU peak (dotted) per rank, GiB."""
     cap = f" — GPU capacity {model.gpu_total_gib:.0f} GiB" if model.gpu_total_gib > 0 else ""
-    fig = _base(f"Memory per rank{cap}", TIME_AXIS, "GiB")
+    layout = _xy(_layout(f"Memory per rank{cap}"), TIME_AXIS, "GiB")
     if not (model.rss or model.gpu_alloc or model.gpu_peak):
-        return _not_recorded(fig, "memory: not recorded")
+        return _not_recorded(layout, "memory: not recorded")
     a = f"{labels[0]} · " if compare is not None else ""
-    for t in model.rss:
-        fig.add_trace(_line(t, color=_rank_color(t.rank), name=f"{a}{t.name}"))
-    for t in model.gpu_alloc:
-        fig.add_trace(_line(t, color=_rank_color(t.rank), dash="dash", name=f"{a}{t.name}"))
-    for t in model.gpu_peak:
-        fig.add_trace(_line(t, color=_rank_color(t.rank), dash="dot", width=1.0, name=f"{a}{t.name}"))
+    traces = [_line(t, color=_rank_color(t.rank), name=f"{a}{t.name}") for t in model.rss]
+    traces += [_line(t, color=_rank_color(t.rank), dash="dash", name=f"{a}{t.name}") for t in model.gpu_alloc]
+    traces += [_line(t, color=_rank_color(t.rank), dash="dot", width=1.0, name=f"{a}{t.name}") for t in model.gpu_peak]
     if not (model.gpu_alloc or model.gpu_peak):
-        fig.add_annotation(
-            text="GPU memory: not recorded",
-            xref="paper",
-            yref="paper",
-            x=0.99,
-            y=0.98,
-            showarrow=False,
-            xanchor="right",
-            font={"color": "#6b7280"},
+        layout["annotations"].append(
+            {
+                "text": "GPU memory: not recorded",
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.99,
+                "y": 0.98,
+                "xanchor": "right",
+                "showarrow": False,
+                "font": {"color": GREY},
+            }
         )
     if compare is not None:
         for t in (*compare.rss, *compare.gpu_alloc):
-            fig.add_trace(
+            traces.append(
                 _line(t, color=_rank_color(t.rank), dash="longdashdot", width=1.0, name=f"{labels[1]} · {t.name}")
             )
-    return fig
+    return _figure(traces, layout)
 
 
 def system_figure(model: SystemSeries) -> go.Figure:
     """Host CPU (%) and RAM (GiB) per node."""
     ram = "RAM used (GiB)" + (f" of {model.ram_total_gib:.0f} GiB" if model.ram_total_gib > 0 else "")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("CPU (%)", ram), horizontal_spacing=0.1)
-    fig.update_layout(
-        title={"text": "System (host)", "x": 0.01, "font": {"size": 15}},
-        template="plotly_white",
-        height=HEIGHT,
-        margin={"l": 60, "r": 20, "t": 70, "b": 45},
-        legend={"orientation": "h", "y": -0.22},
-        hovermode="x unified",
-        uirevision="keep",
-    )
+    layout = _grid(_layout("System (host)", margin={"l": 60, "r": 20, "t": 70, "b": 45}), 1, 2, ("CPU (%)", ram))
     if not model.host_recorded:
-        return _not_recorded(fig, "system CPU / RAM: not recorded")
-    for t in model.cpu_pct:
-        fig.add_trace(_line(t, color=_rank_color(t.rank)), row=1, col=1)
-    for t in model.ram_used_gib:
-        fig.add_trace(_line(t, color=_rank_color(t.rank)), row=1, col=2)
-    fig.update_xaxes(title_text=TIME_AXIS)
-    return fig
+        return _not_recorded(layout, "system CPU / RAM: not recorded")
+    for key in ("xaxis", "xaxis2"):
+        layout[key]["title"] = {"text": TIME_AXIS}
+    traces = [_line(t, color=_rank_color(t.rank)) for t in model.cpu_pct]
+    traces += [_line(t, color=_rank_color(t.rank), axis="2") for t in model.ram_used_gib]
+    return _figure(traces, layout)
 
 
 def gpu_figure(model: SystemSeries) -> go.Figure:
     """Utilisation, memory, temperature and power per GPU, or "not recorded"."""
     titles = ("utilisation (%)", "memory used (GiB)", "temperature (°C)", "power (W)")
-    fig = make_subplots(rows=2, cols=2, subplot_titles=titles, vertical_spacing=0.16, horizontal_spacing=0.1)
-    fig.update_layout(
-        title={"text": "GPUs", "x": 0.01, "font": {"size": 15}},
-        template="plotly_white",
-        height=HEIGHT * 2 - 60,
-        margin={"l": 60, "r": 20, "t": 70, "b": 45},
-        legend={"orientation": "h", "y": -0.1},
-        hovermode="x unified",
-        uirevision="keep",
-    )
+    layout = _layout("GPUs", HEIGHT * 2 - 60, margin={"l": 60, "r": 20, "t": 70, "b": 45})
+    layout["legend"] = {"orientation": "h", "y": -0.1}
+    _grid(layout, 2, 2, titles)
     if not model.gpu_recorded:
-        return _not_recorded(fig, "GPU metrics: not recorded (no NVML GPUs in this run)")
-    seen: set[str] = set()
+        return _not_recorded(layout, "GPU metrics: not recorded (no NVML GPUs in this run)")
     groups = sorted({t.group for t in (*model.gpu_util_pct, *model.gpu_mem_gib, *model.gpu_temp_c, *model.gpu_power_w)})
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
-    for (row, col), traces in zip(
-        ((1, 1), (1, 2), (2, 1), (2, 2)),
-        (model.gpu_util_pct, model.gpu_mem_gib, model.gpu_temp_c, model.gpu_power_w),
-        strict=True,
-    ):
-        for t in traces:
-            tr = _line(t, color=colors[t.group])
-            tr.showlegend = t.group not in seen
+    seen: set[str] = set()
+    traces = []
+    panels = (model.gpu_util_pct, model.gpu_mem_gib, model.gpu_temp_c, model.gpu_power_w)
+    for i, panel in enumerate(panels):
+        axis = "" if i == 0 else str(i + 1)
+        for t in panel:
+            traces.append(_line(t, color=colors[t.group], axis=axis, showlegend=t.group not in seen))
             seen.add(t.group)
-            fig.add_trace(tr, row=row, col=col)
-        if not traces:
-            fig.add_annotation(
-                text="not recorded", row=row, col=col, x=0.5, y=0.5, xref="x domain", yref="y domain", showarrow=False
+        if not panel:
+            layout["annotations"].append(
+                {
+                    "text": "not recorded",
+                    "xref": f"x{axis} domain",
+                    "yref": f"y{axis} domain",
+                    "x": 0.5,
+                    "y": 0.5,
+                    "showarrow": False,
+                    "font": {"color": GREY},
+                }
             )
-    fig.update_xaxes(title_text=TIME_AXIS, row=2)
-    return fig
+    for axis in ("xaxis3", "xaxis4"):
+        layout[axis]["title"] = {"text": TIME_AXIS}
+    return _figure(traces, layout)
 
 
 def max_points(fig: go.Figure) -> int:

@@ -1,0 +1,203 @@
+"""Benchmark the dashboard's first render on a large recording (no assertions; target <= 2 s).
+
+    .venv/bin/python benchmarks/bench_dashboard.py [--ranks 8] [--steps 1000000] [--file run.tml] [--no-browser]
+
+Writes (or reuses, with ``--file``) a synthetic GPU recording of ``ranks`` x ``steps`` steps with
+TmlWriter, then measures:
+
+* loading: ``replay.open`` (index only), the step_time table alone, and the whole view;
+* the server-side build of every chart for the first render (series view + Plotly figure + the
+  JSON Dash sends), and a brushed range of 2 000 steps re-queried at full resolution;
+* a baseline in the same run: the per-rank chart built from every raw point (no reduction);
+* in headless Chromium (/usr/bin/chromium): navigation to the first drawn chart and to every
+  chart drawn, with a cold and a warm browser cache, and a brush (relayout) to its redraw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+import replay
+from replay.dashboard import build_dashboard
+from replay.synthetic import rank_infos, run_meta, synthetic_run, write_recording
+from traceml.drivers.web import FIGURE_IDS, WebServer, _diagnosis_children
+from traceml.renderers import figures
+from traceml.store import StoreView
+from traceml.views import series
+
+CHROMIUM = "/usr/bin/chromium"
+#: steps in the brushed range: the most that is still drawn point for point (MAX_POINTS)
+BRUSH = series.MAX_POINTS
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+FIRST_JS = "() => { const g = document.querySelector('#fig-step-breakdown .js-plotly-plot'); return !!(g && g._fullData && g._fullData.length && g.querySelector('.scatterlayer .trace')); }"
+ALL_JS = """(ids) => ids.every(id => { const g = document.querySelector('#' + id + ' .js-plotly-plot');
+  return g && g._fullLayout && g.data; }) && !document.querySelector('[data-dash-is-loading="true"]')"""
+
+
+def make_recording(path: Path, ranks: int, steps: int) -> None:
+    t = time.perf_counter()
+    run = synthetic_run(ranks=ranks, steps=steps, gpu=True, sample_every=100, seed=1, slow_rank=ranks - 1)
+    attachments = {
+        "ranks": {"ranks": rank_infos(run)},
+        "exit": {"exit_code": 0, "status": "ok", "duration_s": 0.0, "signal": ""},
+        "environment/rank0": {"python": "3.11", "torch": "2.13.0"},
+    }
+    write_recording(path, run, meta=run_meta("bench", ranks=ranks), attachments=attachments, chunk_steps=10_000)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+
+
+def timed(fn: Callable[[], Any], rounds: int = 3) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def first_render(view: StoreView, rng: tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
+    """Every chart of the first render as the app builds it: {chart: (json bytes, most points per trace)}."""
+    bd = series.step_breakdown(view, None, rng)
+    rs = series.rank_steps(view, None, rng)
+    window = series.step_range_to_time(view, rng)
+    sysm = series.system_series(view, window)
+    figs = {
+        "fig-step-breakdown": figures.step_breakdown_figure(bd),
+        "fig-rank-steps": figures.rank_steps_figure(rs),
+        "fig-rank-heatmap": figures.rank_heatmap_figure(rs),
+        "fig-throughput": figures.throughput_figure(series.throughput(view, None, rng)),
+        "fig-memory": figures.memory_figure(series.memory_series(view, None, window)),
+        "fig-system": figures.system_figure(sysm),
+        "fig-gpu": figures.gpu_figure(sysm),
+    }
+    return {k: (len(f.to_json()), figures.max_points(f)) for k, f in figs.items()}
+
+
+def naive_rank_figure(view: StoreView) -> int:
+    fig = go.Figure()
+    for r in view.table_ranks("step_time"):
+        cols = view.columns("step_time", r)
+        fig.add_trace(go.Scatter(x=cols["step"], y=cols["step_us"] / 1000.0, mode="lines", name=f"rank {r}"))
+    return len(fig.to_json())
+
+
+def browser_times(path: Path, steps: int) -> list[tuple[str, float]]:
+    from playwright.sync_api import sync_playwright
+
+    out: list[tuple[str, float]] = []
+    t = time.perf_counter()
+    app, close = build_dashboard(path, progress=False)
+    out.append(("dashboard ready to serve (open + load + app)", time.perf_counter() - t))
+    server = WebServer(app).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.set_default_timeout(300_000)
+            for label in ("cold cache", "warm cache"):
+                t = time.perf_counter()
+                page.goto(server.url)
+                page.wait_for_function(FIRST_JS, polling=10)
+                out.append((f"browser: first chart drawn ({label})", time.perf_counter() - t))
+                page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
+                out.append((f"browser: every chart drawn ({label})", time.perf_counter() - t))
+            lo = steps // 2
+            t = time.perf_counter()
+            page.evaluate(
+                "(r) => Plotly.relayout(document.querySelector('#fig-rank-steps .js-plotly-plot'), {'xaxis.range': r})",
+                [lo, lo + BRUSH - 1],
+            )
+            page.wait_for_function(
+                "(n) => { const g = document.querySelector('#fig-rank-steps .js-plotly-plot');"
+                " return g._fullData.length && g._fullData.every(t => t.x.length === n); }",
+                arg=BRUSH,
+                polling=10,
+            )
+            out.append((f"browser: brush {BRUSH} steps -> redrawn at full resolution", time.perf_counter() - t))
+            browser.close()
+    finally:
+        server.stop()
+        close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1_000_000)
+    ap.add_argument("--file", type=Path, default=None, help="keep the recording here (reused if it exists)")
+    ap.add_argument("--no-browser", action="store_true")
+    args = ap.parse_args()
+
+    tmp = None
+    path = args.file
+    if path is None:
+        tmp = tempfile.TemporaryDirectory()
+        path = Path(tmp.name) / "bench.tml"
+    if not path.exists():
+        make_recording(path, args.ranks, args.steps)
+    try:
+        print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+        rows: list[tuple[str, float, str]] = []
+        s, rec = timed(lambda: replay.open(path, progress=False), 1)
+        rows.append(("replay.open (header + index)", s, f"{len(rec.segments)} segments"))
+        s, _ = timed(lambda: rec.load(["step_time"]), 1)
+        n = rec.rows["step_time"]
+        rows.append(("load step_time (the step charts' data)", s, f"{n:,} rows, {n / s / 1e6:.1f} M rows/s"))
+        s, view = timed(rec.view, 1)
+        rows.append(("load the rest -> StoreView", s, f"{view.total_rows():,} rows in all"))
+        rec.close()
+
+        first_render(view)  # warm plotly's validators once, as build_app does
+        s, built = timed(lambda: first_render(view), 3)
+        kb = sum(b for b, _ in built.values()) / 1024
+        most = max(p for k, (_, p) in built.items() if k != "fig-rank-heatmap")
+        rows.append(("server: every chart of the first render", s, f"{kb:,.0f} KiB JSON, <= {most} points/trace"))
+        for chart in ("fig-step-breakdown", "fig-rank-steps"):
+            fn = {
+                "fig-step-breakdown": lambda: figures.step_breakdown_figure(series.step_breakdown(view)).to_json(),
+                "fig-rank-steps": lambda: figures.rank_steps_figure(series.rank_steps(view)).to_json(),
+            }[chart]
+            s1, _ = timed(fn, 3)
+            rows.append((f"  {chart}", s1, ""))
+        s_diag, _ = timed(lambda: _diagnosis_children(view), 1)
+        rows.append(("  diagnosis panel (its own callback)", s_diag, ""))
+        lo = args.steps // 2
+        s, zoom = timed(lambda: first_render(view, (lo, lo + BRUSH - 1)), 3)
+        rows.append((f"server: brush {BRUSH} steps, every chart", s, f"{zoom['fig-rank-steps'][1]} points/trace"))
+        s_naive, naive_bytes = timed(lambda: naive_rank_figure(view), 1)
+        rows.append(("baseline: per-rank chart from every raw point", s_naive, f"{naive_bytes / 1e6:,.0f} MB JSON"))
+
+        if not args.no_browser and os.path.exists(CHROMIUM):
+            for label, s in browser_times(path, args.steps):
+                rows.append((label, s, ""))
+
+        print(f"\n{'what':58} {'seconds':>8}  notes")
+        for label, s, note in rows:
+            print(f"{label:58} {s:8.3f}  {note}")
+        rank_chart = next(s for label, s, _ in rows if label == "  fig-rank-steps")
+        print(f"\nreduced per-rank chart vs raw points: {s_naive / rank_chart:.0f}x faster to build")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
