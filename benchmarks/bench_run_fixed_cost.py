@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from traceml.cli.run_cmd import free_port
+
 SCRIPT = """\
 import torch, traceml
 model = torch.nn.Linear(8, 8)
@@ -57,8 +59,10 @@ def main() -> None:
         work = Path(tmp)
         script = work / "tiny.py"
         script.write_text(SCRIPT.format(steps=args.steps))
-        plain = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", str(script)]
         for i in range(args.rounds):
+            # both sides get a fresh rendezvous port (traceml run picks one the same way)
+            plain = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+            plain += [f"--master-port={free_port()}", str(script)]
             out = work / f"r{i}" / "run.tml"
             traced = [
                 traceml,

@@ -4,6 +4,7 @@ as ranks, the spool writing a real .tml in tmp_path, read back with open_recordi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -259,3 +260,25 @@ def test_web_ui_on_a_busy_port_keeps_recording(tmp_path: Path, capsys: pytest.Ca
             agg.close_ui(None)
     assert "live dashboard unavailable" in capsys.readouterr().err
     assert open_recording(tmp_path / "run.tml").read_table("step_time")[0]["step"].tolist() == list(range(5))
+
+
+def test_when_the_cli_goes_away_the_aggregator_serves_the_ranks_to_their_end(tmp_path: Path) -> None:
+    agg = make_aggregator(tmp_path, expected_ranks=1)
+    read_fd, write_fd = os.pipe()
+    control = os.fdopen(read_fd, "rb")
+    agg.start()
+    try:
+        reader = agg.attach_control(control)
+        os.close(write_fd)  # the CLI died: end of the control channel, no exit line
+        reader.join(10)
+        c0 = rank_client(agg, 0, world=1)
+        c0.send(step_batch(1, 0, 9))
+        c0.send(rank_finished("ok"))
+        c0.close(drain_timeout_s=5.0)
+        agg.wait()
+    finally:
+        view = agg.finalize()
+        agg.close_ui(None)
+        control.close()
+    assert view.rows("step_time", 0) == 9
+    assert view.attachments["exit"]["status"] == "unknown"

@@ -77,7 +77,7 @@ class Ingest:
         self.stats = IngestStats()
         #: set on every hello, message and close (the lifecycle waits on it)
         self.activity = threading.Event()
-        self.last_activity_ns = 0
+        self.last_activity_ns = clock_ns()
 
     # -- the server's handler interface ----------------------------------------------------
     def on_hello(self, conn: Any) -> None:

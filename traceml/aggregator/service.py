@@ -178,6 +178,8 @@ class Aggregator:
         self._web: Any = None
         #: no control channel: the run is over once every expected rank finished or died
         self._standalone = True
+        #: the control channel ended without an exit line
+        self._cli_gone = False
         self.finished = threading.Event()
 
     # -- pieces --------------------------------------------------------------------------
@@ -250,6 +252,15 @@ class Aggregator:
         self._exited.set()
         self.ingest.activity.set()
 
+    def _on_control_end(self, info: dict[str, Any] | None) -> None:
+        if info is not None:
+            self.on_exit(info)
+        else:
+            # the CLI died without saying how the training ended: the training may well go on
+            # (it has its own session), so serve it until its ranks are done and quiet
+            self._cli_gone = True
+            self.ingest.activity.set()
+
     def request_stop(self) -> None:
         """Finish now (SIGTERM/SIGINT to the aggregator): close the file with what is there."""
         self._stop.set()
@@ -258,12 +269,21 @@ class Aggregator:
     def attach_control(self, stream: IO[bytes]) -> threading.Thread:
         self._standalone = False
         thread = threading.Thread(
-            target=read_control, args=(stream, self.on_output, self.on_exit), name="traceml-control", daemon=True
+            target=read_control,
+            args=(stream, self.on_output, self._on_control_end),
+            name="traceml-control",
+            daemon=True,
         )
         thread.start()
         return thread
 
     # -- when to finish --------------------------------------------------------------------
+    def _idle_s(self) -> float:
+        """Seconds since the last hello, message or close, while no connection is open."""
+        if self.ingest.open_connections or self.server.pending_connections:
+            return 0.0
+        return (time.time_ns() - self.ingest.last_activity_ns) / 1e9
+
     def _ranks_done(self) -> bool:
         ingest = self.ingest
         if ingest.open_connections or self.server.pending_connections:
@@ -281,8 +301,11 @@ class Aggregator:
         """Block until the run is over by the rules in the module docstring."""
         expected = set(range(self.opts.expected_ranks))
         while not self._stop.is_set():
-            if self._standalone and not self._exited.is_set() and expected <= self.ingest.done_ranks():
-                self.on_exit(None)
+            if (self._standalone or self._cli_gone) and not self._exited.is_set():
+                every_rank_done = expected <= self.ingest.done_ranks()
+                idle_orphan = self._cli_gone and self._idle_s() > self.opts.finish_timeout_s
+                if every_rank_done or idle_orphan:
+                    self.on_exit(None)
             if self._exited.is_set():
                 if self._ranks_done():
                     return

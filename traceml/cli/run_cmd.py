@@ -30,6 +30,7 @@ from typing import IO, Any
 import typer
 
 from traceml import config
+from traceml.aggregator.control import exit_line, output_line, parse_line
 from traceml.errors import ConfigError
 
 UI_CHOICES = ("terminal", "web", "none")
@@ -312,8 +313,6 @@ class Forwarder:
 
     def forward(self, stream: str, text: str) -> None:
         if not self._direct and not self._gone.is_set():
-            from traceml.aggregator.control import output_line
-
             for i in range(0, len(text), MAX_FORWARD_CHARS):
                 try:
                     self._queue.put_nowait(output_line(stream, text[i : i + MAX_FORWARD_CHARS]))
@@ -335,8 +334,6 @@ class Forwarder:
     def send_exit(self, exit_code: int | None, signal_name: str, duration_s: float) -> None:
         if self._stdin is None:
             return
-        from traceml.aggregator.control import exit_line
-
         try:
             self._queue.put(exit_line(exit_code, signal_name, duration_s), timeout=5.0)
         except queue.Full:
@@ -362,19 +359,17 @@ class Forwarder:
             item = self._queue.get()
             if item is None:
                 return
-            if self._gone.is_set():
-                continue
-            try:
-                self._stdin.write(item)
-                self._stdin.flush()
-            except (OSError, ValueError):
-                self._gone.set()
-                # the aggregator is gone: show what it was given here instead
-                from traceml.aggregator.control import parse_line
-
-                msg = parse_line(item)
-                if msg is not None and msg["kind"] == "output":
-                    self.write_direct(msg["stream"], msg["text"])
+            if not self._gone.is_set():
+                try:
+                    self._stdin.write(item)
+                    self._stdin.flush()
+                    continue
+                except (OSError, ValueError):
+                    self._gone.set()
+            # the aggregator is gone: show here what it was to show
+            msg = parse_line(item)
+            if msg is not None and msg["kind"] == "output":
+                self.write_direct(msg["stream"], msg["text"])
 
 
 class OutputPump:
