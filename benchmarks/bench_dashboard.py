@@ -178,7 +178,13 @@ def main() -> None:
             s1, _ = timed(fn, 3)
             rows.append((f"  {chart}", s1, ""))
         s_diag, _ = timed(lambda: _diagnosis_children(view), 1)
-        rows.append(("  diagnosis panel (its own callback)", s_diag, ""))
+        rows.append(
+            (
+                "  diagnosis panel, diagnosed here (live, crashed file)",
+                s_diag,
+                "own callback; replay of a finished run reads its summary",
+            )
+        )
         lo = args.steps // 2
         s, zoom = timed(lambda: first_render(view, (lo, lo + BRUSH - 1)), 3)
         rows.append((f"server: brush {BRUSH} steps, every chart", s, f"{zoom['fig-rank-steps'][1]} points/trace"))

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_replay.py [--ranks 8] [--steps 1000000] [--rounds 3] [--file run.tml]
 
-The recording is written like the aggregator writes one (TmlWriter defaults: 1 MiB segments,
-ranks interleaved in 10 000-step batches) from a synthetic run: every standard table of a GPU
-run, process/system samples every 100 steps.  ``--file`` keeps it (and reuses it when it exists).
+The recording is bench_dashboard.py's: written like the aggregator writes one (TmlWriter defaults:
+1 MiB segments, ranks interleaved in 10 000-step batches) from a synthetic run with every
+standard table of a GPU run, process/system samples every 100 steps.  ``--file`` keeps it (and reuses it when it exists).
 Measured per round, median shown:
 
 * ``reader.read_table`` x tables: the format's reader, one table after another (the baseline);
@@ -30,19 +30,12 @@ from typing import Any
 import replay
 from replay.engine import _default_workers
 from replay.player import Playback
-from replay.synthetic import rank_infos, run_meta, synthetic_run, write_recording
 from traceml.format import open_recording
 
-
-def make_recording(path: Path, ranks: int, steps: int) -> None:
-    t = time.perf_counter()
-    run = synthetic_run(ranks=ranks, steps=steps, gpu=True, sample_every=100, seed=1)
-    attachments = {
-        "ranks": {"ranks": rank_infos(run)},
-        "exit": {"exit_code": 0, "status": "ok", "duration_s": 0.0, "signal": ""},
-    }
-    write_recording(path, run, meta=run_meta("bench", ranks=ranks), attachments=attachments, chunk_steps=10_000)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+try:  # the same recording as bench_dashboard.py (run from the benchmarks directory or the repo root)
+    from bench_dashboard import make_recording
+except ImportError:  # pragma: no cover
+    from benchmarks.bench_dashboard import make_recording
 
 
 def timed(fn: Callable[[], Any], rounds: int) -> tuple[float, Any]:

@@ -1,13 +1,15 @@
 """The post-mortem dashboard: the live Dash app (``traceml.drivers.web``) mounted over recordings.
 
 A recording is loaded once into the same StoreView the aggregator fills, and the app's source
-hands that view back (its figures are then cached per view).  ``compare`` overlays a second
+hands that view back (its figures are then cached per view); the step charts' table is loaded
+first and drawn while the other tables load behind it.  ``compare`` overlays a second
 recording as "B".  ``follow`` tails a file still being written: each refresh polls it for new
 records (under a lock: a reader is single-threaded) and the app runs in live mode.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -16,18 +18,68 @@ from typing import TYPE_CHECKING
 from replay.engine import META_RECORDING_BYTES, META_STATUS, Recording
 from replay.engine import open as open_recording
 from replay.player import apply_batches
+from traceml.errors import TracemlError
 from traceml.store import StoreView
 
 if TYPE_CHECKING:
     import dash
 
 Source = Callable[[], StoreView]
+log = logging.getLogger("traceml.replay")
+
+
+#: what the first charts draw from; the rest of a recording loads behind them
+FIRST_TABLES = ("step_time",)
+
+
+class RecordingSource:
+    """A source over a finished (or crashed) recording: the step charts' table first, then the rest.
+
+    The first view holds ``step_time`` only, so the step charts can be drawn while a background
+    thread loads the other tables; :meth:`loading` is true until the whole view replaced it.
+    Every call returns the same view object until then (the app caches its figures per view).
+    """
+
+    def __init__(self, rec: Recording, *, staged: bool = True) -> None:
+        self._rec = rec
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.error = ""
+        first = [t for t in FIRST_TABLES if t in rec.tables]
+        rest = [t for t in rec.tables if t not in first]
+        if staged and first and rest:
+            self._view = self.first_view = rec.store(first).snapshot()
+            self._thread = threading.Thread(target=self._load_rest, name="traceml-replay-load-rest", daemon=True)
+            self._thread.start()
+        else:
+            self._view = self.first_view = rec.view()
+
+    def _load_rest(self) -> None:
+        try:
+            view = self._rec.view()
+        except TracemlError as exc:  # keep serving what was loaded; say why the rest is missing
+            log.warning("could not load the rest of %s: %s", self._rec.path, exc)
+            self.error = str(exc)
+            return
+        with self._lock:
+            self._view = view
+
+    def loading(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __call__(self) -> StoreView:
+        with self._lock:
+            return self._view
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def recording_source(rec: Recording) -> Source:
-    """A source over a finished (or crashed) recording: loaded once, the same view every call."""
-    view = rec.view()
-    return lambda: view
+    """A source over a recording, loaded whole before it returns."""
+    return RecordingSource(rec, staged=False)
 
 
 class FollowSource:
@@ -63,30 +115,43 @@ def build_dashboard(
     *,
     follow: bool = False,
     progress: bool | None = None,
+    staged_load: bool = True,
 ) -> tuple[dash.Dash, Callable[[], None]]:
-    """The Dash app over ``path`` (and ``compare``); returns ``(app, close)``."""
+    """The Dash app over ``path`` (and ``compare``); returns ``(app, close)``.
+
+    ``staged_load``: draw the step charts from ``step_time`` while the rest loads (see
+    :class:`RecordingSource`); False loads everything first.
+    """
     from traceml.drivers.web import build_app
 
     recs: list[Recording] = []
+    sources: list[RecordingSource] = []
+
+    def close() -> None:
+        for src in sources:
+            src.close()
+        for r in recs:
+            r.close()
+
     try:
         main = open_recording(path, follow=follow, progress=progress)
         recs.append(main)
-        source: Source = FollowSource(main) if follow else recording_source(main)
+        loading = None
+        if follow:
+            source: Source = FollowSource(main)
+        else:
+            staged = RecordingSource(main, staged=staged_load)
+            sources.append(staged)
+            source, loading = staged, staged.loading
         compare_source: Source | None = None
         if compare is not None:
             other = open_recording(compare, progress=progress)
             recs.append(other)
             compare_source = recording_source(other)
-        app = build_app(source, live=follow, compare_source=compare_source)
+        app = build_app(source, live=follow, compare_source=compare_source, loading=loading)
     except BaseException:
-        for r in recs:
-            r.close()
+        close()
         raise
-
-    def close() -> None:
-        for r in recs:
-            r.close()
-
     return app, close
 
 

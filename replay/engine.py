@@ -15,7 +15,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +44,9 @@ PROGRESS_MIN_BYTES = 64 << 20
 PROGRESS_AFTER_S = 0.5
 #: at most this many decoding threads
 MAX_WORKERS = 4
+#: below this share of their segments' rows, tables are read stream by stream (read_table) instead of
+#: decoding whole segments
+BY_TABLE_SHARE = 0.5
 #: attachments written when the run ends (a replay shows them at its end)
 END_ATTACHMENTS = ("exit", "ranks", "summary")
 
@@ -54,11 +57,12 @@ def _default_workers() -> int:
 
 class _Progress:
     """Loading progress on stderr, only for big files or slow loads: a Rich bar on a terminal,
-    one summary line otherwise (logs, CI)."""
+    one summary line otherwise (logs, CI).  Units are rows."""
 
-    def __init__(self, label: str, total_bytes: int, enabled: bool | None) -> None:
+    def __init__(self, label: str, total_rows: int, file_bytes: int, enabled: bool | None) -> None:
         self._label = label
-        self._total = max(total_bytes, 1)
+        self._total = max(total_rows, 1)
+        self._bytes = file_bytes
         self._enabled = enabled
         self._start = time.monotonic()
         self._console: Any = None
@@ -68,9 +72,9 @@ class _Progress:
     def _wanted(self) -> bool:
         if self._enabled is not None:
             return self._enabled
-        return self._total >= PROGRESS_MIN_BYTES or time.monotonic() - self._start > PROGRESS_AFTER_S
+        return self._bytes >= PROGRESS_MIN_BYTES or time.monotonic() - self._start > PROGRESS_AFTER_S
 
-    def update(self, done_bytes: int) -> None:
+    def update(self, done_rows: int) -> None:
         if self._console is None:
             if not self._wanted():
                 return
@@ -78,21 +82,21 @@ class _Progress:
 
             self._console = Console(stderr=True)
             if self._console.is_terminal:
-                from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+                from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
                 self._bar = Progress(
                     TextColumn("{task.description}"),
                     BarColumn(),
-                    DownloadColumn(),
+                    TaskProgressColumn(),
                     TimeRemainingColumn(),
                     console=self._console,
                     transient=True,
-                    auto_refresh=False,  # no refresh thread: refreshed as segments complete
+                    auto_refresh=False,  # no refresh thread: refreshed as work completes
                 )
                 self._bar.start()
                 self._task = self._bar.add_task(self._label, total=self._total)
         if self._bar is not None:
-            self._bar.update(self._task, completed=min(done_bytes, self._total))
+            self._bar.update(self._task, completed=min(done_rows, self._total))
             self._bar.refresh()
 
     def close(self) -> None:
@@ -101,7 +105,7 @@ class _Progress:
             self._bar = None
         elif self._console is not None:
             took = time.monotonic() - self._start
-            self._console.print(f"{self._label}: {self._total / (1 << 20):.1f} MiB in {took:.2f} s", highlight=False)
+            self._console.print(f"{self._label}: {self._total:,} rows in {took:.2f} s", highlight=False)
         self._console = None
 
 
@@ -308,66 +312,115 @@ class Recording:
             return {t: self._tables[t] for t in wanted if t in self._tables}
 
     def _decode(self, tables: set[str]) -> dict[str, dict[int, Columns]]:
+        """Decode ``tables`` with a few threads, each with its own reader (a reader is single-threaded).
+
+        When the tables are a small share of the rows in their segments (the step charts' first
+        load), each table is read with ``read_table`` split by rank, which decodes only those
+        streams; otherwise segments are split between the threads and decoded whole.
+        """
         segments = [s for s in self._reader.segments if s.tables & tables]
-        total = sum(s.length for s in segments)
-        progress = _Progress(f"loading {self.path.name}", total, self._progress)
-        chunks: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
-        workers = min(self._workers, max(1, len(segments) // 2))
-        done_bytes = 0
+        if not segments:
+            return {}
+        seg_rows = sum(n for s in segments for n in s.rows.values())
+        want_rows = sum(n for s in segments for (_, t), n in s.rows.items() if t in tables)
+        schemas = self.schemas
+        progress = _Progress(f"loading {self.path.name}", want_rows, self._file_bytes(), self._progress)
         try:
-            if workers <= 1:
-                for seg in segments:
-                    self._collect(self._reader, seg, tables, chunks)
-                    done_bytes += seg.length
-                    progress.update(done_bytes)
-            else:
-                self._decode_parallel(segments, tables, chunks, workers, progress)
-            out: dict[str, dict[int, Columns]] = {}
-            for (table, rank), parts in sorted(chunks.items()):
-                parts.sort(key=lambda p: p[0])  # file order = append order
-                cols = [c for _, c in parts]
-                out.setdefault(table, {})[rank] = (
-                    cols[0] if len(cols) == 1 else {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-                )
+            if want_rows < BY_TABLE_SHARE * seg_rows and all(t in schemas for t in tables):
+                return self._decode_by_table(tables, segments, progress)
+            return self._decode_by_segment(tables, segments, progress)
         finally:
             progress.close()
+
+    def _file_bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def _decode_by_table(
+        self, tables: set[str], segments: list[SegmentInfo], progress: _Progress
+    ) -> dict[str, dict[int, Columns]]:
+        rows: dict[tuple[str, int], int] = {}
+        for s in segments:
+            for (rank, table), n in s.rows.items():
+                if table in tables:
+                    rows[(table, rank)] = rows.get((table, rank), 0) + n
+        jobs: list[tuple[str, list[int]]] = []
+        for table in sorted(tables):
+            ranks = sorted(r for (t, r) in rows if t == table)
+            parts = max(1, min(self._workers, len(ranks)))
+            jobs += [(table, ranks[i::parts]) for i in range(parts) if ranks[i::parts]]
+        out: dict[str, dict[int, Columns]] = {}
+
+        def work(reader: TmlReader, job: tuple[str, list[int]]) -> int:
+            table, ranks = job
+            got = reader.read_table(table, ranks=ranks)
+            with self._lock:
+                out.setdefault(table, {}).update(got)
+            return sum(rows.get((table, r), 0) for r in ranks)
+
+        self._parallel(jobs, work, progress)
+        return {t: dict(sorted(per_rank.items())) for t, per_rank in out.items()}
+
+    def _decode_by_segment(
+        self, tables: set[str], segments: list[SegmentInfo], progress: _Progress
+    ) -> dict[str, dict[int, Columns]]:
+        chunks: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
+
+        def work(reader: TmlReader, seg: SegmentInfo) -> int:
+            local: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
+            self._collect(reader, seg, tables, local)
+            with self._lock:
+                for key, parts in local.items():
+                    chunks.setdefault(key, []).extend(parts)
+            return sum(n for (_, t), n in seg.rows.items() if t in tables)
+
+        self._parallel(segments, work, progress)
+        out: dict[str, dict[int, Columns]] = {}
+        for (table, rank), parts in sorted(chunks.items()):
+            parts.sort(key=lambda p: p[0])  # file order = append order
+            cols = [c for _, c in parts]
+            out.setdefault(table, {})[rank] = (
+                cols[0] if len(cols) == 1 else {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+            )
         return out
 
-    def _decode_parallel(
-        self,
-        segments: list[SegmentInfo],
-        tables: set[str],
-        chunks: dict[tuple[str, int], list[tuple[int, Columns]]],
-        workers: int,
-        progress: _Progress,
-    ) -> int:
-        """Each thread decodes every ``workers``-th segment with its own reader (readers are single-threaded)."""
-        readers = [open_recording(self.path) for _ in range(workers)]
+    def _parallel(self, items: list[Any], work: Callable[[TmlReader, Any], int], progress: _Progress) -> None:
+        """Run ``work(reader, item)`` over ``items`` on up to ``workers`` threads, each with its own reader;
+        damage those readers find is added to :attr:`integrity`."""
+        workers = max(1, min(self._workers, len(items)))
+        queue = list(reversed(items))
         lock = threading.Lock()
         done = [0]
 
-        def work(i: int) -> None:
-            for seg in segments[i::workers]:
-                local: dict[tuple[str, int], list[tuple[int, Columns]]] = {}
-                self._collect(readers[i], seg, tables, local)
-                with lock:
-                    for key, parts in local.items():
-                        chunks.setdefault(key, []).extend(parts)
-                    done[0] += seg.length
-
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="traceml-replay-load") as pool:
-                pending: set[Future[None]] = {pool.submit(work, i) for i in range(workers)}
-                while pending:
-                    finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
+        def run() -> None:
+            reader = open_recording(self.path)
+            try:
+                while True:
                     with lock:
-                        progress.update(done[0])
-        finally:
-            for r in readers:
-                r.close()
-        return done[0]
+                        if not queue:
+                            break
+                        item = queue.pop()
+                    n = work(reader, item)
+                    with lock:
+                        done[0] += n
+            finally:
+                found = reader.integrity["skipped"]
+                reader.close()
+                with self._lock:
+                    for d in found:
+                        if "writer did not finish" not in d["reason"]:
+                            self._damage.setdefault(d["offset"], dict(d))
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="traceml-replay-load") as pool:
+            pending: set[Future[None]] = {pool.submit(run) for _ in range(workers)}
+            while pending:
+                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+                with lock:
+                    progress.update(done[0])
 
     def _collect(
         self,

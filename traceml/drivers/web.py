@@ -67,6 +67,8 @@ DEFAULT_PORT = 8050
 DEFAULT_REFRESH_S = 2.0
 #: live mode diagnoses the window at most this often
 DIAGNOSIS_EVERY_S = 10.0
+#: how often a replay page asks whether the recording finished loading
+LOADING_POLL_S = 0.5
 
 _CSS = {
     "app": {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "12px"},
@@ -282,8 +284,13 @@ def build_app(
     title: str | None = None,
     refresh_s: float = DEFAULT_REFRESH_S,
     max_points: int = series.MAX_POINTS,
+    loading: Callable[[], bool] | None = None,
 ) -> dash.Dash:
-    """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`."""
+    """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`.
+
+    ``loading`` (replay): a callable that is true while ``source`` still loads the tables the time
+    charts and the diagnosis need; the page polls until it turns false, then stops polling.
+    """
     if refresh_s <= 0:
         raise ConfigError(f"refresh_s={refresh_s!r}: expected a positive number of seconds")
     src = _Sources(source, compare_source, _labels(source, compare_source))
@@ -300,6 +307,9 @@ def build_app(
         include_assets_files=False,
     )
     figures.step_breakdown_figure(series.step_breakdown(first, max_buckets=8))  # warm plotly's validators
+
+    def still_loading() -> bool:
+        return bool(loading is not None and loading())
 
     def views() -> tuple[StoreView, StoreView | None]:
         return src.main(), (src.compare() if src.compare is not None else None)
@@ -352,7 +362,12 @@ def build_app(
                     ],
                 ),
                 dcc.Store(id="step-range", data=None),
-                dcc.Interval(id="live-interval", interval=int(refresh_s * 1000), disabled=not live),
+                dcc.Interval(
+                    id="live-interval",
+                    interval=int((refresh_s if live else LOADING_POLL_S) * 1000),
+                    disabled=not (live or still_loading()),
+                ),
+                dcc.Store(id="charts-drawn", data=0),
                 dcc.Store(id="data-version", data=None),
                 html.Div(id="stats-panel", style={**_CSS["card"], **_CSS["row"]}),
                 html.Div(
@@ -401,20 +416,31 @@ def build_app(
 
     @app.callback(
         Output("data-version", "data"),
+        Output("live-interval", "disabled"),
         Input("live-interval", "n_intervals"),
         State("data-version", "data"),
         prevent_initial_call=True,
     )
-    def _version(_tick: Any, current: Any) -> Any:
+    def _version(_tick: Any, current: Any) -> tuple[Any, Any]:
+        pending = still_loading()
+        stop = dash.no_update if live or pending else True  # a replay stops polling once loaded
         with inflight_lock:
             if inflight[0]:
-                return dash.no_update
+                return dash.no_update, dash.no_update
         view = src.main()
         states = sorted((r, i.state, i.exit_status) for r, i in view.rank_info.items())
         integrity = view.integrity.get("status") if view.integrity else None
-        key = [view.total_rows(), view.latest_ns, states, len(view.attachments), view.meta.get("status"), integrity]
+        key = [
+            view.total_rows(),
+            view.latest_ns,
+            states,
+            len(view.attachments),
+            view.meta.get("status"),
+            integrity,
+            pending,
+        ]
         key = json.loads(json.dumps(key, default=str))
-        return dash.no_update if key == current else key
+        return (dash.no_update if key == current else key), stop
 
     # -- step range: a zoom / brush on any step axis, or the reset button -------------------------
     @app.callback(
@@ -472,15 +498,18 @@ def build_app(
             label = f"steps {rng[0]} .. {rng[1]} ({res})"
         return fig, _stats_children(bd, rs, bd_b, src.labels), label
 
+    drawn = [0]
+
     @app.callback(
         Output(FIG_RANK_STEPS, "figure"),
         Output(FIG_RANK_HEATMAP, "figure"),
+        Output("charts-drawn", "data"),
         Input("rank-filter", "value"),
         Input("step-range", "data"),
         Input("data-version", "data"),
     )
     @tracked
-    def _ranks(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any]:
+    def _ranks(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, int]:
         view, other, ranks, rng = _params(rank_value, range_data)
         rs = cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=max_points))
         rs_b = None
@@ -488,7 +517,8 @@ def build_app(
             rs_b = cache.get(
                 other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=max_points)
             )
-        return figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs)
+        drawn[0] += 1
+        return figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs), drawn[0]
 
     # -- time charts: the step range maps to the time those steps took --------------------------
     @app.callback(
@@ -515,6 +545,14 @@ def build_app(
 
             return cache.get(v, ("time", ranks, rng), build)
 
+        if still_loading():  # step_time is in; process and system samples are on their way
+            tp = cache.get(view, ("tp", ranks, rng), lambda: series.throughput(view, ranks, rng, max_points=max_points))
+            return (
+                figures.throughput_figure(tp),
+                figures.loading_figure("Memory per rank"),
+                figures.loading_figure("System (host)"),
+                figures.loading_figure("GPUs"),
+            )
         tp, mem, sysm = models(view)
         tp_b = mem_b = None
         if other is not None:
@@ -529,8 +567,27 @@ def build_app(
     # -- panels ---------------------------------------------------------------------------------
     diag_state: dict[str, Any] = {"children": None, "at": 0.0}
 
+    # the diagnosis waits for the first step charts (it is the slowest panel) and runs on its own
     @app.callback(
         Output("diagnosis-panel", "children"),
+        Input("charts-drawn", "data"),
+        Input("data-version", "data"),
+    )
+    @tracked
+    def _diagnosis(_drawn: Any, _version: Any) -> Any:
+        if not _drawn:
+            return [html.H4("Diagnosis"), html.P("waiting for the charts…", style={"color": "#6b7280"})]
+        if still_loading():
+            return [html.H4("Diagnosis"), html.P("loading the recording…", style={"color": "#6b7280"})]
+        view = src.main()
+        if live:  # diagnosing the whole live window on every refresh would cost more than the charts
+            now = time.monotonic()
+            if diag_state["children"] is None or now - diag_state["at"] >= DIAGNOSIS_EVERY_S:
+                diag_state["children"], diag_state["at"] = _diagnosis_children(view), now
+            return diag_state["children"]
+        return cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view, use_summary=True))
+
+    @app.callback(
         Output("meta-panel", "children"),
         Output("integrity-panel", "children"),
         Output("integrity-badge", "children"),
@@ -542,13 +599,6 @@ def build_app(
     def _panels(_tick: Any) -> tuple[Any, ...]:
         view, other = views()
         info = cache.get(view, ("info",), lambda: series.run_info(view))
-        if live:  # diagnosing the whole live window on every refresh would cost more than the charts
-            now = time.monotonic()
-            if diag_state["children"] is None or now - diag_state["at"] >= DIAGNOSIS_EVERY_S:
-                diag_state["children"], diag_state["at"] = _diagnosis_children(view), now
-            diag = diag_state["children"]
-        else:
-            diag = cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view, use_summary=True))
         meta: list[Any] = [html.H4("Run"), _kv_table(info.meta, "run-meta"), html.H4("Ranks"), _rank_table(info.ranks)]
         if info.environment:
             meta += [html.H4("Environment"), _kv_table(info.environment, "run-environment")]
@@ -564,7 +614,9 @@ def build_app(
         status = ""
         if live:
             status = f"{view.total_rows():,} rows, refreshed every {refresh_s:g} s"
-        return diag, meta, integ, info.integrity_status, badge_style, status
+        elif still_loading():
+            status = "loading the rest of the recording…"
+        return meta, integ, info.integrity_status, badge_style, status
 
     # -- live: ranks appear while the run starts ---------------------------------------------------
     @app.callback(

@@ -378,6 +378,11 @@ def gpu_figure(model: SystemSeries) -> go.Figure:
     return _figure(traces, layout)
 
 
+def loading_figure(title: str, text: str = "loading the recording…") -> go.Figure:
+    """A placeholder while the data behind ``title`` is still being read."""
+    return _not_recorded(_xy(_layout(title), "", ""), text)
+
+
 def max_points(fig: go.Figure) -> int:
     """The largest number of points any trace of ``fig`` sends to the browser."""
     most = 0
