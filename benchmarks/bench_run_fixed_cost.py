@@ -25,6 +25,7 @@ from traceml.cli.run_cmd import free_port
 
 SCRIPT = """\
 import torch, traceml
+print("start", flush=True)
 model = torch.nn.Linear(8, 8)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 for _ in range({steps}):
@@ -33,17 +34,25 @@ for _ in range({steps}):
         loss.backward()
         opt.step()
         opt.zero_grad()
-print("ok")
+print("ok", flush=True)
 """
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
+def timed(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
+    """(total, head, tail) seconds: spawn -> exit, spawn -> the script's "start" line (after
+    ``import torch``), and the script's "ok" line -> exit."""
     start = time.perf_counter()
-    res = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - start
-    if res.returncode != 0:
-        raise SystemExit(f"{cmd[:4]}... failed ({res.returncode}):\n{res.stderr[-2000:]}")
-    return elapsed
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    seen: dict[str, float] = {}
+    for line in proc.stdout:
+        seen.setdefault(line.strip(), time.perf_counter())
+    err = proc.stderr.read() if proc.stderr is not None else ""
+    proc.wait()
+    end = time.perf_counter()
+    if proc.returncode != 0 or "start" not in seen or "ok" not in seen:
+        raise SystemExit(f"{cmd[:4]}... failed ({proc.returncode}):\n{err[-2000:]}")
+    return end - start, seen["start"] - start, end - seen["ok"]
 
 
 def main() -> None:
@@ -53,8 +62,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     traceml = str(Path(sys.executable).parent / "traceml")
-    plain_s: list[float] = []
-    traced_s: list[float] = []
+    results: dict[str, list[tuple[float, float, float]]] = {"plain": [], "traceml": []}
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         work = Path(tmp)
         script = work / "tiny.py"
@@ -77,16 +85,25 @@ def main() -> None:
             ]
             pair = [("plain", plain), ("traceml", traced)]
             for name, cmd in pair if i % 2 == 0 else pair[::-1]:  # alternate who goes first
-                (plain_s if name == "plain" else traced_s).append(timed(cmd, work))
-    diffs = [t - q for t, q in zip(traced_s, plain_s, strict=True)]
+                results[name].append(timed(cmd, work))
     print()
     print(f"traceml run vs plain torchrun: {args.nproc} rank(s), {args.steps} steps, {args.rounds} interleaved rounds")
-    print(f"{'':<22}{'median s':>10}{'min s':>10}{'max s':>10}")
-    print("-" * 52)
-    for name, xs in (("plain torchrun", plain_s), ("traceml run", traced_s)):
-        print(f"{name:<22}{statistics.median(xs):>10.2f}{min(xs):>10.2f}{max(xs):>10.2f}")
-    print(f"{'difference per round':<22}{statistics.median(diffs):>10.2f}{min(diffs):>10.2f}{max(diffs):>10.2f}")
-    print(f"fixed cost (median of differences): {statistics.median(diffs):+.2f} s (target <= 2 s)")
+    print("head = spawn -> the script's first line (after import torch); tail = its last line -> exit")
+    print(f"{'seconds (median / min / max)':<30}{'total':>24}{'head':>24}{'tail':>24}")
+    print("-" * 102)
+
+    def cell(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f} / {min(xs):.2f} / {max(xs):.2f}"
+
+    for name, label in (("plain", "plain torchrun"), ("traceml", "traceml run")):
+        cols = list(zip(*results[name], strict=True))
+        print(f"{label:<30}" + "".join(f"{cell(list(c)):>24}" for c in cols))
+    diffs = [[t[k] - q[k] for t, q in zip(results["traceml"], results["plain"], strict=True)] for k in range(3)]
+    print(f"{'difference per round':<30}" + "".join(f"{cell(d):>24}" for d in diffs))
+    print(
+        f"fixed cost (median of per-round differences): total {statistics.median(diffs[0]):+.2f} s, "
+        f"head {statistics.median(diffs[1]):+.2f} s, tail {statistics.median(diffs[2]):+.2f} s (target <= 2 s)"
+    )
 
 
 if __name__ == "__main__":
