@@ -23,6 +23,7 @@ from traceml.store import ColumnStore
 from traceml.transport.codec import decode_columns
 from traceml.transport.identity import RankIdentity
 from traceml.transport.messages import ATTACHMENT, BATCH, HEARTBEAT, RANK_FINISHED
+from traceml.transport.server import Connection
 
 log = logging.getLogger("traceml.aggregator")
 
@@ -35,15 +36,11 @@ class SpoolSink(Protocol):
     def attach(self, name: str, data: Any) -> None: ...
 
 
-def conn_identity(conn: Any) -> RankIdentity:
-    """The rank identity a server connection was opened with (its validated hello)."""
-    identity = getattr(conn, "identity", None)
-    if identity is None:
-        hello = getattr(conn, "hello", None)
-        identity = getattr(hello, "identity", None)
-    if not isinstance(identity, RankIdentity):
-        raise TypeError(f"connection {conn!r} carries no RankIdentity (expected .identity or .hello.identity)")
-    return identity
+def conn_identity(conn: Connection) -> RankIdentity:
+    """The rank identity a server connection was admitted with (its validated hello)."""
+    if conn.identity is None:
+        raise TypeError(f"{conn.describe()} has not said hello; the server hands over admitted connections only")
+    return conn.identity
 
 
 @dataclass
@@ -70,7 +67,7 @@ class Ingest:
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
         #: rank -> the connection currently speaking for it
-        self._current: dict[int, Any] = {}
+        self._current: dict[int, Connection] = {}
         self._finished: set[int] = set()
         self._seen: set[int] = set()
         self._open = 0
@@ -80,7 +77,7 @@ class Ingest:
         self.last_activity_ns = clock_ns()
 
     # -- the server's handler interface ----------------------------------------------------
-    def on_hello(self, conn: Any) -> None:
+    def on_hello(self, conn: Connection) -> None:
         ident = conn_identity(conn)
         now = self._clock_ns()
         with self._lock:
@@ -102,7 +99,7 @@ class Ingest:
         )
         self._touch(now)
 
-    def on_message(self, conn: Any, msg: dict[str, Any]) -> None:
+    def on_message(self, conn: Connection, msg: dict[str, Any]) -> None:
         rank = conn_identity(conn).rank
         kind = msg.get("kind")
         now = self._clock_ns()
@@ -124,7 +121,7 @@ class Ingest:
             self._attachment(rank, msg)
         self._touch(now)
 
-    def on_close(self, conn: Any, reason: str = "") -> None:
+    def on_close(self, conn: Connection, reason: str = "") -> None:
         try:
             rank = conn_identity(conn).rank
         except TypeError:

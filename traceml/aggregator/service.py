@@ -92,7 +92,9 @@ class _UI:
     """What the service needs of a UI driver."""
 
     def print_output(self, stream: str, text: str) -> None:
-        (sys.stdout if stream == "stdout" else sys.stderr).write(text)
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.write(text)
+        out.flush()
 
     def notify(self, message: str) -> None:
         print(f"traceml: {message}", file=sys.stderr, flush=True)
@@ -285,16 +287,14 @@ class Aggregator:
         return (time.time_ns() - self.ingest.last_activity_ns) / 1e9
 
     def _ranks_done(self) -> bool:
-        ingest = self.ingest
-        if ingest.open_connections or self.server.pending_connections:
-            return False
-        quiet_ns = time.time_ns() - ingest.last_activity_ns
-        since_exit_ns = time.monotonic_ns() - self._exit_seen_ns
-        if min(quiet_ns, since_exit_ns) < QUIET_S * 1e9:
+        """After the exit: no connection open and nothing heard for QUIET_S (a frame or a
+        connection still in flight gets in), and with several nodes every expected rank done."""
+        since_exit_s = (time.monotonic_ns() - self._exit_seen_ns) / 1e9
+        if min(self._idle_s(), since_exit_s) < QUIET_S:
             return False
         if self.opts.nnodes > 1:
             # other nodes' ranks may still be running or flushing: wait for every expected rank
-            return set(range(self.opts.expected_ranks)) <= ingest.done_ranks()
+            return set(range(self.opts.expected_ranks)) <= self.ingest.done_ranks()
         return True
 
     def wait(self) -> None:

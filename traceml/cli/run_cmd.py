@@ -206,13 +206,6 @@ def plan_run(
     )
 
 
-def executor_available() -> bool:
-    """Whether the rank runtime ships its executor (checked on disk: importing it loads torch)."""
-    import traceml
-
-    return (Path(traceml.__file__).parent / "runtime" / "executor.py").is_file()
-
-
 def training_command(plan: RunPlan) -> list[str]:
     cmd = [
         plan.python,
@@ -224,11 +217,7 @@ def training_command(plan: RunPlan) -> list[str]:
         f"--master-addr={plan.master_addr}",
         f"--master-port={plan.master_port}",
     ]
-    if executor_available():
-        cmd += ["-m", "traceml.runtime.executor", plan.script]
-    else:
-        cmd += [plan.script]
-    return cmd + plan.script_args
+    return [*cmd, "-m", "traceml.runtime.executor", plan.script, *plan.script_args]
 
 
 def aggregator_command(plan: RunPlan) -> list[str]:
@@ -618,7 +607,8 @@ def run_plan(plan: RunPlan) -> int:
     where = "" if not plan.starts_aggregator else f" live view: {plan.ui};"
     print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
     sup = RunSupervisor(plan)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: a closed terminal stops the training as it would stop plain torchrun
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for s in previous:
         signal.signal(s, sup.on_signal)
     try:
