@@ -16,6 +16,7 @@ from traceml.aggregator.service import Aggregator, AggregatorOptions, exit_statu
 from traceml.errors import ConfigError
 from traceml.format import open_recording
 from traceml.schema import PHASES, PROCESS, STEP_TIME, rows_to_columns
+from traceml.store import StoreView
 from traceml.transport import RankIdentity, TelemetryClient, attachment, batch, encode_columns, hello, rank_finished
 
 TOKEN = "s3cret-token"
@@ -53,6 +54,23 @@ def step_batch(seq: int, first: int, n: int, drops: dict[str, int] | None = None
     return batch(seq, tables, drops)
 
 
+class Serving:
+    """``with Serving(agg) as run:`` starts the aggregator; on the way out it closes the run
+    (``finalize`` + ``close_ui``) and keeps the final view in ``run.view``."""
+
+    def __init__(self, agg: Aggregator) -> None:
+        self.agg = agg
+        self.view: StoreView | None = None
+
+    def __enter__(self) -> Serving:
+        self.agg.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.view = self.agg.finalize()
+        self.agg.close_ui(None)
+
+
 def finish(agg: Aggregator, info: dict | None) -> None:
     agg.on_exit(info)
     agg.wait()
@@ -60,8 +78,7 @@ def finish(agg: Aggregator, info: dict | None) -> None:
 
 def test_two_ranks_one_finishes_one_dies_everything_recorded(tmp_path: Path) -> None:
     agg = make_aggregator(tmp_path)
-    agg.start()
-    try:
+    with Serving(agg) as run:
         c0, c1 = rank_client(agg, 0), rank_client(agg, 1)
         for seq, first in enumerate(range(0, 500, 100), 1):
             assert c0.send(step_batch(seq, first, 100))
@@ -72,9 +89,8 @@ def test_two_ranks_one_finishes_one_dies_everything_recorded(tmp_path: Path) -> 
         c0.close(drain_timeout_s=5.0)
         c1.close(drain_timeout_s=5.0)  # no rank_finished: rank 1 died
         finish(agg, {"kind": "exit", "exit_code": 1, "signal": "", "duration_s": 4.5})
-    finally:
-        view = agg.finalize()
-        agg.close_ui(None)
+    view = run.view
+    assert view is not None
     assert view.rank_info[0].state == "finished" and view.rank_info[0].exit_status == "ok"
     assert view.rank_info[1].state == "died" and view.rank_info[1].died_ns > 0
     assert view.rank_info[1].drops == {"process": 4}
@@ -97,8 +113,7 @@ def test_two_ranks_one_finishes_one_dies_everything_recorded(tmp_path: Path) -> 
 
 def test_a_wrong_token_is_refused_and_registers_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     agg = make_aggregator(tmp_path, expected_ranks=1)
-    agg.start()
-    try:
+    with Serving(agg) as run:
         intruder = rank_client(agg, 0, token="guess")
         intruder.send(step_batch(1, 0, 10))
         intruder.flush(timeout_s=2.0)
@@ -113,9 +128,8 @@ def test_a_wrong_token_is_refused_and_registers_nothing(tmp_path: Path, caplog: 
         good.send(rank_finished("ok"))
         good.close(drain_timeout_s=5.0)
         finish(agg, {"exit_code": 0})
-    finally:
-        view = agg.finalize()
-        agg.close_ui(None)
+    view = run.view
+    assert view is not None
     assert view.rows("step_time", 0) == 10
     assert any("wrong token" in r.getMessage() for r in caplog.records)
     assert "guess" not in caplog.text and TOKEN not in caplog.text
@@ -125,17 +139,13 @@ def test_multi_node_waits_for_missing_ranks_until_the_deadline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     agg = make_aggregator(tmp_path, nnodes=2, finish_timeout_s=0.3)
-    agg.start()
-    try:
+    with Serving(agg):
         c0 = rank_client(agg, 0)
         c0.send(step_batch(1, 0, 5))
         c0.send(rank_finished("ok"))
         c0.close(drain_timeout_s=5.0)
         with caplog.at_level(logging.WARNING, logger="traceml.aggregator"):
             finish(agg, {"exit_code": 0, "signal": "", "duration_s": 1.0})
-    finally:
-        agg.finalize()
-        agg.close_ui(None)
     assert any("ranks [1] had not finished" in r.getMessage() for r in caplog.records)
     ranks = {r["rank"]: r for r in open_recording(tmp_path / "run.tml").attachments["ranks"]["ranks"]}
     assert ranks[1] == {"rank": 1, "state": "unknown"}
@@ -188,16 +198,14 @@ def test_recording_failure_keeps_the_live_store(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     agg = make_aggregator(tmp_path, out=str(blocker / "run.tml"), expected_ranks=1)
-    agg.start()
-    try:
+    with Serving(agg) as run:
         c0 = rank_client(agg, 0, world=1)
         c0.send(step_batch(1, 0, 20))
         c0.send(rank_finished("ok"))
         c0.close(drain_timeout_s=5.0)
         finish(agg, {"exit_code": 0})
-    finally:
-        view = agg.finalize()
-        agg.close_ui(None)
+    view = run.view
+    assert view is not None
     assert view.rows("step_time", 0) == 20
     assert "cannot open" in view.meta["recording_error"]
 
@@ -223,8 +231,7 @@ def test_web_ui_serves_the_live_store(tmp_path: Path) -> None:
 
     port = free_port()
     agg = make_aggregator(tmp_path, ui="web", web_port=port, expected_ranks=1)
-    agg.start()
-    try:
+    with Serving(agg) as run:
         c0 = rank_client(agg, 0, world=1)
         c0.send(step_batch(1, 0, 30))
         c0.send(rank_finished("ok"))
@@ -233,9 +240,8 @@ def test_web_ui_serves_the_live_store(tmp_path: Path) -> None:
             page = resp.read().decode()
         assert resp.status == 200 and "traceml" in page
         finish(agg, {"exit_code": 0})
-    finally:
-        view = agg.finalize()
-        agg.close_ui(None)
+    view = run.view
+    assert view is not None
     assert view.rows("step_time", 0) == 30
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
@@ -248,16 +254,12 @@ def test_web_ui_on_a_busy_port_keeps_recording(tmp_path: Path, capsys: pytest.Ca
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         agg = make_aggregator(tmp_path, ui="web", web_port=busy.getsockname()[1], expected_ranks=1)
-        agg.start()
-        try:
+        with Serving(agg):
             c0 = rank_client(agg, 0, world=1)
             c0.send(step_batch(1, 0, 5))
             c0.send(rank_finished("ok"))
             c0.close(drain_timeout_s=5.0)
             finish(agg, {"exit_code": 0})
-        finally:
-            agg.finalize()
-            agg.close_ui(None)
     assert "live dashboard unavailable" in capsys.readouterr().err
     assert open_recording(tmp_path / "run.tml").read_table("step_time")[0]["step"].tolist() == list(range(5))
 
@@ -266,8 +268,7 @@ def test_when_the_cli_goes_away_the_aggregator_serves_the_ranks_to_their_end(tmp
     agg = make_aggregator(tmp_path, expected_ranks=1)
     read_fd, write_fd = os.pipe()
     control = os.fdopen(read_fd, "rb")
-    agg.start()
-    try:
+    with Serving(agg) as run:
         reader = agg.attach_control(control)
         os.close(write_fd)  # the CLI died: end of the control channel, no exit line
         reader.join(10)
@@ -276,9 +277,8 @@ def test_when_the_cli_goes_away_the_aggregator_serves_the_ranks_to_their_end(tmp
         c0.send(rank_finished("ok"))
         c0.close(drain_timeout_s=5.0)
         agg.wait()
-    finally:
-        view = agg.finalize()
-        agg.close_ui(None)
-        control.close()
+    control.close()
+    view = run.view
+    assert view is not None
     assert view.rows("step_time", 0) == 9
     assert view.attachments["exit"]["status"] == "unknown"
