@@ -199,11 +199,7 @@ def main() -> None:
         rows.append(("  diagnosis panel from the recorded summary", s_sum, "replay of a finished run"))
         s_diag, _ = timed(lambda: _diagnosis_children(view), 1)
         rows.append(
-            (
-                "  diagnosis panel, diagnosed here (live, crashed file)",
-                s_diag,
-                "own callback; replay of a finished run reads its summary",
-            )
+            ("  diagnosis panel, diagnosed here (crashed file)", s_diag, "after the first charts, own callback")
         )
         lo = args.steps // 2
         s, zoom = timed(lambda: first_render(view, (lo, lo + BRUSH - 1)), 3)

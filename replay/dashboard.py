@@ -35,24 +35,34 @@ FIRST_TABLES = ("step_time",)
 class RecordingSource:
     """A source over a finished (or crashed) recording: the step charts' table first, then the rest.
 
-    The first view holds ``step_time`` only, so the step charts can be drawn while a background
-    thread loads the other tables; :meth:`loading` is true until the whole view replaced it.
-    Every call returns the same view object until then (the app caches its figures per view).
+    The first view holds ``step_time`` only, so the step charts can be built from it; once they
+    were (:meth:`load_rest`, called by the app), a background thread loads the other tables,
+    without competing with that first render.  :meth:`loading` is true until the whole view
+    replaced the first.  Every call returns the same view object until then (the app caches its
+    figures per view).
     """
 
     def __init__(self, rec: Recording, *, staged: bool = True) -> None:
         self._rec = rec
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()
         self.error = ""
         first = [t for t in FIRST_TABLES if t in rec.tables]
         rest = [t for t in rec.tables if t not in first]
         if staged and first and rest:
             self._view = self.first_view = rec.store(first).snapshot()
-            self._thread = threading.Thread(target=self._load_rest, name="traceml-replay-load-rest", daemon=True)
-            self._thread.start()
         else:
             self._view = self.first_view = rec.view()
+            self._done.set()
+
+    def load_rest(self) -> None:
+        """Start loading the other tables in the background (once; no-op when everything is in)."""
+        with self._lock:
+            if self._thread is not None or self._done.is_set():
+                return
+            self._thread = threading.Thread(target=self._load_rest, name="traceml-replay-load-rest", daemon=True)
+            self._thread.start()
 
     def _load_rest(self) -> None:
         try:
@@ -60,21 +70,24 @@ class RecordingSource:
         except TracemlError as exc:  # keep serving what was loaded; say why the rest is missing
             log.warning("could not load the rest of %s: %s", self._rec.path, exc)
             self.error = str(exc)
-            return
-        with self._lock:
-            self._view = view
+        else:
+            with self._lock:
+                self._view = view
+        finally:
+            self._done.set()
 
     def loading(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._done.is_set()
 
     def __call__(self) -> StoreView:
         with self._lock:
             return self._view
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 def recording_source(rec: Recording) -> Source:
@@ -136,19 +149,19 @@ def build_dashboard(
     try:
         main = open_recording(path, follow=follow, progress=progress)
         recs.append(main)
-        loading = None
+        loading = on_drawn = None
         if follow:
             source: Source = FollowSource(main)
         else:
             staged = RecordingSource(main, staged=staged_load)
             sources.append(staged)
-            source, loading = staged, staged.loading
+            source, loading, on_drawn = staged, staged.loading, staged.load_rest
         compare_source: Source | None = None
         if compare is not None:
             other = open_recording(compare, progress=progress)
             recs.append(other)
             compare_source = recording_source(other)
-        app = build_app(source, live=follow, compare_source=compare_source, loading=loading)
+        app = build_app(source, live=follow, compare_source=compare_source, loading=loading, on_charts_drawn=on_drawn)
     except BaseException:
         close()
         raise

@@ -157,8 +157,10 @@ def test_a_recording_draws_every_chart_and_the_rank_filter_redraws_them(browser,
                 and t["meta"]["group"] in ("dataloader", "h2d", "forward", "backward", "optimizer", "residual")
             ]
             assert len(stacked) == 6 and all(t["n"] == 2000 for t in stacked)
-            assert {t["meta"]["rank"] for t in traces(page, "fig-memory")} == {0, 1, 2, 3}
-            gpus = traces(page, "fig-gpu")
+            # memory and system samples load after the step charts were drawn
+            memory = wait_traces(page, "fig-memory", "t.length === 12")
+            assert {t["meta"]["rank"] for t in memory} == {0, 1, 2, 3}
+            gpus = wait_traces(page, "fig-gpu", "t.length === 16")
             assert len({t["meta"]["group"] for t in gpus}) == 4 and len(gpus) == 16
             assert page.inner_text("#stat-slowest") == "2"
             assert page.inner_text("#integrity-badge") == "complete"

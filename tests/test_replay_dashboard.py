@@ -27,6 +27,9 @@ def test_staged_source_serves_the_step_table_first_then_everything(tml: Path) ->
             assert first.table_names() == ["step_time"]
             assert first.meta["run_name"] == "synthetic" and first.rank_info.keys() == {0, 1}
             assert first.total_rows() == 4000
+            assert source.loading() and source() is first  # the rest waits for the first charts
+            source.load_rest()
+            source.load_rest()  # once
         finally:
             source.close()
         assert not source.loading() and not source.error

@@ -285,11 +285,14 @@ def build_app(
     refresh_s: float = DEFAULT_REFRESH_S,
     max_points: int = series.MAX_POINTS,
     loading: Callable[[], bool] | None = None,
+    on_charts_drawn: Callable[[], None] | None = None,
 ) -> dash.Dash:
     """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`.
 
     ``loading`` (replay): a callable that is true while ``source`` still loads the tables the time
     charts and the diagnosis need; the page polls until it turns false, then stops polling.
+    ``on_charts_drawn`` is called each time the step charts were built (a staged replay source
+    starts loading the rest then, so the two do not compete).
     """
     if refresh_s <= 0:
         raise ConfigError(f"refresh_s={refresh_s!r}: expected a positive number of seconds")
@@ -518,6 +521,8 @@ def build_app(
                 other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=max_points)
             )
         drawn[0] += 1
+        if on_charts_drawn is not None:
+            on_charts_drawn()
         return figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs), drawn[0]
 
     # -- time charts: the step range maps to the time those steps took --------------------------
