@@ -86,4 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The recording is closed and the summary printed: skip the interpreter's teardown (freeing
+    # the live store, joining daemon threads), which only delays `traceml run`'s own exit.
+    os._exit(code)
