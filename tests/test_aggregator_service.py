@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import urllib.request
@@ -282,3 +283,34 @@ def test_when_the_cli_goes_away_the_aggregator_serves_the_ranks_to_their_end(tmp
     assert view is not None
     assert view.rows("step_time", 0) == 9
     assert view.attachments["exit"]["status"] == "unknown"
+
+
+class StuckStream:
+    """A stderr nobody drains: every write blocks until released."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.written: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.gate.wait()
+        self.written.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_notices_without_a_live_view_never_block_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceml.aggregator import service
+
+    stuck = StuckStream()
+    monkeypatch.setattr(sys, "stderr", stuck)
+    ui = service._UI()
+    for i in range(service.MAX_QUEUED_NOTICES + 50):  # returns at once although nothing is written
+        ui.notify(f"notice {i}")
+    assert stuck.written == []
+    stuck.gate.set()
+    ui.stop(None)
+    assert stuck.written[0] == "traceml: notice 0\n"
+    assert stuck.written[-1].startswith("traceml: ") and "notices were not shown" in stuck.written[-1]

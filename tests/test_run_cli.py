@@ -340,3 +340,23 @@ def test_terminal_ui_shows_the_dashboard_and_the_training_output(tmp_path: Path)
     assert "traceml summary" in text and "ok (exit 0)" in text
     assert "exited early" not in text  # the output went through the aggregator, not around it
     assert steps_by_rank(tmp_path / "run.tml") == {0: list(range(300))}
+
+
+def test_an_output_path_under_a_file_still_trains(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    script = tmp_path / "steps.py"
+    script.write_text(
+        "import traceml\nfor _ in range(5):\n    with traceml.trace_step():\n        pass\nprint('trained')\n"
+    )
+    res = subprocess.run(
+        [TRACEML, "run", "--ui", "none", "--out", str(blocker / "run.tml"), str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "trained" in res.stdout and "Traceback" not in res.stderr
+    assert f"cannot create {blocker}" in res.stderr  # no logs
+    assert "recording stopped (cannot open" in res.stderr  # and no recording, said once each

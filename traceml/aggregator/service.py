@@ -11,6 +11,7 @@ ranks are fail-open clients and this process only reads from them.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import sys
 import threading
@@ -46,6 +47,10 @@ UI_CHOICES = ("terminal", "web", "none")
 QUIET_S = 0.1
 #: how often the main loop looks at its conditions when nothing wakes it
 POLL_S = 0.05
+#: notices and output lines waiting for stderr/stdout without a live view
+MAX_QUEUED_NOTICES = 1000
+#: seconds the end of the run waits for queued notices to be written
+NOTICE_DRAIN_S = 2.0
 
 
 @dataclass
@@ -89,24 +94,63 @@ def exit_status(exit_code: int | None, signal_name: str) -> str:
 
 
 class _UI:
-    """What the service needs of a UI driver."""
+    """No live view: notices and output go to stderr/stdout from a thread of their own.
+
+    ``notify`` is called from the server's I/O thread (through the log handler), so it only
+    queues: a stderr nobody drains must never stall ingest or the spool.  When more than
+    :data:`MAX_QUEUED_NOTICES` wait, new ones are counted and dropped.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue(MAX_QUEUED_NOTICES)
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def print_output(self, stream: str, text: str) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        out.write(text)
-        out.flush()
+        self._put(stream, text)
 
     def notify(self, message: str) -> None:
-        print(f"traceml: {message}", file=sys.stderr, flush=True)
+        self._put("stderr", f"traceml: {message}\n")
+
+    def _put(self, stream: str, text: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="traceml-notices", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait((stream, text))
+        except queue.Full:
+            self._dropped += 1
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            out = sys.stdout if item[0] == "stdout" else sys.stderr
+            try:
+                out.write(item[1])
+                out.flush()
+            except (OSError, ValueError):
+                pass
 
     def stop(self, final_view: StoreView | None) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        thread = self._thread
+        if thread is not None:
+            # a stuck stderr is not worth more than NOTICE_DRAIN_S at the end
+            last: list[tuple[str, str] | None] = [None]
+            if self._dropped:
+                last.insert(0, ("stderr", f"traceml: {self._dropped} notices were not shown (stderr was stuck)\n"))
+            try:
+                for item in last:
+                    self._queue.put(item, timeout=NOTICE_DRAIN_S)
+            except queue.Full:
+                pass
+            thread.join(NOTICE_DRAIN_S)
         if final_view is not None:
             from rich.console import Console
 
             from traceml.drivers.terminal import print_final
 
+            sys.stdout.flush()
             print_final(final_view, Console(file=sys.stdout, highlight=False))
 
 

@@ -364,7 +364,9 @@ class Forwarder:
 class OutputPump:
     """Reads one of the training's pipes: appends to the log file, forwards to the view."""
 
-    def __init__(self, pipe: IO[bytes], stream: str, log_path: Path, forwarder: Forwarder, line_mode: bool) -> None:
+    def __init__(
+        self, pipe: IO[bytes], stream: str, log_path: Path | None, forwarder: Forwarder, line_mode: bool
+    ) -> None:
         self._pipe = pipe
         self._stream = stream
         self._log_path = log_path
@@ -381,11 +383,12 @@ class OutputPump:
     def _run(self) -> None:
         fd = self._pipe.fileno()
         tail = b""
-        try:
-            log: IO[bytes] | None = open(self._log_path, "wb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            self._forwarder.write_direct("stderr", f"traceml: cannot write {self._log_path}: {exc}\n")
-            log = None
+        log: IO[bytes] | None = None
+        if self._log_path is not None:
+            try:
+                log = open(self._log_path, "wb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                self._forwarder.write_direct("stderr", f"traceml: cannot write {self._log_path}: {exc}\n")
         try:
             while True:
                 try:
@@ -496,7 +499,14 @@ class RunSupervisor:
     # -- the run ---------------------------------------------------------------------------------
     def start(self) -> None:
         plan = self.plan
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        keep_logs = True
+        try:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            keep_logs = False  # the aggregator reports the recording's own failure
+            self._say(
+                f"cannot create {plan.run_dir} ({exc.strerror or exc}): no stdout.log/stderr.log; the training runs anyway"
+            )
         if plan.starts_aggregator:
             self.aggregator = subprocess.Popen(
                 aggregator_command(plan),
@@ -516,8 +526,8 @@ class RunSupervisor:
         assert self.training.stdout is not None and self.training.stderr is not None
         line_mode = not show_directly
         self._pumps = [
-            OutputPump(self.training.stdout, "stdout", plan.run_dir / "stdout.log", self.forwarder, line_mode),
-            OutputPump(self.training.stderr, "stderr", plan.run_dir / "stderr.log", self.forwarder, line_mode),
+            OutputPump(pipe, name, plan.run_dir / f"{name}.log" if keep_logs else None, self.forwarder, line_mode)
+            for pipe, name in ((self.training.stdout, "stdout"), (self.training.stderr, "stderr"))
         ]
 
     def wait_training(self) -> int:
