@@ -127,7 +127,8 @@ def main() -> None:
             k = one_run(i + 1, work, train_args, delays[i], reference)
             with lock:
                 done.append(k)
-                bad = "" if k.code == 0 and k.loss_equal and k.inspect_ok and k.contiguous else "  <-- FAILED"
+                read_back = k.inspect_ok or k.file == "missing"  # killed before the spool created the file
+                bad = "" if k.code == 0 and k.loss_equal and read_back and k.contiguous else "  <-- FAILED"
                 lag = "-" if k.lag_s is None else f"{k.lag_s:.2f}s"
                 print(
                     f"[{len(done):3}/{opts.kills}] kill at {k.delay_s:5.1f}s ({k.phase:13}) exit {k.code} loss {'=' if k.loss_equal else '!='}"
