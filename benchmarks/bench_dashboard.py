@@ -10,7 +10,8 @@ TmlWriter, then measures:
   JSON Dash sends), and a brushed range of 2 000 steps re-queried at full resolution;
 * a baseline in the same run: the per-rank chart built from every raw point (no reduction);
 * in headless Chromium (/usr/bin/chromium): navigation to the first drawn chart and to every
-  chart drawn, with a cold and a warm browser cache, and a brush (relayout) to its redraw.
+  chart drawn, with a cold and a warm browser cache, and a brush (relayout) to its redraw; the
+  same page over a 10-step recording is the baseline (what the page costs whatever the data).
 """
 
 from __future__ import annotations
@@ -112,47 +113,73 @@ def naive_rank_figure(view: StoreView) -> int:
     return len(fig.to_json())
 
 
-def browser_times(path: Path, steps: int) -> list[tuple[str, float]]:
+def page_times(pw: Any, url: str, prefix: str) -> list[tuple[str, float]]:
+    """A fresh Chromium: navigation to the first drawn chart and to every chart, cold then warm cache."""
+    out: list[tuple[str, float]] = []
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(300_000)
+        for label in ("cold cache", "warm cache"):
+            t = time.perf_counter()
+            page.goto(url)
+            page.wait_for_function(FIRST_JS, polling=10)
+            out.append((f"{prefix}first chart drawn ({label})", time.perf_counter() - t))
+            page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
+            out.append((f"{prefix}every chart drawn ({label})", time.perf_counter() - t))
+            page.goto("about:blank")
+    finally:
+        browser.close()
+    return out
+
+
+def browser_times(path: Path, steps: int, tiny: Path) -> list[tuple[str, float]]:
     from playwright.sync_api import sync_playwright
 
     out: list[tuple[str, float]] = []
-    t = time.perf_counter()
-    app, close = build_dashboard(path, progress=False)
-    out.append(("dashboard serving: open + load step_time + app", time.perf_counter() - t))
-    server = WebServer(app).start()
-    try:
-        with sync_playwright() as pw:
+    with sync_playwright() as pw:
+        # baseline: the same page over a 10-step recording (the page's own cost: scripts, Dash, Plotly)
+        app, close = build_dashboard(tiny, progress=False)
+        server = WebServer(app).start()
+        try:
+            out += page_times(pw, server.url, "baseline, 10 steps: ")
+        finally:
+            server.stop()
+            close()
+
+        t = time.perf_counter()
+        app, close = build_dashboard(path, progress=False)
+        serving = time.perf_counter() - t
+        out.append(("dashboard serving: open + load step_time + app", serving))
+        server = WebServer(app).start()
+        try:
+            times = page_times(pw, server.url, "browser: ")
+            out += times
+            out.append(("  end to end: serving + first chart (cold)", serving + times[0][1]))
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(300_000)
-            serving = out[0][1]
-            for label in ("cold cache", "warm cache"):
-                t = time.perf_counter()
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1800})
+                page.set_default_timeout(300_000)
                 page.goto(server.url)
-                page.wait_for_function(FIRST_JS, polling=10)
-                first = time.perf_counter() - t
-                out.append((f"browser: first chart drawn ({label})", first))
-                if label == "cold cache":
-                    out.append(("  end to end: serving + first chart (cold)", serving + first))
                 page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
-                out.append((f"browser: every chart drawn ({label})", time.perf_counter() - t))
-            lo = steps // 2
-            t = time.perf_counter()
-            page.evaluate(
-                "(r) => Plotly.relayout(document.querySelector('#fig-rank-steps .js-plotly-plot'), {'xaxis.range': r})",
-                [lo, lo + BRUSH - 1],
-            )
-            page.wait_for_function(
-                "(n) => { const g = document.querySelector('#fig-rank-steps .js-plotly-plot');"
-                " return g._fullData.length && g._fullData.every(t => t.x.length === n); }",
-                arg=BRUSH,
-                polling=10,
-            )
-            out.append((f"browser: brush {BRUSH} steps -> redrawn at full resolution", time.perf_counter() - t))
-            browser.close()
-    finally:
-        server.stop()
-        close()
+                lo = steps // 2
+                t = time.perf_counter()
+                page.evaluate(
+                    "(r) => Plotly.relayout(document.querySelector('#fig-rank-steps .js-plotly-plot'), {'xaxis.range': r})",
+                    [lo, lo + BRUSH - 1],
+                )
+                page.wait_for_function(
+                    "(n) => { const g = document.querySelector('#fig-rank-steps .js-plotly-plot');"
+                    " return g._fullData.length && g._fullData.every(t => t.x.length === n); }",
+                    arg=BRUSH,
+                    polling=10,
+                )
+                out.append((f"browser: brush {BRUSH} steps -> redrawn at full resolution", time.perf_counter() - t))
+            finally:
+                browser.close()
+        finally:
+            server.stop()
+            close()
     return out
 
 
@@ -208,8 +235,11 @@ def main() -> None:
         rows.append(("baseline: per-rank chart from every raw point", s_naive, f"{naive_bytes / 1e6:,.0f} MB JSON"))
 
         if not args.no_browser and os.path.exists(CHROMIUM):
-            for label, s in browser_times(path, args.steps):
-                rows.append((label, s, ""))
+            with tempfile.TemporaryDirectory() as small:
+                tiny = Path(small) / "tiny.tml"
+                write_recording(tiny, synthetic_run(ranks=1, steps=10), meta=run_meta("tiny", ranks=1))
+                for label, s in browser_times(path, args.steps, tiny):
+                    rows.append((label, s, ""))
 
         print(f"\n{'what':58} {'seconds':>8}  notes")
         for label, s, note in rows:
