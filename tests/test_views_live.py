@@ -212,3 +212,24 @@ def test_phase_rows_ignore_negative_missing_values_inside_a_phase() -> None:
     fwd = {r.phase: r for r in phase_rows(store.snapshot())}["forward"]
     assert fwd.median_us == 100
     assert np.isfinite(fwd.share_pct)
+
+
+def test_rank_skew_names_the_ddp_straggler_whose_wait_hides_in_the_others_backward() -> None:
+    # DDP: both ranks' steps take 10 ms; rank 1 spends 4 ms more in forward, rank 0 waits
+    # those 4 ms inside backward.  The median step time alone would blame nobody (or rank 0).
+    store = ColumnStore()
+    for rank, (fwd, bwd) in {0: (2_000, 6_000), 1: (6_000, 2_000)}.items():
+        rows = [(s, 1_000 + s, 0, 10_000, 500, 0, fwd, bwd, 1_000, 500) for s in range(30)]
+        store.append(rank, "step_time", rows_to_columns(STEP_TIME, rows))
+    skew, slowest = rank_skew(store.snapshot())
+    assert slowest == 1
+    assert skew == pytest.approx(40.0)
+
+
+def test_rank_skew_without_sync_uses_step_time() -> None:
+    store = ColumnStore()
+    for rank, step in {0: 10_000, 1: 12_000}.items():
+        rows = [(s, 1_000 + s, 0, step, 500, 0, 3_000, 3_000, 1_000, step - 7_500) for s in range(30)]
+        store.append(rank, "step_time", rows_to_columns(STEP_TIME, rows))
+    skew, slowest = rank_skew(store.snapshot())
+    assert slowest == 1 and skew == pytest.approx(20.0)

@@ -204,21 +204,40 @@ def phase_rows(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tu
 
 
 def rank_skew(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[float, int]:
-    """``(skew_pct, slowest_rank)`` from the ranks' median step times; ``(nan, -1)`` without steps."""
-    medians: dict[int, float] = {}
+    """``(skew_pct, slowest_rank)``; ``(nan, -1)`` without steps.
+
+    DDP's all-reduce makes fast ranks wait inside backward for the slowest one, so their step
+    times match and a median of step times cannot name the straggler.  The gap is therefore
+    taken on the time outside backward (the phases DDP does not equalise) when that gap is the
+    larger one, and on the step time otherwise (ranks that do not synchronise every step).
+    The skew is that gap as a percentage of the fastest rank's median step.
+    """
+    steps: dict[int, float] = {}
+    outside: dict[int, float] = {}
     for rank in view.table_ranks("step_time"):
         win = _step_window(view, rank, window)
         if win:
-            m = _nanmedian(_valid_us(win["step_us"]))
+            step_us = _valid_us(win["step_us"])
+            m = _nanmedian(step_us)
             if not math.isnan(m):
-                medians[rank] = m
-    if not medians:
+                steps[rank] = m
+                bwd = np.asarray(win["backward_us"], dtype=np.float64)
+                if len(bwd) == len(step_us):
+                    outside[rank] = _nanmedian(step_us - np.where(bwd >= 0, bwd, 0.0))
+    if not steps:
         return NAN, -1
-    slowest = max(medians, key=lambda r: (medians[r], -r))
-    if len(medians) < 2:
+    slowest = max(steps, key=lambda r: (steps[r], -r))
+    if len(steps) < 2:
         return NAN, slowest
-    fastest = min(medians.values())
-    skew = 100.0 * (medians[slowest] - fastest) / fastest if fastest > 0 else NAN
+    fastest = min(steps.values())
+    gap = steps[slowest] - fastest
+    valid_outside = {r: v for r, v in outside.items() if not math.isnan(v)}
+    if len(valid_outside) == len(steps):
+        ne_slowest = max(valid_outside, key=lambda r: (valid_outside[r], -r))
+        ne_gap = valid_outside[ne_slowest] - min(valid_outside.values())
+        if ne_gap > gap:
+            slowest, gap = ne_slowest, ne_gap
+    skew = 100.0 * gap / fastest if fastest > 0 else NAN
     return skew, slowest
 
 
