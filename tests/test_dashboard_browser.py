@@ -169,6 +169,18 @@ def test_a_recording_draws_every_chart_and_the_rank_filter_redraws_them(browser,
             page.wait_for_selector("#diagnosis-primary")
             shot(page, tmp_path / "dashboard.png", full_page=True)
 
+            # phase toggles: the breakdown drops the unchecked phase
+            page.locator("#phase-toggle label", has_text="forward").click()
+            phases = wait_traces(page, "fig-step-breakdown", "!t.some(tr => tr.meta && tr.meta.group === 'forward')")
+            assert {t["meta"]["group"] for t in phases} == {
+                "dataloader",
+                "h2d",
+                "backward",
+                "optimizer",
+                "residual",
+                "stat",
+            }
+
             # the rank filter: every chart redraws for the ranks left
             for rank in (1, 3):
                 page.locator("#rank-filter label", has_text=f" {rank}").click()

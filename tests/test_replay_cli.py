@@ -198,5 +198,13 @@ def test_web_refuses_a_busy_port_before_loading(tml: Path) -> None:
     assert "choose another --port" in out.stderr
 
 
-def test_the_console_script_exists() -> None:
+def test_the_console_script_exists_and_python_m_replay_works(tml: Path) -> None:
     assert shutil.which(TRACEML) is not None
+    out = subprocess.run(
+        [sys.executable, "-m", "replay", str(tml), "--speed", "max", "--width", "100"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "traceml summary" in out.stdout
