@@ -4,6 +4,7 @@ environment, and the command line (SCRIPT_ARGS pass through untouched)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -73,7 +74,7 @@ def test_missing_script() -> None:
         plan_run("no/such/train.py")
 
 
-def plan_for(script: str, tmp_path: Path) -> RunPlan:
+def plan_for(script: str, tmp_path: Path, **kwargs: Any) -> RunPlan:
     return plan_run(
         script,
         ["--lr", "0.1", "--", "-x"],
@@ -82,6 +83,7 @@ def plan_for(script: str, tmp_path: Path) -> RunPlan:
         out=str(tmp_path / "o" / "run.tml"),
         aggregator_port=4242,
         master_port=4343,
+        **kwargs,
     )
 
 
@@ -92,6 +94,7 @@ def test_commands_and_environment(script: str, tmp_path: Path) -> None:
     assert "--nproc-per-node=2" in train and "--master-port=4343" in train
     assert train[-4:] == ["--lr", "0.1", "--", "-x"]
     assert train[-5] == script
+    assert train[-7:-5] == ["-m", "traceml.integrations.executor"]
     agg = aggregator_command(plan)
     assert agg[1:3] == ["-m", "traceml.aggregator"] and "--control-stdin" in agg
     assert agg[agg.index("--expected-ranks") + 1] == "2" and agg[agg.index("--out") + 1] == str(plan.out)
@@ -101,6 +104,10 @@ def test_commands_and_environment(script: str, tmp_path: Path) -> None:
     assert env[config.ENV_RUN_ID] == plan.run_id and env[config.ENV_INTERVAL] == "0.5"
     assert config.ENV_OUT not in env and env[config.ENV_DISABLED] == "0" and env["PATH"] == "/bin"
     assert env["PYTHONUNBUFFERED"] == "1"
+    assert config.ENV_NO_AUTO_INTEGRATIONS not in env
+    assert config.rank_config_from_env(env).auto_integrations
+    off = rank_env(plan_for(script, tmp_path, auto_integrations=False), {})
+    assert not config.rank_config_from_env(off).auto_integrations
     assert aggregator_env(plan, {"TRACEML_AGGREGATOR_PORT": "1"}) == {config.ENV_TOKEN: plan.token}
     # what a rank reads back is what the plan decided
     cfg = config.rank_config_from_env(env)

@@ -1,7 +1,8 @@
 """``traceml run``: launch a training through torchrun with the live view and a recording.
 
 Starts ONE aggregator process (``python -m traceml.aggregator``, node 0 only) in parallel with
-torchrun, whose ranks run the script inside ``traceml.runtime.executor``.  Configuration reaches
+torchrun, whose ranks run the script inside ``traceml.integrations.executor`` (the runtime
+executor plus the Hugging Face / Lightning import hooks).  Configuration reaches
 the ranks only through the ``TRACEML_*`` environment variables of :mod:`traceml.config`; the
 run's token is generated here.  The training's stdout/stderr are kept in the run's directory
 (``stdout.log`` / ``stderr.log``) and shown above the live view (forwarded to the aggregator on
@@ -84,6 +85,7 @@ class RunPlan:
     aggregator_host: str
     aggregator_port: int
     web_port: int
+    auto_integrations: bool = True
     python: str = sys.executable
     finish_timeout_s: float = FINISH_TIMEOUT_S
     start_ns: int = field(default_factory=time.time_ns)
@@ -135,6 +137,7 @@ def plan_run(
     no_record: bool = False,
     web_port: int = 8050,
     token: str | None = None,
+    auto_integrations: bool = True,
     stdout_is_tty: bool = False,
     runs_dir: str = DEFAULT_RUNS_DIR,
     now: float | None = None,
@@ -203,6 +206,7 @@ def plan_run(
         aggregator_host=aggregator_host,
         aggregator_port=aggregator_port,
         web_port=web_port,
+        auto_integrations=auto_integrations,
     )
 
 
@@ -217,7 +221,8 @@ def training_command(plan: RunPlan) -> list[str]:
         f"--master-addr={plan.master_addr}",
         f"--master-port={plan.master_port}",
     ]
-    return [*cmd, "-m", "traceml.runtime.executor", plan.script, *plan.script_args]
+    # the integrations' executor is the runtime executor plus the Trainer import hooks
+    return [*cmd, "-m", "traceml.integrations.executor", plan.script, *plan.script_args]
 
 
 def aggregator_command(plan: RunPlan) -> list[str]:
@@ -264,6 +269,8 @@ def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
     for name in (config.ENV_DISABLED, config.ENV_NO_AUTO_INTEGRATIONS, config.ENV_MAX_FRAME_MB):
         if name in base:
             env[name] = base[name]
+    if not plan.auto_integrations:
+        env[config.ENV_NO_AUTO_INTEGRATIONS] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")  # output through our pipes shows up as it is printed
     return env
 
@@ -653,6 +660,9 @@ def run_command(
     no_record: bool = typer.Option(False, "--no-record", help="live view only, no .tml file"),
     web_port: int = typer.Option(8050, "--web-port", help="port of the live dashboard (--ui web)"),
     token: str | None = typer.Option(None, "--token", help="shared secret for multi-node runs (default: random)"),
+    no_auto_integrations: bool = typer.Option(
+        False, "--no-auto-integrations", help="do not attach traceml to Hugging Face / Lightning Trainers"
+    ),
 ) -> None:
     """Run SCRIPT on torchrun with the live view, recording every step of every rank."""
     try:
@@ -673,6 +683,7 @@ def run_command(
             no_record=no_record,
             web_port=web_port,
             token=token,
+            auto_integrations=not no_auto_integrations,
             stdout_is_tty=sys.stdout.isatty(),
         )
     except ConfigError as exc:
