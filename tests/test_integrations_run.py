@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -36,13 +35,6 @@ RUN_TIMEOUT_S = 400
 
 def _installed(*names: str) -> bool:
     return all(importlib.util.find_spec(n) is not None for n in names)
-
-
-def _launches_integrations_executor() -> bool:
-    """Whether ``traceml run`` itself starts the ranks under ``traceml.integrations.executor``."""
-    from traceml.cli import run_cmd
-
-    return "traceml.integrations.executor" in inspect.getsource(run_cmd)
 
 
 @dataclass
@@ -105,7 +97,6 @@ RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     base = tmp_path_factory.mktemp("integ_runs")
-    shim = [] if _launches_integrations_executor() else [str(SCRIPTS / "integ_autorun.py")]
     hf = _installed("transformers", "accelerate")
     wanted = {"hf": hf, "lightning": _installed("lightning")}
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
@@ -125,7 +116,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
                     OMP_NUM_THREADS="1",
                 )
                 out = cwd / "run.tml"
-                cmd = [TRACEML, "run", "--ui", "none", "--out", str(out), *shim, *argv]
+                cmd = [TRACEML, "run", "--ui", "none", "--out", str(out), *argv]
                 so = files.enter_context(open(cwd / "stdout.txt", "wb"))
                 se = files.enter_context(open(cwd / "stderr.txt", "wb"))
                 procs[name] = (subprocess.Popen(cmd, cwd=cwd, env=env, stdout=so, stderr=se), out)
