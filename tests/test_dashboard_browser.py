@@ -235,6 +235,13 @@ def test_the_range_brush_requeries_at_full_resolution(browser, long_tml: Path, t
             assert 15_000 <= lo < hi <= 85_000 and hi - lo >= 25_000
             dragged = wait_traces(page, "fig-rank-steps", f"t.every(tr => tr.x0 === {lo} && tr.x1 === {hi})")
             assert all(t["meta"]["points"] == hi - lo + 1 for t in dragged)
+            page.click("#range-reset")
+            wait_traces(page, "fig-rank-heatmap", "t[0].x1 > 99000")
+            # the axis the user zoomed shows the whole run again, not the old zoom
+            page.wait_for_function(
+                "() => { const r = document.querySelector('#fig-rank-heatmap .js-plotly-plot')._fullLayout.xaxis.range;"
+                " return r[0] <= 0 && r[1] >= 99000; }"
+            )
     finally:
         close()
 

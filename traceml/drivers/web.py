@@ -24,6 +24,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from traceml.errors import ConfigError, MissingDependencyError
 from traceml.renderers import figures
 from traceml.schema import PHASES
@@ -309,7 +311,11 @@ def build_app(
         assets_folder="__traceml_no_assets__",
         include_assets_files=False,
     )
-    figures.step_breakdown_figure(series.step_breakdown(first, max_buckets=8))  # warm plotly's validators
+    # plotly builds its validators on first use (~0.4 s): pay it now, not in the first request
+    tiny = np.zeros(2)
+    figures.step_breakdown_figure(
+        series.StepBreakdown(tiny, {p: tiny for p in PHASES}, tiny, 0.0, 0.0, 1, (0,), 2, None)
+    )
 
     def still_loading() -> bool:
         return bool(loading is not None and loading())
@@ -464,6 +470,12 @@ def build_app(
         new = list(parsed) if isinstance(parsed, tuple) else None
         return dash.no_update if new == current else new
 
+    def keep_view(rng: tuple[int, int] | None, *figs: Any) -> None:
+        """Plotly keeps the user's zoom and legend clicks while ``uirevision`` stays the same: the same
+        range refreshed (live) keeps them; a new range (or the full one) shows its data from scratch."""
+        for fig in figs:
+            fig.layout.uirevision = "all" if rng is None else f"{rng[0]}-{rng[1]}"
+
     def _params(
         rank_value: Any, range_data: Any
     ) -> tuple[StoreView, StoreView | None, tuple[int, ...], tuple[int, int] | None]:
@@ -499,6 +511,7 @@ def build_app(
         else:
             res = "full resolution" if bd.bucket_steps == 1 else f"{bd.bucket_steps} steps per point"
             label = f"steps {rng[0]} .. {rng[1]} ({res})"
+        keep_view(rng, fig)
         return fig, _stats_children(bd, rs, bd_b, src.labels), label
 
     drawn = [0]
@@ -523,7 +536,9 @@ def build_app(
         drawn[0] += 1
         if on_charts_drawn is not None:
             on_charts_drawn()
-        return figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs), drawn[0]
+        per_rank, heat = figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs)
+        keep_view(rng, per_rank, heat)
+        return per_rank, heat, drawn[0]
 
     # -- time charts: the step range maps to the time those steps took --------------------------
     @app.callback(
@@ -552,22 +567,25 @@ def build_app(
 
         if still_loading():  # step_time is in; process and system samples are on their way
             tp = cache.get(view, ("tp", ranks, rng), lambda: series.throughput(view, ranks, rng, max_points=max_points))
-            return (
+            out = (
                 figures.throughput_figure(tp),
                 figures.loading_figure("Memory per rank"),
                 figures.loading_figure("System (host)"),
                 figures.loading_figure("GPUs"),
             )
-        tp, mem, sysm = models(view)
-        tp_b = mem_b = None
-        if other is not None:
-            tp_b, mem_b, _ = models(other)
-        return (
-            figures.throughput_figure(tp, compare=tp_b, labels=src.labels),
-            figures.memory_figure(mem, compare=mem_b, labels=src.labels),
-            figures.system_figure(sysm),
-            figures.gpu_figure(sysm),
-        )
+        else:
+            tp, mem, sysm = models(view)
+            tp_b = mem_b = None
+            if other is not None:
+                tp_b, mem_b, _ = models(other)
+            out = (
+                figures.throughput_figure(tp, compare=tp_b, labels=src.labels),
+                figures.memory_figure(mem, compare=mem_b, labels=src.labels),
+                figures.system_figure(sysm),
+                figures.gpu_figure(sysm),
+            )
+        keep_view(rng, *out)
+        return out
 
     # -- panels ---------------------------------------------------------------------------------
     diag_state: dict[str, Any] = {"children": None, "at": 0.0}
