@@ -162,23 +162,44 @@ def main() -> None:
         rows = counter.value
         file_bytes = out.stat().st_size
 
+        first = next((x[0] for x in samples if x[1] > 0), 0.0)
         print(f"{args.ranks} ranks, {rows:,} step rows (+ process samples) through python -m traceml.aggregator")
         print(
-            f"sent in {send_s:.1f} s ({rows / send_s / 1e6:.2f} M rows/s); closed after {total_s:.1f} s; load average {os.getloadavg()[0]:.1f}\n"
+            f"streamed in {send_s - first:.1f} s once the senders were up ({rows / max(send_s - first, 1e-9) / 1e6:.2f} M rows/s); "
+            f"file closed {total_s:.1f} s after the start; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
         )
-        head = f"{'rows sent':>12} {'elapsed s':>10} {'aggregator RSS MiB':>19} {'file MiB':>9} {'B/row on disk':>14}"
+        print("live memory while rows stream (rows sent = handed to the kernel by the senders):")
+        head = f"{'rows sent':>12} {'elapsed s':>10} {'aggregator RSS MiB':>19}"
         print(head)
         print("-" * len(head))
-        marks = [rows * i // 10 for i in range(1, 11)]
-        for mark in marks:
+        for mark in [rows * i // 10 for i in range(1, 11)]:
             s = next((x for x in samples if x[1] >= mark), samples[-1])
-            bpr = s[3] / s[1] if s[1] else float("nan")
-            print(f"{s[1]:12,} {s[0]:10.1f} {s[2] / 2**20:19.1f} {s[3] / 2**20:9.1f} {bpr:14.2f}")
-        print(f"{'closed':>12} {total_s:10.1f} {'-':>19} {file_bytes / 2**20:9.1f} {file_bytes / rows:14.2f}")
+            print(f"{s[1]:12,} {s[0]:10.1f} {s[2] / 2**20:19.1f}")
         half = [x[2] for x in samples if x[1] >= rows // 2]
         print(
-            f"\nRSS at start {rss0 / 2**20:.1f} MiB; max {max(x[2] for x in samples) / 2**20:.1f} MiB; "
-            f"second half of the run {min(half) / 2**20:.1f}..{max(half) / 2**20:.1f} MiB"
+            f"RSS at start {rss0 / 2**20:.1f} MiB; max {max(x[2] for x in samples) / 2**20:.1f} MiB; "
+            f"over the second half of the rows {min(half) / 2**20:.1f}..{max(half) / 2**20:.1f} MiB\n"
+        )
+
+        from traceml.format import open_recording
+
+        print("the spool on disk, from the file's own index (bytes up to the end of the segment that holds row N):")
+        head = f"{'rows in file':>13} {'file MiB':>9} {'B/row':>7} {'B/row of this tenth':>20}"
+        print(head)
+        print("-" * len(head))
+        with open_recording(out) as reader:
+            segs = reader.segments
+        cum, prev_rows, prev_bytes, at = 0, 0, 0, 1
+        for seg in segs:
+            cum += sum(seg.rows.values())
+            end = seg.offset + seg.length
+            while at <= 10 and cum >= rows * at // 10:
+                print(
+                    f"{cum:13,} {end / 2**20:9.1f} {end / cum:7.2f} {(end - prev_bytes) / max(cum - prev_rows, 1):20.2f}"
+                )
+                prev_rows, prev_bytes, at = cum, end, at + 1
+        print(
+            f"{'closed':>13} {file_bytes / 2**20:9.1f} {file_bytes / rows:7.2f}   (index, attachments, summary, footer included)"
         )
 
         import replay
