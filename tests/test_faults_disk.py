@@ -108,13 +108,6 @@ def test_an_output_under_a_file_leaves_the_aggregator_serving(tmp_path: Path) ->
     assert blocker.read_text() == "not a directory"
 
 
-RUN_CMD_BUG = (
-    "traceml run --out <file>/run.tml dies with a FileExistsError traceback in RunSupervisor.start "
-    "(plan.run_dir.mkdir) before the training starts; see the final report"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=RUN_CMD_BUG)
 def test_traceml_run_with_an_output_under_a_file_still_trains(tmp_path: Path) -> None:
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")

@@ -190,14 +190,6 @@ def test_a_stuck_terminal_and_slow_viewers_do_not_slow_the_spool(tmp_path: Path)
     assert rec.read_table("step_time")[0]["step"].tolist() == list(range(TOTAL))
 
 
-NOTIFY_BUG = (
-    "aggregator/service.py _UI.notify prints to stderr from the caller's thread; _NotifyHandler calls it "
-    "for every traceml warning, including the TelemetryServer's I/O thread (refused connections, rank "
-    "disconnects), so a stderr nobody drains stalls ingest and the spool (see the final report)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NOTIFY_BUG, raises=AssertionError)
 def test_a_stuck_stderr_without_a_live_view_does_not_slow_the_spool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
