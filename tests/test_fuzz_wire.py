@@ -324,3 +324,59 @@ def test_fuzzed_peers_never_stop_the_aggregator_nor_the_good_rank(tmp_path: Path
     ranks = {r["rank"]: r for r in rec.attachments["ranks"]["ranks"]}
     assert ranks[0]["state"] == "finished" and ranks[0]["exit_status"] == "ok"
     assert "refused connection" in log and "wrong token" in log, "bad hellos are refused and logged"
+
+
+def test_batches_whose_columns_do_not_match_their_table_are_skipped_not_fatal(tmp_path: Path) -> None:
+    """Found by the fuzzer: a token holder's batch that names a standard table but carries
+    another table's columns (or changes a table's column types) used to reach the writer, whose
+    refusal stopped the recording for every rank.  Such a batch is a bad batch: counted and
+    skipped, while the good rank's rows keep reaching the file."""
+    from traceml.aggregator.service import Aggregator, AggregatorOptions
+    from traceml.schema import Column, TableSchema
+
+    agg = Aggregator(AggregatorOptions(token=TOKEN, run_id=RUN_ID, out=str(tmp_path / "run.tml"), expected_ranks=2))
+    runner = threading.Thread(target=agg.run, name="aggregator", daemon=True)
+    good = bad = None
+    try:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while agg.server.port == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        good = TelemetryClient("127.0.0.1", agg.server.port, hello(RUN_ID, TOKEN, ident(0, 2)))
+        bad = TelemetryClient("127.0.0.1", agg.server.port, hello(RUN_ID, TOKEN, ident(1, 2)))
+
+        def steps(lo: int, hi: int) -> dict[str, Any]:
+            rows = [(s, 1_000 + s, 0, 500, *([50] * len(PHASES))) for s in range(lo, hi)]
+            return encode_columns(STEP_TIME, rows_to_columns(STEP_TIME, rows))
+
+        good.send(batch(1, {"step_time": steps(0, 50)}))
+        good.flush(timeout_s=10)
+        as_float = encode_columns(
+            TableSchema("step_time", tuple(Column(c.name, "f8") for c in STEP_TIME.columns)),
+            rows_to_columns(STEP_TIME, [(1.0,) * 10]),
+        )
+        custom_a = encode_columns(TableSchema("extra", (Column("a", "i8"),)), {"a": [1, 2]})
+        custom_b = encode_columns(TableSchema("extra", (Column("b", "str"),)), {"b": ["x"]})
+        bad.send(batch(1, {"step_gpu": steps(0, 5)}))  # step_time's columns under step_gpu's name
+        bad.send(batch(2, {"step_time": as_float}))  # the right names, the wrong types
+        bad.send(batch(3, {"extra": custom_a}))  # a new table: fine
+        bad.send(batch(4, {"extra": custom_b}))  # the same table with other columns
+        bad.send(rank_finished("ok"))
+        bad.close(drain_timeout_s=10)
+        good.send(batch(2, {"step_time": steps(50, 100)}))
+        good.send(rank_finished("ok"))
+        good.close(drain_timeout_s=10)
+        runner.join(60)
+    finally:
+        for c in (good, bad):
+            if c is not None:
+                c.close(drain_timeout_s=0.1)
+        agg.request_stop()
+        runner.join(60)
+    assert agg.spool is not None and agg.spool.error == "", agg.spool.error
+    assert agg.ingest.stats.bad_batches == 3
+    rec = open_recording(tmp_path / "run.tml")
+    assert rec.integrity["status"] == "complete"
+    assert rec.read_table("step_time")[0]["step"].tolist() == list(range(100))
+    assert 1 not in rec.read_table("step_time") and "step_gpu" not in rec.tables
+    assert rec.read_table("extra")[1]["a"].tolist() == [1, 2]

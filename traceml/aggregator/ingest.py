@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from traceml.errors import TracemlError
+from traceml.errors import MalformedFrameError, TracemlError
 from traceml.schema import STANDARD_TABLES, TableSchema
 from traceml.store import ColumnStore
 from traceml.transport.codec import decode_columns
@@ -72,6 +72,8 @@ class Ingest:
         self._seen: set[int] = set()
         self._open = 0
         self.stats = IngestStats()
+        #: custom (non-standard) tables: the schema of their first batch
+        self._custom_schemas: dict[str, TableSchema] = {}
         #: set on every hello, message and close (the lifecycle waits on it)
         self.activity = threading.Event()
         self.last_activity_ns = clock_ns()
@@ -172,14 +174,22 @@ class Ingest:
             return
         rows = 0
         for name, wire in tables.items():
+            table = str(name)
             try:
-                schema, cols = decode_columns(wire, str(name))
-                n = self.store.append(rank, str(name), cols, STANDARD_TABLES.get(str(name), schema))
+                schema, cols = decode_columns(wire, table)
+                expected = self._table_schema(table, schema)
+                if set(schema.columns) != set(expected.columns):
+                    # the writer would refuse it and stop the recording for every rank
+                    raise MalformedFrameError(
+                        f"table {table!r} arrived with columns {_columns(schema)}; this run's {table!r} has "
+                        f"{_columns(expected)} (a rank of another traceml version, or a custom table redefined)"
+                    )
+                n = self.store.append(rank, table, cols, expected)
             except TracemlError as exc:
                 self._bad(rank, str(exc))
                 continue
             if n and self.spool is not None:
-                self.spool.append(rank, str(name), cols, None if name in STANDARD_TABLES else schema)
+                self.spool.append(rank, table, cols, None if table in STANDARD_TABLES else schema)
             rows += n
         drops = self._drops(msg)
         if drops is not None:
@@ -188,6 +198,14 @@ class Ingest:
             self.stats.batches += 1
             self.stats.rows += rows
             self.stats.rows_by_rank[rank] = self.stats.rows_by_rank.get(rank, 0) + rows
+
+    def _table_schema(self, table: str, schema: TableSchema) -> TableSchema:
+        """The schema every batch of ``table`` must have: the standard one, or the first seen."""
+        standard = STANDARD_TABLES.get(table)
+        if standard is not None:
+            return standard
+        with self._lock:
+            return self._custom_schemas.setdefault(table, schema)
 
     def _attachment(self, rank: int, msg: dict[str, Any]) -> None:
         name, data = msg.get("name"), msg.get("data")
@@ -207,3 +225,7 @@ class Ingest:
             self.stats.last_error = f"rank {rank}: {why}"
         if first:
             log.warning("skipped a malformed batch from rank %d: %s", rank, why)
+
+
+def _columns(schema: TableSchema) -> str:
+    return ", ".join(f"{c.name}:{c.dtype}" for c in schema.columns)[:200]
