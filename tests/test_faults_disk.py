@@ -112,9 +112,13 @@ def test_traceml_run_with_an_output_under_a_file_still_trains(tmp_path: Path) ->
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
     args = ["--steps", "50"]
+    bare = h.bare_run(h.FAULT_STEPS, args, tmp_path)
     run = h.LiveRun(["--ui", "none", "--out", str(blocker / "run.tml"), h.FAULT_STEPS, *args], tmp_path)
     code = run.finish()
+    bare_out, _ = bare.communicate(timeout=120)
     assert "Traceback" not in run.err, run.err[-2000:]
     assert code == 0
-    assert "done rank=0 steps=50" in run.out
-    assert str(blocker) in run.err
+    assert "done rank=0 steps=50" in run.out and h.final_loss(run.out) == h.final_loss(bare_out)
+    errors = recording_errors(run.err)
+    assert len(errors) == 1 and str(blocker) in errors[0], run.err[-2000:]
+    assert blocker.read_text() == "not a directory"

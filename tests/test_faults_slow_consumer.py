@@ -205,13 +205,10 @@ def test_a_stuck_stderr_without_a_live_view_does_not_slow_the_spool(
         with socket.create_connection(("127.0.0.1", agg.server.port), timeout=10) as bad:  # warned about on stderr
             bad.sendall(encode_frame(hello(RUN_ID, "wrong", ident())))
         client = stream_steps(agg.server.port)
-        client.flush(timeout_s=5)
-        deadline = time.monotonic() + 5
-        while rows_on_disk(agg.opts.out) < TOTAL and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert rows_on_disk(agg.opts.out) >= TOTAL, (
-            f"rows stopped at {rows_on_disk(agg.opts.out)} of {TOTAL} while stderr was stuck"
-        )
+        assert client.flush(timeout_s=DEADLINE_S), "the rank's client had to wait for the aggregator"
+        wait_until(f"{TOTAL} rows in the recording while stderr is stuck", lambda: rows_on_disk(agg.opts.out) >= TOTAL)
+        wait_until("the refusal notice reached the stuck stderr", lambda: stderr.blocked_writes > 0)
+        assert client.dropped_messages == 0
     finally:
         stderr.release()
         if client is not None:

@@ -2,19 +2,16 @@
 each, one torchrun rendezvous on 127.0.0.1, node 1 streaming to node 0's aggregator with the
 shared token, make ONE recording with all 4 ranks.
 
-Node 1 must be given node 0's address as ``--aggregator-host``, and ``traceml run`` refuses a
-loopback name there; this machine's own non-loopback address stands in for "node 0's address"
-(``127.0.0.2`` when it has none, which is loopback but not a name the check refuses).
+Everything on loopback: node 0's aggregator listens on 127.0.0.1 and node 1 is given
+``--aggregator-host 127.0.0.1``, ``--aggregator-port`` and ``--token`` of node 0.
 """
 
 from __future__ import annotations
 
 import secrets
-import socket
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -27,26 +24,27 @@ pytestmark = pytest.mark.slow
 STEPS = 200
 
 
-def node0_address() -> str:
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return str(a.address)
-    return "127.0.0.2"
-
-
 def test_two_nodes_on_loopback_make_one_recording_of_four_ranks(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     master_port = free_port()
-    agg_port = free_port("0.0.0.0")
+    agg_port = free_port()
     common = ["--ui", "none", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     common += ["--master-port", str(master_port), "--aggregator-port", str(agg_port), "--token", token]
     script = [h.FAULT_STEPS, "--steps", str(STEPS), "--rate", "200"]
     nodes = []
-    for node, host in ((0, "0.0.0.0"), (1, node0_address())):
+    for node in (0, 1):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir()
-        args = [*common, "--node-rank", str(node), "--aggregator-host", host, "--out", str(cwd / "run.tml"), *script]
+        args = [
+            *common,
+            "--node-rank",
+            str(node),
+            "--aggregator-host",
+            "127.0.0.1",
+            "--out",
+            str(cwd / "run.tml"),
+            *script,
+        ]
         nodes.append(h.LiveRun(args, cwd))
     codes = [n.finish(timeout=240) for n in nodes]
     assert codes == [0, 0], "\n".join(n.err[-1500:] for n in nodes)
