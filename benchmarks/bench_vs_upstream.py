@@ -38,7 +38,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-mode, steps, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mode, steps, warmup, cpu_pin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if cpu_pin >= 0:  # the training thread only (the profilers' threads already exist and run anywhere)
+    import os
+    os.sched_setaffinity(0, {cpu_pin})
 torch.set_num_threads(1)
 torch.manual_seed(0)
 if mode == "traceml":
@@ -97,11 +100,11 @@ def _env() -> dict[str, str]:
 
 
 def run_variant(
-    variant: str, work: Path, loop: Path, steps: int, warmup: int, upstream_venv: Path, n: int
+    variant: str, work: Path, loop: Path, steps: int, warmup: int, upstream_venv: Path, n: int, pin: int
 ) -> dict[str, float]:
     run_dir = work / f"{variant}-{n}"
     run_dir.mkdir()
-    args = [variant, str(steps), str(warmup)]
+    args = [variant, str(steps), str(warmup), str(pin)]
     if variant == "bare":
         cmd = [sys.executable, str(loop), *args]
     elif variant == "traceml":
@@ -145,6 +148,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--upstream-venv", type=Path, default=Path("/work/upstream-venv"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pin",
+        type=int,
+        default=-1,
+        help="pin the training thread to this CPU (default -1: no pinning; it did not steady this VM)",
+    )
     args = p.parse_args()
     variants = ["bare", "traceml"]
     if (args.upstream_venv / "bin" / "traceml").exists():
@@ -161,7 +170,7 @@ def main() -> None:
             order = variants[:]
             rng.shuffle(order)
             for v in order:
-                res = run_variant(v, work, loop, args.steps, args.warmup, args.upstream_venv, r)
+                res = run_variant(v, work, loop, args.steps, args.warmup, args.upstream_venv, r, args.pin)
                 results[v].append(res)
                 print(
                     f"round {r + 1}/{args.rounds} {v:9} median {res['median_us']:8.1f} us/step  wall {res['wall_s']:5.1f} s",
