@@ -186,10 +186,9 @@ def wrong_batch(draw: st.DrawFn) -> bytes:
         elif how == "drop_col":
             cols.pop("ts_ns", None)
         elif how == "extra_col":
-            cols[draw(st.text(max_size=6))] = [
-                "i8",
-                b"\x00" * 8 * max(1, wire.get("n") if type(wire.get("n")) is int and wire["n"] < 100 else 1),
-            ]
+            n = wire.get("n")
+            rows = n if isinstance(n, int) and 0 < n < 100 else 1
+            cols[draw(st.text(max_size=6))] = ["i8", b"\x00" * 8 * rows]
         elif how == "table_name":
             msg["tables"] = {draw(st.sampled_from(["", "x" * 300, "step_gpu", "custom"])): wire}
         elif how == "seq":
@@ -373,7 +372,8 @@ def test_batches_whose_columns_do_not_match_their_table_are_skipped_not_fatal(tm
                 c.close(drain_timeout_s=0.1)
         agg.request_stop()
         runner.join(60)
-    assert agg.spool is not None and agg.spool.error == "", agg.spool.error
+    assert agg.spool is not None
+    assert agg.spool.error == "", agg.spool.error
     assert agg.ingest.stats.bad_batches == 3
     rec = open_recording(tmp_path / "run.tml")
     assert rec.integrity["status"] == "complete"
