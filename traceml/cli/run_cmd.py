@@ -659,7 +659,12 @@ def run_command(
     aggregator_port: int | None = typer.Option(None, "--aggregator-port", help="default: a free port"),
     no_record: bool = typer.Option(False, "--no-record", help="live view only, no .tml file"),
     web_port: int = typer.Option(8050, "--web-port", help="port of the live dashboard (--ui web)"),
-    token: str | None = typer.Option(None, "--token", help="shared secret for multi-node runs (default: random)"),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="TRACEML_TOKEN",
+        help="shared secret for multi-node runs (default: random; TRACEML_TOKEN keeps it off the command line)",
+    ),
     no_auto_integrations: bool = typer.Option(
         False, "--no-auto-integrations", help="do not attach traceml to Hugging Face / Lightning Trainers"
     ),
