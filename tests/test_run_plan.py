@@ -137,3 +137,14 @@ def test_command_line_reports_bad_options(script: str) -> None:
     result = CliRunner().invoke(app, ["run", "--ui", "gui", script])
     assert result.exit_code == 2
     assert "--ui 'gui': expected one of terminal, web, none" in result.output
+
+
+def test_multi_node_token_can_come_from_the_environment(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[RunPlan] = []
+    monkeypatch.setattr(run_cmd, "run_plan", lambda plan: seen.append(plan) or 0)
+    argv = ["run", "--nnodes", "2", "--node-rank", "1", "--aggregator-port", "5000", "--ui", "none", script]
+    refused = CliRunner().invoke(app, argv, env={"TRACEML_TOKEN": ""})
+    assert refused.exit_code == 2 and "--token" in refused.output
+    result = CliRunner().invoke(app, argv, env={"TRACEML_TOKEN": "job-secret"})
+    assert result.exit_code == 0, result.output
+    assert seen[0].token == "job-secret"
