@@ -43,6 +43,14 @@ class Outcome:
     err: str
 
 
+def _has_steps(path: Path) -> bool:
+    try:
+        with open_recording(path) as rec:
+            return bool(rec.read_table("step_time"))
+    except Exception:
+        return False
+
+
 def run_and_kill(moment: str, tmp: Path, rng: random.Random) -> Outcome:
     tmp.mkdir()
     script, args = (h.FAULT_TRAIN, TORCH_ARGS) if moment == "mid-run" else (h.FAULT_STEPS, STEPS_ARGS)
@@ -57,7 +65,12 @@ def run_and_kill(moment: str, tmp: Path, rng: random.Random) -> Outcome:
                 time.sleep(0.005)
         elif moment == "mid-run":
             run.wait_for(r"^step 0 ")
-            time.sleep(rng.uniform(0.3, 2.0))
+            # kill at a random moment once the file holds steps: a kill before the first
+            # segment reached the disk leaves no step to check the loss window against
+            deadline = time.monotonic() + 60
+            while not _has_steps(out) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.0))
         else:  # closing: the training printed its result and is shutting down
             run.wait_for(r"^final loss ")
         kill_ns = time.time_ns()
