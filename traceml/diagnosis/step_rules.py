@@ -75,6 +75,11 @@ def _typical(shares: dict[int, float]) -> tuple[float, int, float]:
     return float(np.median(list(shares.values()))), worst, shares[worst]
 
 
+def _where(n: int, worst: int, worst_share: float) -> str:
+    """How a share finding names its ranks: the median over several, or the one rank."""
+    return f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+
+
 def _median_us(data: StepData, phase: str) -> float:
     vals = np.concatenate(
         [data.per_rank[r].phases[phase] if phase != "step" else data.per_rank[r].step_us for r in data.ranks]
@@ -95,7 +100,7 @@ def _share_finding(
         return None
     step_us = _median_us(data, "step")
     n = len(shares)
-    where = f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+    where = _where(n, worst, worst_share)
     return Finding(
         kind=kind,
         severity=severity,
@@ -211,7 +216,7 @@ def h2d_bound(view: StoreView, data: StepData) -> Finding | None:
         return None
     h2d_med = float(np.median(np.concatenate(h2d_all)))
     n = len(shares)
-    where = f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+    where = _where(n, worst, worst_share)
     return Finding(
         kind=H2D_BOUND,
         severity=severity,
