@@ -30,14 +30,18 @@ log = logging.getLogger("traceml.replay")
 
 #: what the first charts draw from; the rest of a recording loads behind them
 FIRST_TABLES = ("step_time",)
+#: above this many rows in FIRST_TABLES (~0.1 s to load) the first charts draw from their rollups
+ROLLUP_FIRST_ROWS = 500_000
 
 
 class RecordingSource:
     """A source over a finished (or crashed) recording: the step charts' table first, then the rest.
 
-    The first view holds ``step_time`` only, so the step charts can be built from it; once they
-    were (:meth:`load_rest`, called by the app), a background thread loads the other tables,
-    without competing with that first render.  :meth:`loading` is true until the whole view
+    The first view holds ``step_time`` only, so the step charts can be built from it — or, for a
+    long recording (over ``ROLLUP_FIRST_ROWS`` rows), only its rollup (``rollup/step_time``, a
+    row per group of steps, read without decoding the rows); once they were drawn
+    (:meth:`load_rest`, called by the app), a background thread loads every table, without
+    competing with that first render.  :meth:`loading` is true until the whole view
     replaced the first.  Every call returns the same view object until then (the app caches its
     figures per view).
     """
@@ -50,7 +54,16 @@ class RecordingSource:
         self.error = ""
         first = [t for t in FIRST_TABLES if t in rec.tables]
         rest = [t for t in rec.tables if t not in first]
-        if staged and first and rest:
+        rows = rec.rows
+        if (
+            staged
+            and first
+            and all(rec.has_rollup(t) for t in first)
+            and sum(rows[t] for t in first) > ROLLUP_FIRST_ROWS
+        ):
+            # a long recording: its first charts draw from the rollups, every row loads behind them
+            self._view = self.first_view = rec.rollup_store(first).snapshot()
+        elif staged and first and rest:
             self._view = self.first_view = rec.store(first).snapshot()
         else:
             self._view = self.first_view = rec.view()

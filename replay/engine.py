@@ -25,7 +25,7 @@ import numpy as np
 
 from traceml.errors import FormatError, ReplayError
 from traceml.format import SegmentInfo, TmlReader, open_recording
-from traceml.schema import STANDARD_TABLES, TableSchema
+from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup, rollup_name, rollup_schema
 from traceml.store import ColumnStore, RankInfo, StoreView
 
 Columns = dict[str, np.ndarray]
@@ -167,7 +167,8 @@ class Recording:
         out: dict[str, int] = {}
         for seg in self._reader.segments:
             for (_, table), n in seg.rows.items():
-                out[table] = out.get(table, 0) + n
+                if not is_rollup(table):
+                    out[table] = out.get(table, 0) + n
         return dict(sorted(out.items()))
 
     @property
@@ -442,7 +443,41 @@ class Recording:
             if table in tables and cols:
                 into.setdefault((table, rank), []).append((seg.offset, cols))
 
+    def has_rollup(self, table: str) -> bool:
+        """Whether the writer stored a rollup of *table* (files of format 1.1 and later)."""
+        return rollup_name(table) in self.schemas
+
+    def rollup(self, table: str) -> dict[int, Columns]:
+        """The rollup of *table* per rank (:mod:`traceml.format.rollup`): one row per group of
+        steps with counts, sums, min and max, so a long run draws without reading every row.
+        The stored rollup plus the raw rows it does not cover (a crashed writer's tail)."""
+        try:
+            return self._reader.read_rollup(table)
+        except FormatError as exc:
+            raise ReplayError(f"reading the rollup of {table!r} from {self.path}: {exc}") from exc
+
     # -- the store view -----------------------------------------------------------------
+    def rollup_store(self, tables: Iterable[str]) -> ColumnStore:
+        """A store holding only the rollups of *tables* (``rollup/<table>``), the run's metadata,
+        ranks and attachments: what the first charts of a long recording draw from."""
+        store = ColumnStore(capacity=None, meta=self.meta)
+        loaded: dict[str, dict[int, Columns]] = {}
+        for table in tables:
+            schema = self.schemas.get(table)
+            rolled = None if schema is None else rollup_schema(schema)
+            if rolled is None:
+                continue
+            per_rank = loaded[rolled.name] = self.rollup(table)
+            store.add_schema(rolled)
+            for rank, cols in per_rank.items():
+                store.append(rank, rolled.name, cols, rolled)
+        for info in self.rank_infos().values():
+            store.set_rank(info)
+        for name, data in self.attachments.items():
+            store.attach(name, data)
+        store.set_integrity(self.integrity)
+        return store
+
     def store(self, tables: Iterable[str] | None = None) -> ColumnStore:
         """A new unbounded ColumnStore filled from the file, as the aggregator's was at the end."""
         loaded = self.load(tables)

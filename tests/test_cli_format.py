@@ -60,7 +60,7 @@ def test_inspect_text(run: Path) -> None:
     result = invoke("inspect", str(run))
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "cli-run" in out and "format 1.0" in out and "node-a" in out
+    assert "cli-run" in out and "format 1.1" in out and "node-a" in out
     assert "step_time" in out and "process" in out and "0..39" in out
     assert "compression:" in out and "per row on disk:" in out
     assert "complete: the writer closed the file cleanly" in out
@@ -76,7 +76,9 @@ def test_inspect_json(run: Path) -> None:
     assert info["tables"]["step_time"]["ranks"] == [0, 1]
     assert (info["tables"]["step_time"]["step_min"], info["tables"]["step_time"]["step_max"]) == (0, 39)
     assert info["tables"]["process"]["rows"] == 8
-    assert info["segments"]["count"] == 8 and info["segments"]["rows"] == 88
+    # 8 segments of rows, and the rollup written at close in a segment of its own
+    assert info["segments"]["count"] == 9 and info["segments"]["rows"] == 88
+    assert info["rollups"] == {"steps": 256, "tables": {"rollup/step_time": {"rows": 2, "ranks": [0, 1]}}}
     assert info["segments"]["compression_ratio"] > 1
     assert info["attachments"] == ["environment/rank0", "summary"]
     assert info["integrity"] == {

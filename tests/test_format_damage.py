@@ -292,7 +292,7 @@ def test_decompression_bombs_are_refused_with_bounded_memory(tmp_path: Path, cas
 def test_newer_major_version_in_magic_is_refused_naming_both(tmp_path: Path) -> None:
     path = tmp_path / "v2.tml"
     path.write_bytes(b"\x89TML2\r\n\x1a" + b"\0" * 64)
-    with pytest.raises(UnsupportedVersionError, match=r"version 2\.x; this traceml reads version 1\.0"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 2\.x; this traceml reads version 1\.1"):
         open_recording(path)
 
 
@@ -314,7 +314,7 @@ def test_newer_major_version_in_header_is_refused_naming_both(tmp_path: Path) ->
     )
     path = tmp_path / "v3.tml"
     path.write_bytes(MAGIC + _records.pack_record(sync, RecordKind.HEADER, header))
-    with pytest.raises(UnsupportedVersionError, match=r"version 3\.1; this traceml reads version 1\.0"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 3\.1; this traceml reads version 1\.1"):
         open_recording(path)
 
 

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from traceml.errors import ConfigError, WriterClosedError
-from traceml.format import MAGIC, RecordKind, TmlWriter, _records, open_recording
-from traceml.schema import NUMPY_DTYPES, PHASES, STEP_TIME, TableSchema, table
+from traceml.format import MAGIC, RecordKind, TmlWriter, _records, open_recording, rollup
+from traceml.schema import NUMPY_DTYPES, PHASES, STEP_TIME, TableSchema, is_rollup, rollup_name, rollup_schema, table
 
 # --- helpers shared by the format tests ------------------------------------------------
 
@@ -170,7 +170,8 @@ def test_round_trip_every_type_exactly(rec: Any, segment_bytes: int, tick_every:
         with open_recording(path) as r:
             assert r.integrity["status"] == "complete"
             got = batches_by_stream(r.iter_batches())
-            assert set(got) == set(want)
+            rolled = {key for key in got if is_rollup(key[1])}
+            assert {key for key in got if key not in rolled} == set(want)
             for key, cols in want.items():
                 assert_columns_equal(got[key], cols)
             for schema in schemas:
@@ -178,6 +179,15 @@ def test_round_trip_every_type_exactly(rec: Any, segment_bytes: int, tick_every:
                 assert set(per_rank) == {rank for rank, name in want if name == schema.name}
                 for rank, cols in per_rank.items():
                     assert_columns_equal(cols, want[(rank, schema.name)])
+                # the stored rollup is the rollup of every row, whatever the appends and segments were
+                summaries = r.read_rollup(schema.name)
+                if rollup_schema(schema) is None:
+                    assert summaries == {} and not any(name == rollup_name(schema.name) for _, name in rolled)
+                    continue
+                assert set(summaries) == set(per_rank)
+                for rank, cols in per_rank.items():
+                    assert_columns_equal(summaries[rank], rollup.rollup(schema, cols))
+                    assert summaries[rank]["rows"].sum() == len(cols["step"])
                 assert r.schemas[schema.name] == schema
             assert r.ranks == sorted({rank for rank, _ in want})
 
@@ -216,7 +226,7 @@ def test_size_bound_splits_segments_and_time_bound_closes_on_append_and_tick(tmp
 def test_checkpoints_every_n_segments_and_by_interval(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.tml"
     clock = FakeClock()
-    w = writer(path, clock, checkpoint_every_segments=3, checkpoint_interval_s=30.0)
+    w = writer(path, clock, checkpoint_every_segments=3, checkpoint_interval_s=30.0, rollup_steps=None)
     for i in range(7):
         w.append(0, "step_time", step_columns(i * 10, 10))
         clock.advance(1.0)
@@ -290,7 +300,7 @@ def test_header_attachments_and_schemas(tmp_path: Path) -> None:
             4,
             ["train.py", "--lr", "1"],
         )
-        assert h["meta"] == meta and h["format_version"] == "1.0" and h["writer"].startswith("traceml ")
+        assert h["meta"] == meta and h["format_version"] == "1.1" and h["writer"].startswith("traceml ")
         assert set(STEP_TIME.names) == set(r.schemas["step_time"].names)
         assert r.schemas["custom"] == table("custom", ("v", "f8"), ("tag", "str"))
         assert r.schemas["later"] == table("later", ("k", "i4"))

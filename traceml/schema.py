@@ -198,3 +198,44 @@ def schema_from_columns(name: str, columns: Mapping[str, Any]) -> TableSchema:
 
 def iter_standard_schemas() -> Iterable[TableSchema]:
     return STANDARD_TABLES.values()
+
+
+# --- rollups ---------------------------------------------------------------------------
+# A table with an integer ``step`` column (and no str column) has a *rollup*: one row per group
+# of consecutive rows of one rank in the same ``step // bucket_steps`` (the math lives in
+# traceml/format/rollup.py; spec: docs/format.md, "Rollup tables").
+
+ROLLUP_PREFIX = "rollup/"
+ROLLUP_STEP, ROLLUP_STEP_LAST, ROLLUP_ROWS = "step", "step_last", "rows"
+
+
+def rollup_name(table: str) -> str:
+    """``step_time`` -> ``rollup/step_time``."""
+    return ROLLUP_PREFIX + table
+
+
+def is_rollup(table: str) -> bool:
+    return table.startswith(ROLLUP_PREFIX)
+
+
+def rollup_statistics(column: Column) -> tuple[str, ...]:
+    """What a rollup keeps of *column*: ``*_ns`` timestamps min and max, every other number also its sum."""
+    return ("min", "max") if column.name.endswith("_ns") else ("sum", "min", "max")
+
+
+def rollup_schema(schema: TableSchema) -> TableSchema | None:
+    """The rollup table of *schema*: ``step`` (first), ``step_last``, ``rows``, then
+    ``<column>.<statistic>`` (sums as f8, min/max in the column's type); None when the table has
+    no integer ``step``, has a str column (rows of one step that mean different things), or is a rollup."""
+    if is_rollup(schema.name):
+        return None
+    kinds = {c.name: c.dtype for c in schema.columns}
+    if kinds.get(ROLLUP_STEP) not in ("i8", "i4") or STR in kinds.values():
+        return None
+    cols = [Column(ROLLUP_STEP, "i8"), Column(ROLLUP_STEP_LAST, "i8"), Column(ROLLUP_ROWS, "i8")]
+    for c in schema.columns:
+        if c.name == ROLLUP_STEP:
+            continue
+        for stat in rollup_statistics(c):
+            cols.append(Column(f"{c.name}.{stat}", "f8" if stat == "sum" else c.dtype))
+    return TableSchema(rollup_name(schema.name), tuple(cols))

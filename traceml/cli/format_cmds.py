@@ -166,6 +166,10 @@ def _print_inspection(info: dict[str, Any]) -> None:
         f"segments: {seg['count']:,}  rows: {seg['rows']:,}  column bytes: {_bytes(seg['raw_bytes'])}"
         f"  stored: {_bytes(seg['stored_bytes'])}  compression: {ratio}  per row on disk: {per_row}"
     )
+    rollups = info.get("rollups") or {}
+    if rollups.get("tables"):
+        rows = ", ".join(f"{name} {entry['rows']:,} rows" for name, entry in rollups["tables"].items())
+        console.print(f"rollups (every {rollups['steps']} steps): {rows}")
     console.print(f"attachments: {', '.join(info['attachments']) or '-'}")
 
     integrity = info["integrity"]

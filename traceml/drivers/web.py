@@ -243,12 +243,17 @@ def _stats_children(
     bd: series.StepBreakdown, rs: series.RankSteps, compare: series.StepBreakdown | None, labels: tuple[str, str]
 ) -> list[Any]:
     def ms(v: float) -> str:
-        return "n/a" if not math.isfinite(v) else f"{v:.3f} ms"
+        if not math.isfinite(v):
+            return "n/a" if bd.exact else "loading…"
+        return f"{v:.3f} ms"
 
+    skew = "n/a" if not math.isfinite(rs.skew_pct) else f"{rs.skew_pct:.1f}%"
+    if not rs.exact and math.isfinite(rs.skew_pct):
+        skew += " (of means, while loading)"
     parts = [
         ("median step", ms(bd.median_ms), "stat-median"),
         ("p95 step", ms(bd.p95_ms), "stat-p95"),
-        ("skew", "n/a" if not math.isfinite(rs.skew_pct) else f"{rs.skew_pct:.1f}%", "stat-skew"),
+        ("skew", skew, "stat-skew"),
         ("slowest rank", "-" if rs.slowest_rank is None else str(rs.slowest_rank), "stat-slowest"),
         ("rows", f"{bd.rows:,} steps x ranks over {len(bd.ranks)} rank(s)", "stat-rows"),
     ]
@@ -293,8 +298,9 @@ def build_app(
 
     ``loading`` (replay): a callable that is true while ``source`` still loads the tables the time
     charts and the diagnosis need; the page polls until it turns false, then stops polling.
-    ``on_charts_drawn`` is called each time the step charts were built (a staged replay source
-    starts loading the rest then, so the two do not compete).
+    ``on_charts_drawn`` is called once the step charts were built and sent, from the page's next
+    poll with no chart request in flight (a staged replay source starts loading the rest then, so
+    the loading does not compete with the first render, in this process or in the browser).
     """
     if refresh_s <= 0:
         raise ConfigError(f"refresh_s={refresh_s!r}: expected a positive number of seconds")
@@ -409,6 +415,7 @@ def build_app(
     # moved faster than the charts are built would never show anything: it waits for them.
     inflight = [0]
     inflight_lock = threading.Lock()
+    drawn = [0]  # how many times the step charts were built
 
     def tracked(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
@@ -436,6 +443,8 @@ def build_app(
         with inflight_lock:
             if inflight[0]:
                 return dash.no_update, dash.no_update
+        if drawn[0] and on_charts_drawn is not None:
+            on_charts_drawn()
         view = src.main()
         states = sorted((r, i.state, i.exit_status) for r, i in view.rank_info.items())
         integrity = view.integrity.get("status") if view.integrity else None
@@ -511,10 +520,10 @@ def build_app(
         else:
             res = "full resolution" if bd.bucket_steps == 1 else f"{bd.bucket_steps} steps per point"
             label = f"steps {rng[0]} .. {rng[1]} ({res})"
+        if not bd.exact:
+            label += "; drawn from the recording's rollup while its rows load"
         keep_view(rng, fig)
         return fig, _stats_children(bd, rs, bd_b, src.labels), label
-
-    drawn = [0]
 
     @app.callback(
         Output(FIG_RANK_STEPS, "figure"),
@@ -534,8 +543,6 @@ def build_app(
                 other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=max_points)
             )
         drawn[0] += 1
-        if on_charts_drawn is not None:
-            on_charts_drawn()
         per_rank, heat = figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs)
         keep_view(rng, per_rank, heat)
         return per_rank, heat, drawn[0]

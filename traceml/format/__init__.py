@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from traceml.format._records import FORMAT_VERSION, MAGIC, PRIVATE_KINDS, RecordKind
 from traceml.format.reader import Batch, ReadLimits, SegmentInfo, TmlReader, open_recording
+from traceml.format.rollup import DEFAULT_ROLLUP_STEPS
 from traceml.format.writer import STANDARD, TmlWriter
 
 __all__ = [
+    "DEFAULT_ROLLUP_STEPS",
     "FORMAT_VERSION",
     "MAGIC",
     "PRIVATE_KINDS",

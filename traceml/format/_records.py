@@ -29,7 +29,7 @@ from traceml.errors import (
 from traceml.schema import NUMPY_DTYPES, STR, TYPE_CODES, Column, TableSchema
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 _MAGIC_PREFIX = b"\x89TML"
@@ -173,9 +173,11 @@ def header_payload(
     meta: Mapping[str, Any],
     schemas: Sequence[TableSchema],
     sync: bytes,
+    rollup_steps: int | None = None,
 ) -> bytes:
     return pack_map(
         {
+            "rollup_steps": rollup_steps,
             "format_version": FORMAT_VERSION,
             "writer": writer,
             "run_id": run_id,

@@ -25,7 +25,7 @@ from traceml.errors import (
     RecordTooLargeError,
     TruncatedFileError,
 )
-from traceml.format import _records
+from traceml.format import _records, rollup
 from traceml.format._records import (
     FOOTER_SIZE,
     FRAME_HEAD_SIZE,
@@ -37,7 +37,7 @@ from traceml.format._records import (
     RecordKind,
     SegmentHead,
 )
-from traceml.schema import NUMPY_DTYPES, STR, TableSchema
+from traceml.schema import NUMPY_DTYPES, STR, TableSchema, is_rollup, rollup_schema
 
 #: (rank, table, {column: ndarray}); str columns are object arrays
 Batch = tuple[int, str, dict[str, np.ndarray]]
@@ -45,6 +45,8 @@ Batch = tuple[int, str, dict[str, np.ndarray]]
 Range = tuple[int | None, int | None]
 
 _SEARCH_CHUNK = 1 << 20
+#: the upper bound of "every step after" in a step range
+_MAX_STEP = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,18 @@ class TmlReader:
 
     @property
     def tables(self) -> list[str]:
-        return sorted({table for seg in self._segments for _, table in seg.rows})
+        """The tables with rows (rollups, which are derived from them, are listed by :attr:`rollup_tables`)."""
+        return sorted({table for seg in self._segments for _, table in seg.rows if not is_rollup(table)})
+
+    @property
+    def rollup_tables(self) -> list[str]:
+        return sorted({table for seg in self._segments for _, table in seg.rows if is_rollup(table)})
+
+    @property
+    def rollup_steps(self) -> int | None:
+        """Steps per rollup group the writer used (HEADER ``rollup_steps``); None: it wrote no rollups."""
+        value = self._header.get("rollup_steps")
+        return value if type(value) is int and value > 0 else None
 
     @property
     def integrity(self) -> dict[str, Any]:
@@ -292,14 +305,48 @@ class TmlReader:
             if filled[rank]
         }
 
-    def iter_batches(self, step_range: Range | None = None, time_range: Range | None = None) -> Iterator[Batch]:
-        """Every stream of every segment in file order, trimmed to the ranges (as in read_table)."""
+    def read_rollup(
+        self, table: str, ranks: Iterable[int] | None = None, bucket_steps: int | None = None
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """The rollup of *table* per rank (spec: "Rollup tables"): the stored ``rollup/<table>`` rows,
+        plus the raw rows they do not cover yet rolled up here (a crashed writer's tail, or every
+        row of a file written without rollups).  Empty when *table* has no rollup."""
+        schema = self._schemas.get(table)
+        rolled = None if schema is None else rollup_schema(schema)
+        if schema is None or rolled is None:
+            return {}
+        steps = bucket_steps or self.rollup_steps or rollup.DEFAULT_ROLLUP_STEPS
+        stored = self.read_table(rolled.name, ranks) if rolled.name in self._schemas else {}
+        wanted = {r for seg in self._segments for (r, t) in seg.rows if t == table}
+        if ranks is not None:
+            wanted &= {int(r) for r in ranks}
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for rank in sorted(wanted):
+            have = stored.get(rank)
+            covered = int(have[rollup.STEP_LAST].max()) if have is not None and len(have[rollup.STEP]) else None
+            rng = None if covered is None else (covered + 1, _MAX_STEP)
+            raw = self.read_table(table, [rank], step_range=rng).get(rank)
+            parts = [p for p in (have, None if raw is None else rollup.rollup(schema, raw, steps)) if p is not None]
+            merged = rollup.concat(parts)
+            if merged:
+                out[rank] = merged
+        return out
+
+    def iter_batches(
+        self, step_range: Range | None = None, time_range: Range | None = None, *, rollups: bool = False
+    ) -> Iterator[Batch]:
+        """Every stream of every segment in file order, trimmed to the ranges (as in read_table);
+        rollup streams only with ``rollups=True``."""
         for seg in list(self._segments):
+            if not rollups and all(is_rollup(t) for t in seg.tables):
+                continue
             if step_range is not None and self._skippable(seg, "step", seg.step_min, seg.step_max, step_range):
                 continue
             if time_range is not None and self._skippable(seg, "ts_ns", seg.t_min, seg.t_max, time_range):
                 continue
             for rank, table, cols in self._read_checked(seg, None):
+                if not rollups and is_rollup(table):
+                    continue
                 trimmed = _trim(cols, step_range, time_range)
                 if trimmed is not None:
                     yield rank, table, trimmed
@@ -312,7 +359,7 @@ class TmlReader:
             return []
         out: list[Batch] = []
         self._scan_forward(self._tail_scan, on_batches=out.extend)
-        return out
+        return [b for b in out if not is_rollup(b[1])]
 
     def verify(self) -> dict[str, dict[str, Any]]:
         """Read and check every record from the header to the end of the file.
@@ -345,11 +392,16 @@ class TmlReader:
         """Everything ``traceml inspect --json`` prints; reads and checks the whole file."""
         stats = self.verify()
         size = self._size()
-        rows = sum(n for seg in self._segments for n in seg.rows.values())
+        rows = sum(n for seg in self._segments for (_, t), n in seg.rows.items() if not is_rollup(t))
         raw = sum(seg.raw_size for seg in self._segments)
         stored = sum(seg.length for seg in self._segments)
+        rollups = {
+            name: {"rows": stats[name]["rows"], "ranks": stats[name]["ranks"]}
+            for name in sorted(stats)
+            if is_rollup(name)
+        }
         tables: dict[str, Any] = {}
-        for name in sorted(set(stats) | set(self.tables)):
+        for name in sorted({t for t in stats if not is_rollup(t)} | set(self.tables)):
             schema = self._schemas.get(name)
             entry = stats.get(name) or {"rows": 0, "ranks": []}
             tables[name] = {
@@ -369,6 +421,7 @@ class TmlReader:
             "header": header,
             "ranks": self.ranks,
             "tables": tables,
+            "rollups": {"steps": self.rollup_steps, "tables": rollups},
             "segments": {
                 "count": len(self._segments),
                 "rows": rows,

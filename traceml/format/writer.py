@@ -21,9 +21,17 @@ import zstandard
 
 from traceml._version import __version__
 from traceml.errors import ConfigError, FormatError, RecordTooLargeError, WriterClosedError
-from traceml.format import _records
+from traceml.format import _records, rollup
 from traceml.format._records import IndexEntry, RecordKind, SegmentHead
-from traceml.schema import NUMPY_DTYPES, STANDARD_TABLES, STR, TableSchema, schema_from_columns
+from traceml.schema import (
+    NUMPY_DTYPES,
+    STANDARD_TABLES,
+    STR,
+    TableSchema,
+    rollup_name,
+    rollup_schema,
+    schema_from_columns,
+)
 
 #: the schemas a writer declares in its header unless told otherwise
 STANDARD: tuple[TableSchema, ...] = tuple(STANDARD_TABLES.values())
@@ -122,6 +130,11 @@ class TmlWriter:
     ``tick``).  ``fsync_interval_s=None`` never calls ``fdatasync``.  After a write error
     every call raises :class:`WriterClosedError`; the file stays readable up to the last
     complete record.
+
+    Tables with a ``step`` column are also rolled up in groups of ``rollup_steps`` steps
+    (``rollup/<table>``, see :mod:`traceml.format.rollup`); the rollup rows are written in
+    segments of their own at each index checkpoint, so a reader finds them without
+    decompressing the raw rows.  ``rollup_steps=None`` writes no rollups.
     """
 
     def __init__(
@@ -136,9 +149,11 @@ class TmlWriter:
         checkpoint_interval_s: float = 30.0,
         checkpoint_every_segments: int = 64,
         level: int = 3,
+        rollup_steps: int | None = rollup.DEFAULT_ROLLUP_STEPS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _positive("segment_max_bytes", segment_max_bytes)
+        _positive("rollup_steps", rollup_steps, allow_none=True)
         if segment_max_bytes > _MAX_SEGMENT_BYTES:
             raise ConfigError(
                 f"TmlWriter(segment_max_bytes={segment_max_bytes}): at most {_MAX_SEGMENT_BYTES >> 20} MiB,"
@@ -157,6 +172,11 @@ class TmlWriter:
         self._checkpoint_interval_s = float(checkpoint_interval_s)
         self._checkpoint_every_segments = int(checkpoint_every_segments)
         self._clock = clock
+        self._rollup_steps = None if rollup_steps is None else int(rollup_steps)
+        # per (rank, table): the rows of the open rollup group; closed groups wait for the next checkpoint
+        self._rollup_open: dict[tuple[int, str], rollup.RollupBuffer] = {}
+        self._rollup_done: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
+        self._rollup_bytes = 0
         self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._tables: dict[str, _Table] = {}
         for schema in schemas:
@@ -175,6 +195,7 @@ class TmlWriter:
                 meta=meta,
                 schemas=[t.schema for t in self._tables.values()],
                 sync=self._sync,
+                rollup_steps=self._rollup_steps,
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"run_meta must be a msgpack-able map of str keys; {exc}") from exc
@@ -286,6 +307,8 @@ class TmlWriter:
                 start += take
                 if segment.raw_bytes >= self._segment_max_bytes:
                     self._close_segment()
+            if self._rollup_steps is not None:
+                self._roll_up(int(rank), info.schema, cols)
         self._close_aged_segment()
 
     def attach(self, name: str, data: Mapping[str, Any]) -> None:
@@ -324,6 +347,9 @@ class TmlWriter:
             if self._failure is None:
                 if self._segment is not None:
                     self._close_segment(checkpoint=False)
+                for key, buffer in self._rollup_open.items():
+                    self._rollup_rows(key, buffer.flush())
+                self._write_rollups()
                 if summary is not None:
                     self.attach("summary", summary)
                 index_offset = self._write_checkpoint(final=True, sync=False)
@@ -368,20 +394,47 @@ class TmlWriter:
         if self._segment is not None and self._clock() - self._segment.opened_at >= self._segment_max_age_s:
             self._close_segment()
 
+    def _roll_up(self, rank: int, schema: TableSchema, cols: Mapping[str, Any]) -> None:
+        key = (rank, schema.name)
+        buffer = self._rollup_open.get(key)
+        if buffer is None:
+            rolled = rollup_schema(schema)
+            if rolled is None or self._rollup_steps is None:
+                return
+            if rolled.name not in self._tables:
+                self.add_schema(rolled)
+            buffer = self._rollup_open[key] = rollup.RollupBuffer(schema, self._rollup_steps)
+        self._rollup_rows(key, buffer.add(cols))
+
+    def _rollup_rows(self, key: tuple[int, str], rows: dict[str, np.ndarray] | None) -> None:
+        if not rows or not len(rows[rollup.STEP]):
+            return
+        self._rollup_done.setdefault(key, []).append(rows)
+        self._rollup_bytes += sum(v.nbytes for v in rows.values())
+        if self._rollup_bytes >= self._segment_max_bytes:
+            self._write_rollups()
+
+    def _write_rollups(self) -> None:
+        """The closed rollup groups as one segment of their own (kept apart from the raw rows)."""
+        done, self._rollup_done, self._rollup_bytes = self._rollup_done, {}, 0
+        by_table: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for (rank, table), parts in sorted(done.items()):
+            merged = rollup.concat(parts)
+            if merged:
+                by_table.setdefault(rollup_name(table), []).append((rank, merged))
+        groups: list[_records.TableRuns] = []
+        for name, members in by_table.items():
+            schema = self._tables[name].schema
+            columns = {c.name: np.concatenate([m[c.name] for _, m in members]) for c in schema.columns}
+            groups.append((schema, [(rank, len(m[rollup.STEP])) for rank, m in members], columns))
+        if groups:
+            self._write_segment(groups, data=False)
+
     def _close_segment(self, *, checkpoint: bool = True) -> None:
         segment, self._segment = self._segment, None
         if segment is None or not segment.streams:
             return
-        payload, head = _records.encode_segment(_table_runs(segment), self._compressor)
-        offset = self._offset
-        length = self._write_record(RecordKind.SEGMENT, payload)
-        self._pending_segments.append((offset, length, head))
-        self._segments_written += 1
-        for _, table, n in head.streams:
-            self._rows_written += n
-            self._table_rows[table] = self._table_rows.get(table, 0) + n
-        self._t_range = _widen(self._t_range, head.t_min, head.t_max)
-        self._step_range = _widen(self._step_range, head.step_min, head.step_max)
+        self._write_segment(_table_runs(segment), data=True)
         if not checkpoint:
             return
         now = self._clock()
@@ -393,7 +446,23 @@ class TmlWriter:
         elif self._fsync_interval_s is not None and now - self._last_sync_at >= self._fsync_interval_s:
             self._sync_to_disk()
 
+    def _write_segment(self, groups: list[_records.TableRuns], *, data: bool) -> None:
+        """Encode and write one SEGMENT; ``data`` rows count as written (rollup rows do not)."""
+        payload, head = _records.encode_segment(groups, self._compressor)
+        offset = self._offset
+        length = self._write_record(RecordKind.SEGMENT, payload)
+        self._pending_segments.append((offset, length, head))
+        self._segments_written += 1
+        for _, table, n in head.streams:
+            if data:
+                self._rows_written += n
+            self._table_rows[table] = self._table_rows.get(table, 0) + n
+        self._t_range = _widen(self._t_range, head.t_min, head.t_max)
+        self._step_range = _widen(self._step_range, head.step_min, head.step_max)
+
     def _write_checkpoint(self, *, final: bool, sync: bool = True) -> int:
+        if not final:  # close() wrote the last rollups already
+            self._write_rollups()
         payload = _records.index_payload(
             prev=self._last_index,
             final=final,

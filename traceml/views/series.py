@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from traceml.schema import PHASES
+from traceml.schema import PHASES, ROLLUP_ROWS, ROLLUP_STEP_LAST, rollup_name
 from traceml.store import StoreView
 
 #: default cap on the points of one drawn trace (min/max gives 2 per bucket)
@@ -28,6 +28,8 @@ StepRange = tuple[int, int]
 TimeRange = tuple[float, float]
 
 _EMPTY_F = np.empty(0, dtype=np.float64)
+#: the per-step table's rollup (traceml.format.rollup): what a long recording draws from while it loads
+ROLLUP_STEP_TIME = rollup_name("step_time")
 
 
 # --- downsampling --------------------------------------------------------------------------
@@ -159,6 +161,9 @@ class StepBreakdown:
     ranks: tuple[int, ...]
     rows: int
     step_range: StepRange | None
+    #: False when drawn from the rollup (a long recording still loading): means are exact,
+    #: median and p95 are not known yet (nan)
+    exact: bool = True
 
     @property
     def empty(self) -> bool:
@@ -188,6 +193,9 @@ class RankSteps:
     heat_ms: np.ndarray  # (len(heat_ranks), len(heat_steps)), nan where a rank has no step
     bucket_steps: int
     step_range: StepRange | None
+    #: False when drawn from the rollup: lines are min/max envelopes per group of steps, the
+    #: ranks' medians unknown (nan), and the slowest rank and skew use their means
+    exact: bool = True
 
     @property
     def empty(self) -> bool:
@@ -381,11 +389,165 @@ def _quantiles(chunks: list[np.ndarray]) -> tuple[float, float]:
     return med / 1000.0, p95 / 1000.0
 
 
+# --- the rollup of step_time (a long recording's first charts) ---------------------------------
+# One rollup row summarises a group of consecutive steps of one rank (``step`` .. ``step_last``,
+# ``rows`` steps, ``<column>.sum|min|max``).  Means per bucket stay exact; quantiles are not known.
+
+
+def _from_rollup(view: StoreView) -> bool:
+    """Draw from the rollup: the view holds it and not the raw rows (a replay still loading)."""
+    return not view.has("step_time") and view.has(ROLLUP_STEP_TIME)
+
+
+def _rollup_cols(view: StoreView, rank: int, step_range: StepRange | None) -> Mapping[str, np.ndarray]:
+    """The rank's rollup rows sorted by first step; with a range, the groups that overlap it."""
+    cols = view.columns(ROLLUP_STEP_TIME, rank)
+    if "step" not in cols or not len(cols["step"]):
+        return {}
+    cols = _sorted_by(cols, "step")
+    if step_range is not None:
+        keep = (cols[ROLLUP_STEP_LAST] >= step_range[0]) & (cols["step"] <= step_range[1])
+        cols = {c: v[keep] for c, v in cols.items()}
+        if not len(cols["step"]):
+            return {}
+    return cols
+
+
+def _rollup_per_rank(
+    view: StoreView, ranks: Iterable[int] | None, step_range: StepRange | None
+) -> dict[int, Mapping[str, np.ndarray]]:
+    chosen = selected_ranks(view, ROLLUP_STEP_TIME, ranks)
+    per_rank = {r: _rollup_cols(view, r, step_range) for r in chosen}
+    return {r: c for r, c in per_rank.items() if c}
+
+
+def _rollup_step_range(view: StoreView, ranks: Iterable[int] | None) -> StepRange | None:
+    per_rank = _rollup_per_rank(view, ranks, None)
+    if not per_rank:
+        return None
+    return (
+        min(int(c["step"].min()) for c in per_rank.values()),
+        max(int(c[ROLLUP_STEP_LAST].max()) for c in per_rank.values()),
+    )
+
+
+def _rollup_buckets(
+    per_rank: Mapping[int, Mapping[str, np.ndarray]], max_buckets: int
+) -> tuple[int, int, int, dict[int, np.ndarray]]:
+    """``(lo, width, n, {rank: bucket of each group})``: equal step buckets, a whole number of groups wide."""
+    group = max(int((c[ROLLUP_STEP_LAST] - c["step"]).max()) + 1 for c in per_rank.values())
+    first = min(int(c["step"][0]) for c in per_rank.values())
+    hi = max(int(c[ROLLUP_STEP_LAST].max()) for c in per_rank.values())
+    lo = first - first % group
+    width = _bucket_width(lo, hi, max_buckets)
+    width = max(group, -(-width // group) * group)
+    n = (hi - lo) // width + 1
+    return lo, width, n, {r: (c["step"] - lo) // width for r, c in per_rank.items()}
+
+
+def _rollup_breakdown(
+    view: StoreView,
+    ranks: Iterable[int] | None,
+    step_range: StepRange | None,
+    phases: Sequence[str],
+    max_buckets: int,
+) -> StepBreakdown:
+    per_rank = _rollup_per_rank(view, ranks, step_range)
+    chosen = tuple(selected_ranks(view, ROLLUP_STEP_TIME, ranks))
+    if not per_rank:
+        empty = {p: _EMPTY_F for p in phases}
+        return StepBreakdown(_EMPTY_F, empty, _EMPTY_F, math.nan, math.nan, 1, chosen, 0, step_range, exact=False)
+    lo, width, n, index = _rollup_buckets(per_rank, max_buckets)
+    counts = np.zeros(n)
+    total = np.zeros(n)
+    sums = {p: np.zeros(n) for p in phases}
+    for r, cols in per_rank.items():
+        idx = index[r]
+        counts += np.bincount(idx, weights=cols[ROLLUP_ROWS], minlength=n)
+        total += np.bincount(idx, weights=cols["step_us.sum"], minlength=n)
+        for p in phases:
+            col = cols.get(f"{p}_us.sum")
+            if col is not None:
+                sums[p] += np.bincount(idx, weights=col, minlength=n)
+    present = counts > 0
+    denom = counts[present] * 1000.0
+    phase_ms = {p: np.maximum(sums[p][present] / denom, 0.0) for p in phases}
+    x = (lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0)[present]
+    rows = int(counts.sum())
+    total_ms = np.maximum(total[present] / denom, 0.0)
+    return StepBreakdown(
+        x, phase_ms, total_ms, math.nan, math.nan, width, tuple(per_rank), rows, step_range, exact=False
+    )
+
+
+def _envelope(cols: Mapping[str, np.ndarray], max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max ``step_us`` per group (merged k groups at a time to fit ``max_points``): the
+    line goes through each group's minimum at its first step and its maximum at its last."""
+    k = max(1, math.ceil(2 * len(cols["step"]) / max(2, max_points)))
+    starts = np.arange(0, len(cols["step"]), k)
+    lows = np.minimum.reduceat(cols["step_us.min"], starts)
+    highs = np.maximum.reduceat(cols["step_us.max"], starts)
+    first = cols["step"][starts]
+    last = np.maximum.reduceat(cols[ROLLUP_STEP_LAST], starts)
+    x = np.empty(2 * len(starts), dtype=np.float64)
+    y = np.empty(2 * len(starts), dtype=np.int64)
+    x[0::2], x[1::2] = first, last
+    y[0::2], y[1::2] = lows, highs
+    return x, y
+
+
+def _rollup_rank_steps(
+    view: StoreView,
+    ranks: Iterable[int] | None,
+    step_range: StepRange | None,
+    max_points: int,
+    heat_buckets: int,
+) -> RankSteps:
+    per_rank = _rollup_per_rank(view, ranks, step_range)
+    if not per_rank:
+        return RankSteps((), (), None, math.nan, _EMPTY_F, (), np.empty((0, 0)), 1, step_range, exact=False)
+    lo, width, n, index = _rollup_buckets(per_rank, heat_buckets)
+    traces, stats = [], []
+    heat = np.full((len(per_rank), n), np.nan)
+    for i, (r, cols) in enumerate(per_rank.items()):
+        x, y = _envelope(cols, max_points)
+        steps = int(cols[ROLLUP_ROWS].sum())
+        traces.append(Trace(f"rank {r}", x, _ms(y), rank=r, points=steps))
+        mean = float(cols["step_us.sum"].sum()) / max(steps, 1) / 1000.0
+        stats.append(RankStat(r, steps, math.nan, math.nan, max(mean, 0.0)))
+        c = np.bincount(index[r], weights=cols[ROLLUP_ROWS], minlength=n)
+        total = np.bincount(index[r], weights=cols["step_us.sum"], minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            heat[i] = np.where(c > 0, np.maximum(total, 0) / np.where(c > 0, c, 1) / 1000.0, np.nan)
+    means = np.array([s.mean_ms for s in stats])
+    slowest = int(stats[int(np.argmax(means))].rank)
+    skew = math.nan
+    if len(means) >= 2 and means.min() > 0:
+        skew = float((means.max() - means.min()) / means.min() * 100.0)
+    heat_x = lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0
+    return RankSteps(
+        tuple(traces), tuple(stats), slowest, skew, heat_x, tuple(per_rank), heat, width, step_range, exact=False
+    )
+
+
+def _rollup_step_range_to_time(
+    view: StoreView, step_range: StepRange, ranks: Iterable[int] | None, t0: int
+) -> TimeRange | None:
+    per_rank = _rollup_per_rank(view, ranks, step_range)
+    if not per_rank:
+        return None
+    lo_ns = min(int(c["ts_ns.min"].min()) for c in per_rank.values())
+    hi_ns = max(int(c["ts_ns.max"].max()) for c in per_rank.values())
+    return ((lo_ns - t0) / 1e9, (hi_ns - t0) / 1e9)
+
+
 # --- step views -----------------------------------------------------------------------------
 
 
 def step_range_of(view: StoreView, ranks: Iterable[int] | None = None) -> StepRange | None:
     """The smallest and largest step held for the selected ranks."""
+    if _from_rollup(view):
+        return _rollup_step_range(view, ranks)
     lo, hi = None, None
     for r in selected_ranks(view, "step_time", ranks):
         s = view.columns("step_time", r).get("step")
@@ -405,6 +567,8 @@ def step_breakdown(
     max_buckets: int = MAX_POINTS,
 ) -> StepBreakdown:
     """Mean phase times per step bucket over the selected ranks, with the range's median and p95."""
+    if _from_rollup(view):
+        return _rollup_breakdown(view, ranks, step_range, phases, max_buckets)
     chosen = selected_ranks(view, "step_time", ranks)
     per_rank = {r: _step_cols(view, r, step_range) for r in chosen}
     per_rank = {r: c for r, c in per_rank.items() if c and len(c["step"])}
@@ -451,6 +615,8 @@ def rank_steps(
     method: str = "minmax",
 ) -> RankSteps:
     """Per-rank step time lines (reduced), per-rank median/p95, skew and the ranks x steps heatmap."""
+    if _from_rollup(view):
+        return _rollup_rank_steps(view, ranks, step_range, max_points, heat_buckets)
     chosen = selected_ranks(view, "step_time", ranks)
     per_rank = {r: _step_cols(view, r, step_range) for r in chosen}
     per_rank = {r: c for r, c in per_rank.items() if c and len(c["step"])}
@@ -495,6 +661,8 @@ def step_range_to_time(
     if step_range is None:
         return None
     t0 = origin_ns(view)
+    if _from_rollup(view):
+        return _rollup_step_range_to_time(view, step_range, ranks, t0)
     lo_ns: int | None = None
     hi_ns: int | None = None
     for r in selected_ranks(view, "step_time", ranks):
@@ -517,31 +685,41 @@ def throughput(
     max_points: int = MAX_POINTS,
 ) -> Throughput:
     """Completed steps per second per time bucket, averaged over the ranks running in that bucket."""
-    chosen = selected_ranks(view, "step_time", ranks)
     t0 = origin_ns(view)
-    per_rank = []
-    for r in chosen:
-        cols = _step_cols(view, r, step_range)
-        if cols and len(cols["ts_ns"]):
-            ts = cols["ts_ns"]
-            if not bool(np.all(ts[1:] >= ts[:-1])):
-                ts = np.sort(ts)
-            per_rank.append(ts)
+    # per rank: step completion times and how many steps completed at each (1 per raw row; a rollup
+    # group counts all its steps at its last one)
+    per_rank: list[tuple[np.ndarray, np.ndarray]] = []
+    if _from_rollup(view):
+        for r in selected_ranks(view, ROLLUP_STEP_TIME, ranks):
+            cols = _rollup_cols(view, r, step_range)
+            if cols:
+                order = np.argsort(cols["ts_ns.max"], kind="stable")
+                per_rank.append((cols["ts_ns.max"][order], cols[ROLLUP_ROWS][order]))
+    else:
+        for r in selected_ranks(view, "step_time", ranks):
+            cols = _step_cols(view, r, step_range)
+            if cols and len(cols["ts_ns"]):
+                ts = cols["ts_ns"]
+                if not bool(np.all(ts[1:] >= ts[:-1])):
+                    ts = np.sort(ts)
+                per_rank.append((ts, np.ones(len(ts), dtype=np.int64)))
     if not per_rank:
         return Throughput(_EMPTY_F, _EMPTY_F, math.nan, 0)
-    lo = min(int(ts[0]) for ts in per_rank)
-    hi = max(int(ts[-1]) for ts in per_rank)
-    steps = min(len(ts) for ts in per_rank)
+    lo = min(int(ts[0]) for ts, _ in per_rank)
+    hi = max(int(ts[-1]) for ts, _ in per_rank)
+    steps = min(int(n.sum()) for _, n in per_rank)
     span = max(hi - lo, 1)
-    # each bucket should hold ~10 steps on average so the rate is not just quantisation noise
-    n_buckets = int(max(1, min(max_points, steps // 10, span // 1_000_000)))
+    # each bucket should hold ~10 steps (or rollup groups) on average so the rate is not just quantisation noise
+    events = min(len(ts) for ts, _ in per_rank)
+    n_buckets = int(max(1, min(max_points, events // 10 if events < steps else steps // 10, span // 1_000_000)))
     width = span / n_buckets
     edges = lo + np.arange(1, n_buckets) * width
     total = np.zeros(n_buckets)
     active = np.zeros(n_buckets)
-    for ts in per_rank:
+    for ts, counts in per_rank:
         cut = np.searchsorted(ts, edges, side="right")
-        total += np.diff(np.concatenate([[0], cut, [len(ts)]]))
+        done = np.concatenate([[0], np.cumsum(counts)])
+        total += np.diff(done[np.concatenate([[0], cut, [len(ts)]])])
         # a rank counts where it was running: between its first and last step (partial buckets too)
         active += (lo + (np.arange(n_buckets) + 1) * width >= ts[0]) & (lo + np.arange(n_buckets) * width <= ts[-1])
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -549,7 +727,7 @@ def throughput(
     x = (lo - t0 + (np.arange(n_buckets) + 0.5) * width) / 1e9
     mean = float(
         np.mean(
-            [(len(ts) - 1) / max((int(ts[-1]) - int(ts[0])) / 1e9, 1e-9) for ts in per_rank if len(ts) > 1]
+            [(int(n.sum()) - 1) / max((int(ts[-1]) - int(ts[0])) / 1e9, 1e-9) for ts, n in per_rank if int(n.sum()) > 1]
             or [math.nan]
         )
     )
