@@ -5,19 +5,23 @@
 Writes (or reuses, with ``--file``) a synthetic GPU recording of ``ranks`` x ``steps`` steps with
 TmlWriter, then measures:
 
-* loading: ``replay.open`` (index only), the step_time table alone, and the whole view;
-* the server-side build of every chart for the first render (series view + Plotly figure + the
-  JSON Dash sends), and a brushed range of 2 000 steps re-queried at full resolution;
+* loading: ``replay.open`` (index only), the rollup of step_time (what the first charts draw
+  from: a row per 256 steps, format 1.1), and as baselines step_time alone and the whole view;
+* the server-side build of the charts: from the rollup (first render) and from every row (once
+  the recording loaded), and a brushed range of 2 000 steps re-queried at full resolution;
 * a baseline in the same run: the per-rank chart built from every raw point (no reduction);
-* in headless Chromium (/usr/bin/chromium): navigation to the first drawn chart and to every
-  chart drawn, with a cold and a warm browser cache, and a brush (relayout) to its redraw; the
-  same page over a 10-step recording is the baseline (what the page costs whatever the data).
+* in headless Chromium (/usr/bin/chromium): a fresh dashboard (what ``traceml replay --ui web``
+  does before it prints the URL) and the navigation to the first drawn chart and to every chart,
+  in a fresh browser (cold cache) and again in the same browser (warm cache); the same over a
+  10-step recording is the baseline (what the page costs whatever the data); then the wait for
+  the exact statistics (every row loaded behind the page) and a brush (relayout) to its redraw.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -51,6 +55,8 @@ ARGS = [
     "--no-first-run",
 ]
 FIRST_JS = "() => { const g = document.querySelector('#fig-step-breakdown .js-plotly-plot'); return !!(g && g._fullData && g._fullData.length && g.querySelector('.scatterlayer .trace')); }"
+#: the charts a rollup view draws (the others wait for their tables)
+ROLLUP_CHARTS = ("fig-step-breakdown", "fig-rank-steps", "fig-rank-heatmap", "fig-throughput")
 ALL_JS = """(ids) => ids.every(id => { const g = document.querySelector('#' + id + ' .js-plotly-plot');
   return g && g._fullLayout && g.data; }) && !document.querySelector('[data-dash-is-loading="true"]')"""
 
@@ -113,55 +119,72 @@ def naive_rank_figure(view: StoreView) -> int:
     return len(fig.to_json())
 
 
-def page_times(pw: Any, url: str, prefix: str) -> list[tuple[str, float]]:
-    """A fresh Chromium: navigation to the first drawn chart and to every chart, cold then warm cache."""
-    out: list[tuple[str, float]] = []
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def replay_page(pw: Any, browser: Any, path: Path, port: int, prefix: str, label: str) -> list[tuple[str, float]]:
+    """One ``traceml replay --ui web`` start: serving (open + first view + app), then navigation to
+    the first drawn chart and to every chart drawn, in *browser* (a fresh one is cold)."""
+    t = time.perf_counter()
+    app, close = build_dashboard(path, progress=False)
+    serving = time.perf_counter() - t
+    server = WebServer(app, port=port).start()
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.set_default_timeout(300_000)
-        for label in ("cold cache", "warm cache"):
-            t = time.perf_counter()
-            page.goto(url)
-            page.wait_for_function(FIRST_JS, polling=10)
-            out.append((f"{prefix}first chart drawn ({label})", time.perf_counter() - t))
-            page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
-            out.append((f"{prefix}every chart drawn ({label})", time.perf_counter() - t))
-            page.goto("about:blank")
+        t = time.perf_counter()
+        page.goto(server.url)
+        page.wait_for_function(FIRST_JS, polling=10)
+        first = time.perf_counter() - t
+        page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
+        every = time.perf_counter() - t
+        page.close()
     finally:
-        browser.close()
-    return out
+        server.stop()
+        close()
+    return [
+        (f"{prefix}serving: open + first view + app ({label})", serving),
+        (f"{prefix}first chart drawn ({label})", first),
+        (f"{prefix}every chart drawn ({label})", every),
+        (f"{prefix}end to end: serving + first chart ({label})", serving + first),
+    ]
 
 
 def browser_times(path: Path, steps: int, tiny: Path) -> list[tuple[str, float]]:
+    """Cold: a fresh Chromium; warm: the same Chromium again (its cache holds the page's scripts,
+    as a browser that opened the dashboard before).  Each page is a fresh dashboard on one port."""
     from playwright.sync_api import sync_playwright
 
     out: list[tuple[str, float]] = []
+    port = _free_port()
     with sync_playwright() as pw:
-        # baseline: the same page over a 10-step recording (the page's own cost: scripts, Dash, Plotly)
-        app, close = build_dashboard(tiny, progress=False)
-        server = WebServer(app).start()
-        try:
-            out += page_times(pw, server.url, "baseline, 10 steps: ")
-        finally:
-            server.stop()
-            close()
+        for prefix, recording in (("baseline, 10 steps: ", tiny), ("", path)):
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            try:
+                for label in ("cold cache", "warm cache"):
+                    out += replay_page(pw, browser, recording, port, prefix, label)
+            finally:
+                browser.close()
 
-        t = time.perf_counter()
         app, close = build_dashboard(path, progress=False)
-        serving = time.perf_counter() - t
-        out.append(("dashboard serving: open + load step_time + app", serving))
         server = WebServer(app).start()
         try:
-            times = page_times(pw, server.url, "browser: ")
-            out += times
-            out.append(("  end to end: serving + first chart (cold)", serving + times[0][1]))
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1800})
                 page.set_default_timeout(300_000)
                 page.goto(server.url)
                 page.wait_for_function(ALL_JS, arg=list(FIGURE_IDS), polling=10)
+                t = time.perf_counter()
+                page.wait_for_function(
+                    "() => !document.querySelector('#stat-median') ||"
+                    " document.querySelector('#stat-median').textContent.includes('ms')",
+                    polling=50,
+                )
+                out.append(("browser: exact statistics shown after the rows loaded", time.perf_counter() - t))
                 lo = steps // 2
                 t = time.perf_counter()
                 page.evaluate(
@@ -203,18 +226,26 @@ def main() -> None:
         rows: list[tuple[str, float, str]] = []
         s, rec = timed(lambda: replay.open(path, progress=False), 1)
         rows.append(("replay.open (header + index)", s, f"{len(rec.segments)} segments"))
+        s, rolled = timed(lambda: rec.rollup_store(["step_time"]).snapshot(), 3)
+        groups = rolled.total_rows("rollup/step_time")
+        rows.append(("load the rollup of step_time (the first charts' data)", s, f"{groups:,} rollup rows"))
         s, _ = timed(lambda: rec.load(["step_time"]), 1)
         n = rec.rows["step_time"]
-        rows.append(("load step_time (the step charts' data)", s, f"{n:,} rows, {n / s / 1e6:.1f} M rows/s"))
+        rows.append(("baseline: load step_time (every row)", s, f"{n:,} rows, {n / s / 1e6:.1f} M rows/s"))
         s, view = timed(rec.view, 1)
         rows.append(("load the rest -> StoreView", s, f"{view.total_rows():,} rows in all"))
         rec.close()
 
         first_render(view)  # warm plotly's validators once, as build_app does
+        s, built = timed(lambda: first_render(rolled), 3)
+        kb = sum(b for k, (b, _) in built.items() if k in ROLLUP_CHARTS) / 1024
+        rows.append(("server: the step charts from the rollup (first render)", s, f"{kb:,.0f} KiB JSON"))
         s, built = timed(lambda: first_render(view), 3)
         kb = sum(b for b, _ in built.values()) / 1024
         most = max(p for k, (_, p) in built.items() if k != "fig-rank-heatmap")
-        rows.append(("server: every chart of the first render", s, f"{kb:,.0f} KiB JSON, <= {most} points/trace"))
+        rows.append(
+            ("server: every chart from every row (once loaded)", s, f"{kb:,.0f} KiB JSON, <= {most} points/trace")
+        )
         for chart in ("fig-step-breakdown", "fig-rank-steps"):
             fn = {
                 "fig-step-breakdown": lambda: figures.step_breakdown_figure(series.step_breakdown(view)).to_json(),

@@ -60,8 +60,9 @@ def batches(per_rank: dict[int, dict[str, np.ndarray]], batch: int) -> list[tupl
     return out
 
 
-def tml_write(path: Path, work: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-    with TmlWriter(path, run_meta={"run_id": "bench"}) as writer:
+def tml_write(path: Path, work: list[tuple[int, dict[str, np.ndarray]]], rollups: bool = True) -> None:
+    options = {} if rollups else {"rollup_steps": None}
+    with TmlWriter(path, run_meta={"run_id": "bench"}, **options) as writer:
         for rank, cols in work:
             writer.append(rank, "step_time", cols)
 
@@ -189,6 +190,10 @@ def main() -> None:
                 read = timed(lambda p=path: tml_read(p))
                 record(f".tml, {batch} rows/append", total, write, read, path.stat().st_size)
                 assert tml_read(path) == total
+                bare = Path(tmp) / f"bare_{batch}.tml"  # the same without the rollup (format 1.0's cost)
+                write = timed(lambda w=work, p=bare: tml_write(p, w, rollups=False))
+                read = timed(lambda p=bare: tml_read(p))
+                record(f".tml, {batch} rows/append, no rollup", total, write, read, bare.stat().st_size)
             work = batches(base_rank, 256)
             path = Path(tmp) / "naive.bin"
             write = timed(lambda w=work, p=path: naive_write(p, w))
