@@ -14,11 +14,20 @@ raw rows the stored rollup does not cover yet (a crashed writer's tail) with the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
 
-from traceml.schema import NUMPY_DTYPES, ROLLUP_ROWS, ROLLUP_STEP, ROLLUP_STEP_LAST, TableSchema, rollup_statistics
+from traceml.schema import (
+    NUMPY_DTYPES,
+    ROLLUP_ROWS,
+    ROLLUP_STEP,
+    ROLLUP_STEP_LAST,
+    TableSchema,
+    rollup_schema,
+    rollup_statistics,
+)
 
 STEP, STEP_LAST, ROWS = ROLLUP_STEP, ROLLUP_STEP_LAST, ROLLUP_ROWS
 
@@ -48,30 +57,37 @@ def group_starts(steps: np.ndarray, bucket_steps: int) -> np.ndarray:
 
 def summarize(schema: TableSchema, cols: Columns, starts: np.ndarray) -> dict[str, np.ndarray]:
     """One rollup row per group of *cols* (rows of one rank of the table *schema*) beginning at *starts*."""
+    rolled = _rolled(schema)
     n = len(cols[STEP])
+    if n == 0:
+        return {c.name: np.empty(0, NUMPY_DTYPES[c.dtype]) for c in rolled.columns}
     ends = np.append(starts[1:], n)
-    steps = cols[STEP].astype(np.int64, copy=False)
+    steps = np.asarray(cols[STEP])
     out: dict[str, np.ndarray] = {
-        STEP: np.minimum.reduceat(steps, starts) if n else np.empty(0, np.int64),
-        STEP_LAST: np.maximum.reduceat(steps, starts) if n else np.empty(0, np.int64),
+        STEP: np.minimum.reduceat(steps, starts).astype(np.int64, copy=False),
+        STEP_LAST: np.maximum.reduceat(steps, starts).astype(np.int64, copy=False),
         ROWS: (ends - starts).astype(np.int64),
     }
     for c in schema.columns:
         if c.name == STEP:
             continue
-        values = cols[c.name]
-        dtype = NUMPY_DTYPES[c.dtype]
+        values = np.asarray(cols[c.name])
         for stat in rollup_statistics(c):
-            key = f"{c.name}.{stat}"
-            if not n:
-                out[key] = np.empty(0, np.float64 if stat == "sum" else dtype)
-            elif stat == "sum":
-                out[key] = np.add.reduceat(values.astype(np.float64), starts)
+            if stat == "sum":  # accumulated in float64: no copy, no overflow
+                out[f"{c.name}.sum"] = np.add.reduceat(values, starts, dtype=np.float64)
             elif stat == "min":
-                out[key] = np.minimum.reduceat(values, starts).astype(dtype, copy=False)
+                out[f"{c.name}.min"] = np.minimum.reduceat(values, starts)
             else:
-                out[key] = np.maximum.reduceat(values, starts).astype(dtype, copy=False)
+                out[f"{c.name}.max"] = np.maximum.reduceat(values, starts)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _rolled(schema: TableSchema) -> TableSchema:
+    rolled = rollup_schema(schema)
+    if rolled is None:
+        raise ValueError(f"table {schema.name!r} has no rollup")
+    return rolled
 
 
 def rollup(schema: TableSchema, cols: Columns, bucket_steps: int = DEFAULT_ROLLUP_STEPS) -> dict[str, np.ndarray]:
@@ -89,41 +105,53 @@ def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class RollupBuffer:
-    """The writer's side: rows of one (rank, table) stream whose group is still open.
+    """The writer's side: the rows of one (rank, table) stream not rolled up yet.
 
-    :meth:`add` takes newly appended rows and returns the rollup rows of the groups they
-    completed; :meth:`flush` closes the open group (at the end of a recording).
+    :meth:`add` only keeps the rows (it runs on every append); :meth:`drain` — the writer calls
+    it when it closes a segment, so the rows held stay within a segment's worth — rolls up the
+    groups they completed and keeps the open one; :meth:`flush` closes that one too (at the end
+    of a recording).
     """
 
-    __slots__ = ("schema", "bucket_steps", "_open")
+    __slots__ = ("schema", "bucket_steps", "_chunks")
 
     def __init__(self, schema: TableSchema, bucket_steps: int) -> None:
         self.schema = schema
         self.bucket_steps = bucket_steps
-        self._open: dict[str, np.ndarray] | None = None
+        self._chunks: list[Columns] = []
 
-    def add(self, cols: Columns) -> dict[str, np.ndarray] | None:
-        names = [c.name for c in self.schema.columns]
-        if self._open is not None:
-            merged = {k: np.concatenate([self._open[k], np.asarray(cols[k])]) for k in names}
-        else:
-            merged = {k: np.asarray(cols[k]) for k in names}
-        starts = group_starts(merged[STEP], self.bucket_steps)
-        if not len(starts):
+    def add(self, cols: Columns) -> None:
+        """Keep *cols* (arrays the caller will not change)."""
+        self._chunks.append(cols)
+
+    def _merged(self) -> dict[str, np.ndarray] | None:
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
             return None
+        names = [c.name for c in self.schema.columns]
+        if len(chunks) == 1:
+            return {k: np.asarray(chunks[0][k]) for k in names}
+        return {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in names}
+
+    def drain(self) -> dict[str, np.ndarray] | None:
+        """The rollup rows of the groups completed so far; the open group's rows are kept."""
+        merged = self._merged()
+        if merged is None or not len(merged[STEP]):
+            return None
+        starts = group_starts(merged[STEP], self.bucket_steps)
         last = int(starts[-1])
-        self._open = {k: v[last:].copy() for k, v in merged.items()}
+        self._chunks = [{k: v[last:].copy() for k, v in merged.items()}]  # a copy frees the merged arrays
         if last == 0:
             return None
-        done = {k: v[:last] for k, v in merged.items()}
-        return summarize(self.schema, done, starts[:-1])
+        return summarize(self.schema, {k: v[:last] for k, v in merged.items()}, starts[:-1])
 
     def flush(self) -> dict[str, np.ndarray] | None:
-        if self._open is None or not len(self._open[STEP]):
+        """The rollup rows of every row kept, the open group included."""
+        merged = self._merged()
+        if merged is None or not len(merged[STEP]):
             return None
-        rows, self._open = self._open, None
-        return rollup(self.schema, rows, self.bucket_steps)
+        return rollup(self.schema, merged, self.bucket_steps)
 
     @property
-    def open_rows(self) -> int:
-        return 0 if self._open is None else len(self._open[STEP])
+    def held_rows(self) -> int:
+        return sum(len(c[STEP]) for c in self._chunks)

@@ -404,7 +404,12 @@ class TmlWriter:
             if rolled.name not in self._tables:
                 self.add_schema(rolled)
             buffer = self._rollup_open[key] = rollup.RollupBuffer(schema, self._rollup_steps)
-        self._rollup_rows(key, buffer.add(cols))
+        buffer.add(cols)
+
+    def _drain_rollups(self) -> None:
+        """Roll up the groups the rows appended since the last segment completed."""
+        for key, buffer in self._rollup_open.items():
+            self._rollup_rows(key, buffer.drain())
 
     def _rollup_rows(self, key: tuple[int, str], rows: dict[str, np.ndarray] | None) -> None:
         if not rows or not len(rows[rollup.STEP]):
@@ -435,6 +440,7 @@ class TmlWriter:
         if segment is None or not segment.streams:
             return
         self._write_segment(_table_runs(segment), data=True)
+        self._drain_rollups()
         if not checkpoint:
             return
         now = self._clock()
