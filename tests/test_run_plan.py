@@ -148,3 +148,30 @@ def test_multi_node_token_can_come_from_the_environment(script: str, monkeypatch
     result = CliRunner().invoke(app, argv, env={"TRACEML_TOKEN": "job-secret"})
     assert result.exit_code == 0, result.output
     assert seen[0].token == "job-secret"
+
+
+def test_the_aggregator_port_is_bound_before_anyone_learns_it(script: str) -> None:
+    import socket
+
+    plan = plan_run(script)
+    assert plan.aggregator_port_picked
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", plan.aggregator_port))  # another process took the picked port meanwhile
+    squatter.listen(1)
+    try:
+        taken = plan.aggregator_port
+        listener = run_cmd.listen_for_ranks(plan)
+        try:
+            assert plan.aggregator_port != taken and listener.getsockname()[1] == plan.aggregator_port
+            assert rank_env(plan, {})[config.ENV_AGGREGATOR_PORT] == str(plan.aggregator_port)
+            cmd = aggregator_command(plan, listener.fileno())
+            assert cmd[cmd.index("--listen-fd") + 1] == str(listener.fileno())
+            assert "--listen-fd" not in aggregator_command(plan)
+        finally:
+            listener.close()
+        given = plan_run(script, aggregator_port=taken)
+        assert not given.aggregator_port_picked
+        with pytest.raises(ConfigError, match=rf"127.0.0.1:{taken} .*another --aggregator-port"):
+            run_cmd.listen_for_ranks(given)
+    finally:
+        squatter.close()

@@ -288,6 +288,20 @@ def test_stop_closes_connections_with_reason_stopped(recorder, raw) -> None:
     assert closed_by_peer(sock)
 
 
+def test_a_listening_socket_handed_over_is_served_as_is(recorder, make_client) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    client = make_client(port)  # connects before the server starts: the backlog holds it
+    with TelemetryServer(token=TOKEN, handler=recorder, sock=listener) as srv:
+        assert srv.port == port
+        client.send(step_batch(1))
+        recorder.wait(lambda: len(recorder.messages) == 1, "a batch through the adopted socket")
+        client.close()
+    assert listener.fileno() == -1  # the server closed what it adopted
+
+
 # --- refusals -----------------------------------------------------------------------
 
 

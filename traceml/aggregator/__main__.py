@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m traceml.aggregator", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="TCP port (default 0: a free one, printed)")
+    p.add_argument(
+        "--listen-fd", type=int, default=None, help="serve on this inherited listening socket instead of binding"
+    )
     p.add_argument("--run-id", default="", help="refuse ranks of another run id")
     p.add_argument("--run-name", default="")
     p.add_argument("--out", default=None, help="recording path (.tml); omit for a live-only run")
@@ -65,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.start_ns:
         opts.start_ns = args.start_ns
+    if args.listen_fd is not None:
+        try:
+            opts.listen_sock = socket.socket(fileno=args.listen_fd)
+        except OSError as exc:
+            print(f"traceml aggregator: --listen-fd {args.listen_fd} is not a socket ({exc})", file=sys.stderr)
+            return 2
     try:
         agg = Aggregator(opts)
     except TracemlError as exc:

@@ -73,6 +73,9 @@ class AggregatorOptions:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     start_ns: int = field(default_factory=time.time_ns)
     command: list[str] = field(default_factory=list)
+    #: a listening socket handed over by the launcher (``traceml run`` binds before the ranks
+    #: learn the port, so no other process can take it in between); None: bind host:port
+    listen_sock: socket.socket | None = None
 
     def check(self) -> None:
         if self.ui not in UI_CHOICES:
@@ -214,6 +217,7 @@ class Aggregator:
             run_id=opts.run_id or None,
             max_frame_bytes=opts.max_frame_bytes,
             name="traceml-aggregator-server",
+            sock=opts.listen_sock,
         )
         self.ui: Any = _UI()
         self._log_handler: logging.Handler | None = None

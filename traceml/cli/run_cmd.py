@@ -86,6 +86,8 @@ class RunPlan:
     aggregator_port: int
     web_port: int
     auto_integrations: bool = True
+    #: the aggregator port was picked here (not given): another free one may replace it at start
+    aggregator_port_picked: bool = False
     python: str = sys.executable
     finish_timeout_s: float = FINISH_TIMEOUT_S
     start_ns: int = field(default_factory=time.time_ns)
@@ -180,6 +182,7 @@ def plan_run(
     token = token or secrets.token_hex(16)
     # every node derives the same run id from the shared token: node 0's aggregator checks it
     run_id = hashlib.sha256(token.encode()).hexdigest()[:16]
+    picked = aggregator_port is None
     if aggregator_port is None:
         aggregator_port = free_port(aggregator_host)
     if master_port is None:
@@ -207,6 +210,7 @@ def plan_run(
         aggregator_port=aggregator_port,
         web_port=web_port,
         auto_integrations=auto_integrations,
+        aggregator_port_picked=picked,
     )
 
 
@@ -225,7 +229,32 @@ def training_command(plan: RunPlan) -> list[str]:
     return [*cmd, "-m", "traceml.integrations.executor", plan.script, *plan.script_args]
 
 
-def aggregator_command(plan: RunPlan) -> list[str]:
+def listen_for_ranks(plan: RunPlan) -> socket.socket:
+    """Bind the aggregator's port here, before any process learns it (the aggregator inherits the
+    socket): a port picked as free cannot be taken in between.  A picked port found busy is
+    replaced by another free one (``plan.aggregator_port`` is updated); a given one is an error."""
+    host = plan.aggregator_host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in (plan.aggregator_port, 0):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            if port and plan.aggregator_port_picked:
+                continue
+            raise ConfigError(
+                f"cannot listen for the ranks on {host}:{port} ({exc.strerror or exc});"
+                " choose another --aggregator-port, or leave it out for a free one"
+            ) from exc
+        plan.aggregator_port = int(sock.getsockname()[1])
+        return sock
+    raise AssertionError("unreachable: port 0 either binds or raises")
+
+
+def aggregator_command(plan: RunPlan, listen_fd: int | None = None) -> list[str]:
     cmd = [
         plan.python,
         "-m",
@@ -252,6 +281,8 @@ def aggregator_command(plan: RunPlan) -> list[str]:
         str(plan.start_ns),
         "--control-stdin",
     ]
+    if listen_fd is not None:
+        cmd += ["--listen-fd", str(listen_fd)]
     if plan.out is not None:
         cmd += ["--out", str(plan.out)]
     return cmd + ["--command", plan.script, *plan.script_args]
@@ -515,12 +546,17 @@ class RunSupervisor:
                 f"cannot create {plan.run_dir} ({exc.strerror or exc}): no stdout.log/stderr.log; the training runs anyway"
             )
         if plan.starts_aggregator:
-            self.aggregator = subprocess.Popen(
-                aggregator_command(plan),
-                stdin=subprocess.PIPE,
-                env=aggregator_env(plan, self.env),
-                start_new_session=True,
-            )
+            listener = listen_for_ranks(plan)
+            try:
+                self.aggregator = subprocess.Popen(
+                    aggregator_command(plan, listener.fileno()),
+                    stdin=subprocess.PIPE,
+                    env=aggregator_env(plan, self.env),
+                    start_new_session=True,
+                    pass_fds=(listener.fileno(),),
+                )
+            finally:
+                listener.close()  # the aggregator holds its own descriptor
         show_directly = plan.ui != "terminal" or self.aggregator is None
         self.forwarder = Forwarder(self.aggregator.stdin if self.aggregator else None, show_directly)
         self.training = subprocess.Popen(

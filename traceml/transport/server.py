@@ -127,6 +127,7 @@ class TelemetryServer:
         max_buffered_bytes: int | None = None,
         max_connections: int = 1024,
         name: str = "traceml-transport-server",
+        sock: socket.socket | None = None,
     ) -> None:
         if max_frame_bytes < 1 or hello_timeout_s <= 0 or max_connections < 1:
             raise ConfigError(
@@ -157,6 +158,8 @@ class TelemetryServer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._port = 0
+        #: a socket already bound and listening (handed over by a parent process): no bind, no race
+        self._adopt = sock
 
         #: connections accepted at the TCP level / admitted by a hello / refused / closed as malformed
         self.accepted = 0
@@ -179,20 +182,25 @@ class TelemetryServer:
     def start(self) -> TelemetryServer:
         if self._thread is not None:
             raise TransportError("TelemetryServer.start() called twice; create a new server instead")
+        adopted, self._adopt = self._adopt, None
+        if adopted is not None:
+            listener = adopted
+        else:
+            try:
+                infos = socket.getaddrinfo(
+                    self.host, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                family, type_, proto, _, addr = infos[0]
+                listener = socket.socket(family, type_, proto)
+            except OSError as exc:
+                raise TransportError(
+                    f"cannot listen on {self.host}:{self._requested_port} ({exc}); expected a local address such as 127.0.0.1"
+                ) from exc
         try:
-            infos = socket.getaddrinfo(
-                self.host, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, type_, proto, _, addr = infos[0]
-            listener = socket.socket(family, type_, proto)
-        except OSError as exc:
-            raise TransportError(
-                f"cannot listen on {self.host}:{self._requested_port} ({exc}); expected a local address such as 127.0.0.1"
-            ) from exc
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(addr)
-            listener.listen(128)
+            if adopted is None:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(addr)
+                listener.listen(128)
             listener.setblocking(False)
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
