@@ -142,11 +142,13 @@ def build_dashboard(
     follow: bool = False,
     progress: bool | None = None,
     staged_load: bool = True,
+    plotly_js: str | os.PathLike[str] | None = None,
 ) -> tuple[dash.Dash, Callable[[], None]]:
     """The Dash app over ``path`` (and ``compare``); returns ``(app, close)``.
 
     ``staged_load``: draw the step charts from ``step_time`` while the rest loads (see
-    :class:`RecordingSource`); False loads everything first.
+    :class:`RecordingSource`); False loads everything first.  ``plotly_js``: see
+    :func:`traceml.drivers.web.build_app` (default ``$TRACEML_PLOTLY_JS``).
     """
     from traceml.drivers.web import build_app
 
@@ -174,7 +176,14 @@ def build_dashboard(
             other = open_recording(compare, progress=progress)
             recs.append(other)
             compare_source = recording_source(other)
-        app = build_app(source, live=follow, compare_source=compare_source, loading=loading, on_charts_drawn=on_drawn)
+        app = build_app(
+            source,
+            live=follow,
+            compare_source=compare_source,
+            loading=loading,
+            on_charts_drawn=on_drawn,
+            plotly_js=plotly_js,
+        )
     except BaseException:
         close()
         raise

@@ -5,7 +5,9 @@ real mouse drag), compare mode, live refresh, and "not recorded" panels.  Screen
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import replay
 from replay.dashboard import build_dashboard
 from replay.synthetic import fill_store, rank_infos, run_meta, synthetic_run, write_recording
 from traceml.drivers.web import FIGURE_IDS, WebServer, build_app
+from traceml.errors import ConfigError
 from traceml.store import ColumnStore
 from traceml.views.series import MAX_POINTS
 
@@ -308,3 +311,68 @@ def test_missing_tables_say_not_recorded(browser, tmp_path: Path) -> None:
             assert len(traces(page, "fig-rank-steps")) == 1
     finally:
         close()
+
+
+def test_a_long_recording_is_drawn_from_its_rollup_then_from_every_row(
+    browser, long_tml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replay import dashboard
+
+    monkeypatch.setattr(dashboard, "ROLLUP_FIRST_ROWS", 1_000)  # long_tml holds 200 000 step rows
+    go = threading.Event()
+    load_rest = dashboard.RecordingSource._load_rest
+
+    def gated(self: Any) -> None:  # the rows load only when the test has seen the rollup's charts
+        go.wait(TIMEOUT_MS / 1000)
+        load_rest(self)
+
+    monkeypatch.setattr(dashboard.RecordingSource, "_load_rest", gated)
+    app, close = build_dashboard(long_tml)
+    try:
+        with served(app) as server:
+            page = browser
+            page.goto(server.url)
+            first = wait_traces(page, "fig-rank-steps", "t.length === 2")
+            # the rollup's envelope: a min and a max per group of 256 steps
+            assert all(t["n"] == 2 * math.ceil(100_000 / 256) for t in first)
+            assert page.inner_text("#stat-median") == "loading…"
+            assert "rollup" in page.inner_text("#range-label")
+            go.set()
+            page.wait_for_function(
+                "() => document.querySelector('#stat-median').textContent.includes('ms')", timeout=TIMEOUT_MS
+            )
+            assert "rollup" not in page.inner_text("#range-label")
+            with replay.open(long_tml, progress=False) as rec:
+                steps = np.concatenate([c["step_us"] for c in rec.columns("step_time").values()])
+            shown = float(page.inner_text("#stat-median").split()[0])
+            assert shown == pytest.approx(np.median(steps) / 1000.0, abs=0.001)
+            page.goto("about:blank")
+    finally:
+        close()
+
+
+def test_a_plotly_bundle_of_ones_own_replaces_plotlys(browser, gpu_tml: Path, tmp_path: Path) -> None:
+    import plotly
+
+    bundle = tmp_path / "my-plotly.min.js"
+    bundle.write_bytes((Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes())
+    app, close = build_dashboard(gpu_tml, plotly_js=bundle)
+    requested: list[str] = []
+
+    def note(request: Any) -> None:
+        requested.append(request.url)
+
+    browser.on("request", note)
+    try:
+        with served(app) as server, opened(browser, server.url):
+            assert len(wait_traces(browser, "fig-rank-steps", "t.length === 4")) == 4
+    finally:
+        browser.remove_listener("request", note)
+        close()
+    assert any(u.endswith("/_traceml/plotly.js") for u in requested)
+    assert not any("package_data/plotly.min.js" in u for u in requested)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        build_app(lambda: ColumnStore().snapshot(), live=False, plotly_js=tmp_path / "missing.js")
+    (tmp_path / "not.js").write_text("console.log(1)")
+    with pytest.raises(ConfigError, match="does not look like a plotly.js bundle"):
+        build_app(lambda: ColumnStore().snapshot(), live=False, plotly_js=tmp_path / "not.js")

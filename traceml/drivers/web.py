@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -22,10 +23,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from traceml.config import ENV_PLOTLY_JS
 from traceml.errors import ConfigError, MissingDependencyError
 from traceml.renderers import figures
 from traceml.schema import PHASES
@@ -267,6 +270,38 @@ def _stats_children(
 
 # --- the app --------------------------------------------------------------------------------
 
+#: where the page loads a plotly.js bundle given with ``plotly_js`` / $TRACEML_PLOTLY_JS
+PLOTLY_BUNDLE_ROUTE = "/_traceml/plotly.js"
+
+
+def _serve_plotly_bundle(app: dash.Dash, path: str | os.PathLike[str] | None) -> None:
+    """Serve *path* as the page's plotly.js, loaded before Dash's scripts: the graphs use the
+    ``window.Plotly`` it defines and never fetch plotly's own (4.8 MB) bundle."""
+    if path is None:
+        return
+    bundle = Path(path)
+    try:
+        head = bundle.read_bytes()[:4096]
+    except OSError as exc:
+        raise ConfigError(
+            f"{ENV_PLOTLY_JS}={str(bundle)!r}: cannot read it ({exc.strerror or exc}); expected a plotly.js bundle"
+            " such as plotly-cartesian.min.js, or unset it to use plotly's own"
+        ) from exc
+    if b"plotly" not in head.lower():
+        raise ConfigError(
+            f"{ENV_PLOTLY_JS}={str(bundle)!r} does not look like a plotly.js bundle (no 'plotly' in its first 4 KiB);"
+            " unset it to use plotly's own"
+        )
+    from flask import send_file
+
+    def plotly_bundle() -> Any:
+        return send_file(bundle, mimetype="text/javascript", max_age=24 * 3600)
+
+    app.server.add_url_rule(PLOTLY_BUNDLE_ROUTE, "traceml_plotly_bundle", plotly_bundle)
+    app.index_string = app.index_string.replace(
+        "{%scripts%}", f'<script src="{PLOTLY_BUNDLE_ROUTE}"></script>\n            {{%scripts%}}', 1
+    )
+
 
 @dataclass(frozen=True)
 class _Sources:
@@ -293,11 +328,14 @@ def build_app(
     max_points: int = series.MAX_POINTS,
     loading: Callable[[], bool] | None = None,
     on_charts_drawn: Callable[[], None] | None = None,
+    plotly_js: str | os.PathLike[str] | None = None,
 ) -> dash.Dash:
     """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`.
 
     ``loading`` (replay): a callable that is true while ``source`` still loads the tables the time
     charts and the diagnosis need; the page polls until it turns false, then stops polling.
+    ``plotly_js``: a plotly.js bundle to serve instead of the full one that comes with plotly
+    (default: ``$TRACEML_PLOTLY_JS``); it must hold the scatter and heatmap traces.
     ``on_charts_drawn`` is called once the step charts were built and sent, from the page's next
     poll with no chart request in flight (a staged replay source starts loading the rest then, so
     the loading does not compete with the first render, in this process or in the browser).
@@ -317,6 +355,7 @@ def build_app(
         assets_folder="__traceml_no_assets__",
         include_assets_files=False,
     )
+    _serve_plotly_bundle(app, plotly_js if plotly_js is not None else os.environ.get(ENV_PLOTLY_JS) or None)
     # plotly builds its validators on first use (~0.4 s): pay it now, not in the first request
     tiny = np.zeros(2)
     figures.step_breakdown_figure(
