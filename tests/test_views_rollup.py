@@ -77,6 +77,13 @@ def test_ranges_time_and_throughput_follow_the_rows(views: tuple[StoreView, Stor
     assert np.nanmedian(ta.steps_per_s) == pytest.approx(np.nanmedian(tb.steps_per_s), rel=0.1)
 
 
+def test_the_run_panel_counts_steps_and_duration_from_the_rollup(views: tuple[StoreView, StoreView]) -> None:
+    rolled, full = views
+    a, b = series.run_info(rolled), series.run_info(full)
+    assert a.ranks == b.ranks and all(row[4] == str(STEPS) for row in a.ranks)
+    assert dict(a.meta)["duration"] == dict(b.meta)["duration"]
+
+
 def test_a_long_recording_draws_from_its_rollup_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "long.tml"
     write_recording(path, synthetic_run(ranks=2, steps=3000), meta=run_meta("long", ranks=2))

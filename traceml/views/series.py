@@ -884,12 +884,19 @@ def run_info(view: StoreView) -> RunInfo:
     if sr is not None:
         rows.append(("steps", f"{sr[0]} .. {sr[1]}"))
     t0 = origin_ns(view)
-    if view.latest_ns and t0:
-        rows.append(("duration", f"{(view.latest_ns - t0) / 1e9:.1f} s"))
+    latest = view.latest_ns
+    rolled = _from_rollup(view)
+    if rolled:  # the rollup's timestamps are its groups' first and last
+        latest = max([int(c["ts_ns.max"].max()) for c in _rollup_per_rank(view, None, None).values()] or [0])
+    if latest and t0:
+        rows.append(("duration", f"{(latest - t0) / 1e9:.1f} s"))
     ranks = []
     for r in view.ranks:
         info = view.rank_info.get(r)
-        steps = view.rows("step_time", r)
+        if rolled:
+            steps = int(view.columns(ROLLUP_STEP_TIME, r).get(ROLLUP_ROWS, np.zeros(0, np.int64)).sum())
+        else:
+            steps = view.rows("step_time", r)
         ranks.append(
             (
                 str(r),
