@@ -41,7 +41,7 @@ class RecordingSource:
     long recording (over ``ROLLUP_FIRST_ROWS`` rows), only its rollup (``rollup/step_time``, a
     row per group of steps, read without decoding the rows); once they were drawn
     (:meth:`load_rest`, called by the app), a background thread loads every table, without
-    competing with that first render.  :meth:`loading` is true until the whole view
+    competing with that first render (after a rollup first, ``step_time`` comes in before the rest).  :meth:`loading` is true until the whole view
     replaced the first.  Every call returns the same view object until then (the app caches its
     figures per view).
     """
@@ -55,6 +55,7 @@ class RecordingSource:
         first = [t for t in FIRST_TABLES if t in rec.tables]
         rest = [t for t in rec.tables if t not in first]
         rows = rec.rows
+        self._then: list[str] = []  # tables to load (and show) before the rest
         if (
             staged
             and first
@@ -63,6 +64,7 @@ class RecordingSource:
         ):
             # a long recording: its first charts draw from the rollups, every row loads behind them
             self._view = self.first_view = rec.rollup_store(first).snapshot()
+            self._then = first
         elif staged and first and rest:
             self._view = self.first_view = rec.store(first).snapshot()
         else:
@@ -79,6 +81,10 @@ class RecordingSource:
 
     def _load_rest(self) -> None:
         try:
+            if self._then:  # the step charts' rows first: their exact statistics come sooner
+                partial = self._rec.store(self._then).snapshot()
+                with self._lock:
+                    self._view = partial
             view = self._rec.view()
         except TracemlError as exc:  # keep serving what was loaded; say why the rest is missing
             log.warning("could not load the rest of %s: %s", self._rec.path, exc)
