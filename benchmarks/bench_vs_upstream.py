@@ -1,22 +1,54 @@
 """Overhead per step and bytes on disk: traceml against a bare loop and against upstream TraceML.
 
-The same loop (MLP 512-512-10, batch 64, SGD, a one-thread DataLoader with num_workers=0,
-torch.set_num_threads(1)) runs three ways, each in its own process, interleaved in random
-order for several rounds of the same invocation:
+Two loops, selectable with ``--model tiny|mlp|both`` (default both, run in the same processes):
+
+* ``tiny``  Linear(32,64)-ReLU-Linear(64,10), batch 32 -- a step of a few hundred µs, so a
+  profiler's fixed cost per step shows up clearly;
+* ``mlp``   MLP 512-512-512-10, batch 64 -- a step of a few ms.
+
+Both use SGD (momentum 0.9), a DataLoader over in-memory tensors (``num_workers=0``, shuffled,
+``next()`` inside the timed step) and ``torch.set_num_threads(1)``.  Three variants, each run in
+``--procs`` short processes, all interleaved in random order:
 
 * ``bare``      plain ``python loop.py`` in this venv, no profiler;
-* ``traceml``   ``traceml run --ui none --out run.tml loop.py`` (this repo: aggregator, spool, recording);
-* ``upstream``  ``traceml run --mode summary loop.py`` of upstream ``traceml-ai`` 0.5.0 from
-  ``--upstream-venv`` (its aggregator and SQLite store), ``traceml.init(mode="auto")`` in the loop.
+* ``traceml``   ``traceml run --ui none --out run.tml loop.py`` (this repo: aggregator, spool,
+  recording), started with ``TRACEML_DISABLED=1`` so that the loop first runs with no traceml
+  at all, then calls ``traceml.shutdown(); traceml.init()`` (public API) to start it;
+* ``upstream``  ``traceml run --mode summary loop.py`` of upstream ``traceml-ai`` from
+  ``--upstream-venv`` (its aggregator and SQLite store; its executor starts its runtime
+  threads before the script), the loop calling ``traceml.init(mode="auto")``.
 
-Each process times every step (from the end of one step to the end of the next, so the
-DataLoader's ``next()`` is included) after a warm-up and prints the median; start-up and
-shut-down are not timed.  Bytes on disk per rank-step: the ``.tml`` file, and upstream's
-SQLite telemetry database (``logs/<run>/aggregator/telemetry`` plus its -wal/-shm), each
-divided by the steps of the run.
+Every process runs the same schedule of short timed blocks (each with a fresh DataLoader iterator):
 
-    python benchmarks/bench_vs_upstream.py                 # 3 rounds x 2000 steps
-    python benchmarks/bench_vs_upstream.py --rounds 5 --steps 3000
+1. ``pre``: ``--pre`` blocks per model before the profiler is started;
+2. the switch (``init`` for the profilers, nothing for ``bare``) and one untimed block per model
+   with and without ``trace_step`` (first-call costs); the loop then compares every attribute of
+   the torch classes and modules a profiler may patch, torch's global hook registries and the
+   traced models' own attributes with their state before the switch: what changed is the
+   profiler's global patching (listed at the end of the output);
+3. ``--rounds`` rounds per model of three adjacent blocks in random order: ``bare`` (the changed
+   attributes set back to their pre-switch values: no patch, no ``trace_step``), ``off`` (the
+   patches in, no ``trace_step``) and ``on`` (the patches in, ``with trace_step(model)``).  For
+   the ``bare`` variant nothing changes: its rows are the null control of every estimate.
+
+Estimates, per process then across processes (median, bootstrap 95 % CI resampling processes):
+
+* ``on - bare``: median over rounds of the paired difference; the training thread's cost of
+  turning the profiler on (its background threads run during both blocks);
+* ``on - off``: what ``trace_step`` adds once the patches are in;
+* ``off - bare``: what the global patches cost a step that is not inside ``trace_step``;
+* ``bare - pre``: not paired in time (the profiler's threads, plus any drift within the process);
+* ``on - bare procs``: each process's median ``on`` block against the ``bare`` processes' -- the
+  cross-process estimate, which the spread between processes dominates on a shared VM.
+
+A block's figure is its mean µs/step (the time training pays, periodic costs included); the
+block's median step and the training thread's CPU time per step are reported too.
+Bytes on disk per rank-step: the ``.tml`` file, or upstream's SQLite telemetry database
+(``logs/<run>/aggregator/telemetry`` plus -wal/-shm), divided by the process's traced steps.
+
+    python benchmarks/bench_vs_upstream.py                        # both loops, 12 processes per variant
+    python benchmarks/bench_vs_upstream.py --model tiny --procs 20
+    python benchmarks/bench_vs_upstream.py --variants bare,traceml  # without upstream
 """
 
 from __future__ import annotations
@@ -30,101 +62,214 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 LOOP = r"""
-import json, sys, time
+import contextlib, json, os, random, statistics, sys, time
+cfg = json.loads(sys.argv[1])
+if cfg["pin"] >= 0:  # the training thread only (the profilers' threads already exist and run anywhere)
+    os.sched_setaffinity(0, {cfg["pin"]})
 import torch
+import torch.nn.modules.module as torch_module
+import torch.optim.optimizer as torch_optimizer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, dataloader
 
-mode, steps, warmup, cpu_pin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-if cpu_pin >= 0:  # the training thread only (the profilers' threads already exist and run anywhere)
-    import os
-    os.sched_setaffinity(0, {cpu_pin})
 torch.set_num_threads(1)
 torch.manual_seed(0)
-if mode == "traceml":
-    import traceml
-    ctx = traceml.trace_step
-elif mode == "upstream":
-    import traceml_ai as traceml
-    traceml.init(mode="auto")
-    ctx = traceml.trace_step
-else:
-    import contextlib
-    ctx = lambda model: contextlib.nullcontext()
+variant = cfg["variant"]
+rng = random.Random(cfg["seed"])
+NULL = contextlib.nullcontext()
+trace = lambda model: NULL
+loss_fn = nn.functional.cross_entropy
 
-model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-data = TensorDataset(torch.randn(64 * 128, 512), torch.randint(0, 10, (64 * 128,)))
-loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
-times, cpu, step, last, last_cpu, proc0 = [], [], 0, None, None, 0.0
-while step < steps + warmup:
-    for x, y in loader:
-        with ctx(model):
-            loss = nn.functional.cross_entropy(model(x), y)
+
+def build(name):
+    if name == "tiny":
+        model, dim, batch = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), 32, 32
+    else:
+        layers = [nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)]
+        model, dim, batch = nn.Sequential(*layers), 512, 64
+    steps = cfg["block"][name]
+    n = batch * (steps + 1)  # one epoch covers a block: every block starts a fresh iterator
+    data = TensorDataset(torch.randn(n, dim), torch.randint(0, 10, (n,)))
+    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), loader, steps
+
+
+def run_block(m, traced):
+    model, opt, loader, steps = m
+    it = iter(loader)  # upstream patches DataLoader.__iter__: only an iterator made now has its patch state
+    perf, cpu = time.perf_counter_ns, time.thread_time_ns
+    durs = [0] * steps
+    c0 = cpu()
+    t0 = last = perf()
+    for i in range(steps):
+        x, y = next(it)
+        with trace(model) if traced else NULL:
+            loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad()
-        now, now_cpu = time.perf_counter(), time.thread_time()
-        if last is not None and step >= warmup:
-            times.append(now - last)
-            cpu.append(now_cpu - last_cpu)
-        if step == warmup - 1:
-            proc0 = time.process_time()
-        last, last_cpu = now, now_cpu
-        step += 1
-        if step >= steps + warmup:
-            break
-proc_us = (time.process_time() - proc0) / len(times) * 1e6
-times.sort()
-cpu.sort()
-print("RESULT " + json.dumps({
-    "mode": mode, "steps": step, "timed": len(times),
-    "median_us": times[len(times) // 2] * 1e6,
-    "mean_us": sum(times) / len(times) * 1e6,
-    "p90_us": times[int(len(times) * 0.9)] * 1e6,
-    "thread_cpu_us": cpu[len(cpu) // 2] * 1e6,
-    "process_cpu_us": proc_us,
-}), flush=True)
+        now = perf()
+        durs[i] = now - last
+        last = now
+    return [(last - t0) / steps / 1e3, statistics.median(durs) / 1e3, (cpu() - c0) / steps / 1e3]
+
+
+models = {name: build(name) for name in cfg["models"]}
+
+# -- the global state a profiler may patch: attributes of these classes and modules, torch's
+# global hook registries, and every traced module's own attributes and hook dicts
+OWNERS = [DataLoader, dataloader._BaseDataLoaderIter, dataloader._SingleProcessDataLoaderIter, nn.Module,
+          nn.Sequential, nn.Linear, nn.ReLU, torch.Tensor, torch.autograd, torch.optim.Optimizer, torch.optim.SGD,
+          torch_module, torch_optimizer]
+OWNERS += [sub for m in models.values() for sub in m[0].modules()]
+
+
+def capture():
+    snap = {}
+    for owner in OWNERS:
+        for k, v in list(vars(owner).items()):
+            if isinstance(v, dict) and (k.startswith("_global_") or isinstance(owner, nn.Module)):
+                snap[(id(owner), k)] = (owner, k, True, dict(v))
+            else:
+                snap[(id(owner), k)] = (owner, k, False, v)
+    return snap
+
+
+def same(a, b):
+    if a[2] != b[2]:
+        return False
+    if a[2]:
+        return {k: id(v) for k, v in a[3].items()} == {k: id(v) for k, v in b[3].items()}
+    return a[3] is b[3]
+
+
+def apply(snap, keys):
+    for key in keys:
+        if key in snap:
+            owner, k, is_dict, v = snap[key]
+            if is_dict:
+                d = vars(owner)[k]  # hooks hold a reference to this very dict: refill it
+                d.clear()
+                d.update(v)
+            elif isinstance(owner, type):
+                setattr(owner, k, v)
+            else:
+                vars(owner)[k] = v
+        else:
+            owner, k = (before.get(key) or patched[key])[:2]
+            if isinstance(owner, type):
+                delattr(owner, k)
+            else:
+                del vars(owner)[k]
+
+
+def name_of(owner, k):
+    if isinstance(owner, nn.Module):
+        return f"<traced {type(owner).__name__} instance>.{k}"
+    if isinstance(owner, type):
+        return f"{owner.__module__}.{owner.__qualname__}.{k}"
+    return f"{owner.__name__}.{k}"
+
+
+blocks, traced_steps, state = [], 0, "bare"
+
+
+def record(phase, name):
+    global traced_steps, state
+    want = "bare" if phase in ("pre", "bare") else "patched"
+    if state != want and variant != "bare":
+        apply(before if want == "bare" else patched, changed)
+        state = want
+    blocks.append([phase, name, *run_block(models[name], phase == "on")])
+    traced_steps += models[name][3] if phase == "on" else 0
+
+
+for m in models.values():  # warm-up (untimed)
+    run_block(m, False)
+for _ in range(cfg["pre"]):
+    for name in rng.sample(list(models), len(models)):
+        record("pre", name)
+before = capture()
+t_switch = time.perf_counter()
+if variant == "traceml":
+    import traceml
+    os.environ.pop("TRACEML_DISABLED", None)
+    traceml.shutdown()  # clears the "disabled" decision taken at start-up; init() then starts the agent
+    if traceml.init() is None:
+        raise SystemExit("traceml.init() did not start an agent")
+    trace = traceml.trace_step
+elif variant == "upstream":
+    import traceml_ai
+    traceml_ai.init(mode="auto")
+    trace = traceml_ai.trace_step
+switch_s = time.perf_counter() - t_switch
+for m in models.values():  # first-call costs (forward wrapper, optimizer hooks, environment) untimed
+    run_block(m, True)
+    traced_steps += m[3]
+    run_block(m, False)
+patched = capture()
+changed = [key for key in set(before) | set(patched) if key not in before or key not in patched
+           or not same(before[key], patched[key])]
+state = "patched"
+for _ in range(cfg["rounds"]):
+    for name in rng.sample(list(models), len(models)):
+        for phase in rng.sample(["bare", "off", "on"], 3):
+            record(phase, name)
+if state != "patched":
+    apply(patched, changed)  # the profiler's own shutdown undoes its patches from here
+with open(cfg["result"], "w") as f:
+    json.dump({"blocks": blocks, "traced_steps": traced_steps, "switch_s": switch_s,
+               "patched": sorted({name_of(*(patched.get(k) or before[k])[:2]) for k in changed})}, f)
 """
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = str(Path(sys.executable).parent / "traceml")
+VARIANTS = ("bare", "traceml", "upstream")
+MODELS = {
+    "tiny": "Linear(32,64)-ReLU-Linear(64,10), batch 32",
+    "mlp": "MLP 512-512-512-10, batch 64",
+}
+#: (column label, key of the per-process estimate)
+ESTIMATES = (
+    ("on - bare", "on_bare"),
+    ("on - off", "on_off"),
+    ("off - bare", "off_bare"),
+    ("bare - pre", "bare_pre"),
+)
 
 
-def _env() -> dict[str, str]:
+def _env(variant: str) -> dict[str, str]:
     drop = ("TRACEML_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    if variant == "traceml":
+        env["TRACEML_DISABLED"] = "1"  # the loop measures its pre-init blocks, then starts traceml itself
+    return env
 
 
-def run_variant(
-    variant: str, work: Path, loop: Path, steps: int, warmup: int, upstream_venv: Path, n: int, pin: int
-) -> dict[str, float]:
+def run_process(variant: str, work: Path, loop: Path, cfg: dict[str, object], upstream_venv: Path, n: int) -> dict:
     run_dir = work / f"{variant}-{n}"
     run_dir.mkdir()
-    args = [variant, str(steps), str(warmup), str(pin)]
+    result = run_dir / "result.json"
+    arg = json.dumps({**cfg, "variant": variant, "result": str(result), "seed": n})
     if variant == "bare":
-        cmd = [sys.executable, str(loop), *args]
+        cmd = [sys.executable, str(loop), arg]
     elif variant == "traceml":
-        cmd = [OURS, "run", "--ui", "none", "--out", str(run_dir / "run.tml"), str(loop), *args]
+        cmd = [OURS, "run", "--ui", "none", "--out", str(run_dir / "run.tml"), str(loop), arg]
     else:
         cmd = [str(upstream_venv / "bin" / "traceml"), "run", "--mode", "summary", "--logs-dir", str(run_dir / "logs")]
-        cmd += ["--run-name", f"r{n}", "--no-dashboard-auto-open", str(loop), "--args", *args]
+        cmd += ["--run-name", f"r{n}", "--no-dashboard-auto-open", str(loop), "--args", arg]
+    load = os.getloadavg()[0]
     started = time.monotonic()
-    res = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, env=_env(), timeout=1800)
+    res = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True, env=_env(variant), timeout=1800)
     wall = time.monotonic() - started
-    text = res.stdout
-    if variant == "upstream":  # upstream keeps the training's stdout in its logs
-        log = run_dir / "logs" / f"r{n}" / "nodes" / "node_0" / "training.stdout.log"
-        text += log.read_text() if log.exists() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-    if res.returncode != 0 or line is None:
+    if res.returncode != 0 or not result.exists():
         raise SystemExit(f"{variant} run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    out = json.loads(line[len("RESULT ") :])
-    out["wall_s"] = wall
-    out["disk_bytes"] = float(_disk_bytes(variant, run_dir, n))
+    out = json.loads(result.read_text())
+    out.update(variant=variant, wall_s=wall, load=load, disk_bytes=_disk_bytes(variant, run_dir, n))
     return out
 
 
@@ -141,76 +286,180 @@ def _disk_bytes(variant: str, run_dir: Path, n: int) -> int:
     return 0
 
 
+# --- statistics --------------------------------------------------------------------------------
+
+MEAN, MEDIAN, CPU = 2, 3, 4  # columns of a block: [phase, model, mean µs/step, median step µs, thread CPU µs/step]
+
+
+def per_process(proc: dict, model: str, col: int) -> dict[str, float]:
+    """One process's estimates for one model, from its blocks' column ``col``."""
+    by: dict[str, list[float]] = {"pre": [], "bare": [], "off": [], "on": []}
+    for phase, name, *vals in proc["blocks"]:
+        if name == model:
+            by[phase].append(vals[col - 2])
+    med = {k: statistics.median(v) for k, v in by.items()}
+
+    def paired(a: str, b: str) -> float:
+        # each round records one block of every phase, adjacent in time: pair them by position
+        return statistics.median(x - y for x, y in zip(by[a], by[b], strict=True))
+
+    return {
+        "on_bare": paired("on", "bare"),
+        "on_off": paired("on", "off"),
+        "off_bare": paired("off", "bare"),
+        "bare_pre": med["bare"] - med["pre"],
+        "step": med["on"],
+    }
+
+
+def bootstrap(
+    groups: Sequence[Sequence[float]], stat: Callable[..., float], rng: random.Random, n: int
+) -> tuple[float, float, float]:
+    """``stat`` of the groups, and the 2.5/97.5 percentiles of ``stat`` over resamples of every group."""
+    point = stat(*groups)
+    draws = sorted(stat(*(rng.choices(g, k=len(g)) for g in groups)) for _ in range(n))
+    return point, draws[int(0.025 * (n - 1))], draws[int(0.975 * (n - 1))]
+
+
+def _diff_of_medians(a: Sequence[float], b: Sequence[float]) -> float:
+    return statistics.median(a) - statistics.median(b)
+
+
+def _ratio_of_medians(a: Sequence[float], b: Sequence[float]) -> float:
+    den = statistics.median(b)
+    return statistics.median(a) / den if den > 0 else float("inf")
+
+
+def _fmt(ci: tuple[float, float, float], unit: str = "") -> str:
+    point, lo, hi = ci
+    return f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]{unit}"
+
+
+def _fmt_ratio(ci: tuple[float, float, float]) -> str:
+    point, lo, hi = ci
+
+    def one(x: float) -> str:
+        return "inf" if x == float("inf") else f"{x:.1f}"
+
+    return f"{one(point)}x [{one(lo)}, {one(hi)}]"
+
+
+def report(results: dict[str, list[dict]], model: str, cfg: dict, boot: int, rng: random.Random) -> None:
+    variants = [v for v in VARIANTS if results.get(v)]
+    loads = [p["load"] for v in variants for p in results[v]]
+    print(f"\n== {model}: {MODELS[model]}")
+    print(
+        f"   {cfg['procs']} processes per variant, interleaved; each {cfg['pre']} pre-init blocks, then {cfg['rounds']} "
+        f"rounds of bare/off/on blocks of {cfg['block'][model]} steps; load average (1 min) at process starts "
+        f"{min(loads):.2f}-{max(loads):.2f} (median {statistics.median(loads):.2f}), {os.getloadavg()[0]:.2f} now, "
+        f"{os.cpu_count()} CPUs"
+    )
+    views = ((MEAN, "block mean µs/step"), (MEDIAN, "block median step µs"), (CPU, "training-thread CPU µs/step"))
+    for col, what in views:
+        est = {v: [per_process(p, model, col) for p in results[v]] for v in variants}
+        print(f"\n-- {what}: median over processes [bootstrap 95 % CI, resampling processes]")
+        head = f"{'variant':9} {'on step':>8}" + "".join(f" {label:>23}" for label, _ in ESTIMATES)
+        head += f" {'on - bare procs':>23}"
+        print(head)
+        print("-" * len(head))
+        bare_steps = [e["step"] for e in est.get("bare", [])]
+        for v in variants:
+            cells = [_fmt(bootstrap([[e[k] for e in est[v]]], statistics.median, rng, boot)) for _, k in ESTIMATES]
+            steps = [e["step"] for e in est[v]]
+            xproc = _fmt(bootstrap([steps, bare_steps], _diff_of_medians, rng, boot)) if bare_steps else "-"
+            print(f"{v:9} {statistics.median(steps):8.1f}" + "".join(f" {c:>23}" for c in cells) + f" {xproc:>23}")
+        if "traceml" in est and "upstream" in est:
+            for label, k in ESTIMATES[:2]:
+                up, ours = [e[k] for e in est["upstream"]], [e[k] for e in est["traceml"]]
+                r = bootstrap([up, ours], _ratio_of_medians, rng, boot)
+                share = bootstrap([ours, up], _ratio_of_medians, rng, boot)
+                print(
+                    f"   ({label}) upstream / traceml: {_fmt_ratio(r)};  traceml / upstream: "
+                    f"{share[0]:.3f} [{share[1]:.3f}, {share[2]:.3f}]"
+                )
+    for v in variants:
+        if v == "bare":
+            continue
+        per_step = [p["disk_bytes"] / p["traced_steps"] for p in results[v]]
+        switch = statistics.median(p["switch_s"] for p in results[v])
+        print(
+            f"   {v}: {statistics.median(per_step):.1f} B on disk per traced rank-step "
+            f"({results[v][0]['traced_steps']} traced steps per process, all models); init() took {switch * 1e3:.0f} ms"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--model", choices=("tiny", "mlp", "both"), default="both")
+    p.add_argument("--procs", type=int, default=12, help="processes per variant (interleaved in random order)")
+    p.add_argument("--pre", type=int, default=4, help="pre-init blocks per model and process")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of bare/off/on blocks per model and process")
+    p.add_argument("--tiny-block", type=int, default=200, help="steps per block of the tiny loop")
+    p.add_argument("--mlp-block", type=int, default=40, help="steps per block of the MLP loop")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of bare,traceml,upstream")
     p.add_argument("--upstream-venv", type=Path, default=Path("/work/upstream-venv"))
+    p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--pin",
-        type=int,
-        default=-1,
-        help="pin the training thread to this CPU (default -1: no pinning; it did not steady this VM)",
-    )
+    p.add_argument("--save", type=Path, help="write every process's raw blocks to this JSON file")
+    p.add_argument("--pin", type=int, default=-1, help="pin the training thread to this CPU (default -1: no pinning)")
+    p.add_argument("--report", type=Path, help="print the tables of a --save file (no new measurement)")
     args = p.parse_args()
-    variants = ["bare", "traceml"]
-    if (args.upstream_venv / "bin" / "traceml").exists():
-        variants.append("upstream")
-    else:
-        print(f"note: no upstream venv at {args.upstream_venv}; comparing with the bare loop only")
     rng = random.Random(args.seed)
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(f"tables of {args.report} (measured {saved['when']})")
+        report_all(saved["results"], saved["cfg"], args.boot, rng)
+        return
+    models = ["tiny", "mlp"] if args.model == "both" else [args.model]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected a subset of {','.join(VARIANTS)}")
+    if "upstream" in variants and not (args.upstream_venv / "bin" / "traceml").exists():
+        print(f"note: no upstream venv at {args.upstream_venv}; leaving upstream out")
+        variants.remove("upstream")
+    block = {"tiny": args.tiny_block, "mlp": args.mlp_block}
+    cfg = {"models": models, "pre": args.pre, "rounds": args.rounds, "block": block, "pin": args.pin}
+    order = [v for v in variants for _ in range(args.procs)]
+    rng.shuffle(order)
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench_vs_upstream-") as tmp:
         work = Path(tmp)
         loop = work / "loop.py"
         loop.write_text(LOOP)
-        for r in range(args.rounds):
-            order = variants[:]
-            rng.shuffle(order)
-            for v in order:
-                res = run_variant(v, work, loop, args.steps, args.warmup, args.upstream_venv, r, args.pin)
-                results[v].append(res)
-                print(
-                    f"round {r + 1}/{args.rounds} {v:9} median {res['median_us']:8.1f} us/step  wall {res['wall_s']:5.1f} s",
-                    flush=True,
-                )
+        for n, v in enumerate(order):
+            res = run_process(v, work, loop, cfg, args.upstream_venv, n)
+            results[v].append(res)
+            firsts = "  ".join(f"{m} on-bare {per_process(res, m, MEAN)['on_bare']:+7.1f}" for m in models)
+            print(
+                f"[{n + 1:3}/{len(order)}] {v:9} {firsts} µs/step  wall {res['wall_s']:5.1f} s  load {res['load']:.2f}",
+                flush=True,
+            )
+    cfg["procs"] = args.procs
+    if args.save:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        args.save.write_text(json.dumps({"when": when, "cfg": cfg, "results": results}))
+    report_all(results, cfg, args.boot, rng)
 
-    def med(v: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[v])
 
-    def paired(v: str, key: str) -> float:
-        """Median over rounds of (variant - bare) within the same round."""
-        return statistics.median(a[key] - b[key] for a, b in zip(results[v], results["bare"], strict=True))
-
-    print(f"\nMLP 512-512-10, batch 64, 1 thread; {args.steps} timed steps per run, {args.rounds} interleaved rounds;")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    head = (
-        f"{'variant':10} {'wall us/step':>13} {'best round':>11} {'+wall us':>9} {'+wall %':>8} "
-        f"{'step CPU us':>12} {'+step CPU us':>13} {'process CPU us':>15} {'+process CPU us':>16} {'B/rank-step':>12}"
-    )
-    print(head)
-    print("-" * len(head))
-    bare_wall = med("bare", "median_us")
-    for v in variants:
-        disk = statistics.median(x["disk_bytes"] / x["steps"] for x in results[v])
-        disk_s = "-" if v == "bare" else f"{disk:.1f}"
-        best = min(x["median_us"] for x in results[v])
-        print(
-            f"{v:10} {med(v, 'median_us'):13.1f} {best:11.1f} {paired(v, 'median_us'):9.1f} {100 * paired(v, 'median_us') / bare_wall:7.2f}% "
-            f"{med(v, 'thread_cpu_us'):12.1f} {paired(v, 'thread_cpu_us'):13.1f} {med(v, 'process_cpu_us'):15.1f} "
-            f"{paired(v, 'process_cpu_us'):16.1f} {disk_s:>12}"
-        )
+def report_all(results: dict[str, list[dict]], cfg: dict, boot: int, rng: random.Random) -> None:
+    for m in cfg["models"]:
+        report(results, m, cfg, boot, rng)
+    for v in results:
+        if v != "bare" and results[v]:
+            print(f"\nwhat {v}'s init() and first trace_step changed (toggled for the bare blocks):")
+            print("   " + "\n   ".join(results[v][0]["patched"]))
     print(
-        "\nwall us/step: median over rounds of each run's median step (DataLoader next() included); best round: the lowest;"
-    )
-    print(
-        "+...: median over rounds of (variant - bare) in the same round.  step CPU: the training thread's CPU time per step"
-    )
-    print("(time.thread_time, immune to other processes); process CPU: every thread of the rank process per step (the")
-    print(
-        "profiler's own threads included).  B/rank-step: the run's whole store on disk (.tml, or upstream's SQLite + WAL) / steps."
+        "\non - bare: median over a process's rounds of (traced block - block with the profiler's patches taken out),"
+        "\n  the training thread's cost of turning the profiler on (its background threads run in both);"
+        "\non - off: (traced - untraced with the patches in): what trace_step itself adds;"
+        "\noff - bare: what the global patches cost a step that is not inside trace_step;"
+        "\nbare - pre: patches-out blocks after init - blocks before init (not paired in time: the background threads"
+        "\n  plus any drift; for upstream its runtime threads already run before init, started by its executor);"
+        "\non - bare procs: across processes, each variant's median traced block against the bare processes' median"
+        "\n  (the process-to-process spread enters here).  The bare variant runs the same schedule with nothing to"
+        "\n  switch: its rows are the null control of every estimate.  Ratios: bootstrap of the ratio of medians."
     )
 
 
