@@ -70,6 +70,7 @@ def test_traceml_run_ui_web_serves_the_live_rows(tmp_path: Path) -> None:
                 {"id": "rank-filter", "property": "value", "value": [0]},
                 {"id": "step-range", "property": "data", "value": None},
                 {"id": "data-version", "property": "data", "value": None},
+                {"id": "first-chart", "property": "data", "value": 1},
             ],
         )
         fig = out["response"]["fig-rank-steps"]["figure"]

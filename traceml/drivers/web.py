@@ -422,6 +422,7 @@ def build_app(
                     disabled=not (live or still_loading()),
                 ),
                 dcc.Store(id="charts-drawn", data=0),
+                dcc.Store(id="first-chart", data=0),
                 dcc.Store(id="data-version", data=None),
                 html.Div(id="stats-panel", style={**_CSS["card"], **_CSS["row"]}),
                 html.Div(
@@ -535,13 +536,17 @@ def build_app(
         Output(FIG_STEP_BREAKDOWN, "figure"),
         Output("stats-panel", "children"),
         Output("range-label", "children"),
+        Output("first-chart", "data"),
         Input("rank-filter", "value"),
         Input("phase-toggle", "value"),
         Input("step-range", "data"),
         Input("data-version", "data"),
+        State("first-chart", "data"),
     )
     @tracked
-    def _breakdown(rank_value: Any, phases: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any]:
+    def _breakdown(
+        rank_value: Any, phases: Any, range_data: Any, _tick: Any, first_sent: Any
+    ) -> tuple[Any, Any, Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
         bd = cache.get(
             view, ("bd", ranks, rng), lambda: series.step_breakdown(view, ranks, rng, max_buckets=max_points)
@@ -562,7 +567,10 @@ def build_app(
         if not bd.exact:
             label += "; drawn from the recording's rollup while its rows load"
         keep_view(rng, fig)
-        return fig, _stats_children(bd, rs, bd_b, src.labels), label
+        # the page's other charts are requested once this one arrived (it is drawn first): the
+        # store moves once per page, so later changes do not ask for them twice
+        first = 1 if not first_sent else dash.no_update
+        return fig, _stats_children(bd, rs, bd_b, src.labels), label, first
 
     @app.callback(
         Output(FIG_RANK_STEPS, "figure"),
@@ -571,9 +579,11 @@ def build_app(
         Input("rank-filter", "value"),
         Input("step-range", "data"),
         Input("data-version", "data"),
+        Input("first-chart", "data"),
+        prevent_initial_call=True,
     )
     @tracked
-    def _ranks(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, int]:
+    def _ranks(rank_value: Any, range_data: Any, _tick: Any, _first: Any) -> tuple[Any, Any, int]:
         view, other, ranks, rng = _params(rank_value, range_data)
         rs = cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=max_points))
         rs_b = None
@@ -595,9 +605,11 @@ def build_app(
         Input("rank-filter", "value"),
         Input("step-range", "data"),
         Input("data-version", "data"),
+        Input("first-chart", "data"),
+        prevent_initial_call=True,
     )
     @tracked
-    def _time(rank_value: Any, range_data: Any, _tick: Any) -> tuple[Any, Any, Any, Any]:
+    def _time(rank_value: Any, range_data: Any, _tick: Any, _first: Any) -> tuple[Any, Any, Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
 
         def models(v: StoreView) -> tuple[series.Throughput, series.MemorySeries, series.SystemSeries]:
