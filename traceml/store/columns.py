@@ -66,36 +66,77 @@ def _as_array(values: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
     return np.asarray(values, dtype=object if dtype is None else dtype)
 
 
+#: a batch kept as it arrived costs a dict and an array (over its own payload bytes) per column:
+#: ~1.5 KB, against ~50-70 B of data per row.  Batches under this many rows (the one-row batches
+#: of the 1 Hz samples, or of ``step_time`` when steps are slower than the rank's 0.5 s flush) are
+#: merged, so that a row costs about its data; bigger ones are kept as they come (no copy).
+SMALL_BATCH_ROWS = 256
+#: small batches are merged into chunks of about this many rows ...
+COALESCE_ROWS = 4096
+#: ... or as soon as this many wait unmerged.  A snapshot still compacts the whole series.
+COALESCE_BATCHES = 32
+
+
+def _chunk_rows(chunk: dict[str, np.ndarray]) -> int:
+    return len(next(iter(chunk.values()))) if chunk else 0
+
+
 class _Series:
     """Chunked columns of one (rank, table)."""
 
-    __slots__ = ("chunks", "rows", "evicted", "_cache")
+    __slots__ = ("chunks", "rows", "evicted", "_cache", "_tail", "_tail_rows")
 
     def __init__(self) -> None:
         self.chunks: list[dict[str, np.ndarray]] = []
         self.rows = 0
         self.evicted = 0
         self._cache: dict[str, np.ndarray] | None = None
+        #: the last ``_tail`` chunks are batches not merged yet, ``_tail_rows`` rows in all
+        self._tail = 0
+        self._tail_rows = 0
 
     def append(self, cols: dict[str, np.ndarray], n: int, capacity: int | None) -> None:
-        self.chunks.append(cols)
+        if n >= SMALL_BATCH_ROWS:
+            if self._tail > 1:
+                self._coalesce()  # the small batches before it
+            self._tail = self._tail_rows = 0
+            self.chunks.append(cols)
+        else:
+            self.chunks.append(cols)
+            self._tail += 1
+            self._tail_rows += n
+            if self._tail >= COALESCE_BATCHES or (self._tail > 1 and self._tail_rows >= COALESCE_ROWS):
+                self._coalesce()
         self.rows += n
         self._cache = None
         if capacity is not None and self.rows > capacity:
             self._evict(self.rows - capacity)
+
+    def _coalesce(self) -> None:
+        """Merge the unmerged small batches (and the chunk before them while it is small) into one."""
+        k = min(self._tail, len(self.chunks))
+        if len(self.chunks) > k and _chunk_rows(self.chunks[-k - 1]) < COALESCE_ROWS:
+            k += 1
+        self._tail = self._tail_rows = 0
+        group = self.chunks[-k:]
+        names = group[-1].keys()
+        if k < 2 or any(ch.keys() != names for ch in group):
+            return  # a batch without some column stays as it came (columns() copes with it)
+        self.chunks[-k:] = [{c: np.concatenate([ch[c] for ch in group]) for c in names}]
 
     def _evict(self, k: int) -> None:
         self.evicted += k
         self.rows -= k
         while k > 0:
             first = self.chunks[0]
-            n0 = len(next(iter(first.values()))) if first else 0
+            n0 = _chunk_rows(first)
             if n0 <= k:
                 self.chunks.pop(0)
                 k -= n0
             else:
                 self.chunks[0] = {c: a[k:] for c, a in first.items()}
                 k = 0
+        self._tail = min(self._tail, len(self.chunks))
 
     def columns(self) -> dict[str, np.ndarray]:
         if self._cache is None:
@@ -107,6 +148,7 @@ class _Series:
                 names = self.chunks[-1].keys()
                 self._cache = {c: np.concatenate([ch[c] for ch in self.chunks if c in ch]) for c in names}
                 self.chunks = [self._cache]  # compact: later snapshots reuse it
+            self._tail = self._tail_rows = 0
             for a in self._cache.values():
                 a.flags.writeable = False
         return self._cache
