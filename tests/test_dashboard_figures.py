@@ -130,6 +130,17 @@ def test_parse_step_range(relayout, expected) -> None:
     assert web.parse_step_range(relayout) == expected
 
 
+def test_a_zoom_wins_over_redraw_events_that_come_in_with_it() -> None:
+    import dash
+
+    zoom = {"xaxis.range": [100, 199]}
+    assert web.step_range_update([{"autosize": True}, zoom], None) == [100, 199]
+    assert web.step_range_update([zoom, {"autosize": True}], None) == [100, 199]
+    assert web.step_range_update([{"autosize": True}], [1, 2]) is dash.no_update
+    assert web.step_range_update([zoom], [100, 199]) is dash.no_update
+    assert web.step_range_update([{"xaxis.autorange": True}], [100, 199]) is None
+
+
 def test_model_cache_reuses_models_per_view_object() -> None:
     cache = web._ModelCache(size=2)
     a = ColumnStore().snapshot()

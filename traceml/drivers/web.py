@@ -151,6 +151,20 @@ def parse_step_range(relayout: Mapping[str, Any] | None) -> tuple[int, int] | No
     return (lo, hi)
 
 
+def step_range_update(relayouts: Sequence[Mapping[str, Any] | None], current: Any) -> Any:
+    """The new step range from the relayout events that came in together, or ``dash.no_update``.
+
+    Plotly reports a redraw of any chart as a relayout too (``{"autosize": true}``): when one comes
+    in with the user's zoom on another chart, the zoom must win, so every event is looked at."""
+    for relayout in relayouts:
+        parsed = parse_step_range(relayout)
+        if parsed is False:
+            continue
+        new = list(parsed) if isinstance(parsed, tuple) else None
+        return dash.no_update if new == current else new
+    return dash.no_update
+
+
 def _as_range(data: Any) -> tuple[int, int] | None:
     if isinstance(data, (list, tuple)) and len(data) == 2:
         return (int(data[0]), int(data[1]))
@@ -509,15 +523,10 @@ def build_app(
     )
     def _on_range(*args: Any) -> Any:
         current = args[-1]
-        trigger = ctx.triggered_id
-        if trigger == "range-reset":
+        triggered = {t["prop_id"].rsplit(".", 1)[0] for t in ctx.triggered}
+        if "range-reset" in triggered:
             return None if current is not None else dash.no_update
-        relayout = args[STEP_AXIS_FIGURES.index(trigger)] if trigger in STEP_AXIS_FIGURES else None
-        parsed = parse_step_range(relayout)
-        if parsed is False:
-            return dash.no_update
-        new = list(parsed) if isinstance(parsed, tuple) else None
-        return dash.no_update if new == current else new
+        return step_range_update([args[i] for i, fig in enumerate(STEP_AXIS_FIGURES) if fig in triggered], current)
 
     def keep_view(rng: tuple[int, int] | None, *figs: Any) -> None:
         """Plotly keeps the user's zoom and legend clicks while ``uirevision`` stays the same: the same
