@@ -151,7 +151,3 @@ class RollupBuffer:
         if merged is None or not len(merged[STEP]):
             return None
         return rollup(self.schema, merged, self.bucket_steps)
-
-    @property
-    def held_rows(self) -> int:
-        return sum(len(c[STEP]) for c in self._chunks)
