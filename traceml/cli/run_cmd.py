@@ -233,16 +233,13 @@ def listen_for_ranks(plan: RunPlan) -> socket.socket:
     """Bind the aggregator's port here, before any process learns it (the aggregator inherits the
     socket): a port picked as free cannot be taken in between.  A picked port found busy is
     replaced by another free one (``plan.aggregator_port`` is updated); a given one is an error."""
+    from traceml.transport import listening_socket
+
     host = plan.aggregator_host or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in (plan.aggregator_port, 0):
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
+            sock = listening_socket(host, port)
         except OSError as exc:
-            sock.close()
             if port and plan.aggregator_port_picked:
                 continue
             raise ConfigError(

@@ -33,6 +33,7 @@ from traceml.errors import ConfigError, MissingDependencyError
 from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.transport import listening_socket
 from traceml.views import series
 from traceml.views.final import FindingLine, findings_from_summary
 
@@ -758,19 +759,13 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
     Bind before loading anything heavy, then hand the socket to :class:`WebServer`.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
+        return listening_socket(host, port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(
             f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; "
             "choose another --port (0 picks a free one) or --host"
         ) from exc
-    return sock
 
 
 class WebServer:

@@ -39,6 +39,7 @@ from traceml.transport.server import (
     ConnInfo,
     ServerHandler,
     TelemetryServer,
+    listening_socket,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "encode_frame",
     "heartbeat",
     "hello",
+    "listening_socket",
     "parse_hello",
     "rank_finished",
     "rank_identity_from_env",

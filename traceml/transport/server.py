@@ -111,6 +111,22 @@ _LISTENER = object()
 _WAKE = object()
 
 
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port) and listening; raises the OSError.
+
+    Bind first, then tell others the port (or hand the socket to another process): a port picked
+    as free cannot be taken in between.  Callers word the error for their own option names."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class TelemetryServer:
     """Serves the ranks of one run; ``start()`` binds and starts the I/O thread, ``stop()`` joins it."""
 
