@@ -175,6 +175,7 @@ class TmlWriter:
         self._rollup_steps = None if rollup_steps is None else int(rollup_steps)
         # per (rank, table): the rows of the open rollup group; closed groups wait for the next checkpoint
         self._rollup_open: dict[tuple[int, str], rollup.RollupBuffer] = {}
+        self._no_rollup: set[str] = set()  # tables that have none (no step column, or a str one)
         self._rollup_done: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
         self._rollup_bytes = 0
         self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
@@ -398,8 +399,11 @@ class TmlWriter:
         key = (rank, schema.name)
         buffer = self._rollup_open.get(key)
         if buffer is None:
+            if schema.name in self._no_rollup:
+                return
             rolled = rollup_schema(schema)
             if rolled is None or self._rollup_steps is None:
+                self._no_rollup.add(schema.name)
                 return
             if rolled.name not in self._tables:
                 self.add_schema(rolled)
