@@ -73,8 +73,9 @@ def summarize(schema: TableSchema, cols: Columns, starts: np.ndarray) -> dict[st
             continue
         values = np.asarray(cols[c.name])
         for stat in rollup_statistics(c):
-            if stat == "sum":  # accumulated in float64: no copy, no overflow
-                out[f"{c.name}.sum"] = np.add.reduceat(values, starts, dtype=np.float64)
+            if stat == "sum":  # accumulated in float64: no copy; sums past 1.8e308 are inf, as they should
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out[f"{c.name}.sum"] = np.add.reduceat(values, starts, dtype=np.float64)
             elif stat == "min":
                 out[f"{c.name}.min"] = np.minimum.reduceat(values, starts)
             else:
