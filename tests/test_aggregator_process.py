@@ -139,3 +139,17 @@ def test_standalone_process_ends_when_its_ranks_are_done(tmp_path: Path) -> None
     assert proc.returncode == 0
     assert f"listening on 127.0.0.1:{port}" in err.decode()
     assert open_recording(tmp_path / "run.tml").read_table("step_time")[0]["step"].tolist() == list(range(5))
+
+
+def test_listen_fd_that_is_not_a_socket_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from traceml.aggregator.__main__ import main
+
+    monkeypatch.setenv("TRACEML_TOKEN", "t" * 32)
+    with open(tmp_path / "not-a-socket", "w") as f:
+        fd = f.fileno()
+        code = main(["--listen-fd", str(fd), "--out", str(tmp_path / "run.tml")])
+    assert code == 2
+    assert f"--listen-fd {fd} is not a socket" in capsys.readouterr().err
+    assert not (tmp_path / "run.tml").exists()  # nothing started
