@@ -389,6 +389,23 @@ def _quantiles(chunks: list[np.ndarray]) -> tuple[float, float]:
     return med / 1000.0, p95 / 1000.0
 
 
+def _bucket_means(
+    lo: int, width: int, n: int, counts: np.ndarray, total: np.ndarray, sums: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """``(x, phase ms, total ms)`` of the non-empty step buckets from their counts and us sums."""
+    present = counts > 0
+    denom = counts[present] * 1000.0
+    phase_ms = {p: np.maximum(v[present] / denom, 0.0) for p, v in sums.items()}
+    x = (lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0)[present]
+    return x, phase_ms, np.maximum(total[present] / denom, 0.0)
+
+
+def _mean_ms(counts: np.ndarray, sums_us: np.ndarray) -> np.ndarray:
+    """Mean ms per bucket, nan where a bucket is empty (a heatmap row)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, np.maximum(sums_us, 0) / np.where(counts > 0, counts, 1) / 1000.0, np.nan)
+
+
 # --- the rollup of step_time (a long recording's first charts) ---------------------------------
 # One rollup row summarises a group of consecutive steps of one rank (``step`` .. ``step_last``,
 # ``rows`` steps, ``<column>.sum|min|max``).  Means per bucket stay exact; quantiles are not known.
@@ -469,12 +486,8 @@ def _rollup_breakdown(
             col = cols.get(f"{p}_us.sum")
             if col is not None:
                 sums[p] += np.bincount(idx, weights=col, minlength=n)
-    present = counts > 0
-    denom = counts[present] * 1000.0
-    phase_ms = {p: np.maximum(sums[p][present] / denom, 0.0) for p in phases}
-    x = (lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0)[present]
+    x, phase_ms, total_ms = _bucket_means(lo, width, n, counts, total, sums)
     rows = int(counts.sum())
-    total_ms = np.maximum(total[present] / denom, 0.0)
     return StepBreakdown(
         x, phase_ms, total_ms, math.nan, math.nan, width, tuple(per_rank), rows, step_range, exact=False
     )
@@ -516,9 +529,7 @@ def _rollup_rank_steps(
         mean = float(cols["step_us.sum"].sum()) / max(steps, 1) / 1000.0
         stats.append(RankStat(r, steps, math.nan, math.nan, max(mean, 0.0)))
         c = np.bincount(index[r], weights=cols[ROLLUP_ROWS], minlength=n)
-        total = np.bincount(index[r], weights=cols["step_us.sum"], minlength=n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            heat[i] = np.where(c > 0, np.maximum(total, 0) / np.where(c > 0, c, 1) / 1000.0, np.nan)
+        heat[i] = _mean_ms(c, np.bincount(index[r], weights=cols["step_us.sum"], minlength=n))
     means = np.array([s.mean_ms for s in stats])
     slowest = int(stats[int(np.argmax(means))].rank)
     skew = math.nan
@@ -597,11 +608,7 @@ def step_breakdown(
             col = cols.get(f"{p}_us")
             if col is not None:
                 sums[p] += buckets.sums(col, n)
-    present = counts > 0
-    denom = counts[present] * 1000.0
-    phase_ms = {p: np.maximum(sums[p][present] / denom, 0.0) for p in phases}
-    total_ms = np.maximum(total[present] / denom, 0.0)
-    x = (lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0)[present]
+    x, phase_ms, total_ms = _bucket_means(lo, width, n, counts, total, sums)
     med, p95 = _quantiles(step_us_chunks)
     return StepBreakdown(x, phase_ms, total_ms, med, p95, width, tuple(per_rank), rows, step_range)
 
@@ -639,9 +646,7 @@ def rank_steps(
         mean = float(valid.mean()) / 1000.0 if len(valid) else math.nan
         stats.append(RankStat(r, len(steps), med, p95, mean))
         buckets = _Buckets(steps, lo, width, n)
-        c = buckets.counts
-        with np.errstate(invalid="ignore", divide="ignore"):
-            heat[i] = np.where(c > 0, np.maximum(buckets.sums(step_us, n), 0) / np.where(c > 0, c, 1) / 1000.0, np.nan)
+        heat[i] = _mean_ms(buckets.counts, buckets.sums(step_us, n))
     medians = np.array([s.median_ms for s in stats])
     finite = np.isfinite(medians)
     slowest = int(stats[int(np.nanargmax(medians))].rank) if finite.any() else None
