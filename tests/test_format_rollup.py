@@ -105,3 +105,31 @@ def test_without_rollups_a_reader_rolls_up_every_row(tmp_path: Path) -> None:
 def test_rollup_steps_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rollup_steps"):
         writer(tmp_path / "x.tml", rollup_steps=0)
+
+
+def test_a_failing_rollup_stops_the_rollups_not_the_recording(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = rollup.summarize
+    calls = [0]
+
+    def flaky(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        calls[0] += 1
+        if calls[0] > 6:
+            raise RuntimeError("rollup bug")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rollup, "summarize", flaky)
+    path = tmp_path / "r.tml"
+    with caplog.at_level("WARNING", logger="traceml.format"):
+        _write(path, FakeClock(), steps=3000, batch=70)
+    assert "the recording goes on without more rollup rows" in caplog.text
+    monkeypatch.setattr(rollup, "summarize", real)
+    with open_recording(path) as r:
+        assert r.integrity["status"] == "complete"
+        raw = r.read_table("step_time")
+        stored = r.read_table("rollup/step_time")
+        assert all(len(raw[rank]["step"]) == 3000 for rank in (0, 3))
+        assert 0 < sum(int(c["rows"].sum()) for c in stored.values()) < 6000  # some stored, then stopped
+        for rank in (0, 3):  # the reader completes the rollup from the rows
+            assert_columns_equal(r.read_rollup("step_time")[rank], rollup.rollup(STEP_TIME, raw[rank]))

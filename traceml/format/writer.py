@@ -7,6 +7,7 @@ writer's file readable without a recovery step.  Not thread-safe: one thread own
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -32,6 +33,8 @@ from traceml.schema import (
     rollup_schema,
     schema_from_columns,
 )
+
+log = logging.getLogger("traceml.format")
 
 #: the schemas a writer declares in its header unless told otherwise
 STANDARD: tuple[TableSchema, ...] = tuple(STANDARD_TABLES.values())
@@ -309,7 +312,10 @@ class TmlWriter:
                 if segment.raw_bytes >= self._segment_max_bytes:
                     self._close_segment()
             if self._rollup_steps is not None:
-                self._roll_up(int(rank), info.schema, cols)
+                try:
+                    self._roll_up(int(rank), info.schema, cols)
+                except Exception as exc:  # a rollup bug must not cost the rows
+                    self._stop_rollups(exc)
         self._close_aged_segment()
 
     def attach(self, name: str, data: Mapping[str, Any]) -> None:
@@ -348,8 +354,13 @@ class TmlWriter:
             if self._failure is None:
                 if self._segment is not None:
                     self._close_segment(checkpoint=False)
-                for key, buffer in self._rollup_open.items():
-                    self._rollup_rows(key, buffer.flush())
+                try:
+                    closing = [(key, buffer.flush()) for key, buffer in self._rollup_open.items()]
+                except Exception as exc:
+                    closing = []
+                    self._stop_rollups(exc)
+                for key, rows in closing:
+                    self._rollup_rows(key, rows)
                 self._write_rollups()
                 if summary is not None:
                     self.attach("summary", summary)
@@ -412,8 +423,21 @@ class TmlWriter:
 
     def _drain_rollups(self) -> None:
         """Roll up the groups the rows appended since the last segment completed."""
-        for key, buffer in self._rollup_open.items():
-            self._rollup_rows(key, buffer.drain())
+        try:
+            drained = [(key, buffer.drain()) for key, buffer in self._rollup_open.items()]
+        except Exception as exc:
+            self._stop_rollups(exc)
+            return
+        for key, rows in drained:
+            self._rollup_rows(key, rows)
+
+    def _stop_rollups(self, exc: Exception) -> None:
+        """Fail open: write no more rollup rows (readers roll up the rest from the rows), keep recording."""
+        log.warning("rolling up %s failed (%s); the recording goes on without more rollup rows", self._path, exc)
+        self._rollup_steps = None
+        self._rollup_open.clear()
+        self._rollup_done.clear()
+        self._rollup_bytes = 0
 
     def _rollup_rows(self, key: tuple[int, str], rows: dict[str, np.ndarray] | None) -> None:
         if not rows or not len(rows[rollup.STEP]):
