@@ -72,6 +72,7 @@ def test_every_command_line_in_the_readme_works(tmp_path: Path) -> None:
         "broken.tml": SAMPLES / "crashed_midway.tml",
         "fixed.tml": tmp_path / "fixed.tml",
         "trace.json": tmp_path / "trace.json",
+        "parquet/": tmp_path / "parquet",
         "report/": tmp_path / "report",
     }
     lines = [ln.split("#")[0].strip() for b in blocks("bash") for ln in b.splitlines()]

@@ -15,7 +15,7 @@ import typer
 
 from traceml.errors import TracemlError
 
-EXPORT_FORMATS = ("csv", "chrome-trace")
+EXPORT_FORMATS = ("csv", "chrome-trace", "parquet")
 EXIT_FAILED = 1
 EXIT_DATA_LOST = 3
 
@@ -69,10 +69,15 @@ def recover_cmd(
 
 def export_cmd(
     path: Path = typer.Argument(..., help="the .tml recording"),
-    fmt: str = typer.Option(..., "--format", help="csv (a directory, one file per table) or chrome-trace (JSON)"),
-    output: Path = typer.Option(..., "-o", "--output", help="output directory (csv) or file (chrome-trace)"),
+    fmt: str = typer.Option(
+        ...,
+        "--format",
+        help="csv (a directory, one file per table), chrome-trace (JSON) or parquet (a directory of"
+        " Hive-partitioned datasets, one per table; several runs may share it)",
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory (csv, parquet) or file (chrome-trace)"),
 ) -> None:
-    """Export a recording as CSV per table or as a Chrome trace (opens in Perfetto)."""
+    """Export a recording as CSV per table, a Chrome trace (opens in Perfetto) or Parquet (DuckDB, Spark, Polars)."""
     from traceml.format import open_recording
     from traceml.format.export import export_csv, write_chrome_trace
 
@@ -83,6 +88,10 @@ def export_cmd(
             if fmt == "csv":
                 files = export_csv(reader, output)
                 typer.echo(f"wrote {len(files)} CSV files to {output}: {', '.join(f.name for f in files)}")
+            elif fmt == "parquet":
+                from traceml.format.parquet import export_parquet
+
+                _print_parquet(export_parquet(reader, output))
             else:
                 write_chrome_trace(reader, output)
                 typer.echo(f"wrote {output} (open it in https://ui.perfetto.dev)")
@@ -91,6 +100,16 @@ def export_cmd(
         _fail(exc)
     if integrity["status"] != "complete":
         typer.echo(f"note: {integrity['message']}", err=True)
+
+
+def _print_parquet(result: Any) -> None:
+    where = f"{result.out_dir}/<table>/{result.partition + '/' if result.partition else ''}rank=<r>/"
+    tables = ", ".join(f"{name} {rows:,}" for name, rows in sorted(result.rows.items())) or "none"
+    typer.echo(f"wrote {result.total_rows:,} rows in {len(result.files)} Parquet files to {where} ({tables})")
+    for run in result.moved_runs:
+        typer.echo(f"moved the earlier export of run {run!r} under run=<id> partitions (several runs now share it)")
+    for name, reason in result.skipped.items():
+        typer.echo(f"skipped table {name}: {reason}", err=True)
 
 
 def _fail(error: object) -> NoReturn:
