@@ -23,9 +23,11 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from traceml import escape as esc
 from traceml.diagnosis import job_series, step_data
 from traceml.diagnosis.memory import fmt_bytes
 from traceml.errors import ReportError
+from traceml.outpaths import OutputDir
 from traceml.schema import PHASES
 from traceml.store import StoreView
 
@@ -635,8 +637,8 @@ def render_text(c: Comparison) -> str:
     rows = [HEADER, *table_rows(c)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = [
-        f"base: {c.base.path} ({c.base.kind}, {c.base.steps} steps)",
-        f"new:  {c.new.path} ({c.new.kind}, {c.new.steps} steps)",
+        f"base: {esc.visible(c.base.path, 1000)} ({c.base.kind}, {c.base.steps} steps)",
+        f"new:  {esc.visible(c.new.path, 1000)} ({c.new.kind}, {c.new.steps} steps)",
         f"method: {METHOD_NOTES[c.method]}",
     ]
     if c.aligned:
@@ -655,7 +657,8 @@ def render_markdown(c: Comparison) -> str:
         "",
         f"> {c.reason}. Gate: {c.gate_pct:g}%.",
         "",
-        f"Base `{c.base.path}` ({c.base.kind}, {c.base.steps} steps) · new `{c.new.path}` ({c.new.kind}, {c.new.steps} steps).",
+        f"Base {esc.markdown_code(c.base.path, 1000)} ({c.base.kind}, {c.base.steps} steps)"
+        f" · new {esc.markdown_code(c.new.path, 1000)} ({c.new.kind}, {c.new.steps} steps).",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|---|---:|---:|---:|---|---|",
@@ -739,17 +742,25 @@ def render_html(c: Comparison) -> str:
     )
 
 
-def write_outputs(c: Comparison, out_dir: str | Path) -> list[Path]:
-    out = Path(out_dir)
+def write_outputs(c: Comparison, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Write compare.html/json/md into ``out_dir``; existing ones are refused unless ``overwrite``."""
+    out = OutputDir(out_dir, overwrite=overwrite, option="--out")
+    paths = [out.claim(COMPARE_HTML), out.claim(COMPARE_JSON), out.claim(COMPARE_MD)]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / COMPARE_HTML, out / COMPARE_JSON, out / COMPARE_MD]
-        paths[0].write_text(render_html(c), encoding="utf-8")
-        paths[1].write_text(json.dumps(c.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        paths[2].write_text(render_markdown(c), encoding="utf-8")
+        out.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(
-            f"cannot write the comparison into {str(out)!r}: {exc}; choose another --out directory"
+            f"cannot write the comparison into {str(out.root)!r}: {exc}; choose another --out directory"
+        ) from exc
+    out.check(paths)
+    texts = (render_html(c), json.dumps(c.to_dict(), indent=2, allow_nan=False) + "\n", render_markdown(c))
+    try:
+        for path, text in zip(paths, texts, strict=True):
+            with out.open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as exc:
+        raise ReportError(
+            f"cannot write the comparison into {str(out.root)!r}: {exc}; choose another --out directory"
         ) from exc
     return paths
 

@@ -24,6 +24,7 @@ from traceml.diagnosis import build_summary
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.memory import fmt_bytes
 from traceml.errors import ReportError, TracemlError
+from traceml.outpaths import OutputDir
 from traceml.renderers import figures as fg
 from traceml.store import StoreView
 from traceml.views import series as sv
@@ -428,20 +429,38 @@ def load_view(path: str | Path) -> StoreView:
         raise ReportError(f"cannot read recording {str(p)!r}: {exc}") from exc
 
 
-def write_documents(report: Report, out_dir: str | Path) -> ReportFiles:
-    out = Path(out_dir)
+def write_documents(report: Report, out_dir: str | Path, *, overwrite: bool = False) -> ReportFiles:
+    """Write the three documents into ``out_dir``; existing ones are refused unless ``overwrite``."""
+    out = OutputDir(out_dir, overwrite=overwrite, option="--out")
+    files = ReportFiles(out.claim(REPORT_HTML), out.claim(SUMMARY_JSON), out.claim(SUMMARY_MD))
+    paths = (files.html, files.summary_json, files.summary_md)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        files = ReportFiles(out / REPORT_HTML, out / SUMMARY_JSON, out / SUMMARY_MD)
-        files.html.write_text(report.html, encoding="utf-8")
-        files.summary_json.write_text(json.dumps(report.summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        files.summary_md.write_text(report.markdown, encoding="utf-8")
+        out.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportError(f"cannot write the report into {str(out)!r}: {exc}; choose another --out directory") from exc
+        raise ReportError(
+            f"cannot write the report into {str(out.root)!r}: {exc}; choose another --out directory"
+        ) from exc
+    out.check(paths)
+    texts = (report.html, json.dumps(report.summary, indent=2, allow_nan=False) + "\n", report.markdown)
+    try:
+        for path, text in zip(paths, texts, strict=True):
+            with out.open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as exc:
+        raise ReportError(
+            f"cannot write the report into {str(out.root)!r}: {exc}; choose another --out directory"
+        ) from exc
     return files
 
 
-def write_report(recording: str | Path, out_dir: str | Path, *, recent_steps: int = th.RECENT_STEPS) -> ReportFiles:
+def write_report(
+    recording: str | Path, out_dir: str | Path, *, recent_steps: int = th.RECENT_STEPS, overwrite: bool = False
+) -> ReportFiles:
     """``traceml report``: read ``recording`` and write report.html, summary.json, summary.md."""
+    OutputDir(out_dir, overwrite=overwrite).check(
+        Path(out_dir) / name for name in (REPORT_HTML, SUMMARY_JSON, SUMMARY_MD)
+    )
     view = load_view(recording)
-    return write_documents(build_report(view, source=str(recording), recent_steps=recent_steps), out_dir)
+    return write_documents(
+        build_report(view, source=str(recording), recent_steps=recent_steps), out_dir, overwrite=overwrite
+    )

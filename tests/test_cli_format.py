@@ -168,6 +168,8 @@ def test_recover_exit_codes(run: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
     assert not (tmp_path / "never.tml").exists() and not (tmp_path / "never.tml.partial").exists()
     result = invoke("recover", str(run), "-o", str(run))
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    result = invoke("recover", str(run), "-o", str(run), "--overwrite")
     assert result.exit_code == 1 and "choose an output other than" in result.stderr
 
 

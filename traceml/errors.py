@@ -22,6 +22,8 @@ and what to change.
     +-- StoreError                  stores and store views (traceml.store)
     +-- ReplayError                 reading recordings back (replay)
     +-- ReportError                 reports and comparisons (replay.report / compare)
+    +-- OutputError                 an output path that cannot be used (traceml.outpaths)
+    |   +-- OutputExistsError       the file exists and --overwrite was not given
     +-- MissingDependencyError      an optional extra is not installed (with hint)
 """
 
@@ -94,6 +96,14 @@ class ReplayError(TracemlError):
 
 class ReportError(TracemlError):
     """Problem building a report or a comparison."""
+
+
+class OutputError(TracemlError):
+    """An output path cannot be written: not a directory, a symbolic link, or not writable."""
+
+
+class OutputExistsError(OutputError):
+    """The output file exists and replacing it was not asked for (``--overwrite``)."""
 
 
 class MissingDependencyError(TracemlError):

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from traceml import escape as esc
 from traceml.errors import TracemlError
 
 EXPORT_FORMATS = ("csv", "chrome-trace", "parquet")
@@ -48,22 +49,25 @@ def inspect_cmd(
 def recover_cmd(
     path: Path = typer.Argument(..., help="the crashed or damaged .tml recording"),
     output: Path = typer.Option(..., "-o", "--output", help="where to write the clean copy"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the output file if it exists"),
 ) -> None:
     """Rewrite a crashed or damaged recording as a clean one.  Exit 0: nothing lost; 3: data lost; 1: failed."""
     from traceml.format.recover import recover
+    from traceml.outpaths import check_new_file
 
     try:
+        check_new_file(output, overwrite=overwrite, option="-o")
         result = recover(path, output)
     except TracemlError as exc:
         _fail(exc)
     integrity = result.integrity
     typer.echo(
         f"wrote {output}: {result.rows} rows from {result.segments} segments, {result.attachments} attachments"
-        f" (source: {integrity['message']})"
+        f" (source: {esc.visible(integrity['message'])})"
     )
     if result.lost:
         for item in integrity["skipped"][:10]:
-            typer.echo(f"  lost {item['length']} bytes at byte {item['offset']}: {item['reason']}")
+            typer.echo(f"  lost {item['length']} bytes at byte {item['offset']}: {esc.visible(item['reason'])}")
         raise typer.Exit(EXIT_DATA_LOST)
 
 
@@ -76,6 +80,7 @@ def export_cmd(
         " Hive-partitioned datasets, one per table; several runs may share it)",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="output directory (csv, parquet) or file (chrome-trace)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace output files that exist"),
 ) -> None:
     """Export a recording as CSV per table, a Chrome trace (opens in Perfetto) or Parquet (DuckDB, Spark, Polars)."""
     from traceml.format import open_recording
@@ -86,20 +91,27 @@ def export_cmd(
     try:
         with open_recording(path) as reader:
             if fmt == "csv":
-                files = export_csv(reader, output)
-                typer.echo(f"wrote {len(files)} CSV files to {output}: {', '.join(f.name for f in files)}")
+                files = export_csv(reader, output, overwrite=overwrite)
+                typer.echo(f"wrote {len(files)} CSV files to {output}: {', '.join(_csv_name(t, f) for t, f in files)}")
             elif fmt == "parquet":
                 from traceml.format.parquet import export_parquet
 
                 _print_parquet(export_parquet(reader, output))
             else:
-                write_chrome_trace(reader, output)
+                write_chrome_trace(reader, output, overwrite=overwrite)
                 typer.echo(f"wrote {output} (open it in https://ui.perfetto.dev)")
             integrity = reader.integrity
     except TracemlError as exc:
         _fail(exc)
     if integrity["status"] != "complete":
-        typer.echo(f"note: {integrity['message']}", err=True)
+        typer.echo(f"note: {esc.visible(integrity['message'])}", err=True)
+
+
+def _csv_name(table: str, path: Path) -> str:
+    """The file's name, and the table's (escaped) when the name had to change to be a safe file name."""
+    if path.name == f"{table}.csv":
+        return path.name
+    return f"{path.name} (table '{esc.visible(table)}')"
 
 
 def _print_parquet(result: Any) -> None:
@@ -113,7 +125,7 @@ def _print_parquet(result: Any) -> None:
 
 
 def _fail(error: object) -> NoReturn:
-    typer.echo(f"error: {error}", err=True)
+    typer.echo(f"error: {esc.visible(error, max_chars=2000)}", err=True)
     raise typer.Exit(EXIT_FAILED)
 
 
@@ -145,22 +157,28 @@ def _bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _list(value: Any) -> list[Any]:
+    """A header field that should be a list (a crafted file may hold anything)."""
+    return list(value) if isinstance(value, list | tuple) else [] if value is None else [value]
+
+
 def _print_inspection(info: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
     header = info["header"]
-    console.print(f"[bold]{info['path']}[/bold]  ({_bytes(info['file_bytes'])})")
+    console.print(f"[bold]{esc.rich(info['path'], None)}[/bold]  ({_bytes(info['file_bytes'])})")
     console.print(
-        f"run {header.get('run_id', '')}  format {header.get('format_version', '')}  written by {header.get('writer', '')}"
+        f"run {esc.rich(header.get('run_id', ''))}  format {esc.rich(header.get('format_version', ''))}"
+        f"  written by {esc.rich(header.get('writer', ''))}"
     )
     console.print(
-        f"created {_when(header.get('created_ns'))}  hosts {', '.join(map(str, header.get('hosts', [])))}"
-        f"  world size {header.get('world_size', -1)}"
+        f"created {_when(header.get('created_ns'))}  hosts {esc.rich(', '.join(map(str, _list(header.get('hosts')))))}"
+        f"  world size {esc.rich(header.get('world_size', -1))}"
     )
-    console.print(f"command: {' '.join(map(str, header.get('command', [])))}")
-    console.print(f"ranks: {', '.join(map(str, info['ranks'])) or '-'}")
+    console.print(f"command: {esc.rich(' '.join(map(str, _list(header.get('command')))), 1000)}")
+    console.print(f"ranks: {esc.rich(', '.join(map(str, info['ranks'])), 1000) or '-'}")
 
     tables = Table(title="tables", title_justify="left")
     for name, justify in (
@@ -174,7 +192,7 @@ def _print_inspection(info: dict[str, Any]) -> None:
     for name, entry in info["tables"].items():
         steps = "-" if entry["step_min"] is None else f"{entry['step_min']}..{entry['step_max']}"
         tables.add_row(
-            name, str(len(entry["ranks"])), f"{entry['rows']:,}", steps, _span(entry["t_min"], entry["t_max"])
+            esc.rich(name), str(len(entry["ranks"])), f"{entry['rows']:,}", steps, _span(entry["t_min"], entry["t_max"])
         )
     console.print(tables)
 
@@ -187,14 +205,16 @@ def _print_inspection(info: dict[str, Any]) -> None:
     )
     rollups = info.get("rollups") or {}
     if rollups.get("tables"):
-        rows = ", ".join(f"{name} {entry['rows']:,} rows" for name, entry in rollups["tables"].items())
+        rows = ", ".join(f"{esc.rich(name)} {entry['rows']:,} rows" for name, entry in rollups["tables"].items())
         console.print(f"rollups (every {rollups['steps']} steps): {rows}")
-    console.print(f"attachments: {', '.join(info['attachments']) or '-'}")
+    console.print(f"attachments: {', '.join(esc.rich(name) for name in info['attachments']) or '-'}")
 
     integrity = info["integrity"]
     colour = {"complete": "green", "recovered": "yellow", "damaged": "red"}[integrity["status"]]
-    console.print(f"integrity: [bold {colour}]{integrity['message']}[/]")
+    console.print(f"integrity: [bold {colour}]{esc.rich(integrity['message'], 1000)}[/]")
     for item in integrity["skipped"][:20]:
-        console.print(f"  skipped {item['length']:,} bytes at byte {item['offset']:,}: {item['reason']}")
+        console.print(
+            f"  skipped {item['length']:,} bytes at byte {item['offset']:,}: {esc.rich(item['reason'], 1000)}"
+        )
     if len(integrity["skipped"]) > 20:
         console.print(f"  ... and {len(integrity['skipped']) - 20} more")

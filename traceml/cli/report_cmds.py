@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
+from traceml import escape as esc
 from traceml.errors import TracemlError
 
 #: usage and file errors (``traceml compare`` also exits 3 inconclusive, 4 regression: docs/compare.md)
@@ -36,7 +37,7 @@ class _UsageErrorExitsOne(TyperCommand):
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"traceml: {message}", err=True)
+    typer.echo(f"traceml: {esc.visible(message, 2000)}", err=True)
     return typer.Exit(EXIT_ERROR)
 
 
@@ -48,6 +49,9 @@ def report(
     last_n: int = typer.Option(
         100, "--last-n", min=1, help="size of the trailing window diagnosed next to the whole run"
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace report files that exist in the output directory"
+    ),
 ) -> None:
     """Write report.html (self-contained), summary.json and summary.md from a recording.
 
@@ -58,14 +62,14 @@ def report(
 
     target = out if out is not None else recording.with_name(recording.stem + "_report")
     try:
-        files = write_report(recording, target, recent_steps=last_n)
+        files = write_report(recording, target, recent_steps=last_n, overwrite=overwrite)
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
     import json
 
     summary = json.loads(files.summary_json.read_text(encoding="utf-8"))
     primary = summary["diagnosis"]["primary"]
-    typer.echo(f"{primary['kind']} ({primary['severity']}): {primary['summary']}")
+    typer.echo(esc.visible(f"{primary['kind']} ({primary['severity']}): {primary['summary']}", 2000))
     for path in (files.html, files.summary_json, files.summary_md):
         typer.echo(f"wrote {path}")
 
@@ -79,6 +83,7 @@ def compare(
     out: Path | None = typer.Option(None, "--out", "-o", help="also write compare.html, compare.json, compare.md here"),
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap (results are deterministic for a seed)"),
     resamples: int = typer.Option(2000, "--resamples", min=100, help="bootstrap resamples"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="with --out: replace compare files that exist"),
 ) -> None:
     """Compare two runs: a verdict per metric (step time, each phase, throughput, peak memory).
 
@@ -95,7 +100,7 @@ def compare(
 
     try:
         result = compare_files(base, new, max_regression_pct=max_regression, resamples=resamples, seed=seed)
-        written = write_outputs(result, out) if out is not None else []
+        written = write_outputs(result, out, overwrite=overwrite) if out is not None else []
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(render_text(result), nl=False)

@@ -32,7 +32,8 @@ import typer
 
 from traceml import config
 from traceml.aggregator.control import exit_line, output_line, parse_line
-from traceml.errors import ConfigError
+from traceml.errors import ConfigError, OutputError
+from traceml.outpaths import check_new_file
 
 UI_CHOICES = ("terminal", "web", "none")
 DEFAULT_RUNS_DIR = "traceml_runs"
@@ -88,6 +89,8 @@ class RunPlan:
     auto_integrations: bool = True
     #: the aggregator port was picked here (not given): another free one may replace it at start
     aggregator_port_picked: bool = False
+    #: the --run-name asked for, when its folder existed and ``run_name`` got a numbered suffix
+    renamed_from: str = ""
     python: str = sys.executable
     finish_timeout_s: float = FINISH_TIMEOUT_S
     start_ns: int = field(default_factory=time.time_ns)
@@ -143,8 +146,13 @@ def plan_run(
     stdout_is_tty: bool = False,
     runs_dir: str = DEFAULT_RUNS_DIR,
     now: float | None = None,
+    overwrite: bool = False,
 ) -> RunPlan:
-    """Check the options and decide names, paths, ports and the token.  Raises ConfigError."""
+    """Check the options and decide names, paths, ports and the token.
+
+    Raises ConfigError, or OutputExistsError when ``out`` exists and ``overwrite`` is not set.
+    An explicit ``run_name`` whose folder exists gets a numbered suffix (``renamed_from`` says so).
+    """
     if not Path(script).is_file():
         raise ConfigError(f"script {script!r} not found; expected the path of a Python training script")
     if nproc_per_node < 1 or nnodes < 1:
@@ -173,8 +181,12 @@ def plan_run(
         assert out_path is not None
         name = run_name or out_path.parent.name or Path(script).stem
         run_dir = out_path.parent
+        if node_rank == 0:
+            check_new_file(out_path, overwrite=overwrite, option="--out")
+        renamed_from = ""
     else:
-        name = run_name or _unique_run_name(f"{Path(script).stem}-{stamp}", runs)
+        name = _unique_run_name(run_name or f"{Path(script).stem}-{stamp}", runs)
+        renamed_from = run_name if run_name and name != run_name else ""
         run_dir = runs / name
         out_path = None if no_record else run_dir / "run.tml"
     if node_rank > 0:
@@ -211,6 +223,7 @@ def plan_run(
         web_port=web_port,
         auto_integrations=auto_integrations,
         aggregator_port_picked=picked,
+        renamed_from=renamed_from,
     )
 
 
@@ -655,6 +668,13 @@ def run_plan(plan: RunPlan) -> int:
     """Run ``plan`` end to end with signal handling; returns the training's exit code."""
     target = plan.out if plan.out is not None else plan.run_dir
     where = "" if not plan.starts_aggregator else f" live view: {plan.ui};"
+    if plan.renamed_from:
+        print(
+            f"traceml: {plan.run_dir.parent / plan.renamed_from} exists; this run is {plan.run_name}"
+            " (nothing is overwritten)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
     sup = RunSupervisor(plan)
     # SIGHUP too: a closed terminal stops the training as it would stop plain torchrun
@@ -686,6 +706,7 @@ def run_command(
     master_port: int | None = typer.Option(None, "--master-port", help="default: a free port (29500 multi-node)"),
     ui: str | None = typer.Option(None, "--ui", help="terminal | web | none (default: terminal on a TTY)"),
     out: str | None = typer.Option(None, "--out", help="recording path (default traceml_runs/<run-name>/run.tml)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the --out recording if it exists"),
     run_name: str | None = typer.Option(None, "--run-name", help="default: <script>-<date>-<time>"),
     interval: float | None = typer.Option(None, "--interval", help="seconds between samples (default 1.0)"),
     aggregator_host: str = typer.Option("127.0.0.1", "--aggregator-host", help="aggregator address (node 0)"),
@@ -723,8 +744,9 @@ def run_command(
             token=token,
             auto_integrations=not no_auto_integrations,
             stdout_is_tty=sys.stdout.isatty(),
+            overwrite=overwrite,
         )
-    except ConfigError as exc:
+    except (ConfigError, OutputError) as exc:
         typer.echo(f"traceml run: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run_plan(plan))

@@ -16,33 +16,38 @@ from typing import Any
 
 from traceml.errors import FormatError
 from traceml.format.reader import TmlReader
+from traceml.outpaths import OutputDir, open_new_file
 from traceml.schema import PHASES
 
 
-def export_csv(reader: TmlReader, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``<out_dir>/<table>.csv`` (a ``rank`` column first) for every table with rows."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FormatError(f"cannot create the output directory {out}: {exc.strerror or exc}") from exc
+def export_csv(
+    reader: TmlReader, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> list[tuple[str, Path]]:
+    """Write one CSV per table with rows (a ``rank`` column first) into ``out_dir``.
+
+    Returns ``(table, path)`` pairs.  The file name comes from :func:`traceml.outpaths.safe_filename`
+    (a hostile table name cannot leave ``out_dir``); existing files are refused unless ``overwrite``,
+    before anything is written.
+    """
+    out = OutputDir(out_dir, overwrite=overwrite, option="-o")
+    tables = [(table, out.claim(table, ".csv")) for table in reader.tables]
+    out.check(path for _, path in tables)
     written = []
-    for table in reader.tables:
+    for table, path in tables:
         data = reader.read_table(table)
         if not data:
             continue
         names = list(next(iter(data.values())))
-        path = out / f"{table}.csv"
-        try:
-            with path.open("w", newline="", encoding="utf-8") as f:
+        with out.open(path, "w", newline="", encoding="utf-8") as f:
+            try:
                 writer = csv.writer(f)
                 writer.writerow(["rank", *names])
                 for rank, cols in data.items():
                     lists = [cols[name].tolist() for name in names]
                     writer.writerows([rank, *row] for row in zip(*lists, strict=True))
-        except OSError as exc:
-            raise FormatError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        written.append(path)
+            except OSError as exc:
+                raise FormatError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        written.append((table, path))
     return written
 
 
@@ -66,11 +71,12 @@ def chrome_trace(reader: TmlReader) -> dict[str, Any]:
     }
 
 
-def write_chrome_trace(reader: TmlReader, path: str | os.PathLike[str]) -> Path:
+def write_chrome_trace(reader: TmlReader, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     out = Path(path)
+    document = chrome_trace(reader)
     try:
-        with out.open("w", encoding="utf-8") as f:
-            json.dump(chrome_trace(reader), f, separators=(",", ":"), allow_nan=False)
+        with open_new_file(out, "w", overwrite=overwrite, option="-o", encoding="utf-8") as f:
+            json.dump(document, f, separators=(",", ":"), allow_nan=False)
     except OSError as exc:
         raise FormatError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
