@@ -502,6 +502,20 @@ class Recording:
             self._view = self.store().snapshot()
         return self._view
 
+    def summary(self, *, flat: bool = True, recent_steps: int | None = None) -> dict[str, Any]:
+        """The run summary, recomputed from the rows (what ``traceml report`` writes as summary.json).
+
+        ``flat=True`` (default): flat numeric ``traceml/<section>/<metric>`` keys that
+        ``wandb.run.summary.update`` and ``mlflow.log_metrics`` take as they are
+        (:func:`traceml.diagnosis.flat.flatten_summary`); ``flat=False``: the nested summary.
+        """
+        from traceml.diagnosis import thresholds
+        from traceml.diagnosis.flat import flatten_summary
+        from traceml.diagnosis.summary import build_summary
+
+        nested = build_summary(self.view(), recent_steps=recent_steps or thresholds.RECENT_STEPS)
+        return dict(flatten_summary(nested)) if flat else nested
+
     # -- follow mode -------------------------------------------------------------------
     def poll(self) -> list[tuple[int, str, Columns]]:
         """Follow mode: the batches written since open or the previous poll."""

@@ -2,7 +2,8 @@
 
 ``with traceml.trace_step(model): ...`` marks a training step.  Under
 ``traceml run`` that is the only change a script needs.  Importing traceml does
-not import torch; the rank runtime loads on first use.
+not import torch; the rank runtime loads on first use.  ``traceml.summary(path)`` gives a
+recorded run's summary as flat metric keys for W&B / MLflow.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from traceml._version import __version__
 
-__all__ = ["__version__", "init", "shutdown", "trace_step", "trace_time"]
+__all__ = ["__version__", "init", "shutdown", "summary", "trace_step", "trace_time"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from traceml import decorators
 
         return getattr(decorators, name)
+    if name == "summary":
+        from traceml._summary import summary
+
+        return summary
     raise AttributeError(f"module 'traceml' has no attribute {name!r}")

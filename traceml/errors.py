@@ -24,6 +24,7 @@ and what to change.
     +-- ReportError                 reports and comparisons (replay.report / compare)
     +-- OutputError                 an output path that cannot be used (traceml.outpaths)
     |   +-- OutputExistsError       the file exists and --overwrite was not given
+    +-- ExportError                 exporting to Prometheus, OTLP, W&B, MLflow (traceml.exports)
     +-- MissingDependencyError      an optional extra is not installed (with hint)
 """
 
@@ -104,6 +105,10 @@ class OutputError(TracemlError):
 
 class OutputExistsError(OutputError):
     """The output file exists and replacing it was not asked for (``--overwrite``)."""
+
+
+class ExportError(TracemlError):
+    """Problem exporting a run to another tool (Prometheus file, OTLP endpoint, W&B, MLflow)."""
 
 
 class MissingDependencyError(TracemlError):

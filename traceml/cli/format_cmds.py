@@ -16,7 +16,7 @@ import typer
 from traceml import escape as esc
 from traceml.errors import TracemlError
 
-EXPORT_FORMATS = ("csv", "chrome-trace", "parquet")
+EXPORT_FORMATS = ("csv", "chrome-trace", "parquet", "prometheus", "otlp")
 EXIT_FAILED = 1
 EXIT_DATA_LOST = 3
 
@@ -76,18 +76,33 @@ def export_cmd(
     fmt: str = typer.Option(
         ...,
         "--format",
-        help="csv (a directory, one file per table), chrome-trace (JSON) or parquet (a directory of"
-        " Hive-partitioned datasets, one per table; several runs may share it)",
+        help="csv (a directory, one file per table), chrome-trace (JSON), parquet (a directory of"
+        " Hive-partitioned datasets, one per table; several runs may share it), prometheus (a"
+        " textfile-collector .prom file) or otlp (send the run's metrics to an OpenTelemetry collector)",
     ),
-    output: Path = typer.Option(..., "-o", "--output", help="output directory (csv, parquet) or file (chrome-trace)"),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", "--out", help="output directory (csv, parquet) or file (chrome-trace, prometheus)"
+    ),
+    endpoint: str | None = typer.Option(
+        None,
+        "--endpoint",
+        help="--format otlp: the collector's OTLP/HTTP base URL (default: the OTEL_EXPORTER_OTLP_* variables,"
+        " else http://localhost:4318)",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace output files that exist"),
 ) -> None:
-    """Export a recording as CSV per table, a Chrome trace (opens in Perfetto) or Parquet (DuckDB, Spark, Polars)."""
+    """Export a recording: CSV per table, a Chrome trace (Perfetto), Parquet (DuckDB, Spark, Polars),
+    a Prometheus textfile, or OTLP metrics."""
     from traceml.format import open_recording
     from traceml.format.export import export_csv, write_chrome_trace
 
     if fmt not in EXPORT_FORMATS:
         _fail(f"--format {fmt!r} is not supported; expected one of: {', '.join(EXPORT_FORMATS)}")
+    if fmt in ("prometheus", "otlp"):
+        _export_summary(path, fmt, output, endpoint, overwrite)
+        return
+    if output is None:
+        _fail(f"--format {fmt} writes files: give -o/--output (a directory for csv, a file for chrome-trace)")
     try:
         with open_recording(path) as reader:
             if fmt == "csv":
@@ -122,6 +137,32 @@ def _print_parquet(result: Any) -> None:
         typer.echo(f"moved the earlier export of run {run!r} under run=<id> partitions (several runs now share it)")
     for name, reason in result.skipped.items():
         typer.echo(f"skipped table {name}: {reason}", err=True)
+
+
+def _export_summary(path: Path, fmt: str, output: Path | None, endpoint: str | None, overwrite: bool) -> None:
+    """``export --format prometheus|otlp``: the run's summary metrics, recomputed from the rows."""
+    from traceml._summary import load_nested
+
+    if fmt == "prometheus" and output is None:
+        _fail("--format prometheus writes a file: give -o/--output, e.g. -o /var/lib/node_exporter/textfile/run.prom")
+    try:
+        summary = load_nested(path)
+        if fmt == "prometheus":
+            from traceml.exports.prometheus import render_textfile, write_textfile
+
+            assert output is not None
+            write_textfile(render_textfile(summary), output, overwrite=overwrite)
+            typer.echo(f"wrote {output} (Prometheus text format; see docs/exports.md for the textfile collector)")
+        else:
+            from traceml.exports.otlp import send_summary
+
+            sent = send_summary(summary, endpoint=endpoint)
+            typer.echo(f"sent {sent.points} data points in {sent.resources} resources to {sent.endpoint}")
+    except TracemlError as exc:
+        _fail(exc)
+    integrity = summary.get("integrity", {})
+    if integrity.get("status") not in ("complete", None):
+        typer.echo(f"note: {esc.visible(integrity.get('message', ''))}", err=True)
 
 
 def _fail(error: object) -> NoReturn:
