@@ -228,6 +228,9 @@ def test_export_chrome_trace(run: Path, tmp_path: Path) -> None:
 def test_export_errors(run: Path, tmp_path: Path) -> None:
     result = invoke("export", str(run), "--format", "avro", "-o", str(tmp_path / "x"))
     assert result.exit_code == 1
-    assert result.stderr == "error: --format 'avro' is not supported; expected one of: csv, chrome-trace, parquet\n"
+    assert (
+        result.stderr
+        == "error: --format 'avro' is not supported; expected one of: csv, chrome-trace, parquet, prometheus, otlp\n"
+    )
     result = invoke("export", str(tmp_path / "nope.tml"), "--format", "csv", "-o", str(tmp_path / "x"))
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot open recording")
