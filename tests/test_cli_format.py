@@ -86,6 +86,7 @@ def test_inspect_json(run: Path) -> None:
         "skipped": [],
         "lost_bytes": 0,
         "message": "complete: the writer closed the file cleanly",
+        "names": [],
     }
 
 

@@ -3,7 +3,7 @@
 A *table* is a stream of rows with fixed, typed columns.  Ranks append rows as
 tuples (in column order); the wire and the ``.tml`` file carry them column by
 column; stores hold them as numpy arrays.  This module is a leaf: it imports
-nothing of traceml but the error tree.
+nothing of traceml but the error tree and the name policy.
 
 Column type codes (``dtype`` strings):
 
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from traceml import names
 from traceml.errors import ConfigError
 
 #: numpy dtype (little-endian) for every numeric type code; ``str`` maps to object.
@@ -205,7 +206,7 @@ def iter_standard_schemas() -> Iterable[TableSchema]:
 # of consecutive rows of one rank in the same ``step // bucket_steps`` (the math lives in
 # traceml/format/rollup.py; spec: docs/format.md, "Rollup tables").
 
-ROLLUP_PREFIX = "rollup/"
+ROLLUP_PREFIX = names.ROLLUP_PREFIX
 ROLLUP_STEP, ROLLUP_STEP_LAST, ROLLUP_ROWS = "step", "step_last", "rows"
 
 

@@ -6,6 +6,9 @@ and handed to the spool in the same call, so the file gets every batch as it arr
 ``rank_finished`` marks the rank finished; a connection that closes without one marks the rank
 ``died``.  Each rank's data stays separate (the rank comes from the connection's hello, never
 from the batch).  Bad batches are counted and skipped: one rank's garbage never stops the others.
+Names are checked here, where they enter (:mod:`traceml.names`): a table, column or attachment
+name outside the grammar, a table in the writer's reserved namespace (``rollup/...``) or a str
+value that is not a label makes that table a bad batch of that rank only.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from traceml import names
 from traceml.errors import MalformedFrameError, TracemlError
-from traceml.schema import STANDARD_TABLES, TableSchema
+from traceml.schema import STANDARD_TABLES, STR, TableSchema
 from traceml.store import ColumnStore
 from traceml.transport.codec import decode_columns
 from traceml.transport.identity import RankIdentity
@@ -175,8 +179,13 @@ class Ingest:
         rows = 0
         for name, wire in tables.items():
             table = str(name)
+            problem = names.name_problem(name, "table") or names.reserved_problem(table)
+            if problem is not None:
+                self._bad(rank, problem)
+                continue
             try:
                 schema, cols = decode_columns(wire, table)
+                _check_names(schema, cols)
                 expected = self._table_schema(table, schema)
                 if set(schema.columns) != set(expected.columns):
                     # the writer would refuse it and stop the recording for every rank
@@ -212,6 +221,10 @@ class Ingest:
         if not isinstance(name, str) or not isinstance(data, dict):
             self._bad(rank, "attachment without a str name and a map")
             return
+        problem = names.name_problem(name, "attachment")
+        if problem is not None:
+            self._bad(rank, problem)
+            return
         if name in RESERVED_ATTACHMENTS or not name.endswith(f"/rank{rank}"):
             name = f"{name}/rank{rank}"
         self.store.attach(name, data)
@@ -225,6 +238,16 @@ class Ingest:
             self.stats.last_error = f"rank {rank}: {why}"
         if first:
             log.warning("skipped a malformed batch from rank %d: %s", rank, why)
+
+
+def _check_names(schema: TableSchema, cols: dict[str, Any]) -> None:
+    """Raise MalformedFrameError unless every column name and str value of a decoded table is valid."""
+    for column in schema.columns:
+        problem = names.column_problem(column.name)
+        if problem is None and column.dtype == STR:
+            problem = names.labels_problem(cols[column.name], f"column {schema.name}.{column.name}", names.MAX_ARG)
+        if problem is not None:
+            raise MalformedFrameError(f"table {names.shown(schema.name)}: {problem}")
 
 
 def _columns(schema: TableSchema) -> str:

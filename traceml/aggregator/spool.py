@@ -6,11 +6,13 @@ and a slow terminal never touches the spool).  The thread calls ``writer.tick()`
 segments close on time.  A writer error (disk full, unwritable path) is reported once through
 ``on_error`` (with the reason, e.g. ``"writing run.tml: [Errno 28] No space left on device"``);
 from then on the spool discards what it is given, and the live view and training
-carry on.
+carry on.  One item the writer refuses (a bad name, columns that do not match) costs only
+that item: it is counted in ``skipped`` and logged once, and the recording goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,7 +20,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from traceml.errors import WriterClosedError
 from traceml.schema import TableSchema
+
+log = logging.getLogger("traceml.aggregator")
 
 #: how often the spool thread calls ``writer.tick()`` and refreshes the byte count
 TICK_S = 0.2
@@ -71,6 +76,9 @@ class Spool:
         self.rows_written = 0
         self.batches_written = 0
         self.bytes_on_disk = 0
+        #: items the writer refused (the recording went on without them), and the last reason
+        self.skipped = 0
+        self.last_skip = ""
         self._closed = threading.Event()
 
     # -- producer side (ingest thread) ---------------------------------------------------
@@ -160,17 +168,21 @@ class Spool:
             if item is not None and writer is not None and not self.error:
                 try:
                     self._write(writer, item)
-                except Exception as exc:
+                except (WriterClosedError, OSError) as exc:  # the file is unusable
                     self._fail(f"writing {self.path}", exc)
                     self._abandon(writer)
+                except Exception as exc:  # fail open: this item is lost, the recording is not
+                    self._skip(item, exc)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._tick_s
                 if writer is not None and not self.error:
                     try:
                         writer.tick()
-                    except Exception as exc:
+                    except (WriterClosedError, OSError) as exc:  # the file is unusable
                         self._fail(f"writing {self.path}", exc)
                         self._abandon(writer)
+                    except Exception as exc:  # a bug in one tick must not end the recording
+                        self._skip((_CLOSE,), exc)
                     self._refresh_size()
 
     def _write(self, writer: Writer, item: tuple[Any, ...]) -> None:
@@ -184,6 +196,13 @@ class Spool:
             writer.attach(item[1], item[2])
         elif kind == _SCHEMA:
             writer.add_schema(item[1])
+
+    def _skip(self, item: tuple[Any, ...], exc: Exception) -> None:
+        self.skipped += 1
+        what = {_APPEND: "rows", _ATTACH: "an attachment", _SCHEMA: "a schema"}.get(item[0], "a tick")
+        self.last_skip = f"{what} refused by the writer: {exc}"
+        if self.skipped == 1:
+            log.warning("%s: skipped %s (logged once; the recording goes on)", self.path, self.last_skip)
 
     def _abandon(self, writer: Writer) -> None:
         """After a failure: release the file handle; what was written stays recoverable."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from traceml import names
 from traceml.errors import (
     ConfigError,
     CorruptRecordError,
@@ -192,6 +193,7 @@ class TmlReader:
         if self._tail is not None:
             skipped.append(dict(self._tail))
         lost = sum(s["length"] for s in skipped)
+        bad_names = self.name_problems()
         if self._skipped:
             first = skipped[0]
             status = "damaged"
@@ -209,7 +211,41 @@ class TmlReader:
                 message = "recovered: the writer did not finish (no footer); every complete record was read"
             if self._tail is not None:
                 message += f"; the last {self._tail['length']} bytes were an incomplete record"
-        return {"status": status, "skipped": skipped, "lost_bytes": lost, "message": message}
+        if bad_names:
+            message += f"; {len(bad_names)} name(s) break the name grammar (docs/security.md, 'Names')"
+        return {"status": status, "skipped": skipped, "lost_bytes": lost, "message": message, "names": bad_names}
+
+    def name_problems(self) -> list[str]:
+        """What in this file breaks the name policy (:mod:`traceml.names`): table, column and
+        attachment names, and the run id, run name, hosts and command of the header.  Such names are
+        still read (old files keep working) but are not trusted: each problem says what and where,
+        with the name shown escaped."""
+        problems: list[str | None] = []
+        header = self._header
+        if header:
+            problems.append(names.label_problem(header.get("run_id"), "HEADER.run_id"))
+            hosts = header.get("hosts")
+            problems.append(names.labels_problem(hosts if isinstance(hosts, list) else [hosts], "HEADER.hosts"))
+            command = header.get("command")
+            command = command if isinstance(command, list) else [command]
+            problems.append(
+                names.labels_problem(command, "HEADER.command", names.MAX_ARG)
+                if len(command) <= names.MAX_ARGS
+                else f"HEADER.command has {len(command)} arguments; at most {names.MAX_ARGS} are allowed"
+            )
+            meta = header.get("meta")
+            if isinstance(meta, dict) and meta.get("run_name") is not None:
+                problems.append(names.label_problem(meta["run_name"], "HEADER.meta.run_name"))
+        tables = set(self._schemas) | {t for seg in self._segments for _, t in seg.rows}
+        for table in sorted(tables):
+            problems.append(names.name_problem(table, "table"))
+            schema = self._schemas.get(table)
+            for column in schema.columns if schema is not None else ():
+                problem = names.column_problem(column.name)
+                problems.append(None if problem is None else f"table {names.shown(table)}: {problem}")
+        for attachment in sorted(self._attachments):
+            problems.append(names.name_problem(attachment, "attachment"))
+        return [p for p in problems if p is not None]
 
     def read_segment(self, info: SegmentInfo) -> list[Batch]:
         """Decode one segment; raises the FormatError that describes what is wrong with it."""
@@ -316,7 +352,8 @@ class TmlReader:
         if schema is None or rolled is None:
             return {}
         steps = bucket_steps or self.rollup_steps or rollup.DEFAULT_ROLLUP_STEPS
-        stored = self.read_table(rolled.name, ranks) if rolled.name in self._schemas else {}
+        # a stored rollup is used only if it is the one a writer derives (a crafted one is not trusted)
+        stored = self.read_table(rolled.name, ranks) if self._schemas.get(rolled.name) == rolled else {}
         wanted = {r for seg in self._segments for (r, t) in seg.rows if t == table}
         if ranks is not None:
             wanted &= {int(r) for r in ranks}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from traceml import names
 from traceml._version import __version__
 from traceml.errors import ConfigError, FormatError, RecordTooLargeError, WriterClosedError
 from traceml.format import _records, rollup
@@ -73,6 +74,9 @@ class _Table:
                 items = values.tolist() if isinstance(values, np.ndarray) else list(values)
                 if not all(isinstance(v, str) for v in items):
                     raise ConfigError(f"column {name}.{col} is str: expected a list of strings")
+                problem = names.labels_problem(items, f"column {name}.{col}", names.MAX_ARG)
+                if problem is not None:
+                    raise ConfigError(f"{problem}; str values are labels (docs/security.md, 'Names')")
                 str_bytes += sum(map(len, items)) + len(items)
                 out[col] = items
                 n = len(items)
@@ -184,18 +188,24 @@ class TmlWriter:
         self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._tables: dict[str, _Table] = {}
         for schema in schemas:
+            names.check_table(schema.name)
             self._check_new_schema(schema)
             self._tables[schema.name] = _Table(schema)
         self._sync = os.urandom(_records.SYNC_SIZE)
         meta = dict(run_meta)
+        run_id = names.check_label(str(meta.get("run_id") or os.urandom(8).hex()), "run_meta['run_id']")
+        hosts = [names.check_label(str(h), "a host name") for h in meta.get("hosts") or [socket.gethostname()]]
+        command = names.check_command([str(a) for a in meta.get("command") or sys.argv], "run_meta['command']")
+        if meta.get("run_name") is not None:
+            names.check_label(meta["run_name"], "run_meta['run_name']")
         try:
             header = _records.header_payload(
                 writer=f"traceml {__version__}",
-                run_id=str(meta.get("run_id") or os.urandom(8).hex()),
+                run_id=run_id,
                 created_ns=time.time_ns(),
-                hosts=[str(h) for h in meta.get("hosts") or [socket.gethostname()]],
+                hosts=hosts,
                 world_size=int(meta.get("world_size", -1)),
-                command=[str(a) for a in meta.get("command") or sys.argv],
+                command=command,
                 meta=meta,
                 schemas=[t.schema for t in self._tables.values()],
                 sync=self._sync,
@@ -267,8 +277,15 @@ class TmlWriter:
     # --- public API -----------------------------------------------------------------
 
     def add_schema(self, schema: TableSchema) -> None:
-        """Declare a table (idempotent for the same schema; a different one is refused)."""
+        """Declare a table (idempotent for the same schema; a different one is refused).
+
+        Table and column names must follow the name grammar (:mod:`traceml.names`); tables in
+        the writer's reserved namespaces (``rollup/...``) are refused."""
         self._check_usable()
+        names.check_table(schema.name)
+        self._add_schema(schema)
+
+    def _add_schema(self, schema: TableSchema) -> None:
         known = self._tables[schema.name].schema if schema.name in self._tables else None
         if known is not None:
             if known != schema:
@@ -284,11 +301,15 @@ class TmlWriter:
         self._pending_schemas.append(IndexEntry(offset, length, schema.name))
 
     def append(self, rank: int, table: str, columns: Mapping[str, Any]) -> None:
-        """Buffer rows of *table* from *rank* (``{column: 1-d array | list[str]}``)."""
+        """Buffer rows of *table* from *rank* (``{column: 1-d array | list[str]}``).
+
+        A bad call (a name outside the grammar, a reserved table, columns that do not match)
+        raises :class:`ConfigError` and changes nothing: the recording goes on."""
         self._check_usable()
+        names.check_table(table)
         info = self._tables.get(table)
         if info is None:
-            self.add_schema(schema_from_columns(table, columns))
+            self._add_schema(schema_from_columns(table, columns))
             info = self._tables[table]
         cols, rows, str_bytes = info.normalize(columns)
         if rows:
@@ -321,8 +342,7 @@ class TmlWriter:
     def attach(self, name: str, data: Mapping[str, Any]) -> None:
         """Store a named document (last one wins when a name repeats)."""
         self._check_usable()
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"attachment name must be a non-empty string; found {name!r}")
+        names.check_attachment(name)
         if not isinstance(data, Mapping):
             raise ConfigError(f"attachment {name!r} must be a map; found {type(data).__name__}")
         try:
@@ -389,9 +409,12 @@ class TmlWriter:
     # --- internals ------------------------------------------------------------------
 
     def _check_new_schema(self, schema: TableSchema) -> None:
-        names = schema.names
-        if len(set(names)) != len(names):
-            raise ConfigError(f"table {schema.name!r} repeats a column name: {list(names)}")
+        names.check_table(schema.name, reserved_ok=True)  # callers refuse the reserved ones
+        columns = schema.names
+        for column in columns:
+            names.check_column(column, f"table {schema.name!r}")
+        if len(set(columns)) != len(columns):
+            raise ConfigError(f"table {schema.name!r} repeats a column name: {list(columns)}")
 
     def _check_usable(self) -> None:
         if self._failure is not None:
@@ -417,7 +440,7 @@ class TmlWriter:
                 self._no_rollup.add(schema.name)
                 return
             if rolled.name not in self._tables:
-                self.add_schema(rolled)
+                self._add_schema(rolled)
             buffer = self._rollup_open[key] = rollup.RollupBuffer(schema, self._rollup_steps)
         buffer.add(cols)
 
@@ -450,16 +473,20 @@ class TmlWriter:
     def _write_rollups(self) -> None:
         """The closed rollup groups as one segment of their own (kept apart from the raw rows)."""
         done, self._rollup_done, self._rollup_bytes = self._rollup_done, {}, 0
-        by_table: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
-        for (rank, table), parts in sorted(done.items()):
-            merged = rollup.concat(parts)
-            if merged:
-                by_table.setdefault(rollup_name(table), []).append((rank, merged))
         groups: list[_records.TableRuns] = []
-        for name, members in by_table.items():
-            schema = self._tables[name].schema
-            columns = {c.name: np.concatenate([m[c.name] for _, m in members]) for c in schema.columns}
-            groups.append((schema, [(rank, len(m[rollup.STEP])) for rank, m in members], columns))
+        try:
+            by_table: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+            for (rank, table), parts in sorted(done.items()):
+                merged = rollup.concat(parts)
+                if merged:
+                    by_table.setdefault(rollup_name(table), []).append((rank, merged))
+            for name, members in by_table.items():
+                schema = self._tables[name].schema
+                columns = {c.name: np.concatenate([m[c.name] for _, m in members]) for c in schema.columns}
+                groups.append((schema, [(rank, len(m[rollup.STEP])) for rank, m in members], columns))
+        except Exception as exc:  # fail open: the raw rows are written; readers roll them up
+            self._stop_rollups(exc)
+            return
         if groups:
             self._write_segment(groups, data=False)
 

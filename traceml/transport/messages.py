@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from traceml import names
 from traceml.errors import HandshakeError, MalformedFrameError
 from traceml.transport.codec import WireTable, check_wire_table
 from traceml.transport.identity import RankIdentity
@@ -121,6 +122,9 @@ def parse_hello(msg: Any) -> Hello:
         ints = {k: _field(msg, k, int, "an int") for k in _IDENTITY_INTS}
     except MalformedFrameError as exc:
         raise HandshakeError(f"invalid hello: {exc}") from exc
+    problem = names.label_problem(host, "the host name")
+    if problem is not None:
+        raise HandshakeError(f"invalid hello: {problem}")
     identity = RankIdentity(host=host, **ints)
     if identity.rank < 0 or identity.world_size < 1 or identity.local_rank < 0 or identity.node_rank < 0:
         raise HandshakeError(f"invalid hello: impossible rank identity {identity}; expected rank >= 0, world_size >= 1")
