@@ -12,11 +12,11 @@ from typing import Any
 
 from traceml._version import __version__
 
-__all__ = ["__version__", "init", "shutdown", "summary", "trace_step", "trace_time"]
+__all__ = ["__version__", "init", "shutdown", "summary", "trace_input", "trace_step", "trace_time"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("trace_step", "trace_time", "init", "shutdown"):
+    if name in ("trace_step", "trace_time", "trace_input", "init", "shutdown"):
         from traceml import decorators
 
         return getattr(decorators, name)

@@ -20,6 +20,8 @@ ENV_INTERVAL = "TRACEML_INTERVAL"
 ENV_OUT = "TRACEML_OUT"
 ENV_DISABLED = "TRACEML_DISABLED"
 ENV_NO_AUTO_INTEGRATIONS = "TRACEML_NO_AUTO_INTEGRATIONS"
+#: turns off zero-code steps (steps cut at ``optimizer.step()`` in a script without ``trace_step``)
+ENV_NO_AUTO_STEPS = "TRACEML_NO_AUTO_STEPS"
 ENV_MAX_FRAME_MB = "TRACEML_MAX_FRAME_MB"
 #: the dashboards: a plotly.js bundle to serve instead of plotly's full one (e.g. the
 #: ``plotly.js-cartesian-dist-min`` build, a third of the size: a faster first page)
@@ -41,6 +43,8 @@ class RankConfig:
     out: str | None = None
     disabled: bool = False
     auto_integrations: bool = True
+    #: False when ``TRACEML_NO_AUTO_STEPS`` turns zero-code steps off
+    auto_steps: bool = True
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
     @property
@@ -87,5 +91,6 @@ def rank_config_from_env(env: Mapping[str, str] | None = None) -> RankConfig:
         out=env.get(ENV_OUT) or None,
         disabled=_truthy(env.get(ENV_DISABLED)),
         auto_integrations=not _truthy(env.get(ENV_NO_AUTO_INTEGRATIONS)),
+        auto_steps=not _truthy(env.get(ENV_NO_AUTO_STEPS)),
         max_frame_bytes=int(max_frame_mb * 1024 * 1024),
     )

@@ -87,6 +87,7 @@ class RunPlan:
     aggregator_port: int
     web_port: int
     auto_integrations: bool = True
+    auto_steps: bool = True
     #: the aggregator port was picked here (not given): another free one may replace it at start
     aggregator_port_picked: bool = False
     #: the --run-name asked for, when its folder existed and ``run_name`` got a numbered suffix
@@ -143,6 +144,7 @@ def plan_run(
     web_port: int = 8050,
     token: str | None = None,
     auto_integrations: bool = True,
+    auto_steps: bool = True,
     stdout_is_tty: bool = False,
     runs_dir: str = DEFAULT_RUNS_DIR,
     now: float | None = None,
@@ -222,6 +224,7 @@ def plan_run(
         aggregator_port=aggregator_port,
         web_port=web_port,
         auto_integrations=auto_integrations,
+        auto_steps=auto_steps,
         aggregator_port_picked=picked,
         renamed_from=renamed_from,
     )
@@ -307,11 +310,18 @@ def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
     env[config.ENV_RUN_ID] = plan.run_id
     if plan.interval is not None:
         env[config.ENV_INTERVAL] = str(plan.interval)
-    for name in (config.ENV_DISABLED, config.ENV_NO_AUTO_INTEGRATIONS, config.ENV_MAX_FRAME_MB):
+    for name in (
+        config.ENV_DISABLED,
+        config.ENV_NO_AUTO_INTEGRATIONS,
+        config.ENV_NO_AUTO_STEPS,
+        config.ENV_MAX_FRAME_MB,
+    ):
         if name in base:
             env[name] = base[name]
     if not plan.auto_integrations:
         env[config.ENV_NO_AUTO_INTEGRATIONS] = "1"
+    if not plan.auto_steps:
+        env[config.ENV_NO_AUTO_STEPS] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")  # output through our pipes shows up as it is printed
     return env
 
@@ -722,6 +732,11 @@ def run_command(
     no_auto_integrations: bool = typer.Option(
         False, "--no-auto-integrations", help="do not attach traceml to Hugging Face / Lightning Trainers"
     ),
+    no_auto_steps: bool = typer.Option(
+        False,
+        "--no-auto-steps",
+        help="do not cut a script without trace_step into steps at optimizer.step() (also TRACEML_NO_AUTO_STEPS=1)",
+    ),
 ) -> None:
     """Run SCRIPT on torchrun with the live view, recording every step of every rank."""
     try:
@@ -743,6 +758,7 @@ def run_command(
             web_port=web_port,
             token=token,
             auto_integrations=not no_auto_integrations,
+            auto_steps=not no_auto_steps,
             stdout_is_tty=sys.stdout.isatty(),
             overwrite=overwrite,
         )

@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from traceml.runtime import api
 
         sys.argv = list(script_args)  # what the agent records as the command line
-        if autohook.enabled() and api.init(script=script_args[0]) is not None:
+        if autohook.enabled() and api.init(script=script_args[0], auto_steps=True) is not None:
             autohook.install()
         try:
             executor.main(args)

@@ -74,6 +74,7 @@ class Agent:
         capacity: Mapping[str, int] | None = None,
         stream_options: Mapping[str, Any] | None = None,
         gpu_timing: bool | None = None,
+        auto_steps: bool = False,
     ) -> None:
         self.config = config
         self.identity = identity if identity is not None else rank_identity_from_env()
@@ -103,6 +104,9 @@ class Agent:
         self._env_wrapper = ""
         self._dist_facts: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._auto_steps = auto_steps
+        #: zero-code step boundaries (:mod:`traceml.runtime.autostep`), built once torch is imported
+        self.autostep: Any = None
 
         self.sinks: list[Sink] = self._build_sinks()
         self.sender: Sender | None = None
@@ -196,6 +200,14 @@ class Agent:
         from traceml.runtime.hooks import install_torch_hooks
 
         self._patch_names.extend(install_torch_hooks(self.clock, h2d=self._h2d))
+        if self._auto_steps:
+            try:
+                from traceml.runtime.autostep import AutoSteps
+
+                self.autostep = AutoSteps(self.clock, self.tracker, on_model=self._adopt_model)
+                self.autostep.install()  # undone by close()
+            except Exception:
+                disable_piece("auto-steps-install", "zero-code step detection")
         try:
             # asked once; a CPU build answers False without raising
             self._cuda_available = bool(torch.cuda.is_available())
@@ -239,11 +251,18 @@ class Agent:
 
     # -- the step ------------------------------------------------------------------
     def step_context(self, model: Any = None) -> StepTracker:
+        if self.autostep is not None and self.autostep.active:
+            self.autostep.yield_to_explicit()  # an explicit step always wins
         if model is not None and model is not self._model:
             self._attach_model(model)
         return self.tracker
 
-    def _attach_model(self, model: Any) -> None:
+    def _adopt_model(self, model: Any) -> None:
+        """The model of automatic steps (its forward is timed by the auto-step wrapper)."""
+        if self._model is None:
+            self._attach_model(model, wrap=False)
+
+    def _attach_model(self, model: Any, wrap: bool = True) -> None:
         self._model = model
         if self.closed:
             return
@@ -252,6 +271,9 @@ class Agent:
 
             self.wrapper = wrapper_kind(model)
             self._dist_facts = distributed_facts()  # now, while the process group surely exists
+            if not wrap:
+                self._arm_cuda_check()
+                return
             name = wrap_forward(self.clock, model)
             if name is not None:
                 self._patch_names.append(name)
@@ -267,6 +289,8 @@ class Agent:
                 env[key] = value
         env["started_ns"] = self.started_ns
         env["run_id"] = self.config.run_id
+        auto = self.autostep
+        env["step_source"] = "optimizer" if auto is not None and auto.active and auto.steps_recorded else "trace_step"
         return env
 
     def _maybe_send_environment(self) -> None:
@@ -311,6 +335,8 @@ class Agent:
         self.clock.enabled = False
         self.tracker.enabled = False
         self.clock.gpu = None
+        if self.autostep is not None:
+            self.autostep.close()
         for name in reversed(self._patch_names):
             patches.undo(name)
         self._patch_names.clear()

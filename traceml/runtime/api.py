@@ -19,7 +19,8 @@ from traceml.config import rank_config_from_env
 from traceml.errors import ConfigError
 from traceml.runtime._failopen import disable_piece, log_once
 from traceml.runtime.agent import Agent
-from traceml.runtime.step import Region, StepTracker
+from traceml.runtime.inputs import InputBlock, mark_input
+from traceml.runtime.step import PhaseClock, Region, StepTracker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +78,7 @@ def init(
     h2d: bool | None = None,
     script: str | None = None,
     start: bool = True,
+    auto_steps: bool = False,
 ) -> Agent | None:
     """Start traceml in this process (optional: the first ``trace_step`` does it too).
 
@@ -86,7 +88,10 @@ def init(
     ``TRACEML_INTERVAL`` (seconds between samples).  ``h2d`` forces host-to-device timing on
     or off (default: on where CUDA is available).  Returns the agent, or None when traceml
     is disabled (``TRACEML_DISABLED=1``) or could not start (logged).  Calling it again while
-    running returns the running agent.
+    running returns the running agent.  ``auto_steps=True`` cuts an uninstrumented loop into
+    steps at each ``optimizer.step()`` (what ``traceml run`` does; see
+    :mod:`traceml.runtime.autostep`); ``TRACEML_NO_AUTO_STEPS=1`` turns it off, and the first
+    ``trace_step`` takes over from it.
     """
     global _agent, _off
     interval_s = _check_interval(interval)
@@ -108,7 +113,9 @@ def init(
                 return None
             if interval_s is not None:
                 cfg = dataclasses.replace(cfg, interval_s=interval_s)
-            _agent = Agent(cfg, out=out_path, h2d=h2d, script=script, start=start)
+            _agent = Agent(
+                cfg, out=out_path, h2d=h2d, script=script, start=start, auto_steps=bool(auto_steps) and cfg.auto_steps
+            )
             _off = False
             return _agent
         except Exception:
@@ -187,6 +194,29 @@ def trace_time(name: str) -> Region | _NoRegion:
     if _off:
         return _NO_REGION
     return Region(name, _tracker)
+
+
+def _clock() -> PhaseClock | None:
+    if _off:
+        return None
+    agent = _agent if _agent is not None else current_agent()
+    return agent.clock if agent is not None else None
+
+
+def trace_input(obj: Any = None) -> Any:
+    """Mark input loading that is not a DataLoader as the dataloader phase.
+
+    * ``with traceml.trace_input(): x, y = get_batch("train")`` -- the block;
+    * ``@traceml.trace_input`` (or ``@traceml.trace_input()``) on a function -- each call
+      (on a generator function: each ``next()``);
+    * ``for batch in traceml.trace_input(stream):`` -- each ``next()`` of an iterator or iterable.
+
+    The time counts as dataloader wait: carried into the next step when spent between steps,
+    counted in the step when spent inside it.  Only the outermost phase is timed.
+    """
+    if obj is None:
+        return InputBlock(_clock)
+    return mark_input(obj, _clock)
 
 
 def _after_fork_in_child() -> None:

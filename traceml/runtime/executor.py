@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.path[0] = script_dir  # `python -m` put the cwd there; `python SCRIPT` puts the script's folder
     else:
         sys.path.insert(0, script_dir)
-    api.init(script=script)
+    api.init(script=script, auto_steps=True)  # zero-code steps unless TRACEML_NO_AUTO_STEPS
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:

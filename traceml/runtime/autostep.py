@@ -1,0 +1,380 @@
+"""Zero-code steps: the optimizer marks the step boundaries of a script that never calls ``trace_step``.
+
+Under ``traceml run`` (or ``traceml.init(auto_steps=True)``) an unmodified training loop is cut
+into steps by torch's global optimizer step hooks:
+
+* a step is the time from the end of one ``optimizer.step()`` to the end of the next one of the
+  *closing* optimizer: with one optimizer every ``step()``; with several (a GAN) the optimizer
+  that stepped for the first time last, i.e. the last one of an iteration.  Everything between
+  two boundaries is the step: the input wait, copies, forward, backward, optimizer and what the
+  phases do not name (residual);
+* the first ``step()`` of each new optimizer finds the modules whose parameters it holds (the
+  locals of the calling frames, else one ``gc`` scan) and times the outermost of them as the
+  forward phase -- only passes with autograd on: an evaluation pass under ``torch.no_grad()`` /
+  ``inference_mode()`` is not step work, and one that runs before any training work of the
+  step moves the step's start past it (with its input wait);
+* several forward/backward passes before one ``optimizer.step()`` (gradient accumulation) sum
+  into one step; the iterations before the first ``step()`` and the tail after the last are not
+  recorded.
+
+An explicit ``trace_step`` (or an integration callback) always wins: the first one discards the
+open automatic step and turns this off for the rest of the run.  Every hook and wrapper is in
+the patch registry (undone by ``traceml.shutdown()``).  Imports torch: loaded from the agent's
+torch-import callback.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from traceml.runtime import patches
+from traceml.runtime._failopen import disable_piece
+from traceml.runtime.step import BACKWARD, DATALOADER, FORWARD, H2D, NO_PHASE, PhaseClock, StepTracker
+
+_perf_ns = time.perf_counter_ns
+_get_ident = threading.get_ident
+_grad_enabled = torch.is_grad_enabled
+
+#: calling frames whose locals are searched for the optimizer's model before the gc scan
+FRAME_DEPTH = 12
+#: modules looked at among those locals (and one attribute level below them)
+MAX_CANDIDATES = 256
+#: top-level modules timed as the forward phase per optimizer
+MAX_MODELS = 8
+
+
+class AutoForward:
+    """Instance-level ``forward`` wrapper of a module the optimizer trains.
+
+    Times the outermost grad-enabled call as FORWARD; a call without autograd (evaluation)
+    is not timed and, before any training work of the step, moves the step's start past it.
+    Pickles as the plain method, like :class:`traceml.runtime.hooks.TimedForward`.
+    """
+
+    __slots__ = ("_fn", "_auto", "_model", "__weakref__")
+
+    def __init__(self, auto: AutoSteps, fn: Any, model: Any) -> None:
+        self._fn = fn
+        self._auto = auto
+        self._model = weakref.ref(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        auto = self._auto
+        c = auto.clock
+        if c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+            return self._fn(*args, **kwargs)
+        if not _grad_enabled():
+            try:
+                return self._fn(*args, **kwargs)
+            finally:
+                auto.after_eval_forward()
+        c.phase = FORWARD
+        g = c.gpu
+        if g is not None:
+            g.begin(FORWARD)
+        t0 = _perf_ns()
+        try:
+            return self._fn(*args, **kwargs)
+        finally:
+            c.acc[FORWARD] += _perf_ns() - t0
+            c.phase = NO_PHASE
+            if g is not None:
+                g.end(FORWARD)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        model = self._model()
+        return (getattr, (model, "forward")) if model is not None else (_none, ())
+
+    def __getattr__(self, name: str) -> Any:
+        if name in AutoForward.__slots__:
+            raise AttributeError(name)
+        return getattr(self._fn, name)
+
+
+def _none() -> None:
+    return None
+
+
+class AutoSteps:
+    """The automatic step boundaries of one agent (see the module docstring).
+
+    ``on_model(module)`` is told the first model found (the agent decides on GPU timing and
+    the wrapper kind from it).
+    """
+
+    def __init__(self, clock: PhaseClock, tracker: StepTracker, on_model: Callable[[Any], None] | None = None) -> None:
+        self.clock = clock
+        self.tracker = tracker
+        self.on_model = on_model
+        #: False once an explicit step took over, or after a failure
+        self.active = True
+        self.names: list[str] = []
+        self.steps_recorded = 0
+        self.windows_discarded = 0
+        self.models: list[str] = []
+        self._open = False
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._closer: weakref.ref[Any] | None = None
+        self._new: weakref.ref[Any] | None = None
+        self._wrapped: set[int] = set()
+
+    # -- install / uninstall ---------------------------------------------------------------
+    def install(self, tag: str = "") -> list[str]:
+        """Register the optimizer hooks (after the agent's own, so the optimizer phase is
+        accounted before a step closes).  Returns the registry names."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        suffix = f" [{tag}]" if tag else ""
+        pre = register_optimizer_step_pre_hook(self._pre)
+        self.names.append(patches.register("auto-step optimizer pre-hook" + suffix, pre.remove))
+        post = register_optimizer_step_post_hook(self._post)
+        self.names.append(patches.register("auto-step optimizer post-hook" + suffix, post.remove))
+        return list(self.names)
+
+    def yield_to_explicit(self) -> None:
+        """An explicit ``trace_step`` is about to run: drop the open step, stop for good."""
+        if self.active:
+            self.active = False
+            self._discard()
+        self.close()
+
+    def close(self) -> None:
+        """Undo every hook and forward wrapper (the open step, if any, is never recorded)."""
+        self.active = False
+        names, self.names = self.names, []
+        for name in reversed(names):
+            patches.undo(name)
+
+    def _fail(self, what: str) -> None:
+        self.active = False
+        try:
+            self._discard()
+        except Exception:
+            pass
+        disable_piece("auto-steps", what)
+
+    # -- the optimizer hooks -----------------------------------------------------------------
+    def _pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            c = self.clock
+            if not self._open:
+                c.owner = _get_ident()  # the thread that steps the optimizer is the training thread
+            elif _get_ident() != c.owner:
+                return
+            if c.opt_depth > 1 or opt in self._seen:
+                return  # an optimizer stepped from inside another one's step, or a known one
+            self._seen.add(opt)
+            self._new = weakref.ref(opt)
+            self._adopt_models(opt)
+        except Exception:
+            self._fail("automatic step detection (optimizer pre-hook)")
+
+    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            c = self.clock
+            if _get_ident() != c.owner or c.opt_depth > 0:
+                return
+            new = self._new
+            if new is not None and new() is opt:
+                # a new optimizer closes the iteration from now on; what ran before is not a whole step
+                self._new = None
+                self._closer = new
+                self._discard()
+                self._begin(fresh=True)
+                return
+            closer = self._closer() if self._closer is not None else None
+            if closer is None:
+                self._closer = weakref.ref(opt)
+            elif closer is not opt:
+                return
+            if self._open:
+                self._open = False
+                self.tracker.__exit__(None, None, None)
+                self.steps_recorded += 1
+            self._begin(fresh=False)
+        except Exception:
+            self._fail("automatic step detection (optimizer post-hook)")
+
+    # -- the open step -----------------------------------------------------------------------
+    def _begin(self, fresh: bool) -> None:
+        t = self.tracker
+        if t.depth or not t.enabled:
+            return
+        if fresh:
+            self._forget_carried()
+        t.__enter__()
+        self._open = True
+
+    def _discard(self) -> None:
+        """Close the open step without a row (its time is forgotten)."""
+        if not self._open:
+            return
+        self._open = False
+        t = self.tracker
+        enabled = t.enabled
+        t.enabled = False
+        try:
+            t.__exit__(None, None, None)
+        finally:
+            t.enabled = enabled
+        self._forget_carried()
+        t.regions.clear()
+        self.windows_discarded += 1
+
+    def _forget_carried(self) -> None:
+        c = self.clock
+        if c.phase == NO_PHASE:
+            acc = c.acc
+            acc[DATALOADER] = acc[H2D] = 0
+            _recycle_gpu_pairs(c)
+
+    def after_eval_forward(self) -> None:
+        """An evaluation forward just ended: before any training work, the step starts now."""
+        if not self._open or not self.active:
+            return
+        c = self.clock
+        acc = c.acc
+        if acc[FORWARD] or acc[BACKWARD] or c.phase != NO_PHASE:
+            return
+        try:
+            acc[DATALOADER] = acc[H2D] = 0
+            self.tracker.regions.clear()
+            self.tracker.t0 = _perf_ns()
+            _recycle_gpu_pairs(c)
+        except Exception:
+            self._fail("excluding an evaluation pass from the automatic step")
+
+    # -- finding the model -------------------------------------------------------------------
+    def _adopt_models(self, opt: Any) -> None:
+        ids = {id(p) for group in getattr(opt, "param_groups", ()) for p in group.get("params", ())}
+        if not ids:
+            return
+        roots = find_models(ids)
+        for model in roots[:MAX_MODELS]:
+            if id(model) in self._wrapped:
+                continue
+            name = self._wrap(model)
+            if name is not None:
+                self._wrapped.add(id(model))
+                self.models.append(type(model).__name__)
+        if roots and self.on_model is not None:
+            self.on_model(roots[0])
+
+    def _wrap(self, model: Any) -> str | None:
+        try:
+            d = vars(model)
+        except TypeError:
+            return None
+        attr = "_compiled_call_impl" if d.get("_compiled_call_impl") is not None else "forward"
+        current = d.get(attr)
+        if isinstance(current, AutoForward):
+            return None
+        had_own = attr in d
+        fn = current if had_own else getattr(model, attr)
+        wrapper = AutoForward(self, fn, model)
+        name = f"auto-step forward of {type(model).__name__}#{id(model):x}"
+        ref = weakref.ref(model)
+        model_id = id(model)
+
+        def restore() -> None:
+            finalizer.detach()
+            self._wrapped.discard(model_id)
+            m = ref()
+            if m is None:
+                return
+            md = vars(m)
+            if md.get(attr) is wrapper:
+                if had_own:
+                    md[attr] = fn
+                else:
+                    del md[attr]
+
+        d[attr] = wrapper
+        finalizer = weakref.finalize(model, patches.undo, name)
+        finalizer.atexit = False
+        patches.register(name, restore)
+        self.names.append(name)
+        return name
+
+
+def _recycle_gpu_pairs(clock: PhaseClock) -> None:
+    """Drop the CUDA event pairs of time that no longer counts (back to the timer's pool)."""
+    gpu = clock.gpu
+    pairs = getattr(gpu, "_pairs", None) if gpu is not None else None
+    if not isinstance(pairs, list) or not pairs:
+        return
+    pool = getattr(gpu, "_pool", None)
+    for pair in pairs:
+        if pool is not None:
+            pool.append(pair[1])
+            pool.append(pair[2])
+    del pairs[:]
+
+
+def _holds(module: torch.nn.Module, ids: set[int]) -> bool:
+    return any(id(p) in ids for p in module.parameters())
+
+
+def _candidates_from_frames(start: Any) -> list[torch.nn.Module]:
+    found: dict[int, torch.nn.Module] = {}
+    frame = start
+    depth = 0
+    module_type = torch.nn.Module
+
+    def consider(values: Iterable[Any], deeper: bool) -> None:
+        for value in values:
+            if len(found) >= MAX_CANDIDATES:
+                return
+            if issubclass(type(value), module_type):
+                found.setdefault(id(value), value)
+            elif deeper and not isinstance(value, type | int | float | str | bytes):
+                try:
+                    attrs = vars(value)
+                except TypeError:
+                    continue
+                consider(list(attrs.values())[:64], False)
+
+    while frame is not None and depth < FRAME_DEPTH:
+        try:
+            consider(list(frame.f_locals.values()), True)
+        except Exception:
+            pass
+        frame = frame.f_back
+        depth += 1
+    return list(found.values())
+
+
+def _roots(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules that are not a submodule of another one in the list."""
+    inner: set[int] = set()
+    for m in modules:
+        for sub in m.modules():
+            if sub is not m:
+                inner.add(id(sub))
+    return [m for m in modules if id(m) not in inner]
+
+
+def find_models(param_ids: set[int], frame: Any = None) -> list[torch.nn.Module]:
+    """The top-level modules holding any of ``param_ids``: from the calling frames' locals,
+    else from one scan of the garbage collector's objects."""
+    start = frame if frame is not None else sys._getframe(1)
+    holders = [m for m in _candidates_from_frames(start) if _holds(m, param_ids)]
+    if not holders:
+        module_type = torch.nn.Module
+        # type(), not isinstance(): a weak proxy or a deprecated-module shim answers __class__ itself
+        everything = [o for o in gc.get_objects() if issubclass(type(o), module_type)]
+        child_ids = {id(c) for m in everything for c in m._modules.values() if c is not None}
+        holders = [m for m in everything if id(m) not in child_ids and _holds(m, param_ids)]
+    return _roots(holders)
