@@ -294,6 +294,8 @@ def straggler(data: StepData) -> Finding | None:
             best = (gap, i, deltas, ne_gap, step_delta)
     assert best is not None
     gap, i, deltas, ne_gap, step_delta = best
+    if gap < th.STRAGGLER_MIN_GAP_US:
+        return None
     score = gap / typical_step
     severity = grade(score, th.STRAGGLER_WARN, th.STRAGGLER_CRITICAL, len(steps))
     if severity is None:

@@ -32,6 +32,9 @@ COMPUTE_BOUND_SHARE = 0.85
 #: culprit's excess time over the other ranks, as a fraction of the typical step
 STRAGGLER_WARN = 0.10
 STRAGGLER_CRITICAL = 0.25
+#: a smaller excess is timer and scheduler jitter, not a straggler, however large a share of a
+#: microsecond step it is (steps of a few µs differ by tens of µs from one wake-up to the next)
+STRAGGLER_MIN_GAP_US = 50.0
 #: a cause (input / compute / other) is named when its phases explain this much of the gap
 STRAGGLER_CAUSE_SHARE = 0.70
 

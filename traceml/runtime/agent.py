@@ -46,6 +46,14 @@ TABLE_CAPACITY: dict[str, int] = {
     "system": 1024,
     "system_gpu": 4096,
 }
+#: what a table may grow to when steps come faster than the sender's period drains them
+#: (~300 B per step_time row held: 131,072 rows are ~38 MiB; see docs/benchmarks.md, "Fast steps")
+TABLE_MAX_CAPACITY: dict[str, int] = {
+    "step_time": 131072,
+    "step_gpu": 131072,
+    "step_region": 131072,
+    "step_memory": 131072,
+}
 
 
 class Agent:
@@ -54,7 +62,7 @@ class Agent:
     ``start=False`` builds tables and patches but no threads (unit tests drive
     :meth:`Sender.flush` / :meth:`SamplerThread.tick` by hand).  ``h2d`` forces the
     host-to-device patch on or off (None: only where CUDA is available).  ``capacity``
-    overrides rows kept per table; ``stream_options`` go to the :class:`TelemetryClient`.
+    overrides rows kept per table (such a table never grows); ``stream_options`` go to the :class:`TelemetryClient`.
     ``gpu_timing``: CUDA event timing and step memory peaks for steps of a model on a CUDA
     device (None: only when telemetry leaves the process, i.e. a sender resolves the events).
     """
@@ -112,7 +120,18 @@ class Agent:
         self.sender: Sender | None = None
         self.sampler: SamplerThread | None = None
         if self.sinks:
-            self.sender = Sender(self.tables, self.sinks, period_s=sender_period_s, resolve=self._resolve_gpu)
+            self.sender = Sender(
+                self.tables,
+                self.sinks,
+                period_s=sender_period_s,
+                resolve=self._resolve_gpu,
+                # a capacity given by the caller is kept as given; the defaults grow for bursts
+                max_capacity={
+                    name: max(caps.get(name, 4096), n)
+                    for name, n in TABLE_MAX_CAPACITY.items()
+                    if name not in (capacity or {})
+                },
+            )
             self.sampler = SamplerThread(
                 self._build_samplers(), interval_s=config.interval_s, on_tick=self._maybe_send_environment
             )

@@ -1,5 +1,9 @@
 """The sender thread: every ~0.5 s, the unsent rows of every table go to the rank's sinks.
 
+A table whose unsent rows reach half its capacity wakes the sender at once, and a table that
+got that full between two flushes is grown (doubled, up to ``max_capacity``), so bursts of
+fast steps are drained in time instead of evicted (docs/benchmarks.md, "Fast steps").
+
 A *sink* is where telemetry leaves the rank: :class:`StreamSink` (a :class:`TelemetryClient`
 to the aggregator, under ``traceml run``) and :class:`FileSink` (the rank's own ``.tml``
 through ``traceml.format.TmlWriter``, for ``TRACEML_OUT`` / ``init(out=...)``).  Each flush
@@ -155,8 +159,14 @@ class Sender:
         period_s: float = 0.5,
         resolve: Callable[[], None] | None = None,
         name: str = "traceml-sender",
+        max_capacity: Mapping[str, int] | None = None,
     ) -> None:
         self.tables = dict(tables)
+        #: the most rows each table may grow to (absent: it keeps its capacity)
+        self.max_capacity = dict(max_capacity or {})
+        self._wake = threading.Event()
+        for table in self.tables.values():
+            table.on_high_water = self._wake.set
         self.sinks: list[Sink] = list(sinks)
         self.period_s = period_s
         self.resolve = resolve
@@ -179,7 +189,11 @@ class Sender:
         return {name: t.lost for name, t in self.tables.items() if t.lost}
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             self.flush()
 
     def flush(self) -> int:
@@ -198,6 +212,8 @@ class Sender:
                 if rows:
                     tables[name] = (table.schema, rows_to_columns(table.schema, rows))
                     n += len(rows)
+                    if 2 * len(rows) >= table.capacity:  # half full between two flushes: make room for bursts
+                        table.grow(min(2 * table.capacity, self.max_capacity.get(name, table.capacity)))
             drops = self.drops()
             attachments = []
             while self._attachments:
@@ -223,6 +239,7 @@ class Sender:
             return
         self._closed = True
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(join_timeout_s)
         self.flush()

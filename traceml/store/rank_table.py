@@ -1,15 +1,17 @@
-"""Rank-side bounded table: tuple rows, fixed capacity, monotonic append counter.
+"""Rank-side bounded table: tuple rows, bounded capacity, monotonic append counter.
 
-The training thread only appends (a lock, a deque append, a counter).  The sender
-thread takes the rows appended since its last take; rows evicted before they were
-taken are counted in ``lost``, so nothing vanishes silently.
+The training thread only appends (a lock, a deque append, a counter, one comparison).  The
+sender thread takes the rows appended since its last take; rows evicted before they were
+taken are counted in ``lost``, so nothing vanishes silently.  When the unsent rows reach
+half the capacity the table calls ``on_high_water`` once (the sender wakes up early), and
+the sender may :meth:`grow` a table that fills that fast, up to a bound it owns.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -17,9 +19,11 @@ from traceml.schema import TableSchema
 
 
 class BoundedTable:
-    __slots__ = ("schema", "capacity", "_rows", "_lock", "appended", "_taken", "lost")
+    __slots__ = ("schema", "capacity", "_rows", "_lock", "appended", "_taken", "lost", "_high_water", "on_high_water")
 
-    def __init__(self, schema: TableSchema, capacity: int = 4096) -> None:
+    def __init__(
+        self, schema: TableSchema, capacity: int = 4096, on_high_water: Callable[[], None] | None = None
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.schema = schema
@@ -29,11 +33,34 @@ class BoundedTable:
         self.appended = 0  # monotonic: rows ever appended
         self._taken = 0  # value of `appended` at the last take
         self.lost = 0  # rows evicted before they were taken (cumulative)
+        self._high_water = max(1, capacity // 2)
+        #: called (from the appending thread, without the lock) when the unsent rows reach half the capacity
+        self.on_high_water = on_high_water
 
     def append(self, row: Sequence[Any]) -> None:
         with self._lock:
             self._rows.append(row)
             self.appended += 1
+            crossed = self.appended - self._taken == self._high_water
+        if crossed and self.on_high_water is not None:
+            try:
+                self.on_high_water()
+            except Exception:  # telemetry never breaks the training thread
+                self.on_high_water = None
+
+    def grow(self, capacity: int) -> bool:
+        """Hold up to *capacity* rows from now on (never shrinks); True when it grew."""
+        with self._lock:
+            if capacity <= self.capacity:
+                return False
+            self._rows = deque(self._rows, maxlen=capacity)
+            self.capacity = capacity
+            self._high_water = max(1, capacity // 2)
+            return True
+
+    @property
+    def unsent(self) -> int:
+        return self.appended - self._taken
 
     def take_unsent(self) -> list[Sequence[Any]]:
         """Rows appended since the previous call (oldest first); counts evicted ones in ``lost``."""
