@@ -19,7 +19,12 @@ from traceml.format import open_recording
 duckdb = pytest.importorskip("duckdb")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from traceml.format.parquet import export_parquet, run_partition_value, safe_table_name  # noqa: E402
+from traceml.format.parquet import (  # noqa: E402
+    export_parquet,
+    run_partition_value,
+    safe_table_name,
+    table_directory,
+)
 
 runner = CliRunner()
 
@@ -48,8 +53,8 @@ def query(sql: str, *params: Any) -> list[tuple[Any, ...]]:
         con.close()
 
 
-def export(src: Path, out: Path) -> Any:
-    result = runner.invoke(app, ["export", str(src), "--format", "parquet", "-o", str(out)])
+def export(src: Path, out: Path, *extra: str) -> Any:
+    result = runner.invoke(app, ["export", str(src), "--format", "parquet", "-o", str(out), *extra])
     assert result.exit_code == 0, result.output
     return result
 
@@ -107,7 +112,7 @@ def test_several_runs_share_one_dataset_by_run_partition(tmp_path: Path) -> None
     result = export(b, out)
     assert "moved the earlier export of run 'alpha-0001'" in result.output
     assert sorted(p.name for p in (out / "step_time").iterdir()) == ["run=alpha-0001", "run=beta-0001"]
-    export(a, out)  # exporting a run again replaces its files, it does not add its rows twice
+    export(a, out, "--overwrite")  # exporting a run again replaces its files, it does not add its rows twice
     glob = str(out / "step_time" / "**" / "*.parquet")
     rows = query(
         "select run, run_id, count(*), count(distinct rank), max(step) from read_parquet(?, hive_partitioning=true)"
@@ -146,27 +151,48 @@ def test_bounded_buffers_split_files_and_keep_every_row(tmp_path: Path) -> None:
     assert count == want["step_time"] == 12_000
 
 
-def test_untrusted_names_never_become_paths(tmp_path: Path) -> None:
-    src = tmp_path / "evil.tml"
+def test_names_from_the_file_never_become_paths_unchecked(tmp_path: Path) -> None:
+    src = tmp_path / "odd.tml"
     cols = {"step": np.arange(5, dtype=np.int64), "ts_ns": np.arange(5, dtype=np.int64) + 1}
     write_recording(
         src,
-        {0: {"../../escape": cols, "ok_table": cols}},
-        meta={"run_id": "../../run\x1b[31m", "run_name": "x"},
+        {0: {"custom/loss": cols, "ok_table": cols}},
+        meta={"run_id": "../../run one", "run_name": "x"},
     )
     out = tmp_path / "sub" / "pq"
     with open_recording(src) as reader:
         result = export_parquet(reader, out)
-        listed = reader.tables
-    assert result.rows == {"ok_table": 5}
-    if "../../escape" in listed:
-        assert "'../../escape'" in result.skipped
-    written = [p.resolve() for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".parquet"]
-    assert written and all(out.resolve() in p.parents for p in written)
-    assert sorted(p.name for p in out.iterdir()) == ["ok_table"]
-    assert run_partition_value("../../run\x1b[31m").startswith("h")
-    assert run_partition_value("alpha-0001") == "alpha-0001"
+    assert result.rows == {"custom/loss": 5, "ok_table": 5}
+    written = [p.resolve() for p in tmp_path.rglob("*.parquet")]
+    assert len(written) == 2 and all(out.resolve() in p.parents for p in written)
+    directory = table_directory("custom/loss")
+    assert "/" not in directory and directory.startswith("custom_loss-")
+    assert sorted(p.name for p in out.iterdir()) == sorted([directory, "ok_table"])
+    meta = pq.read_metadata(next((out / directory).rglob("part-*.parquet"))).metadata
+    assert meta[b"traceml.table"] == b"custom/loss" and meta[b"traceml.run_id"] == b"../../run one"
+    # a second run next to it: the unsafe run id becomes a digest partition, the column keeps it
+    other = make_recording(tmp_path / "b.tml", "beta", ranks=1, steps=10)
+    with open_recording(other) as reader:
+        export_parquet(reader, out)
+    digest = f"run={run_partition_value('../../run one')}"
+    assert [p.name for p in (out / "ok_table").iterdir()] == [digest]  # moved under its run
+    assert [p.name for p in (out / "step_time").iterdir()] == ["run=beta-0001"]
+    assert run_partition_value("../../run one").startswith("h") and run_partition_value("a-1") == "a-1"
     assert not safe_table_name("a/b") and not safe_table_name("..") and safe_table_name("step_time")
+
+
+def test_exporting_a_run_again_needs_overwrite(tmp_path: Path) -> None:
+    src = make_recording(tmp_path / "a.tml", "alpha", ranks=2, steps=100)
+    out = tmp_path / "pq"
+    export(src, out)
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*.parquet"))
+    result = runner.invoke(app, ["export", str(src), "--format", "parquet", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "holds an export of run 'alpha-0001' already" in result.output and "--overwrite" in result.output
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*.parquet")) == before  # nothing touched
+    export(src, out, "--overwrite")
+    (count,) = query("select count(*) from read_parquet(?)", str(out / "step_time" / "**" / "*.parquet"))[0]
+    assert count == 200
 
 
 def test_missing_pyarrow_is_a_clear_error_with_the_pip_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -111,7 +111,7 @@ def export_cmd(
             elif fmt == "parquet":
                 from traceml.format.parquet import export_parquet
 
-                _print_parquet(export_parquet(reader, output))
+                _print_parquet(export_parquet(reader, output, overwrite=overwrite))
             else:
                 write_chrome_trace(reader, output, overwrite=overwrite)
                 typer.echo(f"wrote {output} (open it in https://ui.perfetto.dev)")

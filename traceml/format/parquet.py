@@ -8,8 +8,10 @@ file carries the run's header in its key-value metadata (``traceml.*`` keys).
 
 Rows are read segment by segment and written in row groups; what is held at once is bounded
 by ``max_buffer_bytes`` (plus one decoded segment) and ``max_open_files`` writers.  Names read
-from the recording are untrusted: a table whose name is not a plain identifier is skipped
-and reported, never turned into a path.  pyarrow is imported only here, on use.
+from the recording are untrusted: a table's directory is its name when that is a plain
+identifier, else :func:`traceml.outpaths.safe_filename` of it; a run id that is not path-safe
+becomes a digest.  Exporting a run that the directory holds already is refused unless
+``overwrite``.  pyarrow is imported only here, on use.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from traceml.errors import FormatError, MissingDependencyError
+from traceml.errors import FormatError, MissingDependencyError, OutputExistsError
 from traceml.format.reader import TmlReader
+from traceml.outpaths import safe_filename
 from traceml.schema import STR, TableSchema
 
 INSTALL_HINT = "pip install 'traceml-recorder[parquet]'"
@@ -79,6 +82,12 @@ def safe_table_name(name: str) -> bool:
     return _SAFE_TABLE.fullmatch(name) is not None
 
 
+def table_directory(name: str) -> str:
+    """The dataset directory of table *name*: the name itself when it is a plain identifier,
+    else a safe file name for it (``custom/loss`` -> ``custom_loss-<8 hex digits>``)."""
+    return name if safe_table_name(name) else safe_filename(name)
+
+
 def run_partition_value(run_id: str) -> str:
     """The ``run=<value>`` value for *run_id*: the id itself when it is path-safe, else a digest of it."""
     if _SAFE_RUN.fullmatch(run_id) and ".." not in run_id:
@@ -94,6 +103,7 @@ def export_parquet(
     max_buffer_bytes: int = 64 << 20,
     max_open_files: int = 64,
     compression: str = "zstd",
+    overwrite: bool = False,
 ) -> ParquetExport:
     """Write every data table of *reader* under *out_dir* (see the module docstring for the layout)."""
     pa = require_pyarrow()
@@ -110,10 +120,12 @@ def export_parquet(
 
     result = ParquetExport(out_dir=out, run_id=run_id, partition="")
     schemas: dict[str, TableSchema] = {}
+    directories: dict[str, str] = {}
     for table in reader.tables:
         schema = reader.schemas.get(table)
-        if not safe_table_name(table):
-            result.skipped[repr(table)[:80]] = "the name is not a plain identifier (letters, digits, _; at most 64)"
+        directory = table_directory(table)
+        if directory in directories.values():
+            result.skipped[repr(table)[:80]] = f"its directory name {directory!r} is another table's"
         elif schema is None:
             result.skipped[table] = "its SCHEMA record is missing from the recording"
         elif _RESERVED & set(schema.names):
@@ -121,11 +133,12 @@ def export_parquet(
             result.skipped[table] = f"its columns ({clash}) clash with the columns the export adds"
         else:
             schemas[table] = schema
+            directories[table] = directory
     if not schemas:
         return result
 
-    layout = _Layout(out, pa)
-    multi = layout.prepare(run_id, partition_value, sorted(schemas))
+    layout = _Layout(out, pa, directories)
+    multi = layout.prepare(run_id, partition_value, sorted(schemas), overwrite=overwrite)
     result.partition = f"run={partition_value}" if multi else ""
     result.moved_runs = layout.moved
     file_meta = _file_metadata(reader, header, run_id, run_name)
@@ -160,20 +173,24 @@ def export_parquet(
 class _Layout:
     """The directories of the datasets in *out*: one run (``rank=`` below the table) or many (``run=``)."""
 
-    def __init__(self, out: Path, pa: Any) -> None:
+    def __init__(self, out: Path, pa: Any, directories: Mapping[str, str]) -> None:
         self.out = out
         self.pa = pa
+        self.directories = dict(directories)
         self.moved: list[str] = []
 
     def base(self, table: str, partition: str | None) -> Path:
-        return self.out / table if partition is None else self.out / table / f"run={partition}"
+        table_dir = self.out / self.directories[table]
+        return table_dir if partition is None else table_dir / f"run={partition}"
 
-    def prepare(self, run_id: str, partition: str, tables: list[str]) -> bool:
+    def prepare(self, run_id: str, partition: str, tables: list[str], *, overwrite: bool) -> bool:
         """Decide the layout, move a single run under its ``run=`` directory when needed, and
-        remove this run's earlier export; True when the directory holds runs by partition."""
+        remove this run's earlier export (only with *overwrite*; else refuse before writing);
+        True when the directory holds runs by partition."""
         singles: dict[Path, str] = {}  # table dir in the one-run layout -> the run id in its files
         multi = False
-        for table_dir in sorted(p for p in self.out.iterdir() if p.is_dir() and safe_table_name(p.name)):
+        table_dirs = (p for p in self.out.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+        for table_dir in sorted(table_dirs):
             children = [c for c in table_dir.iterdir() if c.is_dir()]
             if any(c.name.startswith("run=") for c in children):
                 multi = True
@@ -181,6 +198,14 @@ class _Layout:
                 singles[table_dir] = self._run_of(table_dir)
         if any(other != run_id for other in singles.values()):
             multi = True
+        existing = [d for d, other in singles.items() if other == run_id] + [
+            self.base(t, partition) for t in tables if multi and _has_parts(self.base(t, partition))
+        ]
+        if existing and not overwrite:
+            raise OutputExistsError(
+                f"{self.out} holds an export of run {run_id!r} already ({existing[0]}); traceml does not replace"
+                " files unasked: choose another -o, or add --overwrite to replace that run's files"
+            )
         if multi:
             for table_dir, other in singles.items():
                 if other == run_id:  # this run's own earlier export: it is written again by partition
@@ -361,6 +386,10 @@ def _node_ranks(attachments: Mapping[str, Any]) -> dict[int, int]:
         if type(rank) is int and type(node) is int and -(1 << 31) <= node < (1 << 31):
             out[rank] = node
     return out
+
+
+def _has_parts(base: Path) -> bool:
+    return base.is_dir() and any(_PART.fullmatch(p.name) for p in base.glob("rank=*/*"))
 
 
 def _remove_parts(base: Path) -> None:
