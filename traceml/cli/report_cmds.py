@@ -52,14 +52,21 @@ def report(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace report files that exist in the output directory"
     ),
+    log_to: list[str] | None = typer.Option(
+        None,
+        "--log-to",
+        help="also log the summary, the verdict and the report files into wandb or mlflow (repeatable;"
+        " docs/exports.md)",
+    ),
 ) -> None:
     """Write report.html (self-contained), summary.json and summary.md from a recording.
 
     The summary.md is short Markdown fit for $GITHUB_STEP_SUMMARY.  Exit codes: 0 written,
-    1 usage or file error.
+    1 usage or file error (a --log-to that fails is an error too).
     """
     from replay.report import write_report
 
+    trackers = check_trackers(log_to)
     target = out if out is not None else recording.with_name(recording.stem + "_report")
     try:
         files = write_report(recording, target, recent_steps=last_n, overwrite=overwrite)
@@ -72,6 +79,40 @@ def report(
     typer.echo(esc.visible(f"{primary['kind']} ({primary['severity']}): {primary['summary']}", 2000))
     for path in (files.html, files.summary_json, files.summary_md):
         typer.echo(f"wrote {path}")
+    if trackers and not log_summary(trackers, summary, [files.html, files.summary_json, files.summary_md]):
+        raise typer.Exit(EXIT_ERROR)
+
+
+def check_trackers(log_to: list[str] | None) -> list[str]:
+    """The --log-to values, checked before any work is done."""
+    from traceml.exports.trackers import TRACKERS
+
+    out: list[str] = []
+    for value in log_to or []:
+        if value not in TRACKERS:
+            raise _fail(f"--log-to {value!r}: expected one of {', '.join(TRACKERS)} (give it once per tool)")
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def log_summary(trackers: list[str], summary: dict[str, Any], files: list[Path], run_name: str = "") -> bool:
+    """Log into each tracker; print what was logged or why not.  False if any failed."""
+    from traceml.exports.trackers import log_to
+
+    ok = True
+    for tracker in trackers:
+        try:
+            logged = log_to(tracker, summary, files, run_name=run_name)
+        except TracemlError as exc:
+            typer.echo(f"traceml: --log-to {tracker}: {esc.visible(str(exc), 2000)}", err=True)
+            ok = False
+            continue
+        typer.echo(
+            f"logged {logged.metrics} metrics and {len(logged.artifacts)} files into {tracker} run {logged.run}"
+            + (f" ({esc.visible(logged.where, 500)})" if logged.where else "")
+        )
+    return ok
 
 
 def compare(
