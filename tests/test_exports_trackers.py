@@ -144,3 +144,28 @@ def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path: Path) -> 
     assert res.returncode != 0
     assert "--log-to 'neptune': expected one of wandb, mlflow" in res.stderr
     assert not (tmp_path / "rep").exists()
+
+
+def test_traceml_run_logs_to_mlflow_and_sends_otlp_after_the_training(
+    tmp_path: Path, mlflow_env: dict[str, str]
+) -> None:
+    from mlflow import MlflowClient
+
+    from tests.otlp_receiver import OtlpReceiver
+
+    demo = str(ROOT / "examples" / "demo_train.py")
+    with OtlpReceiver() as rx:
+        res = subprocess.run(
+            [sys.executable, "-c", "from traceml.cli import main; main()", "run", "--ui", "none",
+             "--out", str(tmp_path / "r" / "run.tml"), "--run-name", "tiny", "--log-to", "mlflow", "--otlp", rx.url,
+             demo, "--steps", "30", "--log-every", "0", "--input-cost", "0"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=240,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **mlflow_env},
+        )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "r" / "report" / "report.html").is_file()
+    (run,) = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"]).search_runs(["0"])
+    assert run.data.tags["mlflow.runName"] == "tiny"
+    assert run.data.metrics["traceml/steps/count"] > 0 and run.data.metrics["traceml/run/world_size"] == 1
+    step = [v for r, name, v, a in rx.points() if name == "traceml.step.duration" and r.get("traceml.rank") == 0]
+    assert len(step) == 2 and all(v > 0 for v in step)

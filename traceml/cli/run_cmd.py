@@ -32,7 +32,7 @@ import typer
 
 from traceml import config
 from traceml.aggregator.control import exit_line, output_line, parse_line
-from traceml.errors import ConfigError, OutputError
+from traceml.errors import ConfigError, OutputError, TracemlError
 from traceml.outpaths import check_new_file
 
 UI_CHOICES = ("terminal", "web", "none")
@@ -737,8 +737,31 @@ def run_command(
         "--no-auto-steps",
         help="do not cut a script without trace_step into steps at optimizer.step() (also TRACEML_NO_AUTO_STEPS=1)",
     ),
+    log_to: list[str] | None = typer.Option(
+        None,
+        "--log-to",
+        help="after the run, log the summary, the verdict and the report files into wandb or mlflow"
+        " (repeatable; docs/exports.md)",
+    ),
+    otlp: str | None = typer.Option(
+        None,
+        "--otlp",
+        help="after the run, send its metrics to this OTLP/HTTP endpoint (e.g. http://localhost:4318;"
+        " OTEL_EXPORTER_OTLP_* variables apply)",
+    ),
 ) -> None:
     """Run SCRIPT on torchrun with the live view, recording every step of every rank."""
+    from traceml.cli.report_cmds import check_trackers
+
+    trackers = check_trackers(log_to)
+    if otlp is not None:
+        from traceml.exports.otlp import metrics_endpoint
+
+        try:
+            metrics_endpoint(otlp)
+        except TracemlError as exc:
+            typer.echo(f"traceml run: {exc}", err=True)
+            raise typer.Exit(2) from None
     try:
         plan = plan_run(
             script,
@@ -765,7 +788,50 @@ def run_command(
     except (ConfigError, OutputError) as exc:
         typer.echo(f"traceml run: {exc}", err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(run_plan(plan))
+    if (trackers or otlp is not None) and (plan.out is None or not plan.starts_aggregator):
+        typer.echo(
+            "traceml run: --log-to / --otlp need the recording: only node 0 without --no-record exports", err=True
+        )
+        raise typer.Exit(2)
+    code = run_plan(plan)
+    if trackers or otlp is not None:
+        export_after_run(plan, trackers, otlp)
+    raise typer.Exit(code)
+
+
+def export_after_run(plan: RunPlan, trackers: list[str], otlp: str | None) -> bool:
+    """``--log-to`` / ``--otlp``: from this process, once the aggregator closed the recording.
+    A failure is reported, never turned into the training's exit code.  False if any failed."""
+    from traceml._summary import load_nested
+    from traceml.cli.report_cmds import log_summary
+
+    assert plan.out is not None
+    try:
+        summary = load_nested(plan.out)
+    except TracemlError as exc:
+        typer.echo(f"traceml run: cannot export the run: {exc}", err=True)
+        return False
+    ok = True
+    if otlp is not None:
+        from traceml.exports.otlp import send_summary
+
+        try:
+            sent = send_summary(summary, endpoint=otlp)
+            typer.echo(f"traceml: sent {sent.points} OTLP data points to {sent.endpoint}")
+        except TracemlError as exc:
+            typer.echo(f"traceml run: --otlp: {exc}", err=True)
+            ok = False
+    if trackers:
+        files: list[Path] = []
+        try:
+            from replay.report import write_report
+
+            written = write_report(plan.out, plan.run_dir / "report", overwrite=True)
+            files = [written.html, written.summary_json, written.summary_md]
+        except TracemlError as exc:
+            typer.echo(f"traceml run: no report files to log ({exc}); logging the summary only", err=True)
+        ok = log_summary(trackers, summary, files, run_name=plan.run_name) and ok
+    return ok
 
 
 def register(app: typer.Typer) -> None:
