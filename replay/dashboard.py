@@ -220,7 +220,7 @@ def serve(
         sock.close()
         raise
     try:
-        server = WebServer(app, sock=sock)
+        server = WebServer(app, host, sock=sock)
         if not is_loopback(host):
             say(f"warning: the dashboard has no authentication and is reachable on {host}:{server.port}")
         say(f"traceml dashboard for {path}: {server.url}  (Ctrl-C to stop)")

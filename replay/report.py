@@ -10,7 +10,6 @@ report still recomputes everything from the data and records whether the two agr
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from traceml import escape as esc
 from traceml.diagnosis import build_summary
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.memory import fmt_bytes
@@ -125,7 +125,8 @@ th{background:#f3f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums
 
 
 def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
+    """Text for the page: entities, and control characters as visible escapes (:mod:`traceml.escape`)."""
+    return esc.html("" if x is None else x, None)
 
 
 def _num(x: Any, fmt: str = "{:.2f}") -> str:
@@ -334,19 +335,19 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
     """A short summary for ``$GITHUB_STEP_SUMMARY``: the verdict first, then the numbers."""
     run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
     p = diag["primary"]
-    name = run["name"] or run["id"] or "run"
+    name = esc.markdown(run["name"] or run["id"] or "run")  # names and texts from the file: escaped
     icon = {"critical": "🔴", "warn": "🟠", "info": "🟢"}.get(p["severity"], "")
     lines = [
         f"## traceml: {name} — {icon} {p['kind']} ({p['severity']})",
         "",
-        f"> {p['summary']}",
+        f"> {esc.markdown(p['summary'], 2000)}",
         "",
     ]
     step = steps["overall"]["step"]
     facts = [
         f"**{steps['count']}** steps analysed",
         f"**{run['world_size']}** rank(s)",
-        f"exit **{run['exit_status']}**",
+        f"exit **{esc.markdown(run['exit_status'])}**",
     ]
     if step["median_ms"] is not None:
         facts.insert(1, f"median step **{step['median_ms']:.2f} ms** (p95 {step['p95_ms']:.2f} ms)")
@@ -359,7 +360,7 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
         lines.append("| severity | finding | rank | detail |")
         lines.append("|---|---|---|---|")
         for f in others:
-            detail = str(f["summary"]).replace("|", "\\|")
+            detail = esc.markdown(f["summary"], 2000)
             lines.append(f"| {f['severity']} | {f['kind']} | {'' if f['rank'] is None else f['rank']} | {detail} |")
         lines.append("")
     recent = summary["diagnosis_recent"]["primary"]
@@ -373,7 +374,7 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
         lines.append("| phase | median ms | p95 ms |")
         lines.append("|---|---:|---:|")
         for ph in measured:
-            lines.append(f"| {ph} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} |")
+            lines.append(f"| {esc.markdown(ph)} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} |")
         lines.append("")
     mem = summary["memory"]
     peaks = [
@@ -393,7 +394,10 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
             f"{lost['rows_dropped']} rows dropped, {lost['rows_evicted']} evicted."
         )
     if embedded and embedded.get("present") and not embedded.get("consistent"):
-        lines.append("Embedded summary differs from the data: " + "; ".join(embedded["differences"]))
+        lines.append(
+            "Embedded summary differs from the data: "
+            + "; ".join(esc.markdown(d, 500) for d in embedded["differences"])
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,9 @@ ELLIPSIS = "…"
 #: categories shown as escapes: control, format (bidi overrides, zero-width), separators of
 #: lines/paragraphs, surrogates, private use and unassigned code points
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-_MD_SPECIAL = frozenset("\\`*_{}[]()<>#+-.!|~&:@\"'=$%^;/?")
+#: what CommonMark/GFM read as syntax anywhere in a line (emphasis, code, links, images, HTML,
+#: entities, tables, strikethrough, headings); each is written backslash-escaped
+_MD_SPECIAL = frozenset("\\`*_{}[]()<>#+!|~&:$")
 #: what Rich's markup parser reads as a tag: ``[`` then a tag-like body then ``]``
 _RICH_TAG = re.compile(r"(\\*)(\[[a-zA-Z#/@!?:=*\]\[][^\[\]]*?\])")
 

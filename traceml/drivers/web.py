@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from traceml import escape as esc
 from traceml.config import ENV_PLOTLY_JS
 from traceml.errors import ConfigError, MissingDependencyError
 from traceml.renderers import figures
@@ -328,8 +329,8 @@ class _Sources:
 def _labels(source: Source, compare: Source | None) -> tuple[str, str]:
     if compare is None:
         return ("A", "B")
-    a = series.run_info(source()).title
-    b = series.run_info(compare()).title
+    a = esc.visible(series.run_info(source()).title, 60)
+    b = esc.visible(series.run_info(compare()).title, 60)
     return (f"A {a}", f"B {b}") if a != b else ("A", "B")
 
 
@@ -360,10 +361,13 @@ def build_app(
     src = _Sources(source, compare_source, _labels(source, compare_source))
     cache = _ModelCache()
     first = source()
-    app_title = title or f"traceml — {series.run_info(first).title}"
+    # names from the recording: plain text in the page (React escapes it), entities in the <title>
+    # (Dash pastes it into the page unescaped) and in plotly strings (plotly reads a subset of HTML)
+    app_title = esc.visible(title or f"traceml — {series.run_info(first).title}")
+    plot_labels = (esc.html(src.labels[0]), esc.html(src.labels[1]))
     app = dash.Dash(
         __name__,
-        title=app_title,
+        title=esc.html(app_title),
         update_title="",
         serve_locally=True,
         suppress_callback_exceptions=False,
@@ -568,7 +572,7 @@ def build_app(
                 other, ("bd", ranks, rng), lambda: series.step_breakdown(other, ranks, rng, max_buckets=max_points)
             )
         shown = [p for p in PHASES if p in (phases or [])]
-        fig = figures.step_breakdown_figure(bd, shown, compare=bd_b, labels=src.labels)
+        fig = figures.step_breakdown_figure(bd, shown, compare=bd_b, labels=plot_labels)
         if rng is None:
             label = "all steps" + ("" if bd.bucket_steps == 1 else f" (reduced: {bd.bucket_steps} steps per point)")
         else:
@@ -602,7 +606,10 @@ def build_app(
                 other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=max_points)
             )
         drawn[0] += 1
-        per_rank, heat = figures.rank_steps_figure(rs, compare=rs_b, labels=src.labels), figures.rank_heatmap_figure(rs)
+        per_rank, heat = (
+            figures.rank_steps_figure(rs, compare=rs_b, labels=plot_labels),
+            figures.rank_heatmap_figure(rs),
+        )
         keep_view(rng, per_rank, heat)
         return per_rank, heat, drawn[0]
 
@@ -647,8 +654,8 @@ def build_app(
             if other is not None:
                 tp_b, mem_b, _ = models(other)
             out = (
-                figures.throughput_figure(tp, compare=tp_b, labels=src.labels),
-                figures.memory_figure(mem, compare=mem_b, labels=src.labels),
+                figures.throughput_figure(tp, compare=tp_b, labels=plot_labels),
+                figures.memory_figure(mem, compare=mem_b, labels=plot_labels),
                 figures.system_figure(sysm),
                 figures.gpu_figure(sysm),
             )
@@ -754,6 +761,80 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: names a browser on this machine uses for a loopback server (IP literals are checked apart)
+LOOPBACK_NAMES = frozenset({"localhost"})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+_FORBIDDEN_BODY = (
+    b"403 Forbidden: this traceml dashboard answers only requests addressed to it by a loopback name\n"
+    b"(127.0.0.1, localhost, [::1]) or by the address it was started with (--host).\n"
+)
+
+
+def _host_of(header: str) -> str:
+    """The host name of a ``Host`` header, without the port, brackets or a final dot, lower-case."""
+    host = header.strip()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[1:end] if end > 0 else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.rstrip(".").lower()
+
+
+def _machine_names() -> set[str]:
+    """Every address of this machine's interfaces, and its host name (for a wildcard bind)."""
+    names = {socket.gethostname().lower()}
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            names.update(
+                a.address.split("%")[0].lower() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)
+            )
+    except Exception:
+        pass
+    return names
+
+
+def allowed_hosts(host: str, bound: str) -> frozenset[str]:
+    """The ``Host`` names a dashboard bound to ``bound`` (asked as ``host``) answers (DNS rebinding).
+
+    Loopback names always; the name or address it was started with; for a wildcard bind
+    (``0.0.0.0``, ``::``) also this machine's addresses and host name.  Any other name, the kind
+    a rebinding attacker's domain has, gets 403.
+    """
+    names = set(LOOPBACK_NAMES) | {_host_of(host), _host_of(f"[{bound}]" if ":" in bound else bound)}
+    if host in _WILDCARDS or bound in _WILDCARDS:
+        names |= _machine_names()
+    return frozenset(n for n in names if n and n not in _WILDCARDS)
+
+
+class HostCheck:
+    """WSGI middleware: a request whose ``Host`` is not an allowed name gets 403 (DNS rebinding)."""
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    def permits(self, header: str) -> bool:
+        name = _host_of(header)
+        if name in self.allowed:
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not self.permits(str(environ.get("HTTP_HOST", ""))):
+            start_response(
+                "403 Forbidden",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_FORBIDDEN_BODY)))],
+            )
+            return [_FORBIDDEN_BODY]
+        return self.app(environ, start_response)
+
+
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket on ``host:port``; a busy or bad address is a ConfigError that says what to change.
 
@@ -772,7 +853,8 @@ class WebServer:
     """A threaded WSGI server for a Dash app; ``port=0`` picks a free port.  ``stop()`` joins everything.
 
     ``sock`` is a socket from :func:`listen` (the server takes it over); without it the server binds
-    ``host:port`` itself.
+    ``host:port`` itself.  Requests are answered only when their ``Host`` names this server by a
+    loopback name or by ``host`` (:func:`allowed_hosts`); others get 403.
     """
 
     def __init__(
@@ -782,8 +864,9 @@ class WebServer:
         sock = sock if sock is not None else listen(host, port)
         try:
             bound_host = sock.getsockname()[0]
+            guarded = HostCheck(app.server, allowed_hosts(host, str(bound_host)))
             self._server: BaseWSGIServer = make_server(
-                bound_host, 0, app.server, threaded=True, request_handler=_QuietHandler, fd=sock.fileno()
+                bound_host, 0, guarded, threaded=True, request_handler=_QuietHandler, fd=sock.fileno()
             )
         finally:
             sock.close()  # the server holds its own duplicate of the descriptor

@@ -14,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from traceml import escape as esc
 from traceml.views import FinalModel, LiveModel, NodeRow, PhaseRow, RankRow, RecordingInfo
 
 #: rank rows shown before the table is cut to the slowest / unhealthy ranks
@@ -87,6 +88,12 @@ def fmt_seconds(s: float) -> str:
 # --- building blocks -------------------------------------------------------------------
 
 
+def _shown(value: object, max_chars: int = esc.MAX_CHARS) -> str:
+    """Text from a recording or a peer, as the terminal should show it: control characters (ANSI,
+    OSC) as visible escapes, bounded.  Built into ``Text`` (never markup), so brackets are literal."""
+    return esc.visible(value, max_chars)
+
+
 def _phase_table(phases: tuple[PhaseRow, ...], title: str) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("phase")
@@ -97,7 +104,7 @@ def _phase_table(phases: tuple[PhaseRow, ...], title: str) -> Table:
     for row in phases:
         is_total = row.phase == "step"
         table.add_row(
-            Text(row.phase, style="bold" if is_total else ""),
+            Text(_shown(row.phase), style="bold" if is_total else ""),
             fmt_us(row.median_us),
             fmt_pct(row.share_pct) if not is_total else "",
             str(row.worst_rank) if row.worst_rank >= 0 else DASH,
@@ -138,7 +145,7 @@ def _rank_table(ranks: tuple[RankRow, ...], show_gpu: bool, limit: int = MAX_RAN
         cells: list[RenderableType] = [
             str(r.rank),
             str(r.node_rank) if r.node_rank >= 0 else DASH,
-            Text(r.state, style=_STATE_STYLE.get(r.state, "")),
+            Text(_shown(r.state), style=_STATE_STYLE.get(r.state, "")),
             str(r.steps),
             fmt_us(r.step_median_us),
             fmt_pct(r.cpu_pct),
@@ -178,9 +185,9 @@ def _recording_line(rec: RecordingInfo) -> Text:
     if not rec.path:
         line.append("off (--no-record)", style="dim")
     elif rec.error:
-        line.append(f"{rec.path} stopped at {fmt_bytes(rec.bytes)}: {rec.error}", style="bold red")
+        line.append(f"{_shown(rec.path)} stopped at {fmt_bytes(rec.bytes)}: {_shown(rec.error)}", style="bold red")
     else:
-        line.append(f"{rec.path} ({fmt_bytes(rec.bytes)})")
+        line.append(f"{_shown(rec.path)} ({fmt_bytes(rec.bytes)})")
     return line
 
 
@@ -201,8 +208,8 @@ def _skew_text(skew_pct: float, slowest_rank: int) -> Text:
 def render_live(model: LiveModel) -> RenderableType:
     """The live dashboard: header, phase table, ranks, system, recording."""
     header = Text()
-    header.append(model.run_name or "traceml", style="bold")
-    header.append(f"  {model.status}  {fmt_seconds(model.elapsed_s)}")
+    header.append(_shown(model.run_name) or "traceml", style="bold")
+    header.append(f"  {_shown(model.status)}  {fmt_seconds(model.elapsed_s)}")
     header.append(f"  step {model.last_step if model.last_step >= 0 else DASH}")
     header.append(f"  {fmt_float(model.steps_per_s)} steps/s")
     seen = sum(1 for r in model.ranks if r.state != "waiting")
@@ -227,17 +234,17 @@ def render_live(model: LiveModel) -> RenderableType:
 
 def _status_text(model: FinalModel) -> Text:
     style = {"ok": "bold green", "failed": "bold red", "interrupted": "bold yellow"}.get(model.status, "bold")
-    text = Text(model.status, style=style)
+    text = Text(_shown(model.status), style=style)
     if model.exit_code is not None:
         text.append(f" (exit {model.exit_code}", style=style)
-        text.append(f", {model.signal})" if model.signal else ")", style=style)
+        text.append(f", {_shown(model.signal)})" if model.signal else ")", style=style)
     return text
 
 
 def render_final(model: FinalModel) -> RenderableType:
     """The end-of-run summary: status, phases over the whole run, ranks, findings, the file."""
     header = Text()
-    header.append(model.run_name or "traceml", style="bold")
+    header.append(_shown(model.run_name) or "traceml", style="bold")
     header.append("  ")
     header.append_text(_status_text(model))
     header.append(f"  {fmt_seconds(model.duration_s)}  {model.total_steps} rank-steps")
@@ -250,7 +257,7 @@ def render_final(model: FinalModel) -> RenderableType:
     problems = [r for r in model.ranks if r.state in ("died", "disconnected", "waiting") or r.drops]
     for r in problems:
         what = "never connected" if r.state == "waiting" else r.state
-        line = Text(f"rank {r.rank}: {what}", style=_STATE_STYLE.get(r.state, "yellow"))
+        line = Text(f"rank {r.rank}: {_shown(what)}", style=_STATE_STYLE.get(r.state, "yellow"))
         if r.drops:
             line.append(f", {r.drops} rows dropped")
         parts.append(line)
@@ -259,7 +266,9 @@ def render_final(model: FinalModel) -> RenderableType:
         findings.add_column("severity")
         findings.add_column("finding")
         for f in model.findings:
-            findings.add_row(Text(f.severity, style=_SEVERITY_STYLE.get(f.severity, "")), Text(f"{f.kind}: {f.text}"))
+            findings.add_row(
+                Text(f.severity, style=_SEVERITY_STYLE.get(f.severity, "")), Text(_shown(f"{f.kind}: {f.text}", 1000))
+            )
         if model.more_findings:
             findings.add_row("", Text(f"... {model.more_findings} more in the report", style="dim"))
         parts.append(findings)
