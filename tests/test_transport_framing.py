@@ -94,8 +94,8 @@ def test_frame_exactly_at_the_limit_is_accepted_one_byte_over_is_not() -> None:
         (msgpack.packb({1: "int key", "kind": "x"}), "does not decode"),
         (msgpack.packb({"kind": "x", "e": msgpack.ExtType(5, b"abc")}), "does not decode"),
         (msgpack.packb({"kind": "x", "t": msgpack.Timestamp(1, 2)}), "does not decode"),
-        (b"\xdd\xff\xff\xff\xff", "does not decode"),  # array32 declaring 4 G elements
-        (b"\xdf\xff\xff\xff\xff", "does not decode"),  # map32 declaring 4 G pairs
+        (b"\xdd\xff\xff\xff\xff", "decode budget"),  # array32 declaring 4 G elements
+        (b"\xdf\xff\xff\xff\xff", "decode budget"),  # map32 declaring 4 G pairs
         (b"\xdb\xff\xff\xff\xf0abc", "does not decode"),  # str32 declaring 4 GiB
         (b"\xc6\x7f\xff\xff\xffabc", "does not decode"),  # bin32 declaring 2 GiB
         (b"\x91" * 5000 + b"\x00", "does not decode"),  # nesting deeper than the stack

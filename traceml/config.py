@@ -23,12 +23,19 @@ ENV_NO_AUTO_INTEGRATIONS = "TRACEML_NO_AUTO_INTEGRATIONS"
 #: turns off zero-code steps (steps cut at ``optimizer.step()`` in a script without ``trace_step``)
 ENV_NO_AUTO_STEPS = "TRACEML_NO_AUTO_STEPS"
 ENV_MAX_FRAME_MB = "TRACEML_MAX_FRAME_MB"
+#: the decode budget of a frame: objects (containers, items, keys) per KiB of its bytes
+ENV_MAX_OBJECTS_PER_KIB = "TRACEML_MAX_OBJECTS_PER_KIB"
 #: the dashboards: a plotly.js bundle to serve instead of plotly's full one (e.g. the
 #: ``plotly.js-cartesian-dist-min`` build, a third of the size: a faster first page)
 ENV_PLOTLY_JS = "TRACEML_PLOTLY_JS"
 
 DEFAULT_INTERVAL_S = 1.0
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: one decoded object per 16 frame bytes (plus DECODE_BASE_OBJECTS): a batch of columns is far
+#: below it (its numbers travel as bytes), a frame of empty arrays or tiny strings far above
+DEFAULT_MAX_OBJECTS_PER_KIB = 64
+#: objects every frame may decode to, whatever its size (a hello, a small attachment)
+DECODE_BASE_OBJECTS = 16384
 
 
 @dataclass(frozen=True)
@@ -94,3 +101,20 @@ def rank_config_from_env(env: Mapping[str, str] | None = None) -> RankConfig:
         auto_steps=not _truthy(env.get(ENV_NO_AUTO_STEPS)),
         max_frame_bytes=int(max_frame_mb * 1024 * 1024),
     )
+
+
+def max_objects_per_kib_from_env(env: Mapping[str, str] | None = None) -> int:
+    """The frame decode budget (``TRACEML_MAX_OBJECTS_PER_KIB``, default 64 objects per KiB)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_MAX_OBJECTS_PER_KIB)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_MAX_OBJECTS_PER_KIB
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{ENV_MAX_OBJECTS_PER_KIB}={raw!r}: expected a whole number of objects per KiB, e.g. 64"
+        ) from exc
+    if not 1 <= value <= 1024:
+        raise ConfigError(f"{ENV_MAX_OBJECTS_PER_KIB}={raw!r}: expected 1..1024 objects per KiB (default 64)")
+    return value

@@ -4,6 +4,9 @@ The only module of the transport room that touches msgpack.  Lengths read from a
 checked against the frame limit before a byte is buffered for them; payloads are decoded with
 every msgpack size bounded by the frame size, string map keys only and no extension types, so a
 peer can never make us build anything but dicts, lists, str, bytes, ints, floats, bools and None.
+What a frame decodes to is bounded relative to its bytes too: at most ``DECODE_BASE_OBJECTS`` (16384) +
+``max_objects_per_kib`` objects per KiB (containers, items and keys; ``TRACEML_MAX_OBJECTS_PER_KIB``,
+default 64), so a frame of empty arrays cannot take ~90 bytes of memory per byte received.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from traceml.config import DEFAULT_MAX_FRAME_BYTES, ENV_MAX_FRAME_MB
+from traceml.config import (
+    DECODE_BASE_OBJECTS,
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_OBJECTS_PER_KIB,
+    ENV_MAX_FRAME_MB,
+    ENV_MAX_OBJECTS_PER_KIB,
+    max_objects_per_kib_from_env,
+)
 from traceml.errors import ConfigError, FrameTooLargeError, MalformedFrameError, TransportError
 
 #: the length prefix: unsigned 32-bit big-endian payload length
@@ -60,9 +70,45 @@ def encode_frame(msg: Mapping[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAM
     return HEADER.pack(len(payload)) + payload
 
 
-def decode_payload(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Decode one frame payload into a message map, bounded by the payload's own size."""
+class _OverBudget(Exception):
+    """Raised inside msgpack's hooks when a frame decodes to more objects than its budget."""
+
+
+def decode_budget(size: int, max_objects_per_kib: int = DEFAULT_MAX_OBJECTS_PER_KIB) -> int:
+    """Objects (containers + items + map keys) a frame of *size* bytes may decode to."""
+    return DECODE_BASE_OBJECTS + size * max_objects_per_kib // 1024
+
+
+def _budget_error(size: int, budget: int, per_kib: int) -> MalformedFrameError:
+    return MalformedFrameError(
+        f"frame of {size} bytes decodes to more than {budget} objects, its decode budget"
+        f" ({DECODE_BASE_OBJECTS} + {per_kib} per KiB: containers, items and map keys); a traceml batch"
+        f" carries its numbers as bytes and stays far below it. If a real rank hits this, raise"
+        f" {ENV_MAX_OBJECTS_PER_KIB} (now {per_kib})"
+    )
+
+
+def decode_payload(
+    payload: bytes | bytearray | memoryview, max_objects_per_kib: int = DEFAULT_MAX_OBJECTS_PER_KIB
+) -> dict[str, Any]:
+    """Decode one frame payload into a message map, bounded by the payload's own size: no
+    string, array or map longer than the frame, and at most :func:`decode_budget` objects."""
     size = len(payload)
+    budget = decode_budget(size, max_objects_per_kib)
+    left = [budget]
+
+    def count_list(items: list[Any]) -> list[Any]:
+        left[0] -= 1 + len(items)
+        if left[0] < 0:
+            raise _OverBudget
+        return items
+
+    def count_map(items: dict[str, Any]) -> dict[str, Any]:
+        left[0] -= 1 + 2 * len(items)
+        if left[0] < 0:
+            raise _OverBudget
+        return items
+
     try:
         obj = msgpack.unpackb(
             payload,
@@ -70,13 +116,20 @@ def decode_payload(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
             strict_map_key=True,
             use_list=True,
             ext_hook=_refuse_ext,
+            list_hook=count_list,
+            object_hook=count_map,
             max_bin_len=size,
             max_str_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
+            # one container is never allowed more items than the whole budget: refused at its header
+            max_array_len=min(size, budget),
+            max_map_len=min(size // 2, budget // 2),
             max_ext_len=0,
         )
+    except _OverBudget:
+        raise _budget_error(size, budget, max_objects_per_kib) from None
     except Exception as exc:  # msgpack raises ValueError, UnicodeDecodeError, StackError, ExtraData, ...
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
+            raise _budget_error(size, budget, max_objects_per_kib) from exc
         raise MalformedFrameError(
             f"frame of {size} bytes does not decode as one msgpack map ({type(exc).__name__}: {exc}); "
             "expected a traceml message — is the peer a traceml rank of the same version?"
@@ -101,14 +154,18 @@ class FrameDecoder:
     changed between feeds (the server keeps it small until the hello has been accepted).
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_pos", "_failed", "frames", "bytes_fed")
+    __slots__ = ("max_frame_bytes", "max_objects_per_kib", "_buf", "_pos", "_failed", "frames", "bytes_fed")
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_objects_per_kib: int | None = None) -> None:
         if max_frame_bytes < 1:
             raise ConfigError(
                 f"max_frame_bytes={max_frame_bytes}: expected a limit of at least 1 byte ({ENV_MAX_FRAME_MB})"
             )
         self.max_frame_bytes = max_frame_bytes
+        #: the decode budget (objects per KiB of a frame); None: TRACEML_MAX_OBJECTS_PER_KIB or 64
+        self.max_objects_per_kib = (
+            max_objects_per_kib_from_env() if max_objects_per_kib is None else max_objects_per_kib
+        )
         self._buf = bytearray()
         self._pos = 0
         self._failed: TransportError | None = None
@@ -148,7 +205,7 @@ class FrameDecoder:
             if avail - HEADER_SIZE >= length:
                 start = pos + HEADER_SIZE
                 try:
-                    msg = decode_payload(memoryview(buf)[start : start + length])
+                    msg = decode_payload(memoryview(buf)[start : start + length], self.max_objects_per_kib)
                 except TransportError as exc:
                     self._fail(exc)
                 self._pos = start + length

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from traceml.config import DEFAULT_MAX_FRAME_BYTES
+from traceml.config import DEFAULT_MAX_FRAME_BYTES, max_objects_per_kib_from_env
 from traceml.errors import ConfigError, FrameTooLargeError, HandshakeError, MalformedFrameError, TransportError
 from traceml.transport.framing import HEADER_SIZE, FrameDecoder
 from traceml.transport.identity import RankIdentity
@@ -144,6 +144,7 @@ class TelemetryServer:
         max_connections: int = 1024,
         name: str = "traceml-transport-server",
         sock: socket.socket | None = None,
+        max_objects_per_kib: int | None = None,
     ) -> None:
         if max_frame_bytes < 1 or hello_timeout_s <= 0 or max_connections < 1:
             raise ConfigError(
@@ -156,6 +157,10 @@ class TelemetryServer:
         self.handler: ServerHandler = handler if handler is not None else BaseHandler()
         self.run_id = run_id
         self.max_frame_bytes = max_frame_bytes
+        #: a frame's decode budget (objects per KiB); None: TRACEML_MAX_OBJECTS_PER_KIB or 64
+        self.max_objects_per_kib = (
+            max_objects_per_kib_from_env() if max_objects_per_kib is None else max_objects_per_kib
+        )
         self.hello_timeout_s = hello_timeout_s
         #: bytes a connection may hold undecoded: one partial frame plus one read
         self.max_buffered_bytes = (
@@ -342,7 +347,7 @@ class TelemetryServer:
             sock.setblocking(False)
             self._next_id += 1
             conn = Connection(id=self._next_id, peer=peer_name, accepted_ns=time.time_ns())
-            decoder = FrameDecoder(min(HELLO_MAX_BYTES, self.max_frame_bytes))
+            decoder = FrameDecoder(min(HELLO_MAX_BYTES, self.max_frame_bytes), self.max_objects_per_kib)
             peer = _Peer(sock, conn, decoder, time.monotonic() + self.hello_timeout_s)
             with self._lock:
                 self._peers[conn.id] = peer
