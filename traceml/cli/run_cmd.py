@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -29,13 +30,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import typer
+from typer.core import TyperCommand
 
 from traceml import config
 from traceml.aggregator.control import exit_line, output_line, parse_line
+from traceml.cli.run_args import TORCHRUN_ARG, option_table
 from traceml.errors import ConfigError, OutputError, TracemlError
 from traceml.outpaths import check_new_file
 
 UI_CHOICES = ("terminal", "web", "none")
+#: exit status of a usage error (every traceml command)
+EXIT_USAGE = 2
+#: the aggregator's port on node 0 of a multi-node Slurm job, unless --aggregator-port says otherwise
+SLURM_AGGREGATOR_PORT = 29501
 DEFAULT_RUNS_DIR = "traceml_runs"
 #: torchrun, with each rank's own exit code as the launcher's exit code (plain torchrun exits 1
 #: for any failed rank) and 128+N when it was stopped by signal N.
@@ -92,6 +99,16 @@ class RunPlan:
     aggregator_port_picked: bool = False
     #: the --run-name asked for, when its folder existed and ``run_name`` got a numbered suffix
     renamed_from: str = ""
+    #: SCRIPT is a module name (``traceml run -m pkg.train``)
+    module: bool = False
+    #: torchrun's own options, passed through as given (``--standalone``, ``--rdzv-*``, ...)
+    torchrun_args: list[str] = field(default_factory=list)
+    #: ``--nnodes`` as torchrun spells it (``1:4`` elastic); ``nnodes`` is its minimum
+    nnodes_spec: str = ""
+    #: ``--disable``: the script runs under torchrun with traceml off (no aggregator, no recording)
+    disabled: bool = False
+    #: folders named like the package that would shadow it on the ranks' import path
+    shadowing: list[Path] = field(default_factory=list)
     python: str = sys.executable
     finish_timeout_s: float = FINISH_TIMEOUT_S
     start_ns: int = field(default_factory=time.time_ns)
@@ -102,7 +119,7 @@ class RunPlan:
 
     @property
     def starts_aggregator(self) -> bool:
-        return self.node_rank == 0
+        return self.node_rank == 0 and not self.disabled
 
     @property
     def connect_host(self) -> str:
@@ -149,18 +166,24 @@ def plan_run(
     runs_dir: str = DEFAULT_RUNS_DIR,
     now: float | None = None,
     overwrite: bool = False,
+    module: bool = False,
+    max_nnodes: int | None = None,
 ) -> RunPlan:
     """Check the options and decide names, paths, ports and the token.
 
     Raises ConfigError, or OutputExistsError when ``out`` exists and ``overwrite`` is not set.
     An explicit ``run_name`` whose folder exists gets a numbered suffix (``renamed_from`` says so).
     """
-    if not Path(script).is_file():
-        raise ConfigError(f"script {script!r} not found; expected the path of a Python training script")
+    if module:
+        check_module(script)
+    elif not Path(script).is_file():
+        hint = f" (a module? traceml run -m {script})" if re.fullmatch(r"[A-Za-z_][\w.]*", script) else ""
+        raise ConfigError(f"script {script!r} not found; expected the path of a Python training script{hint}")
     if nproc_per_node < 1 or nnodes < 1:
         raise ConfigError(f"--nproc-per-node {nproc_per_node} --nnodes {nnodes}: expected both >= 1")
-    if not 0 <= node_rank < nnodes:
-        raise ConfigError(f"--node-rank {node_rank}: expected 0..{nnodes - 1} for --nnodes {nnodes}")
+    top = max(nnodes, max_nnodes or nnodes)
+    if not 0 <= node_rank < top:
+        raise ConfigError(f"--node-rank {node_rank}: expected 0..{top - 1} for --nnodes {nnodes}")
     ui = ui or ("terminal" if stdout_is_tty else "none")
     if ui not in UI_CHOICES:
         raise ConfigError(f"--ui {ui!r}: expected one of {', '.join(UI_CHOICES)}")
@@ -236,11 +259,14 @@ def training_command(plan: RunPlan) -> list[str]:
         "-c",
         TORCHRUN_SHIM,
         f"--nproc-per-node={plan.nproc_per_node}",
-        f"--nnodes={plan.nnodes}",
+        f"--nnodes={plan.nnodes_spec or plan.nnodes}",
         f"--node-rank={plan.node_rank}",
         f"--master-addr={plan.master_addr}",
         f"--master-port={plan.master_port}",
+        *plan.torchrun_args,
     ]
+    if plan.module:
+        return [*cmd, "-m", "traceml.integrations.executor", "-m", plan.script, *plan.script_args]
     # the integrations' executor is the runtime executor plus the Trainer import hooks
     return [*cmd, "-m", "traceml.integrations.executor", plan.script, *plan.script_args]
 
@@ -301,6 +327,37 @@ def aggregator_command(plan: RunPlan, listen_fd: int | None = None) -> list[str]
     return cmd + ["--command", plan.script, *plan.script_args]
 
 
+def check_module(name: str) -> None:
+    """``-m NAME``: a dotted module name whose top package is importable from here (nothing is imported)."""
+    import importlib.machinery
+
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+        raise ConfigError(f"-m {name!r}: expected a dotted module name like pkg.train")
+    top = name.split(".")[0]
+    if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
+        raise ConfigError(
+            f"-m {name}: no module {top!r} in the working folder or on sys.path; check the name and folder"
+        )
+
+
+def shadowing_folders(script: str, module: bool, package_dir: Path | None = None) -> list[Path]:
+    """Folders or files named ``traceml`` in the working folder or the script's folder that are not
+    this package: on the ranks' import path they would be imported instead of it."""
+    import traceml
+
+    real = (package_dir or Path(traceml.__file__).parent).resolve()
+    dirs = [Path.cwd()] + ([] if module else [Path(script).resolve().parent])
+    found: list[Path] = []
+    for d in dict.fromkeys(dirs):
+        for candidate in (d / "traceml", d / "traceml.py"):
+            try:
+                if candidate.exists() and candidate.resolve() != real and candidate not in found:
+                    found.append(candidate)
+            except OSError:
+                continue
+    return found
+
+
 def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
     """The ranks' environment: the caller's, plus the TRACEML_* variables of this run."""
     env = {k: v for k, v in base.items() if not k.startswith("TRACEML_")}
@@ -322,6 +379,12 @@ def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
         env[config.ENV_NO_AUTO_INTEGRATIONS] = "1"
     if not plan.auto_steps:
         env[config.ENV_NO_AUTO_STEPS] = "1"
+    if plan.disabled:
+        env[config.ENV_DISABLED] = "1"
+    if plan.shadowing:
+        # `python -m` puts the working folder first on sys.path; a folder there named traceml would be
+        # imported instead of the package (Python 3.11+ reads this variable)
+        env["PYTHONSAFEPATH"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")  # output through our pipes shows up as it is printed
     return env
 
@@ -665,6 +728,8 @@ class RunSupervisor:
 
 
 def _describe_recording(plan: RunPlan) -> str:
+    if plan.disabled:
+        return "nothing recorded (--disable)"
     if plan.out is None:
         return "not recording (--no-record)" if plan.starts_aggregator else "streaming to node 0's aggregator"
     try:
@@ -685,7 +750,10 @@ def run_plan(plan: RunPlan) -> int:
             file=sys.stderr,
             flush=True,
         )
-    print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
+    if plan.disabled:
+        print(f"traceml: run {plan.run_name}; traceml is off (--disable): torchrun only, nothing recorded", flush=True)
+    else:
+        print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
     sup = RunSupervisor(plan)
     # SIGHUP too: a closed terminal stops the training as it would stop plain torchrun
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -706,22 +774,67 @@ def run_plan(plan: RunPlan) -> int:
 # --- the typer command -------------------------------------------------------------------------
 
 
+class RunCommand(TyperCommand):
+    """Reads the command line as torchrun would (see :mod:`traceml.cli.run_args`) before click
+    does: torchrun's own options pass through, an unknown one is an error that names it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from traceml.cli.run_args import rewrite
+
+        known = option_table(self.params)
+        for name in ctx.help_option_names:
+            known[name] = False
+        try:
+            rewritten = rewrite(args, known)
+        except ConfigError as exc:
+            typer.echo(f"traceml run: error: {exc}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        for note in rewritten.notes:
+            typer.echo(f"traceml run: {note}", err=True)
+        return list(super().parse_args(ctx, rewritten.args))
+
+
 def run_command(
-    script: str = typer.Argument(..., help="the training script"),
+    script: str = typer.Argument(..., help="the training script (or a module name with -m)"),
     script_args: list[str] | None = typer.Argument(None, help="arguments for the script, passed through untouched"),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="ranks on this node"),
-    nnodes: int = typer.Option(1, "--nnodes", help="nodes in the job"),
-    node_rank: int = typer.Option(0, "--node-rank", help="this node's rank (node 0 runs the aggregator)"),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun rendezvous address"),
-    master_port: int | None = typer.Option(None, "--master-port", help="default: a free port (29500 multi-node)"),
+    module: bool = typer.Option(False, "-m", "--module", help="SCRIPT is a module name, run as `python -m SCRIPT`"),
+    nproc_per_node: str = typer.Option(
+        "1", "--nproc-per-node", "--nproc_per_node", help="ranks on this node: a number, auto, gpu or cpu"
+    ),
+    nnodes: str | None = typer.Option(
+        None, "--nnodes", help="nodes in the job, or MIN:MAX (elastic); default 1, or SLURM_NNODES under Slurm"
+    ),
+    node_rank: int | None = typer.Option(
+        None, "--node-rank", "--node_rank", help="this node's rank (node 0 runs the aggregator); Slurm: SLURM_NODEID"
+    ),
+    master_addr: str | None = typer.Option(
+        None,
+        "--master-addr",
+        "--master_addr",
+        help="torchrun rendezvous address (default 127.0.0.1; Slurm: the job's first node)",
+    ),
+    master_port: int | None = typer.Option(
+        None, "--master-port", "--master_port", help="default: a free port (29500 multi-node)"
+    ),
     ui: str | None = typer.Option(None, "--ui", help="terminal | web | none (default: terminal on a TTY)"),
-    out: str | None = typer.Option(None, "--out", help="recording path (default traceml_runs/<run-name>/run.tml)"),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="recording path (default traceml_runs/<run-name>/run.tml)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the --out recording if it exists"),
     run_name: str | None = typer.Option(None, "--run-name", help="default: <script>-<date>-<time>"),
-    interval: float | None = typer.Option(None, "--interval", help="seconds between samples (default 1.0)"),
-    aggregator_host: str = typer.Option("127.0.0.1", "--aggregator-host", help="aggregator address (node 0)"),
-    aggregator_port: int | None = typer.Option(None, "--aggregator-port", help="default: a free port"),
+    interval: float | None = typer.Option(
+        None, "--interval", envvar="TRACEML_INTERVAL", help="seconds between samples (default 1.0)"
+    ),
+    aggregator_host: str | None = typer.Option(
+        None, "--aggregator-host", help="aggregator address (node 0; default 127.0.0.1, Slurm multi-node: node 0)"
+    ),
+    aggregator_port: int | None = typer.Option(
+        None, "--aggregator-port", help=f"default: a free port (Slurm multi-node: {SLURM_AGGREGATOR_PORT})"
+    ),
     no_record: bool = typer.Option(False, "--no-record", help="live view only, no .tml file"),
+    disable: bool = typer.Option(
+        False, "--disable", help="run the script under torchrun with traceml off (also TRACEML_DISABLED=1)"
+    ),
     web_port: int = typer.Option(8050, "--web-port", help="port of the live dashboard (--ui web)"),
     token: str | None = typer.Option(
         None,
@@ -730,7 +843,9 @@ def run_command(
         help="shared secret for multi-node runs (default: random; TRACEML_TOKEN keeps it off the command line)",
     ),
     no_auto_integrations: bool = typer.Option(
-        False, "--no-auto-integrations", help="do not attach traceml to Hugging Face / Lightning Trainers"
+        False,
+        "--no-auto-integrations",
+        help="do not attach traceml to Hugging Face / Lightning Trainers (also TRACEML_NO_AUTO_INTEGRATIONS=1)",
     ),
     no_auto_steps: bool = typer.Option(
         False,
@@ -749,50 +864,82 @@ def run_command(
         help="after the run, send its metrics to this OTLP/HTTP endpoint (e.g. http://localhost:4318;"
         " OTEL_EXPORTER_OTLP_* variables apply)",
     ),
+    torchrun_arg: list[str] | None = typer.Option(None, TORCHRUN_ARG, hidden=True),
 ) -> None:
-    """Run SCRIPT on torchrun with the live view, recording every step of every rank."""
+    """Run SCRIPT on torchrun with the live view, recording every step of every rank.
+
+    torchrun's own options (--standalone, --rdzv-backend/-endpoint/-id/-conf, --max-restarts,
+    --monitor-interval, --start-method, --log-dir, --redirects, --tee, ...) go before SCRIPT and
+    are passed to torchrun as given; underscores (--nproc_per_node=2) work as in torchrun.
+    Under Slurm (SLURM_NODEID set) --nnodes, --node-rank and --master-addr default to the job's.
+    """
     from traceml.cli.report_cmds import check_trackers
+    from traceml.cli.run_args import parse_nnodes, resolve_nproc, slurm_defaults
 
     trackers = check_trackers(log_to)
-    if otlp is not None:
-        from traceml.exports.otlp import metrics_endpoint
-
-        try:
-            metrics_endpoint(otlp)
-        except TracemlError as exc:
-            typer.echo(f"traceml run: {exc}", err=True)
-            raise typer.Exit(2) from None
     try:
+        if otlp is not None:
+            from traceml.exports.otlp import metrics_endpoint
+
+            metrics_endpoint(otlp)
+        nproc = resolve_nproc(nproc_per_node)
+        slurm = slurm_defaults(os.environ) if None in (nnodes, node_rank, master_addr) else None
+        if slurm is not None:
+            for note in slurm.notes:
+                typer.echo(f"traceml run: {note}", err=True)
+        low, high = parse_nnodes(nnodes if nnodes is not None else str(slurm.nnodes if slurm else 1))
+        node = node_rank if node_rank is not None else (slurm.node_rank if slurm else 0)
+        master = master_addr or (slurm.master_addr if slurm else "127.0.0.1")
+        agg_host = aggregator_host or ("127.0.0.1" if not slurm or low == 1 else ("0.0.0.0" if node == 0 else master))
+        agg_port = aggregator_port
+        if agg_port is None and slurm is not None and low > 1:
+            agg_port = SLURM_AGGREGATOR_PORT
         plan = plan_run(
             script,
             script_args or [],
-            nproc_per_node=nproc_per_node,
-            nnodes=nnodes,
-            node_rank=node_rank,
-            master_addr=master_addr,
+            nproc_per_node=nproc,
+            nnodes=low,
+            node_rank=node,
+            master_addr=master,
             master_port=master_port,
             ui=ui,
             out=out,
             run_name=run_name,
             interval=interval,
-            aggregator_host=aggregator_host,
-            aggregator_port=aggregator_port,
-            no_record=no_record,
+            aggregator_host=agg_host,
+            aggregator_port=agg_port,
+            no_record=no_record or disable,
             web_port=web_port,
             token=token,
             auto_integrations=not no_auto_integrations,
             auto_steps=not no_auto_steps,
             stdout_is_tty=sys.stdout.isatty(),
             overwrite=overwrite,
+            module=module,
+            max_nnodes=high,
         )
     except (ConfigError, OutputError) as exc:
-        typer.echo(f"traceml run: {exc}", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"traceml run: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    plan.module = module
+    plan.torchrun_args = list(torchrun_arg or [])
+    plan.nnodes_spec = nnodes if nnodes is not None and ":" in nnodes else ""
+    plan.disabled = disable
+    plan.shadowing = shadowing_folders(script, module)
+    for path in plan.shadowing:
+        typer.echo(
+            f"traceml run: note: {path} is named like the traceml package and would be imported instead of it"
+            " in the ranks; traceml keeps the working folder off their import path (PYTHONSAFEPATH=1)."
+            " Rename it, or start from another folder, if the script imports from it.",
+            err=True,
+        )
     if (trackers or otlp is not None) and (plan.out is None or not plan.starts_aggregator):
         typer.echo(
-            "traceml run: --log-to / --otlp need the recording: only node 0 without --no-record exports", err=True
+            "traceml run: error: --log-to / --otlp export the recording: not with --no-record, --disable,"
+            " or on a node other than node 0",
+            err=True,
         )
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     code = run_plan(plan)
     if trackers or otlp is not None:
         export_after_run(plan, trackers, otlp)
@@ -838,5 +985,6 @@ def register(app: typer.Typer) -> None:
     """Add ``traceml run`` to *app*."""
     app.command(
         "run",
+        cls=RunCommand,
         context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
     )(run_command)

@@ -20,12 +20,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     script_args = args[1:] if args and args[0] == "--" else args
-    if script_args and os.path.isfile(script_args[0]):
+    is_module = len(script_args) > 1 and script_args[0] == "-m"
+    if script_args and (is_module or os.path.isfile(script_args[0])):
         from traceml.integrations import autohook
         from traceml.runtime import api
 
-        sys.argv = list(script_args)  # what the agent records as the command line
-        if autohook.enabled() and api.init(script=script_args[0], auto_steps=True) is not None:
+        sys.argv = list(script_args[1:] if is_module else script_args)  # what the agent records as the command line
+        target = script_args[1] if is_module else script_args[0]
+        if autohook.enabled() and api.init(script=target, auto_steps=True) is not None:
             autohook.install()
         try:
             executor.main(args)
