@@ -6,7 +6,7 @@ from traceml.cli.app import app
 
 
 def main() -> None:
-    app()
+    app(prog_name="traceml")
 
 
 __all__ = ["app", "main"]

@@ -1,0 +1,5 @@
+"""``python -m traceml``: the ``traceml`` command line."""
+
+from traceml.cli import main
+
+main()
