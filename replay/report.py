@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from traceml import escape as esc
-from traceml.diagnosis import build_summary
+from traceml.diagnosis import build_summary, traceml_cost_text
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.memory import fmt_bytes
 from traceml.errors import ReportError, TracemlError
@@ -216,6 +216,9 @@ def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[s
         f"{'; ' + _num(tput) + ' steps/s at the median step' if tput else ''})</div>",
         _phase_table(steps),
     ]
+    cost = traceml_cost_text(summary)
+    if cost:
+        parts.append(f"<div class=sub>{_e(cost)}</div>")
     charts = figures(view)
     for i, (name, fig) in enumerate(charts):
         if i % 2 == 0:
@@ -353,6 +356,9 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
         facts.insert(1, f"median step **{step['median_ms']:.2f} ms** (p95 {step['p95_ms']:.2f} ms)")
     if steps.get("throughput_steps_per_s"):
         facts.append(f"{steps['throughput_steps_per_s']:.2f} steps/s")
+    cost = traceml_cost_text(summary)
+    if cost:
+        facts.append(cost)
     lines += [" · ".join(facts), ""]
     key = (p["kind"], p["rank"], p["summary"])
     others = [f for f in diag["findings"] if (f["kind"], f["rank"], f["summary"]) != key]

@@ -130,3 +130,28 @@ def test_summary_lines_lead_with_the_primary_verdict() -> None:
     assert lines[0].startswith("[critical] STRAGGLER") or lines[0].startswith("[warn] STRAGGLER")
     assert any(line.startswith("steps: ") for line in lines)
     assert any("peak memory" in line for line in lines)
+
+
+def test_tracemls_own_cost_is_the_median_over_ranks_and_its_share_of_the_median_step(validator) -> None:
+    from traceml.schema import TRACEML_COST
+    from traceml.views.final import traceml_cost_text
+
+    view = rich_view()
+    assert build_summary(view)["traceml"] == {"overhead_us_per_step": None, "overhead_share": None, "per_rank": []}
+    b = ddp_straggler(n_ranks=3, culprit=1, extra_us=0.0)
+    # cumulative rows; the last (most steps) counts: rank r cost (4 + r) µs on the thread + 1 µs of threads' CPU
+    for r in range(3):
+        rows = [(1, 50, 1, 9_000, 10_000), (2, 100, 2, (4 + r) * 2 * 1000, 100 * 1000)]
+        b.store.append(r, "traceml_cost", rows_to_columns(TRACEML_COST, rows[::-1]))
+    s = build_summary(b.view())
+    validator.validate(s)
+    sec = s["traceml"]
+    assert [p["us_per_step"] for p in sec["per_rank"]] == [5.0, 6.0, 7.0]
+    assert sec["per_rank"][0]["training_thread_us_per_step"] == 4.0
+    assert sec["per_rank"][0]["threads_cpu_us_per_step"] == 1.0
+    assert sec["overhead_us_per_step"] == 6.0
+    median_step_us = s["steps"]["overall"]["step"]["median_ms"] * 1000
+    assert sec["overhead_share"] == pytest.approx(6.0 / median_step_us, rel=0.01)  # rounded like every figure
+    text = traceml_cost_text(s)
+    assert text.startswith("traceml cost 6.0 µs per step (") and text.endswith("%)")
+    assert text in summary_lines(s)

@@ -80,7 +80,7 @@ def test_multi_worker_dataloader_is_timed_and_workers_are_left_alone():
     rows = agent.tables["step_time"].recent()
     assert [r[0] for r in rows] == list(range(8))
     assert sum(r[4] for r in rows) > 0  # workers' batches still took time to arrive
-    assert all(r[3] == sum(r[4:]) for r in rows)
+    assert all(r[3] == sum(r[4:10]) for r in rows)  # step_us = the six phases
 
 
 def test_a_forked_child_does_not_time_or_send(tmp_path):

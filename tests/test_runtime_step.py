@@ -21,7 +21,7 @@ from traceml.config import RankConfig
 from traceml.runtime import patches
 from traceml.runtime.agent import Agent
 from traceml.runtime.hooks import TimedForward, wrapper_kind
-from traceml.schema import PHASES, STEP_TIME
+from traceml.schema import PHASES, STEP_TIME, STEP_TIMELINE
 from traceml.transport import RankIdentity
 
 COLS = STEP_TIME.names
@@ -383,8 +383,9 @@ def test_close_removes_every_patch_and_a_new_agent_patches_again():
     with a.step_context(m):
         m(torch.randn(1, 8))
     names = patches.active_patches()
-    for expected in ("DataLoader.__next__", "Tensor.backward", "torch.autograd.backward", "sys.excepthook"):
+    for expected in ("DataLoader.__next__", "torch.autograd.backward", "sys.excepthook"):
         assert expected in names
+    assert "Tensor.backward" not in names  # one backward patch: Tensor.backward calls torch.autograd.backward
     from torch.utils.data import dataloader
 
     a.close()
@@ -405,3 +406,131 @@ def test_close_removes_every_patch_and_a_new_agent_patches_again():
         assert r["dataloader_us"] > 0 and r["forward_us"] > 0
     finally:
         b.close()
+
+
+# --- which loader's waits are carried (issue 15 item 5) ------------------------------------
+
+
+def test_an_evaluation_loaders_fetches_between_steps_are_not_carried(agent):
+    model = SlowForward(sleep_s=0)
+    train = iter(DataLoader(TensorDataset(torch.randn(64, 8)), batch_size=1))
+    slow_eval = DataLoader(SlowDataset(4), batch_size=1)
+    for _ in range(2):
+        (x,) = next(train)
+        with agent.step_context(model):
+            model(x)
+    for batch in slow_eval:  # evaluation between two steps: 4 slow fetches
+        model(batch)
+    (x,) = next(train)
+    with agent.step_context(model):
+        model(x)
+    r = rows(agent)[-1]
+    assert r["dataloader_us"] < 4 * SLEEP_US, r  # only the training fetch is carried
+    assert r["step_us"] < 4 * SLEEP_US, r
+    check_sums(r)
+
+
+def test_evaluation_between_the_training_fetch_and_its_step_is_not_carried(agent):
+    model = SlowForward(sleep_s=0)
+    train = iter(DataLoader(SlowDataset(8), batch_size=1))
+    fast_eval = DataLoader(TensorDataset(torch.randn(400, 8)), batch_size=1)
+    with agent.step_context(model):
+        model(next(train))
+    x = next(train)  # the training fetch (slow) ...
+    for (b,) in fast_eval:  # ... then an evaluation pass before the step
+        model(b)
+    with agent.step_context(model):
+        model(x)
+    r = rows(agent)[-1]
+    assert r["dataloader_us"] >= SLEEP_US  # the training fetch is carried
+    assert r["dataloader_us"] < SLEEP_US + 200_000
+    check_sums(r)
+
+
+def test_a_loop_fetching_inside_its_steps_carries_no_other_loader(agent):
+    model = SlowForward(sleep_s=0)
+    first = iter(DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=1))
+    with agent.step_context(model):
+        next(first)
+    # fetched inside the step: the training loader; an eval loader between steps is not carried
+    for _ in DataLoader(SlowDataset(2), batch_size=1):
+        pass
+    with agent.step_context(model):
+        next(first)
+    assert rows(agent)[-1]["step_us"] < 2 * SLEEP_US
+
+
+def test_a_new_training_loader_fetched_between_steps_is_adopted(agent):
+    model = SlowForward(sleep_s=0)
+    first = iter(DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=1))
+    next(first)
+    with agent.step_context(model):
+        pass
+    other = iter(DataLoader(SlowDataset(4), batch_size=1))  # the script moves on to another loader
+    next(other)
+    with agent.step_context(model):
+        pass
+    assert rows(agent)[-1]["dataloader_us"] >= SLEEP_US
+    next(first)  # the old loader is now "another loader": not carried
+    next(other)
+    with agent.step_context(model):
+        pass
+    r = rows(agent)[-1]
+    assert SLEEP_US <= r["dataloader_us"] < 2 * SLEEP_US + 100_000
+
+
+# --- phase start offsets (issue 15 item 6) ------------------------------------------------
+
+
+def test_each_phase_records_where_it_started_in_its_step(agent):
+    model = SlowForward()
+    opt = SlowSGD(model.parameters(), lr=0.1)
+    it = iter(DataLoader(SlowDataset(8), batch_size=2))
+    x = next(it)
+    with agent.step_context(model):
+        time.sleep(SLEEP_S)  # residual before the forward
+        train_step(model, opt, x)
+    (r,) = rows(agent)
+    (t,) = agent.tables["step_time"].recent_timeline()  # type: ignore[attr-defined]
+    r.update(zip(STEP_TIMELINE.names, t, strict=True))
+    assert r["dataloader_start_us"] == 0  # the carried fetch opens the step
+    assert r["h2d_start_us"] == -1  # did not run
+    assert r["forward_start_us"] >= r["dataloader_us"] + SLEEP_US
+    assert r["backward_start_us"] >= r["forward_start_us"] + r["forward_us"]
+    assert r["optimizer_start_us"] >= r["backward_start_us"] + r["backward_us"]
+    assert r["optimizer_start_us"] + r["optimizer_us"] <= r["step_us"]
+
+
+def test_regions_record_their_first_start_in_the_step(agent):
+    from traceml.runtime.step import Region
+
+    with agent.step_context(None):
+        time.sleep(SLEEP_S)
+        with Region("late", lambda: agent.tracker):
+            pass
+    (row,) = rows(agent, "step_region")
+    assert row["start_us"] >= SLEEP_US
+    with Region("outside", lambda: agent.tracker):
+        pass
+    assert rows(agent, "step_region")[-1]["start_us"] == -1
+
+
+# --- traceml's own cost (issue 19) ------------------------------------------------------------
+
+
+def test_sampled_steps_measure_tracemls_own_time(agent):
+    from traceml.runtime.step import SAMPLE_EVERY
+
+    model = SlowForward(sleep_s=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    it = iter(DataLoader(TensorDataset(torch.randn(400, 8)), batch_size=2))
+    for _ in range(SAMPLE_EVERY + 2):
+        (x,) = next(it)
+        with agent.step_context(model):
+            model(x).sum().backward()
+            opt.step()
+    t = agent.tracker
+    assert t.cost_steps == 2  # step 1 and step SAMPLE_EVERY
+    per_step_us = t.cost_ns / t.cost_steps / 1000
+    assert 0 < per_step_us < rows(agent)[1]["step_us"]  # a part of the step it measured
+    assert agent.clock.self_ns == 0  # nothing left over from the sampled step

@@ -176,6 +176,16 @@ def test_in_process_training_streams_every_step_and_finishes(server, rank_env):
     assert all(v > 0 for v in got.column("step_time", "forward_us"))
     assert all(v > 0 for v in got.column("step_time", "dataloader_us"))
     assert got.column("step_region", "name") == ["loss"] * 30
+    # where each phase ran, from the same raw row: forward after the carried fetch, then backward
+    assert got.column("step_timeline", "step") == list(range(30))
+    fwd0, bwd0 = got.column("step_timeline", "forward_start_us"), got.column("step_timeline", "backward_start_us")
+    assert all(0 <= f <= b for f, b in zip(fwd0, bwd0, strict=True))
+    assert set(got.column("step_timeline", "h2d_start_us")) == {-1}  # no copy on CPU
+    # traceml's own cost: steps 1 (and none other below 64) measured, the threads' CPU time too
+    assert got.column("traceml_cost", "steps")[-1] == 30
+    assert got.column("traceml_cost", "sampled_steps")[-1] == 1
+    assert got.column("traceml_cost", "sampled_ns")[-1] > 0
+    assert got.column("traceml_cost", "threads_cpu_ns")[-1] > 0
     assert len(got.column("process", "rss_bytes")) >= 1
     assert all(v > 0 for v in got.column("process", "rss_bytes"))
     import torch

@@ -99,11 +99,26 @@ STEP_TIME = table(
     *((f"{p}_us", "i8") for p in PHASES),
 )
 
+#: Where each phase of a step ran: ``<phase>_start_us`` is the phase's first start from the start of
+#: the step of the same ``step`` in STEP_TIME (which ends at its ``ts_ns`` and began ``step_us``
+#: earlier); -1 when the phase did not run.  Absent from files written before 1.2.
+STEP_TIMELINE = table("step_timeline", ("step", "i8"), *((f"{p}_start_us", "i8") for p in PHASES[:-1]))
+
 #: GPU time per phase from CUDA events, appended when the events resolve (later than STEP_TIME).
 STEP_GPU = table("step_gpu", ("step", "i8"), ("ts_ns", "i8"), *((f"{p}_gpu_us", "i8") for p in GPU_PHASES))
 
 #: User-named regions (``traceml.trace_time``) per step: total CPU time and call count.
-STEP_REGION = table("step_region", ("step", "i8"), ("ts_ns", "i8"), ("name", "str"), ("cpu_us", "i8"), ("calls", "i4"))
+#: ``start_us``: the region's first start from the step's start (-1 outside a step, or in files
+#: written before 1.2).
+STEP_REGION = table(
+    "step_region",
+    ("step", "i8"),
+    ("ts_ns", "i8"),
+    ("name", "str"),
+    ("cpu_us", "i8"),
+    ("calls", "i4"),
+    ("start_us", "i8"),
+)
 
 #: Per-step CUDA memory peaks (peak stats reset at step start).  Absent on CPU.
 STEP_MEMORY = table(
@@ -147,8 +162,22 @@ SYSTEM_GPU = table(
     ("power_limit_w", "f4"),
 )
 
+#: What traceml itself costs this rank, cumulative since the agent started (one row per sampler
+#: tick).  ``steps``: steps so far; ``sampled_steps`` of them measured traceml's own time on the
+#: training thread, ``sampled_ns`` in total; ``threads_cpu_ns``: CPU time of traceml's sampler and
+#: sender threads.  Per step: ``sampled_ns / sampled_steps + threads_cpu_ns / steps``.
+TRACEML_COST = table(
+    "traceml_cost",
+    ("ts_ns", "i8"),
+    ("steps", "i8"),
+    ("sampled_steps", "i8"),
+    ("sampled_ns", "i8"),
+    ("threads_cpu_ns", "i8"),
+)
+
 STANDARD_TABLES: dict[str, TableSchema] = {
-    t.name: t for t in (STEP_TIME, STEP_GPU, STEP_REGION, STEP_MEMORY, PROCESS, SYSTEM, SYSTEM_GPU)
+    t.name: t
+    for t in (STEP_TIME, STEP_TIMELINE, STEP_GPU, STEP_REGION, STEP_MEMORY, PROCESS, SYSTEM, SYSTEM_GPU, TRACEML_COST)
 }
 
 
@@ -156,10 +185,15 @@ STANDARD_TABLES: dict[str, TableSchema] = {
 
 
 def rows_to_columns(schema: TableSchema, rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """Turn tuple rows (column order) into ``{name: numpy array | list[str]}``."""
+    """Turn tuple rows (column order) into ``{name: numpy array | list[str]}``.
+
+    Rows may stop short of the last columns (columns a table gained later, e.g. STEP_REGION's
+    ``start_us``): those get the "not measured" value."""
     if not rows:
         return {c.name: ([] if c.dtype == STR else np.empty(0, NUMPY_DTYPES[c.dtype])) for c in schema.columns}
-    cols = list(zip(*rows, strict=True))
+    cols: list[Sequence[Any]] = list(zip(*rows, strict=True))
+    for col in schema.columns[len(cols) :]:
+        cols.append([MISSING[col.dtype]] * len(rows))
     out: dict[str, Any] = {}
     for col, values in zip(schema.columns, cols, strict=True):
         if col.dtype == STR:

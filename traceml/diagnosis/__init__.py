@@ -25,7 +25,7 @@ from traceml.diagnosis.findings import (
     Window,
 )
 from traceml.diagnosis.steps import StepData, job_series, step_data, warmup_count
-from traceml.diagnosis.summary import SCHEMA_VERSION, build_summary, summary_lines
+from traceml.diagnosis.summary import SCHEMA_VERSION, build_summary, summary_lines, traceml_cost_text
 
 __all__ = [
     "COMPUTE_BOUND",
@@ -50,5 +50,6 @@ __all__ = [
     "job_series",
     "step_data",
     "summary_lines",
+    "traceml_cost_text",
     "warmup_count",
 ]

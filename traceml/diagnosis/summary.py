@@ -21,6 +21,7 @@ from traceml.diagnosis.memory import fmt_bytes
 from traceml.diagnosis.steps import StepData, job_series, step_data
 from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.views.final import traceml_cost_text
 
 SCHEMA_VERSION = 1
 #: the phases summarised, in display order ("step" is the whole step)
@@ -292,13 +293,53 @@ def integrity_section(view: StoreView, data: StepData) -> dict[str, Any]:
     }
 
 
+def traceml_section(view: StoreView, median_step_ms: float | None) -> dict[str, Any]:
+    """What traceml itself cost, from each rank's ``traceml_cost`` table (its last, cumulative row):
+    the sampled time on the training thread per step plus its threads' CPU time per step; the
+    median over ranks, and its share of the job's median step."""
+    per_rank = []
+    if view.has("traceml_cost"):
+        for r in view.table_ranks("traceml_cost"):
+            cols = view.columns("traceml_cost", r)
+            steps_col = cols.get("steps")
+            if steps_col is None or not len(steps_col):
+                continue
+            i = int(np.argmax(steps_col))
+            steps, sampled = int(steps_col[i]), int(cols["sampled_steps"][i])
+            if steps <= 0 or sampled <= 0:
+                continue
+            thread_us = int(cols["sampled_ns"][i]) / sampled / 1000.0
+            threads_ns = int(cols["threads_cpu_ns"][i])
+            background_us = threads_ns / steps / 1000.0 if threads_ns >= 0 else 0.0
+            per_rank.append(
+                {
+                    "rank": int(r),
+                    "us_per_step": clean_number(thread_us + background_us),
+                    "training_thread_us_per_step": clean_number(thread_us),
+                    "threads_cpu_us_per_step": clean_number(background_us) if threads_ns >= 0 else None,
+                    "sampled_steps": sampled,
+                }
+            )
+    if not per_rank:
+        return {"overhead_us_per_step": None, "overhead_share": None, "per_rank": []}
+    med = float(np.median([p["us_per_step"] for p in per_rank]))
+    share = med / (median_step_ms * 1000.0) if median_step_ms else None
+    return {
+        "overhead_us_per_step": clean_number(med),
+        "overhead_share": clean_number(share) if share is not None else None,
+        "per_rank": per_rank,
+    }
+
+
 def build_summary(view: StoreView, *, recent_steps: int = th.RECENT_STEPS) -> dict[str, Any]:
     """The versioned summary of the run in ``view`` (whole run, and its last ``recent_steps``)."""
     data = step_data(view)
+    steps = steps_section(data)
     return {
         "schema_version": SCHEMA_VERSION,
         "run": run_section(view),
-        "steps": steps_section(data),
+        "steps": steps,
+        "traceml": traceml_section(view, steps["overall"]["step"]["median_ms"]),
         "regions": regions_section(view, data),
         "diagnosis": diagnose_steps(view, data).to_dict(),
         "diagnosis_recent": diagnose(view, last_n=recent_steps).to_dict(),
@@ -335,6 +376,9 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if peaks:
         lines.append("peak memory: " + ", ".join(peaks))
+    cost = traceml_cost_text(summary)
+    if cost:
+        lines.append(cost)
     integ = summary.get("integrity", {})
     if not integ.get("complete", True):
         lost = integ.get("lost", {})

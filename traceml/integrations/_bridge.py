@@ -33,10 +33,11 @@ _get_ident = threading.get_ident
 class _Mark:
     """What :meth:`StepDriver.rewind` goes back to."""
 
-    __slots__ = ("acc", "ns", "gpu_pairs", "step", "open")
+    __slots__ = ("acc", "carried", "ns", "gpu_pairs", "step", "open")
 
-    def __init__(self, acc: list[int], ns: int, gpu_pairs: int, step: int, open_: bool) -> None:
+    def __init__(self, acc: list[int], carried: Any, ns: int, gpu_pairs: int, step: int, open_: bool) -> None:
         self.acc = acc
+        self.carried = carried
         self.ns = ns
         self.gpu_pairs = gpu_pairs
         self.step = step
@@ -180,6 +181,7 @@ class StepDriver:
             clock: PhaseClock = agent.clock
             if clock.phase == NO_PHASE:
                 clock.acc[:] = [0] * len(clock.acc)
+                clock.forget_carried()
                 _recycle_gpu_pairs(clock, 0)
         except Exception:
             self._fail("resetting carried time")
@@ -212,6 +214,7 @@ class StepDriver:
             tracker = self._tracker()
             self._mark = _Mark(
                 list(clock.acc),
+                clock.carried_state(),
                 _perf_ns(),
                 len(pairs) if pairs is not None else 0,
                 tracker.step if tracker is not None else -1,
@@ -243,6 +246,7 @@ class StepDriver:
                 return
             now = _perf_ns()
             clock.acc[:] = mark.acc
+            clock.restore_carried(mark.carried)
             if tracker is not None and tracker.depth:
                 tracker.t0 += now - mark.ns  # the open step does not include the excluded time
             _recycle_gpu_pairs(clock, mark.gpu_pairs)

@@ -272,5 +272,7 @@ def render_final(model: FinalModel) -> RenderableType:
         if model.more_findings:
             findings.add_row("", Text(f"... {model.more_findings} more in the report", style="dim"))
         parts.append(findings)
+    if model.cost:
+        parts.append(Text(model.cost, style="dim"))
     parts.append(_recording_line(model.recording))
     return Panel(Group(*parts), title="traceml summary", title_align="left", box=box.ROUNDED, expand=True)

@@ -31,7 +31,7 @@ from traceml.runtime.samplers import (
     distributed_facts,
 )
 from traceml.runtime.sender import FileSink, Sender, Sink, StreamSink
-from traceml.runtime.step import PhaseClock, StepTracker
+from traceml.runtime.step import PhaseClock, StepRows, StepTracker
 from traceml.schema import STANDARD_TABLES
 from traceml.store import BoundedTable
 from traceml.transport import RankIdentity, TelemetryClient, hello, rank_identity_from_env
@@ -98,8 +98,12 @@ class Agent:
         self._stream_options = dict(stream_options or {})
         caps = {**TABLE_CAPACITY, **(capacity or {})}
         self.tables: dict[str, BoundedTable] = {
-            name: BoundedTable(schema, caps.get(name, 4096)) for name, schema in STANDARD_TABLES.items()
+            name: BoundedTable(schema, caps.get(name, 4096))
+            for name, schema in STANDARD_TABLES.items()
+            if name not in ("step_time", "step_timeline")
         }
+        # one raw row per step makes both step_time and step_timeline (on the sender thread)
+        self.tables = {"step_time": StepRows(caps.get("step_time", 4096)), **self.tables}
         self.clock = PhaseClock()
         self.tracker = StepTracker(self.clock, self.tables["step_time"], self.tables["step_region"])
         self.wrapper = "none"
@@ -115,6 +119,8 @@ class Agent:
         self._auto_steps = auto_steps
         #: zero-code step boundaries (:mod:`traceml.runtime.autostep`), built once torch is imported
         self.autostep: Any = None
+        self._thread_cpu: dict[int, int] = {}
+        self._cost_steps_sent = 0
 
         self.sinks: list[Sink] = self._build_sinks()
         self.sender: Sender | None = None
@@ -132,9 +138,7 @@ class Agent:
                     if name not in (capacity or {})
                 },
             )
-            self.sampler = SamplerThread(
-                self._build_samplers(), interval_s=config.interval_s, on_tick=self._maybe_send_environment
-            )
+            self.sampler = SamplerThread(self._build_samplers(), interval_s=config.interval_s, on_tick=self._on_tick)
 
         self._gpu_timing = gpu_timing if gpu_timing is not None else self.sender is not None
         self._cuda_available = False
@@ -312,6 +316,35 @@ class Agent:
         env["step_source"] = "optimizer" if auto is not None and auto.active and auto.steps_recorded else "trace_step"
         return env
 
+    def _on_tick(self) -> None:
+        try:
+            self._sample_cost()
+        except Exception:
+            disable_piece("cost", "measuring traceml's own cost")
+        self._maybe_send_environment()
+
+    def _threads_cpu_ns(self) -> int:
+        """CPU time of traceml's own threads (sender, sampler) so far; -1 where not measurable."""
+        threads = [getattr(self.sender, "_thread", None), getattr(self.sampler, "_thread", None)]
+        for t in threads:
+            ident = getattr(t, "ident", None)
+            if ident is None:
+                continue
+            try:
+                ns = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
+            except (AttributeError, OSError, ValueError):
+                continue  # not on this platform, or the thread has ended: keep its last figure
+            self._thread_cpu[ident] = ns
+        return sum(self._thread_cpu.values()) if self._thread_cpu else -1
+
+    def _sample_cost(self, final: bool = False) -> None:
+        """Append a TRACEML_COST row (cumulative) when steps ran since the last one."""
+        t = self.tracker
+        if t.step == self._cost_steps_sent and not (final and t.step):
+            return
+        self._cost_steps_sent = t.step
+        self.tables["traceml_cost"].append((time.time_ns(), t.step, t.cost_steps, t.cost_ns, self._threads_cpu_ns()))
+
     def _maybe_send_environment(self) -> None:
         """Sampler-thread tick: send the environment once the first step ran (DDP and the
         model wrapper are known by then), and again if the wrapper changes."""
@@ -368,6 +401,10 @@ class Agent:
             return  # a forked child: the threads and sockets are the parent's
         if self.sampler is not None:
             self.sampler.stop()
+            try:
+                self._sample_cost(final=True)
+            except Exception:
+                disable_piece("cost", "measuring traceml's own cost")
             if not self._env_sent:
                 try:
                     self._send_environment()

@@ -165,8 +165,9 @@ def trace_step(model: Any = None) -> StepTracker | _NoStep:
     Records one ``step_time`` row per step: the wall time and the dataloader, h2d,
     forward, backward, optimizer and residual phases (µs).  ``model`` is the model called
     in the step (plain, DDP/FSDP-wrapped or ``torch.compile``'d); without it the forward
-    time falls into the residual.  Time spent in ``next()`` on a DataLoader (and copies to
-    the device) *before* entering the block is carried into the step.  A step whose body
+    time falls into the residual.  Time spent in ``next()`` on the training DataLoader (and
+    copies of its batch to the device) *before* entering the block is carried into the step;
+    fetches from other loaders between steps (an evaluation pass) are not.  A step whose body
     raises is recorded with ``failed=1`` and the exception propagates unchanged.
     """
     agent = _agent if _agent is not None else current_agent()

@@ -85,6 +85,8 @@ class AutoForward:
             return self._fn(*args, **kwargs)
         finally:
             c.acc[FORWARD] += _perf_ns() - t0
+            if not c.first[FORWARD]:
+                c.first[FORWARD] = t0
             c.phase = NO_PHASE
             if g is not None:
                 g.end(FORWARD)
@@ -238,6 +240,7 @@ class AutoSteps:
         if c.phase == NO_PHASE:
             acc = c.acc
             acc[DATALOADER] = acc[H2D] = 0
+            c.forget_carried()
             _recycle_gpu_pairs(c)
 
     def after_eval_forward(self) -> None:

@@ -1,12 +1,15 @@
 """The torch patches that time each phase of a step; every one registered in :mod:`.patches`.
 
 * dataloader: ``_BaseDataLoaderIter.__next__`` (covers single- and multi-process loaders);
+  the iterator's dataset names the loader, so that only the training loader's waits between
+  steps are carried (see :mod:`traceml.runtime.step`);
 * h2d: ``Tensor.to`` / ``Tensor.cuda`` when a CPU tensor lands on a device (installed only
   where CUDA is available unless asked for: on a CPU build the phase is 0 at no cost);
 * forward: an instance-level wrapper of the traced model's ``forward`` (or of
   ``_compiled_call_impl`` after ``model.compile()``), far cheaper than module hooks and
   transparent to DDP, FSDP and ``torch.compile``;
-* backward: ``Tensor.backward`` and ``torch.autograd.backward``;
+* backward: ``torch.autograd.backward`` alone (``Tensor.backward`` calls it; one patch, not
+  two nested ones);
 * optimizer: torch's global optimizer step pre/post hooks (removable handles).
 
 Imports torch: only loaded once the script has imported it.
@@ -23,7 +26,19 @@ import torch
 
 from traceml.runtime import patches
 from traceml.runtime._failopen import disable_piece
-from traceml.runtime.step import BACKWARD, DATALOADER, FORWARD, H2D, NO_PHASE, OPTIMIZER, PhaseClock, timed
+from traceml.runtime.step import (
+    BACKWARD,
+    DATALOADER,
+    FORWARD,
+    H2D,
+    NO_PHASE,
+    OPTIMIZER,
+    SAMPLE,
+    STEP,
+    PhaseClock,
+    timed,
+    timed_carried,
+)
 
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -37,51 +52,55 @@ def install_torch_hooks(clock: PhaseClock, h2d: bool | None = None, tag: str = "
     """
     names: list[str] = []
     suffix = f" [{tag}]" if tag else ""
-    try:
-        from torch.utils.data import dataloader
-
-        base = dataloader._BaseDataLoaderIter
-        names.append(
-            patches.patch_attribute(
-                base, "__next__", timed(clock, DATALOADER, base.__next__, gpu=False), "DataLoader.__next__" + suffix
-            )
-        )
-    except Exception:
-        disable_piece("patch-dataloader", "the DataLoader wait patch")
-    try:
-        names.append(
-            patches.patch_attribute(
-                torch.Tensor, "backward", timed(clock, BACKWARD, torch.Tensor.backward), "Tensor.backward" + suffix
-            )
-        )
-        names.append(
-            patches.patch_attribute(
-                torch.autograd,
-                "backward",
-                timed(clock, BACKWARD, torch.autograd.backward),
-                "torch.autograd.backward" + suffix,
-            )
-        )
-    except Exception:
-        disable_piece("patch-backward", "the backward patch")
-    try:
-        names.extend(_install_optimizer_hooks(clock, suffix))
-    except Exception:
-        disable_piece("patch-optimizer", "the optimizer step hooks")
+    for piece, what, install in (
+        ("patch-dataloader", "the DataLoader wait patch", install_dataloader),
+        ("patch-backward", "the backward patch", install_backward),
+        ("patch-optimizer", "the optimizer step hooks", install_optimizer),
+    ):
+        try:
+            names.extend(install(clock, suffix))
+        except Exception:
+            disable_piece(piece, what)
     if h2d is None:
         h2d = bool(torch.cuda.is_available())
     if h2d:
         try:
-            names.append(
-                patches.patch_attribute(torch.Tensor, "to", _h2d_wrapper(clock, torch.Tensor.to), "Tensor.to" + suffix)
-            )
-            names.append(
-                patches.patch_attribute(
-                    torch.Tensor, "cuda", _h2d_wrapper(clock, torch.Tensor.cuda), "Tensor.cuda" + suffix
-                )
-            )
+            names.extend(install_h2d(clock, suffix))
         except Exception:
             disable_piece("patch-h2d", "the host-to-device copy patch")
+    return names
+
+
+def _loader_source(it: Any) -> int:
+    """Which loader an iterator fetches from: its dataset (the same across epochs' iterators)."""
+    try:
+        return id(it._dataset)
+    except AttributeError:
+        return id(type(it))
+
+
+def install_dataloader(clock: PhaseClock, suffix: str = "") -> list[str]:
+    from torch.utils.data import dataloader
+
+    base = dataloader._BaseDataLoaderIter
+    wrapper = timed_carried(clock, DATALOADER, base.__next__, source=_loader_source, gpu=False)
+    return [patches.patch_attribute(base, "__next__", wrapper, "DataLoader.__next__" + suffix)]
+
+
+def install_backward(clock: PhaseClock, suffix: str = "") -> list[str]:
+    wrapper = timed(clock, BACKWARD, torch.autograd.backward)
+    return [patches.patch_attribute(torch.autograd, "backward", wrapper, "torch.autograd.backward" + suffix)]
+
+
+def install_optimizer(clock: PhaseClock, suffix: str = "") -> list[str]:
+    return _install_optimizer_hooks(clock, suffix)
+
+
+def install_h2d(clock: PhaseClock, suffix: str = "") -> list[str]:
+    names = [patches.patch_attribute(torch.Tensor, "to", _h2d_wrapper(clock, torch.Tensor.to), "Tensor.to" + suffix)]
+    names.append(
+        patches.patch_attribute(torch.Tensor, "cuda", _h2d_wrapper(clock, torch.Tensor.cuda), "Tensor.cuda" + suffix)
+    )
     return names
 
 
@@ -90,30 +109,42 @@ def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
 
     def pre(opt: Any, args: Any, kwargs: Any) -> None:
         c = clock
-        if not c.enabled or _get_ident() != c.owner:
+        if c.opt_depth:  # an optimizer wrapping another one steps it from inside its own step
+            c.opt_depth += 1
             return None
-        c.opt_depth += 1  # an optimizer wrapping another one steps it from inside its own step
-        if c.opt_depth == 1 and c.phase == NO_PHASE:
-            c.phase = OPTIMIZER
-            g = c.gpu
-            if g is not None:
-                g.begin(OPTIMIZER)
-            c.opt_t0 = _perf_ns()
+        g = c.gate
+        if not g & STEP or _get_ident() != c.owner:
+            return None
+        te = _perf_ns() if g & SAMPLE else 0
+        c.opt_depth = 1
+        c._phase = OPTIMIZER
+        c.gate = 0
+        gp = c.gpu
+        if gp is not None:
+            gp.begin(OPTIMIZER)
+        t0 = c.opt_t0 = _perf_ns()
+        f = c.first
+        if not f[OPTIMIZER]:
+            f[OPTIMIZER] = t0
+        if te:
+            c.self_ns += t0 - te
         return None
 
     def post(opt: Any, args: Any, kwargs: Any) -> None:
         c = clock
-        if not c.enabled or _get_ident() != c.owner:
+        if not c.opt_depth or _get_ident() != c.owner:
             return
         t1 = _perf_ns()
-        if c.opt_depth > 0:
-            c.opt_depth -= 1
-        if c.opt_depth == 0 and c.phase == OPTIMIZER:
+        c.opt_depth -= 1
+        if c.opt_depth == 0 and c._phase == OPTIMIZER:
             c.acc[OPTIMIZER] += t1 - c.opt_t0
-            c.phase = NO_PHASE
-            g = c.gpu
-            if g is not None:
-                g.end(OPTIMIZER)
+            c._phase = NO_PHASE
+            c.gate = g = c.base
+            gp = c.gpu
+            if gp is not None:
+                gp.end(OPTIMIZER)
+            if g & SAMPLE:
+                c.self_ns += _perf_ns() - t1
 
     pre_handle = register_optimizer_step_pre_hook(pre)
     names = [patches.register("optimizer step pre-hook" + suffix, pre_handle.remove)]
@@ -124,33 +155,18 @@ def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
 
 def _h2d_wrapper(clock: PhaseClock, fn: Any) -> Any:
     is_compiling = torch.compiler.is_compiling
+    tensor = torch.Tensor
+
+    # only a host tensor landing on a device is a host-to-device copy (not a dtype cast)
+    def is_copy(src: Any, out: Any) -> bool:
+        return out is not src and isinstance(out, tensor) and src.device.type == "cpu" and out.device.type != "cpu"
+
+    carried = timed_carried(clock, H2D, fn, source=None, accept=is_copy)
 
     def traceml_h2d(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        c = clock
-        if is_compiling() or c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+        if is_compiling() or not clock.gate:
             return fn(self, *args, **kwargs)
-        c.phase = H2D
-        g = c.gpu
-        if g is not None:
-            g.begin(H2D)
-        t0 = _perf_ns()
-        try:
-            out = fn(self, *args, **kwargs)
-        except BaseException:
-            c.phase = NO_PHASE
-            if g is not None:
-                g.cancel(H2D)
-            raise
-        dt = _perf_ns() - t0
-        c.phase = NO_PHASE
-        # only a host tensor landing on a device is a host-to-device copy (not a dtype cast)
-        if out is not self and isinstance(out, torch.Tensor) and self.device.type == "cpu" and out.device.type != "cpu":
-            c.acc[H2D] += dt
-            if g is not None:
-                g.end(H2D)
-        elif g is not None:
-            g.cancel(H2D)
-        return out
+        return carried(self, *args, **kwargs)
 
     traceml_h2d.__wrapped__ = fn  # type: ignore[attr-defined]
     traceml_h2d.__name__ = fn.__name__
@@ -174,20 +190,30 @@ class TimedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         c = self._clock
-        if c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+        g = c.gate
+        if not g & STEP or _get_ident() != c.owner:
             return self._fn(*args, **kwargs)
-        c.phase = FORWARD
-        g = c.gpu
-        if g is not None:
-            g.begin(FORWARD)
+        te = _perf_ns() if g & SAMPLE else 0
+        c._phase = FORWARD
+        c.gate = 0
+        gp = c.gpu
+        if gp is not None:
+            gp.begin(FORWARD)
         t0 = _perf_ns()
         try:
             return self._fn(*args, **kwargs)
         finally:
-            c.acc[FORWARD] += _perf_ns() - t0
-            c.phase = NO_PHASE
-            if g is not None:
-                g.end(FORWARD)
+            t1 = _perf_ns()
+            c.acc[FORWARD] += t1 - t0
+            f = c.first
+            if not f[FORWARD]:
+                f[FORWARD] = t0
+            c._phase = NO_PHASE
+            c.gate = c.base
+            if gp is not None:
+                gp.end(FORWARD)
+            if te:
+                c.self_ns += _perf_ns() - t1 + t0 - te
 
     def __reduce__(self) -> tuple[Any, ...]:
         model = self._model()

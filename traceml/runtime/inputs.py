@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 from traceml.runtime._failopen import disable_piece
-from traceml.runtime.step import DATALOADER, NO_PHASE, PhaseClock
+from traceml.runtime.step import DATALOADER, NO_PHASE, STEP, PhaseClock
 
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -39,8 +39,14 @@ def _end(clock: PhaseClock | None, t0: int) -> None:
     if t0 < 0 or clock is None:
         return
     try:
-        clock.acc[DATALOADER] += _perf_ns() - t0
+        dt = _perf_ns() - t0
         clock.phase = NO_PHASE
+        if clock.base & STEP:  # inside a step
+            clock.acc[DATALOADER] += dt
+            if not clock.first[DATALOADER]:
+                clock.first[DATALOADER] = t0
+        else:  # between steps: carried, as the input of loader 0 ("not a DataLoader")
+            clock.add_carried(DATALOADER, 0, t0, dt)
     except Exception:
         disable_piece("trace-input", "input timing (trace_input)")
 

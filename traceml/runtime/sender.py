@@ -208,11 +208,19 @@ class Sender:
             tables: dict[str, tuple[TableSchema, Columns]] = {}
             n = 0
             for name, table in self.tables.items():
-                rows = table.take_unsent()
-                if rows:
-                    tables[name] = (table.schema, rows_to_columns(table.schema, rows))
-                    n += len(rows)
-                    if 2 * len(rows) >= table.capacity:  # half full between two flushes: make room for bursts
+                take_tables = getattr(table, "take_tables", None)
+                if take_tables is not None:  # a table whose raw rows make several tables (StepRows)
+                    got = take_tables()
+                    taken = len(next(iter(got[name][1].values()))) if got else 0
+                    tables.update(got)
+                else:
+                    rows = table.take_unsent()
+                    taken = len(rows)
+                    if rows:
+                        tables[name] = (table.schema, rows_to_columns(table.schema, rows))
+                if taken:
+                    n += taken
+                    if 2 * taken >= table.capacity:  # half full between two flushes: make room for bursts
                         table.grow(min(2 * table.capacity, self.max_capacity.get(name, table.capacity)))
             drops = self.drops()
             attachments = []

@@ -4,29 +4,46 @@ Everything here runs on the training thread, so it does only ``perf_counter_ns``
 integer arithmetic and one :meth:`BoundedTable.append` per step.  Phases are timed
 by the patches in :mod:`traceml.runtime.hooks`, which add nanoseconds into
 :attr:`PhaseClock.acc`; only the outermost phase is timed, so phases never overlap
-and ``residual = step - sum(phases) >= 0``.
+and ``residual = step - sum(phases) >= 0``.  Each patch first reads one integer,
+:attr:`PhaseClock.gate`: while it says "not timed" (outside a step for forward, backward
+and the optimizer; inside another phase for all) the patch only calls through.
 
-Attribution rules (documented for users in ``trace_step``):
+Attribution rules (documented for users in ``trace_step`` and ``docs/format.md``):
 
 * dataloader waits and host-to-device copies made *between* steps (typically
   ``batch = next(it); batch = batch.to(dev)`` before entering ``with``) are carried
-  into the next step: ``step_us`` = that pending time + the traced body;
+  into the next step -- but only those of the *training* loader: the loader the previous
+  steps fetched from (the dataset behind the iterator identifies it).  The first step, or a
+  step after the training loader changed, takes the loader fetched last before it.  Fetches
+  from another loader between steps (an evaluation pass) and the copies made after them are
+  not carried; ``step_us`` = the carried time + the traced body;
 * forward/backward/optimizer time outside any step (an eval loop) is not recorded;
-* with gradient accumulation, several forward/backward calls inside one step sum.
+* with gradient accumulation, several forward/backward calls inside one step sum;
+* each phase's first start within its step is recorded (``<phase>_start_us``, -1 when the
+  phase did not run), measured from the step's start (the carried time comes first).
+
+Every :data:`SAMPLE_EVERY`-th step (and step 1) also measures traceml's own time on the
+training thread: the step context, the row, and each patch's own code around the call it
+wraps (:attr:`StepTracker.cost_ns` over :attr:`StepTracker.cost_steps`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+import numpy as np
+
 from traceml.runtime._failopen import disable_piece
+from traceml.schema import STEP_TIME, STEP_TIMELINE, TableSchema
+from traceml.store import BoundedTable
 
 if TYPE_CHECKING:
-    from traceml.store import BoundedTable
+    from collections.abc import Sequence
 
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
@@ -37,6 +54,15 @@ DATALOADER, H2D, FORWARD, BACKWARD, OPTIMIZER = range(5)
 NO_PHASE = -1
 #: phases whose time spent between steps is carried into the next step
 CARRIED_PHASES = (DATALOADER, H2D)
+
+#: PhaseClock.gate bits.  CARRY: dataloader and h2d are timed; STEP: forward, backward and
+#: the optimizer are timed (inside a step); SAMPLE: this step measures traceml's own time.
+#: A running phase closes the gate (0) until it ends.
+CARRY, STEP, SAMPLE = 1, 2, 4
+#: one step in this many (and step 1) measures traceml's own time
+SAMPLE_EVERY = 64
+#: loaders (other than the training one) whose fetches between two steps are kept apart
+MAX_OTHER_SOURCES = 16
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,40 +86,214 @@ class PhaseClock:
     """Shared state of the phase patches and the step context (one per agent).
 
     ``owner`` is the training thread: phases are only timed there, so a prefetch thread
-    that iterates a DataLoader does not count as the training loop waiting.
+    that iterates a DataLoader does not count as the training loop waiting.  ``gate`` is
+    what the patches read first; ``base`` is the gate while no phase runs.
     """
 
-    __slots__ = ("enabled", "owner", "phase", "acc", "opt_depth", "opt_t0", "gpu")
+    __slots__ = (
+        "_enabled",
+        "owner",
+        "gate",
+        "base",
+        "_phase",
+        "acc",
+        "first",
+        "opt_depth",
+        "opt_t0",
+        "gpu",
+        "self_ns",
+        "train_src",
+        "last_src",
+        "train_seen",
+        "fetched_in_step",
+        "carry",
+        "carry_first",
+        "other",
+    )
 
     def __init__(self) -> None:
-        self.enabled = True
+        self._enabled = True
         self.owner = threading.main_thread().ident or 0
-        self.phase = NO_PHASE
+        self.base = CARRY
+        self.gate = CARRY
+        self._phase = NO_PHASE
         self.acc = [0, 0, 0, 0, 0]
+        #: perf_counter_ns of each phase's first start in the current step (0: not yet)
+        self.first = [0, 0, 0, 0, 0]
         self.opt_depth = 0
         self.opt_t0 = 0
         self.gpu: GpuPhaseTimer | None = None
+        #: traceml's own ns on the training thread in the sampled step under way
+        self.self_ns = 0
+        #: the training loader (id of its dataset; 0 = not known yet / no loader)
+        self.train_src = 0
+        #: the loader of the latest fetch between steps (copies after it belong to it)
+        self.last_src = 0
+        #: the training loader was fetched from since the last step
+        self.train_seen = False
+        #: the last step fetched from a loader inside its body
+        self.fetched_in_step = False
+        #: carried towards the next step from the training loader (ns per phase, as ``acc``) and
+        #: where each carried phase began (as ``first``); swapped with acc/first at step start
+        self.carry = [0, 0, 0, 0, 0]
+        self.carry_first = [0, 0, 0, 0, 0]
+        #: the same for other loaders fetched between steps: {loader: [dl, h2d, dl t0, h2d t0]}
+        self.other: dict[int, list[int]] = {}
+
+    # -- compatibility with code that sets the phase or switches the clock off -------
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        if not value:
+            self.base = self.gate = 0
+        elif not self.base:
+            self.base = CARRY
+            if self._phase == NO_PHASE:
+                self.gate = CARRY
+
+    @property
+    def phase(self) -> int:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: int) -> None:
+        self._phase = value
+        self.gate = 0 if value >= 0 else self.base
+
+    def set_base(self, base: int) -> None:
+        """The gate while no phase runs (the step context switches it at enter and exit)."""
+        if not self._enabled:
+            base = 0
+        self.base = base
+        if self._phase == NO_PHASE:
+            self.gate = base
+
+    # -- carried time ------------------------------------------------------------------
+    def add_carried(self, phase: int, src: int | None, t0: int, dt: int) -> None:
+        """A dataloader fetch (``src`` = its loader) or a copy (``src`` None: it belongs to the
+        latest fetch) between steps."""
+        if src is None:
+            src = self.last_src
+        else:
+            self.last_src = src
+        if src == self.train_src:
+            if phase == DATALOADER:
+                self.train_seen = True
+            if not self.carry[phase]:
+                self.carry_first[phase] = t0
+            self.carry[phase] += dt
+            return
+        r = self.other.get(src)
+        if r is None:
+            if len(self.other) >= MAX_OTHER_SOURCES:
+                return
+            r = self.other[src] = [0, 0, 0, 0]
+        if not r[phase]:
+            r[phase + 2] = t0
+        r[phase] += dt
+
+    def settle_carried(self) -> None:
+        """At step start, when other loaders were fetched since the last step: decide which
+        loader is the training one (see the module docstring) and forget the others."""
+        other = self.other
+        if not self.train_seen and not self.fetched_in_step:
+            # no fetch from the known training loader: the loader fetched last is the training loader now
+            adopted = other.get(self.last_src)
+            if adopted is not None:
+                self.train_src = self.last_src
+                c, f = self.carry, self.carry_first
+                c[DATALOADER], f[DATALOADER] = adopted[0], adopted[2]
+                if adopted[1] or not c[H2D]:  # else: copies made before any fetch stay
+                    c[H2D], f[H2D] = adopted[1], adopted[3]
+        other.clear()
+
+    def forget_carried(self) -> None:
+        """Drop everything carried towards the next step (an integration's exclusion window)."""
+        c, f = self.carry, self.carry_first
+        c[0] = c[1] = c[2] = c[3] = c[4] = 0
+        f[0] = f[1] = f[2] = f[3] = f[4] = 0
+        self.other.clear()
+        self.train_seen = False
+
+    def carried_state(self) -> tuple[list[int], list[int], dict[int, list[int]], bool, int]:
+        return (
+            list(self.carry),
+            list(self.carry_first),
+            {k: list(v) for k, v in self.other.items()},
+            self.train_seen,
+            self.last_src,
+        )
+
+    def restore_carried(self, state: tuple[list[int], list[int], dict[int, list[int]], bool, int]) -> None:
+        carry, first, other, seen, last = state
+        self.carry[:] = carry
+        self.carry_first[:] = first
+        self.other = {k: list(v) for k, v in other.items()}
+        self.train_seen = seen
+        self.last_src = last
+
+
+def _sampled_step_phase(c: PhaseClock, phase: int, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    te = _perf_ns()
+    c._phase = phase
+    c.gate = 0
+    g = c.gpu
+    if g is not None:
+        g.begin(phase)
+    t0 = _perf_ns()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        t1 = _perf_ns()
+        c.acc[phase] += t1 - t0
+        f = c.first
+        if not f[phase]:
+            f[phase] = t0
+        c._phase = NO_PHASE
+        c.gate = c.base
+        if g is not None:
+            g.end(phase)
+        c.self_ns += _perf_ns() - t1 + t0 - te
 
 
 def timed(clock: PhaseClock, phase: int, fn: Callable[..., Any], gpu: bool = True) -> Callable[..., Any]:
-    """Wrap ``fn`` so its outermost calls on the training thread add to ``clock.acc[phase]``."""
+    """Wrap ``fn`` so its outermost calls on the training thread add to ``clock.acc[phase]``.
+
+    Forward, backward and the optimizer are timed inside a step only; dataloader and h2d
+    also between steps (carried, see the module docstring).  ``gpu`` = False: never on the
+    CUDA event timer.
+    """
+    if phase in CARRIED_PHASES:
+        return timed_carried(clock, phase, fn, source=None if phase == H2D else _no_source, gpu=gpu)
 
     def traceml_timed(*args: Any, **kwargs: Any) -> Any:
         c = clock
-        if c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+        g = c.gate
+        if not g & STEP or _get_ident() != c.owner:
             return fn(*args, **kwargs)
-        c.phase = phase
-        g = c.gpu if gpu else None
-        if g is not None:
-            g.begin(phase)
+        if g & SAMPLE:
+            return _sampled_step_phase(c, phase, fn, args, kwargs)
+        c._phase = phase
+        c.gate = 0
+        gp = c.gpu
+        if gp is not None:
+            gp.begin(phase)
         t0 = _perf_ns()
         try:
             return fn(*args, **kwargs)
         finally:
             c.acc[phase] += _perf_ns() - t0
-            c.phase = NO_PHASE
-            if g is not None:
-                g.end(phase)
+            f = c.first
+            if not f[phase]:
+                f[phase] = t0
+            c._phase = NO_PHASE
+            c.gate = c.base
+            if gp is not None:
+                gp.end(phase)
 
     traceml_timed.__wrapped__ = fn  # type: ignore[attr-defined]
     traceml_timed.__name__ = getattr(fn, "__name__", "traceml_timed")
@@ -101,10 +301,75 @@ def timed(clock: PhaseClock, phase: int, fn: Callable[..., Any], gpu: bool = Tru
     return traceml_timed
 
 
+def _no_source(*args: Any) -> int:
+    return 0
+
+
+def timed_carried(
+    clock: PhaseClock,
+    phase: int,
+    fn: Callable[..., Any],
+    source: Callable[[Any], int] | None,
+    gpu: bool = True,
+    accept: Callable[[Any, Any], bool] | None = None,
+) -> Callable[..., Any]:
+    """Wrap a dataloader fetch (``source(first_arg)`` names its loader) or a copy (``source``
+    None); inside a step it adds to the step, between steps it is carried.  ``accept(first_arg,
+    result)`` says whether the call counts at all (a copy that stayed on the host does not)."""
+
+    def traceml_carried(*args: Any, **kwargs: Any) -> Any:
+        c = clock
+        g = c.gate
+        if not g or _get_ident() != c.owner:
+            return fn(*args, **kwargs)
+        te = _perf_ns() if g & SAMPLE else 0
+        c._phase = phase
+        c.gate = 0
+        gp = c.gpu if gpu else None
+        if gp is not None:
+            gp.begin(phase)
+        t0 = _perf_ns()
+        ok = False
+        try:
+            out = fn(*args, **kwargs)
+            ok = True
+            return out
+        finally:
+            t1 = _perf_ns()
+            c._phase = NO_PHASE
+            c.gate = c.base
+            counts = ok and (accept is None or accept(args[0] if args else None, out))
+            if counts:
+                if g & STEP:
+                    c.acc[phase] += t1 - t0
+                    f = c.first
+                    if not f[phase]:
+                        f[phase] = t0
+                    if source is not None:
+                        c.fetched_in_step = True
+                        c.train_src = source(args[0] if args else None)
+                else:
+                    c.add_carried(phase, None if source is None else source(args[0] if args else None), t0, t1 - t0)
+            if gp is not None:
+                if counts:
+                    gp.end(phase)
+                else:
+                    gp.cancel(phase)
+            if te:
+                c.self_ns += _perf_ns() - t1 + t0 - te
+
+    traceml_carried.__wrapped__ = fn  # type: ignore[attr-defined]
+    traceml_carried.__name__ = getattr(fn, "__name__", "traceml_carried")
+    traceml_carried.__doc__ = getattr(fn, "__doc__", None)
+    return traceml_carried
+
+
 class StepTracker:
     """``with trace_step(model):`` — one STEP_TIME row per step, regions, GPU/memory hand-off.
 
-    One instance per agent, re-entered every step (no allocation per step).  A nested
+    One instance per agent, re-entered every step.  The training thread appends one raw tuple
+    per step (perf-counter nanoseconds, see :class:`StepRows`) and allocates nothing else; the
+    sender thread turns the rows into STEP_TIME and STEP_TIMELINE columns.  A nested
     ``trace_step`` (say an integration plus the user's own) counts as the same step.
     """
 
@@ -122,6 +387,10 @@ class StepTracker:
         "enabled",
         "on_cuda_check",
         "steps_failed",
+        "sampled",
+        "enter_ns",
+        "cost_ns",
+        "cost_steps",
     )
 
     def __init__(self, clock: PhaseClock, step_table: BoundedTable, region_table: BoundedTable) -> None:
@@ -132,6 +401,7 @@ class StepTracker:
         self.step = 0
         self.depth = 0
         self.t0 = 0
+        #: carried time (ns) the current step began with
         self.pending = 0
         self.regions: dict[str, list[int]] = {}
         self.gpu: GpuPhaseTimer | None = None
@@ -140,6 +410,11 @@ class StepTracker:
         #: called at step start until it returns False (the agent's "is CUDA in use yet?" probe)
         self.on_cuda_check: Callable[[], bool] | None = None
         self.steps_failed = 0
+        self.sampled = 0
+        self.enter_ns = 0
+        #: traceml's own ns on the training thread, summed over the sampled steps
+        self.cost_ns = 0
+        self.cost_steps = 0
 
     # -- the context ---------------------------------------------------------------
     def __enter__(self) -> StepTracker:
@@ -150,10 +425,22 @@ class StepTracker:
         if not self.enabled:
             return self
         c = self.clock
+        sampled = self.sampled = c.base & SAMPLE
+        te = _perf_ns() if sampled else 0
         c.owner = _get_ident()
-        acc = c.acc
-        self.pending = acc[DATALOADER] + acc[H2D]
-        acc[FORWARD] = acc[BACKWARD] = acc[OPTIMIZER] = 0
+        if c.other:
+            c.settle_carried()
+        # the carried time becomes the step's first phases: swap the accumulators (zeroed at the
+        # last step's end) with the carried ones
+        carry = c.carry
+        c.carry = c.acc
+        c.acc = carry
+        first = c.carry_first
+        c.carry_first = c.first
+        c.first = first
+        self.pending = carry[0] + carry[1]
+        c.train_seen = False
+        c.fetched_in_step = False
         c.opt_depth = 0
         if self.on_cuda_check is not None and not self.on_cuda_check():
             self.on_cuda_check = None
@@ -161,7 +448,11 @@ class StepTracker:
             self.gpu.step_begin()
         if self.memory is not None:
             self.memory.step_begin()
-        self.t0 = _perf_ns()
+        c._phase = NO_PHASE
+        c.base = c.gate = CARRY | STEP | sampled if c._enabled else 0
+        t0 = self.t0 = _perf_ns()
+        if sampled:
+            self.enter_ns = t0 - te
         return self
 
     def __exit__(
@@ -172,64 +463,72 @@ class StepTracker:
             self.depth -= 1
             return False
         self.depth = 0
-        if self.enabled:
-            try:
-                self._record(t1, exc_type is not None)
-            except Exception:
-                self.enabled = False
-                disable_piece("step", "step timing (trace_step)")
+        if not self.enabled:
+            c = self.clock
+            c.set_base(CARRY)  # a step closed without a row: forward & co. are not timed
+            f = c.first
+            f[0] = f[1] = f[2] = f[3] = f[4] = 0
+            return False
+        try:
+            failed = exc_type is not None
+            c = self.clock
+            acc = c.acc
+            if c._phase == OPTIMIZER:  # optimizer.step raised: its post-hook never ran
+                acc[OPTIMIZER] += t1 - c.opt_t0
+                if c.gpu is not None:
+                    c.gpu.end(OPTIMIZER)
+            c._phase = NO_PHASE
+            c.opt_depth = 0
+            step = self.step
+            nxt = self.step = step + 1
+            c.base = c.gate = (CARRY | SAMPLE if nxt == 1 or not nxt % SAMPLE_EVERY else CARRY) if c._enabled else 0
+            f = c.first
+            start = self.t0 - self.pending
+            # raw: converted (µs, wall clock, offsets) off this thread by StepRows
+            self.step_table.append(
+                (step, failed, start, t1, acc[0], acc[1], acc[2], acc[3], acc[4], f[0], f[1], f[2], f[3], f[4])
+            )
+            acc[0] = acc[1] = acc[2] = acc[3] = acc[4] = 0
+            f[0] = f[1] = f[2] = f[3] = f[4] = 0
+            if failed:
+                self.steps_failed += 1
+            if self.regions or self.gpu is not None or self.memory is not None:
+                ts = _wall_ns()
+                if self.regions:
+                    self._flush_regions(step, ts, start)
+                if self.gpu is not None:
+                    self.gpu.step_end(step, ts)
+                if self.memory is not None:
+                    self.memory.step_end(step, ts)
+            if self.sampled:
+                self.cost_ns += _perf_ns() - t1 + self.enter_ns + c.self_ns
+                self.cost_steps += 1
+                c.self_ns = 0
+        except Exception:
+            self.enabled = False
+            self.clock.set_base(CARRY)
+            disable_piece("step", "step timing (trace_step)")
         return False  # never swallow the user's exception
 
-    def _record(self, t1: int, failed: bool) -> None:
-        c = self.clock
-        acc = c.acc
-        if c.phase == OPTIMIZER:  # optimizer.step raised: its post-hook never ran
-            acc[OPTIMIZER] += t1 - c.opt_t0
-            c.phase = NO_PHASE
-            if c.gpu is not None:
-                c.gpu.end(OPTIMIZER)
-        c.opt_depth = 0
-        step = self.step
-        ts = _wall_ns()
-        dl = acc[0] // 1000
-        h2d = acc[1] // 1000
-        fwd = acc[2] // 1000
-        bwd = acc[3] // 1000
-        opt = acc[4] // 1000
-        acc[0] = acc[1] = acc[2] = acc[3] = acc[4] = 0
-        step_us = (self.pending + t1 - self.t0) // 1000
-        residual = step_us - dl - h2d - fwd - bwd - opt
-        if residual < 0:
-            residual = 0
-        self.step_table.append((step, ts, 1 if failed else 0, step_us, dl, h2d, fwd, bwd, opt, residual))
-        if failed:
-            self.steps_failed += 1
-        self.step = step + 1
-        if self.regions:
-            self._flush_regions(step, ts)
-        if self.gpu is not None:
-            self.gpu.step_end(step, ts)
-        if self.memory is not None:
-            self.memory.step_end(step, ts)
-
     # -- regions -------------------------------------------------------------------
-    def add_region(self, name: str, ns: int) -> None:
-        """Account one ``trace_time`` region call of ``ns`` nanoseconds."""
+    def add_region(self, name: str, ns: int, t0: int = 0) -> None:
+        """Account one ``trace_time`` region call of ``ns`` nanoseconds that began at ``t0``
+        (``perf_counter_ns``; 0 = unknown)."""
         if self.depth and _get_ident() == self.clock.owner:
             r = self.regions.get(name)
             if r is None:
-                self.regions[name] = [ns, 1]
+                self.regions[name] = [ns, 1, t0]
             else:
                 r[0] += ns
                 r[1] += 1
         else:
             # outside a step (or on another thread): one row per call, step = -1
-            self.region_table.append((-1, _wall_ns(), name, ns // 1000, 1))
+            self.region_table.append((-1, _wall_ns(), name, ns // 1000, 1, -1))
 
-    def _flush_regions(self, step: int, ts: int) -> None:
+    def _flush_regions(self, step: int, ts: int, start: int) -> None:
         append = self.region_table.append
-        for name, (ns, calls) in self.regions.items():
-            append((step, ts, name, ns // 1000, calls))
+        for name, (ns, calls, t0) in self.regions.items():
+            append((step, ts, name, ns // 1000, calls, max((t0 - start) // 1000, 0) if t0 else -1))
         self.regions.clear()
 
 
@@ -257,7 +556,7 @@ class Region:
             t0 = self._starts.pop()
             tracker = self._resolve()
             if tracker is not None and tracker.enabled:
-                tracker.add_region(self.name, t1 - t0)
+                tracker.add_region(self.name, t1 - t0, t0)
         except Exception:
             disable_piece("region", "trace_time region timing")
         return False
@@ -278,8 +577,102 @@ class Region:
                 try:
                     tracker = resolve()
                     if tracker is not None and tracker.enabled:
-                        tracker.add_region(name, t1 - t0)
+                        tracker.add_region(name, t1 - t0, t0)
                 except Exception:
                     disable_piece("region", "trace_time region timing")
 
         return traceml_region  # type: ignore[return-value]
+
+
+class StepRows(BoundedTable):
+    """The STEP_TIME table of the rank, fed raw by :class:`StepTracker`.
+
+    A raw row is ``(step, failed, start, end, dataloader, h2d, forward, backward, optimizer,
+    first start of each of the five phases)``, all ``perf_counter_ns`` (0: the phase did not
+    run).  :meth:`take_tables` turns the rows taken into STEP_TIME and STEP_TIMELINE columns
+    with numpy on the sender thread (the wall clock of ``end`` read from the offset between the
+    two clocks at that moment); :meth:`recent` returns STEP_TIME tuples.
+    """
+
+    __slots__ = ("_popped", "_kept")
+
+    def __init__(self, capacity: int = 4096, keep_recent: int = 256) -> None:
+        super().__init__(STEP_TIME, capacity)
+        self._popped = 0
+        #: the last rows taken, still there for :meth:`recent`
+        self._kept: deque[Sequence[Any]] = deque(maxlen=max(1, keep_recent))
+
+    def append(self, row: Sequence[Any]) -> None:
+        # one writer (the training thread); no lock: deque.append is atomic, and the rows taken
+        # leave the deque, so appending evicts nothing (and frees nothing) while the sender keeps up
+        rows = self._rows
+        rows.append(row)
+        self.appended += 1
+        if len(rows) == self._high_water and self.on_high_water is not None:
+            try:
+                self.on_high_water()  # half full: wake the sender
+            except Exception:
+                self.on_high_water = None
+
+    def take_unsent(self) -> list[Sequence[Any]]:
+        rows = self._rows
+        out: list[Sequence[Any]] = []
+        pop = rows.popleft
+        try:
+            while True:
+                out.append(pop())
+        except IndexError:
+            pass
+        with self._lock:
+            self._popped += len(out)
+            # rows the deque evicted before they were taken (the counter may lag one append behind)
+            self.lost = max(self.lost, self.appended - self._popped - len(rows))
+            self._taken = self.appended
+            self._kept.extend(out[-self._kept.maxlen :] if self._kept.maxlen else out)
+        return out
+
+    @staticmethod
+    def convert(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[TableSchema, dict[str, Any]]]:
+        if not rows:
+            return {}
+        raw = np.array(rows, dtype=np.int64).reshape(len(rows), 14)
+        wall_minus_perf = _wall_ns() - _perf_ns()
+        start, end = raw[:, 2], raw[:, 3]
+        phases_us = raw[:, 4:9] // 1000
+        step_us = (end - start) // 1000
+        residual = np.maximum(step_us - phases_us.sum(axis=1), 0)
+        first = raw[:, 9:14]
+        starts = np.where(first > 0, np.maximum((first - start[:, None]) // 1000, 0), -1)
+        step = raw[:, 0].copy()
+        st = {"step": step, "ts_ns": end + wall_minus_perf, "failed": raw[:, 1].astype(np.uint8), "step_us": step_us}
+        for i, name in enumerate(STEP_TIME.names[4:9]):
+            st[name] = np.ascontiguousarray(phases_us[:, i])
+        st["residual_us"] = residual
+        tl = {"step": step}
+        for i, name in enumerate(STEP_TIMELINE.names[1:]):
+            tl[name] = np.ascontiguousarray(starts[:, i])
+        return {STEP_TIME.name: (STEP_TIME, st), STEP_TIMELINE.name: (STEP_TIMELINE, tl)}
+
+    def take_tables(self) -> dict[str, tuple[TableSchema, dict[str, Any]]]:
+        """STEP_TIME and STEP_TIMELINE columns of the rows appended since the last take."""
+        return self.convert(self.take_unsent())
+
+    def _recent_raw(self, n: int | None) -> list[Sequence[Any]]:
+        with self._lock:
+            raw = [*self._kept, *self._rows]
+        return raw if n is None else raw[-n:]
+
+    def recent(self, n: int | None = None) -> list[Sequence[Any]]:
+        """The last ``n`` STEP_TIME rows held (taken ones: the last ``keep_recent``)."""
+        return self._as_rows(self._recent_raw(n), STEP_TIME)
+
+    def recent_timeline(self, n: int | None = None) -> list[Sequence[Any]]:
+        """The last ``n`` STEP_TIMELINE rows (for local inspection and tests)."""
+        return self._as_rows(self._recent_raw(n), STEP_TIMELINE)
+
+    def _as_rows(self, raw: Sequence[Sequence[Any]], schema: TableSchema) -> list[Sequence[Any]]:
+        got = self.convert(raw)
+        if not got:
+            return []
+        cols = got[schema.name][1]
+        return list(zip(*(cols[name].tolist() for name in schema.names), strict=True))

@@ -55,6 +55,8 @@ class FinalModel:
     more_findings: int
     drops_total: int
     recording: RecordingInfo
+    #: "traceml cost X µs per step (Y%)" from the summary; "" when not measured
+    cost: str = ""
 
 
 def _finding(d: Mapping[str, Any]) -> FindingLine | None:
@@ -114,4 +116,23 @@ def final_model(view: StoreView) -> FinalModel:
         more_findings=max(0, len(findings) - MAX_FINDINGS),
         drops_total=view.dropped(),
         recording=recording_info(view),
+        cost=_cost_text(view.attachments.get("summary")),
     )
+
+
+def _cost_text(summary: Any) -> str:
+    return traceml_cost_text(summary) if isinstance(summary, Mapping) else ""
+
+
+def traceml_cost_text(summary: Mapping[str, Any]) -> str:
+    """``traceml cost 7.9 µs per step (1.2%)`` from a summary's ``traceml`` section; "" when the
+    run did not measure it.  The one wording of every view, report and the compare output."""
+    sec = summary.get("traceml")
+    if not isinstance(sec, Mapping):
+        return ""
+    us = sec.get("overhead_us_per_step")
+    if not isinstance(us, int | float):
+        return ""
+    share = sec.get("overhead_share")
+    pct = f" ({share * 100:.2g}%)" if isinstance(share, int | float) else ""
+    return f"traceml cost {us:.1f} µs per step{pct}"
