@@ -58,7 +58,7 @@ def test_inspect_export_report_compare_and_replay_without_torch(no_torch_env: di
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["diagnosis"]["primary"]["kind"] == "INPUT_BOUND"
     r = cli(no_torch_env, "compare", str(base), str(base))
-    assert r.returncode in (0, 3), r.stderr
+    assert r.returncode == 0, r.stderr  # a run against itself is EQUIVALENT
     r = cli(no_torch_env, "replay", str(base), "--speed", "max")
     assert r.returncode == 0, r.stderr
     assert "traceml" in r.stdout

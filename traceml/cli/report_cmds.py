@@ -116,31 +116,66 @@ def log_summary(trackers: list[str], summary: dict[str, Any], files: list[Path],
 
 
 def compare(
-    base: Path = typer.Argument(..., help="baseline: a .tml recording or a summary.json"),
-    new: Path = typer.Argument(..., help="candidate: a .tml recording or a summary.json"),
+    base_pos: Path | None = typer.Argument(None, metavar="[BASE]", help="baseline: a .tml recording or a summary.json"),
+    new_pos: Path | None = typer.Argument(None, metavar="[NEW]", help="candidate: a .tml recording or a summary.json"),
+    base: list[Path] = typer.Option(
+        [], "--base", help="a baseline run; repeat for several runs of the baseline (instead of BASE)"
+    ),
+    new: list[Path] = typer.Option([], "--new", help="a candidate run; repeat for several runs (instead of NEW)"),
     max_regression: float = typer.Option(
         5.0, "--max-regression", help="gate in percent: a metric worse by more than this (confidently) is a regression"
     ),
+    noise_floor: float | None = typer.Option(
+        None,
+        "--noise-floor",
+        help="run-to-run drift in percent a timing regression must clear (default: 10 with one run per side, "
+        "measured from the runs when a side has several); see docs/compare.md",
+    ),
+    aa: list[Path] = typer.Option(
+        [],
+        "--aa",
+        help="an A/A partner of the (first) baseline: the same code run again; the noise floor is measured from "
+        "their difference (repeatable: the largest counts)",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="also write compare.html, compare.json, compare.md here"),
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap (results are deterministic for a seed)"),
-    resamples: int = typer.Option(2000, "--resamples", min=100, help="bootstrap resamples"),
+    resamples: int = typer.Option(2000, "--resamples", min=100, max=100_000, help="bootstrap resamples"),
     overwrite: bool = typer.Option(False, "--overwrite", help="with --out: replace compare files that exist"),
 ) -> None:
-    """Compare two runs: a verdict per metric (step time, each phase, throughput, peak memory).
+    """Compare runs: a verdict per metric (step time, throughput, time outside steps, each phase, peak memory).
 
-    Verdicts: REGRESSION, IMPROVEMENT, EQUIVALENT, INCONCLUSIVE, with a 95% interval from a
-    seeded bootstrap over the aligned steps (warm-up excluded); with a summary.json input the
-    interval is approximate (lower confidence).  Gated: step time, throughput, peak memory.
+    BASE NEW compares one run with another; --base/--new (repeatable) take several runs per side,
+    so that run-to-run drift is in the interval (a hierarchical bootstrap: runs, then blocks of
+    steps).  With one run per side a timing regression must also clear a noise floor
+    (--noise-floor, or --aa to measure it).  Verdicts: REGRESSION, IMPROVEMENT, EQUIVALENT,
+    INCONCLUSIVE, with a 95% interval (warm-up excluded); with a summary.json input the interval
+    is approximate (lower confidence).  Gated: step time, throughput, time outside steps, peak memory.
 
     Exit codes: 0 pass (equivalent or improved), 1 usage or file error, 3 inconclusive,
     4 regression.
     """
     if not max_regression > 0:
         raise _fail(f"--max-regression must be a positive percentage, e.g. 5; found {max_regression}")
+    if noise_floor is not None and not noise_floor >= 0:
+        raise _fail(f"--noise-floor must be a percentage >= 0, e.g. 8; found {noise_floor}")
+    if noise_floor is not None and aa:
+        raise _fail("give either --noise-floor PCT or --aa FILE (the floor measured from an A/A pair), not both")
+    if (base_pos is None) != (new_pos is None):
+        raise _fail("give BASE and NEW both (or use --base FILE and --new FILE); found only one positional file")
+    bases = ([base_pos] if base_pos is not None else []) + list(base)
+    news = ([new_pos] if new_pos is not None else []) + list(new)
+    if not bases or not news:
+        raise _fail(
+            "expected a baseline and a candidate: `traceml compare BASE NEW`, or --base FILE and --new FILE "
+            f"(repeatable); found {len(bases)} baseline and {len(news)} candidate file(s)"
+        )
     from replay.compare import compare_files, render_text, write_outputs
 
     try:
-        result = compare_files(base, new, max_regression_pct=max_regression, resamples=resamples, seed=seed)
+        result = compare_files(
+            bases, news, max_regression_pct=max_regression, noise_floor_pct=noise_floor, aa=aa,
+            resamples=resamples, seed=seed,
+        )  # fmt: skip
         written = write_outputs(result, out, overwrite=overwrite) if out is not None else []
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
