@@ -1204,9 +1204,10 @@ def render_markdown(c: Comparison) -> str:
     icon = {REGRESSION: "🔴", INCONCLUSIVE: "🟠", IMPROVEMENT: "🟢", EQUIVALENT: "🟢"}[c.verdict]
 
     def runs(side: Sequence[Side]) -> str:
-        return f"{len(side)} run{'s' if len(side) != 1 else ''}: " + ", ".join(
-            f"{esc.markdown_code(s.path, 1000)} ({s.kind}, {s.steps} steps)" for s in side
-        )
+        return ", ".join(f"{esc.markdown_code(s.path, 1000)} ({s.kind}, {s.steps} steps)" for s in side)
+
+    def count(side: Sequence[Side], label: str) -> str:
+        return f"{len(side)} {label} run{'s' if len(side) != 1 else ''}"
 
     lines = [
         f"## traceml compare — {icon} {c.verdict}",
@@ -1214,6 +1215,8 @@ def render_markdown(c: Comparison) -> str:
         f"> {c.reason}. Gate: {c.gate_pct:g}%.",
         "",
         f"Base {runs(c.base_runs)} · new {runs(c.new_runs)}.",
+        "",
+        f"{count(c.base_runs, 'base')}, {count(c.new_runs, 'new')}.",
         "",
         f"{esc.markdown(drift_line(c))}.",
         "",

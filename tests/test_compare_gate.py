@@ -285,7 +285,7 @@ def test_cli_several_runs_per_side(runs: dict[str, list[Path]], tmp_path: Path) 
     assert doc["schema_version"] == 2
     assert doc["base"]["run_count"] == 3 and len(doc["new"]["runs"]) == 3
     assert doc["drift_covered"] is True and doc["noise_floor"]["pct"] == 0
-    assert "3 runs" in (tmp_path / "o" / "compare.md").read_text()
+    assert "3 base runs, 3 new runs" in (tmp_path / "o" / "compare.md").read_text()
     res = invoke(*repeat("--base", runs["base"]), *repeat("--new", runs["slow"]))
     assert res.exit_code == 4, res.output
     assert "step time +2" in res.output and "forward +25." in res.output
