@@ -60,7 +60,7 @@ def test_inspect_text(run: Path) -> None:
     result = invoke("inspect", str(run))
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "cli-run" in out and "format 1.1" in out and "node-a" in out
+    assert "cli-run" in out and "format 1.2" in out and "node-a" in out
     assert "step_time" in out and "process" in out and "0..39" in out
     assert "compression:" in out and "per row on disk:" in out
     assert "complete: the writer closed the file cleanly" in out

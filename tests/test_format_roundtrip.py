@@ -303,7 +303,7 @@ def test_header_attachments_and_schemas(tmp_path: Path) -> None:
             4,
             ["train.py", "--lr", "1"],
         )
-        assert h["meta"] == meta and h["format_version"] == "1.1" and h["writer"].startswith("traceml ")
+        assert h["meta"] == meta and h["format_version"] == "1.2" and h["writer"].startswith("traceml ")
         assert set(STEP_TIME.names) == set(r.schemas["step_time"].names)
         assert r.schemas["custom"] == table("custom", ("v", "f8"), ("tag", "str"))
         assert r.schemas["later"] == table("later", ("k", "i4"))

@@ -29,7 +29,7 @@ from traceml.errors import (
 from traceml.schema import NUMPY_DTYPES, STR, TYPE_CODES, Column, TableSchema
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 _MAGIC_PREFIX = b"\x89TML"
@@ -192,6 +192,11 @@ def header_payload(
     )
 
 
+#: msgpack of the HEADER key ``"sync"`` followed by a bin8 header of 16 bytes: what precedes the
+#: sync marker in every HEADER payload (and in the copies INDEX records keep)
+SYNC_KEY = b"\xa4sync\xc4\x10"
+
+
 def parse_header(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, TableSchema]]:
     """Validate a HEADER payload: ``(header map, schemas)``.
 
@@ -290,6 +295,8 @@ class IndexCheckpoint:
     segments: tuple[tuple[int, int, SegmentHead], ...]  # (offset, length, head)
     attachments: tuple[IndexEntry, ...]
     schemas: tuple[IndexEntry, ...]
+    #: 1.2: a copy of the HEADER payload (restores a damaged HEADER); None in older files
+    header: bytes | None = None
 
 
 def index_payload(
@@ -299,6 +306,7 @@ def index_payload(
     segments: Sequence[tuple[int, int, SegmentHead]],
     attachments: Sequence[IndexEntry],
     schemas: Sequence[IndexEntry],
+    header: bytes | None = None,
 ) -> bytes:
     tables: dict[str, int] = {}
     for _, _, h in segments:
@@ -324,6 +332,7 @@ def index_payload(
             ],
             "attachments": [[e.offset, e.length, e.name] for e in attachments],
             "schemas": [[e.offset, e.length, e.name] for e in schemas],
+            "header": header,
         }
     )
 
@@ -379,7 +388,11 @@ def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
     final = obj.get("final")
     if not isinstance(final, bool):
         raise CorruptRecordError("INDEX.final: expected a boolean")
+    header = obj.get("header")
+    if header is not None and not isinstance(header, bytes):
+        raise CorruptRecordError("INDEX.header: expected the bytes of a HEADER payload")
     return IndexCheckpoint(
+        header=header,
         prev=_int(obj.get("prev"), "INDEX.prev", nullable=True),
         final=final,
         segments=tuple(segments),

@@ -25,6 +25,7 @@ from traceml.errors import (
     FormatError,
     RecordTooLargeError,
     TruncatedFileError,
+    UnsupportedVersionError,
 )
 from traceml.format import _records, rollup
 from traceml.format._records import (
@@ -129,6 +130,10 @@ class TmlReader:
         self._footer = False
         self._sync = b""
         self._data_start = 0
+        #: None while the HEADER is intact; else where the header came from (or that it is lost)
+        self._header_restored: str | None = None
+        #: (record length, raw size, ranges, streams) -> offsets of segments with that head
+        self._segment_heads: dict[tuple[Any, ...], list[int]] = {}
         try:
             self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -152,6 +157,12 @@ class TmlReader:
     @property
     def schemas(self) -> dict[str, TableSchema]:
         return dict(self._schemas)
+
+    @property
+    def header_restored(self) -> str | None:
+        """None when the HEADER record is intact; else where the header was taken from (a copy in
+        an INDEX checkpoint) or what is lost (the header's fields are empty then)."""
+        return self._header_restored
 
     @property
     def segments(self) -> list[SegmentInfo]:
@@ -508,6 +519,15 @@ class TmlReader:
             self._load_crashed(size)
 
     def _read_header(self, size: int) -> None:
+        try:
+            self._read_header_record(size)
+        except (TruncatedFileError, UnsupportedVersionError):
+            raise  # a file that ends inside its HEADER holds nothing after it; a newer one is not ours
+        except FormatError as exc:
+            if not self._restore_header(size, exc):
+                raise
+
+    def _read_header_record(self, size: int) -> None:
         pos = MAGIC_SIZE
         if size - pos < FRAME_HEAD_SIZE:
             raise TruncatedFileError(f"{self._path} is {size} bytes: it ends inside the HEADER record")
@@ -527,6 +547,80 @@ class TmlReader:
         self._header = header
         self._schemas.update(schemas)
         self._data_start = pos + FRAME_OVERHEAD + length
+
+    def _restore_header(self, size: int, damage: FormatError) -> bool:
+        """The HEADER is damaged: find the sync marker, skip to the first intact record after the
+        HEADER, and take the header from the copy in the last INDEX checkpoint (1.2), if any."""
+        for sync in self._sync_candidates(size):
+            self._sync = sync
+            start = self._first_record_after(MAGIC_SIZE + 1, size)
+            if start is None:
+                continue
+            self._data_start = start
+            copy = self._header_copy(size)
+            if copy is not None:
+                offset, header, schemas = copy
+                self._header = header
+                self._schemas.update(schemas)
+                self._header_restored = f"restored from the copy in the INDEX record at byte {offset}"
+            else:
+                self._header = _lost_header(sync)
+                self._header_restored = (
+                    "no copy of it in the file (written before format 1.2, or before its first index"
+                    " checkpoint): the run id, hosts, command, world size and metadata are lost"
+                )
+            self._report(MAGIC_SIZE, start - MAGIC_SIZE, f"HEADER record damaged ({damage}); {self._header_restored}")
+            return True
+        self._sync = b""
+        return False
+
+    def _sync_candidates(self, size: int) -> list[bytes]:
+        """Possible sync markers: the HEADER frame's own, then those named by ``sync`` keys of
+        HEADER payloads (the damaged HEADER's, or the copies in INDEX records)."""
+        found = [self._pread(MAGIC_SIZE, SYNC_SIZE)]
+        key = _records.SYNC_KEY
+        pos = MAGIC_SIZE
+        while pos < size and len(found) < 16:
+            window = self._pread(pos, _SEARCH_CHUNK + len(key) + SYNC_SIZE)
+            at = window.find(key)
+            while at >= 0 and len(found) < 16:
+                candidate = window[at + len(key) : at + len(key) + SYNC_SIZE]
+                if len(candidate) == SYNC_SIZE and candidate not in found:
+                    found.append(candidate)
+                at = window.find(key, at + 1)
+            pos += _SEARCH_CHUNK
+        return [c for c in found if len(c) == SYNC_SIZE]
+
+    def _first_record_after(self, pos: int, size: int) -> int | None:
+        """Offset of the first intact record (head and payload CRC) at or after *pos*."""
+        while True:
+            found = self._find_sync(pos, size)
+            if found is None:
+                return None
+            try:
+                self._read_record(found, size)
+                return found
+            except TruncatedFileError:
+                return found  # the writer's unfinished last record: the forward scan reports it
+            except FormatError:
+                pos = found + 1
+
+    def _header_copy(self, size: int) -> tuple[int, dict[str, Any], dict[str, TableSchema]] | None:
+        found = self._find_last_index(size)
+        if found is None:
+            return None
+        offset, _ = found
+        try:
+            _, payload, _ = self._read_record(offset, size)
+            copy = _records.parse_index(payload).header
+            if copy is None:
+                return None
+            header, schemas = _records.parse_header(copy)
+        except FormatError:
+            return None
+        if header["sync"] != self._sync:
+            return None
+        return offset, header, schemas
 
     def _load_from_footer(self, size: int) -> bool:
         if size < self._data_start + FOOTER_SIZE:
@@ -682,8 +776,7 @@ class TmlReader:
         try:
             if kind == RecordKind.SEGMENT:
                 head, _ = _records.parse_segment_head(payload)
-                self._add_segment(SegmentInfo.from_head(offset, total, head))
-                if on_batches is not None:
+                if self._add_segment(SegmentInfo.from_head(offset, total, head)) and on_batches is not None:
                     on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
             elif kind == RecordKind.ATTACHMENT:
                 name, data = _records.parse_attachment(payload)
@@ -707,9 +800,11 @@ class TmlReader:
         except FormatError as exc:
             self._report(offset, total, f"{_kind_name(kind)} record: {exc}")
 
-    def _add_segment(self, info: SegmentInfo) -> None:
+    def _add_segment(self, info: SegmentInfo) -> bool:
+        """Register a segment; False when it is not to be read (over the cap, or a byte-identical
+        copy of one already registered: its rows are counted once, and the copy is reported)."""
         if info.offset in self._segment_offsets:
-            return
+            return True
         if info.raw_size > self._limits.max_decompressed_bytes:
             self._report(
                 info.offset,
@@ -717,13 +812,43 @@ class TmlReader:
                 f"SEGMENT at byte {info.offset} declares {info.raw_size} decompressed bytes, over the"
                 f" {_mib(self._limits.max_decompressed_bytes)} cap (raise ReadLimits.max_decompressed_bytes to read it)",
             )
-            return
+            return False
+        key = (
+            info.length,
+            info.raw_size,
+            info.t_min,
+            info.t_max,
+            info.step_min,
+            info.step_max,
+            tuple(sorted(info.rows.items())),
+        )
+        same_head = self._segment_heads.setdefault(key, [])
+        original = next((off for off in same_head if self._same_record(off, info.offset, info.length)), None)
+        if original is not None:
+            self._report(
+                info.offset,
+                info.length,
+                f"SEGMENT at byte {info.offset} is a byte-identical copy of the SEGMENT at byte {original}"
+                " (same ranks, tables and rows): its rows are counted once",
+            )
+            return False
+        same_head.append(info.offset)
         self._segment_offsets.add(info.offset)
         if self._segments and self._segments[-1].offset > info.offset:
             at = next(i for i, seg in enumerate(self._segments) if seg.offset > info.offset)
             self._segments.insert(at, info)
         else:
             self._segments.append(info)
+        return True
+
+    def _same_record(self, a: int, b: int, length: int) -> bool:
+        """Whether the records at *a* and *b* (both *length* bytes) hold the same bytes after the sync."""
+        step = _SEARCH_CHUNK
+        for at in range(SYNC_SIZE, length, step):
+            n = min(step, length - at)
+            if self._pread(a + at, n) != self._pread(b + at, n):
+                return False
+        return True
 
     def _find_sync(self, start: int, size: int) -> int | None:
         pos = start
@@ -887,3 +1012,20 @@ def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(chunks) == 1:
         return chunks[0]
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def _lost_header(sync: bytes) -> dict[str, Any]:
+    """The header of a file whose HEADER is damaged and has no copy: every field empty or unknown."""
+    return {
+        "format_version": "",
+        "writer": "",
+        "run_id": "",
+        "created_ns": 0,
+        "hosts": [],
+        "world_size": -1,
+        "command": [],
+        "meta": {},
+        "schemas": {},
+        "sync": sync,
+        "rollup_steps": None,
+    }

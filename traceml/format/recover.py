@@ -1,7 +1,9 @@
 """Rewrite a crashed or damaged recording as a clean one (index, summary, footer).
 
 Everything the reader can still decode is copied; what it skipped is reported in the
-result and in the new file's ``recovered_from`` attachment.  Names the writer refuses today
+result and in the new file's ``recovered_from`` attachment.  A damaged HEADER costs nothing
+but itself: every intact segment after it is copied, and the header is taken from its copy in
+an INDEX checkpoint (format 1.2), or reported lost (``RecoveryResult.unrestored``).  Names the writer refuses today
 (an old file's table or attachment outside the name grammar) are left out and reported, and
 header labels with control characters are copied with them replaced by U+FFFD.  The output
 appears only when it is complete (written beside it, then renamed).
@@ -74,6 +76,8 @@ def recover(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Recover
     refused: dict[str, str] = {}
     with open_recording(source) as reader:
         header = reader.header
+        if reader.header_restored is not None:
+            unrestored.append(f"HEADER damaged: {reader.header_restored}")
         meta = _run_meta(header, unrestored)
         schemas = [s for s in reader.schemas.values() if not is_rollup(s.name)]
         good = []

@@ -214,6 +214,7 @@ class TmlWriter:
         except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"run_meta must be a msgpack-able map of str keys; {exc}") from exc
 
+        self._header = header  # copied into every INDEX checkpoint: a damaged HEADER is restored from it
         self._offset = 0
         self._closed = False
         self._failure: str | None = None
@@ -530,6 +531,7 @@ class TmlWriter:
             segments=self._pending_segments,
             attachments=self._pending_attachments,
             schemas=self._pending_schemas,
+            header=self._header,
         )
         offset = self._offset
         self._write_record(RecordKind.INDEX, payload)
