@@ -157,14 +157,70 @@ def _findings_table(diag: Mapping[str, Any]) -> str:
     return _table(["severity", "finding", "rank", "what and how much"], rows)
 
 
+def _pct(x: Any) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _step_facts(steps: Mapping[str, Any]) -> list[str]:
+    """The run-level figures, each with its definition (docs/diagnosis.md, "One answer per question")."""
+    facts = []
+    if steps.get("throughput_steps_per_s"):
+        facts.append(f"{steps['throughput_steps_per_s']:.2f} steps/s measured (steps over the wall time they took)")
+    if steps.get("outside_step_share") is not None:
+        facts.append(f"{_pct(steps['outside_step_share'])} of wall time outside any step")
+    if steps.get("rank_skew_pct") is not None:
+        facts.append(
+            f"rank skew {steps['rank_skew_pct']:.1f}% (slowest rank {steps['slowest_rank']}, "
+            f"on the {steps['common_steps']} steps every rank has)"
+        )
+    return facts
+
+
+def _regions_table(regions: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in regions[:64]:
+        if r.get("where") == "between steps":
+            rows.append(
+                [
+                    _e(r["name"]),
+                    "between steps",
+                    _e(r["calls"]),
+                    "—",
+                    "—",
+                    "—",
+                    _pct(r.get("wall_share")) + " of wall time",
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    _e(r["name"]),
+                    "in steps",
+                    _e(r["calls"]),
+                    _num(r.get("median_ms")),
+                    _num(r.get("mean_ms")),
+                    _pct(r.get("share")),
+                    _pct(r.get("outside_phases_share")),
+                ]
+            )
+    header = ["region", "where", "calls", "median ms", "mean ms", "share of step time", "outside the phases"]
+    return _table(header, rows, numeric_from=2)
+
+
 def _phase_table(steps: Mapping[str, Any]) -> str:
     overall = steps.get("overall", {})
-    header = ["phase", "job median ms", "job p95 ms"]
+    header = ["phase", "job median ms", "job p95 ms", "mean ms", "share"]
     per_rank = steps.get("per_rank", [])
     header += [f"rank {r['rank']} median / p95" for r in per_rank[:16]]
     rows = []
     for p in overall:
-        row = [_e(p), _num(overall[p]["median_ms"]), _num(overall[p]["p95_ms"])]
+        row = [
+            _e(p),
+            _num(overall[p]["median_ms"]),
+            _num(overall[p]["p95_ms"]),
+            _num(overall[p].get("mean_ms")),
+            _pct(overall[p].get("share")) if p != "step" else "",
+        ]
         for r in per_rank[:16]:
             s = r["phases"].get(p, {})
             row.append(f"{_num(s.get('median_ms'))} / {_num(s.get('p95_ms'))}")
@@ -209,16 +265,21 @@ def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[s
     ]
     if diag.get("missing"):
         parts.append("<div class=sub>not checked: " + _e("; ".join(diag["missing"])) + "</div>")
-    tput = steps.get("throughput_steps_per_s")
     parts += [
         "<h2>Step time</h2>",
-        f"<div class=sub>{steps['count']} steps analysed (of {steps['recorded_rows']} rows recorded"
-        f"{'; ' + _num(tput) + ' steps/s at the median step' if tput else ''})</div>",
+        f"<div class=sub>{steps['count']} steps analysed (of {steps['recorded_rows']} rows recorded)"
+        + "".join(f" · {_e(f)}" for f in _step_facts(steps))
+        + "</div>",
         _phase_table(steps),
+        "<div class=sub>job median: per step, the slowest rank's step time and the ranks' mean phase time; "
+        "share: the phase's time summed over the steps and ranks over the step time summed the same way "
+        "(shown beside the mean)</div>",
     ]
     cost = traceml_cost_text(summary)
     if cost:
         parts.append(f"<div class=sub>{_e(cost)}</div>")
+    if summary.get("regions"):
+        parts += ["<h2>Named regions (traceml.trace_time)</h2>", _regions_table(summary["regions"])]
     charts = figures(view)
     for i, (name, fig) in enumerate(charts):
         if i % 2 == 0:
@@ -334,6 +395,11 @@ def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[s
     )
 
 
+def _md_name(name: Any) -> str:
+    """A region name from the recording, inert in a Markdown table cell."""
+    return esc.markdown(name, 80)
+
+
 def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | None = None) -> str:
     """A short summary for ``$GITHUB_STEP_SUMMARY``: the verdict first, then the numbers."""
     run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
@@ -355,7 +421,11 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
     if step["median_ms"] is not None:
         facts.insert(1, f"median step **{step['median_ms']:.2f} ms** (p95 {step['p95_ms']:.2f} ms)")
     if steps.get("throughput_steps_per_s"):
-        facts.append(f"{steps['throughput_steps_per_s']:.2f} steps/s")
+        facts.append(f"{steps['throughput_steps_per_s']:.2f} steps/s measured")
+    if steps.get("outside_step_share") is not None:
+        facts.append(f"{100 * steps['outside_step_share']:.1f}% of wall time outside any step")
+    if steps.get("rank_skew_pct") is not None:
+        facts.append(f"rank skew {steps['rank_skew_pct']:.1f}% (slowest rank {steps['slowest_rank']})")
     cost = traceml_cost_text(summary)
     if cost:
         facts.append(cost)
@@ -377,10 +447,22 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
     overall = steps["overall"]
     measured = [ph for ph in overall if overall[ph]["median_ms"] is not None]
     if measured:
-        lines.append("| phase | median ms | p95 ms |")
-        lines.append("|---|---:|---:|")
+        lines.append("| phase | job median ms | p95 ms | share of step time |")
+        lines.append("|---|---:|---:|---:|")
         for ph in measured:
-            lines.append(f"| {esc.markdown(ph)} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} |")
+            share = overall[ph].get("share")
+            cell = "" if share is None else f"{100 * share:.1f}%"
+            lines.append(f"| {esc.markdown(ph)} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} | {cell} |")
+        lines.append("")
+    named = [r for r in summary.get("regions", []) if r.get("share") is not None or r.get("wall_share") is not None]
+    if named:
+        lines.append("| named region | where | share |")
+        lines.append("|---|---|---:|")
+        for r in named[:32]:
+            where = str(r.get("where", ""))
+            share = r.get("share") if where == "in steps" else r.get("wall_share")
+            what = "of step time" if where == "in steps" else "of wall time"
+            lines.append(f"| {_md_name(r['name'])} | {where} | {100 * (share or 0):.1f}% {what} |")
         lines.append("")
     mem = summary["memory"]
     peaks = [

@@ -63,7 +63,7 @@ def test_empty_view_summary_validates(validator) -> None:
     s = build_summary(StoreView())
     validator.validate(s)
     assert s["steps"]["count"] == 0
-    assert s["steps"]["overall"]["step"] == {"median_ms": None, "p95_ms": None}
+    assert s["steps"]["overall"]["step"] == {"median_ms": None, "p95_ms": None, "mean_ms": None}
     assert s["diagnosis"]["primary"]["kind"] == "INSUFFICIENT_DATA"
 
 

@@ -65,7 +65,7 @@ def test_markdown_leads_with_the_primary_verdict(built: rp.Report) -> None:
     md = built.markdown
     first = md.splitlines()[0]
     assert first.startswith("## traceml: demo") and "STRAGGLER" in first
-    assert "| phase | median ms | p95 ms |" in md
+    assert "| phase | job median ms | p95 ms | share of step time |" in md
     assert "Recording: live, nothing lost." in md
     assert len(md) < 4000  # short enough for a step summary
 

@@ -35,7 +35,7 @@ def uniform_steps(n: int, forward_us: int, dataloader_us: int = 100, start: int 
     ]
 
 
-def test_phase_rows_take_median_of_rank_medians_and_name_the_worst_rank() -> None:
+def test_phase_rows_are_of_the_job_and_name_the_worst_rank() -> None:
     store = ColumnStore()
     add_steps(store, 0, uniform_steps(10, forward_us=1000))
     add_steps(store, 1, uniform_steps(10, forward_us=3000))
@@ -47,10 +47,15 @@ def test_phase_rows_take_median_of_rank_medians_and_name_the_worst_rank() -> Non
     assert rows["dataloader"].median_us == 100
     # ties go to the lowest rank
     assert rows["dataloader"].worst_rank == 0
-    assert rows["step"].median_us == 2100
-    assert rows["forward"].share_pct == pytest.approx(100 * 2000 / 2100)
-    # never measured (-1 everywhere): no number, no culprit
-    assert math.isnan(rows["h2d"].median_us) and rows["h2d"].worst_rank == -1
+    # the job's step is the slowest rank's step (the job moves at its pace): that rank is named
+    assert rows["step"].median_us == 3100 and rows["step"].worst_rank == 1
+    # share = summed phase time over summed step time, every rank-step
+    assert rows["forward"].share_pct == pytest.approx(100 * 6000 / 6300)
+    assert sum(rows[p].share_pct for p in PHASES if not math.isnan(rows[p].share_pct)) == pytest.approx(100)
+    # a model phase never measured (-1 everywhere): no number, no culprit
+    assert math.isnan(rows["backward"].median_us) and rows["backward"].worst_rank == -1
+    # no device copy recorded: the copy did not happen (0, as in the summary and the rules)
+    assert rows["h2d"].median_us == 0 and rows["h2d"].share_pct == 0
 
 
 def test_phase_window_looks_at_the_last_steps_and_skips_failed_ones() -> None:
@@ -157,7 +162,9 @@ def test_live_model_reads_meta_and_derives_rates_from_timestamps() -> None:
     model = live_model(store.snapshot())
     assert model.run_name == "r" and model.status == "running" and model.expected_ranks == 2
     assert model.elapsed_s == pytest.approx(0.22)  # newest row: rank 1, step 10 at T0 + 11 * 20 ms
-    assert model.steps_per_s == pytest.approx((100 + 50) / 2)
+    # measured, the slowest rank's: its 9 steps after the 2 warm-up steps over the wall time from the
+    # first one's start (ends T0 + 60 ms, took 0.6 ms) to the last one's end (T0 + 220 ms)
+    assert model.steps_per_s == pytest.approx(9 / (0.220 - 0.0594))
     assert model.last_step == 10
     assert model.drops_total == 5
     assert (model.recording.path, model.recording.bytes, model.recording.error) == ("x/run.tml", 4096, "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from traceml.diagnosis import thresholds as th
@@ -23,6 +25,7 @@ from traceml.diagnosis.step_rules import (
     h2d_bound,
     input_bound,
     ms,
+    region_heavy,
     residual_heavy,
     straggler,
 )
@@ -79,7 +82,7 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
 
     enough_steps = data.min_rank_steps() >= th.MIN_STEPS and not data.empty
     if data.recorded_rows == 0:
-        core_missing.append("step timings (no step_time rows: is the loop wrapped in traceml.trace_step?)")
+        core_missing.append(_no_steps_reason(view))
     elif data.empty:
         core_missing.append(
             f"successful steps after warm-up ({data.recorded_rows} rows recorded, {data.failed_rows} failed)"
@@ -93,6 +96,7 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
         findings += [f for f in (input_bound(data), straggler(data), h2d_bound(view, data)) if f is not None]
         if compute_measured(data):
             findings += [f for f in (residual_heavy(data),) if f is not None]
+            findings += region_heavy(data)
             # a synchronised straggler makes the others wait inside backward, which reads as compute
             synced_straggler = any(f.kind == STRAGGLER and f.evidence.get("steps_synchronised") == 1 for f in findings)
             cb = compute_bound(data)
@@ -129,6 +133,26 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
         primary = _healthy(data)
         findings.append(primary)
     return Diagnosis(primary=primary, findings=findings, window=_window(data), missing=tuple(core_missing + missing))
+
+
+def _no_steps_reason(view: StoreView) -> str:
+    """Why no step was recorded: the run ended before its first step, or the loop is not traced."""
+    exit_info = view.attachments.get("exit")
+    exit_info = exit_info if isinstance(exit_info, Mapping) else {}
+    status = str(exit_info.get("status", "") or "")
+    code = exit_info.get("exit_code")
+    failed = [r for r, i in view.rank_info.items() if i.exit_status == "failed" or i.state == "died"]
+    if status in ("failed", "interrupted") or failed or (isinstance(code, int) and code != 0):
+        how = status or "failed"
+        if isinstance(code, int) and not isinstance(code, bool):
+            how += f", exit status {code}"
+        signal = exit_info.get("signal")
+        if isinstance(signal, str) and signal:
+            how += f", {signal}"
+        if failed and not status:
+            how += f" (rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, sorted(failed)))})"
+        return f"a first step: the run ended ({how}) before its first step finished; the script's own output says why"
+    return "step timings (no step_time rows: is the loop wrapped in traceml.trace_step?)"
 
 
 def _healthy(data: StepData) -> Finding:

@@ -15,6 +15,7 @@ from traceml.diagnosis.findings import (
     COMPUTE_BOUND,
     H2D_BOUND,
     INPUT_BOUND,
+    REGION_HEAVY,
     RESIDUAL_HEAVY,
     STRAGGLER,
     Finding,
@@ -60,24 +61,48 @@ def _share(part: np.ndarray, whole: np.ndarray) -> float:
     return float(part[ok].sum()) / total if total > 0 else float("nan")
 
 
-def _per_rank_shares(data: StepData, part: Callable[[RankSteps], np.ndarray]) -> dict[int, float]:
-    shares = {}
+class Shares(dict[int, float]):
+    """Each rank's share (its summed part over its summed step time) and the job's: the ratio of
+    the sums over every rank, with the mean per rank-step of both (the figures quoted beside it)."""
+
+    job: float = float("nan")
+    part_mean_us: float = float("nan")
+    step_mean_us: float = float("nan")
+
+
+def _per_rank_shares(data: StepData, part: Callable[[RankSteps], np.ndarray]) -> Shares:
+    shares = Shares()
+    part_sum = step_sum = 0.0
+    n = 0
     for r in data.ranks:
-        s = _share(part(data.per_rank[r]), data.per_rank[r].step_us)
+        rs = data.per_rank[r]
+        values = part(rs)
+        s = _share(values, rs.step_us)
         if np.isfinite(s):
             shares[r] = s
+            ok = np.isfinite(values) & np.isfinite(rs.step_us) & (rs.step_us > 0)
+            part_sum += float(values[ok].sum())
+            step_sum += float(rs.step_us[ok].sum())
+            n += int(ok.sum())
+    if step_sum > 0 and n:
+        shares.job = part_sum / step_sum
+        shares.part_mean_us = part_sum / n
+        shares.step_mean_us = step_sum / n
     return shares
 
 
 def _typical(shares: dict[int, float]) -> tuple[float, int, float]:
-    """median share over ranks, the worst rank and its share."""
+    """the job's share (ratio of sums over ranks; the median of the ranks' shares for a plain dict),
+    the worst rank and its share."""
     worst = max(shares, key=lambda r: shares[r])
-    return float(np.median(list(shares.values()))), worst, shares[worst]
+    job = getattr(shares, "job", float("nan"))
+    typical = job if np.isfinite(job) else float(np.median(list(shares.values())))
+    return typical, worst, shares[worst]
 
 
 def _where(n: int, worst: int, worst_share: float) -> str:
-    """How a share finding names its ranks: the median over several, or the one rank."""
-    return f"median over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
+    """How a share finding names its ranks: all of several, or the one rank."""
+    return f"summed over {n} ranks, worst rank {worst} at {pct(worst_share)}" if n > 1 else f"rank {worst}"
 
 
 def _median_us(data: StepData, phase: str) -> float:
@@ -89,7 +114,7 @@ def _median_us(data: StepData, phase: str) -> float:
 
 
 def _share_finding(
-    data: StepData, kind: str, shares: dict[int, float], warn: float, critical: float, what: str, phase_us: float
+    data: StepData, kind: str, shares: Shares, warn: float, critical: float, what: str, phase_us: float
 ) -> Finding | None:
     if not shares:
         return None
@@ -105,13 +130,16 @@ def _share_finding(
         kind=kind,
         severity=severity,
         rank=None if n > 1 else worst,
-        summary=f"{what} is {pct(typical)} of step time ({where}); {ms(phase_us)} of a {ms(step_us)} step",
+        summary=f"{what} is {pct(typical)} of step time ({where}); "
+        f"{ms(shares.part_mean_us)} of a {ms(shares.step_mean_us)} step on average",
         evidence={
             "share": typical,
             "worst_rank": worst,
             "worst_rank_share": worst_share,
             "phase_median_us": phase_us,
             "step_median_us": step_us,
+            "phase_mean_us": shares.part_mean_us,
+            "step_mean_us": shares.step_mean_us,
             "warn_share": warn,
             "critical_share": critical,
             "steps": steps,
@@ -145,9 +173,53 @@ def residual_heavy(data: StepData) -> Finding | None:
         shares,
         th.RESIDUAL_WARN,
         th.RESIDUAL_CRITICAL,
-        "residual-heavy: time outside the named phases",
+        "residual-heavy: time outside the standard phases and named regions",
         _median_us(data, "residual"),
     )
+
+
+def region_heavy(data: StepData, limit: int = 3) -> list[Finding]:
+    """Named regions (``traceml.trace_time``) whose time outside the standard phases is a large
+    share of the step: graded as residual is (that time would be residual had it not been named)."""
+    out = []
+    for name in data.region_names():
+
+        def own(rs: RankSteps, name: str = name) -> np.ndarray:
+            return rs.regions_own.get(name, np.zeros(len(rs)))
+
+        shares = _per_rank_shares(data, own)
+        if not shares:
+            continue
+        typical, worst, worst_share = _typical(shares)
+        steps = data.min_rank_steps()
+        severity = grade(typical, th.RESIDUAL_WARN, th.RESIDUAL_CRITICAL, steps)
+        if severity is None:
+            continue
+        n = len(shares)
+        out.append(
+            Finding(
+                kind=REGION_HEAVY,
+                severity=severity,
+                rank=None if n > 1 else worst,
+                summary=f"{name}: {pct(typical)} of the step (named region, outside the standard phases; "
+                f"{_where(n, worst, worst_share)}); {ms(shares.part_mean_us)} of a {ms(shares.step_mean_us)} "
+                "step on average",
+                labels={"region": name},
+                evidence={
+                    "share": typical,
+                    "worst_rank": worst,
+                    "worst_rank_share": worst_share,
+                    "region_mean_us": shares.part_mean_us,
+                    "step_mean_us": shares.step_mean_us,
+                    "warn_share": th.RESIDUAL_WARN,
+                    "critical_share": th.RESIDUAL_CRITICAL,
+                    "steps": steps,
+                    "ranks": n,
+                },
+            )
+        )
+    out.sort(key=lambda f: -float(f.evidence["share"] or 0.0))
+    return out[:limit]
 
 
 def compute_bound(data: StepData) -> Finding | None:
@@ -169,7 +241,7 @@ def compute_bound(data: StepData) -> Finding | None:
         rank=None,
         summary=(
             f"compute-bound: forward + backward + optimizer take {pct(typical)} of step time "
-            f"(median over {len(shares)} rank{'s' if len(shares) > 1 else ''}); speed comes from the model or the device"
+            f"(summed over {len(shares)} rank{'s' if len(shares) > 1 else ''}); speed comes from the model or the device"
         ),
         evidence={
             "share": typical,

@@ -22,6 +22,7 @@ from traceml.diagnosis.steps import StepData, job_series, step_data
 from traceml.schema import PHASES
 from traceml.store import StoreView
 from traceml.views.final import traceml_cost_text
+from traceml.views.measures import JobMeasures, job_measures, run_duration_s, run_start_ns
 
 SCHEMA_VERSION = 1
 #: the phases summarised, in display order ("step" is the whole step)
@@ -43,12 +44,6 @@ def _int_or_none(x: Any) -> int | None:
         return None if x is None or isinstance(x, bool) else int(x)
     except (TypeError, ValueError):
         return None
-
-
-def _first_ts(view: StoreView) -> int | None:
-    firsts = [int(np.min(c["ts_ns"])) for c in view.tables.values() if "ts_ns" in c and len(c["ts_ns"])]
-    firsts = [t for t in firsts if t > 0]
-    return min(firsts) if firsts else None
 
 
 def _iso(ns: int | None) -> str | None:
@@ -81,14 +76,8 @@ def run_section(view: StoreView) -> dict[str, Any]:
     meta = _run_meta(view)
     exit_info = view.attachments.get("exit")
     exit_info = exit_info if isinstance(exit_info, Mapping) else {}
-    start_ns = _int_or_none(meta.get("start_ns")) or _int_or_none(meta.get("created_ns")) or _first_ts(view)
-    duration = exit_info.get("duration_s")
-    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration > 0:
-        duration_s: float | None = float(duration)
-    elif start_ns is not None and view.latest_ns > start_ns:
-        duration_s = (view.latest_ns - start_ns) / 1e9
-    else:
-        duration_s = None
+    start_ns = run_start_ns(view)
+    duration_s = run_duration_s(view)
     # the ranks' hosts; the recording's own host list only when no rank said where it ran
     hosts = {i.host for i in view.rank_info.values() if i.host}
     meta_hosts = meta.get("hosts")
@@ -123,10 +112,20 @@ def run_section(view: StoreView) -> dict[str, Any]:
     }
 
 
-def steps_section(data: StepData) -> dict[str, Any]:
+def _share(x: float) -> float | None:
+    return clean_number(round(x, 6)) if np.isfinite(x) else None
+
+
+def steps_section(data: StepData, m: JobMeasures | None = None) -> dict[str, Any]:
+    """Step statistics; ``overall`` is of the job (per step: the slowest rank's step time, the
+    ranks' mean phase time), ``per_rank`` of each rank; shares are ratios of summed times."""
+    m = job_measures(data) if m is None else m
     job = job_series(data)
     overall = {p: stats_ms(job[p]) for p in SUMMARY_PHASES}
-    med = overall["step"]["median_ms"]
+    for part in m.phases:
+        overall[part.name]["mean_ms"] = clean_number(part.mean_us / 1000) if np.isfinite(part.mean_us) else None
+        overall[part.name]["share"] = _share(part.share)
+    overall["step"]["mean_ms"] = clean_number(m.mean_step_us / 1000) if np.isfinite(m.mean_step_us) else None
     per_rank = []
     for r in data.ranks:
         rs = data.per_rank[r]
@@ -140,31 +139,67 @@ def steps_section(data: StepData) -> dict[str, Any]:
         "warmup_steps": data.warmup_steps,
         "first": int(data.steps[0]) if len(data.steps) else None,
         "last": int(data.steps[-1]) if len(data.steps) else None,
-        "throughput_steps_per_s": clean_number(1000.0 / med) if med else None,
+        "throughput_steps_per_s": _rounded(m.throughput_steps_per_s),
+        "elapsed_s": _rounded(m.elapsed_s),
+        "outside_step_share": _share(m.outside_share),
+        "common_steps": m.common_steps,
+        "slowest_rank": m.slowest_rank if m.slowest_rank >= 0 else None,
+        "rank_skew_pct": _rounded(m.skew_pct),
         "overall": overall,
         "per_rank": per_rank,
     }
 
 
-def regions_section(view: StoreView, data: StepData) -> list[dict[str, Any]]:
-    """User regions (``traceml.trace_time``): CPU time per step over the analysed steps."""
-    per_name: dict[str, list[np.ndarray]] = {}
-    calls: dict[str, int] = {}
-    for r in view.table_ranks("step_region"):
-        cols = view.columns("step_region", r)
-        steps = np.asarray(cols["step"], np.int64)
-        keep = np.isin(steps, data.per_rank[r].step) if r in data.per_rank else np.zeros(len(steps), bool)
-        names = np.asarray(cols["name"], dtype=object)[keep]
-        cpu = np.asarray(cols["cpu_us"], np.float64)[keep]
-        ncalls = np.asarray(cols["calls"], np.int64)[keep]
-        for name in sorted(set(names.tolist())):
-            sel = names == name
-            per_name.setdefault(str(name), []).append(cpu[sel])
-            calls[str(name)] = calls.get(str(name), 0) + int(ncalls[sel].sum())
+def _rounded(x: float) -> float | None:
+    return clean_number(round(x, 6)) if np.isfinite(x) else None
+
+
+def regions_section(view: StoreView, data: StepData, m: JobMeasures | None = None) -> list[dict[str, Any]]:
+    """User regions (``traceml.trace_time``) over the analysed steps: time per step where entered,
+    share of summed step time, and the part of it outside the standard phases (taken out of
+    residual); then the regions timed between steps, as a share of the elapsed time."""
+    m = job_measures(data) if m is None else m
     out = []
-    for name in sorted(per_name):
-        vals = np.concatenate(per_name[name])
-        out.append({"name": name, "samples": len(vals), "calls": calls[name], **stats_ms(vals)})
+    for f in sorted(m.regions, key=lambda f: f.name):
+        vals: list[np.ndarray] = []
+        calls = 0
+        own = total = 0.0
+        for rs in data.per_rank.values():
+            v = rs.regions.get(f.name)
+            if v is None:
+                continue
+            vals.append(v[v > 0])
+            calls += int(rs.region_calls.get(f.name, 0))
+            total += float(np.nansum(v))
+            own += float(np.nansum(rs.regions_own.get(f.name, np.zeros(0))))
+        entered = np.concatenate(vals) if vals else np.empty(0)
+        out.append(
+            {
+                "name": f.name,
+                "where": "in steps",
+                "samples": len(entered),
+                "calls": calls,
+                **stats_ms(entered),
+                "mean_ms": clean_number(f.mean_us / 1000) if np.isfinite(f.mean_us) else None,
+                "share": _share(f.share),
+                "outside_phases_share": _share(own / total) if total > 0 else None,
+            }
+        )
+    for name, share in sorted(m.between_regions.items()):
+        out.append(
+            {
+                "name": name,
+                "where": "between steps",
+                "samples": int(data.between_calls.get(name, 0)),
+                "calls": int(data.between_calls.get(name, 0)),
+                "median_ms": None,
+                "p95_ms": None,
+                "mean_ms": None,
+                "share": None,
+                "outside_phases_share": None,
+                "wall_share": _share(share),
+            }
+        )
     return out
 
 
@@ -334,13 +369,14 @@ def traceml_section(view: StoreView, median_step_ms: float | None) -> dict[str, 
 def build_summary(view: StoreView, *, recent_steps: int = th.RECENT_STEPS) -> dict[str, Any]:
     """The versioned summary of the run in ``view`` (whole run, and its last ``recent_steps``)."""
     data = step_data(view)
-    steps = steps_section(data)
+    m = job_measures(data)
+    steps = steps_section(data, m)
     return {
         "schema_version": SCHEMA_VERSION,
         "run": run_section(view),
         "steps": steps,
         "traceml": traceml_section(view, steps["overall"]["step"]["median_ms"]),
-        "regions": regions_section(view, data),
+        "regions": regions_section(view, data, m),
         "diagnosis": diagnose_steps(view, data).to_dict(),
         "diagnosis_recent": diagnose(view, last_n=recent_steps).to_dict(),
         "memory": memory_section(view),

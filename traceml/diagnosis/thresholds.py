@@ -7,10 +7,9 @@ docs table and the rule tests name these constants, so keep the three in step.
 from __future__ import annotations
 
 # --- which steps are analysed -----------------------------------------------------------
-#: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
-WARMUP_STEPS = 5
-#: ... but never more than this fraction of the run's steps, so short runs keep their data
-WARMUP_MAX_FRACTION = 0.2
+#: the warm-up skipped at the start of the run (defined beside the step selection every view shares)
+from traceml.views.steps import WARMUP_MAX_FRACTION, WARMUP_STEPS  # noqa: F401
+
 #: fewer analysable steps than this (per rank) and the step rules abstain
 MIN_STEPS = 5
 #: a finding may be critical only when it rests on at least this many steps; otherwise warn

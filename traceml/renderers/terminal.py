@@ -14,7 +14,6 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from traceml import escape as esc
 from traceml.views import FinalModel, LiveModel, NodeRow, PhaseRow, RankRow, RecordingInfo
 
 #: rank rows shown before the table is cut to the slowest / unhealthy ranks
@@ -94,23 +93,46 @@ def _shown(value: object, max_chars: int = esc.MAX_CHARS) -> str:
     return esc.visible(value, max_chars)
 
 
-def _phase_table(phases: tuple[PhaseRow, ...], title: str) -> Table:
+def _phase_table(phases: tuple[PhaseRow, ...], title: str, regions: tuple[PhaseRow, ...] = ()) -> Table:
+    """Phases, then the named regions (their share may overlap the phases), then the step row."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("phase")
     table.add_column("median", justify="right")
     table.add_column("share", justify="right")
     table.add_column("worst rank", justify="right")
     table.add_column("worst", justify="right")
-    for row in phases:
-        is_total = row.phase == "step"
+    rows = [r for r in phases if r.phase != "step"]
+    total = [r for r in phases if r.phase == "step"]
+    for row in rows:
         table.add_row(
-            Text(_shown(row.phase), style="bold" if is_total else ""),
+            Text(_shown(row.phase)),
             fmt_us(row.median_us),
-            fmt_pct(row.share_pct) if not is_total else "",
+            fmt_pct(row.share_pct),
             str(row.worst_rank) if row.worst_rank >= 0 else DASH,
             fmt_us(row.worst_us),
-            end_section=row.phase == "residual",
+            end_section=row.phase == "residual" and not regions,
         )
+    for i, row in enumerate(regions):
+        table.add_row(
+            Text(_shown(row.phase, 40), style="italic"),
+            fmt_us(row.median_us),
+            fmt_pct(row.share_pct),
+            str(row.worst_rank) if row.worst_rank >= 0 else DASH,
+            fmt_us(row.worst_us),
+            end_section=i == len(regions) - 1,
+        )
+    for row in total:
+        table.add_row(
+            Text("step (job)", style="bold"),
+            fmt_us(row.median_us),
+            "",
+            str(row.worst_rank) if row.worst_rank >= 0 else DASH,
+            fmt_us(row.worst_us),
+        )
+    table.caption = "median: per step, of the job; share: of summed step time"
+    if regions:
+        table.caption += "\nitalic: your trace_time regions (time outside the phases is not in residual)"
+    table.caption_justify = "left"
     return table
 
 
@@ -198,7 +220,21 @@ def _skew_text(skew_pct: float, slowest_rank: int) -> Text:
     else:
         style = "bold red" if skew_pct >= 20 else "yellow" if skew_pct >= 10 else ""
         text.append(f"{skew_pct:.1f}%", style=style)
-        text.append(f" (slowest rank {slowest_rank})")
+        text.append(f" (slowest rank {slowest_rank}, on the steps every rank has)")
+    return text
+
+
+def _between_text(outside_pct: float, between: tuple[tuple[str, float], ...]) -> Text:
+    """The share of wall time outside any step, and the named regions that account for it."""
+    text = Text("outside steps: ", style="bold")
+    if math.isnan(outside_pct):
+        text.append(DASH)
+        return text
+    style = "yellow" if outside_pct >= 10 else ""
+    text.append(f"{outside_pct:.0f}% of wall time", style=style)
+    if between:
+        named = ", ".join(f"{_shown(n, 40)} {p:.0f}%" for n, p in between[:4])
+        text.append(f" ({named}{', ...' if len(between) > 4 else ''})")
     return text
 
 
@@ -217,8 +253,15 @@ def render_live(model: LiveModel) -> RenderableType:
         header.append(f"  ranks {seen}/{model.expected_ranks}")
     parts: list[RenderableType] = [header]
     if model.phases:
-        parts.append(_phase_table(model.phases, f"step time, last {model.window_steps} steps per rank"))
+        parts.append(
+            _phase_table(
+                model.phases,
+                f"step time, the job's last {model.window_steps} steps",
+                model.regions,
+            )
+        )
         parts.append(_skew_text(model.skew_pct, model.slowest_rank))
+        parts.append(_between_text(model.outside_pct, model.between_regions))
     else:
         parts.append(Text("waiting for the first step...", style="dim"))
     if model.ranks:
@@ -248,10 +291,22 @@ def render_final(model: FinalModel) -> RenderableType:
     header.append("  ")
     header.append_text(_status_text(model))
     header.append(f"  {fmt_seconds(model.duration_s)}  {model.total_steps} rank-steps")
+    if model.phases:
+        header.append(f"  {fmt_float(model.steps_per_s)} steps/s")
     parts: list[RenderableType] = [header]
     if model.phases:
-        parts.append(_phase_table(model.phases, "step time over the run (median of ranks)"))
+        parts.append(
+            _phase_table(
+                model.phases,
+                f"step time over the run ({model.analysed_steps} steps after warm-up)",
+                model.regions,
+            )
+        )
         parts.append(_skew_text(model.skew_pct, model.slowest_rank))
+        parts.append(_between_text(model.outside_pct, model.between_regions))
+    elif model.status in ("failed", "interrupted"):
+        how = model.status + (f", exit status {model.exit_code}" if model.exit_code is not None else "")
+        parts.append(Text(f"the run ended ({how}) before its first step finished", style="bold red"))
     else:
         parts.append(Text("no steps were recorded", style="yellow"))
     problems = [r for r in model.ranks if r.state in ("died", "disconnected", "waiting") or r.drops]

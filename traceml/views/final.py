@@ -2,7 +2,9 @@
 
 Pure: reads the view's tables, its ``exit`` attachment (exit code, status, duration, signal,
 written by the aggregator) and its ``summary`` attachment (the diagnosis summary dict, when
-the diagnosis room produced one).  Phases are taken over every step the view holds.
+the diagnosis room produced one).  Phases, skew, throughput and the time outside steps are taken
+over the steps ``summary.json`` analyses (failed rows and the warm-up removed), with the
+definitions of :mod:`traceml.views.measures`, so the screen and the report agree.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from traceml.views.live import (
     PhaseRow,
     RankRow,
     RecordingInfo,
-    phase_rows,
+    measures,
+    phase_rows_of,
     rank_rows,
-    rank_skew,
     recording_info,
+    region_rows_of,
 )
+from traceml.views.measures import run_duration_s
 
 #: at most this many findings are listed on the summary screen
 MAX_FINDINGS = 6
@@ -57,6 +61,16 @@ class FinalModel:
     recording: RecordingInfo
     #: "traceml cost X µs per step (Y%)" from the summary; "" when not measured
     cost: str = ""
+    #: measured steps per second over the analysed steps (time between steps included)
+    steps_per_s: float = float("nan")
+    #: share (percent) of the analysed steps' wall time outside any step
+    outside_pct: float = float("nan")
+    #: named regions entered in the analysed steps, largest share first
+    regions: tuple[PhaseRow, ...] = ()
+    #: regions timed between steps: (name, percent of the wall time)
+    between_regions: tuple[tuple[str, float], ...] = ()
+    #: distinct steps analysed (after the warm-up)
+    analysed_steps: int = 0
 
 
 def _finding(d: Mapping[str, Any]) -> FindingLine | None:
@@ -99,24 +113,30 @@ def final_model(view: StoreView) -> FinalModel:
     exit_info = exit_info if isinstance(exit_info, Mapping) else {}
     code = exit_info.get("exit_code")
     findings = findings_from_summary(view.attachments.get("summary"))
-    skew, slowest = rank_skew(view, None)
-    ranks = rank_rows(view, None)
+    data, m = measures(view, None)
+    ranks = rank_rows(view, None, data)
+    duration = run_duration_s(view)
     return FinalModel(
         run_name=str(view.meta.get(META_RUN_NAME, "") or ""),
         status=str(exit_info.get("status", "unknown") or "unknown"),
         exit_code=int(code) if isinstance(code, int) else None,
         signal=str(exit_info.get("signal", "") or ""),
-        duration_s=float(exit_info.get("duration_s", 0.0) or 0.0),
+        duration_s=duration if duration == duration else 0.0,
         total_steps=sum(r.steps for r in ranks),
-        phases=phase_rows(view, None),
-        skew_pct=skew,
-        slowest_rank=slowest,
+        phases=phase_rows_of(m),
+        skew_pct=m.skew_pct,
+        slowest_rank=m.slowest_rank,
         ranks=ranks,
         findings=tuple(findings[:MAX_FINDINGS]),
         more_findings=max(0, len(findings) - MAX_FINDINGS),
         drops_total=view.dropped(),
         recording=recording_info(view),
         cost=_cost_text(view.attachments.get("summary")),
+        steps_per_s=m.throughput_steps_per_s,
+        outside_pct=100.0 * m.outside_share,
+        regions=region_rows_of(m),
+        between_regions=tuple((n, 100.0 * v) for n, v in m.between_regions.items()),
+        analysed_steps=m.steps,
     )
 
 

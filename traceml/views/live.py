@@ -8,17 +8,17 @@ replay, because both hand over the same :class:`~traceml.store.StoreView`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.views.measures import JobMeasures, PartFigure, job_measures
+from traceml.views.steps import StepData, step_data
 
-#: steps per rank the live phase table looks back over
+#: step numbers of the job the live phase table looks back over
 DEFAULT_WINDOW_STEPS = 100
 
 #: ``view.meta`` keys the aggregator (or replay) sets and the views read
@@ -35,13 +35,15 @@ NAN = float("nan")
 
 @dataclass(frozen=True)
 class PhaseRow:
-    """One phase over the window: median of the ranks' medians, and the worst rank's median."""
+    """One phase (or named region) over the window, as :mod:`traceml.views.measures` defines it:
+    the median over the steps of the job's value, the rank with the highest median and that median,
+    and the share of summed step time.  The ``step`` row names the slowest rank."""
 
     phase: str
     median_us: float
     worst_us: float
     worst_rank: int
-    #: ``median_us`` as a share of the median step time (percent)
+    #: share of summed step time (percent): a ratio of sums, so the phases add up to 100
     share_pct: float
 
 
@@ -104,45 +106,32 @@ class LiveModel:
     expected_ranks: int
     #: highest step index seen on any rank (-1 before the first step)
     last_step: int
+    #: measured: steps of the window over the wall time they took (time between steps included)
     steps_per_s: float
     #: per phase then the total ``step`` row last; empty before the first step
     phases: tuple[PhaseRow, ...]
-    #: 100 * (slowest - fastest) / fastest over the ranks' median step times; nan with < 2 ranks
+    #: rank skew on the steps every rank has (traceml.views.measures); nan with < 2 ranks
     skew_pct: float
     slowest_rank: int
     ranks: tuple[RankRow, ...]
     nodes: tuple[NodeRow, ...]
     drops_total: int
     recording: RecordingInfo
+    #: share (percent) of the window's wall time outside any step; nan before two steps
+    outside_pct: float = NAN
+    #: named regions (traceml.trace_time) entered in the window's steps, largest share first
+    regions: tuple[PhaseRow, ...] = ()
+    #: regions timed between steps: (name, percent of the wall time)
+    between_regions: tuple[tuple[str, float], ...] = ()
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def _valid_us(values: np.ndarray) -> np.ndarray:
-    """Durations as float, the "not measured" ``-1`` (or any negative) turned into nan."""
-    out = values.astype(np.float64)
-    out[out < 0] = np.nan
-    return out
 
 
 def _nanmedian(values: np.ndarray | Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[~np.isnan(arr)]
     return float(np.median(arr)) if arr.size else NAN
-
-
-def _step_window(view: StoreView, rank: int, window: int | None) -> Mapping[str, np.ndarray]:
-    """The last ``window`` steps of one rank that did not fail (all held steps when None)."""
-    cols = view.columns("step_time", rank)
-    if not cols or "step_us" not in cols or len(cols["step_us"]) == 0:
-        return {}
-    failed = cols.get("failed")
-    keep = np.ones(len(cols["step_us"]), dtype=bool) if failed is None else failed == 0
-    idx = np.flatnonzero(keep)
-    if window is not None:
-        idx = idx[-window:]
-    return {name: arr[idx] for name, arr in cols.items()}
 
 
 def _latest(view: StoreView, table: str, rank: int, column: str, default: Any) -> Any:
@@ -163,91 +152,52 @@ def _last_step(view: StoreView, rank: int) -> int:
     return int(steps.max()) if steps is not None and len(steps) else -1
 
 
-def _steps_per_s(win: Mapping[str, np.ndarray]) -> float:
-    ts = win.get("ts_ns")
-    if ts is None or len(ts) < 2:
-        return NAN
-    span_s = (int(ts[-1]) - int(ts[0])) / 1e9
-    return (len(ts) - 1) / span_s if span_s > 0 else NAN
+def measures(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[StepData, JobMeasures]:
+    """The steps the panel looks at (the job's last ``window`` step numbers after the warm-up; the
+    whole run when None) and the figures over them."""
+    data = step_data(view, last_n=window)
+    return data, job_measures(data)
 
 
-# --- the models ------------------------------------------------------------------------
+def _row(part: PartFigure) -> PhaseRow:
+    return PhaseRow(part.name, part.median_us, part.worst_us, part.worst_rank, 100.0 * part.share)
 
 
-def phase_rows(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[PhaseRow, ...]:
-    """Median and worst rank per phase over each rank's last ``window`` successful steps."""
-    per_rank: dict[int, Mapping[str, np.ndarray]] = {}
-    for rank in view.table_ranks("step_time"):
-        win = _step_window(view, rank, window)
-        if win:
-            per_rank[rank] = win
-    if not per_rank:
+def phase_rows_of(m: JobMeasures) -> tuple[PhaseRow, ...]:
+    """The phase rows then the ``step`` row (median step of the job, the slowest rank)."""
+    if not m.steps:
         return ()
-    rows: list[PhaseRow] = []
-    medians_by_col: dict[str, dict[int, float]] = {}
-    for col in [f"{p}_us" for p in PHASES] + ["step_us"]:
-        medians_by_col[col] = {
-            rank: _nanmedian(_valid_us(win[col])) if col in win else NAN for rank, win in per_rank.items()
-        }
-    step_median = _nanmedian(list(medians_by_col["step_us"].values()))
-    for phase, col in [(p, f"{p}_us") for p in PHASES] + [("step", "step_us")]:
-        medians = medians_by_col[col]
-        valid = {r: v for r, v in medians.items() if not math.isnan(v)}
-        if not valid:
-            rows.append(PhaseRow(phase, NAN, NAN, -1, NAN))
-            continue
-        worst_rank = max(valid, key=lambda r: (valid[r], -r))
-        median = _nanmedian(list(valid.values()))
-        share = 100.0 * median / step_median if step_median and not math.isnan(step_median) else NAN
-        rows.append(PhaseRow(phase, median, valid[worst_rank], worst_rank, share))
+    rows = [_row(p) for p in m.phases]
+    rows.append(PhaseRow("step", m.median_step_us, m.slowest_step_us, m.slowest_rank, NAN))
     return tuple(rows)
 
 
+def region_rows_of(m: JobMeasures) -> tuple[PhaseRow, ...]:
+    return tuple(_row(r) for r in m.regions)
+
+
+def phase_rows(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[PhaseRow, ...]:
+    """Each phase over the job's last ``window`` steps (see :func:`measures`)."""
+    return phase_rows_of(measures(view, window)[1])
+
+
 def rank_skew(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[float, int]:
-    """``(skew_pct, slowest_rank)``; ``(nan, -1)`` without steps.
-
-    DDP's all-reduce makes fast ranks wait inside backward for the slowest one, so their step
-    times match and a median of step times cannot name the straggler.  The gap is therefore
-    taken on the time outside backward (the phases DDP does not equalise) when that gap is the
-    larger one, and on the step time otherwise (ranks that do not synchronise every step).
-    The skew is that gap as a percentage of the fastest rank's median step.
-    """
-    steps: dict[int, float] = {}
-    outside: dict[int, float] = {}
-    for rank in view.table_ranks("step_time"):
-        win = _step_window(view, rank, window)
-        if win:
-            step_us = _valid_us(win["step_us"])
-            m = _nanmedian(step_us)
-            if not math.isnan(m):
-                steps[rank] = m
-                bwd = np.asarray(win["backward_us"], dtype=np.float64)
-                if len(bwd) == len(step_us):
-                    outside[rank] = _nanmedian(step_us - np.where(bwd >= 0, bwd, 0.0))
-    if not steps:
-        return NAN, -1
-    slowest = max(steps, key=lambda r: (steps[r], -r))
-    if len(steps) < 2:
-        return NAN, slowest
-    fastest = min(steps.values())
-    gap = steps[slowest] - fastest
-    valid_outside = {r: v for r, v in outside.items() if not math.isnan(v)}
-    if len(valid_outside) == len(steps):
-        ne_slowest = max(valid_outside, key=lambda r: (valid_outside[r], -r))
-        ne_gap = valid_outside[ne_slowest] - min(valid_outside.values())
-        if ne_gap > gap:
-            slowest, gap = ne_slowest, ne_gap
-    skew = 100.0 * gap / fastest if fastest > 0 else NAN
-    return skew, slowest
+    """``(skew_pct, slowest_rank)`` on the steps every rank has (traceml.views.measures.rank_skew)."""
+    m = measures(view, window)[1]
+    return m.skew_pct, m.slowest_rank
 
 
-def rank_rows(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tuple[RankRow, ...]:
+def rank_rows(
+    view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS, data: StepData | None = None
+) -> tuple[RankRow, ...]:
+    """One row per rank (and per expected rank not seen yet); the median step over the window's steps."""
+    data = step_data(view, last_n=window) if data is None else data
     expected = int(view.meta.get(META_EXPECTED_RANKS, 0) or 0)
     ranks = sorted(set(view.ranks) | set(range(expected)))
     rows = []
     for rank in ranks:
         info = view.rank_info.get(rank)
-        win = _step_window(view, rank, window)
+        rs = data.per_rank.get(rank)
         peak = view.columns("step_memory", rank).get("peak_alloc_bytes")
         if peak is not None and window is not None:
             peak = peak[-window:]
@@ -262,7 +212,7 @@ def rank_rows(view: StoreView, window: int | None = DEFAULT_WINDOW_STEPS) -> tup
                 state=info.state if info else "waiting",
                 steps=_rank_steps(view, rank),
                 last_step=_last_step(view, rank),
-                step_median_us=_nanmedian(_valid_us(win["step_us"])) if win else NAN,
+                step_median_us=_nanmedian(rs.step_us) if rs is not None else NAN,
                 cpu_pct=float(_latest(view, "process", rank, "cpu_pct", NAN)),
                 rss_bytes=int(_latest(view, "process", rank, "rss_bytes", -1)),
                 gpu_alloc_bytes=int(_latest(view, "process", rank, "gpu_alloc_bytes", -1)),
@@ -347,9 +297,8 @@ def live_model(view: StoreView, window: int = DEFAULT_WINDOW_STEPS) -> LiveModel
     """The whole live dashboard for one snapshot."""
     start_ns = int(view.meta.get(META_START_NS, 0) or 0)
     elapsed = (view.latest_ns - start_ns) / 1e9 if start_ns and view.latest_ns > start_ns else NAN
-    rates = [_steps_per_s(_step_window(view, r, window)) for r in view.table_ranks("step_time")]
-    skew, slowest = rank_skew(view, window)
-    ranks = rank_rows(view, window)
+    data, m = measures(view, window)
+    ranks = rank_rows(view, window, data)
     return LiveModel(
         run_name=str(view.meta.get(META_RUN_NAME, "") or ""),
         status=str(view.meta.get(META_STATUS, "running") or "running"),
@@ -357,12 +306,15 @@ def live_model(view: StoreView, window: int = DEFAULT_WINDOW_STEPS) -> LiveModel
         window_steps=window,
         expected_ranks=int(view.meta.get(META_EXPECTED_RANKS, 0) or 0),
         last_step=max((r.last_step for r in ranks), default=-1),
-        steps_per_s=_nanmedian(rates),
-        phases=phase_rows(view, window),
-        skew_pct=skew,
-        slowest_rank=slowest,
+        steps_per_s=m.throughput_steps_per_s,
+        phases=phase_rows_of(m),
+        skew_pct=m.skew_pct,
+        slowest_rank=m.slowest_rank,
         ranks=ranks,
         nodes=node_rows(view),
         drops_total=view.dropped(),
         recording=recording_info(view),
+        outside_pct=100.0 * m.outside_share,
+        regions=region_rows_of(m),
+        between_regions=tuple((n, 100.0 * v) for n, v in m.between_regions.items()),
     )

@@ -18,6 +18,8 @@ import numpy as np
 
 from traceml.schema import PHASES, ROLLUP_ROWS, ROLLUP_STEP_LAST, rollup_name
 from traceml.store import StoreView
+from traceml.views.measures import job_measures, run_duration_s
+from traceml.views.steps import step_data
 
 #: default cap on the points of one drawn trace (min/max gives 2 per bucket)
 MAX_POINTS = 2000
@@ -155,6 +157,8 @@ class StepBreakdown:
     steps: np.ndarray
     phases: Mapping[str, np.ndarray]
     total_ms: np.ndarray
+    #: median and p95 step of the job (the slowest rank's time per step, on the steps every selected
+    #: rank has; the warm-up left out over the whole run): the figures of summary.json and the live view
     median_ms: float
     p95_ms: float
     bucket_steps: int
@@ -595,11 +599,9 @@ def step_breakdown(
     sums = {p: np.zeros(n) for p in phases}
     total = np.zeros(n)
     rows = 0
-    step_us_chunks = []
     for cols in per_rank.values():
         steps = cols["step"]
         rows += len(steps)
-        step_us_chunks.append(_valid_steps(cols))
         buckets = _Buckets(steps, lo, width, n)
         # int64 sums: a "not measured" -1 costs at most 1 us per row, and means are clipped at 0
         total += buckets.sums(cols["step_us"], n)
@@ -609,7 +611,8 @@ def step_breakdown(
             if col is not None:
                 sums[p] += buckets.sums(col, n)
     x, phase_ms, total_ms = _bucket_means(lo, width, n, counts, total, sums)
-    med, p95 = _quantiles(step_us_chunks)
+    m = job_measures(step_data(view, step_range=step_range, ranks=chosen))
+    med, p95 = m.median_step_us / 1000.0, m.p95_step_us / 1000.0
     return StepBreakdown(x, phase_ms, total_ms, med, p95, width, tuple(per_rank), rows, step_range)
 
 
@@ -647,14 +650,11 @@ def rank_steps(
         stats.append(RankStat(r, len(steps), med, p95, mean))
         buckets = _Buckets(steps, lo, width, n)
         heat[i] = _mean_ms(buckets.counts, buckets.sums(step_us, n))
-    medians = np.array([s.median_ms for s in stats])
-    finite = np.isfinite(medians)
-    slowest = int(stats[int(np.nanargmax(medians))].rank) if finite.any() else None
-    if finite.sum() >= 2:
-        m = medians[finite]
-        skew = float((m.max() - m.min()) / m.min() * 100.0) if m.min() > 0 else math.nan
-    else:
-        skew = math.nan
+    # the one definition every view shares (traceml.views.measures): on the steps every rank has,
+    # after the warm-up for the whole run, over the chosen steps when zoomed
+    m = job_measures(step_data(view, step_range=step_range, ranks=chosen))
+    slowest = m.slowest_rank if m.slowest_rank >= 0 else None
+    skew = m.skew_pct
     heat_x = lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0
     return RankSteps(tuple(traces), tuple(stats), slowest, skew, heat_x, tuple(per_rank), heat, width, step_range)
 
@@ -893,7 +893,10 @@ def run_info(view: StoreView) -> RunInfo:
     rolled = _from_rollup(view)
     if rolled:  # the rollup's timestamps are its groups' first and last
         latest = max([int(c["ts_ns.max"].max()) for c in _rollup_per_rank(view, None, None).values()] or [0])
-    if latest and t0:
+    duration = run_duration_s(view)
+    if math.isfinite(duration):
+        rows.append(("duration", f"{duration:.1f} s"))
+    elif latest and t0:
         rows.append(("duration", f"{(latest - t0) / 1e9:.1f} s"))
     ranks = []
     for r in view.ranks:

@@ -1,0 +1,373 @@
+"""Step rows as every view and rule sees them: failed steps and warm-up removed, optionally the last N.
+
+:func:`step_data` turns a view's ``step_time`` table into per-rank float arrays (microseconds,
+``nan`` = not measured) restricted to one window of step numbers.  The same window feeds the
+diagnosis, the summary statistics and ``traceml compare``, so they all agree on which steps count.
+
+Missing-value rules: a ``dataloader_us`` or ``h2d_us`` of -1 is 0 (no DataLoader / no device
+copy: the phase did not happen); ``forward/backward/optimizer`` of -1 stay ``nan`` (not
+measured); a residual of -1 is recomputed as ``max(0, step - other phases)``.
+
+Named regions (``traceml.trace_time``, table ``step_region``): each region's time per step is
+kept in :attr:`RankSteps.regions`; the part of it that lies outside the standard phases is taken
+out of ``residual`` (see :func:`region_split`), so ``residual`` is the time nobody named.
+Region calls between steps (``step = -1``) inside the window's time span are summed per name in
+:attr:`StepData.between_regions`: they are part of the wall time outside any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from traceml.schema import PHASES
+from traceml.store import StoreView
+
+#: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
+WARMUP_STEPS = 5
+#: ... but never more than this fraction of the run's steps, so short runs keep their data
+WARMUP_MAX_FRACTION = 0.2
+
+#: phases that default to 0 when not recorded (they did not happen)
+ZERO_WHEN_MISSING = ("dataloader", "h2d")
+COMPUTE_PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class RankSteps:
+    """One rank's analysed steps, sorted by step number (one row per step)."""
+
+    rank: int
+    step: np.ndarray  # int64
+    ts_ns: np.ndarray  # int64, end of step
+    step_us: np.ndarray  # float64
+    phases: Mapping[str, np.ndarray]  # phase -> float64 us (nan = not measured)
+    #: region name -> float64 us per step (0 = not entered in that step): the region's whole time
+    regions: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: region name -> float64 us per step: the part taken out of ``residual`` (outside the standard phases)
+    regions_own: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: region name -> calls summed over the analysed steps
+    region_calls: Mapping[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def measured(self, phase: str) -> bool:
+        values = self.phases[phase]
+        return bool(len(values)) and bool(np.isfinite(values).any())
+
+
+@dataclass(frozen=True)
+class StepData:
+    ranks: tuple[int, ...]
+    per_rank: Mapping[int, RankSteps]
+    #: distinct step numbers in the window (union over ranks), sorted
+    steps: np.ndarray
+    warmup_steps: int
+    failed_rows: int
+    recorded_rows: int
+    last_n: int | None
+    #: region name -> microseconds summed over ranks, for calls made between steps inside the window
+    between_regions: Mapping[str, float] = field(default_factory=dict)
+    #: region name -> calls made between steps inside the window
+    between_calls: Mapping[str, int] = field(default_factory=dict)
+
+    def region_names(self) -> tuple[str, ...]:
+        """Every region entered in an analysed step, by name."""
+        return tuple(sorted({n for rs in self.per_rank.values() for n in rs.regions}))
+
+    @property
+    def empty(self) -> bool:
+        return len(self.steps) == 0
+
+    def min_rank_steps(self) -> int:
+        return min((len(r) for r in self.per_rank.values()), default=0)
+
+    def time_range(self) -> tuple[int, int] | None:
+        """(start_ns, end_ns) covered by the window: start of its first step to end of its last."""
+        starts, ends = [], []
+        for rs in self.per_rank.values():
+            if len(rs):
+                starts.append(int(rs.ts_ns[0]) - int(np.nan_to_num(rs.step_us[0])) * 1000)
+                ends.append(int(rs.ts_ns[-1]))
+        if not starts:
+            return None
+        return min(starts), max(ends)
+
+    def common_steps(self) -> np.ndarray:
+        """Step numbers every rank of the window has."""
+        common: np.ndarray | None = None
+        for rs in self.per_rank.values():
+            common = rs.step if common is None else np.intersect1d(common, rs.step, assume_unique=True)
+        return np.empty(0, np.int64) if common is None else common
+
+    def matrix(self, field: str, steps: np.ndarray) -> np.ndarray:
+        """[rank, step] float64 matrix of ``field`` (``step`` or a phase) over ``steps``."""
+        out = np.full((len(self.ranks), len(steps)), np.nan)
+        for i, r in enumerate(self.ranks):
+            rs = self.per_rank[r]
+            if not len(rs.step):
+                continue
+            values = rs.step_us if field == "step" else rs.phases[field]
+            if np.array_equal(rs.step, steps):  # the usual case: every rank has every step
+                out[i] = values
+                continue
+            idx = np.clip(np.searchsorted(rs.step, steps), 0, len(rs.step) - 1)
+            hit = rs.step[idx] == steps
+            out[i, hit] = values[idx[hit]]
+        return out
+
+
+def union_sorted(arrays: list[np.ndarray]) -> np.ndarray:
+    """Sorted distinct values of the int64 arrays (a sort and a diff: faster than np.unique here)."""
+    if not arrays:
+        return np.empty(0, np.int64)
+    a = np.sort(np.concatenate(arrays), kind="stable")
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
+def warmup_count(distinct_steps: int) -> int:
+    """How many leading step numbers are warm-up: WARMUP_STEPS, capped at WARMUP_MAX_FRACTION of the run."""
+    return min(WARMUP_STEPS, int(distinct_steps * WARMUP_MAX_FRACTION))
+
+
+def _rank_rows(cols: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int, int]:
+    """Indices of a rank's usable rows (not failed, last row per step, sorted); failed and total counts."""
+    step = np.asarray(cols.get("step", np.empty(0, np.int64)), dtype=np.int64)
+    n = len(step)
+    if n == 0:
+        return np.empty(0, np.int64), 0, 0
+    failed_col = cols.get("failed")
+    failed = np.zeros(n, bool) if failed_col is None else np.asarray(failed_col) != 0
+    keep = np.flatnonzero(~failed)
+    kept_steps = step[keep]
+    if bool(np.all(kept_steps[1:] > kept_steps[:-1])):  # the usual case: already one row per step, in order
+        return keep, int(failed.sum()), n
+    # one row per step: keep the last one written (np.unique on the reversed order finds it)
+    rev = keep[::-1]
+    _, first_in_rev = np.unique(step[rev], return_index=True)  # sorted by step number
+    return rev[first_in_rev], int(failed.sum()), n
+
+
+def _phases(cols: Mapping[str, np.ndarray], idx: np.ndarray, step_us: np.ndarray) -> dict[str, np.ndarray]:
+    phases: dict[str, np.ndarray] = {}
+    for p in PHASES:
+        raw = cols.get(f"{p}_us")
+        if raw is None:
+            values = np.full(len(idx), np.nan)
+        else:
+            values = np.asarray(raw, dtype=np.float64)[idx]
+            values[values < 0] = np.nan
+        if p in ZERO_WHEN_MISSING:
+            values = np.nan_to_num(values, nan=0.0)
+        phases[p] = values
+    resid = phases["residual"]
+    missing = ~np.isfinite(resid)
+    if missing.any():
+        named = sum(np.nan_to_num(phases[p]) for p in PHASES if p != "residual")
+        resid[missing] = np.maximum(0.0, step_us - named)[missing]
+    return phases
+
+
+def step_data(
+    view: StoreView,
+    *,
+    last_n: int | None = None,
+    step_range: tuple[int, int] | None = None,
+    ranks: Iterable[int] | None = None,
+) -> StepData:
+    """The analysed steps of every rank: failed rows and warm-up dropped, then the last ``last_n``.
+
+    With ``step_range`` (inclusive bounds, a zoomed chart) the steps are those in the range and
+    no warm-up is dropped; ``ranks`` keeps only those ranks."""
+    if last_n is not None and last_n < 1:
+        last_n = 1
+    raw: dict[int, tuple[Mapping[str, np.ndarray], np.ndarray]] = {}
+    failed_rows = recorded = 0
+    wanted = None if ranks is None else set(ranks)
+    for rank in view.table_ranks("step_time"):
+        if wanted is not None and rank not in wanted:
+            continue
+        cols = view.columns("step_time", rank)
+        idx, failed, n = _rank_rows(cols)
+        failed_rows += failed
+        recorded += n
+        if len(idx):
+            raw[rank] = (cols, idx)
+    all_steps = union_sorted([np.asarray(c["step"], np.int64)[i] for c, i in raw.values()])
+    if step_range is not None:
+        warm = 0
+        all_steps = all_steps[(all_steps >= step_range[0]) & (all_steps <= step_range[1])]
+    else:
+        warm = warmup_count(len(all_steps))
+    window = all_steps[warm:]
+    if last_n is not None:
+        window = window[-last_n:]
+    per_rank: dict[int, RankSteps] = {}
+    for rank, (cols, idx) in raw.items():
+        steps = np.asarray(cols["step"], np.int64)[idx]
+        # the window is a suffix of the sorted union, so a rank's share of it is a suffix too
+        sel = idx[(steps >= window[0]) & (steps <= window[-1])] if len(window) else idx[:0]
+        if not len(sel):
+            continue
+        step_us = np.asarray(cols["step_us"], dtype=np.float64)[sel]
+        step_us[step_us < 0] = np.nan
+        per_rank[rank] = RankSteps(
+            rank=rank,
+            step=np.asarray(cols["step"], np.int64)[sel],
+            ts_ns=np.asarray(cols["ts_ns"], np.int64)[sel],
+            step_us=step_us,
+            phases=_phases(cols, sel, step_us),
+        )
+    window_used = union_sorted([rs.step for rs in per_rank.values()])
+    for rank, rs in list(per_rank.items()):
+        if view.rows("step_region", rank):
+            per_rank[rank] = _with_regions(rs, view.columns("step_region", rank))
+    between, between_calls = _between_regions(view, per_rank)
+    return StepData(
+        ranks=tuple(sorted(per_rank)),
+        per_rank=per_rank,
+        steps=window_used,
+        warmup_steps=warm,
+        failed_rows=failed_rows,
+        recorded_rows=recorded,
+        last_n=last_n,
+        between_regions=between,
+        between_calls=between_calls,
+    )
+
+
+#: region names kept apart; beyond this many (by time) the rest are summed under OTHER_REGIONS
+MAX_REGIONS = 16
+#: region names are shown at most this many characters long
+MAX_REGION_NAME = 64
+OTHER_REGIONS = "(other regions)"
+
+
+def _region_name(name: object) -> str:
+    text = str(name)
+    return text if len(text) <= MAX_REGION_NAME else text[: MAX_REGION_NAME - 1] + "\u2026"
+
+
+def _kept_names(names: np.ndarray, time_us: np.ndarray) -> dict[str, str]:
+    """Each region name (shortened) -> the name it is shown under: itself, or OTHER_REGIONS past MAX_REGIONS."""
+    totals: dict[str, float] = {}
+    for n, t in zip(names.tolist(), time_us.tolist(), strict=True):
+        key = _region_name(n)
+        totals[key] = totals.get(key, 0.0) + float(t)
+    order = sorted(totals, key=lambda n: (-totals[n], n))
+    keep = order if len(order) <= MAX_REGIONS else order[: MAX_REGIONS - 1]
+    kept = set(keep)
+    return {n: (n if n in kept else OTHER_REGIONS) for n in order}
+
+
+def region_split(
+    step_us: np.ndarray,
+    residual: np.ndarray,
+    totals: Mapping[str, np.ndarray],
+    outside: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """How much of each region's time per step lies outside the standard phases.
+
+    When the rank recorded it (an ``outside_us`` column), that figure is used.  Otherwise the rows
+    only say how long each region ran and how long the step spent outside the phases (its
+    residual), so a region is charged to residual up to the residual it could fit in: when the
+    regions of a step sum to more than its residual, the residual is shared in proportion to their
+    time (regions that overlap a phase then take less out of residual).
+    """
+    if outside is not None:
+        return {n: np.minimum(np.maximum(outside[n], 0.0), totals[n]) for n in totals}
+    if not totals:
+        return {}
+    resid = np.nan_to_num(residual)
+    total = sum(totals.values(), np.zeros(len(step_us)))
+    with np.errstate(all="ignore"):
+        scale = np.where(total > resid, resid / np.where(total > 0, total, 1.0), 1.0)
+    return {n: v * scale for n, v in totals.items()}
+
+
+def _with_regions(rs: RankSteps, cols: Mapping[str, np.ndarray]) -> RankSteps:
+    steps = np.asarray(cols.get("step", ()), np.int64)
+    names = np.asarray(cols.get("name", ()), dtype=object)
+    cpu = np.asarray(cols.get("cpu_us", ()), np.float64)
+    if not len(steps) or not len(rs.step) or not (len(names) == len(cpu) == len(steps)):
+        return rs
+    own_col = cols.get("outside_us")
+    own = np.asarray(own_col, np.float64) if own_col is not None and len(own_col) == len(steps) else None
+    idx = np.clip(np.searchsorted(rs.step, steps), 0, len(rs.step) - 1)
+    hit = np.flatnonzero((steps >= 0) & (rs.step[idx] == steps) & (cpu >= 0))
+    if not len(hit):
+        return rs
+    shown = _kept_names(names[hit], cpu[hit])
+    totals = {n: np.zeros(len(rs.step)) for n in sorted(set(shown.values()))}
+    outside = {n: np.zeros(len(rs.step)) for n in totals}
+    calls = dict.fromkeys(totals, 0)
+    ncalls = np.asarray(cols.get("calls", np.ones(len(steps))), np.int64)
+    for i in hit:
+        name = shown[_region_name(names[i])]
+        totals[name][idx[i]] += cpu[i]
+        calls[name] += int(ncalls[i]) if len(ncalls) == len(steps) and ncalls[i] > 0 else 1
+        if own is not None:
+            outside[name][idx[i]] += own[i] if own[i] >= 0 else cpu[i]
+    resid = rs.phases["residual"]
+    own_part = region_split(rs.step_us, resid, totals, outside if own is not None else None)
+    taken = sum(own_part.values(), np.zeros(len(rs.step)))
+    phases = dict(rs.phases)
+    phases["residual"] = np.where(np.isfinite(resid), np.maximum(0.0, resid - taken), resid)
+    return replace(rs, phases=phases, regions=totals, regions_own=own_part, region_calls=calls)
+
+
+def _between_regions(view: StoreView, per_rank: Mapping[int, RankSteps]) -> tuple[dict[str, float], dict[str, int]]:
+    out: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for rank, rs in per_rank.items():
+        if not len(rs) or not view.rows("step_region", rank):
+            continue
+        cols = view.columns("step_region", rank)
+        steps = np.asarray(cols.get("step", ()), np.int64)
+        ts = np.asarray(cols.get("ts_ns", ()), np.int64)
+        cpu = np.asarray(cols.get("cpu_us", ()), np.float64)
+        names = cols.get("name", ())
+        if not (len(steps) == len(ts) == len(cpu) == len(names)):
+            continue
+        start = int(rs.ts_ns[0]) - int(np.nan_to_num(rs.step_us[0])) * 1000
+        sel = np.flatnonzero((steps < 0) & (ts >= start) & (ts <= int(rs.ts_ns[-1])) & (cpu >= 0))
+        for i in sel:
+            name = _region_name(names[i])
+            out[name] = out.get(name, 0.0) + float(cpu[i])
+            calls[name] = calls.get(name, 0) + 1
+    if len(out) > MAX_REGIONS:
+        order = sorted(out, key=lambda n: (-out[n], n))
+        rest = sum(out[n] for n in order[MAX_REGIONS - 1 :])
+        out = {n: out[n] for n in order[: MAX_REGIONS - 1]}
+        out[OTHER_REGIONS] = rest
+        calls = {n: c for n, c in calls.items() if n in out}
+    return dict(sorted(out.items())), calls
+
+
+def job_series(data: StepData) -> dict[str, np.ndarray]:
+    """One value per step for the whole job: ``step`` is the slowest rank's step time (the job
+    moves at its pace); each phase is the mean over the ranks that have the step.  Also ``steps``."""
+    steps = data.steps
+    out: dict[str, np.ndarray] = {"steps": steps.astype(np.float64)}
+    if not len(steps) or not data.ranks:
+        out["step"] = np.empty(0)
+        for p in PHASES:
+            out[p] = np.empty(0)
+        return out
+    step_m = data.matrix("step", steps)
+    with np.errstate(all="ignore"):
+        out["step"] = _nan_reduce(step_m, np.nanmax)
+        for p in PHASES:
+            out[p] = _nan_reduce(data.matrix(p, steps), np.nanmean)
+    return out
+
+
+def _nan_reduce(m: np.ndarray, fn: object) -> np.ndarray:
+    finite = np.isfinite(m).any(axis=0)
+    res = np.full(m.shape[1], np.nan)
+    if finite.any():
+        res[finite] = fn(m[:, finite], axis=0)  # type: ignore[operator]
+    return res
