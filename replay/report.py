@@ -452,7 +452,9 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
         for ph in measured:
             share = overall[ph].get("share")
             cell = "" if share is None else f"{100 * share:.1f}%"
-            lines.append(f"| {esc.markdown(ph)} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} | {cell} |")
+            lines.append(
+                f"| {esc.markdown(ph)} | {overall[ph]['median_ms']:.2f} | {overall[ph]['p95_ms']:.2f} | {cell} |"
+            )
         lines.append("")
     named = [r for r in summary.get("regions", []) if r.get("share") is not None or r.get("wall_share") is not None]
     if named:

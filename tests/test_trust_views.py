@@ -95,7 +95,7 @@ def test_every_screen_shows_the_regions_and_the_time_outside_steps(regions_view:
     for text in (final_text, live_text):
         assert "get_batch" in text and "outside steps:" in text and "eval" in text
     report = build_report(regions_view)
-    assert "get_batch" in report.html and "get_batch" in report.markdown
+    assert "get_batch" in report.html and "get\\_batch" in report.markdown  # Markdown-escaped name
     assert "outside any step" in report.html and "outside any step" in report.markdown
 
 

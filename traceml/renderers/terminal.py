@@ -14,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from traceml import escape as esc
 from traceml.views import FinalModel, LiveModel, NodeRow, PhaseRow, RankRow, RecordingInfo
 
 #: rank rows shown before the table is cut to the slowest / unhealthy ranks
