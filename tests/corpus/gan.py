@@ -36,6 +36,7 @@ def main() -> None:
             # one step that times both models' forward: the inner trace_step is the same step
             with traceml.trace_step(netG), traceml.trace_step(netD):
                 yield
+
     real_data = torch.tanh(torch.randn(2048, nx))
     ones, zeros = torch.ones(b, 1), torch.zeros(b, 1)
     for i in range(args.iters):
