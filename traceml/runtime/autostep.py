@@ -253,6 +253,7 @@ class AutoSteps:
             return
         try:
             acc[DATALOADER] = acc[H2D] = 0
+            c.first[DATALOADER] = c.first[H2D] = 0
             self.tracker.regions.clear()
             self.tracker.t0 = _perf_ns()
             _recycle_gpu_pairs(c)
