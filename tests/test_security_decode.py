@@ -71,14 +71,12 @@ def test_real_batches_and_small_frames_stay_far_below_the_budget() -> None:
     frame = encode_frame({"kind": "batch", "seq": 1, "tables": {"step_time": encode_columns(STEP_TIME, cols)}})
     assert decode_payload(frame[4:])["tables"]["step_time"]["n"] == rows
     labels = [f"region{i % 50}" for i in range(20_000)]  # a str column: one object per value
+    from traceml.schema import NUMPY_DTYPES, STEP_REGION
+
     region = {
-        "step": np.arange(20_000),
-        "ts_ns": np.arange(20_000),
-        "name": labels,
-        "cpu_us": np.arange(20_000),
-        "calls": np.ones(20_000, "<i4"),
+        c.name: labels if c.dtype == "str" else np.arange(20_000).astype(NUMPY_DTYPES[c.dtype])
+        for c in STEP_REGION.columns
     }
-    from traceml.schema import STEP_REGION
 
     frame = encode_frame({"kind": "batch", "seq": 2, "tables": {"step_region": encode_columns(STEP_REGION, region)}})
     assert decode_payload(frame[4:])["tables"]["step_region"]["n"] == 20_000

@@ -129,13 +129,11 @@ def test_writer_refuses_bad_columns_attachments_header_labels_and_str_values(tmp
 
 
 def _region(labels: list[str]) -> dict[str, Any]:
+    from traceml.schema import NUMPY_DTYPES, STEP_REGION
+
     n = len(labels)
     return {
-        "step": np.arange(n),
-        "ts_ns": np.arange(n),
-        "name": labels,
-        "cpu_us": np.ones(n, "<i8"),
-        "calls": np.ones(n, "<i4"),
+        c.name: labels if c.dtype == "str" else np.arange(n).astype(NUMPY_DTYPES[c.dtype]) for c in STEP_REGION.columns
     }
 
 
