@@ -10,7 +10,9 @@ report still recomputes everything from the data and records whether the two agr
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,9 @@ from traceml.store import StoreView
 from traceml.views import series as sv
 
 REPORT_HTML = "report.html"
+#: ``--plotly-js``: inline (one self-contained file, the default) or directory (plotly.min.js beside it)
+PLOTLY_JS_CHOICES = ("inline", "directory")
+PLOTLY_JS_FILE = "plotly.min.js"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
@@ -41,6 +46,8 @@ class Report:
     summary: dict[str, Any]
     html: str
     markdown: str
+    #: "inline": plotly.js inside report.html; "directory": beside it as plotly.min.js
+    plotly_js: str = "inline"
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class ReportFiles:
     html: Path
     summary_json: Path
     summary_md: Path
+    #: ``--plotly-js directory``: the plotly.min.js report.html loads
+    plotly_js: Path | None = None
 
 
 # --- embedded summary ----------------------------------------------------------------------------
@@ -243,7 +252,13 @@ def _environment(view: StoreView) -> list[tuple[str, Any]]:
     return out
 
 
-def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[str, Any], source: str = "") -> str:
+def render_html(
+    view: StoreView,
+    summary: Mapping[str, Any],
+    embedded: Mapping[str, Any],
+    source: str = "",
+    plotly_js: str = "inline",
+) -> str:
     run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
     recent = summary["diagnosis_recent"]
     primary = diag["primary"]
@@ -390,8 +405,12 @@ def render_html(view: StoreView, summary: Mapping[str, Any], embedded: Mapping[s
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>traceml report — {_e(title)}</title>"
         f"<style>{_CSS}</style>"
-        f'<script type="text/javascript">{get_plotlyjs()}</script>'
-        f"</head><body><main>{''.join(parts)}</main></body></html>\n"
+        + (
+            f'<script type="text/javascript">{get_plotlyjs()}</script>'
+            if plotly_js == "inline"
+            else f'<script src="{PLOTLY_JS_FILE}" charset="utf-8"></script>'
+        )
+        + f"</head><body><main>{''.join(parts)}</main></body></html>\n"
     )
 
 
@@ -491,16 +510,21 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
     return "\n".join(lines) + "\n"
 
 
-def build_report(view: StoreView, *, source: str = "", recent_steps: int = th.RECENT_STEPS) -> Report:
+def build_report(
+    view: StoreView, *, source: str = "", recent_steps: int = th.RECENT_STEPS, plotly_js: str = "inline"
+) -> Report:
     """The three documents for ``view`` (pure; no file is touched)."""
+    if plotly_js not in PLOTLY_JS_CHOICES:
+        raise ReportError(f"--plotly-js {plotly_js!r}: expected one of {', '.join(PLOTLY_JS_CHOICES)}")
     summary = build_summary(view, recent_steps=recent_steps)
     embedded = check_embedded(view.attachments.get("summary"), summary)
     doc = dict(summary)
     doc["embedded_summary"] = embedded
     return Report(
         summary=doc,
-        html=render_html(view, summary, embedded, source),
+        html=render_html(view, summary, embedded, source, plotly_js),
         markdown=render_markdown(summary, embedded),
+        plotly_js=plotly_js,
     )
 
 
@@ -544,11 +568,35 @@ def write_documents(report: Report, out_dir: str | Path, *, overwrite: bool = Fa
         raise ReportError(
             f"cannot write the report into {str(out.root)!r}: {exc}; choose another --out directory"
         ) from exc
+    if report.plotly_js == "directory":
+        files = dataclasses.replace(files, plotly_js=_write_plotly_js(out.root))
     return files
 
 
+def _write_plotly_js(directory: Path) -> Path:
+    """plotly.min.js beside report.html: written once, kept when an identical copy is there."""
+    target = directory / PLOTLY_JS_FILE
+    code = get_plotlyjs().encode("utf-8")
+    try:
+        if target.is_symlink():
+            raise ReportError(f"{target} is a symbolic link; traceml does not write through links: remove it")
+        if target.is_file() and target.stat().st_size == len(code) and target.read_bytes() == code:
+            return target
+        tmp = target.with_name(f".{PLOTLY_JS_FILE}.{os.getpid()}.tmp")
+        tmp.write_bytes(code)
+        os.replace(tmp, target)  # the same library file: replacing an older copy loses nothing
+    except OSError as exc:
+        raise ReportError(f"cannot write {target}: {exc}; choose another --out directory") from exc
+    return target
+
+
 def write_report(
-    recording: str | Path, out_dir: str | Path, *, recent_steps: int = th.RECENT_STEPS, overwrite: bool = False
+    recording: str | Path,
+    out_dir: str | Path,
+    *,
+    recent_steps: int = th.RECENT_STEPS,
+    overwrite: bool = False,
+    plotly_js: str = "inline",
 ) -> ReportFiles:
     """``traceml report``: read ``recording`` and write report.html, summary.json, summary.md."""
     OutputDir(out_dir, overwrite=overwrite).check(
@@ -556,5 +604,7 @@ def write_report(
     )
     view = load_view(recording)
     return write_documents(
-        build_report(view, source=str(recording), recent_steps=recent_steps), out_dir, overwrite=overwrite
+        build_report(view, source=str(recording), recent_steps=recent_steps, plotly_js=plotly_js),
+        out_dir,
+        overwrite=overwrite,
     )

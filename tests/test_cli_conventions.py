@@ -121,3 +121,28 @@ def test_color_never_sets_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
     res = CliRunner().invoke(app, ["--color", "sometimes", "version"])
     assert res.exit_code == 2 and "expected one of auto, always, never" in res.output
+
+
+def test_inspect_check_exits_3_on_a_damaged_or_recovered_file() -> None:
+    assert CliRunner().invoke(app, ["inspect", "--check", str(SAMPLES / "compute_bound.tml")]).exit_code == 0
+    crashed = CliRunner().invoke(app, ["inspect", "--check", "--json", str(SAMPLES / "crashed_midway.tml")])
+    assert crashed.exit_code == 3 and json.loads(crashed.stdout)["integrity"]["status"] == "recovered"
+    # without --check, showing a damaged file is a success
+    assert CliRunner().invoke(app, ["inspect", "--json", str(SAMPLES / "crashed_midway.tml")]).exit_code == 0
+
+
+def test_report_json_and_plotly_js_directory(tmp_path: Path) -> None:
+    res = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "a"), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)  # stdout is the summary and nothing else
+    assert summary["diagnosis"]["primary"]["kind"] == "INPUT_BOUND"
+    inline = (tmp_path / "a" / "report.html").stat().st_size
+    res = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "b"), "--plotly-js", "directory")
+    assert res.returncode == 0, res.stderr
+    html = (tmp_path / "b" / "report.html").read_text()
+    assert '<script src="plotly.min.js"' in html and "Plotly" not in html[:2000]
+    shared = tmp_path / "b" / "plotly.min.js"
+    assert shared.stat().st_size > 1_000_000 and len(html) < inline - 1_000_000
+    assert f"wrote {shared}" in res.stdout
+    bad = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "c"), "--plotly-js", "cdn")
+    assert bad.returncode == 2 and "'cdn' is not one of" in bad.stderr

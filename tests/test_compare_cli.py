@@ -56,12 +56,12 @@ def test_summary_with_few_steps_exits_3(summaries: dict[str, Path]) -> None:
     assert "too few steps" in res.output
 
 
-def test_missing_file_and_bad_usage_exit_1(summaries: dict[str, Path], tmp_path: Path) -> None:
+def test_missing_file_exits_1_and_bad_usage_exits_2(summaries: dict[str, Path], tmp_path: Path) -> None:
     res = invoke(str(summaries["base"]), str(tmp_path / "nope.tml"))
     assert res.exit_code == 1
-    assert "not found" in res.output
-    assert invoke(str(summaries["base"])).exit_code == 1  # missing NEW argument
-    assert invoke(str(summaries["base"]), str(summaries["same"]), "--max-regression", "-1").exit_code == 1
+    assert "not found" in res.output and "traceml compare: error: " in res.output
+    assert invoke(str(summaries["base"])).exit_code == 2  # missing NEW argument: a usage error
+    assert invoke(str(summaries["base"]), str(summaries["same"]), "--max-regression", "-1").exit_code == 2
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
     res = invoke(str(summaries["base"]), str(bad))

@@ -72,6 +72,7 @@ def test_every_command_line_in_the_readme_works(tmp_path: Path) -> None:
         "broken.tml": SAMPLES / "crashed_midway.tml",
         "fixed.tml": tmp_path / "fixed.tml",
         "trace.json": tmp_path / "trace.json",
+        "run.prom": tmp_path / "run.prom",
         "parquet/": tmp_path / "parquet",
         "report/": tmp_path / "report",
     }

@@ -90,8 +90,8 @@ def test_errors_say_what_to_change(tml: Path, tmp_path: Path, args: list[str], m
 
     argv = [a.format(tml=tml) if a != "missing.tml" else str(tmp_path / a) for a in args]
     out = CliRunner().invoke(app, ["replay", *argv])
-    assert out.exit_code == 1, out.output
-    assert message in out.stderr
+    assert out.exit_code == (1 if args == ["missing.tml"] else 2), out.output  # file error 1, usage error 2
+    assert message in out.stderr and out.stderr.startswith("traceml replay: error: ")
     assert out.exception is None or isinstance(out.exception, SystemExit)
 
 

@@ -1,12 +1,14 @@
 """``traceml inspect | recover | export``: look into, repair and convert ``.tml`` recordings.
 
-Errors print one line (``error: ...``) and exit 1.  ``recover`` exits 0 when nothing was
-lost and 3 when data was lost (the MCAP ``recover`` convention).
+Errors print one line (``traceml <command>: error: ...``) and exit 1; usage errors exit 2.
+``recover`` exits 0 when nothing was lost and 3 when data was lost (the MCAP ``recover``
+convention); ``inspect --check`` exits 3 on a damaged or recovered file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,6 +19,7 @@ from traceml import escape as esc
 from traceml.errors import TracemlError
 
 EXPORT_FORMATS = ("csv", "chrome-trace", "parquet", "prometheus", "otlp")
+ExportFormat = enum.Enum("ExportFormat", {f.replace("-", "_"): f for f in EXPORT_FORMATS}, type=str)  # type: ignore[misc]
 EXIT_FAILED = 1
 EXIT_DATA_LOST = 3
 
@@ -31,24 +34,33 @@ def register(app: typer.Typer) -> None:
 def inspect_cmd(
     path: Path = typer.Argument(..., help="the .tml recording"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    check: bool = typer.Option(
+        False, "--check", help="exit 3 when the file is damaged or was not closed cleanly (recovered), 0 when complete"
+    ),
 ) -> None:
-    """Show a recording's header, tables, segments, sizes and integrity (reads every record)."""
+    """Show a recording's header, tables, segments, sizes and integrity (reads every record).
+
+    Exit codes: 0 shown (with --check: the file is complete), 1 file error, 2 usage error,
+    3 with --check: damaged or recovered.
+    """
     from traceml.format import open_recording
 
     try:
         with open_recording(path) as reader:
             info = reader.inspect()
     except TracemlError as exc:
-        _fail(exc)
+        _fail(exc, "inspect")
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=_json_default))
-        return
-    _print_inspection(info)
+    else:
+        _print_inspection(info)
+    if check and info["integrity"]["status"] != "complete":
+        raise typer.Exit(EXIT_DATA_LOST)
 
 
 def recover_cmd(
     path: Path = typer.Argument(..., help="the crashed or damaged .tml recording"),
-    output: Path = typer.Option(..., "-o", "--output", help="where to write the clean copy"),
+    output: Path = typer.Option(..., "-o", "--out", "--output", help="where to write the clean copy"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the output file if it exists"),
 ) -> None:
     """Rewrite a crashed or damaged recording as a clean one.  Exit 0: nothing lost; 3: data lost; 1: failed."""
@@ -59,7 +71,7 @@ def recover_cmd(
         check_new_file(output, overwrite=overwrite, option="-o")
         result = recover(path, output)
     except TracemlError as exc:
-        _fail(exc)
+        _fail(exc, "recover")
     integrity = result.integrity
     typer.echo(
         f"wrote {output}: {result.rows} rows from {result.segments} segments, {result.attachments} attachments"
@@ -73,7 +85,7 @@ def recover_cmd(
 
 def export_cmd(
     path: Path = typer.Argument(..., help="the .tml recording"),
-    fmt: str = typer.Option(
+    fmt: ExportFormat = typer.Option(
         ...,
         "--format",
         help="csv (a directory, one file per table), chrome-trace (JSON), parquet (a directory of"
@@ -81,7 +93,7 @@ def export_cmd(
         " textfile-collector .prom file) or otlp (send the run's metrics to an OpenTelemetry collector)",
     ),
     output: Path | None = typer.Option(
-        None, "-o", "--output", "--out", help="output directory (csv, parquet) or file (chrome-trace, prometheus)"
+        None, "-o", "--out", "--output", help="output directory (csv, parquet) or file (chrome-trace, prometheus)"
     ),
     endpoint: str | None = typer.Option(
         None,
@@ -96,8 +108,7 @@ def export_cmd(
     from traceml.format import open_recording
     from traceml.format.export import export_csv, write_chrome_trace
 
-    if fmt not in EXPORT_FORMATS:
-        _fail(f"--format {fmt!r} is not supported; expected one of: {', '.join(EXPORT_FORMATS)}")
+    fmt = getattr(fmt, "value", fmt)  # the choice's name as typed
     if fmt in ("prometheus", "otlp"):
         _export_summary(path, fmt, output, endpoint, overwrite)
         return
@@ -165,8 +176,8 @@ def _export_summary(path: Path, fmt: str, output: Path | None, endpoint: str | N
         typer.echo(f"note: {esc.visible(integrity.get('message', ''))}", err=True)
 
 
-def _fail(error: object) -> NoReturn:
-    typer.echo(f"error: {esc.visible(error, max_chars=2000)}", err=True)
+def _fail(error: object, command: str = "export") -> NoReturn:
+    typer.echo(f"traceml {command}: error: {esc.visible(error, max_chars=2000)}", err=True)
     raise typer.Exit(EXIT_FAILED)
 
 

@@ -1,7 +1,7 @@
 """``traceml replay RUN.tml``: play a recording through the live terminal view, or serve the dashboard.
 
 ``replay`` is imported inside the command, so ``traceml --help`` stays light; nothing here
-imports torch.  Exit codes: 0 done, 1 usage or file error.
+imports torch.  Exit codes: 0 done, 1 file or runtime error, 2 usage error.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import typer
 from traceml.errors import ConfigError, TracemlError
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 UI_CHOICES = ("terminal", "web")
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"traceml replay: {message}", err=True)
-    return typer.Exit(EXIT_ERROR)
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    typer.echo(f"traceml replay: error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def replay(
@@ -81,7 +82,17 @@ def replay(
                 )
             from replay.dashboard import serve
 
-            serve(recording, compare=compare, follow=follow, host=host, port=port, progress=None if progress else False)
+            try:
+                serve(
+                    recording,
+                    compare=compare,
+                    follow=follow,
+                    host=host,
+                    port=port,
+                    progress=None if progress else False,
+                )
+            except ConfigError as exc:  # a busy port, a file: not a usage error
+                raise _fail(str(exc)) from exc
             return
         if compare is not None:
             raise ConfigError("--compare needs --ui web (or use `traceml compare A.tml B.tml`)")
@@ -99,6 +110,8 @@ def replay(
                 typer.echo(f"note: {integrity['message']}", err=True)
         finally:
             rec.close()
+    except ConfigError as exc:  # an option's value: a usage error
+        raise _fail(str(exc), EXIT_USAGE) from exc
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
     except KeyboardInterrupt:

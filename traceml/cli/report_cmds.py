@@ -6,39 +6,25 @@ command functions, so ``traceml --help`` stays light and no torch is needed.
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Any
 
 import typer
-from typer.core import TyperCommand
 
 from traceml import escape as esc
 from traceml.errors import TracemlError
 
-#: usage and file errors (``traceml compare`` also exits 3 inconclusive, 4 regression: docs/compare.md)
+#: file and runtime errors; usage errors exit 2 (``traceml compare`` also exits 3 inconclusive,
+#: 4 regression: docs/compare.md)
 EXIT_ERROR = 1
+EXIT_USAGE = 2
+PlotlyJs = enum.Enum("PlotlyJs", {"inline": "inline", "directory": "directory"}, type=str)  # type: ignore[misc]
 
 
-#: click's UsageError as typer raises it (recent typer versions vendor click under typer._click)
-_USAGE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
-)
-
-
-class _UsageErrorExitsOne(TyperCommand):
-    """Usage errors exit with 1 (not click's 2), the code documented for usage and file errors."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except _USAGE_ERRORS as exc:
-            exc.exit_code = EXIT_ERROR  # type: ignore[attr-defined]
-            raise
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"traceml: {esc.visible(message, 2000)}", err=True)
-    return typer.Exit(EXIT_ERROR)
+def _fail(message: str, command: str = "report", code: int = EXIT_ERROR) -> typer.Exit:
+    typer.echo(f"traceml {command}: error: {esc.visible(message, 2000)}", err=True)
+    return typer.Exit(code)
 
 
 def report(
@@ -58,39 +44,61 @@ def report(
         help="also log the summary, the verdict and the report files into wandb or mlflow (repeatable;"
         " docs/exports.md)",
     ),
+    plotly_js: PlotlyJs = typer.Option(
+        "inline",
+        "--plotly-js",
+        help="inline: one self-contained report.html (default); directory: plotly.min.js beside it"
+        " (report.html shrinks from ~4.9 MB to ~0.1 MB)",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print summary.json to stdout (nothing else)"),
 ) -> None:
     """Write report.html (self-contained), summary.json and summary.md from a recording.
 
     The summary.md is short Markdown fit for $GITHUB_STEP_SUMMARY.  Exit codes: 0 written,
-    1 usage or file error (a --log-to that fails is an error too).
+    1 file error (a --log-to that fails is one too), 2 usage error.
     """
     from replay.report import write_report
 
-    trackers = check_trackers(log_to)
+    trackers = check_trackers(log_to, "report")
     target = out if out is not None else recording.with_name(recording.stem + "_report")
     try:
-        files = write_report(recording, target, recent_steps=last_n, overwrite=overwrite)
+        files = write_report(
+            recording,
+            target,
+            recent_steps=last_n,
+            overwrite=overwrite,
+            plotly_js=str(getattr(plotly_js, "value", plotly_js)),
+        )
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
     import json
 
-    summary = json.loads(files.summary_json.read_text(encoding="utf-8"))
-    primary = summary["diagnosis"]["primary"]
-    typer.echo(esc.visible(f"{primary['kind']} ({primary['severity']}): {primary['summary']}", 2000))
-    for path in (files.html, files.summary_json, files.summary_md):
-        typer.echo(f"wrote {path}")
+    text = files.summary_json.read_text(encoding="utf-8")
+    summary = json.loads(text)
+    if as_json:
+        typer.echo(text, nl=False)
+    else:
+        primary = summary["diagnosis"]["primary"]
+        typer.echo(esc.visible(f"{primary['kind']} ({primary['severity']}): {primary['summary']}", 2000))
+        for path in (files.html, files.summary_json, files.summary_md, files.plotly_js):
+            if path is not None:
+                typer.echo(f"wrote {path}")
     if trackers and not log_summary(trackers, summary, [files.html, files.summary_json, files.summary_md]):
         raise typer.Exit(EXIT_ERROR)
 
 
-def check_trackers(log_to: list[str] | None) -> list[str]:
+def check_trackers(log_to: list[str] | None, command: str) -> list[str]:
     """The --log-to values, checked before any work is done."""
     from traceml.exports.trackers import TRACKERS
 
     out: list[str] = []
     for value in log_to or []:
         if value not in TRACKERS:
-            raise _fail(f"--log-to {value!r}: expected one of {', '.join(TRACKERS)} (give it once per tool)")
+            raise _fail(
+                f"--log-to {value!r}: expected one of {', '.join(TRACKERS)} (give it once per tool)",
+                command,
+                EXIT_USAGE,
+            )
         if value not in out:
             out.append(value)
     return out
@@ -105,11 +113,11 @@ def log_summary(trackers: list[str], summary: dict[str, Any], files: list[Path],
         try:
             logged = log_to(tracker, summary, files, run_name=run_name)
         except TracemlError as exc:
-            typer.echo(f"traceml: --log-to {tracker}: {esc.visible(str(exc), 2000)}", err=True)
+            typer.echo(f"traceml: error: --log-to {tracker}: {esc.visible(str(exc), 2000)}", err=True)
             ok = False
             continue
         typer.echo(
-            f"logged {logged.metrics} metrics and {len(logged.artifacts)} files into {tracker} run {logged.run}"
+            f"traceml: logged {logged.metrics} metrics and {len(logged.artifacts)} files into {tracker} run {logged.run}"
             + (f" ({esc.visible(logged.where, 500)})" if logged.where else "")
         )
     return ok
@@ -151,23 +159,35 @@ def compare(
     INCONCLUSIVE, with a 95% interval (warm-up excluded); with a summary.json input the interval
     is approximate (lower confidence).  Gated: step time, throughput, time outside steps, peak memory.
 
-    Exit codes: 0 pass (equivalent or improved), 1 usage or file error, 3 inconclusive,
+    Exit codes: 0 pass (equivalent or improved), 1 file error, 2 usage error, 3 inconclusive,
     4 regression.
     """
     if not max_regression > 0:
-        raise _fail(f"--max-regression must be a positive percentage, e.g. 5; found {max_regression}")
+        raise _fail(
+            f"--max-regression must be a positive percentage, e.g. 5; found {max_regression}", "compare", EXIT_USAGE
+        )
     if noise_floor is not None and not noise_floor >= 0:
-        raise _fail(f"--noise-floor must be a percentage >= 0, e.g. 8; found {noise_floor}")
+        raise _fail(f"--noise-floor must be a percentage >= 0, e.g. 8; found {noise_floor}", "compare", EXIT_USAGE)
     if noise_floor is not None and aa:
-        raise _fail("give either --noise-floor PCT or --aa FILE (the floor measured from an A/A pair), not both")
+        raise _fail(
+            "give either --noise-floor PCT or --aa FILE (the floor measured from an A/A pair), not both",
+            "compare",
+            EXIT_USAGE,
+        )
     if (base_pos is None) != (new_pos is None):
-        raise _fail("give BASE and NEW both (or use --base FILE and --new FILE); found only one positional file")
+        raise _fail(
+            "give BASE and NEW both (or use --base FILE and --new FILE); found only one positional file",
+            "compare",
+            EXIT_USAGE,
+        )
     bases = ([base_pos] if base_pos is not None else []) + list(base)
     news = ([new_pos] if new_pos is not None else []) + list(new)
     if not bases or not news:
         raise _fail(
             "expected a baseline and a candidate: `traceml compare BASE NEW`, or --base FILE and --new FILE "
-            f"(repeatable); found {len(bases)} baseline and {len(news)} candidate file(s)"
+            f"(repeatable); found {len(bases)} baseline and {len(news)} candidate file(s)",
+            "compare",
+            EXIT_USAGE,
         )
     from replay.compare import compare_files, render_text, write_outputs
 
@@ -178,7 +198,7 @@ def compare(
         )  # fmt: skip
         written = write_outputs(result, out, overwrite=overwrite) if out is not None else []
     except TracemlError as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(str(exc), "compare") from exc
     typer.echo(render_text(result), nl=False)
     for path in written:
         typer.echo(f"wrote {path}")
@@ -187,5 +207,5 @@ def compare(
 
 def register(app: typer.Typer) -> None:
     """Add ``report`` and ``compare`` to *app*."""
-    app.command("report", cls=_UsageErrorExitsOne)(report)
-    app.command("compare", cls=_UsageErrorExitsOne)(compare)
+    app.command("report")(report)
+    app.command("compare")(compare)

@@ -876,7 +876,7 @@ def run_command(
     from traceml.cli.report_cmds import check_trackers
     from traceml.cli.run_args import parse_nnodes, resolve_nproc, slurm_defaults
 
-    trackers = check_trackers(log_to)
+    trackers = check_trackers(log_to, "run")
     try:
         if otlp is not None:
             from traceml.exports.otlp import metrics_endpoint
