@@ -107,4 +107,10 @@ def test_help_documents_exit_codes() -> None:
     res = runner.invoke(app, ["compare", "--help"])
     assert res.exit_code == 0
     flat = " ".join(res.output.split())
-    assert "0 pass" in flat and "1 usage or file error" in flat and "3 inconclusive" in flat and "4 regression" in flat
+    assert (
+        "0 pass" in flat
+        and "1 file error" in flat
+        and "2 usage error" in flat
+        and "3 inconclusive" in flat
+        and "4 regression" in flat
+    )
