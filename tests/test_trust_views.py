@@ -209,3 +209,21 @@ def test_a_run_that_dies_before_its_first_step_is_told_so(tmp_path: Path) -> Non
         s = build_summary(rec.view())
     assert "before its first step" in s["diagnosis"]["primary"]["summary"]
     assert "exit status 3" in s["diagnosis"]["primary"]["summary"]
+
+
+def test_every_traceml_run_option_is_in_the_options_table_of_docs_cli() -> None:
+    import typer.main
+
+    from traceml.cli import app
+
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    table = [line for line in (ROOT / "docs" / "cli.md").read_text().splitlines() if line.startswith("| `")]
+    documented = " ".join(line.split("|")[1] for line in table)
+    missing = [
+        p.opts[0]
+        for p in run.params
+        if p.opts[0].startswith("-")
+        and not getattr(p, "hidden", False)
+        and not any(f"`{o}" in documented or f" {o}`" in documented or f"{o}`" in documented for o in p.opts)
+    ]
+    assert not missing, f"docs/cli.md's options table lacks {missing}"
