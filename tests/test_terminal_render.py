@@ -144,10 +144,12 @@ def test_many_ranks_show_unhealthy_and_slowest_first() -> None:
         fill_rank(store, rank, 5, slow=1.0 + rank / 100)
     store.update_rank(0, state="died")
     text = to_text(render_live(live_model(store.snapshot())))
-    shown = [int(line.split()[1]) for line in text.splitlines() if " connected " in line or " died " in line]
+    rows = [line for line in text.splitlines() if len(line.split()) > 1 and line.split()[1].isdigit()]  # table rows
+    shown = [int(line.split()[1]) for line in rows if " connected " in line or " died " in line]
     # the died rank, then the slowest healthy ranks (11, 10, ...), in rank order
     assert shown == sorted([0, *range(12 - (MAX_RANK_ROWS - 1), 12)])
     assert "4 more ranks not shown" in text
+    assert "step median over 12 ranks: median" in " ".join(text.split())  # and the distribution of all of them
 
 
 @pytest.mark.parametrize(

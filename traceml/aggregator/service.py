@@ -39,6 +39,7 @@ from traceml.views.live import (
     META_START_NS,
     META_STATUS,
 )
+from traceml.views.lost import lost_lines, lost_ranks
 
 log = logging.getLogger("traceml.aggregator")
 
@@ -392,6 +393,17 @@ class Aggregator:
         ranks = [view.rank_info[r].to_dict() for r in sorted(view.rank_info)]
         ranks += [{"rank": r, "state": "unknown"} for r in sorted(expected - set(view.rank_info))]
         self.store.attach("ranks", {"ranks": ranks})
+        try:  # which ranks vanished, at which step and when (docs/cli.md, "Lost ranks")
+            lost: dict[str, Any] | None = lost_ranks(view, self.opts.expected_ranks)
+        except Exception:  # never costs the recording its close
+            log.exception("the lost-ranks record could not be built")
+            lost = None
+        if lost is not None and not (lost["ranks"] or lost["never_connected"]):
+            lost = None
+        if lost is not None:
+            self.store.attach("lost", lost)
+            for line in lost_lines(lost):
+                log.warning("%s", line)
         self.store.set_meta(**{META_STATUS: "finished"})
         summary = self._summary(self.store.snapshot())
         if summary is not None:
@@ -399,6 +411,8 @@ class Aggregator:
         if self.spool is not None:
             self.spool.attach("exit", exit_attachment)
             self.spool.attach("ranks", {"ranks": ranks})
+            if lost is not None:
+                self.spool.attach("lost", lost)
             if not self.spool.close(summary=summary):
                 log.warning("the recording thread did not finish closing %s in time", self.spool.path)
             self.store.set_meta(**{META_RECORDING_BYTES: self.spool.bytes_on_disk})

@@ -22,6 +22,7 @@ from plotly.colors import qualitative
 
 from traceml.schema import PHASES
 from traceml.views.series import MemorySeries, RankSteps, StepBreakdown, SystemSeries, Throughput, Trace
+from traceml.views.spread import WIDE_RANKS, rank_band
 
 PALETTE: tuple[str, ...] = tuple(qualitative.D3)
 PHASE_COLORS: dict[str, str] = dict(zip(PHASES, qualitative.Set2, strict=False))
@@ -223,6 +224,8 @@ def rank_steps_figure(
     layout = _xy(_layout(f"Step time per rank{skew}{slow}"), STEP_AXIS, "ms")
     if model.empty:
         return _not_recorded(layout, "no steps recorded")
+    if len(model.traces) > WIDE_RANKS and compare is None:
+        return _rank_band_figure(model, layout)
     a = f"{labels[0]} · " if compare is not None else ""
     medians = {s.rank: s.median_ms for s in model.stats}
     traces = []
@@ -239,10 +242,53 @@ def rank_steps_figure(
     return _figure(traces, layout)
 
 
+def _rank_band_figure(model: RankSteps, layout: Dict) -> go.Figure:
+    """Many ranks: the median and p95 across ranks per step bucket as a band, the slowest ranks as lines."""
+    band = rank_band(model)
+    per = "" if model.bucket_steps == 1 else f", mean per {model.bucket_steps} steps"
+    layout["title"]["text"] = layout["title"]["text"].replace("per rank", f"across {band.ranks} ranks{per}")
+    x = band.x.tolist()
+    fill = {"type": "scattergl", "mode": "lines", "x": x, "hoverinfo": "skip", "showlegend": False}
+    traces: list[Dict] = [
+        {**fill, "y": band.median_ms, "line": {"width": 0}},
+        {
+            **fill,
+            "y": band.p95_ms,
+            "fill": "tonexty",
+            "fillcolor": "rgba(99,110,250,0.25)",
+            "line": {"width": 0},
+            "name": "median..p95 of ranks",
+            "showlegend": True,
+            "meta": _meta(None, int(np.isfinite(model.heat_ms).sum()), "band"),
+        },
+        {
+            "type": "scattergl",
+            "mode": "lines",
+            "x": x,
+            "y": band.median_ms,
+            "name": "median of ranks",
+            "line": {"color": "#636efa", "width": 2.0},
+            "meta": _meta(None, int(np.isfinite(model.heat_ms).sum()), "median"),
+        },
+    ]
+    medians = {s.rank: s.median_ms for s in model.stats}
+    for i, t in enumerate(band.worst):
+        name = f"{t.name} (median {_fmt_ms(medians.get(t.rank or 0, math.nan))})"
+        slowest = i == 0
+        traces.append(
+            _line(t, color=SLOWEST_COLOR if slowest else _rank_color(t.rank), width=2.0 if slowest else 1.0, name=name)
+        )
+    return _figure(traces, layout)
+
+
+#: the heatmap grows with the ranks up to this height; beyond it the rows get thinner
+MAX_HEATMAP_HEIGHT = 900
+
+
 def rank_heatmap_figure(model: RankSteps) -> go.Figure:
     """Ranks x step buckets, colour = mean step time (ms)."""
     per = "" if model.bucket_steps == 1 else f" (mean per {model.bucket_steps} steps)"
-    height = max(220, 90 + 28 * len(model.heat_ranks))
+    height = min(MAX_HEATMAP_HEIGHT, max(220, 90 + 28 * len(model.heat_ranks)))
     layout = _xy(_layout(f"Step time heatmap, ranks x steps{per}", height, hovermode="closest"), STEP_AXIS, "rank")
     layout["yaxis"]["autorange"] = "reversed"
     if model.empty:

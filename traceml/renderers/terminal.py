@@ -7,6 +7,7 @@ the end-of-run summary (:class:`~traceml.views.FinalModel`).  Only the terminal 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from traceml import escape as esc
 from traceml.views import FinalModel, LiveModel, NodeRow, PhaseRow, RankRow, RecordingInfo
+from traceml.views.spread import rank_spread
 
 #: rank rows shown before the table is cut to the slowest / unhealthy ranks
 MAX_RANK_ROWS = 8
@@ -183,6 +185,17 @@ def _rank_table(ranks: tuple[RankRow, ...], show_gpu: bool, limit: int = MAX_RAN
     return table
 
 
+def spread_line(ranks: Sequence[RankRow]) -> str:
+    """The ranks' step medians as a distribution: median, p95, the slowest few, the states."""
+    spread = rank_spread(ranks)
+    worst = ", ".join(f"{rank} {fmt_us(us)}" for rank, us in spread.worst)
+    states = ", ".join(f"{n} {_shown(state)}" for state, n in spread.states)
+    return (
+        f"step median over {spread.measured} ranks: median {fmt_us(spread.median_us)},"
+        f" p95 {fmt_us(spread.p95_us)}; slowest {worst or DASH}; {states}"
+    )
+
+
 def _node_lines(nodes: tuple[NodeRow, ...]) -> list[Text]:
     lines = []
     for n in nodes:
@@ -268,6 +281,8 @@ def render_live(model: LiveModel) -> RenderableType:
     if model.ranks:
         show_gpu = any(r.gpu_alloc_bytes >= 0 or r.gpu_peak_bytes >= 0 for r in model.ranks)
         parts.append(_rank_table(model.ranks, show_gpu))
+        if len(model.ranks) > MAX_RANK_ROWS:  # Text, not markup: the states may come from a recording
+            parts.append(Text(spread_line(model.ranks)))
     parts.extend(_node_lines(model.nodes))
     footer = _recording_line(model.recording)
     if model.drops_total:
