@@ -154,3 +154,17 @@ def test_allowed_hosts_follow_the_bind_address() -> None:
     assert "10.1.2.3" in allowed_hosts("dash.internal", "10.1.2.3")
     wildcard = allowed_hosts("0.0.0.0", "0.0.0.0")
     assert "localhost" in wildcard and "127.0.0.1" in wildcard and "evil.example" not in wildcard
+
+
+def test_live_dashboard_refuses_a_rebinding_host() -> None:
+    from traceml.drivers.web import serve_live
+
+    store = ColumnStore()
+    store.set_meta(run_name="live", run_id="r")
+    server = serve_live(store.snapshot, host="127.0.0.1", port=0)
+    try:
+        assert request(server.port, f"127.0.0.1:{server.port}")[0] == 200
+        assert request(server.port, f"[::1]:{server.port}")[0] == 200
+        assert request(server.port, f"rebind.attacker.example:{server.port}")[0] == 403
+    finally:
+        server.stop()

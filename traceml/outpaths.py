@@ -108,8 +108,8 @@ def check_new_file(path: str | os.PathLike[str], *, overwrite: bool, option: str
     target = Path(path)
     try:
         st = os.lstat(target)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there to replace (a parent that is a file fails, and says so, on writing)
     except OSError as exc:
         raise OutputError(f"cannot use {option} {target}: {exc.strerror or exc}") from exc
     if stat.S_ISLNK(st.st_mode):

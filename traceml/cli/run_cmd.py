@@ -46,9 +46,30 @@ SLURM_AGGREGATOR_PORT = 29501
 DEFAULT_RUNS_DIR = "traceml_runs"
 #: torchrun, with each rank's own exit code as the launcher's exit code (plain torchrun exits 1
 #: for any failed rank) and 128+N when it was stopped by signal N.
+#: Also: torch's TCPStore server (the rendezvous store of torchrun's static rendezvous) listens on
+#: every interface whatever address it is given; when that address is a loopback one, the shim
+#: hands it a socket bound to that address only (``master_listen_fd``), so a single-node run
+#: listens on nothing but loopback (docs/security.md).
 TORCHRUN_SHIM = """\
-import sys
+import ipaddress, socket, sys
+import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as _static
 from torch.distributed.run import main
+_TCPStore = _static.TCPStore
+def _loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+def _store(host, port, world_size=None, is_master=False, *args, **kwargs):
+    if is_master and kwargs.get("master_listen_fd") is None and _loopback(host):
+        addr = "127.0.0.1" if host == "localhost" else host
+        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(512)
+        kwargs["master_listen_fd"] = sock.detach()
+    return _TCPStore(host, port, world_size, is_master, *args, **kwargs)
+_static.TCPStore = _store
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 try:
@@ -358,6 +379,20 @@ def shadowing_folders(script: str, module: bool, package_dir: Path | None = None
     return found
 
 
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), if any."""
+    import psutil
+
+    try:
+        interfaces = psutil.net_if_addrs()
+    except (OSError, psutil.Error):
+        return None
+    for name, addrs in sorted(interfaces.items()):
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return None
+
+
 def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
     """The ranks' environment: the caller's, plus the TRACEML_* variables of this run."""
     env = {k: v for k, v in base.items() if not k.startswith("TRACEML_")}
@@ -377,6 +412,12 @@ def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
             env[name] = base[name]
     if not plan.auto_integrations:
         env[config.ENV_NO_AUTO_INTEGRATIONS] = "1"
+    if plan.nnodes == 1 and not plan.nnodes_spec:
+        # one node: gloo's listeners stay on loopback unless the user chose an interface
+        # (docs/security.md; NCCL's bootstrap is left to NCCL_SOCKET_IFNAME, untested here on GPUs)
+        lo = loopback_interface()
+        if lo is not None:
+            env.setdefault("GLOO_SOCKET_IFNAME", lo)
     if not plan.auto_steps:
         env[config.ENV_NO_AUTO_STEPS] = "1"
     if plan.disabled:
