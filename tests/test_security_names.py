@@ -137,6 +137,14 @@ def _region(labels: list[str]) -> dict[str, Any]:
     }
 
 
+def test_a_region_name_with_control_characters_is_made_a_label_at_the_rank() -> None:
+    from traceml.runtime.step import Region
+
+    region = Region("eval\x1b[31m\nstep", lambda: None)
+    assert region.name == "eval\ufffd[31m\ufffdstep" and names.label_problem(region.name, "region") is None
+    assert Region("x" * 1000, lambda: None).name == "x" * names.MAX_LABEL
+
+
 # --- the reader: old files (no policy) still read, their bad names are reported ---------------
 
 

@@ -169,7 +169,8 @@ class Ingest:
         drops = msg.get("drops")
         if not isinstance(drops, dict) or not drops:
             return None
-        return {str(k): int(v) for k, v in drops.items() if isinstance(v, int)}
+        # keys are table names from the wire: ones outside the name grammar are dropped
+        return {str(k): int(v) for k, v in drops.items() if isinstance(v, int) and names.name_problem(k) is None}
 
     def _batch(self, rank: int, msg: dict[str, Any]) -> None:
         tables = msg.get("tables")

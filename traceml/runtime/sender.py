@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from traceml.runtime._failopen import disable_piece
+from traceml.errors import ConfigError
+from traceml.runtime._failopen import disable_piece, log_once
 from traceml.schema import TableSchema, rows_to_columns
 from traceml.store import BoundedTable, ColumnStore
 from traceml.transport import (
@@ -110,7 +111,11 @@ class FileSink:
     def write(self, tables: Mapping[str, tuple[TableSchema, Columns]], drops: Mapping[str, int]) -> None:
         rank = self.identity.rank
         for name, (schema, cols) in tables.items():
-            self.writer.append(rank, name, cols)
+            try:
+                self.writer.append(rank, name, cols)
+            except ConfigError as exc:  # rows the writer refuses (a name outside traceml.names): only they are lost
+                log_once(f"file-table-{name[:40]}", "traceml: the recording left out rows: %s", exc)
+                continue
             self.store.append(rank, name, cols, schema)
         self.writer.tick()
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from traceml import names
 from traceml.runtime._failopen import disable_piece
 from traceml.schema import STEP_TIME, STEP_TIMELINE, TableSchema
 from traceml.store import BoundedTable
@@ -542,7 +543,8 @@ class Region:
     __slots__ = ("name", "_starts", "_resolve")
 
     def __init__(self, name: str, resolve: Callable[[], StepTracker | None]) -> None:
-        self.name = str(name)
+        # a region name is a label (traceml.names): control characters would get its rows refused
+        self.name = names.safe_label(name)
         self._starts: list[int] = []
         self._resolve = resolve
 
