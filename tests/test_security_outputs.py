@@ -188,3 +188,31 @@ def test_run_cli_refuses_existing_out_before_starting(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "--ui", "none", "--out", str(out), str(script)])
     assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
     assert out.read_bytes() == b"precious" and not (tmp_path / "stdout.log").exists()
+
+
+@pytest.mark.slow
+def test_run_twice_with_one_run_name_keeps_both_recordings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("print('trained')\n")
+    traceml = str(Path(sys.executable).parent / "traceml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACEML_")}
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [traceml, "run", "--ui", "none", "--run-name", "baseline", str(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc)
+    runs = tmp_path / "traceml_runs"
+    assert (runs / "baseline" / "run.tml").is_file() and (runs / "baseline-2" / "run.tml").is_file()
+    assert "exists; this run is baseline-2 (nothing is overwritten)" in outputs[1].stderr
+    assert "exists" not in outputs[0].stderr
+    assert (runs / "baseline" / "stdout.log").read_text() == "trained\n"

@@ -321,7 +321,7 @@ def render_final(model: FinalModel) -> RenderableType:
         parts.append(_skew_text(model.skew_pct, model.slowest_rank))
         parts.append(_between_text(model.outside_pct, model.between_regions))
     elif model.status in ("failed", "interrupted"):
-        how = model.status + (f", exit status {model.exit_code}" if model.exit_code is not None else "")
+        how = _shown(model.status) + (f", exit status {model.exit_code}" if model.exit_code is not None else "")
         parts.append(Text(f"the run ended ({how}) before its first step finished", style="bold red"))
     else:
         parts.append(Text("no steps were recorded", style="yellow"))
