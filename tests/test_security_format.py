@@ -234,3 +234,21 @@ def test_every_index_checkpoint_holds_the_header(tmp_path: Path) -> None:
             assert _records.parse_index(data[pos + 25 : pos + 25 + length]).header == header
         pos = data.find(sync, pos + 29 + length)
     assert indexes >= 3
+
+
+def test_traceml_recover_on_a_damaged_header_writes_every_row_and_exits_3(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from traceml.cli import app
+
+    path = tmp_path / "run.tml"
+    _write(path)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(MAGIC) : len(MAGIC) + 30] = bytes(30)  # sync marker, kind, length and CRC of the HEADER
+    path.write_bytes(damaged)
+    result = CliRunner().invoke(app, ["recover", str(path), "-o", str(tmp_path / "clean.tml")])
+    assert result.exit_code == 3, result.output  # data lost: the HEADER record itself
+    assert "600 rows" in result.output and "HEADER record damaged" in result.output
+    assert "restored from the copy in the INDEX record" in result.output
+    with open_recording(tmp_path / "clean.tml") as r:
+        assert _steps_of(r) == {0: list(range(300)), 1: list(range(300))} and r.header["run_id"] == "robust-run"

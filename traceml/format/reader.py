@@ -569,7 +569,7 @@ class TmlReader:
                     "no copy of it in the file (written before format 1.2, or before its first index"
                     " checkpoint): the run id, hosts, command, world size and metadata are lost"
                 )
-            self._report(MAGIC_SIZE, start - MAGIC_SIZE, f"HEADER record damaged ({damage}); {self._header_restored}")
+            self._report(MAGIC_SIZE, start - MAGIC_SIZE, f"HEADER record damaged, {self._header_restored}: {damage}")
             return True
         self._sync = b""
         return False
