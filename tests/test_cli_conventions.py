@@ -146,3 +146,11 @@ def test_report_json_and_plotly_js_directory(tmp_path: Path) -> None:
     assert f"wrote {shared}" in res.stdout
     bad = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "c"), "--plotly-js", "cdn")
     assert bad.returncode == 2 and "'cdn' is not one of" in bad.stderr
+
+
+def test_compare_json_prints_the_comparison() -> None:
+    sample = str(SAMPLES / "compute_bound.tml")
+    res = CliRunner().invoke(app, ["compare", sample, sample, "--json"])
+    assert res.exit_code in (0, 3), res.output  # the same run twice: never a regression
+    doc = json.loads(res.stdout)
+    assert isinstance(doc, dict) and doc

@@ -158,12 +158,15 @@ def test_traceml_run_logs_to_mlflow_and_sends_otlp_after_the_training(
         res = subprocess.run(
             [sys.executable, "-c", "from traceml.cli import main; main()", "run", "--ui", "none",
              "--out", str(tmp_path / "r" / "run.tml"), "--run-name", "tiny", "--log-to", "mlflow", "--otlp", rx.url,
+             "--json",
              demo, "--steps", "30", "--log-every", "0", "--input-cost", "0"],
             capture_output=True, text=True, cwd=tmp_path, timeout=240,
             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **mlflow_env},
         )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "r" / "report" / "report.html").is_file()
+    summary = json.loads(res.stdout.strip().splitlines()[-1])  # --json: the summary is the last line
+    assert summary["run"]["name"] == "tiny" and summary["steps"]["count"] > 0
     (run,) = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"]).search_runs(["0"])
     assert run.data.tags["mlflow.runName"] == "tiny"
     assert run.data.metrics["traceml/steps/count"] > 0 and run.data.metrics["traceml/run/world_size"] == 1

@@ -6,6 +6,7 @@ imports torch.  Exit codes: 0 done, 1 file or runtime error, 2 usage error.
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from traceml.errors import ConfigError, TracemlError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 UI_CHOICES = ("terminal", "web")
+ReplayUi = enum.Enum("ReplayUi", {c: c for c in UI_CHOICES}, type=str)  # type: ignore[misc]
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -25,7 +27,7 @@ def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 
 def replay(
     recording: Path = typer.Argument(..., help="the .tml recording (a crashed or growing one works too)"),
-    ui: str = typer.Option("terminal", "--ui", help="terminal (the live view) or web (the Dash dashboard)"),
+    ui: ReplayUi = typer.Option("terminal", "--ui", help="terminal (the live view) or web (the Dash dashboard)"),
     speed: str = typer.Option(
         "1", "--speed", help="1 = real time, 10 = ten times faster, max = print the end state once"
     ),
@@ -40,7 +42,7 @@ def replay(
     ),
     compare: Path | None = typer.Option(None, "--compare", help="web: a second recording overlaid as B"),
     host: str = typer.Option("127.0.0.1", "--host", help="web: address to bind (the dashboard has no login)"),
-    port: int = typer.Option(8050, "--port", min=0, max=65535, help="web: port (0 picks a free one)"),
+    port: int = typer.Option(8050, "--port", "--web-port", min=0, max=65535, help="web: port (0 picks a free one)"),
     width: int | None = typer.Option(
         None, "--width", min=40, help="terminal: columns to draw (default: the terminal's)"
     ),
@@ -61,6 +63,7 @@ def replay(
     from replay.player import Bound, parse_bound, parse_speed, play
     from replay.player import follow as follow_recording
 
+    ui = getattr(ui, "value", ui)
     try:
         if ui not in UI_CHOICES:
             raise ConfigError(f"--ui {ui!r}: expected one of {', '.join(UI_CHOICES)}")

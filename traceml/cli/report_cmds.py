@@ -149,6 +149,7 @@ def compare(
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap (results are deterministic for a seed)"),
     resamples: int = typer.Option(2000, "--resamples", min=100, max=100_000, help="bootstrap resamples"),
     overwrite: bool = typer.Option(False, "--overwrite", help="with --out: replace compare files that exist"),
+    as_json: bool = typer.Option(False, "--json", help="print compare.json to stdout instead of the text table"),
 ) -> None:
     """Compare runs: a verdict per metric (step time, throughput, time outside steps, each phase, peak memory).
 
@@ -199,9 +200,14 @@ def compare(
         written = write_outputs(result, out, overwrite=overwrite) if out is not None else []
     except TracemlError as exc:
         raise _fail(str(exc), "compare") from exc
-    typer.echo(render_text(result), nl=False)
-    for path in written:
-        typer.echo(f"wrote {path}")
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        typer.echo(render_text(result), nl=False)
+        for path in written:
+            typer.echo(f"wrote {path}")
     raise typer.Exit(result.exit_code)
 
 

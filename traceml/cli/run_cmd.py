@@ -13,6 +13,7 @@ either way.  The command exits with the training's own exit code.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import queue
@@ -39,6 +40,7 @@ from traceml.errors import ConfigError, OutputError, TracemlError
 from traceml.outpaths import check_new_file
 
 UI_CHOICES = ("terminal", "web", "none")
+RunUi = enum.Enum("RunUi", {c: c for c in UI_CHOICES}, type=str)  # type: ignore[misc]
 #: exit status of a usage error (every traceml command)
 EXIT_USAGE = 2
 #: the aggregator's port on node 0 of a multi-node Slurm job, unless --aggregator-port says otherwise
@@ -857,7 +859,7 @@ def run_command(
     master_port: int | None = typer.Option(
         None, "--master-port", "--master_port", help="default: a free port (29500 multi-node)"
     ),
-    ui: str | None = typer.Option(None, "--ui", help="terminal | web | none (default: terminal on a TTY)"),
+    ui: RunUi | None = typer.Option(None, "--ui", help="the live view (default: terminal on a TTY, else none)"),
     out: str | None = typer.Option(
         None, "--out", "-o", help="recording path (default traceml_runs/<run-name>/run.tml)"
     ),
@@ -874,7 +876,10 @@ def run_command(
     ),
     no_record: bool = typer.Option(False, "--no-record", help="live view only, no .tml file"),
     disable: bool = typer.Option(
-        False, "--disable", help="run the script under torchrun with traceml off (also TRACEML_DISABLED=1)"
+        False, "--disable", envvar="TRACEML_DISABLED", help="run the script under torchrun with traceml off"
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="after the run, print its summary (summary.json's content) to stdout as one JSON line"
     ),
     web_port: int = typer.Option(8050, "--web-port", help="port of the live dashboard (--ui web)"),
     token: str | None = typer.Option(
@@ -886,12 +891,14 @@ def run_command(
     no_auto_integrations: bool = typer.Option(
         False,
         "--no-auto-integrations",
-        help="do not attach traceml to Hugging Face / Lightning Trainers (also TRACEML_NO_AUTO_INTEGRATIONS=1)",
+        envvar="TRACEML_NO_AUTO_INTEGRATIONS",
+        help="do not attach traceml to Hugging Face / Lightning Trainers",
     ),
     no_auto_steps: bool = typer.Option(
         False,
         "--no-auto-steps",
-        help="do not cut a script without trace_step into steps at optimizer.step() (also TRACEML_NO_AUTO_STEPS=1)",
+        envvar="TRACEML_NO_AUTO_STEPS",
+        help="do not cut a script without trace_step into steps at optimizer.step()",
     ),
     log_to: list[str] | None = typer.Option(
         None,
@@ -943,7 +950,7 @@ def run_command(
             node_rank=node,
             master_addr=master,
             master_port=master_port,
-            ui=ui,
+            ui=str(ui.value) if ui is not None else None,
             out=out,
             run_name=run_name,
             interval=interval,
@@ -981,10 +988,31 @@ def run_command(
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
+    if as_json and plan.out is None:
+        typer.echo(
+            "traceml run: error: --json prints the recording's summary: not with --no-record or --disable", err=True
+        )
+        raise typer.Exit(EXIT_USAGE)
     code = run_plan(plan)
     if trackers or otlp is not None:
         export_after_run(plan, trackers, otlp)
+    if as_json and plan.out is not None and plan.starts_aggregator:
+        print_summary_json(plan.out)
     raise typer.Exit(code)
+
+
+def print_summary_json(recording: Path) -> None:
+    """``run --json``: the run's summary as one line on stdout (the last line the command prints)."""
+    import json
+
+    from traceml._summary import load_nested
+
+    try:
+        summary = load_nested(recording)
+    except TracemlError as exc:
+        typer.echo(f"traceml run: error: no summary to print: {exc}", err=True)
+        return
+    typer.echo(json.dumps(summary, allow_nan=False, separators=(",", ":")))
 
 
 def export_after_run(plan: RunPlan, trackers: list[str], otlp: str | None) -> bool:
