@@ -191,6 +191,7 @@ class Comparison:
     aligned: tuple[int, int, int] | None  # first, last, count of aligned steps
     block: int | None  # steps per resampled block (bootstrap)
     drift_covered: bool  # both sides have several runs: run-to-run drift is in the interval
+    paired: bool  # the i-th base and new runs ran back to back and are resampled together
     floor_source: str  # where the noise floor of the timing metrics comes from
     aa_runs: tuple[Side, ...]
     verdict: str
@@ -229,6 +230,7 @@ class Comparison:
             if self.aligned is None
             else {"first": self.aligned[0], "last": self.aligned[1], "count": self.aligned[2]},
             "drift_covered": self.drift_covered,
+            "paired": self.paired,
             "noise_floor": {
                 "pct": round(self.noise_floor_pct, 3),
                 "source": self.floor_source,
@@ -644,6 +646,7 @@ def compare_sides(
     aa: Sequence[Side] = (),
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    paired: bool = False,
 ) -> Comparison:
     """Compare one or more BASE runs with one or more NEW runs.
 
@@ -651,7 +654,8 @@ def compare_sides(
     are A/A partners of the first base run (the same code run again) from which the floor is
     measured instead.  Without either, the floor is 0 when both sides have several runs (drift is
     in the interval), measured from the spread of the side that has several, else
-    :data:`DEFAULT_NOISE_FLOOR_PCT`.
+    :data:`DEFAULT_NOISE_FLOOR_PCT`.  ``paired``: the i-th base and i-th new run ran back to back
+    (interleaved), so the run resampling picks them together and drift they share cancels.
     """
     if not (max_regression_pct > 0 and math.isfinite(max_regression_pct)):
         raise ReportError(f"--max-regression must be a positive percentage; found {max_regression_pct}")
@@ -660,6 +664,11 @@ def compare_sides(
     if noise_floor_pct is not None and aa:
         raise ReportError("give either --noise-floor or --aa (a floor measured from an A/A pair), not both")
     base_runs, new_runs = _as_runs(base, "base"), _as_runs(new, "new")
+    if paired and len(base_runs) != len(new_runs):
+        raise ReportError(
+            f"--paired needs as many --new runs as --base runs (the i-th of each ran back to back); "
+            f"found {len(base_runs)} base and {len(new_runs)} new"
+        )
     aa_runs = tuple(aa)
     gate = max_regression_pct / 100
     everything = (*base_runs, *new_runs, *aa_runs)
@@ -674,7 +683,7 @@ def compare_sides(
         lag = _dependence_lag((*base_runs, *new_runs))
         n0 = len(base_runs[0].series.get("step_time", ()))
         block = g.block_length(len(range(0, n0, g.thinning(n0))), lag) if n0 else None
-    ctx = _Context(gate, bootstrap, resamples, seed, lag)
+    ctx = _Context(gate, bootstrap, resamples, seed, lag, paired)
     floors = _floors(base_runs, new_runs, aa_runs, noise_floor_pct, ctx)
     results = [_compare_metric(spec, base_runs, new_runs, ctx, floors.of(spec)) for spec in metric_specs()]
     results = _phase_zero_rules(results, gate)
@@ -690,6 +699,7 @@ def compare_sides(
         aligned=aligned,
         block=block,
         drift_covered=floors.drift_covered,
+        paired=paired,
         floor_source=floors.source,
         aa_runs=aa_runs,
         verdict=verdict,
@@ -705,6 +715,7 @@ class _Context:
     resamples: int
     seed: int
     lag: int  # dependence lag of the step-time series (block length rule)
+    paired: bool = False  # base and new runs resampled as pairs (the same run picks on both sides)
 
 
 def _dependence_lag(runs: Sequence[Side]) -> int:
@@ -754,7 +765,8 @@ def _floors(
         names = ", ".join(Path(s.path).name for s in aa)
         return _Floors(values, f"measured from the A/A pair {Path(base[0].path).name} / {names}", False)
     if len(base) > 1 and len(new) > 1:
-        return _Floors({}, "none: run-to-run drift is in the interval (several runs per side)", True)
+        how = "paired runs" if ctx.paired else "several runs per side"
+        return _Floors({}, f"none: run-to-run drift is in the interval ({how})", True)
     if len(base) > 1 or len(new) > 1:
         many, label = (base, "base") if len(base) > 1 else (new, "new")
         values = {}
@@ -850,7 +862,7 @@ def _bootstrap_metric(
         if bv <= 0:
             return _result(spec, base=bv, new=nv, n_base=nb, n_new=nn, note=ZERO_IN_BASE)
     draws_b = _side_draws(fn, cols_b, ctx, seed=ctx.seed)
-    draws_n = _side_draws(fn, cols_n, ctx, seed=ctx.seed + 1)
+    draws_n = _side_draws(fn, cols_n, ctx, seed=ctx.seed if ctx.paired else ctx.seed + 1)
     with np.errstate(all="ignore"):
         if spec.additive:
             d = nv - bv
@@ -1029,6 +1041,8 @@ def _overall(results: list[MetricResult], gate_pct: float, floors: _Floors) -> t
             part = f"{m.spec.label} {_fmt_change(m)}"
             if m.steps_to_decide:
                 part += f", ~{m.steps_to_decide} steps per run would decide it"
+            elif m.ci_low is not None and m.ci_high is not None:
+                part += ", more runs (not more steps) would decide it"
             parts.append(part)
         return (
             INCONCLUSIVE,
@@ -1085,6 +1099,7 @@ def compare_files(
     aa: Sequence[str | Path] = (),
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    paired: bool = False,
 ) -> Comparison:
     """Load each file (one or several per side) and compare: see :func:`compare_sides`."""
 
@@ -1100,6 +1115,7 @@ def compare_files(
         aa=many(aa) if aa else [],
         resamples=resamples,
         seed=seed,
+        paired=paired,
     )
 
 
@@ -1128,10 +1144,15 @@ def _fmt_change(m: MetricResult) -> str:
     return s
 
 
+UNDECIDABLE_BY_STEPS = "more steps will not settle it (estimate near the gate or within the noise floor): add runs"
+
+
 def _note(m: MetricResult) -> str:
     parts = [m.note] if m.note else []
     if m.verdict == INCONCLUSIVE and m.steps_to_decide:
         parts.append(f"~{m.steps_to_decide} steps per run would decide it")
+    elif m.verdict == INCONCLUSIVE and m.ci_low is not None and m.ci_high is not None:
+        parts.append(UNDECIDABLE_BY_STEPS)
     return "; ".join(parts)
 
 
@@ -1162,7 +1183,8 @@ def drift_line(c: Comparison) -> str:
     """Plainly: whether run-to-run drift is in the interval, and the noise floor otherwise."""
     runs = f"{len(c.base_runs)} base run{'s' if len(c.base_runs) != 1 else ''}, {len(c.new_runs)} new"
     if c.drift_covered and c.noise_floor_pct <= 0:
-        return f"run-to-run drift: covered ({runs}: the interval resamples runs, then blocks of steps)"
+        how = "resamples run pairs (--paired)" if c.paired else "resamples runs"
+        return f"run-to-run drift: covered ({runs}: the interval {how}, then blocks of steps)"
     floor = f"{c.noise_floor_pct:.1f}% noise floor ({c.floor_source})"
     if c.drift_covered:
         return f"run-to-run drift: covered ({runs}); a timing regression must also clear the {floor}"

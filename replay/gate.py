@@ -102,7 +102,8 @@ def combine_runs(per_run: Sequence[np.ndarray], resamples: int, seed: int) -> np
 
     ``per_run[j][b]`` is run j's statistic in within-run resample b.  Slot k of resample b reads
     row ``(b + k * stride) % resamples`` so that a run picked twice gets two different resamples,
-    while slot 0 reads row b (one run per side: the two sides' rows stay paired).
+    while slot 0 reads row b (one run per side: the two sides' rows stay paired).  Two sides
+    combined with the same ``seed`` and run count pick the same run indices: paired runs.
     """
     runs = len(per_run)
     if runs == 1:
@@ -140,7 +141,8 @@ def steps_to_decide(n: int, ratio: float, lo: float, hi: float, gate: float, flo
 
     Assumes the interval narrows as 1/√n around the same estimate (within-run noise dominates).
     ``None`` when more steps cannot settle it: the estimate sits on the gate or between the
-    gate and the noise floor (only more runs, or a smaller measured floor, can).  Oriented.
+    gate and the noise floor (only more runs, or a smaller measured floor, can), or it would take
+    more than :data:`MAX_STEPS_FACTOR` times the steps there are.  Oriented.
     """
     if n < 1 or not all(math.isfinite(v) for v in (ratio, lo, hi)):
         return None
@@ -151,9 +153,18 @@ def steps_to_decide(n: int, ratio: float, lo: float, hi: float, gate: float, flo
         width, room = hi - ratio, (1 - floor) - ratio
     elif 1 - gate < ratio < 1 + gate:
         factor = max((hi - ratio) / (1 + gate - ratio), (ratio - lo) / (ratio - (1 - gate)))
-        return math.ceil(n * factor**2) if factor > 1 else None
+        return _bounded(n, factor) if factor > 1 else None
     else:
         return None
     if room <= 0 or width <= room:
         return None
-    return math.ceil(n * (width / room) ** 2)
+    return _bounded(n, width / room)
+
+
+#: a "would decide it" beyond this many times the current steps is not worth printing
+MAX_STEPS_FACTOR = 100
+
+
+def _bounded(n: int, factor: float) -> int | None:
+    need = math.ceil(n * factor**2)
+    return need if need <= MAX_STEPS_FACTOR * n else None

@@ -307,3 +307,27 @@ def test_cli_noise_floor_and_aa_options(runs: dict[str, list[Path]]) -> None:
     assert invoke(b, s, "--noise-floor", "-2").exit_code == 1
     res = invoke("--base", b)
     assert res.exit_code == 1 and "--new" in res.output
+
+
+def test_paired_runs_cancel_drift_both_sides_saw() -> None:
+    """Three back-to-back pairs on a host whose load moves +-20 % between pairs, new 12 % slower:
+    unpaired, the drift swamps the change; paired, the i-th runs are resampled together and it cancels."""
+    loads = (0.8, 1.0, 1.2)
+    bases = [
+        side(view(150, seed=40 + i, forward=30_000.0 * f, backward=60_000.0 * f), f"b{i}") for i, f in enumerate(loads)
+    ]
+    news = [
+        side(view(150, seed=50 + i, forward=42_000.0 * f, backward=60_000.0 * f), f"n{i}") for i, f in enumerate(loads)
+    ]
+    unpaired = cp.compare_sides(bases, news)
+    paired = cp.compare_sides(bases, news, paired=True)
+    assert unpaired.verdict == cp.INCONCLUSIVE
+    assert paired.verdict == cp.REGRESSION and paired.paired and paired.to_dict()["paired"] is True
+    assert "run pairs (--paired)" in cp.render_text(paired)
+    with pytest.raises(ReportError, match="as many --new runs as --base runs"):
+        cp.compare_sides(bases, news[:2], paired=True)
+
+
+def test_steps_to_decide_is_not_printed_when_absurd() -> None:
+    assert g.steps_to_decide(100, 1.20, 0.95, 1.45, 0.05, 0.0) == 157
+    assert g.steps_to_decide(100, 1.02, 0.5, 1.6, 0.05, 0.0) is None  # > 100x the steps there are

@@ -145,6 +145,12 @@ def compare(
         help="an A/A partner of the (first) baseline: the same code run again; the noise floor is measured from "
         "their difference (repeatable: the largest counts)",
     ),
+    paired: bool = typer.Option(
+        False,
+        "--paired",
+        help="the i-th --base and i-th --new ran back to back (interleaved): resample them as pairs, so drift "
+        "that both saw (a busy host) cancels",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="also write compare.html, compare.json, compare.md here"),
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap (results are deterministic for a seed)"),
     resamples: int = typer.Option(2000, "--resamples", min=100, max=100_000, help="bootstrap resamples"),
@@ -195,7 +201,7 @@ def compare(
     try:
         result = compare_files(
             bases, news, max_regression_pct=max_regression, noise_floor_pct=noise_floor, aa=aa,
-            resamples=resamples, seed=seed,
+            resamples=resamples, seed=seed, paired=paired,
         )  # fmt: skip
         written = write_outputs(result, out, overwrite=overwrite) if out is not None else []
     except TracemlError as exc:
