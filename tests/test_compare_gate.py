@@ -303,10 +303,14 @@ def test_cli_noise_floor_and_aa_options(runs: dict[str, list[Path]]) -> None:
     res = invoke(b, s, "--aa", str(runs["base"][1]))
     assert res.exit_code == 4 and "A/A pair" in res.output
     res = invoke(b, s, "--aa", str(runs["base"][1]), "--noise-floor", "3")
-    assert res.exit_code == 1 and "not both" in res.output
-    assert invoke(b, s, "--noise-floor", "-2").exit_code == 1
+    assert res.exit_code == 2 and "not both" in res.output  # usage errors exit 2
+    assert invoke(b, s, "--noise-floor", "-2").exit_code == 2
     res = invoke("--base", b)
-    assert res.exit_code == 1 and "--new" in res.output
+    assert res.exit_code == 2 and "--new" in res.output
+    res = invoke("--base", b, "--new", s, "--new", b, "--paired")
+    assert res.exit_code == 2 and "as many candidate runs as baseline runs" in res.output
+    res = invoke("--base", b, "--base", str(runs["base"][1]), "--new", s, "--new", str(runs["slow"][1]), "--paired")
+    assert res.exit_code == 4 and "run pairs (--paired)" in res.output
 
 
 def test_paired_runs_cancel_drift_both_sides_saw() -> None:

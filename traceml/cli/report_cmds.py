@@ -196,6 +196,13 @@ def compare(
             "compare",
             EXIT_USAGE,
         )
+    if paired and len(bases) != len(news):
+        raise _fail(
+            f"--paired needs as many candidate runs as baseline runs (the i-th of each ran back to back); "
+            f"found {len(bases)} baseline and {len(news)} candidate file(s)",
+            "compare",
+            EXIT_USAGE,
+        )
     from replay.compare import compare_files, render_text, write_outputs
 
     try:
