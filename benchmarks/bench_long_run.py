@@ -38,9 +38,10 @@ BATCH_ROWS = 5000
 REPLAY_TARGET_ROWS_PER_S = 5e6
 
 
-def sender(rank: int, ranks: int, port: int, rows: int, counter: Any) -> None:
-    """One rank: ``rows`` step_time rows in batches, as fast as the socket takes them."""
-    from traceml.schema import PHASES, PROCESS, STEP_TIME
+def sender(rank: int, ranks: int, port: int, rows: int, counter: Any, timeline: bool = True) -> None:
+    """One rank: ``rows`` step_time rows (and their step_timeline rows) in batches, as fast as the
+    socket takes them."""
+    from traceml.schema import PHASES, PROCESS, STEP_TIME, STEP_TIMELINE, TIMELINE_PHASES, phase_gaps
     from traceml.transport import RankIdentity, TelemetryClient, batch, encode_columns, hello, rank_finished
 
     ident = RankIdentity(
@@ -65,6 +66,19 @@ def sender(rank: int, ranks: int, port: int, rows: int, counter: Any) -> None:
         }
         t0 = int(cols["ts_ns"][-1])
         tables = {"step_time": encode_columns(STEP_TIME, cols)}
+        if timeline:  # what a rank sends beside step_time: each phase's first start in its step
+            gap = rng.integers(0, 40, (n, 4))  # µs between phases (Python between the calls)
+            fwd0 = phases["dataloader_us"] + gap[:, 0]
+            bwd0 = fwd0 + phases["forward_us"] + gap[:, 1]
+            opt0 = bwd0 + phases["backward_us"] + gap[:, 2]
+            durations = [phases[f"{p}_us"] if p != "h2d" else np.zeros(n, np.int64) for p in TIMELINE_PHASES]
+            starts = [np.zeros(n, np.int64), np.full(n, -1, np.int64), fwd0, bwd0, opt0]
+            gaps = phase_gaps(durations, starts)
+            tl = {
+                "step": steps,
+                **{f"{p}_gap_us": g.astype(np.int64) for p, g in zip(TIMELINE_PHASES, gaps, strict=True)},
+            }
+            tables["step_timeline"] = encode_columns(STEP_TIMELINE, tl)
         if step % 1000 == 0 or n < BATCH_ROWS:
             k = max(1, n // 1000)
             proc = {
@@ -102,6 +116,9 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--capacity", type=int, default=200_000, help="aggregator --capacity (live rows per rank and table)")
     p.add_argument("--keep", type=Path, default=None, help="keep the recording at this path")
+    p.add_argument(
+        "--no-timeline", action="store_true", help="send step_time alone (as ranks did before step_timeline)"
+    )
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_long_run-") as tmp:
@@ -138,7 +155,10 @@ def main() -> None:
         counter = ctx.Value("q", 0)
         per_rank = args.rows // args.ranks
         started = time.monotonic()
-        senders = [ctx.Process(target=sender, args=(r, args.ranks, port, per_rank, counter)) for r in range(args.ranks)]
+        senders = [
+            ctx.Process(target=sender, args=(r, args.ranks, port, per_rank, counter, not args.no_timeline))
+            for r in range(args.ranks)
+        ]
         for s in senders:
             s.start()
         samples: list[tuple[float, int, int, int]] = []  # (s, rows sent, rss, file bytes)

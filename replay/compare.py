@@ -30,10 +30,12 @@ from traceml import escape as esc
 from traceml.diagnosis import SCHEMA_VERSION as SUMMARY_SCHEMA_VERSION
 from traceml.diagnosis import job_series, step_data
 from traceml.diagnosis.memory import fmt_bytes
+from traceml.diagnosis.summary import traceml_section
 from traceml.errors import ReportError
 from traceml.outpaths import OutputDir
 from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.views.final import traceml_cost_text
 
 #: compare.json schema (2: several runs per side, noise floor, measured throughput, outside-step share)
 SCHEMA_VERSION = 2
@@ -117,6 +119,8 @@ class Side:
     #: metric -> (median, p95, n) (summaries)
     stats: Mapping[str, tuple[float, float, int]] = field(default_factory=dict)
     step_numbers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    #: "traceml cost X µs per step (Y%)" of this run; "" when it did not measure it
+    cost: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "run_id": self.run_id, "name": self.name, "steps": self.steps}
@@ -516,6 +520,9 @@ def side_from_view(view: StoreView, path: str = "") -> Side:
         steps=len(data.steps),
         series=series,
         step_numbers=data.steps,
+        cost=traceml_cost_text(
+            {"traceml": traceml_section(view, float(np.median(job["step"])) / 1000 if len(job["step"]) else None)}
+        ),
     )
 
 
@@ -564,6 +571,7 @@ def side_from_summary(summary: Mapping[str, Any], path: str = "") -> Side:
         name=str(run.get("name", "") or ""),
         steps=n,
         stats=stats,
+        cost=traceml_cost_text(summary),
     )
 
 
@@ -608,7 +616,7 @@ def _aligned(runs: Sequence[Side]) -> tuple[list[Side], tuple[int, int, int] | N
             k: (v[keep] if len(v) == len(s.step_numbers) and not k.startswith("peak_") else v)
             for k, v in s.series.items()
         }
-        return Side(s.path, s.kind, s.run_id, s.name, len(common), series, s.stats, s.step_numbers[keep])
+        return Side(s.path, s.kind, s.run_id, s.name, len(common), series, s.stats, s.step_numbers[keep], s.cost)
 
     return [cut(s) for s in runs], (int(common[0]), int(common[-1]), len(common))
 
@@ -1173,10 +1181,15 @@ def table_rows(c: Comparison) -> list[list[str]]:
 HEADER = ["metric", "base", "new", "change [95% CI]", "verdict", "note"]
 
 
+def _cost(side: Side) -> str:
+    """``; traceml cost X µs per step (Y%)`` when the run measured traceml's own cost."""
+    return f"; {side.cost}" if side.cost else ""
+
+
 def _runs_line(runs: Sequence[Side]) -> str:
     """``3 runs: a.tml (recording, 195 steps), ...`` (the run count first: it decides what is covered)."""
     count = f"{len(runs)} run" + ("s" if len(runs) != 1 else "")
-    return f"{count}: " + ", ".join(f"{esc.visible(s.path, 1000)} ({s.kind}, {s.steps} steps)" for s in runs)
+    return f"{count}: " + ", ".join(f"{esc.visible(s.path, 1000)} ({s.kind}, {s.steps} steps{_cost(s)})" for s in runs)
 
 
 def drift_line(c: Comparison) -> str:
@@ -1226,7 +1239,7 @@ def render_markdown(c: Comparison) -> str:
     icon = {REGRESSION: "🔴", INCONCLUSIVE: "🟠", IMPROVEMENT: "🟢", EQUIVALENT: "🟢"}[c.verdict]
 
     def runs(side: Sequence[Side]) -> str:
-        return ", ".join(f"{esc.markdown_code(s.path, 1000)} ({s.kind}, {s.steps} steps)" for s in side)
+        return ", ".join(f"{esc.markdown_code(s.path, 1000)} ({s.kind}, {s.steps} steps{_cost(s)})" for s in side)
 
     def count(side: Sequence[Side], label: str) -> str:
         return f"{len(side)} {label} run{'s' if len(side) != 1 else ''}"

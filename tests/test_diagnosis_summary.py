@@ -141,7 +141,7 @@ def test_tracemls_own_cost_is_the_median_over_ranks_and_its_share_of_the_median_
     b = ddp_straggler(n_ranks=3, culprit=1, extra_us=0.0)
     # cumulative rows; the last (most steps) counts: rank r cost (4 + r) µs on the thread + 1 µs of threads' CPU
     for r in range(3):
-        rows = [(1, 50, 1, 9_000, 10_000), (2, 100, 2, (4 + r) * 2 * 1000, 100 * 1000)]
+        rows = [(1, 50, 1, 1_000, 10_000), (2, 100, 2, (4 + r) * 2 * 1000, 100 * 1000)]
         b.store.append(r, "traceml_cost", rows_to_columns(TRACEML_COST, rows[::-1]))
     s = build_summary(b.view())
     validator.validate(s)

@@ -491,8 +491,11 @@ def test_each_phase_records_where_it_started_in_its_step(agent):
         time.sleep(SLEEP_S)  # residual before the forward
         train_step(model, opt, x)
     (r,) = rows(agent)
+    (starts,) = agent.tables["step_time"].recent_starts()  # type: ignore[attr-defined]
+    r.update({f"{p}_start_us": v for p, v in starts.items()})
     (t,) = agent.tables["step_time"].recent_timeline()  # type: ignore[attr-defined]
-    r.update(zip(STEP_TIMELINE.names, t, strict=True))
+    gaps = dict(zip(STEP_TIMELINE.names, t, strict=True))
+    assert gaps["h2d_gap_us"] == 0 and gaps["forward_gap_us"] >= SLEEP_US  # the residual before forward
     assert r["dataloader_start_us"] == 0  # the carried fetch opens the step
     assert r["h2d_start_us"] == -1  # did not run
     assert r["forward_start_us"] >= r["dataloader_us"] + SLEEP_US

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import traceml
@@ -20,6 +21,7 @@ from traceml.config import RankConfig
 from traceml.errors import ConfigError
 from traceml.runtime import patches
 from traceml.runtime.agent import Agent
+from traceml.schema import TIMELINE_PHASES, phase_starts
 from traceml.transport import BaseHandler, Connection, RankIdentity, TelemetryServer, decode_tables
 
 SCRIPT = Path(__file__).parent / "scripts" / "runtime_train.py"
@@ -178,9 +180,14 @@ def test_in_process_training_streams_every_step_and_finishes(server, rank_env):
     assert got.column("step_region", "name") == ["loss"] * 30
     # where each phase ran, from the same raw row: forward after the carried fetch, then backward
     assert got.column("step_timeline", "step") == list(range(30))
-    fwd0, bwd0 = got.column("step_timeline", "forward_start_us"), got.column("step_timeline", "backward_start_us")
-    assert all(0 <= f <= b for f, b in zip(fwd0, bwd0, strict=True))
-    assert set(got.column("step_timeline", "h2d_start_us")) == {-1}  # no copy on CPU
+    durations = [got.column("step_time", f"{p}_us") for p in TIMELINE_PHASES]
+    starts = phase_starts(
+        [np.array(d) for d in durations],
+        [np.array(got.column("step_timeline", f"{p}_gap_us")) for p in TIMELINE_PHASES],
+    )
+    fwd0, bwd0 = starts[TIMELINE_PHASES.index("forward")], starts[TIMELINE_PHASES.index("backward")]
+    assert (fwd0 >= 0).all() and (bwd0 >= fwd0).all()
+    assert set(starts[TIMELINE_PHASES.index("h2d")].tolist()) == {-1}  # no copy on CPU
     # traceml's own cost: steps 1 (and none other below 64) measured, the threads' CPU time too
     assert got.column("traceml_cost", "steps")[-1] == 30
     assert got.column("traceml_cost", "sampled_steps")[-1] == 1
@@ -494,3 +501,95 @@ def test_torchrun_two_ranks_ddp_gloo_stream_every_step(server):
         assert env["world_size"] == 2 and env["dist_world_size"] == 2
     idents = {c.identity.rank: c.identity for c in got.hellos if c.identity is not None}
     assert idents[0].pid != idents[1].pid and idents[1].local_rank == 1
+
+
+def test_a_slow_evaluation_loader_is_not_carried_and_the_trace_places_the_phases(tmp_path):
+    """Issue 15 items 5 and 6 on a real script: an MNIST-style loop whose evaluation set loads
+    slowly; no training step carries the evaluation's wait, and the exported Chrome trace places
+    each phase where it ran (forward after the carried fetch, backward after forward)."""
+    import gzip
+    import json
+
+    from traceml.format import open_recording
+
+    out = tmp_path / "run.tml"
+    script = Path(__file__).parent / "scripts" / "eval_loader_train.py"
+    proc = run(
+        [str(script), "--epochs", "2", "--steps", "20", "--eval-sleep", "0.02"],
+        subprocess_env(None, TRACEML_OUT=str(out), TRACEML_INTERVAL="0.02"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    eval_s = [float(line.rsplit("=", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("eval")]
+    assert len(eval_s) == 2 and min(eval_s) >= 8 * 0.02  # each evaluation waited >= 160 ms
+    with open_recording(out) as rec:
+        steps = rec.read_table("step_time")[0]
+        gaps = rec.read_table("step_timeline")[0]
+        cost = rec.read_table("traceml_cost")[0]
+        own = rec.attachments["summary"]["traceml"]  # the closing summary reports traceml's own cost
+    assert own["overhead_us_per_step"] > 0 and 0 < own["overhead_share"] < 1
+    assert list(steps["step"]) == list(range(40)) == list(gaps["step"])
+    starts = phase_starts([steps[f"{p}_us"] for p in TIMELINE_PHASES], [gaps[f"{p}_gap_us"] for p in TIMELINE_PHASES])
+    timeline = {f"{p}_start_us": v for p, v in zip(TIMELINE_PHASES, starts, strict=True)}
+    # the first step of epoch 2 follows the first evaluation: it carries only its own fetch
+    assert int(steps["dataloader_us"][20]) < 50_000, steps["dataloader_us"][18:23]
+    assert int(steps["step_us"].max()) < 8 * 20_000
+    assert (timeline["forward_start_us"] >= 0).all()
+    assert (timeline["backward_start_us"] >= timeline["forward_start_us"] + steps["forward_us"]).all()
+    assert (timeline["optimizer_start_us"] >= timeline["backward_start_us"] + steps["backward_us"]).all()
+    assert int(cost["sampled_steps"].max()) == 1 and int(cost["steps"].max()) == 40
+
+    trace_path = tmp_path / "trace.json"
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "traceml",
+            "export",
+            str(out),
+            "--format",
+            "chrome-trace",
+            "-o",
+            str(trace_path),
+            "--steps",
+            "10:30",
+        ],
+        env=subprocess_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert exported.returncode == 0, exported.stderr
+    gz = tmp_path / "trace.json.gz"  # gzipped by default
+    assert "trace.json.gz" in exported.stdout and not trace_path.exists()
+    trace = json.loads(gzip.decompress(gz.read_bytes()))
+    assert trace["otherData"]["phases"] == "recorded" and trace["otherData"]["steps"] == "10:30"
+    events = trace["traceEvents"]
+    step_events = {e["args"]["step"]: e for e in events if e["ph"] == "X" and e["name"] == "step"}
+    assert sorted(step_events) == list(range(10, 30))
+    for s, ev in step_events.items():
+        inside = {
+            e["name"]: e
+            for e in events
+            if e["ph"] == "X"
+            and e.get("tid") == 0
+            and ev["ts"] <= e["ts"] < ev["ts"] + ev["dur"]
+            and e["name"] != "step"
+        }
+        assert inside["forward"]["ts"] == pytest.approx(ev["ts"] + int(timeline["forward_start_us"][s]), abs=0.01)
+        assert inside["backward"]["ts"] >= inside["forward"]["ts"] + inside["forward"]["dur"] - 0.01
+    regions = [e for e in events if e["ph"] == "X" and e.get("tid") == 1]
+    assert len(regions) == 20 and {e["name"] for e in regions} == {"loss"}
+    names = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {f"rank 0 ({socket.gethostname()})"}
+    assert any(e["ph"] == "C" for e in events)  # process counters of the window (the evaluation between)
+    compared = subprocess.run(
+        [sys.executable, "-m", "traceml", "compare", str(out), str(out)],
+        env=subprocess_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert compared.returncode in (0, 3), compared.stderr
+    assert compared.stdout.count("steps; traceml cost ") == 2  # for both runs

@@ -5,6 +5,7 @@ refuse an existing output unless ``--overwrite``."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_export_csv_with_hostile_table_names_stays_inside(hostile_tables: Path, 
 
 
 def test_export_chrome_trace_refuses_existing_file(hostile_tables: Path, tmp_path: Path) -> None:
-    out = tmp_path / "trace.json"
+    out = tmp_path / "trace.json.gz"  # the trace is gzipped by default
     out.write_text("precious")
     result = runner.invoke(app, ["export", str(hostile_tables), "--format", "chrome-trace", "-o", str(out)])
     assert result.exit_code == 1 and "already exists" in result.stderr
@@ -113,7 +114,7 @@ def test_export_chrome_trace_refuses_existing_file(hostile_tables: Path, tmp_pat
     result = runner.invoke(
         app, ["export", str(hostile_tables), "--format", "chrome-trace", "-o", str(out), "--overwrite"]
     )
-    assert result.exit_code == 0 and out.read_text().startswith("{")
+    assert result.exit_code == 0 and gzip.decompress(out.read_bytes()).startswith(b"{")
 
 
 def test_recover_refuses_existing_file(hostile_tables: Path, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from traceml.errors import StoreError
 from traceml.schema import PROCESS, STEP_TIME, rows_to_columns, table
@@ -119,3 +121,21 @@ def test_unknown_table_schema_is_inferred_and_str_columns_kept() -> None:
     assert list(cols["k"]) == ["a", "b"]
     assert cols["v"].dtype == np.float64
     assert view.schemas["custom"].names == ("k", "v")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(-1, 10**6)), min_size=5, max_size=5))
+def test_phase_gaps_and_starts_round_trip(pairs: list[tuple[int, int]]) -> None:
+    """STEP_TIMELINE stores gaps; phase_starts gives the recorded start offsets back, scalar and column-wise."""
+    from traceml.schema import phase_gaps, phase_starts
+
+    durations = [d for d, _ in pairs]
+    starts = [abs(s) if d > 0 else -1 for d, s in pairs]  # a phase that did not run has no start
+    gaps = phase_gaps(durations, starts)
+    assert [g for g, d in zip(gaps, durations, strict=True) if d == 0] == [0] * durations.count(0)
+    assert phase_starts(durations, gaps) == starts
+    cols = phase_starts(
+        [np.array([d, d]) for d in durations],
+        phase_gaps([np.array([d, d]) for d in durations], [np.array([s, s]) for s in starts]),
+    )
+    assert [int(c[1]) for c in cols] == phase_starts(durations, gaps)

@@ -99,10 +99,40 @@ STEP_TIME = table(
     *((f"{p}_us", "i8") for p in PHASES),
 )
 
-#: Where each phase of a step ran: ``<phase>_start_us`` is the phase's first start from the start of
-#: the step of the same ``step`` in STEP_TIME (which ends at its ``ts_ns`` and began ``step_us``
-#: earlier); -1 when the phase did not run.  Absent from files written before 1.2.
-STEP_TIMELINE = table("step_timeline", ("step", "i8"), *((f"{p}_start_us", "i8") for p in PHASES[:-1]))
+#: Where each phase of a step ran, stored compactly as gaps: ``<phase>_gap_us`` is the time from
+#: the end of the previous phase *in this order* (dataloader, h2d, forward, backward, optimizer)
+#: that ran in the step -- or from the step's start for the first one -- to the phase's first
+#: start; negative when it started earlier (a fetch inside the step after the forward).  A phase
+#: that did not run (``<phase>_us`` = 0 in STEP_TIME) has 0.  :func:`phase_starts` turns the gaps
+#: back into start offsets.  The step of the same ``step`` in STEP_TIME ends at its ``ts_ns`` and
+#: began ``step_us`` earlier.  Absent from recordings written before it existed.
+TIMELINE_PHASES: tuple[str, ...] = PHASES[:-1]
+STEP_TIMELINE = table("step_timeline", ("step", "i8"), *((f"{p}_gap_us", "i8") for p in TIMELINE_PHASES))
+
+
+def phase_gaps(durations_us: Sequence[Any], starts_us: Sequence[Any]) -> list[Any]:
+    """Start offsets (µs from the step's start, < 0 = did not run) -> STEP_TIMELINE gaps, per
+    phase of TIMELINE_PHASES; works on numbers or on numpy arrays (column-wise)."""
+    gaps = []
+    end: Any = 0
+    for dur, start in zip(durations_us, starts_us, strict=True):
+        ran = (start >= 0) & (dur > 0)
+        gaps.append(np.where(ran, start - end, 0) if isinstance(ran, np.ndarray) else (start - end if ran else 0))
+        end = np.where(ran, start + dur, end) if isinstance(ran, np.ndarray) else (start + dur if ran else end)
+    return gaps
+
+
+def phase_starts(durations_us: Sequence[Any], gaps_us: Sequence[Any]) -> list[Any]:
+    """The inverse of :func:`phase_gaps`: start offsets, -1 for a phase that did not run."""
+    starts = []
+    end: Any = 0
+    for dur, gap in zip(durations_us, gaps_us, strict=True):
+        ran = dur > 0
+        start = end + gap
+        starts.append(np.where(ran, start, -1) if isinstance(ran, np.ndarray) else (start if ran else -1))
+        end = np.where(ran, start + dur, end) if isinstance(ran, np.ndarray) else (start + dur if ran else end)
+    return starts
+
 
 #: GPU time per phase from CUDA events, appended when the events resolve (later than STEP_TIME).
 STEP_GPU = table("step_gpu", ("step", "i8"), ("ts_ns", "i8"), *((f"{p}_gpu_us", "i8") for p in GPU_PHASES))

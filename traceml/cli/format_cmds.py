@@ -102,11 +102,17 @@ def export_cmd(
         " else http://localhost:4318)",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace output files that exist"),
+    steps: str | None = typer.Option(
+        None, "--steps", help="chrome-trace: only steps A to B-1 (A:B; either side may be left out, e.g. 1000:2000)"
+    ),
+    gzip_trace: bool = typer.Option(
+        True, "--gzip/--no-gzip", help="chrome-trace: gzip the JSON (default; Perfetto opens .json.gz as it is)"
+    ),
 ) -> None:
     """Export a recording: CSV per table, a Chrome trace (Perfetto), Parquet (DuckDB, Spark, Polars),
     a Prometheus textfile, or OTLP metrics."""
     from traceml.format import open_recording
-    from traceml.format.export import export_csv, write_chrome_trace
+    from traceml.format.export import export_csv
 
     fmt = getattr(fmt, "value", fmt)  # the choice's name as typed
     if fmt in ("prometheus", "otlp"):
@@ -124,13 +130,29 @@ def export_cmd(
 
                 _print_parquet(export_parquet(reader, output, overwrite=overwrite))
             else:
-                write_chrome_trace(reader, output, overwrite=overwrite)
-                typer.echo(f"wrote {output} (open it in https://ui.perfetto.dev)")
+                _export_chrome_trace(reader, output, overwrite, steps, gzip_trace)
             integrity = reader.integrity
     except TracemlError as exc:
         _fail(exc)
     if integrity["status"] != "complete":
         typer.echo(f"note: {esc.visible(integrity['message'])}", err=True)
+
+
+def _export_chrome_trace(reader: Any, output: Path, overwrite: bool, steps: str | None, gzip_trace: bool) -> None:
+    from traceml.format.export import CHROME_TRACE_WARN_BYTES, parse_steps, write_chrome_trace
+
+    window = parse_steps(steps)
+    if gzip_trace and output.suffix != ".gz":
+        output = output.with_name(output.name + ".gz")  # say what it is: trace.json -> trace.json.gz
+    written = write_chrome_trace(reader, output, overwrite=overwrite, gzip_output=gzip_trace, steps=window)
+    size = written.stat().st_size
+    typer.echo(f"wrote {written} ({size / 2**20:.1f} MiB; open it in https://ui.perfetto.dev)")
+    if size > CHROME_TRACE_WARN_BYTES:
+        typer.echo(
+            f"warning: {written} is {size / 2**20:.0f} MiB, more than Perfetto in a browser opens comfortably "
+            f"({CHROME_TRACE_WARN_BYTES // 2**20} MiB); export a window of steps with --steps A:B",
+            err=True,
+        )
 
 
 def _csv_name(table: str, path: Path) -> str:

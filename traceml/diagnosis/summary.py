@@ -339,12 +339,12 @@ def traceml_section(view: StoreView, median_step_ms: float | None) -> dict[str, 
             steps_col = cols.get("steps")
             if steps_col is None or not len(steps_col):
                 continue
-            i = int(np.argmax(steps_col))
-            steps, sampled = int(steps_col[i]), int(cols["sampled_steps"][i])
+            # every column is cumulative: its largest value is the rank's latest
+            steps, sampled = int(steps_col.max()), int(cols["sampled_steps"].max())
             if steps <= 0 or sampled <= 0:
                 continue
-            thread_us = int(cols["sampled_ns"][i]) / sampled / 1000.0
-            threads_ns = int(cols["threads_cpu_ns"][i])
+            thread_us = int(cols["sampled_ns"].max()) / sampled / 1000.0
+            threads_ns = int(cols["threads_cpu_ns"].max())
             background_us = threads_ns / steps / 1000.0 if threads_ns >= 0 else 0.0
             per_rank.append(
                 {

@@ -1,23 +1,29 @@
 """Turn a recording into files other tools open: CSV per table, Chrome trace-event JSON.
 
-The Chrome trace (Perfetto, chrome://tracing) has one process track per rank; each step is
-a slice ending at its ``ts_ns`` and lasting ``step_us``, with the phases of STEP_TIME laid
-end to end inside it, and process samples as counters.
+The Chrome trace (Perfetto, chrome://tracing) has one process per rank; each step is a slice
+ending at its ``ts_ns`` and lasting ``step_us``, with its phases placed where STEP_TIMELINE says
+they started (recordings without it: laid end to end, and the trace says so), the named
+regions on a track of their own, and process, node, GPU and step-memory samples as counters.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from traceml import escape as esc
 from traceml.errors import FormatError
 from traceml.format.reader import TmlReader
 from traceml.outpaths import OutputDir, open_new_file
-from traceml.schema import PHASES
+from traceml.schema import PHASES, TIMELINE_PHASES, phase_starts
 
 
 def export_csv(
@@ -51,84 +57,346 @@ def export_csv(
     return written
 
 
-def chrome_trace(reader: TmlReader) -> dict[str, Any]:
-    """The recording as a Chrome trace-event document (times in microseconds)."""
-    events: list[dict[str, Any]] = []
-    steps = reader.read_table("step_time") if "step_time" in reader.tables else {}
-    process = reader.read_table("process") if "process" in reader.tables else {}
-    for rank in sorted(set(steps) | set(process)):
-        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
-        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "steps"}})
-        if rank in steps:
-            events.extend(_step_slices(rank, steps[rank]))
-        if rank in process:
-            events.extend(_process_counters(rank, process[rank]))
-    return {
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "otherData": {"run_id": reader.header.get("run_id", ""), "source": str(reader.path)},
-    }
+#: a trace above this many bytes gets a warning: Perfetto in a browser tab struggles past it
+CHROME_TRACE_WARN_BYTES = 256 * 2**20
+#: longest name (rank, host, region) written into a trace
+TRACE_NAME_CHARS = 80
+#: the thread tracks of a rank's process
+TID_STEPS, TID_REGIONS = 0, 1
+
+PLACED = "recorded"
+END_TO_END = (
+    "end to end: this recording has no step_timeline (written before phase starts were recorded), "
+    "so each step's phases are laid end to end in a fixed order, not where they ran"
+)
 
 
-def write_chrome_trace(reader: TmlReader, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    out = Path(path)
-    document = chrome_trace(reader)
+def _name(value: object) -> str:
+    return esc.visible(value, TRACE_NAME_CHARS)
+
+
+def parse_steps(spec: str | None) -> tuple[int | None, int | None]:
+    """``--steps A:B`` -> (A, B): steps A to B-1, as a Python slice; either side may be empty."""
+    if spec is None:
+        return None, None
+    text = spec.strip()
+    first, sep, last = text.partition(":")
     try:
-        with open_new_file(out, "w", overwrite=overwrite, option="-o", encoding="utf-8") as f:
-            json.dump(document, f, separators=(",", ":"), allow_nan=False)
+        if not sep:
+            raise ValueError(text)
+        lo = int(first) if first.strip() else None
+        hi = int(last) if last.strip() else None
+    except ValueError:
+        raise FormatError(
+            f"--steps {spec!r}: expected A:B (steps A to B-1, either side may be left out, e.g. 100:200 or 500:)"
+        ) from None
+    if lo is not None and hi is not None and hi <= lo:
+        raise FormatError(f"--steps {spec!r}: the window is empty ({hi} <= {lo}); expected A:B with B > A")
+    return lo, hi
+
+
+def _table(reader: TmlReader, name: str) -> dict[int, dict[str, Any]]:
+    return reader.read_table(name) if name in reader.tables else {}
+
+
+def _rank_names(reader: TmlReader) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for key, value in reader.attachments.items():
+        if not key.startswith("environment/rank") or not isinstance(value, dict):
+            continue
+        try:
+            rank = int(key.removeprefix("environment/rank"))
+        except ValueError:
+            continue
+        host = value.get("host")
+        if isinstance(host, str) and host:
+            names[rank] = f"rank {rank} ({_name(host)})"
+    return names
+
+
+def chrome_trace(reader: TmlReader, steps: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
+    """The recording as a Chrome trace-event document (times in µs from the first step's start).
+
+    Per rank (a process, named after the rank and its host): a ``steps`` track with each step and
+    its phases -- where they ran when the recording has ``step_timeline``, else end to end (the
+    document's ``otherData.phases`` says which) -- a ``regions`` track with the ``trace_time``
+    regions, and counters (process CPU and RSS; per node CPU, RAM and GPUs; per-step memory
+    peaks).  ``steps`` = (A, B) keeps steps A to B-1 and the counters of that time span.
+    """
+    lo, hi = steps
+    step_time = _table(reader, "step_time")
+    timeline = _table(reader, "step_timeline")
+    regions = _table(reader, "step_region")
+    counters = {name: _table(reader, name) for name in ("process", "system", "system_gpu", "step_memory")}
+    ranks = sorted(set(step_time) | set(regions) | {r for t in counters.values() for r in t})
+    origin = _origin_ns(step_time, counters)
+    window = _window_ns(step_time, lo, hi)
+    names = _rank_names(reader)
+    events: list[dict[str, Any]] = []
+    placements: set[str] = set()
+    for rank in ranks:
+        events.append(
+            {"name": "process_name", "ph": "M", "pid": rank, "args": {"name": names.get(rank, f"rank {rank}")}}
+        )
+        events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": TID_STEPS, "args": {"name": "steps"}})
+        if rank in step_time:
+            placed = _step_slices(events, rank, step_time[rank], timeline.get(rank), origin, lo, hi)
+            placements.add(PLACED if placed else END_TO_END)
+        if rank in regions:
+            _region_slices(events, rank, regions[rank], step_time.get(rank), origin, lo, hi)
+        for table, by_rank in counters.items():
+            if rank in by_rank:
+                _counters(events, rank, table, by_rank[rank], origin, window)
+    other = {
+        "run_id": _name(reader.header.get("run_id", "")),
+        "source": _name(reader.path.name),
+        "ts_origin_ns": origin,
+        "phases": " / ".join(sorted(placements)) if placements else PLACED,
+    }
+    if lo is not None or hi is not None:
+        other["steps"] = f"{'' if lo is None else lo}:{'' if hi is None else hi}"
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
+
+
+def write_chrome_trace(
+    reader: TmlReader,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    gzip_output: bool = True,
+    steps: tuple[int | None, int | None] = (None, None),
+) -> Path:
+    """Write the trace to ``path`` (gzipped unless ``gzip_output`` is False; Perfetto opens
+    ``.json.gz`` as it is).  Returns the path written."""
+    out = Path(path)
+    document = chrome_trace(reader, steps)
+    try:
+        with open_new_file(out, "wb", overwrite=overwrite, option="-o") as opened:
+            raw: Any = opened  # binary: opened with "wb"
+            if gzip_output:
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                    _dump(document, gz)
+            else:
+                _dump(document, raw)
     except OSError as exc:
         raise FormatError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
 
 
-def _step_slices(rank: int, cols: dict[str, Any]) -> list[dict[str, Any]]:
-    events = []
+def _dump(document: dict[str, Any], f: Any) -> None:
+    text = io.TextIOWrapper(f, encoding="utf-8", write_through=True)
+    try:
+        json.dump(document, text, separators=(",", ":"), allow_nan=False)
+        text.flush()
+    finally:
+        text.detach()
+
+
+def _origin_ns(step_time: dict[int, dict[str, Any]], counters: dict[str, dict[int, dict[str, Any]]]) -> int:
+    starts = []
+    for cols in step_time.values():
+        if len(cols["ts_ns"]):
+            ok = (cols["ts_ns"] > 0) & (cols["step_us"] > 0)
+            if ok.any():
+                starts.append(int((cols["ts_ns"][ok] - cols["step_us"][ok] * 1000).min()))
+    for by_rank in counters.values():
+        for cols in by_rank.values():
+            ts = cols.get("ts_ns")
+            if ts is not None and len(ts) and (ts > 0).any():
+                starts.append(int(ts[ts > 0].min()))
+    return min(starts) if starts else 0
+
+
+def _window_ns(step_time: dict[int, dict[str, Any]], lo: int | None, hi: int | None) -> tuple[int, int] | None:
+    """The wall-clock span (ns) of the steps kept, for the counters; None = everything."""
+    if lo is None and hi is None:
+        return None
+    first, last = None, None
+    for cols in step_time.values():
+        keep = _keep(cols["step"], lo, hi) & (cols["ts_ns"] > 0)
+        if keep.any():
+            s = int((cols["ts_ns"][keep] - cols["step_us"][keep] * 1000).min())
+            e = int(cols["ts_ns"][keep].max())
+            first = s if first is None else min(first, s)
+            last = e if last is None else max(last, e)
+    return (first, last) if first is not None and last is not None else (0, -1)
+
+
+def _keep(step: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
+    keep = np.ones(len(step), dtype=bool)
+    if lo is not None:
+        keep &= step >= lo
+    if hi is not None:
+        keep &= step < hi
+    return keep
+
+
+def _us(ns: int, origin: int) -> float | int:
+    """µs from the origin: an integer when whole (fewer bytes), else to the ns."""
+    d = ns - origin
+    return d // 1000 if d % 1000 == 0 else round(d / 1000.0, 3)
+
+
+def _step_slices(
+    events: list[dict[str, Any]],
+    rank: int,
+    cols: dict[str, Any],
+    timeline: dict[str, Any] | None,
+    origin: int,
+    lo: int | None,
+    hi: int | None,
+) -> bool:
+    """Append the rank's step and phase slices; True when the phases are placed where they ran."""
+    placed = timeline is not None and len(timeline.get("step", ())) > 0
+    starts: dict[int, list[int]] = {}
+    if placed and timeline is not None:
+        names = [f"{p}_gap_us" for p in TIMELINE_PHASES]
+        lists = [timeline[n].tolist() if n in timeline else [0] * len(timeline["step"]) for n in names]
+        for i, step in enumerate(timeline["step"].tolist()):
+            starts[step] = [col[i] for col in lists]  # gaps, turned into starts below
     phase_lists = [(phase, cols[f"{phase}_us"].tolist()) for phase in PHASES if f"{phase}_us" in cols]
+    durations = [cols[f"{p}_us"].tolist() if f"{p}_us" in cols else [0] * len(cols["step"]) for p in TIMELINE_PHASES]
     failed = cols["failed"].tolist() if "failed" in cols else [0] * len(cols["step"])
+    keep = _keep(cols["step"], lo, hi).tolist()
     for i, (step, ts_ns, step_us) in enumerate(
         zip(cols["step"].tolist(), cols["ts_ns"].tolist(), cols["step_us"].tolist(), strict=True)
     ):
-        if step_us <= 0 or ts_ns <= 0:
-            continue  # not measured
-        end = ts_ns / 1000.0
-        start = end - step_us
+        if step_us <= 0 or ts_ns <= 0 or not keep[i]:
+            continue  # not measured, or outside the window
+        start_ns = ts_ns - step_us * 1000
+        start = _us(start_ns, origin)
+        args: dict[str, Any] = {"step": step}
+        if failed[i]:
+            args["failed"] = True
         events.append(
-            {
-                "name": f"step {step}",
-                "cat": "step",
-                "ph": "X",
-                "pid": rank,
-                "tid": 0,
-                "ts": round(start, 3),
-                "dur": step_us,
-                "args": {"step": step, "failed": bool(failed[i])},
-            }
+            {"name": "step", "ph": "X", "pid": rank, "tid": TID_STEPS, "ts": start, "dur": step_us, "args": args}
         )
-        cursor = start
+        gaps = starts.get(step)
+        offsets = phase_starts([d[i] for d in durations], gaps) if gaps is not None else None
+        cursor = 0
         for phase, values in phase_lists:
-            dur = min(values[i], end - cursor)  # phases never run past their step
+            dur = values[i]
+            if dur <= 0:
+                continue
+            if offsets is not None and phase != "residual":
+                at = offsets[TIMELINE_PHASES.index(phase)]
+                if at < 0:
+                    continue
+            elif offsets is not None:
+                continue  # residual is what the placed phases leave: the gaps between them
+            else:
+                at = cursor
+                cursor += dur
+            dur = min(dur, step_us - at)  # phases never run past their step
             if dur <= 0:
                 continue
             events.append(
-                {"name": phase, "cat": "phase", "ph": "X", "pid": rank, "tid": 0, "ts": round(cursor, 3), "dur": dur}
+                {
+                    "name": phase,
+                    "ph": "X",
+                    "pid": rank,
+                    "tid": TID_STEPS,
+                    "ts": _us(start_ns + at * 1000, origin),
+                    "dur": dur,
+                }
             )
-            cursor += dur
-    return events
+    return placed
 
 
-def _process_counters(rank: int, cols: dict[str, Any]) -> list[dict[str, Any]]:
-    events = []
-    ts = cols["ts_ns"].tolist()
-    cpu = cols["cpu_pct"].tolist() if "cpu_pct" in cols else [math.nan] * len(ts)
-    rss = cols["rss_bytes"].tolist() if "rss_bytes" in cols else [-1] * len(ts)
-    for t, c, r in zip(ts, cpu, rss, strict=True):
-        if t <= 0:
+def _region_slices(
+    events: list[dict[str, Any]],
+    rank: int,
+    cols: dict[str, Any],
+    step_cols: dict[str, Any] | None,
+    origin: int,
+    lo: int | None,
+    hi: int | None,
+) -> None:
+    step_start: dict[int, int] = {}
+    if step_cols is not None:
+        for step, ts_ns, step_us in zip(
+            step_cols["step"].tolist(), step_cols["ts_ns"].tolist(), step_cols["step_us"].tolist(), strict=True
+        ):
+            step_start[step] = ts_ns - step_us * 1000
+    offsets = cols["start_us"].tolist() if "start_us" in cols else [-1] * len(cols["step"])
+    added = False
+    for step, ts_ns, name, cpu_us, calls, at in zip(
+        cols["step"].tolist(),
+        cols["ts_ns"].tolist(),
+        cols["name"],
+        cols["cpu_us"].tolist(),
+        cols["calls"].tolist(),
+        offsets,
+        strict=True,
+    ):
+        if step >= 0 and ((lo is not None and step < lo) or (hi is not None and step >= hi)):
             continue
-        if not math.isnan(c):
-            events.append({"name": "cpu %", "ph": "C", "pid": rank, "tid": 0, "ts": t / 1000.0, "args": {"cpu": c}})
-        if r >= 0:
-            events.append(
-                {"name": "rss MiB", "ph": "C", "pid": rank, "tid": 0, "ts": t / 1000.0, "args": {"rss": r / 2**20}}
-            )
-    return events
+        if step < 0 and (lo is not None or hi is not None):
+            continue  # regions outside any step have no place in a window of steps
+        if step >= 0 and at >= 0 and step in step_start:
+            start_ns = step_start[step] + at * 1000
+        elif step >= 0 and step in step_start:
+            start_ns = step_start[step]  # no recorded start (an older file): at its step's start
+        else:
+            start_ns = ts_ns - cpu_us * 1000  # outside a step: the row is written when the call ends
+        if start_ns <= 0:
+            continue
+        args = {"step": step, "calls": calls} if step >= 0 else {}
+        events.append(
+            {
+                "name": _name(name),
+                "ph": "X",
+                "pid": rank,
+                "tid": TID_REGIONS,
+                "ts": _us(start_ns, origin),
+                "dur": max(cpu_us, 0),
+                "args": args,
+            }
+        )
+        added = True
+    if added:
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": TID_REGIONS, "args": {"name": "regions"}})
+
+
+#: counters per table: (column, counter name, series key, scale)
+_COUNTERS: dict[str, tuple[tuple[str, str, str, float], ...]] = {
+    "process": (
+        ("cpu_pct", "process cpu %", "cpu", 1.0),
+        ("rss_bytes", "process rss MiB", "rss", 1 / 2**20),
+        ("gpu_alloc_bytes", "gpu allocated MiB", "alloc", 1 / 2**20),
+    ),
+    "system": (("cpu_pct", "node cpu %", "cpu", 1.0), ("ram_used_bytes", "node ram used MiB", "used", 1 / 2**20)),
+    "system_gpu": (
+        ("util_pct", "util %", "util", 1.0),
+        ("mem_used_bytes", "mem used MiB", "used", 1 / 2**20),
+        ("power_w", "power W", "W", 1.0),
+    ),
+    "step_memory": (("peak_alloc_bytes", "step peak allocated MiB", "peak", 1 / 2**20),),
+}
+
+
+def _counters(
+    events: list[dict[str, Any]],
+    rank: int,
+    table: str,
+    cols: dict[str, Any],
+    origin: int,
+    window: tuple[int, int] | None,
+) -> None:
+    ts = cols.get("ts_ns")
+    if ts is None:
+        return
+    ts_list = ts.tolist()
+    gpu = cols["gpu_idx"].tolist() if table == "system_gpu" and "gpu_idx" in cols else None
+    for column, label, key, scale in _COUNTERS[table]:
+        if column not in cols:
+            continue
+        for i, (t, v) in enumerate(zip(ts_list, cols[column].tolist(), strict=True)):
+            if t <= 0 or (window is not None and not window[0] <= t <= window[1]):
+                continue
+            if isinstance(v, float) and math.isnan(v) or v < 0:
+                continue  # not measured
+            name = f"gpu{gpu[i]} {label}" if gpu is not None else label
+            value = round(v * scale, 3)
+            events.append({"name": name, "ph": "C", "pid": rank, "ts": _us(t, origin), "args": {key: value}})

@@ -333,6 +333,8 @@ class StepDriver:
                 return fn(*args, **kwargs)
             finally:
                 acc[FORWARD] += _perf_ns() - t0
+                if not clock.first[FORWARD]:
+                    clock.first[FORWARD] = t0
                 clock.phase = NO_PHASE
                 if gpu is not None:
                     gpu.end(FORWARD)

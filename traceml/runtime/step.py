@@ -40,7 +40,7 @@ import numpy as np
 
 from traceml import names
 from traceml.runtime._failopen import disable_piece
-from traceml.schema import STEP_TIME, STEP_TIMELINE, TableSchema
+from traceml.schema import STEP_TIME, STEP_TIMELINE, TIMELINE_PHASES, TableSchema, phase_gaps, phase_starts
 from traceml.store import BoundedTable
 
 if TYPE_CHECKING:
@@ -645,6 +645,7 @@ class StepRows(BoundedTable):
         residual = np.maximum(step_us - phases_us.sum(axis=1), 0)
         first = raw[:, 9:14]
         starts = np.where(first > 0, np.maximum((first - start[:, None]) // 1000, 0), -1)
+        gaps = phase_gaps(list(phases_us.T), list(starts.T))
         step = raw[:, 0].copy()
         st = {"step": step, "ts_ns": end + wall_minus_perf, "failed": raw[:, 1].astype(np.uint8), "step_us": step_us}
         for i, name in enumerate(STEP_TIME.names[4:9]):
@@ -652,7 +653,7 @@ class StepRows(BoundedTable):
         st["residual_us"] = residual
         tl = {"step": step}
         for i, name in enumerate(STEP_TIMELINE.names[1:]):
-            tl[name] = np.ascontiguousarray(starts[:, i])
+            tl[name] = np.ascontiguousarray(gaps[i], dtype=np.int64)
         return {STEP_TIME.name: (STEP_TIME, st), STEP_TIMELINE.name: (STEP_TIMELINE, tl)}
 
     def take_tables(self) -> dict[str, tuple[TableSchema, dict[str, Any]]]:
@@ -671,6 +672,16 @@ class StepRows(BoundedTable):
     def recent_timeline(self, n: int | None = None) -> list[Sequence[Any]]:
         """The last ``n`` STEP_TIMELINE rows (for local inspection and tests)."""
         return self._as_rows(self._recent_raw(n), STEP_TIMELINE)
+
+    def recent_starts(self, n: int | None = None) -> list[dict[str, int]]:
+        """The last ``n`` steps' phase start offsets (µs, -1: did not run), by phase name."""
+        got = self.convert(self._recent_raw(n))
+        if not got:
+            return []
+        st, tl = got[STEP_TIME.name][1], got[STEP_TIMELINE.name][1]
+        durations = [st[f"{p}_us"] for p in TIMELINE_PHASES]
+        starts = phase_starts(durations, [tl[f"{p}_gap_us"] for p in TIMELINE_PHASES])
+        return [dict(zip(TIMELINE_PHASES, (int(c[i]) for c in starts), strict=True)) for i in range(len(st["step"]))]
 
     def _as_rows(self, raw: Sequence[Sequence[Any]], schema: TableSchema) -> list[Sequence[Any]]:
         got = self.convert(raw)
