@@ -60,7 +60,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_name=MARKUP + ANSI + HTML + MD,
         host=ANSI + MARKUP + HTML,
         command=["train.py", ANSI, MARKUP, HTML, MD],
-        tables=[MARKUP, ANSI, "../../x"],
+        tables=[MARKUP, ANSI, "../../x", ":smile:"],
         attachment="[/bold]att",
         text=ANSI + HTML,
         steps=40,
@@ -80,6 +80,7 @@ def test_inspect_shows_hostile_names_escaped(hostile_run: Path) -> None:
     assert_clean_terminal(result.stdout)
     assert "run \\x1b[2J\\x1b[31mred\\x1b]0;title\\x07[/bold][red]x[/red]" in result.stdout
     assert "command: train.py \\x1b[2J" in result.stdout and "[/bold]att" in result.stdout
+    assert ":smile:" in result.stdout  # no emoji codes either: names are shown as typed
     as_json = runner.invoke(app, ["inspect", str(hostile_run), "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["header"]["run_id"] == ANSI + MARKUP
     assert_clean_terminal(as_json.stdout)

@@ -240,7 +240,7 @@ def _print_inspection(info: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)  # names from the file are shown as typed
     header = info["header"]
     console.print(f"[bold]{esc.rich(info['path'], None)}[/bold]  ({_bytes(info['file_bytes'])})")
     console.print(
