@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_amplification.py                 # 4 and 16 MiB frames, 3 rounds
     python benchmarks/bench_decode_amplification.py --sizes 16 --rounds 5
+    python benchmarks/bench_decode_amplification.py --cost-only      # only the budget's cost on real batches
 
 A real ``python -m traceml.aggregator`` listens on 127.0.0.1.  A hostile peer says a valid hello
 (it holds the token) and sends one well-formed frame of a kind that decodes to far more memory
@@ -13,8 +14,10 @@ sent twice, interleaved: under the default decode budget (``TRACEML_MAX_OBJECTS_
 byte, which the string and int frames meet; close to the aggregator before the budget, which
 allowed an array as long as the frame).  The baseline row
 is a real batch of ``step_time`` rows of the same size (numbers travel as bytes).  Each
-aggregator serves one budget for all rounds; no assertions (tests/test_security_decode.py holds
-the bound).
+aggregator serves one budget for all rounds.  Last, what the budget costs on real traffic: the
+time to decode a batch of every standard table (200 rows each, one str column) with
+``decode_payload`` against the same ``msgpack.unpackb`` call without the counting hooks,
+interleaved.  No assertions (tests/test_security_decode.py holds the bound).
 """
 
 from __future__ import annotations
@@ -148,11 +151,51 @@ def send(agg: Aggregator, rank: int, frame: bytes) -> tuple[int, int, int, bool]
     return before, peak[0], agg.rss(), cut
 
 
+def budget_cost(rounds: int = 5, calls: int = 2000) -> None:
+    from traceml.schema import NUMPY_DTYPES, STANDARD_TABLES
+    from traceml.transport.framing import decode_payload
+
+    tables = {}
+    for name, schema in STANDARD_TABLES.items():
+        cols = {
+            c.name: [f"region{i % 7}" for i in range(200)]
+            if c.dtype == "str"
+            else np.arange(200).astype(NUMPY_DTYPES[c.dtype])
+            for c in schema.columns
+        }
+        tables[name] = encode_columns(schema, cols)
+    payload = encode_frame({"kind": "batch", "seq": 1, "tables": tables})[4:]
+    size = len(payload)
+
+    def unbudgeted(p: bytes) -> object:
+        return msgpack.unpackb(
+            p, raw=False, strict_map_key=True, max_bin_len=size, max_str_len=size, max_array_len=size,
+            max_map_len=size // 2, max_ext_len=0,
+        )  # fmt: skip
+
+    times: dict[str, list[float]] = {"without the budget": [], "decode_payload (budget)": []}
+    for _ in range(rounds):
+        for name, fn in (("without the budget", unbudgeted), ("decode_payload (budget)", decode_payload)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(payload)
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    base = sorted(times["without the budget"])[rounds // 2]
+    print(f"\ndecode of a real batch ({size} bytes, {len(tables)} tables x 200 rows), median of {rounds} rounds:")
+    for name, values in times.items():
+        median = sorted(values)[rounds // 2]
+        print(f"  {name:<26} {median:>7.1f} us   {median / base:>5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16], help="frame sizes in MiB (at most 16)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cost-only", action="store_true", help="only the budget's cost on real batches")
     args = parser.parse_args()
+    if args.cost_only:
+        budget_cost()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         aggs = {64: Aggregator(Path(tmp), 64), 1024: Aggregator(Path(tmp), 1024)}
         rank = 0
@@ -186,6 +229,7 @@ def main() -> None:
         a, b = worst[(64, name)], worst[(1024, name)]
         ratio = f"{b / a:.1f}x" if a > 0.01 else "n/a"
         print(f"  {name:<22} {a:>6.2f} vs {b:>6.2f}   (largest / default: {ratio})")
+    budget_cost()
 
 
 if __name__ == "__main__":
