@@ -96,6 +96,21 @@ def test_replay_dashboard_runs_no_script_from_a_run_name(page: Any, hostile_tml:
 
 
 @pytest.mark.browser
+def test_live_dashboard_runs_no_script_from_a_run_name(page: Any) -> None:
+    store = ColumnStore()
+    store.set_meta(run_name=PAYLOAD, run_id=PAYLOAD)
+    server = WebServer(build_app(store.snapshot, live=True), "127.0.0.1", 0).start()
+    try:
+        page.goto(server.url)
+        page.wait_for_function(DRAWN_JS, arg=list(FIGURE_IDS))
+        assert_inert(page)
+        assert "</title><script>" in page.title()
+    finally:
+        page.goto("about:blank")
+        server.stop()
+
+
+@pytest.mark.browser
 def test_compare_dashboard_runs_no_script_from_either_run(page: Any, hostile_tml: Path, tmp_path: Path) -> None:
     other = write_hostile(tmp_path / "b.tml", run_name="<b>B</b><img src=x onerror=\"window.__pwned='b'\">", steps=60)
     with dashboard(hostile_tml, other) as server:
