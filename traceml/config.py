@@ -22,6 +22,9 @@ ENV_DISABLED = "TRACEML_DISABLED"
 ENV_NO_AUTO_INTEGRATIONS = "TRACEML_NO_AUTO_INTEGRATIONS"
 #: turns off zero-code steps (steps cut at ``optimizer.step()`` in a script without ``trace_step``)
 ENV_NO_AUTO_STEPS = "TRACEML_NO_AUTO_STEPS"
+#: samples per second of the training thread's stack (explains the residual); 0 turns it off
+ENV_STACK_HZ = "TRACEML_STACK_HZ"
+DEFAULT_STACK_HZ = 67.0
 ENV_MAX_FRAME_MB = "TRACEML_MAX_FRAME_MB"
 #: the decode budget of a frame: objects (containers, items, keys) per KiB of its bytes
 ENV_MAX_OBJECTS_PER_KIB = "TRACEML_MAX_OBJECTS_PER_KIB"
@@ -52,6 +55,8 @@ class RankConfig:
     auto_integrations: bool = True
     #: False when ``TRACEML_NO_AUTO_STEPS`` turns zero-code steps off
     auto_steps: bool = True
+    #: stack samples per second while a step is open (``TRACEML_STACK_HZ``; 0 = off)
+    stack_hz: float = DEFAULT_STACK_HZ
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
     @property
@@ -74,6 +79,21 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _truthy(raw: str | None) -> bool:
     return (raw or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _stack_hz(env: Mapping[str, str]) -> float:
+    raw = env.get(ENV_STACK_HZ)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_STACK_HZ
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{ENV_STACK_HZ}={raw!r}: expected samples per second, e.g. {ENV_STACK_HZ}=67 (0: off)"
+        ) from exc
+    if not 0 <= value <= 1000:
+        raise ConfigError(f"{ENV_STACK_HZ}={raw!r}: expected 0 (off) to 1000 samples per second")
+    return value
 
 
 def rank_config_from_env(env: Mapping[str, str] | None = None) -> RankConfig:
@@ -99,6 +119,7 @@ def rank_config_from_env(env: Mapping[str, str] | None = None) -> RankConfig:
         disabled=_truthy(env.get(ENV_DISABLED)),
         auto_integrations=not _truthy(env.get(ENV_NO_AUTO_INTEGRATIONS)),
         auto_steps=not _truthy(env.get(ENV_NO_AUTO_STEPS)),
+        stack_hz=_stack_hz(env),
         max_frame_bytes=int(max_frame_mb * 1024 * 1024),
     )
 

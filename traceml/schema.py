@@ -205,9 +205,38 @@ TRACEML_COST = table(
     ("threads_cpu_ns", "i8"),
 )
 
+#: Where the training thread's time goes, from the stack sampler (``traceml.runtime.stacks``): per
+#: window of steps ``first_step..step`` and per ``phase`` (-1: no named phase, the residual; else the
+#: index into PHASES), the top functions of the user's code (``func`` qualname, ``site`` file:line of
+#: its def, ``samples`` taken in it; ``input``: its stack was reading data) and ``window_samples``,
+#: every sample of the window.  ``func`` "(other)" sums the rest of the phase.
+STEP_STACK = table(
+    "step_stack",
+    ("step", "i8"),
+    ("ts_ns", "i8"),
+    ("first_step", "i8"),
+    ("phase", "i4"),
+    ("func", "str"),
+    ("site", "str"),
+    ("samples", "i4"),
+    ("input", "u1"),
+    ("window_samples", "i4"),
+)
+
 STANDARD_TABLES: dict[str, TableSchema] = {
     t.name: t
-    for t in (STEP_TIME, STEP_TIMELINE, STEP_GPU, STEP_REGION, STEP_MEMORY, PROCESS, SYSTEM, SYSTEM_GPU, TRACEML_COST)
+    for t in (
+        STEP_TIME,
+        STEP_TIMELINE,
+        STEP_GPU,
+        STEP_REGION,
+        STEP_MEMORY,
+        PROCESS,
+        SYSTEM,
+        SYSTEM_GPU,
+        TRACEML_COST,
+        STEP_STACK,
+    )
 }
 
 

@@ -408,6 +408,7 @@ def rank_env(plan: RunPlan, base: Mapping[str, str]) -> dict[str, str]:
         config.ENV_DISABLED,
         config.ENV_NO_AUTO_INTEGRATIONS,
         config.ENV_NO_AUTO_STEPS,
+        config.ENV_STACK_HZ,
         config.ENV_MAX_FRAME_MB,
     ):
         if name in base:

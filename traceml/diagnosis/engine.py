@@ -19,6 +19,7 @@ from traceml.diagnosis.findings import (
     severity_rank,
 )
 from traceml.diagnosis.memory import memory_creep
+from traceml.diagnosis.stacks import explain_residual
 from traceml.diagnosis.step_rules import (
     compute_bound,
     compute_measured,
@@ -96,6 +97,7 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
         findings += [f for f in (input_bound(data), straggler(data), h2d_bound(view, data)) if f is not None]
         if compute_measured(data):
             findings += [f for f in (residual_heavy(data),) if f is not None]
+            findings = explain_residual(view, data, findings)  # names the residual; reading data is input
             findings += region_heavy(data)
             # a synchronised straggler makes the others wait inside backward, which reads as compute
             synced_straggler = any(f.kind == STRAGGLER and f.evidence.get("steps_synchronised") == 1 for f in findings)

@@ -18,6 +18,7 @@ from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.engine import diagnose, diagnose_steps
 from traceml.diagnosis.findings import clean_number
 from traceml.diagnosis.memory import fmt_bytes
+from traceml.diagnosis.stacks import residual_profile
 from traceml.diagnosis.steps import StepData, job_series, step_data
 from traceml.schema import PHASES
 from traceml.store import StoreView
@@ -382,7 +383,14 @@ def build_summary(view: StoreView, *, recent_steps: int = th.RECENT_STEPS) -> di
         "memory": memory_section(view),
         "system": system_section(view),
         "integrity": integrity_section(view, data),
+        "residual": residual_section(view, data),
     }
+
+
+def residual_section(view: StoreView, data: StepData) -> dict[str, Any] | None:
+    """Where the residual goes, from the stack sampler (None when the run has no samples)."""
+    profile = residual_profile(view, data)
+    return profile.to_dict() if profile is not None else None
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:

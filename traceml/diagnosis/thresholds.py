@@ -58,3 +58,9 @@ LOW_GPU_UTIL_WARN = 30.0
 LOW_GPU_UTIL_CRITICAL = 10.0
 #: fewer samples per GPU within the window and the rule abstains
 GPU_UTIL_MIN_SAMPLES = 3
+
+# --- the residual explained (stack samples, traceml.runtime.stacks) -------------------------
+#: fewer residual samples in the window and the residual is not explained
+STACK_MIN_SAMPLES = 20
+#: share of the residual samples spent reading data at which the residual counts as input
+STACK_INPUT_SHARE = 0.5

@@ -45,6 +45,7 @@ TABLE_CAPACITY: dict[str, int] = {
     "process": 1024,
     "system": 1024,
     "system_gpu": 4096,
+    "step_stack": 8192,
 }
 #: what a table may grow to when steps come faster than the sender's period drains them
 #: (~300 B per step_time row held: 131,072 rows are ~38 MiB; see docs/benchmarks.md, "Fast steps")
@@ -117,6 +118,8 @@ class Agent:
         self._dist_facts: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._auto_steps = auto_steps
+        #: the residual's stack sampler (:mod:`traceml.runtime.stacks`), started with the threads
+        self.stacks: Any = None
         #: zero-code step boundaries (:mod:`traceml.runtime.autostep`), built once torch is imported
         self.autostep: Any = None
         self._thread_cpu: dict[int, int] = {}
@@ -214,6 +217,16 @@ class Agent:
             self.sender.start()
         if self.sampler is not None and not self.sampler.alive:
             self.sampler.start()
+        if self.stacks is None and self.sender is not None and self.config.stack_hz > 0:
+            try:
+                from traceml.runtime.stacks import StackSampler
+
+                self.stacks = StackSampler(
+                    self.clock, self.tracker, self.tables["step_stack"].append, self.config.stack_hz
+                )
+                self.stacks.start()
+            except Exception:
+                disable_piece("stacks-start", "the stack sampler")
 
     # -- torch ---------------------------------------------------------------------
     def _on_torch(self, torch: ModuleType) -> None:
@@ -324,8 +337,12 @@ class Agent:
         self._maybe_send_environment()
 
     def _threads_cpu_ns(self) -> int:
-        """CPU time of traceml's own threads (sender, sampler) so far; -1 where not measurable."""
-        threads = [getattr(self.sender, "_thread", None), getattr(self.sampler, "_thread", None)]
+        """CPU time of traceml's own threads (sender, sampler, stacks) so far; -1 where not measurable."""
+        threads = [
+            getattr(self.sender, "_thread", None),
+            getattr(self.sampler, "_thread", None),
+            getattr(self.stacks, "_thread", None),
+        ]
         for t in threads:
             ident = getattr(t, "ident", None)
             if ident is None:
@@ -401,6 +418,8 @@ class Agent:
             return  # a forked child: the threads and sockets are the parent's
         if self.sampler is not None:
             self.sampler.stop()
+            if self.stacks is not None:
+                self.stacks.stop()
             try:
                 self._sample_cost(final=True)
             except Exception:
@@ -431,6 +450,8 @@ class Agent:
             out.append("sender")
         if self.sampler is not None and self.sampler.alive:
             out.append("sampler")
+        if self.stacks is not None and self.stacks.alive:
+            out.append("stacks")
         return out
 
     def drops(self) -> Mapping[str, int]:

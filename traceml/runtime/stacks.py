@@ -1,0 +1,229 @@
+"""The residual explained: a low-rate stack sampler of the training thread.
+
+A daemon thread wakes ``hz`` times a second (default :data:`DEFAULT_HZ`), reads the training
+thread's current frame with ``sys._current_frames()`` (no signal handler, nothing runs on the
+training thread) and counts one sample for the phase running then (``-1``: no named phase, the
+residual) and the function the time is spent in: the innermost frame of the user's own code
+(not the standard library, site-packages or traceml), named ``qualname`` + ``file:line`` of
+its ``def``.  A sample whose stack reads data (a function named like ``get_batch`` / ``load`` /
+``read`` / ``fetch`` / ``collate`` / ``__getitem__``, or a frame in numpy's memmap/npyio,
+pickle, PIL, h5py, pyarrow, ``datasets``, torchvision's datasets/io) is flagged as input.
+
+About once a second the counts become rows of the ``step_stack`` table: for each phase the top
+:data:`TOP_PER_PHASE` functions of the window of steps ``first_step..step``, with their sample
+counts and the window's total.  Strings are interned per code object and bounded
+(:data:`MAX_NAME`).  Only samples taken while a step is open count.  ``TRACEML_STACK_HZ=0``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any
+
+from traceml.runtime._failopen import disable_piece
+
+DEFAULT_HZ = 67.0
+MAX_HZ = 1000.0
+TOP_PER_PHASE = 5
+MAX_NAME = 96
+MAX_DEPTH = 64
+#: code objects whose attribution is cached (a cache miss costs one path check)
+MAX_CACHE = 4096
+
+_INPUT_NAME = re.compile(r"batch|load|read|fetch|collate|getitem|dataset|decode", re.IGNORECASE)
+_INPUT_FILES = (
+    "numpy/core/memmap.py",
+    "numpy/_core/memmap.py",
+    "numpy/lib/npyio.py",
+    "numpy/lib/_npyio_impl.py",
+    "numpy/lib/format.py",
+    "/pickle.py",
+    "/PIL/",
+    "/h5py/",
+    "/pyarrow/",
+    "/datasets/",
+    "/torchvision/datasets/",
+    "/torchvision/io/",
+    "/torch/utils/data/",
+    "/webdataset/",
+    "/tokenizers/",
+)
+
+
+def _library_roots() -> tuple[str, ...]:
+    roots = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            roots.add(os.path.realpath(p))
+    roots.add(os.path.realpath(os.path.dirname(os.path.dirname(__file__))))  # traceml itself
+    return tuple(sorted(roots))
+
+
+def _bounded(text: str) -> str:
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= MAX_NAME else text[: MAX_NAME - 1] + "…"
+
+
+class StackSampler:
+    """Samples the training thread (``clock.owner``) while a step is open (``tracker.depth``)."""
+
+    def __init__(
+        self,
+        clock: Any,
+        tracker: Any,
+        append: Callable[[tuple[Any, ...]], None],
+        hz: float = DEFAULT_HZ,
+        *,
+        flush_s: float = 1.0,
+        frames: Callable[[], dict[int, FrameType]] = sys._current_frames,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.clock = clock
+        self.tracker = tracker
+        self.append = append
+        self.period_s = 1.0 / min(max(hz, 0.1), MAX_HZ)
+        self.flush_s = flush_s
+        self.frames = frames
+        self.wall_ns = wall_ns
+        self.samples = 0
+        self.cpu_ns = 0
+        self._roots = _library_roots()
+        self._user_file: dict[str, bool] = {}
+        self._code: dict[CodeType, tuple[str, str, bool, bool]] = {}
+        self._counts: dict[tuple[int, str, str, bool], int] = {}
+        self._total = 0
+        self._first_step = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="traceml-stacks", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout_s)
+        try:
+            self.flush()
+        except Exception:
+            disable_piece("stacks-flush", "the stack sampler")
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        cpu = time.thread_time_ns
+        try:
+            while not self._stop.wait(self.period_s):
+                c0 = cpu()
+                self.sample()
+                now = time.monotonic()
+                if now - last_flush >= self.flush_s:
+                    last_flush = now
+                    self.flush()
+                self.cpu_ns += cpu() - c0
+        except Exception:
+            disable_piece("stacks", "the stack sampler")
+
+    # -- one sample --------------------------------------------------------------------------
+    def sample(self) -> None:
+        tracker = self.tracker
+        if not tracker.depth:
+            return
+        clock = self.clock
+        frame = self.frames().get(clock.owner)
+        if frame is None:
+            return
+        phase = clock.phase
+        func, site, is_input = self._attribute(frame)
+        key = (phase, func, site, is_input)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        if self._first_step < 0:
+            self._first_step = tracker.step
+        self._total += 1
+        self.samples += 1
+
+    def _attribute(self, frame: FrameType | None) -> tuple[str, str, bool]:
+        """(function, site, reads data) of the innermost user frame (else the leaf)."""
+        leaf: tuple[str, str, bool, bool] | None = None
+        user: tuple[str, str, bool, bool] | None = None
+        is_input = False
+        depth = 0
+        while frame is not None and depth < MAX_DEPTH:
+            info = self._code_info(frame.f_code)
+            if leaf is None:
+                leaf = info
+            if info[3]:
+                is_input = True
+            if user is None and info[2]:
+                user = info
+                if is_input:
+                    break
+            elif user is not None and is_input:
+                break
+            frame = frame.f_back
+            depth += 1
+        chosen = user or leaf
+        if chosen is None:
+            return "?", "?", False
+        return chosen[0], chosen[1], is_input
+
+    def _code_info(self, code: CodeType) -> tuple[str, str, bool, bool]:
+        info = self._code.get(code)
+        if info is not None:
+            return info
+        filename = code.co_filename
+        user = self._user_file.get(filename)
+        if user is None:
+            if filename.startswith("<"):
+                user = False
+            else:
+                real = os.path.realpath(filename)
+                user = not any(real.startswith(root + os.sep) for root in self._roots)
+            self._user_file[filename] = user
+        norm = filename.replace(os.sep, "/")
+        is_input = bool(_INPUT_NAME.search(code.co_name)) or any(f in norm for f in _INPUT_FILES)
+        name = sys.intern(_bounded(getattr(code, "co_qualname", code.co_name)))
+        site = sys.intern(_bounded(f"{os.path.basename(filename)}:{code.co_firstlineno}"))
+        info = (name, site, user, is_input)
+        if len(self._code) < MAX_CACHE:
+            self._code[code] = info
+        return info
+
+    # -- rows ----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        total, self._total = self._total, 0
+        first, self._first_step = self._first_step, -1
+        if not counts:
+            return
+        step = max(self.tracker.step - 1, first)
+        ts = self.wall_ns()
+        by_phase: dict[int, list[tuple[int, str, str, bool]]] = {}
+        for (phase, func, site, is_input), n in counts.items():
+            by_phase.setdefault(phase, []).append((n, func, site, is_input))
+        for phase, items in sorted(by_phase.items()):
+            items.sort(key=lambda it: -it[0])
+            top = items[:TOP_PER_PHASE]
+            rest = sum(it[0] for it in items[TOP_PER_PHASE:])
+            for n, func, site, is_input in top:
+                self.append((step, ts, first, phase, func, site, n, 1 if is_input else 0, total))
+            if rest:
+                self.append((step, ts, first, phase, "(other)", "", rest, 0, total))
