@@ -190,6 +190,26 @@ def test_reader_reads_an_old_file_with_hostile_names_and_reports_them_escaped(
         assert len(problems) == 7
 
 
+def test_an_old_file_whose_peer_wrote_a_rollup_table_reads_and_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file recorded before the policy, by an aggregator that let a peer write ``rollup/step_time``:
+    the stored rollup is not the writer's, so it is reported and read_rollup computes from the rows."""
+    import traceml.format.writer as writer_module
+
+    path = tmp_path / "old.tml"
+    with monkeypatch.context() as m:
+        m.setattr(writer_module, "names", _NoPolicy())
+        with TmlWriter(path, run_meta={}, fsync_interval_s=None, rollup_steps=None) as w:
+            w.append(0, "step_time", _steps(0, 300))
+            w.append(1, "rollup/step_time", {"step": np.arange(2), "junk": np.ones(2)})
+    with open_recording(path) as r:
+        (problem,) = r.integrity["names"]
+        assert "reserved namespace 'rollup/'" in problem
+        rolled = r.read_rollup("step_time")
+        assert list(rolled) == [0] and int(rolled[0]["rows"].sum()) == 300
+
+
 # --- the aggregator: a hostile peer holding the token ------------------------------------------
 
 TOKEN = "names-token"

@@ -132,6 +132,8 @@ class TmlReader:
         self._data_start = 0
         #: None while the HEADER is intact; else where the header came from (or that it is lost)
         self._header_restored: str | None = None
+        #: name_problems() as of (segments, schemas, attachments, header) last time
+        self._name_problems: tuple[tuple[Any, ...], list[str]] | None = None
         #: (record length, raw size, ranges, streams) -> offsets of segments with that head
         self._segment_heads: dict[tuple[Any, ...], list[int]] = {}
         try:
@@ -231,6 +233,10 @@ class TmlReader:
         attachment names, and the run id, run name, hosts and command of the header.  Such names are
         still read (old files keep working) but are not trusted: each problem says what and where,
         with the name shown escaped."""
+        key = (len(self._segments), len(self._schemas), tuple(self._attachments), id(self._header))
+        cached = self._name_problems
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
         problems: list[str | None] = []
         header = self._header
         if header:
@@ -250,13 +256,22 @@ class TmlReader:
         tables = set(self._schemas) | {t for seg in self._segments for _, t in seg.rows}
         for table in sorted(tables):
             problems.append(names.name_problem(table, "table"))
+            if is_rollup(table) and table in self._schemas:
+                base = self._schemas.get(table[len(names.ROLLUP_PREFIX) :])
+                if base is None or rollup_schema(base) != self._schemas[table]:
+                    problems.append(
+                        f"table {names.shown(table)} is in the writer's reserved namespace 'rollup/' but is not"
+                        " the rollup the writer derives from its table; read_rollup ignores it"
+                    )
             schema = self._schemas.get(table)
             for column in schema.columns if schema is not None else ():
                 problem = names.column_problem(column.name)
                 problems.append(None if problem is None else f"table {names.shown(table)}: {problem}")
         for attachment in sorted(self._attachments):
             problems.append(names.name_problem(attachment, "attachment"))
-        return [p for p in problems if p is not None]
+        found = [p for p in problems if p is not None]
+        self._name_problems = (key, found)
+        return list(found)
 
     def read_segment(self, info: SegmentInfo) -> list[Batch]:
         """Decode one segment; raises the FormatError that describes what is wrong with it."""
