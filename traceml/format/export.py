@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import math
 import os
@@ -185,12 +184,22 @@ def write_chrome_trace(
 
 
 def _dump(document: dict[str, Any], f: Any) -> None:
-    text = io.TextIOWrapper(f, encoding="utf-8", write_through=True)
-    try:
-        json.dump(document, text, separators=(",", ":"), allow_nan=False)
-        text.flush()
-    finally:
-        text.detach()
+    """Write the document as compact JSON, the events encoded in chunks by the C encoder (json.dump
+    would write token by token: ~8x slower, and far slower still through gzip)."""
+    sep = (",", ":")
+    events = document["traceEvents"]
+    rest = {k: v for k, v in document.items() if k != "traceEvents"}
+    f.write(b'{"traceEvents":[')
+    for i in range(0, len(events), _CHUNK_EVENTS):
+        if i:
+            f.write(b",")
+        f.write(json.dumps(events[i : i + _CHUNK_EVENTS], separators=sep, allow_nan=False)[1:-1].encode("utf-8"))
+    f.write(b"],")
+    f.write(json.dumps(rest, separators=sep, allow_nan=False)[1:].encode("utf-8"))
+
+
+#: events per json.dumps call when writing a trace
+_CHUNK_EVENTS = 8192
 
 
 def _origin_ns(step_time: dict[int, dict[str, Any]], counters: dict[str, dict[int, dict[str, Any]]]) -> int:
