@@ -61,15 +61,18 @@ class OtlpReceiver:
 
     def points(self) -> list[tuple[dict[str, Any], str, float, dict[str, Any]]]:
         """(resource attributes, metric name, value, point attributes) of every gauge point received."""
+        return [p for req in self.requests for p in self.points_of(req)]
+
+    @staticmethod
+    def points_of(req: Any) -> list[tuple[dict[str, Any], str, float, dict[str, Any]]]:
         out = []
-        for req in self.requests:
-            for rm in req.resource_metrics:
-                res = {a.key: _value(a.value) for a in rm.resource.attributes}
-                for sm in rm.scope_metrics:
-                    for m in sm.metrics:
-                        for p in m.gauge.data_points:
-                            value = p.as_double if p.HasField("as_double") else float(p.as_int)
-                            out.append((res, m.name, value, {a.key: _value(a.value) for a in p.attributes}))
+        for rm in req.resource_metrics:
+            res = {a.key: _value(a.value) for a in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.gauge.data_points:
+                        value = p.as_double if p.HasField("as_double") else float(p.as_int)
+                        out.append((res, m.name, value, {a.key: _value(a.value) for a in p.attributes}))
         return out
 
 

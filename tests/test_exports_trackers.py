@@ -130,6 +130,24 @@ def test_report_logs_into_an_offline_wandb_run(tmp_path: Path) -> None:
     assert sorted(c.path for c in artifact.manifest.contents) == ["report.html", "summary.json", "summary.md"]
 
 
+def test_live_pusher_is_fail_open() -> None:
+    from traceml.exports.otlp import LivePusher
+
+    calls = []
+
+    def summary() -> dict[str, object]:
+        calls.append(1)
+        raise RuntimeError("a diagnosis bug")
+
+    pusher = LivePusher(summary, "http://127.0.0.1:9", interval_s=0.1, timeout_s=0.5)  # nothing listens on 9
+    pusher.start()
+    import time
+
+    time.sleep(0.35)
+    pusher.stop({"run": {"duration_s": 1.0}})  # the final push fails too: logged, never raised
+    assert calls and pusher.failures == 1 and pusher.pushes == 0
+
+
 def test_a_missing_package_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from traceml.exports.trackers import log_to
 
@@ -146,7 +164,7 @@ def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path: Path) -> 
     assert not (tmp_path / "rep").exists()
 
 
-def test_traceml_run_logs_to_mlflow_and_sends_otlp_after_the_training(
+def test_traceml_run_logs_to_mlflow_and_sends_otlp_while_and_after_the_training(
     tmp_path: Path, mlflow_env: dict[str, str]
 ) -> None:
     from mlflow import MlflowClient
@@ -158,8 +176,8 @@ def test_traceml_run_logs_to_mlflow_and_sends_otlp_after_the_training(
         res = subprocess.run(
             [sys.executable, "-c", "from traceml.cli import main; main()", "run", "--ui", "none",
              "--out", str(tmp_path / "r" / "run.tml"), "--run-name", "tiny", "--log-to", "mlflow", "--otlp", rx.url,
-             "--json",
-             demo, "--steps", "30", "--log-every", "0", "--input-cost", "0"],
+             "--json", "--otlp-interval", "0.3",
+             demo, "--steps", "150", "--log-every", "0", "--input-cost", "0"],
             capture_output=True, text=True, cwd=tmp_path, timeout=240,
             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **mlflow_env},
         )  # fmt: skip
@@ -170,5 +188,10 @@ def test_traceml_run_logs_to_mlflow_and_sends_otlp_after_the_training(
     (run,) = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"]).search_runs(["0"])
     assert run.data.tags["mlflow.runName"] == "tiny"
     assert run.data.metrics["traceml/steps/count"] > 0 and run.data.metrics["traceml/run/world_size"] == 1
-    step = [v for r, name, v, a in rx.points() if name == "traceml.step.duration" and r.get("traceml.rank") == 0]
-    assert len(step) == 2 and all(v > 0 for v in step)
+    # the aggregator pushed while the run went on, and once more with the final summary
+    assert len(rx.requests) >= 2, len(rx.requests)
+    final = OtlpReceiver.points_of(rx.requests[-1])
+    rank0 = [v for r, name, v, _ in final if name == "traceml.step.duration" and r.get("traceml.rank") == 0]
+    assert len(rank0) == 2 and all(v > 0 for v in rank0)
+    counts = [v for r, name, v, _ in final if name == "traceml.step.count" and "traceml.rank" not in r]
+    assert counts == [summary["steps"]["count"]]

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame-mb", type=float, default=None, help=f"frame limit (default {ENV_MAX_FRAME_MB} or 16)")
     p.add_argument("--start-ns", type=int, default=0, help="when the run started (time.time_ns())")
     p.add_argument("--control-stdin", action="store_true", help="read the control channel on stdin")
+    p.add_argument("--otlp", default=None, help="send the run's metrics to this OTLP/HTTP endpoint ('' : OTEL_* vars)")
+    p.add_argument("--otlp-interval", type=float, default=15.0, help="seconds between OTLP pushes (default 15)")
     p.add_argument("--command", nargs=argparse.REMAINDER, default=[], help="the training command, for the record")
     return p
 
@@ -66,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finish_timeout_s=args.finish_timeout,
         max_frame_bytes=int(max_frame_mb * 1024 * 1024),
         command=list(args.command),
+        otlp_endpoint=args.otlp,
+        otlp_interval_s=args.otlp_interval,
     )
     if args.start_ns:
         opts.start_ns = args.start_ns

@@ -77,6 +77,9 @@ class AggregatorOptions:
     #: a listening socket handed over by the launcher (``traceml run`` binds before the ranks
     #: learn the port, so no other process can take it in between); None: bind host:port
     listen_sock: socket.socket | None = None
+    #: send the run's metrics over OTLP/HTTP while it runs and at its end (None: don't)
+    otlp_endpoint: str | None = None
+    otlp_interval_s: float = 15.0
 
     def check(self) -> None:
         if self.ui not in UI_CHOICES:
@@ -232,6 +235,7 @@ class Aggregator:
         #: the control channel ended without an exit line
         self._cli_gone = False
         self.finished = threading.Event()
+        self.otlp: Any = None
 
     # -- pieces --------------------------------------------------------------------------
     def _run_meta(self) -> dict[str, Any]:
@@ -288,6 +292,23 @@ class Aggregator:
         threading.Thread(target=_warm_up, name="traceml-warm-up", daemon=True).start()
         self._log_handler = _NotifyHandler(self.ui.notify)
         logging.getLogger("traceml").addHandler(self._log_handler)
+        self._start_otlp()
+
+    def _start_otlp(self) -> None:
+        if self.opts.otlp_endpoint is None:
+            return
+        try:
+            from traceml.exports.otlp import LivePusher
+
+            self.otlp = LivePusher(
+                lambda: self._summary(self.store.snapshot()),
+                self.opts.otlp_endpoint or None,
+                interval_s=self.opts.otlp_interval_s,
+            )
+            self.otlp.start()
+        except Exception as exc:  # fail-open: no OTLP export, the run goes on
+            log.warning("no OTLP export for this run: %s", exc)
+            self.otlp = None
 
     # -- control channel -----------------------------------------------------------------
     def on_output(self, stream: str, text: str) -> None:
@@ -408,6 +429,8 @@ class Aggregator:
         summary = self._summary(self.store.snapshot())
         if summary is not None:
             self.store.attach("summary", summary)
+        if self.otlp is not None:
+            self.otlp.stop(summary)
         if self.spool is not None:
             self.spool.attach("exit", exit_attachment)
             self.spool.attach("ranks", {"ranks": ranks})

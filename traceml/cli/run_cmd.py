@@ -130,6 +130,9 @@ class RunPlan:
     nnodes_spec: str = ""
     #: ``--disable``: the script runs under torchrun with traceml off (no aggregator, no recording)
     disabled: bool = False
+    #: ``--otlp``: the aggregator sends the run's metrics there while it runs and at its end
+    otlp: str | None = None
+    otlp_interval_s: float = 15.0
     #: folders named like the package that would shadow it on the ranks' import path
     shadowing: list[Path] = field(default_factory=list)
     python: str = sys.executable
@@ -347,6 +350,8 @@ def aggregator_command(plan: RunPlan, listen_fd: int | None = None) -> list[str]
         cmd += ["--listen-fd", str(listen_fd)]
     if plan.out is not None:
         cmd += ["--out", str(plan.out)]
+    if plan.otlp is not None:
+        cmd += ["--otlp", plan.otlp, "--otlp-interval", str(plan.otlp_interval_s)]
     return cmd + ["--command", plan.script, *plan.script_args]
 
 
@@ -910,9 +915,10 @@ def run_command(
     otlp: str | None = typer.Option(
         None,
         "--otlp",
-        help="after the run, send its metrics to this OTLP/HTTP endpoint (e.g. http://localhost:4318;"
-        " OTEL_EXPORTER_OTLP_* variables apply)",
+        help="the aggregator sends the run's metrics to this OTLP/HTTP endpoint while it runs and at its end"
+        " (e.g. http://localhost:4318; OTEL_EXPORTER_OTLP_* variables apply)",
     ),
+    otlp_interval: float = typer.Option(15.0, "--otlp-interval", min=0.1, help="seconds between --otlp pushes"),
     torchrun_arg: list[str] | None = typer.Option(None, TORCHRUN_ARG, hidden=True),
 ) -> None:
     """Run SCRIPT on torchrun with the live view, recording every step of every rank.
@@ -971,6 +977,8 @@ def run_command(
         typer.echo(f"traceml run: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     plan.module = module
+    plan.otlp = otlp
+    plan.otlp_interval_s = otlp_interval
     plan.torchrun_args = list(torchrun_arg or [])
     plan.nnodes_spec = nnodes if nnodes is not None and ":" in nnodes else ""
     plan.disabled = disable
@@ -995,8 +1003,8 @@ def run_command(
         )
         raise typer.Exit(EXIT_USAGE)
     code = run_plan(plan)
-    if trackers or otlp is not None:
-        export_after_run(plan, trackers, otlp)
+    if trackers:
+        export_after_run(plan, trackers, None)  # --otlp: the aggregator sent the metrics
     if as_json and plan.out is not None and plan.starts_aggregator:
         print_summary_json(plan.out)
     raise typer.Exit(code)

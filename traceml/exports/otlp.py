@@ -11,14 +11,18 @@ step metrics are ``traceml.step.*``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from traceml.errors import ExportError
 from traceml.exports import require
+
+log = logging.getLogger(__name__)
 
 #: the OTLP extra's pip line
 OTLP_PACKAGES = "opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
@@ -245,3 +249,58 @@ def _version() -> str:
     from traceml._version import __version__
 
     return __version__
+
+
+class LivePusher:
+    """Sends the run's metrics every ``interval_s`` from a thread of the aggregator, and once more
+    at the end (:meth:`stop` with the final summary).  Fail-open: a failed push is logged (the
+    first one as a warning, later ones at debug level) and the next one is tried; a push still
+    running when the next is due is not doubled.  Never touches the ranks."""
+
+    def __init__(
+        self,
+        summary: Callable[[], Mapping[str, Any] | None],
+        endpoint: str | None,
+        *,
+        interval_s: float = 15.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._summary = summary
+        self.endpoint = endpoint
+        self.interval_s = max(0.1, float(interval_s))
+        self.timeout_s = timeout_s
+        self.pushes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="traceml-otlp", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _push(self, summary: Mapping[str, Any] | None) -> None:
+        if summary is None:
+            return
+        with self._lock:
+            try:
+                send_summary(summary, endpoint=self.endpoint, timeout_s=self.timeout_s)
+                self.pushes += 1
+            except Exception as exc:  # fail-open: the run goes on without its OTLP export
+                self.failures += 1
+                (log.warning if self.failures == 1 else log.debug)("OTLP export failed (again later): %s", exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                summary = self._summary()
+            except Exception:
+                log.debug("no summary for the OTLP export this time", exc_info=True)
+                continue
+            self._push(summary)
+
+    def stop(self, final: Mapping[str, Any] | None) -> None:
+        """Stop the periodic pushes; push ``final`` (the run's closing summary) once."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.timeout_s * 3)
+        self._push(final)
