@@ -1152,7 +1152,7 @@ def _fmt_change(m: MetricResult) -> str:
     return s
 
 
-UNDECIDABLE_BY_STEPS = "more steps will not settle it (estimate near the gate or within the noise floor): add runs"
+UNDECIDABLE_BY_STEPS = "more steps alone will not settle it: add runs per side"
 
 
 def _note(m: MetricResult) -> str:
