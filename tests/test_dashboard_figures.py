@@ -73,10 +73,15 @@ def test_compare_mode_overlays_b_dashed(view) -> None:
 def test_missing_data_says_not_recorded() -> None:
     cpu_only = store_from_run(synthetic_run(ranks=1, steps=100, gpu=False)).snapshot()
     sysm = series.system_series(cpu_only)
-    assert any("not recorded" in a for a in annotations(figures.gpu_figure(sysm)))
-    assert not figures.gpu_figure(sysm).data
+    gpu = figures.gpu_figure(sysm)
+    assert any("not recorded" in a for a in annotations(gpu))
+    # a CPU run's GPU panel is folded into one line: no empty panels, no panel titles
+    assert not gpu.data and gpu.layout.height == figures.GPU_NOTE_HEIGHT
+    assert annotations(gpu) == ["GPU metrics: not recorded (no NVML GPUs in this run)"]
     mem = figures.memory_figure(series.memory_series(cpu_only))
-    assert any("GPU memory: not recorded" in a for a in annotations(mem))
+    # the note is in the title, not inside the plot where it would sit on the RSS line
+    assert "GPU memory: not recorded" in mem.layout.title.text and not annotations(mem)
+    assert mem.data
     empty = ColumnStore().snapshot()
     assert "no steps recorded" in annotations(figures.step_breakdown_figure(series.step_breakdown(empty)))
     assert "memory: not recorded" in annotations(figures.memory_figure(series.memory_series(empty)))

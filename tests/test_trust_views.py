@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
+from test_dashboard_browser import browser, opened, served, traces, wait_traces  # noqa: F401  (browser: a fixture)
 
 import replay
 from replay.report import build_report
@@ -227,3 +228,59 @@ def test_every_traceml_run_option_is_in_the_options_table_of_docs_cli() -> None:
         and not any(f"`{o}" in documented or f" {o}`" in documented or f"{o}`" in documented for o in p.opts)
     ]
     assert not missing, f"docs/cli.md's options table lacks {missing}"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium is missing")
+def test_dashboard_region_toggle_outline_free_bands_and_a_one_line_gpu_panel(browser, tmp_path: Path) -> None:  # noqa: F811
+    """In a real Chromium: the breakdown stacks the named region beside residual (a toggle puts it
+    back into residual), its bands have no outline that could paint over a neighbour's spikes, and
+    a CPU run's GPU panel is one line."""
+    from replay.dashboard import build_dashboard
+    from replay.synthetic import run_meta, synthetic_run, write_recording
+    from traceml.drivers.web import FIG_STEP_BREAKDOWN
+
+    run = synthetic_run(ranks=1, steps=3000, gpu=False, seed=4)
+    st = run[0]["step_time"]
+    spikes = np.arange(len(st["step"])) % 50 == 0
+    extra = np.where(spikes, 20_000, 0).astype(np.int64)
+    st["backward_us"] = st["backward_us"] + extra
+    st["step_us"] = st["step_us"] + extra
+    n = len(st["step"])
+    run[0]["step_region"] = {
+        "step": st["step"].copy(),
+        "ts_ns": st["ts_ns"].copy(),
+        "name": ["get_batch"] * n,
+        "cpu_us": (st["residual_us"] // 2).astype(np.int64),
+        "calls": np.ones(n, np.int32),
+        "start_us": np.full(n, -1, np.int64),
+    }
+    path = tmp_path / "regions.tml"
+    write_recording(path, run, meta=run_meta("regions-run", ranks=1))
+    bd = sv.step_breakdown(replay.open(path).view())
+    assert list(bd.regions) == ["get_batch"]
+
+    app, close = build_dashboard(path)
+    try:
+        with served(app) as server, opened(browser, server.url) as page:
+            drawn = wait_traces(page, FIG_STEP_BREAKDOWN, "t.some(tr => tr.name === 'region: get_batch')")
+            stacked = [t for t in drawn if t["meta"] and t["meta"]["group"] not in ("stat",)]
+            assert [t["name"] for t in stacked][-2:] == ["residual", "region: get_batch"]
+            assert all(t["width"] == 0 for t in stacked), stacked
+            # the stacked bands (the first traces; the median and p95 lines follow) draw no outline
+            strokes = page.evaluate(
+                "(k) => Array.from(document.querySelectorAll('#fig-step-breakdown .scatterlayer .trace'))"
+                ".slice(0, k).map(g => { const p = g.querySelector('path.js-line');"
+                " return p ? parseFloat(getComputedStyle(p).strokeWidth || '0') : 0; })",
+                len(stacked),
+            )
+            assert len(strokes) == len(stacked) and all(w == 0 for w in strokes), strokes
+            height = page.evaluate("() => document.querySelector('#fig-gpu').getBoundingClientRect().height")
+            assert height < 80, height
+            assert "GPU memory: not recorded" in page.inner_text("#fig-memory")
+            page.click("#region-toggle input")
+            back = wait_traces(page, FIG_STEP_BREAKDOWN, "!t.some(tr => tr.name === 'region: get_batch')")
+            assert "residual" in [t["name"] for t in back]
+            assert len(traces(page, FIG_STEP_BREAKDOWN)) == len(drawn) - 1
+    finally:
+        close()

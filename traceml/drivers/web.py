@@ -269,11 +269,15 @@ def _stats_children(
     skew = "n/a" if not math.isfinite(rs.skew_pct) else f"{rs.skew_pct:.1f}%"
     if not rs.exact and math.isfinite(rs.skew_pct):
         skew += " (of means, while loading)"
+    tput = f"{bd.steps_per_s:.2f}" if math.isfinite(bd.steps_per_s) else ("n/a" if bd.exact else "loading…")
+    outside = f"{100 * bd.outside_share:.1f}%" if math.isfinite(bd.outside_share) else "n/a"
     parts = [
-        ("median step", ms(bd.median_ms), "stat-median"),
+        ("median step (job)", ms(bd.median_ms), "stat-median"),
         ("p95 step", ms(bd.p95_ms), "stat-p95"),
-        ("skew", skew, "stat-skew"),
+        ("skew (steps all ranks have)", skew, "stat-skew"),
         ("slowest rank", "-" if rs.slowest_rank is None else str(rs.slowest_rank), "stat-slowest"),
+        ("steps/s (measured)", tput, "stat-throughput"),
+        ("outside steps", outside, "stat-outside"),
         ("rows", f"{bd.rows:,} steps x ranks over {len(bd.ranks)} rank(s)", "stat-rows"),
     ]
     if compare is not None:
@@ -430,6 +434,13 @@ def build_app(
                             inline=True,
                             inputStyle={"marginLeft": "8px"},
                         ),
+                        dcc.Checklist(
+                            id="region-toggle",
+                            options=[{"label": " named regions (out of residual)", "value": "regions"}],
+                            value=["regions"],
+                            inline=True,
+                            inputStyle={"marginLeft": "8px"},
+                        ),
                         html.Span("all steps", id="range-label", style={"marginLeft": "16px"}),
                         html.Button("Full range", id="range-reset", n_clicks=0),
                     ],
@@ -553,13 +564,14 @@ def build_app(
         Output("first-chart", "data"),
         Input("rank-filter", "value"),
         Input("phase-toggle", "value"),
+        Input("region-toggle", "value"),
         Input("step-range", "data"),
         Input("data-version", "data"),
         State("first-chart", "data"),
     )
     @tracked
     def _breakdown(
-        rank_value: Any, phases: Any, range_data: Any, _tick: Any, first_sent: Any
+        rank_value: Any, phases: Any, region_value: Any, range_data: Any, _tick: Any, first_sent: Any
     ) -> tuple[Any, Any, Any, Any]:
         view, other, ranks, rng = _params(rank_value, range_data)
         bd = cache.get(
@@ -572,7 +584,9 @@ def build_app(
                 other, ("bd", ranks, rng), lambda: series.step_breakdown(other, ranks, rng, max_buckets=max_points)
             )
         shown = [p for p in PHASES if p in (phases or [])]
-        fig = figures.step_breakdown_figure(bd, shown, compare=bd_b, labels=plot_labels)
+        fig = figures.step_breakdown_figure(
+            bd, shown, compare=bd_b, labels=plot_labels, regions="regions" in (region_value or [])
+        )
         if rng is None:
             label = "all steps" + ("" if bd.bucket_steps == 1 else f" (reduced: {bd.bucket_steps} steps per point)")
         else:

@@ -20,16 +20,21 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from traceml import escape as esc
 from traceml.schema import PHASES
 from traceml.views.series import MemorySeries, RankSteps, StepBreakdown, SystemSeries, Throughput, Trace
 from traceml.views.spread import WIDE_RANKS, rank_band
 
 PALETTE: tuple[str, ...] = tuple(qualitative.D3)
 PHASE_COLORS: dict[str, str] = dict(zip(PHASES, qualitative.Set2, strict=False))
+#: named regions (trace_time), stacked beside residual
+REGION_COLORS: tuple[str, ...] = tuple(qualitative.Pastel1)
 SLOWEST_COLOR = "#d62728"
 COMPARE_COLOR = "#7c3aed"
 GREY = "#6b7280"
 HEIGHT = 340
+#: height of the one-line "GPU metrics: not recorded" figure of a CPU run
+GPU_NOTE_HEIGHT = 44
 
 STEP_AXIS = "step"
 TIME_AXIS = "time since start (s)"
@@ -174,29 +179,45 @@ def step_breakdown_figure(
     phases: Sequence[str] | None = None,
     compare: StepBreakdown | None = None,
     labels: tuple[str, str] = ("A", "B"),
+    regions: bool = True,
 ) -> go.Figure:
-    """Stacked phase times per step (mean over the selected ranks), with the range's median and p95."""
+    """Stacked phase times per step (mean over the selected ranks), with the job's median and p95.
+
+    With ``regions`` the named regions' time outside the phases is stacked apart from residual;
+    without, residual holds it (as recorded).  The bands are drawn as fills with no outline, so
+    a band is never painted over by its neighbour's edge when many steps share a pixel."""
     shown = [p for p in (phases if phases is not None else PHASES) if p in model.phases]
     per = "" if model.bucket_steps == 1 else f" (mean per {model.bucket_steps} steps)"
     layout = _xy(_layout(f"Step time breakdown{per}"), STEP_AXIS, "ms")
     if model.empty:
         return _not_recorded(layout, "no steps recorded")
     a = f"{labels[0]} · " if compare is not None else ""
+    bands: list[tuple[str, str, np.ndarray, str | None]] = []
+    for p in shown:
+        values = model.phases[p]
+        if p == "residual" and not regions and model.regions:
+            values = values + sum(model.regions.values(), np.zeros(len(values)))
+        bands.append((p, f"{a}{p}", values, PHASE_COLORS.get(p)))
+        if p == "residual" and regions:
+            for i, (name, values) in enumerate(sorted(model.regions.items())):
+                label = f"{a}region: {esc.html(name, 64)}"
+                bands.append((f"region:{name}", label, values, REGION_COLORS[i % len(REGION_COLORS)]))
     traces: list[Dict] = [
         {
             "type": "scatter",
             "x": model.steps,
-            "y": model.phases[p],
+            "y": values,
             "mode": "lines",
-            "name": f"{a}{p}",
+            "name": label,
             "stackgroup": "phases",
-            "line": {"width": 0.5, "color": PHASE_COLORS.get(p)},
-            "meta": _meta(None, model.rows, p),
+            "line": {"width": 0, "color": color},
+            "fillcolor": color,
+            "meta": _meta(None, model.rows, group),
         }
-        for p in shown
+        for group, label, values, color in bands
     ]
     x0, x1 = float(model.steps[0]), float(model.steps[-1])
-    traces += _hline(x0, x1, model.median_ms, f"{a}median {_fmt_ms(model.median_ms)}", "#111827", "dash")
+    traces += _hline(x0, x1, model.median_ms, f"{a}median step (job) {_fmt_ms(model.median_ms)}", "#111827", "dash")
     traces += _hline(x0, x1, model.p95_ms, f"{a}p95 {_fmt_ms(model.p95_ms)}", "#b91c1c", "dot")
     if compare is not None and not compare.empty:
         b = f"{labels[1]} · "
@@ -348,6 +369,8 @@ def memory_figure(
 ) -> go.Figure:
     """RSS (solid), GPU allocated (dashed) and per-step GPU peak (dotted) per rank, GiB."""
     cap = f" — GPU capacity {model.gpu_total_gib:.0f} GiB" if model.gpu_total_gib > 0 else ""
+    if (model.rss and not (model.gpu_alloc or model.gpu_peak)) and not cap:
+        cap = " — GPU memory: not recorded"  # in the title: a note inside the plot would sit on a line
     layout = _xy(_layout(f"Memory per rank{cap}"), TIME_AXIS, "GiB")
     if not (model.rss or model.gpu_alloc or model.gpu_peak):
         return _not_recorded(layout, "memory: not recorded")
@@ -355,19 +378,6 @@ def memory_figure(
     traces = [_line(t, color=_rank_color(t.rank), name=f"{a}{t.name}") for t in model.rss]
     traces += [_line(t, color=_rank_color(t.rank), dash="dash", name=f"{a}{t.name}") for t in model.gpu_alloc]
     traces += [_line(t, color=_rank_color(t.rank), dash="dot", width=1.0, name=f"{a}{t.name}") for t in model.gpu_peak]
-    if not (model.gpu_alloc or model.gpu_peak):
-        layout["annotations"].append(
-            {
-                "text": "GPU memory: not recorded",
-                "xref": "paper",
-                "yref": "paper",
-                "x": 0.99,
-                "y": 0.98,
-                "xanchor": "right",
-                "showarrow": False,
-                "font": {"color": GREY},
-            }
-        )
     if compare is not None:
         for t in (*compare.rss, *compare.gpu_alloc):
             traces.append(
@@ -392,11 +402,13 @@ def system_figure(model: SystemSeries) -> go.Figure:
 def gpu_figure(model: SystemSeries) -> go.Figure:
     """Utilisation, memory, temperature and power per GPU, or "not recorded"."""
     titles = ("utilisation (%)", "memory used (GiB)", "temperature (°C)", "power (W)")
+    if not model.gpu_recorded:
+        # a CPU run: one line, not four empty panels
+        line = _layout("", GPU_NOTE_HEIGHT, margin={"l": 10, "r": 10, "t": 5, "b": 5}, showlegend=False)
+        return _not_recorded(line, "GPU metrics: not recorded (no NVML GPUs in this run)")
     layout = _layout("GPUs", HEIGHT * 2 - 60, margin={"l": 60, "r": 20, "t": 70, "b": 45})
     layout["legend"] = {"orientation": "h", "y": -0.1}
     _grid(layout, 2, 2, titles)
-    if not model.gpu_recorded:
-        return _not_recorded(layout, "GPU metrics: not recorded (no NVML GPUs in this run)")
     groups = sorted({t.group for t in (*model.gpu_util_pct, *model.gpu_mem_gib, *model.gpu_temp_c, *model.gpu_power_w)})
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     seen: set[str] = set()

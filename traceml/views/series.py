@@ -18,8 +18,9 @@ import numpy as np
 
 from traceml.schema import PHASES, ROLLUP_ROWS, ROLLUP_STEP_LAST, rollup_name
 from traceml.store import StoreView
+from traceml.views import steps as _steps
 from traceml.views.measures import job_measures, run_duration_s
-from traceml.views.steps import step_data
+from traceml.views.steps import MAX_REGIONS, OTHER_REGIONS, step_data, with_regions
 
 #: default cap on the points of one drawn trace (min/max gives 2 per bucket)
 MAX_POINTS = 2000
@@ -168,6 +169,12 @@ class StepBreakdown:
     #: False when drawn from the rollup (a long recording still loading): means are exact,
     #: median and p95 are not known yet (nan)
     exact: bool = True
+    #: named regions (``trace_time``): mean ms per bucket of the part outside the standard phases,
+    #: which ``phases["residual"]`` no longer holds
+    regions: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: measured steps/s and the share (0..1) of wall time outside any step (traceml.views.measures)
+    steps_per_s: float = math.nan
+    outside_share: float = math.nan
 
     @property
     def empty(self) -> bool:
@@ -574,6 +581,37 @@ def step_range_of(view: StoreView, ranks: Iterable[int] | None = None) -> StepRa
     return None if lo is None or hi is None else (lo, hi)
 
 
+def _region_sums(
+    view: StoreView, per_rank: Mapping[int, Mapping[str, np.ndarray]], lo: int, width: int, n: int
+) -> dict[str, np.ndarray]:
+    """Per step bucket, the us of each named region outside the standard phases (summed over ranks)."""
+    sums: dict[str, np.ndarray] = {}
+    for rank, cols in per_rank.items():
+        if not view.rows("step_region", rank):
+            continue
+        step_us = np.asarray(cols["step_us"], np.float64)
+        resid = np.asarray(cols.get("residual_us", np.full(len(step_us), -1)), np.float64)
+        rs = _steps.RankSteps(
+            rank=rank,
+            step=np.asarray(cols["step"], np.int64),
+            ts_ns=np.asarray(cols["ts_ns"], np.int64),
+            step_us=np.where(step_us >= 0, step_us, np.nan),
+            phases={"residual": np.where(resid >= 0, resid, np.nan)},
+        )
+        own = with_regions(rs, view.columns("step_region", rank)).regions_own
+        if not own:
+            continue
+        buckets = _Buckets(rs.step, lo, width, n)
+        for name, values in own.items():
+            sums[name] = sums.get(name, np.zeros(n)) + buckets.sums(values, n)
+    if len(sums) > MAX_REGIONS:
+        order = sorted(sums, key=lambda k: (-float(sums[k].sum()), k))
+        rest = sum((sums[k] for k in order[MAX_REGIONS - 1 :]), np.zeros(n))
+        sums = {k: sums[k] for k in order[: MAX_REGIONS - 1]}
+        sums[OTHER_REGIONS] = sums.get(OTHER_REGIONS, np.zeros(n)) + rest
+    return sums
+
+
 def step_breakdown(
     view: StoreView,
     ranks: Iterable[int] | None = None,
@@ -610,10 +648,27 @@ def step_breakdown(
             col = cols.get(f"{p}_us")
             if col is not None:
                 sums[p] += buckets.sums(col, n)
+    region_sums = _region_sums(view, per_rank, lo, width, n) if "residual" in sums else {}
+    for v in region_sums.values():
+        sums["residual"] -= v
     x, phase_ms, total_ms = _bucket_means(lo, width, n, counts, total, sums)
+    regions = _bucket_means(lo, width, n, counts, total, region_sums)[1] if region_sums else {}
     m = job_measures(step_data(view, step_range=step_range, ranks=chosen))
     med, p95 = m.median_step_us / 1000.0, m.p95_step_us / 1000.0
-    return StepBreakdown(x, phase_ms, total_ms, med, p95, width, tuple(per_rank), rows, step_range)
+    return StepBreakdown(
+        x,
+        phase_ms,
+        total_ms,
+        med,
+        p95,
+        width,
+        tuple(per_rank),
+        rows,
+        step_range,
+        regions=regions,
+        steps_per_s=m.throughput_steps_per_s,
+        outside_share=m.outside_share,
+    )
 
 
 def rank_steps(

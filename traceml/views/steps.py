@@ -288,6 +288,11 @@ def region_split(
     return {n: v * scale for n, v in totals.items()}
 
 
+def with_regions(rs: RankSteps, cols: Mapping[str, np.ndarray]) -> RankSteps:
+    """``rs`` with its named regions (``step_region`` columns ``cols``) and residual less their own part."""
+    return _with_regions(rs, cols)
+
+
 def _with_regions(rs: RankSteps, cols: Mapping[str, np.ndarray]) -> RankSteps:
     steps = np.asarray(cols.get("step", ()), np.int64)
     names = np.asarray(cols.get("name", ()), dtype=object)
