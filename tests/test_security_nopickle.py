@@ -3,7 +3,7 @@
 Two proofs.  Statically: an AST scan of every module of ``traceml`` and ``replay`` finds no
 deserializer that can build objects (pickle, marshal, shelve, yaml, torch.load, np.load),
 no eval/exec/compile/__import__, no msgpack decode without an ``ext_hook`` that raises and
-no object hooks.  At run time: msgpack extension types (here wrapping a pickle that would
+no object hooks (but hooks that return what they are given, which only count it).  At run time: msgpack extension types (here wrapping a pickle that would
 create a file) are refused on a real socket and in a file, and a column's type code can only
 name one of the plain numeric dtypes or str.
 """
@@ -75,6 +75,19 @@ def _raising_functions(tree: ast.Module) -> set[str]:
     return out
 
 
+def _identity_functions(tree: ast.Module) -> set[str]:
+    """Names of functions (at any depth) that return their first argument unchanged and nothing
+    else: a decoder hook like that only observes (e.g. counts) what msgpack built, it builds nothing."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.args.args:
+            first = node.args.args[0].arg
+            returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
+            if returns and all(isinstance(r.value, ast.Name) and r.value.id == first for r in returns):
+                out.add(node.name)
+    return out
+
+
 def _dotted(node: ast.AST) -> tuple[str, str] | None:
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
         return node.value.id, node.attr
@@ -86,6 +99,7 @@ def scan(path: Path, root: Path = ROOT) -> list[str]:
     rel = path.relative_to(root).as_posix()
     tree = ast.parse(path.read_text(), filename=rel)
     raising = _raising_functions(tree)
+    observers = _identity_functions(tree)
     problems: list[str] = []
 
     def bad(node: ast.AST, what: str) -> None:
@@ -107,7 +121,8 @@ def scan(path: Path, root: Path = ROOT) -> list[str]:
             if dotted in FORBIDDEN_CALLS:
                 bad(node, f"calls {dotted[0]}.{dotted[1]}()")
             for kw in node.keywords:
-                if kw.arg in FORBIDDEN_KEYWORDS:
+                observes = isinstance(kw.value, ast.Name) and kw.value.id in observers
+                if kw.arg in FORBIDDEN_KEYWORDS and not observes:
                     bad(node, f"passes {kw.arg}= (builds caller-chosen objects)")
                 if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                     bad(node, "allow_pickle not False")
@@ -147,6 +162,13 @@ def test_the_scanner_catches_what_it_looks_for(tmp_path: Path) -> None:
         "    msgpack.unpackb(b, object_hook=dict)\n"
         "    np.load(b, allow_pickle=True)\n"
         "    importlib.import_module(name)\n"
+        "def _count(items):\n"
+        "    return items\n"
+        "def _build(items):\n"
+        "    return set(items)\n"
+        "def g(b):\n"
+        "    msgpack.unpackb(b, ext_hook=_ok, list_hook=_count)\n"
+        "    msgpack.unpackb(b, ext_hook=_ok, list_hook=_build)\n"
     )
     found = scan(planted, root=tmp_path)
     text = "\n".join(found)
@@ -161,7 +183,11 @@ def test_the_scanner_catches_what_it_looks_for(tmp_path: Path) -> None:
         "import_module",
     ):
         assert what in text, f"the scanner missed {what!r}: {found}"
-    assert sum("without an ext_hook" in p for p in found) == 3
+    assert sum("without an ext_hook" in p for p in found) == 5
+    # a hook that returns what it is given only observes it: allowed; one that builds is not
+    assert [p for p in found if "list_hook=" in p] == [
+        "planted.py:19: passes list_hook= (builds caller-chosen objects)"
+    ]
 
 
 # --- at run time ------------------------------------------------------------------------------
