@@ -203,3 +203,16 @@ def test_missing_pyarrow_is_a_clear_error_with_the_pip_line(tmp_path: Path, monk
     result = runner.invoke(app, ["export", str(src), "--format", "parquet", "-o", str(tmp_path / "pq")])
     assert result.exit_code == 1
     assert "pip install 'traceml-recorder[parquet]'" in result.output
+
+
+def test_the_buffer_budget_holds_on_a_long_recording(tmp_path: Path) -> None:
+    """What waits to be written stays within ``max_buffer_bytes`` (plus the batch that crossed it)."""
+    src = make_recording(tmp_path / "long.tml", "long", ranks=8, steps=25_000, segment_max_bytes=256 << 10)
+    budget = 1 << 20
+    with open_recording(src) as reader:
+        largest = max(seg.raw_size for seg in reader.segments)
+        result = export_parquet(reader, tmp_path / "pq", max_buffer_bytes=budget)
+    assert result.rows["step_time"] == 200_000
+    table_bytes = 200_000 * (10 * 8 + 8 + 4)  # the step rows and the added columns, as arrow holds them
+    # the batch that crosses the budget is at most a segment's rows, plus the added columns
+    assert result.peak_buffered_bytes <= budget + 4 * largest < table_bytes // 4

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -28,32 +28,41 @@ from traceml.schema import PHASES, TIMELINE_PHASES, phase_starts
 def export_csv(
     reader: TmlReader, out_dir: str | os.PathLike[str], *, overwrite: bool = False
 ) -> list[tuple[str, Path]]:
-    """Write one CSV per table with rows (a ``rank`` column first) into ``out_dir``.
+    """Write one CSV per table with rows (a ``rank`` column first) into ``out_dir``, streaming.
+
+    Rows are written as the recording is read, segment by segment (``TmlReader.iter_batches``):
+    memory stays at one segment's rows whatever the length of the run, and rows come in the
+    recording's order (each rank's rows in step order; ranks interleaved by time).
 
     Returns ``(table, path)`` pairs.  The file name comes from :func:`traceml.outpaths.safe_filename`
     (a hostile table name cannot leave ``out_dir``); existing files are refused unless ``overwrite``,
     before anything is written.
     """
     out = OutputDir(out_dir, overwrite=overwrite, option="-o")
-    tables = [(table, out.claim(table, ".csv")) for table in reader.tables]
-    out.check(path for _, path in tables)
-    written = []
-    for table, path in tables:
-        data = reader.read_table(table)
-        if not data:
-            continue
-        names = list(next(iter(data.values())))
-        with out.open(path, "w", newline="", encoding="utf-8") as f:
+    tables = {table: out.claim(table, ".csv") for table in reader.tables}
+    out.check(tables.values())
+    files: dict[str, tuple[IO[str], Any, list[str]]] = {}
+    try:
+        for rank, table, cols in reader.iter_batches():
+            path = tables.get(table)
+            if path is None or not cols:
+                continue
             try:
-                writer = csv.writer(f)
-                writer.writerow(["rank", *names])
-                for rank, cols in data.items():
-                    lists = [cols[name].tolist() for name in names]
-                    writer.writerows([rank, *row] for row in zip(*lists, strict=True))
+                if table not in files:
+                    f = out.open(path, "w", newline="", encoding="utf-8")
+                    files[table] = (f, csv.writer(f), list(cols))
+                    files[table][1].writerow(["rank", *cols])
+                _, writer, names = files[table]
+                if list(cols) != names:
+                    continue  # a segment whose columns differ from the table's (the reader reports it)
+                lists = [cols[name].tolist() for name in names]
+                writer.writerows([rank, *row] for row in zip(*lists, strict=True))
             except OSError as exc:
                 raise FormatError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        written.append((table, path))
-    return written
+    finally:
+        for f, _, _ in files.values():
+            f.close()
+    return [(table, path) for table, path in tables.items() if table in files]
 
 
 #: a trace above this many bytes gets a warning: Perfetto in a browser tab struggles past it

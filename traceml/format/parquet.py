@@ -59,6 +59,9 @@ class ParquetExport:
     #: tables not exported, with the reason (names are repr()-quoted: they come from the file)
     skipped: dict[str, str] = field(default_factory=dict)
     moved_runs: list[str] = field(default_factory=list)
+    #: the most bytes of rows held waiting to be written at once (bounded by ``max_buffer_bytes``
+    #: plus the batch that crossed it)
+    peak_buffered_bytes: int = 0
 
     @property
     def total_rows(self) -> int:
@@ -167,6 +170,7 @@ def export_parquet(
         files = sink.close()
     result.files = files
     result.rows = sink.rows
+    result.peak_buffered_bytes = sink.peak_buffered_bytes
     return result
 
 
@@ -273,6 +277,7 @@ class _Sink:
         self.buffers: dict[tuple[str, int], list[Any]] = {}
         self.buffered_rows: dict[tuple[str, int], int] = {}
         self.buffered_bytes = 0
+        self.peak_buffered_bytes = 0
         self.writers: OrderedDict[tuple[str, int], tuple[Any, Path]] = OrderedDict()
         self.parts: dict[tuple[str, int], int] = {}
         self.rows: dict[str, int] = {}
@@ -290,6 +295,7 @@ class _Sink:
         self.buffers.setdefault(key, []).append(batch)
         self.buffered_rows[key] = self.buffered_rows.get(key, 0) + n
         self.buffered_bytes += batch.nbytes
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
         if self.buffered_rows[key] >= self.row_group_rows:
             self._flush(key)
         while self.buffered_bytes > self.max_buffer_bytes and self.buffers:
