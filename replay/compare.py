@@ -558,6 +558,9 @@ def side_from_summary(summary: Mapping[str, Any], path: str = "") -> Side:
         if rate > 0 and med > 0:
             # steps/s carries the step time's relative uncertainty (its p95 mirrored below the rate)
             stats["throughput"] = (rate, rate * (1 + (p95 - med) / med), n)
+    share = steps.get("outside_step_share")
+    if isinstance(share, int | float) and math.isfinite(share) and 0 <= share <= 1:
+        stats["outside_share"] = (float(share), float(share), n)  # one figure per run: no spread
     memory = summary.get("memory") or {}
     for metric, key in (("peak_gpu_memory", "peak_gpu_alloc_bytes"), ("peak_rss", "peak_rss_bytes")):
         if memory.get(key) is not None:
@@ -578,7 +581,12 @@ def side_from_summary(summary: Mapping[str, Any], path: str = "") -> Side:
 def _stats_of(spec: MetricSpec, run: Side) -> tuple[float, float, int] | None:
     """(median, p95, n) of a recording's metric for the approximate comparison."""
     if spec.statistic == "share":
-        return None  # a summary.json carries no outside-step share to set against it
+        cols = _series_for(spec, run)
+        if cols is None or _finite_count(cols) == 0:
+            return None
+        with np.errstate(all="ignore"):
+            share = _point(_share_rows, cols)
+        return (share, share, _finite_count(cols)) if math.isfinite(share) else None
     if spec.statistic == "rate":
         cols = _series_for(spec, run)
         step = run.series.get("step_time")
@@ -930,6 +938,13 @@ def _approximate_metric(
         )
     bv, nv = float(np.mean([s[0] for s in sb])), float(np.mean([s[0] for s in sn]))
     nb, nn = sum(s[2] for s in sb), sum(s[2] for s in sn)
+    if spec.additive:  # a share per run, no spread: compared as a point, within the gate and floor
+        ratio = 1 + nv - bv
+        verdict = verdict_for(ratio, ratio, ratio, ctx.gate, spec.higher_is_better, floor)
+        return _result(
+            spec, base=bv, new=nv, ratio=ratio, ci_low=ratio, ci_high=ratio, n_base=nb, n_new=nn, verdict=verdict,
+            note="point comparison (one share per run)", noise_floor=floor,
+        )  # fmt: skip
     memory = spec.statistic == "p95"
     if not memory and (min(s[2] for s in sb) < MIN_SAMPLES or min(s[2] for s in sn) < MIN_SAMPLES):
         return _result(

@@ -335,3 +335,21 @@ def test_paired_runs_cancel_drift_both_sides_saw() -> None:
 def test_steps_to_decide_is_not_printed_when_absurd() -> None:
     assert g.steps_to_decide(100, 1.20, 0.95, 1.45, 0.05, 0.0) == 157
     assert g.steps_to_decide(100, 1.02, 0.5, 1.6, 0.05, 0.0) is None  # > 100x the steps there are
+
+
+def test_summary_inputs_carry_measured_throughput_and_the_outside_share(tmp_path: Path) -> None:
+    from traceml.diagnosis import build_summary
+
+    paths = []
+    for name, gap in (("base", 1_000.0), ("new", 81_000.0)):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(build_summary(gapped_view(seed=len(paths) + 1, gap_us=gap)), allow_nan=False))
+        paths.append(p)
+    c = cp.compare_files(paths[0], paths[1])
+    assert c.method == "approximate"
+    share = cp.metric(c, "outside_share")
+    assert share.verdict == cp.REGRESSION and share.note.startswith("point comparison")
+    assert share.base is not None and share.base < 0.02 and share.new is not None and share.new > 0.4
+    assert cp.metric(c, "throughput").verdict == cp.REGRESSION
+    assert cp.metric(c, "step_time").verdict == cp.EQUIVALENT
+    assert c.exit_code == 4
