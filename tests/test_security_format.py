@@ -93,6 +93,12 @@ def test_a_byte_identical_segment_at_another_offset_is_counted_once_and_reported
     assert integrity["status"] == "damaged"
     (dup,) = [s for s in integrity["skipped"] if s["offset"] == copy]
     assert f"byte-identical copy of the SEGMENT at byte {original}" in dup["reason"]
+    from typer.testing import CliRunner
+
+    from traceml.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(path)])
+    assert "byte-identical copy" in shown.output and "complete" not in shown.output.split("integrity:")[1][:40]
     result = recover(path, tmp_path / "clean.tml")
     assert result.rows == 300
     with open_recording(tmp_path / "clean.tml") as r:
