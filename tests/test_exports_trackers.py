@@ -148,6 +148,27 @@ def test_live_pusher_is_fail_open() -> None:
     assert calls and pusher.failures == 1 and pusher.pushes == 0
 
 
+def test_live_pusher_backs_off_when_a_summary_is_expensive() -> None:
+    import time
+
+    from traceml.exports.otlp import MAX_DUTY, LivePusher
+
+    calls = []
+
+    def slow_summary() -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.05)  # a big live store: the summary takes a while
+        return None
+
+    pusher = LivePusher(slow_summary, "http://127.0.0.1:9", interval_s=0.1)
+    pusher.start()
+    time.sleep(1.0)
+    pusher.stop(None)
+    # at a fixed 0.1 s interval there would be ~7 calls; backing off to >= 20 x 0.05 s leaves 1 or 2
+    assert 1 <= len(calls) <= 2 and pusher.last_cost_s >= 0.05
+    assert MAX_DUTY == 20
+
+
 def test_a_missing_package_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from traceml.exports.trackers import log_to
 
