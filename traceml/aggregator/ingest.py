@@ -222,12 +222,12 @@ class Ingest:
         if not isinstance(name, str) or not isinstance(data, dict):
             self._bad(rank, "attachment without a str name and a map")
             return
-        problem = names.name_problem(name, "attachment")
+        if name in RESERVED_ATTACHMENTS or not name.endswith(f"/rank{rank}"):
+            name = f"{name}/rank{rank}"
+        problem = names.name_problem(name, "attachment")  # the name it would be stored under
         if problem is not None:
             self._bad(rank, problem)
             return
-        if name in RESERVED_ATTACHMENTS or not name.endswith(f"/rank{rank}"):
-            name = f"{name}/rank{rank}"
         self.store.attach(name, data)
         if self.spool is not None:
             self.spool.attach(name, data)
