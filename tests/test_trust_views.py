@@ -284,3 +284,28 @@ def test_dashboard_region_toggle_outline_free_bands_and_a_one_line_gpu_panel(bro
             assert len(traces(page, FIG_STEP_BREAKDOWN)) == len(drawn) - 1
     finally:
         close()
+
+
+def test_the_live_window_read_from_each_ranks_last_rows_is_the_whole_runs_window() -> None:
+    """step_data(last_n) reads only each rank's last N + warm-up rows; the window is the same as the
+    last N step numbers of the whole union (ranks lagging, gaps, failed rows)."""
+    from traceml.schema import PHASES, STEP_TIME, rows_to_columns
+    from traceml.store import ColumnStore
+    from traceml.views.steps import union_sorted, warmup_count
+
+    rng = np.random.default_rng(11)
+    store = ColumnStore()
+    for rank, (lo, hi) in enumerate(((0, 900), (0, 860), (40, 905))):
+        steps = np.sort(rng.choice(np.arange(lo, hi), size=(hi - lo) * 9 // 10, replace=False))
+        rows = [
+            (int(s), 1_700_000_000_000_000_000 + int(s) * 10**7, int(rng.random() < 0.05), 1000, *([-1] * len(PHASES)))
+            for s in steps
+        ]
+        store.append(rank, "step_time", rows_to_columns(STEP_TIME, rows))
+    view = store.snapshot()
+    ok = [view.columns("step_time", r)["step"][view.columns("step_time", r)["failed"] == 0] for r in range(3)]
+    union = union_sorted(ok)
+    for n in (1, 7, 100, 400):
+        expected = union[warmup_count(len(union)) :][-n:]
+        data = step_data(view, last_n=n)
+        assert np.array_equal(data.steps, expected), n

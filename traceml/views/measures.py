@@ -24,6 +24,7 @@ selected (failed rows and warm-up removed; a trailing window for the live view):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 
 from traceml.schema import PHASES
 from traceml.store import StoreView
-from traceml.views.steps import StepData, job_series
+from traceml.views.steps import StepData, job_series, step_data
 
 NAN = float("nan")
 
@@ -153,8 +154,9 @@ def _part(
     )
 
 
-def job_measures(data: StepData) -> JobMeasures:
-    """Every run-level figure over the analysed steps in ``data`` (see the module docstring)."""
+def job_measures(data: StepData, *, parts: bool = True) -> JobMeasures:
+    """Every run-level figure over the analysed steps in ``data`` (see the module docstring);
+    ``parts=False`` leaves out the per-phase and per-region figures (the dashboard's stats line)."""
     n_steps = len(data.steps)
     skew, slowest, slowest_us = rank_skew(data)
     common = data.common_steps()
@@ -188,12 +190,14 @@ def job_measures(data: StepData) -> JobMeasures:
                 if not math.isfinite(throughput) or rate < throughput:
                     throughput, elapsed = rate, wall_us / 1e6
         outside = float(np.mean(shares)) if shares else NAN
-    job = job_series(data)
-    phases = tuple(
-        _part(p, {r: data.per_rank[r].phases[p] for r in data.ranks}, job[p], step_sum, rank_steps) for p in PHASES
-    )
+    phases: tuple[PartFigure, ...] = ()
+    if parts:
+        job = job_series(data)
+        phases = tuple(
+            _part(p, {r: data.per_rank[r].phases[p] for r in data.ranks}, job[p], step_sum, rank_steps) for p in PHASES
+        )
     regions = []
-    for name in data.region_names():
+    for name in data.region_names() if parts else ():
         per_rank = {r: data.per_rank[r].regions.get(name, np.zeros(len(data.per_rank[r]))) for r in data.ranks}
         mat = np.full((len(data.ranks), len(data.steps)), np.nan)
         for i, r in enumerate(data.ranks):
@@ -254,3 +258,23 @@ def run_start_ns(view: StoreView) -> int | None:
     firsts = [int(np.min(c["ts_ns"])) for c in view.tables.values() if "ts_ns" in c and len(c["ts_ns"])]
     firsts = [t for t in firsts if t > 0]
     return min(firsts) if firsts else None
+
+
+#: the last few views' figures, so the dashboard's charts of one snapshot compute them once
+_MEMO: list[tuple[Any, Any, JobMeasures]] = []
+_MEMO_SIZE = 8
+
+
+def view_measures(
+    view: StoreView, step_range: tuple[int, int] | None = None, ranks: tuple[int, ...] | None = None
+) -> JobMeasures:
+    """:func:`job_measures` (without parts) over ``view``'s steps in ``step_range`` of ``ranks``
+    (the whole run after the warm-up when no range), remembered for the last few views."""
+    key = (step_range, ranks)
+    for ref, k, m in _MEMO:
+        if ref() is view and k == key:
+            return m
+    m = job_measures(step_data(view, step_range=step_range, ranks=ranks), parts=False)
+    _MEMO.insert(0, (weakref.ref(view), key, m))
+    del _MEMO[_MEMO_SIZE:]
+    return m

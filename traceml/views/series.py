@@ -19,8 +19,8 @@ import numpy as np
 from traceml.schema import PHASES, ROLLUP_ROWS, ROLLUP_STEP_LAST, rollup_name
 from traceml.store import StoreView
 from traceml.views import steps as _steps
-from traceml.views.measures import job_measures, run_duration_s
-from traceml.views.steps import MAX_REGIONS, OTHER_REGIONS, step_data, with_regions
+from traceml.views.measures import run_duration_s, view_measures
+from traceml.views.steps import MAX_REGIONS, OTHER_REGIONS, with_regions
 
 #: default cap on the points of one drawn trace (min/max gives 2 per bucket)
 MAX_POINTS = 2000
@@ -653,7 +653,7 @@ def step_breakdown(
         sums["residual"] -= v
     x, phase_ms, total_ms = _bucket_means(lo, width, n, counts, total, sums)
     regions = _bucket_means(lo, width, n, counts, total, region_sums)[1] if region_sums else {}
-    m = job_measures(step_data(view, step_range=step_range, ranks=chosen))
+    m = view_measures(view, step_range, tuple(chosen))
     med, p95 = m.median_step_us / 1000.0, m.p95_step_us / 1000.0
     return StepBreakdown(
         x,
@@ -707,7 +707,7 @@ def rank_steps(
         heat[i] = _mean_ms(buckets.counts, buckets.sums(step_us, n))
     # the one definition every view shares (traceml.views.measures): on the steps every rank has,
     # after the warm-up for the whole run, over the chosen steps when zoomed
-    m = job_measures(step_data(view, step_range=step_range, ranks=chosen))
+    m = view_measures(view, step_range, tuple(chosen))
     slowest = m.slowest_rank if m.slowest_rank >= 0 else None
     skew = m.skew_pct
     heat_x = lo + np.arange(n, dtype=np.float64) * width + (width - 1) / 2.0

@@ -100,7 +100,10 @@ class StepData:
         """Step numbers every rank of the window has."""
         common: np.ndarray | None = None
         for rs in self.per_rank.values():
-            common = rs.step if common is None else np.intersect1d(common, rs.step, assume_unique=True)
+            if common is None:
+                common = rs.step
+            elif not np.array_equal(common, rs.step):  # the usual case (every rank, every step) skips this
+                common = np.intersect1d(common, rs.step, assume_unique=True)
         return np.empty(0, np.int64) if common is None else common
 
     def matrix(self, field: str, steps: np.ndarray) -> np.ndarray:
@@ -124,6 +127,10 @@ def union_sorted(arrays: list[np.ndarray]) -> np.ndarray:
     """Sorted distinct values of the int64 arrays (a sort and a diff: faster than np.unique here)."""
     if not arrays:
         return np.empty(0, np.int64)
+    first = arrays[0]
+    distinct_sorted = len(first) < 2 or bool(np.all(first[1:] > first[:-1]))
+    if distinct_sorted and all(np.array_equal(first, a) for a in arrays[1:]):
+        return first  # the usual case: every rank has the same steps, in order
     a = np.sort(np.concatenate(arrays), kind="stable")
     return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
@@ -158,7 +165,7 @@ def _phases(cols: Mapping[str, np.ndarray], idx: np.ndarray, step_us: np.ndarray
         if raw is None:
             values = np.full(len(idx), np.nan)
         else:
-            values = np.asarray(raw, dtype=np.float64)[idx]
+            values = np.asarray(raw)[idx].astype(np.float64)
             values[values < 0] = np.nan
         if p in ZERO_WHEN_MISSING:
             values = np.nan_to_num(values, nan=0.0)
@@ -196,6 +203,12 @@ def step_data(
         recorded += n
         if len(idx):
             raw[rank] = (cols, idx)
+    if last_n is not None and step_range is None:
+        # the union's last N step numbers lie within each rank's last N rows (any N numbers of one
+        # rank are numbers of the union); with the warm-up's few more, a long live store is not sorted
+        # whole at every refresh, and the window is the same
+        keep = last_n + WARMUP_STEPS
+        raw = {r: (c, i[-keep:]) for r, (c, i) in raw.items()}
     all_steps = union_sorted([np.asarray(c["step"], np.int64)[i] for c, i in raw.values()])
     if step_range is not None:
         warm = 0
@@ -212,7 +225,7 @@ def step_data(
         sel = idx[(steps >= window[0]) & (steps <= window[-1])] if len(window) else idx[:0]
         if not len(sel):
             continue
-        step_us = np.asarray(cols["step_us"], dtype=np.float64)[sel]
+        step_us = np.asarray(cols["step_us"])[sel].astype(np.float64)
         step_us[step_us < 0] = np.nan
         per_rank[rank] = RankSteps(
             rank=rank,
