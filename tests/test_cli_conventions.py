@@ -52,7 +52,7 @@ def test_dash_h_is_help_everywhere(command: str) -> None:
 
 
 def test_shell_completion_lists_commands() -> None:
-    res = _cli("--show-completion", "bash")
+    res = _cli("--show-completion", env={"SHELL": "/bin/bash"})  # the shell is detected, as a user's would be
     assert res.returncode == 0 and "_traceml_completion" in res.stdout
     words = subprocess.run(
         [sys.executable, "-m", "traceml"],

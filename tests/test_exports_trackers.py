@@ -169,6 +169,23 @@ def test_live_pusher_backs_off_when_a_summary_is_expensive() -> None:
     assert MAX_DUTY == 20
 
 
+def test_wandb_run_id_logs_into_the_scripts_run(tmp_path: Path) -> None:
+    """WANDB_RUN_ID: traceml resumes the run the script opened with the same id (offline here)."""
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_SILENT": "true",
+        "WANDB_RUN_ID": "scriptrun42",
+    }
+    res = _cli("report", str(SAMPLES / "compute_bound.tml"), "-o", str(tmp_path / "rep"), "--log-to", "wandb", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "into wandb run scriptrun42" in res.stdout
+    assert [p.name for p in (tmp_path / "wandb").glob("offline-run-*")][0].endswith("-scriptrun42")
+
+
 def test_a_missing_package_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from traceml.exports.trackers import log_to
 

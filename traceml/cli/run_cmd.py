@@ -847,24 +847,19 @@ def run_command(
     script: str = typer.Argument(..., help="the training script (or a module name with -m)"),
     script_args: list[str] | None = typer.Argument(None, help="arguments for the script, passed through untouched"),
     module: bool = typer.Option(False, "-m", "--module", help="SCRIPT is a module name, run as `python -m SCRIPT`"),
-    nproc_per_node: str = typer.Option(
-        "1", "--nproc-per-node", "--nproc_per_node", help="ranks on this node: a number, auto, gpu or cpu"
-    ),
+    nproc_per_node: str = typer.Option("1", "--nproc-per-node", help="ranks on this node: a number, auto, gpu or cpu"),
     nnodes: str | None = typer.Option(
         None, "--nnodes", help="nodes in the job, or MIN:MAX (elastic); default 1, or SLURM_NNODES under Slurm"
     ),
     node_rank: int | None = typer.Option(
-        None, "--node-rank", "--node_rank", help="this node's rank (node 0 runs the aggregator); Slurm: SLURM_NODEID"
+        None, "--node-rank", help="this node's rank (node 0 runs the aggregator); Slurm: SLURM_NODEID"
     ),
     master_addr: str | None = typer.Option(
         None,
         "--master-addr",
-        "--master_addr",
         help="torchrun rendezvous address (default 127.0.0.1; Slurm: the job's first node)",
     ),
-    master_port: int | None = typer.Option(
-        None, "--master-port", "--master_port", help="default: a free port (29500 multi-node)"
-    ),
+    master_port: int | None = typer.Option(None, "--master-port", help="default: a free port (29500 multi-node)"),
     ui: RunUi | None = typer.Option(None, "--ui", help="the live view (default: terminal on a TTY, else none)"),
     out: str | None = typer.Option(
         None, "--out", "-o", help="recording path (default traceml_runs/<run-name>/run.tml)"
