@@ -86,7 +86,7 @@ def test_coalescing_keeps_str_columns() -> None:
     store = ColumnStore(capacity=None)
     names = []
     for i in range(300):
-        cols = {"step": [i], "ts_ns": [i], "name": [f"region{i % 3}"], "cpu_us": [i], "calls": [1]}
+        cols = {"step": [i], "ts_ns": [i], "name": [f"region{i % 3}"], "cpu_us": [i], "calls": [1], "start_us": [0]}
         names.append(f"region{i % 3}")
         _, decoded = decode_columns(msgpack.unpackb(msgpack.packb(encode_columns(STEP_REGION, cols))), "step_region")
         store.append(0, "step_region", decoded, STEP_REGION)
