@@ -309,3 +309,24 @@ def test_the_live_window_read_from_each_ranks_last_rows_is_the_whole_runs_window
         expected = union[warmup_count(len(union)) :][-n:]
         data = step_data(view, last_n=n)
         assert np.array_equal(data.steps, expected), n
+
+
+def test_a_region_around_the_forward_pass_is_placed_against_the_phases(tmp_path: Path) -> None:
+    """A ``trace_time("model")`` around forward + loss: the rows place the region (its start) against
+    the phases (their starts), so only the loss computation is taken out of residual, not the forward."""
+    out = tmp_path / "wrap.tml"
+    args = ["--out", str(out), "--steps", "40", "--wrap-forward"]
+    done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    with replay.open(out) as rec:
+        s = build_summary(rec.view())
+    model = next(r for r in s["regions"] if r["name"] == "model")
+    overall = s["steps"]["overall"]
+    assert model["mean_ms"] >= overall["forward"]["mean_ms"]  # the region holds the forward phase
+    own_ms = model["outside_phases_share"] * model["mean_ms"]
+    # at most the region's time beyond the forward phase is its own (the rest overlaps forward)
+    assert own_ms <= model["mean_ms"] - 0.8 * overall["forward"]["mean_ms"]
+    assert model["outside_phases_share"] < 0.9
+    # phases + residual + the regions' own parts account for the step time (shares of summed time)
+    parts = sum(overall[p]["share"] for p in overall if p != "step")
+    assert parts + model["outside_phases_share"] * model["share"] == pytest.approx(1.0, abs=0.02)

@@ -6,6 +6,7 @@
 --get-batch-ms M    inside each step, a ``trace_time("get_batch")`` region that sleeps M ms
 --eval-every K      every K steps, between steps, a ``trace_time("eval")`` region ...
 --eval-ms E         ... that sleeps E ms (time outside any step)
+--wrap-forward      a ``trace_time("model")`` region around the forward pass and the loss
 --exit-before-step C  start traceml, then exit with status C before the first step
 """
 
@@ -28,6 +29,7 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-ms", type=float, default=0.0)
     p.add_argument("--exit-before-step", type=int, default=None)
+    p.add_argument("--wrap-forward", action="store_true")
     args = p.parse_args()
 
     traceml.init(out=args.out)
@@ -63,7 +65,11 @@ def main() -> int:
                     x, y = get_batch(i)
             else:
                 x, y = get_batch(i)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if args.wrap_forward:
+                with traceml.trace_time("model"):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+            else:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad()

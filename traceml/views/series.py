@@ -590,15 +590,19 @@ def _region_sums(
         if not view.rows("step_region", rank):
             continue
         step_us = np.asarray(cols["step_us"], np.float64)
-        resid = np.asarray(cols.get("residual_us", np.full(len(step_us), -1)), np.float64)
+        phase_us = {}
+        for p in PHASES:
+            v = np.asarray(cols.get(f"{p}_us", np.full(len(step_us), -1)), np.float64)
+            phase_us[p] = np.where(v >= 0, v, np.nan)
         rs = _steps.RankSteps(
             rank=rank,
             step=np.asarray(cols["step"], np.int64),
             ts_ns=np.asarray(cols["ts_ns"], np.int64),
             step_us=np.where(step_us >= 0, step_us, np.nan),
-            phases={"residual": np.where(resid >= 0, resid, np.nan)},
+            phases=phase_us,
         )
-        own = with_regions(rs, view.columns("step_region", rank)).regions_own
+        timeline = view.columns("step_timeline", rank) if view.rows("step_timeline", rank) else None
+        own = with_regions(rs, view.columns("step_region", rank), timeline).regions_own
         if not own:
             continue
         buckets = _Buckets(rs.step, lo, width, n)

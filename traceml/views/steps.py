@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from traceml.schema import PHASES
+from traceml.schema import PHASES, TIMELINE_PHASES, phase_starts
 from traceml.store import StoreView
 
 #: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
@@ -237,7 +237,8 @@ def step_data(
     window_used = union_sorted([rs.step for rs in per_rank.values()])
     for rank, rs in list(per_rank.items()):
         if view.rows("step_region", rank):
-            per_rank[rank] = _with_regions(rs, view.columns("step_region", rank))
+            timeline = view.columns("step_timeline", rank) if view.rows("step_timeline", rank) else None
+            per_rank[rank] = with_regions(rs, view.columns("step_region", rank), timeline)
     between, between_calls = _between_regions(view, per_rank)
     return StepData(
         ranks=tuple(sorted(per_rank)),
@@ -280,18 +281,14 @@ def region_split(
     step_us: np.ndarray,
     residual: np.ndarray,
     totals: Mapping[str, np.ndarray],
-    outside: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """How much of each region's time per step lies outside the standard phases.
+    """How much of each region's time per step lies outside the standard phases, from durations alone.
 
-    When the rank recorded it (an ``outside_us`` column), that figure is used.  Otherwise the rows
-    only say how long each region ran and how long the step spent outside the phases (its
+    The rows say how long each region ran and how long the step spent outside the phases (its
     residual), so a region is charged to residual up to the residual it could fit in: when the
     regions of a step sum to more than its residual, the residual is shared in proportion to their
     time (regions that overlap a phase then take less out of residual).
     """
-    if outside is not None:
-        return {n: np.minimum(np.maximum(outside[n], 0.0), totals[n]) for n in totals}
     if not totals:
         return {}
     resid = np.nan_to_num(residual)
@@ -301,37 +298,92 @@ def region_split(
     return {n: v * scale for n, v in totals.items()}
 
 
-def with_regions(rs: RankSteps, cols: Mapping[str, np.ndarray]) -> RankSteps:
-    """``rs`` with its named regions (``step_region`` columns ``cols``) and residual less their own part."""
-    return _with_regions(rs, cols)
+def _placed_outside(
+    rs: RankSteps,
+    pos: np.ndarray,
+    start_us: np.ndarray,
+    cpu_us: np.ndarray,
+    timeline: Mapping[str, np.ndarray],
+    tl_pos: np.ndarray,
+) -> np.ndarray:
+    """For region calls (``start_us`` from their step's start, ``cpu_us`` long, in the steps at
+    ``pos``), the part no phase interval covers; -1 where the rows cannot place it."""
+    known = tl_pos >= 0
+    safe = np.where(known, tl_pos, 0)
+    durations, gaps = [], []
+    for p in TIMELINE_PHASES:
+        col = timeline.get(f"{p}_gap_us")
+        values = rs.phases.get(p)
+        if col is None or values is None or len(col) == 0:
+            return np.full(len(pos), -1.0)
+        durations.append(np.nan_to_num(values[pos]))
+        gaps.append(np.asarray(col, np.float64)[safe])
+    lo, hi = start_us, start_us + cpu_us
+    covered = np.zeros(len(pos))
+    for dur, ps in zip(durations, phase_starts(durations, gaps), strict=True):
+        ok = known & (ps >= 0) & (dur > 0)
+        covered += np.where(ok, np.maximum(0.0, np.minimum(hi, ps + dur) - np.maximum(lo, ps)), 0.0)
+    return np.where(known, np.clip(cpu_us - covered, 0.0, cpu_us), -1.0)
 
 
-def _with_regions(rs: RankSteps, cols: Mapping[str, np.ndarray]) -> RankSteps:
+def with_regions(
+    rs: RankSteps, cols: Mapping[str, np.ndarray], timeline: Mapping[str, np.ndarray] | None = None
+) -> RankSteps:
+    """``rs`` with its named regions (``step_region`` columns ``cols``) and residual less their part
+    outside the standard phases.
+
+    A region called once in a step whose start was recorded (``start_us``) is placed against the
+    phases' intervals from ``timeline`` (the ``step_timeline`` columns, their gaps turned into start
+    offsets by :func:`traceml.schema.phase_starts`): its time that
+    no phase covers is its own, exactly (a phase called several times in the step is taken as one
+    interval from its first start).  The other region rows are charged to what is left of residual
+    by :func:`region_split`."""
     steps = np.asarray(cols.get("step", ()), np.int64)
     names = np.asarray(cols.get("name", ()), dtype=object)
     cpu = np.asarray(cols.get("cpu_us", ()), np.float64)
     if not len(steps) or not len(rs.step) or not (len(names) == len(cpu) == len(steps)):
         return rs
-    own_col = cols.get("outside_us")
-    own = np.asarray(own_col, np.float64) if own_col is not None and len(own_col) == len(steps) else None
     idx = np.clip(np.searchsorted(rs.step, steps), 0, len(rs.step) - 1)
     hit = np.flatnonzero((steps >= 0) & (rs.step[idx] == steps) & (cpu >= 0))
     if not len(hit):
         return rs
-    shown = _kept_names(names[hit], cpu[hit])
-    totals = {n: np.zeros(len(rs.step)) for n in sorted(set(shown.values()))}
-    outside = {n: np.zeros(len(rs.step)) for n in totals}
-    calls = dict.fromkeys(totals, 0)
+    n = len(rs.step)
+    start_col = cols.get("start_us")
+    starts = np.asarray(start_col, np.float64) if start_col is not None and len(start_col) == len(steps) else None
     ncalls = np.asarray(cols.get("calls", np.ones(len(steps))), np.int64)
-    for i in hit:
-        name = shown[_region_name(names[i])]
-        totals[name][idx[i]] += cpu[i]
-        calls[name] += int(ncalls[i]) if len(ncalls) == len(steps) and ncalls[i] > 0 else 1
-        if own is not None:
-            outside[name][idx[i]] += own[i] if own[i] >= 0 else cpu[i]
+    if len(ncalls) != len(steps):
+        ncalls = np.ones(len(steps), np.int64)
+    tl_index: np.ndarray | None = None
+    if timeline is not None and starts is not None:
+        tl_steps = np.asarray(timeline.get("step", ()), np.int64)
+        if len(tl_steps):
+            order = np.argsort(tl_steps, kind="stable")
+            j = np.clip(np.searchsorted(tl_steps[order], rs.step), 0, len(tl_steps) - 1)
+            tl_index = np.where(tl_steps[order][j] == rs.step, order[j], -1)
+    shown = _kept_names(names[hit], cpu[hit])
+    keys = sorted(set(shown.values()))
+    which = np.array([keys.index(shown[_region_name(x)]) for x in names[hit]], dtype=np.int64)
+    pos = idx[hit]
+    own = np.full(len(hit), -1.0)
+    if starts is not None and tl_index is not None and timeline is not None:
+        single = (ncalls[hit] == 1) & (starts[hit] >= 0)
+        if single.any():
+            placed_own = _placed_outside(rs, pos, starts[hit], cpu[hit], timeline, tl_index[pos])
+            own = np.where(single, placed_own, -1.0)
+    totals, placed, unplaced, calls = {}, {}, {}, {}
+    for k, key in enumerate(keys):
+        sel = which == k
+        totals[key] = np.bincount(pos[sel], weights=cpu[hit][sel], minlength=n).astype(np.float64)
+        ok = sel & (own >= 0)
+        placed[key] = np.bincount(pos[ok], weights=own[ok], minlength=n).astype(np.float64)
+        rest = sel & (own < 0)
+        unplaced[key] = np.bincount(pos[rest], weights=cpu[hit][rest], minlength=n).astype(np.float64)
+        calls[key] = int(np.where(ncalls[hit][sel] > 0, ncalls[hit][sel], 1).sum())
     resid = rs.phases["residual"]
-    own_part = region_split(rs.step_us, resid, totals, outside if own is not None else None)
-    taken = sum(own_part.values(), np.zeros(len(rs.step)))
+    left = np.maximum(0.0, np.nan_to_num(resid) - sum(placed.values(), np.zeros(n)))
+    shared = region_split(rs.step_us, left, unplaced)
+    own_part = {k: placed[k] + shared[k] for k in totals}
+    taken = sum(own_part.values(), np.zeros(n))
     phases = dict(rs.phases)
     phases["residual"] = np.where(np.isfinite(resid), np.maximum(0.0, resid - taken), resid)
     return replace(rs, phases=phases, regions=totals, regions_own=own_part, region_calls=calls)
