@@ -6,14 +6,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from replay.synthetic import store_from_run, synthetic_run
+from traceml.drivers.terminal import TerminalDriver
+from traceml.errors import ConfigError
 from traceml.renderers.figures import rank_steps_figure
 from traceml.renderers.terminal import render_live, spread_line
 from traceml.views import RankRow, live_model
 from traceml.views.series import rank_steps
-from traceml.views.spread import WIDE_RANKS, rank_band, rank_spread
+from traceml.views.spread import WIDE_RANKS, filter_ranks, parse_rank_filter, rank_band, rank_spread
 
 
 def row(rank: int, median_us: float, state: str = "connected") -> RankRow:
@@ -60,3 +63,28 @@ def test_dashboard_draws_a_band_and_the_slowest_ranks_beyond_sixteen() -> None:
     # a few ranks keep one line each
     few = rank_steps_figure(rank_steps(store_from_run(synthetic_run(ranks=4, steps=50)).snapshot()))
     assert len(few.data) == 4
+
+
+def test_rank_filter_parses_ranges_and_refuses_the_rest() -> None:
+    assert parse_rank_filter("0-3, 7,7") == frozenset({0, 1, 2, 3, 7})
+    for bad in ("", "a", "3-1", "-2", "0-99999999"):
+        with pytest.raises(ConfigError, match="expected e.g. 0-15,300"):
+            parse_rank_filter(bad)
+
+
+def test_the_terminal_driver_shows_only_the_filtered_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = store_from_run(synthetic_run(ranks=40, steps=10, sample_every=5))
+    monkeypatch.setenv("TRACEML_RANKS", "30-33")
+    driver = TerminalDriver(store.snapshot, console=Console(width=140, record=True, color_system=None))
+    assert driver.rank_filter == frozenset({30, 31, 32, 33})
+    driver.console.print(driver._render())
+    text = driver.console.export_text()
+    shown = sorted(
+        int(line.split()[1]) for line in text.splitlines() if " unknown " in line and line.split()[1].isdigit()
+    )
+    assert shown == [30, 31, 32, 33]
+    assert "more ranks not shown" not in text
+    monkeypatch.setenv("TRACEML_RANKS", "oops")  # a bad filter shows every rank, it never breaks the view
+    assert TerminalDriver(store.snapshot).rank_filter is None
+    model = filter_ranks(live_model(store.snapshot()), frozenset({1, 2}))
+    assert [r.rank for r in model.ranks] == [1, 2]

@@ -31,6 +31,8 @@ ENV_MAX_OBJECTS_PER_KIB = "TRACEML_MAX_OBJECTS_PER_KIB"
 #: the dashboards: a plotly.js bundle to serve instead of plotly's full one (e.g. the
 #: ``plotly.js-cartesian-dist-min`` build, a third of the size: a faster first page)
 ENV_PLOTLY_JS = "TRACEML_PLOTLY_JS"
+#: the terminal live view shows only these ranks (``0-15,300``) in its rank table
+ENV_RANKS = "TRACEML_RANKS"
 
 DEFAULT_INTERVAL_S = 1.0
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024

@@ -11,6 +11,7 @@ run's ``stdout.log`` / ``stderr.log``).  At the end the region is replaced by th
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -20,9 +21,12 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from traceml.config import ENV_RANKS
+from traceml.errors import ConfigError
 from traceml.renderers.terminal import render_final, render_live
 from traceml.store import StoreView
 from traceml.views import DEFAULT_WINDOW_STEPS, final_model, live_model
+from traceml.views.spread import filter_ranks, parse_rank_filter
 
 log = logging.getLogger("traceml.aggregator")
 
@@ -38,6 +42,17 @@ def print_final(view: StoreView, console: Console) -> None:
     console.print(render_final(final_model(view)))
 
 
+def _rank_filter_from_env() -> frozenset[int] | None:
+    spec = os.environ.get(ENV_RANKS, "").strip()
+    if not spec:
+        return None
+    try:
+        return parse_rank_filter(spec)
+    except ConfigError as exc:  # the live view shows every rank rather than fail
+        log.warning("%s=%s ignored: %s", ENV_RANKS, spec[:80], exc)
+        return None
+
+
 class TerminalDriver:
     """Live dashboard over ``snapshot``; thread-safe ``print_output`` / ``notify``."""
 
@@ -47,8 +62,11 @@ class TerminalDriver:
         console: Console | None = None,
         refresh_s: float = REFRESH_S,
         window: int = DEFAULT_WINDOW_STEPS,
+        rank_filter: frozenset[int] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        #: ranks shown in the rank table (None: all); default from TRACEML_RANKS
+        self.rank_filter = rank_filter if rank_filter is not None else _rank_filter_from_env()
         self.console = console or Console()
         self._refresh_s = refresh_s
         self._window = window
@@ -111,7 +129,10 @@ class TerminalDriver:
     # -- the driver's clock ------------------------------------------------------------------
     def _render(self) -> RenderableType:
         try:
-            return render_live(live_model(self._snapshot(), self._window))
+            model = live_model(self._snapshot(), self._window)
+            if self.rank_filter is not None:
+                model = filter_ranks(model, self.rank_filter)
+            return render_live(model)
         except Exception as exc:  # a drawing bug must not take the aggregator down
             if not self._render_failed:
                 self._render_failed = True

@@ -9,6 +9,7 @@ is what the dashboard draws once there are more ranks than lines a chart can sho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import Counter
@@ -17,9 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from traceml.views.live import RankRow
+from traceml.errors import ConfigError
+from traceml.views.live import LiveModel, RankRow
 from traceml.views.series import RankSteps, Trace
 
+#: the most ranks a filter may name (a spec like ``0-99999999`` is refused, not expanded)
+MAX_FILTER_RANKS = 1 << 20
 #: above this many ranks the charts draw a band and the slowest ranks instead of one line each
 WIDE_RANKS = 16
 WORST_K = 5
@@ -85,3 +89,34 @@ def rank_band(model: RankSteps, k: int = WORST_K) -> RankBand:
         ranks=len(model.heat_ranks),
         worst=tuple(by_rank[r] for r in slowest if r in by_rank),
     )
+
+
+def parse_rank_filter(spec: str) -> frozenset[int]:
+    """``"0-15, 300"`` -> {0, ..., 15, 300}: ranks and inclusive ranges, comma-separated."""
+    ranks: set[int] = set()
+    for part in spec.split(","):
+        text = part.strip()
+        if not text:
+            continue
+        lo, sep, hi = text.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ConfigError(
+                f"rank filter {spec!r}: {text!r} is not a rank or a range; expected e.g. 0-15,300"
+            ) from None
+        if first < 0 or last < first or len(ranks) + (last - first + 1) > MAX_FILTER_RANKS:
+            raise ConfigError(
+                f"rank filter {spec!r}: {text!r} is not a range of ranks >= 0 (at most {MAX_FILTER_RANKS:,});"
+                " expected e.g. 0-15,300"
+            )
+        ranks.update(range(first, last + 1))
+    if not ranks:
+        raise ConfigError(f"rank filter {spec!r} names no rank; expected e.g. 0-15,300")
+    return frozenset(ranks)
+
+
+def filter_ranks(model: LiveModel, ranks: frozenset[int]) -> LiveModel:
+    """The live model with only *ranks* in its rank table (and so in its distribution line)."""
+    return dataclasses.replace(model, ranks=tuple(r for r in model.ranks if r.rank in ranks))
