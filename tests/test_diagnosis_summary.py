@@ -155,3 +155,6 @@ def test_tracemls_own_cost_is_the_median_over_ranks_and_its_share_of_the_median_
     text = traceml_cost_text(s)
     assert text.startswith("traceml cost 6.0 µs per step (") and text.endswith("%)")
     assert text in summary_lines(s)
+    from traceml.diagnosis.flat import flatten_summary
+
+    assert flatten_summary(s)["traceml/traceml/overhead_us_per_step"] == 6.0  # W&B / MLflow keys too

@@ -91,6 +91,10 @@ def _items(summary: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:
                 yield (f"rank{rank}", phase, "p95_ms"), stats.get("p95_ms")
         yield (f"rank{rank}", "steps"), _map(row).get("count")
 
+    own = _map(summary.get("traceml"))  # what traceml itself cost the run
+    for key in ("overhead_us_per_step", "overhead_share"):
+        yield ("traceml", key), own.get(key)
+
     seen: set[str] = set()
     for region in _list(summary.get("regions"))[:MAX_REGIONS]:
         region = _map(region)
