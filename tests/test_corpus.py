@@ -37,9 +37,10 @@ PARALLEL = 3
 class Case:
     script: str
     args: tuple[str, ...]
-    verdict: str
+    verdict: str | None  # None: the primary verdict is not what the case is about
     nproc: int = 1
     rank: int | None = None  # the culprit rank the verdict must name
+    modes: tuple[bool, ...] = (True, False)  # traced, zero-code
 
 
 CASES: dict[str, Case] = {
@@ -50,10 +51,27 @@ CASES: dict[str, Case] = {
     "lstm": Case("lstm_lm.py", (), "COMPUTE_BOUND"),
     # rank 1 sleeps 15 ms per step before its forward; the ranks sync in DDP's all-reduce
     "ddp-slow-rank": Case("ddp_tutorial.py", ("--slow-rank", "1", "--slow-ms", "15"), "STRAGGLER", nproc=2, rank=1),
+    # DDP with 40 one-layer buckets and no real compute: the step waits for the all-reduce
+    "ddp-many-buckets": Case(
+        "ddp_buckets.py", ("--layers", "40", "--bucket-mb", "0.01"), "COMMUNICATION_BOUND", nproc=2
+    ),
+    # the same script with real compute per sync
+    "ddp-real-compute": Case(
+        "ddp_buckets.py", ("--layers", "3", "--width", "1024", "--batch", "256"), "COMPUTE_BOUND", nproc=2
+    ),
     "compiled": Case("compiled.py", (), "COMPUTE_BOUND"),
     # 4 micro-batches per step under bf16 autocast, and a 10 ms sleep before optimizer.step()
     "accum-bf16-sleep": Case("accum_bf16.py", ("--sleep-ms", "10"), "RESIDUAL_HEAVY"),
     "gan": Case("gan.py", (), "COMPUTE_BOUND"),
+    # 300 steps keeping 1 MiB more each (zero-code only: the rank side is the same)
+    "host-leak": Case("accum_bf16.py", ("--steps", "300", "--accum", "1", "--leak-mb", "1"), None, modes=(False,)),
+    # 16 MiB more per step for the first 20 steps, then flat: no leak
+    "warmup-then-flat": Case(
+        "accum_bf16.py",
+        ("--steps", "300", "--accum", "1", "--grow-mb", "16", "--grow-steps", "20"),
+        None,
+        modes=(False,),
+    ),
 }
 
 
@@ -81,7 +99,7 @@ def _start(name: str, case: Case, traced: bool, tmp: Path) -> tuple[subprocess.P
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Run]:
     tmp = tmp_path_factory.mktemp("corpus")
-    todo = [(name, traced) for name in CASES for traced in (True, False)]
+    todo = [(name, traced) for name in CASES for traced in CASES[name].modes]
     running: dict[tuple[str, bool], tuple[subprocess.Popen[str], Path, float]] = {}
     done: dict[tuple[str, bool], Run] = {}
     while todo or running:
@@ -123,6 +141,8 @@ PENDING: dict[str, str] = {}
 @pytest.mark.parametrize("traced", [True, False], ids=["traced", "zero-code"])
 def test_verdict(runs: dict[tuple[str, bool], Run], name: str, traced: bool, request: pytest.FixtureRequest) -> None:
     case = CASES[name]
+    if traced not in case.modes or case.verdict is None:
+        pytest.skip("not a verdict case in this mode")
     if not traced and name in PENDING:
         request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[name]))
     run = runs[(name, traced)]
@@ -164,6 +184,34 @@ def test_residual_names_the_function_that_sleeps(runs: dict[tuple[str, bool], Ru
         assert "of residual samples" in primary.summary and "main (accum_bf16.py:" in primary.summary
 
 
+def test_all_reduce_is_timed_per_bucket(runs: dict[tuple[str, bool], Run]) -> None:
+    for traced in (True, False):
+        for name, buckets in (("ddp-many-buckets", 40), ("ddp-real-compute", 1)):
+            run = runs[(name, traced)]
+            _primary(run)
+            comm = open_recording(run.out).read_table("step_comm")
+            assert sorted(comm) == [0, 1], (name, traced)
+            for cols in comm.values():
+                assert len(cols["step"]) >= 30
+                assert int(np.median(cols["buckets"])) == buckets
+                assert (cols["exposed_us"] <= cols["comm_us"] + 1).all()
+
+
+def test_host_leak_of_1_mib_per_step_is_flagged_in_300_steps(runs: dict[tuple[str, bool], Run]) -> None:
+    run = runs[("host-leak", False)]
+    _primary(run)
+    creep = [f for f in run.diagnosis.findings if f.kind == "MEMORY_CREEP"]
+    assert creep, [f.summary for f in run.diagnosis.findings]
+    assert creep[0].labels["source"] == "rss_step" and creep[0].severity in ("warn", "critical"), creep[0].summary
+    assert creep[0].evidence["growth_bytes"] >= 100 * 2**20
+
+
+def test_warm_up_growth_then_flat_is_no_leak(runs: dict[tuple[str, bool], Run]) -> None:
+    run = runs[("warmup-then-flat", False)]
+    _primary(run)
+    assert "MEMORY_CREEP" not in [f.kind for f in run.diagnosis.findings], [f.summary for f in run.diagnosis.findings]
+
+
 def test_mnist_loader_wait_is_dataloader_in_both_runs(runs: dict[tuple[str, bool], Run]) -> None:
     for traced in (True, False):
         run = runs[("mnist-slow-loader", traced)]
@@ -187,7 +235,7 @@ def test_gan_is_one_step_per_iteration(runs: dict[tuple[str, bool], Run]) -> Non
 
 def test_zero_code_and_traced_runs_agree(runs: dict[tuple[str, bool], Run]) -> None:
     for name in CASES:
-        if name in PENDING:
+        if name in PENDING or len(CASES[name].modes) < 2:
             continue
         a, b = _primary(runs[(name, True)]), _primary(runs[(name, False)])
         assert (a.kind, a.rank) == (b.kind, b.rank), f"{name}: traced {a.summary} / zero-code {b.summary}"

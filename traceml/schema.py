@@ -223,6 +223,17 @@ STEP_STACK = table(
     ("window_samples", "i4"),
 )
 
+#: DDP's gradient all-reduce per step (``traceml.runtime.comm``): ``comm_us`` the union of the buckets'
+#: launch-to-completion intervals, ``exposed_us`` the last bucket's launch to the last completion (the
+#: part no compute is left to hide), ``buckets`` timed.  Only for DDP models.
+STEP_COMM = table(
+    "step_comm", ("step", "i8"), ("ts_ns", "i8"), ("comm_us", "i8"), ("exposed_us", "i8"), ("buckets", "i4")
+)
+
+#: Host resident memory every few steps (``traceml.runtime.hostmem``; CPU runs on Linux): a leak
+#: per step shows on short runs.
+STEP_HOST = table("step_host", ("step", "i8"), ("ts_ns", "i8"), ("rss_bytes", "i8"))
+
 STANDARD_TABLES: dict[str, TableSchema] = {
     t.name: t
     for t in (
@@ -236,6 +247,8 @@ STANDARD_TABLES: dict[str, TableSchema] = {
         SYSTEM_GPU,
         TRACEML_COST,
         STEP_STACK,
+        STEP_COMM,
+        STEP_HOST,
     )
 }
 

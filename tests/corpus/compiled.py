@@ -20,7 +20,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+    model = nn.Sequential(nn.Linear(128, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10))
     model = torch.compile(model, backend=args.backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     step_ctx = contextlib.nullcontext
@@ -28,7 +28,7 @@ def main() -> None:
         import traceml
 
         step_ctx = lambda: traceml.trace_step(model)  # noqa: E731
-    x, y = torch.randn(64, 128), torch.randint(0, 10, (64,))
+    x, y = torch.randn(256, 128), torch.randint(0, 10, (256,))
     for _ in range(args.steps):
         with step_ctx():
             loss = nn.functional.cross_entropy(model(x), y)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from traceml.diagnosis import thresholds as th
+from traceml.diagnosis.comm import communication_bound
 from traceml.diagnosis.findings import (
     COMPUTE_BOUND,
     HEALTHY,
@@ -19,6 +20,7 @@ from traceml.diagnosis.findings import (
     severity_rank,
 )
 from traceml.diagnosis.memory import memory_creep
+from traceml.diagnosis.pressure import resource_findings
 from traceml.diagnosis.stacks import explain_residual
 from traceml.diagnosis.step_rules import (
     compute_bound,
@@ -101,8 +103,11 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
             findings += region_heavy(data)
             # a synchronised straggler makes the others wait inside backward, which reads as compute
             synced_straggler = any(f.kind == STRAGGLER and f.evidence.get("steps_synchronised") == 1 for f in findings)
+            comm = communication_bound(view, data)
+            if comm is not None:
+                findings.append(comm)
             cb = compute_bound(data)
-            if cb is not None and not synced_straggler:
+            if cb is not None and not synced_straggler and comm is None:  # all-reduce waits read as backward
                 findings.append(cb)
         else:
             core_missing.append("forward/backward timings (residual and compute rules need the model's phases)")
@@ -121,6 +126,7 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
     elif not view.has("system_gpu"):
         missing.append("system_gpu (NVML): GPU utilization rule skipped")
 
+    findings += resource_findings(view, data)
     if core_missing:
         findings.append(_insufficient(data, core_missing, "warn" if not enough_steps else "info"))
     findings.sort(key=Finding.sort_key)

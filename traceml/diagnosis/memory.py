@@ -3,7 +3,8 @@
 A series (per rank and source) is cut into a baseline, a middle and a recent band; it creeps
 when the band medians rise monotonically and the total rise exceeds the baseline's noise and a
 floor.  Sources, most specific first: per-step GPU peaks (``step_memory``), else the sampled GPU
-allocation (``process.gpu_alloc_bytes``); and host RSS (``process.rss_bytes``).
+allocation (``process.gpu_alloc_bytes``); and host RSS every few steps (``step_host``, CPU runs),
+else sampled (``process.rss_bytes``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from traceml.store import StoreView
 SOURCES = {
     "gpu_step_peak": "GPU peak allocated memory per step",
     "gpu_alloc": "GPU allocated memory",
+    "rss_step": "host RSS every few steps",
     "rss": "host RSS",
 }
 
@@ -94,6 +96,14 @@ def _series(view: StoreView, data: StepData) -> dict[str, dict[int, np.ndarray]]
         vals = np.asarray(cols["peak_alloc_bytes"], np.float64)[keep][order]
         if (vals >= 0).any():
             out["gpu_step_peak"][r] = vals
+    for r in view.table_ranks("step_host"):
+        cols = view.columns("step_host", r)
+        steps = np.asarray(cols["step"], np.int64)
+        keep = np.isin(steps, data.per_rank[r].step) if r in data.per_rank else np.zeros(len(steps), bool)
+        order = np.argsort(steps[keep], kind="stable")
+        vals = np.asarray(cols["rss_bytes"], np.float64)[keep][order]
+        if (vals >= 0).any():
+            out["rss_step"][r] = vals
     span = data.time_range()
     for r in view.table_ranks("process"):
         cols = view.columns("process", r)
@@ -101,7 +111,7 @@ def _series(view: StoreView, data: StepData) -> dict[str, dict[int, np.ndarray]]
         keep = np.ones(len(ts), bool) if span is None else (ts >= span[0]) & (ts <= span[1])
         order = np.argsort(ts[keep], kind="stable")
         rss = np.asarray(cols["rss_bytes"], np.float64)[keep][order]
-        if (rss >= 0).any():
+        if (rss >= 0).any() and r not in out["rss_step"]:
             out["rss"][r] = rss
         if r not in out["gpu_step_peak"]:
             gpu = np.asarray(cols["gpu_alloc_bytes"], np.float64)[keep][order]
@@ -111,7 +121,7 @@ def _series(view: StoreView, data: StepData) -> dict[str, dict[int, np.ndarray]]
 
 
 def _capacity(view: StoreView, source: str, rank: int) -> float:
-    if source == "rss":
+    if source in ("rss", "rss_step"):
         totals = [np.asarray(view.columns("system", r)["ram_total_bytes"]) for r in view.table_ranks("system")]
     else:
         totals = [np.asarray(view.columns("process", rank)["gpu_total_bytes"])] if view.rows("process", rank) else []
@@ -139,7 +149,7 @@ def memory_creep(view: StoreView, data: StepData) -> tuple[list[Finding], list[s
         severity: Severity = "critical" if (c.confirmed and near_full) else "warn" if c.confirmed else "info"
         stage = "confirmed" if c.confirmed else "early"
         growth_frac = c.growth / c.baseline if c.baseline > 0 else float("nan")
-        unit = "steps" if source == "gpu_step_peak" else "samples"
+        unit = "steps" if source == "gpu_step_peak" else "samples"  # rss_step: one sample per few steps
         findings.append(
             Finding(
                 kind=MEMORY_CREEP,

@@ -64,3 +64,25 @@ GPU_UTIL_MIN_SAMPLES = 3
 STACK_MIN_SAMPLES = 20
 #: share of the residual samples spent reading data at which the residual counts as input
 STACK_INPUT_SHARE = 0.5
+
+# --- communication (DDP all-reduce, traceml.runtime.comm) ------------------------------------
+#: exposed all-reduce share of the step (the all-reduce not hidden behind backward), taken on the
+#: rank that waits least (a straggler makes the others wait inside the all-reduce)
+COMM_WARN = 0.20
+COMM_CRITICAL = 0.40
+
+# --- resources (traceml.diagnosis.pressure) ---------------------------------------------------
+#: GPU memory reserved / total, or host RAM used / total (90th percentile of the window)
+MEM_PRESSURE_WARN = 0.90
+MEM_PRESSURE_CRITICAL = 0.97
+#: (largest - smallest) / largest peak memory between ranks, and a floor in bytes
+MEM_IMBALANCE_WARN = 0.25
+MEM_IMBALANCE_CRITICAL = 0.50
+MEM_IMBALANCE_MIN_BYTES = 256 * 1024 * 1024
+#: node CPU busy (system.cpu_pct, mean over the window) and the samples it needs
+HOST_CPU_WARN = 90.0
+HOST_CPU_CRITICAL = 98.0
+HOST_MIN_SAMPLES = 3
+#: GPU temperature (system_gpu.temp_c, 90th percentile), in °C
+GPU_TEMP_WARN = 85.0
+GPU_TEMP_CRITICAL = 90.0

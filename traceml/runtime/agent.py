@@ -46,6 +46,8 @@ TABLE_CAPACITY: dict[str, int] = {
     "system": 1024,
     "system_gpu": 4096,
     "step_stack": 8192,
+    "step_comm": 16384,
+    "step_host": 16384,
 }
 #: what a table may grow to when steps come faster than the sender's period drains them
 #: (~300 B per step_time row held: 131,072 rows are ~38 MiB; see docs/benchmarks.md, "Fast steps")
@@ -120,6 +122,8 @@ class Agent:
         self._auto_steps = auto_steps
         #: the residual's stack sampler (:mod:`traceml.runtime.stacks`), started with the threads
         self.stacks: Any = None
+        #: DDP all-reduce timing (:mod:`traceml.runtime.comm`), built for the first DDP model
+        self.comm: Any = None
         #: zero-code step boundaries (:mod:`traceml.runtime.autostep`), built once torch is imported
         self.autostep: Any = None
         self._thread_cpu: dict[int, int] = {}
@@ -143,6 +147,16 @@ class Agent:
             )
             self.sampler = SamplerThread(self._build_samplers(), interval_s=config.interval_s, on_tick=self._on_tick)
 
+        #: host RSS every few steps while no CUDA step memory takes the slot (:mod:`.hostmem`)
+        self.host_memory: Any = None
+        if self.sender is not None:
+            try:
+                from traceml.runtime.hostmem import host_step_memory
+
+                self.host_memory = host_step_memory(self.tables["step_host"].append)
+                self.tracker.memory = self.host_memory
+            except Exception:
+                disable_piece("host-step-memory", "the per-step host memory signal")
         self._gpu_timing = gpu_timing if gpu_timing is not None else self.sender is not None
         self._cuda_available = False
         try:
@@ -293,6 +307,24 @@ class Agent:
             self._attach_model(model)
         return self.tracker
 
+    def _attach_comm(self, model: Any) -> None:
+        try:
+            from traceml.runtime.comm import CommTimer, attach_ddp
+
+            ddp = model
+            for _ in range(4):  # torch.compile(DDP(...)): the DDP module is inside
+                if hasattr(ddp, "register_comm_hook"):
+                    break
+                ddp = getattr(ddp, "_orig_mod", None)
+            if ddp is None or not hasattr(ddp, "register_comm_hook"):
+                return
+            if self.comm is None:
+                tracker = self.tracker
+                self.comm = CommTimer(lambda: tracker.step, self.tables["step_comm"].append)
+            attach_ddp(ddp, self.comm)
+        except Exception:
+            disable_piece("comm-attach", "timing DDP's all-reduce")
+
     def _adopt_model(self, model: Any) -> None:
         """The model of automatic steps (its forward is timed by the auto-step wrapper)."""
         if self._model is None:
@@ -307,6 +339,8 @@ class Agent:
 
             self.wrapper = wrapper_kind(model)
             self._dist_facts = distributed_facts()  # now, while the process group surely exists
+            if self.wrapper == "DDP":
+                self._attach_comm(model)
             if not wrap:
                 self._arm_cuda_check()
                 return
@@ -420,6 +454,14 @@ class Agent:
             self.sampler.stop()
             if self.stacks is not None:
                 self.stacks.stop()
+            if self.host_memory is not None:
+                self.host_memory.close()
+            if self.comm is not None:
+                self.comm.enabled = False
+                try:
+                    self.comm.flush()
+                except Exception:
+                    disable_piece("comm-flush", "timing DDP's all-reduce")
             try:
                 self._sample_cost(final=True)
             except Exception:

@@ -1,0 +1,57 @@
+"""The per-step host memory signal (``traceml.runtime.hostmem``) and the creep rule reading it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from traceml.diagnosis import diagnose
+from traceml.runtime.hostmem import EVERY, HostStepMemory
+from traceml.schema import STEP_HOST, STEP_TIME, rows_to_columns
+from traceml.store import ColumnStore
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm is Linux")
+
+
+def test_reads_resident_memory_every_few_steps_and_closes_its_fd() -> None:
+    rows: list[tuple[int, ...]] = []
+    mem = HostStepMemory(rows.append)
+    for step in range(10):
+        mem.step_begin()
+        mem.step_end(step, 1000 + step)
+    assert [r[0] for r in rows] == [s for s in range(10) if s % EVERY == 0]
+    assert all(r[2] > 10 * 2**20 for r in rows)  # a Python process with numpy holds more than 10 MiB
+    fd = mem._fd
+    mem.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    mem.step_end(12, 0)  # closed: nothing, no error
+    assert len(rows) == 3
+
+
+def _view(rss: list[float]) -> Any:
+    store = ColumnStore()
+    n = len(rss) * EVERY
+    steps = [(s, 10**9 + s * 10**6, 0, 3000, 0, 0, 1000, 1500, 300, 200) for s in range(n)]
+    store.append(0, "step_time", rows_to_columns(STEP_TIME, steps), schema=STEP_TIME)
+    host = [(i * EVERY, 10**9 + i * EVERY * 10**6, int(v)) for i, v in enumerate(rss)]
+    store.append(0, "step_host", rows_to_columns(STEP_HOST, host), schema=STEP_HOST)
+    return store.snapshot()
+
+
+def test_a_leak_of_1_mib_per_step_is_a_confirmed_creep_over_300_steps() -> None:
+    base = 400 * 2**20
+    d = diagnose(_view([base + i * EVERY * 2**20 for i in range(75)]))
+    (creep,) = [f for f in d.findings if f.kind == "MEMORY_CREEP"]
+    assert creep.labels == {"source": "rss_step", "stage": "confirmed"} and creep.severity == "warn"
+    assert "host RSS every few steps" in creep.summary
+
+
+def test_warm_up_growth_then_flat_is_not_a_creep() -> None:
+    base = 400 * 2**20
+    rss = [base + min(i, 5) * 64 * 2**20 + (i % 3) * 4096 for i in range(75)]
+    d = diagnose(_view(rss))
+    assert "MEMORY_CREEP" not in [f.kind for f in d.findings]
