@@ -330,3 +330,17 @@ def test_a_region_around_the_forward_pass_is_placed_against_the_phases(tmp_path:
     # phases + residual + the regions' own parts account for the step time (shares of summed time)
     parts = sum(overall[p]["share"] for p in overall if p != "step")
     assert parts + model["outside_phases_share"] * model["share"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_prometheus_share_is_the_share_every_view_shows(regions_view: StoreView) -> None:
+    import re
+
+    from traceml.exports.prometheus import render_textfile
+
+    s = build_summary(regions_view)
+    text = render_textfile(s)
+    got = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^traceml_phase_share_ratio\{[^}]*phase="(\w+)"[^}]*\} (\S+)$', text, re.M)
+    }
+    assert got and all(got[p] == pytest.approx(s["steps"]["overall"][p]["share"]) for p in got)

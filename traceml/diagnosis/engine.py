@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.comm import communication_bound
 from traceml.diagnosis.findings import (
@@ -35,6 +33,7 @@ from traceml.diagnosis.step_rules import (
 from traceml.diagnosis.steps import StepData, step_data
 from traceml.diagnosis.system import low_gpu_utilization
 from traceml.store import StoreView
+from traceml.views.measures import job_measures
 
 
 def _window(data: StepData) -> Window:
@@ -164,9 +163,7 @@ def _no_steps_reason(view: StoreView) -> str:
 
 
 def _healthy(data: StepData) -> Finding:
-    step = np.concatenate([data.per_rank[r].step_us for r in data.ranks])
-    step = step[np.isfinite(step)]
-    median = float(np.median(step)) if len(step) else float("nan")
+    median = job_measures(data, parts=False).median_step_us  # the job's, as every view says
     return Finding(
         kind=HEALTHY,
         severity="info",

@@ -403,7 +403,12 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if step.get("median_ms") is not None:
         lines.append(
             f"steps: {steps.get('count', 0)} analysed, median {step['median_ms']:.2f} ms, "
-            f"p95 {step['p95_ms']:.2f} ms, {steps.get('throughput_steps_per_s') or 0:.2f} steps/s"
+            f"p95 {step['p95_ms']:.2f} ms (of the job), {steps.get('throughput_steps_per_s') or 0:.2f} steps/s measured"
+            + (
+                f", {100 * steps['outside_step_share']:.0f}% of wall time outside steps"
+                if steps.get("outside_step_share") is not None
+                else ""
+            )
         )
     for f in diag.get("findings", []):
         if (f.get("kind"), f.get("rank"), f.get("summary")) != (

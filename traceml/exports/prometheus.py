@@ -102,7 +102,7 @@ def render_textfile(summary: Mapping[str, Any], *, extra_labels: Mapping[str, st
             {}, start_ns / 1e9 + duration
         )
     family("traceml_steps", "Steps analysed (warm-up excluded).").add({}, steps.get("count"))
-    family("traceml_throughput_steps_per_second", "Steps per second at the median step time.").add(
+    family("traceml_throughput_steps_per_second", "Steps per second, measured over the wall time they took.").add(
         {}, steps.get("throughput_steps_per_s")
     )
 
@@ -117,14 +117,16 @@ def render_textfile(summary: Mapping[str, Any], *, extra_labels: Mapping[str, st
 
     overall = _map(steps.get("overall"))
     phase_time = family("traceml_phase_time_seconds", "Time of each phase of the step, job-wide (stat: median|p95).")
-    share = family("traceml_phase_share_ratio", "A phase's median as a share of the median step.")
+    share = family("traceml_phase_share_ratio", "A phase's share of the summed step time (0..1).")
     step_median = _number(_map(overall.get("step")).get("median_ms"))
     for phase in _PHASES:
         stats = _map(overall.get(phase))
         phase_time.add({"phase": phase, "stat": "median"}, stats.get("median_ms"), 1e-3)
         phase_time.add({"phase": phase, "stat": "p95"}, stats.get("p95_ms"), 1e-3)
         median = _number(stats.get("median_ms"))
-        if median is not None and step_median:
+        if _number(stats.get("share")) is not None:  # the share every view shows (a ratio of sums)
+            share.add({"phase": phase}, stats.get("share"))
+        elif median is not None and step_median:  # a summary written before shares were recorded
             share.add({"phase": phase}, median / step_median)
 
     memory = _map(summary.get("memory"))
