@@ -115,10 +115,9 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path: Path, mon
 
 
 def test_color_never_sets_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("NO_COLOR", "")  # recorded: the test's own change is undone at teardown
     CliRunner().invoke(app, ["--color", "never", "version"])
     assert os.environ.get("NO_COLOR") == "1"
-    monkeypatch.delenv("NO_COLOR", raising=False)
     res = CliRunner().invoke(app, ["--color", "sometimes", "version"])
     assert res.exit_code == 2 and "expected one of auto, always, never" in res.output
 
@@ -154,3 +153,13 @@ def test_compare_json_prints_the_comparison() -> None:
     assert res.exit_code in (0, 3), res.output  # the same run twice: never a regression
     doc = json.loads(res.stdout)
     assert isinstance(doc, dict) and doc
+
+
+def test_quiet_leaves_out_progress_lines_but_not_errors(tmp_path: Path) -> None:
+    args = ("export", str(SAMPLES / "input_bound.tml"), "--format", "prometheus", "-o", str(tmp_path / "a.prom"))
+    loud = _cli(*args)
+    assert loud.returncode == 0 and loud.stdout.startswith("wrote ")
+    quiet = _cli("-q", *args, "--overwrite")
+    assert quiet.returncode == 0 and quiet.stdout == "" and (tmp_path / "a.prom").stat().st_size > 0
+    failed = _cli("-q", *args)  # exists, no --overwrite: the error is still said
+    assert failed.returncode == 1 and "already exists" in failed.stderr

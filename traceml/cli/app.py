@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from traceml.cli import format_cmds, replay_cmds, report_cmds, run_cmd
-from traceml.cli.settings import load_config
+from traceml.cli.settings import QUIET_ENV, load_config
 
 COLOR_CHOICES = ("auto", "always", "never")
 
@@ -45,7 +45,9 @@ def _root(
     version: bool = typer.Option(
         False, "--version", "-V", is_eager=True, callback=_print_version, help="print the version and exit"
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="only warnings and errors in the log"),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="no progress lines (wrote ..., traceml: run ...); only errors in the log"
+    ),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="more log detail (-vv: debug)"),
     color: str = typer.Option(
         "auto",
@@ -70,6 +72,8 @@ def _root(
     elif color == "always":
         os.environ["FORCE_COLOR"] = "1"
         os.environ.pop("NO_COLOR", None)
+    if quiet:
+        os.environ[QUIET_ENV] = "1"
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="traceml: %(levelname)s: %(name)s: %(message)s")
     logging.getLogger("traceml").setLevel(level)

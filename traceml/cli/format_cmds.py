@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import typer
 
 from traceml import escape as esc
+from traceml.cli.settings import say
 from traceml.errors import TracemlError
 
 EXPORT_FORMATS = ("csv", "chrome-trace", "parquet", "prometheus", "otlp")
@@ -124,7 +125,7 @@ def export_cmd(
         with open_recording(path) as reader:
             if fmt == "csv":
                 files = export_csv(reader, output, overwrite=overwrite)
-                typer.echo(f"wrote {len(files)} CSV files to {output}: {', '.join(_csv_name(t, f) for t, f in files)}")
+                say(f"wrote {len(files)} CSV files to {output}: {', '.join(_csv_name(t, f) for t, f in files)}")
             elif fmt == "parquet":
                 from traceml.format.parquet import export_parquet
 
@@ -146,7 +147,7 @@ def _export_chrome_trace(reader: Any, output: Path, overwrite: bool, steps: str 
         output = output.with_name(output.name + ".gz")  # say what it is: trace.json -> trace.json.gz
     written = write_chrome_trace(reader, output, overwrite=overwrite, gzip_output=gzip_trace, steps=window)
     size = written.stat().st_size
-    typer.echo(f"wrote {written} ({size / 2**20:.1f} MiB; open it in https://ui.perfetto.dev)")
+    say(f"wrote {written} ({size / 2**20:.1f} MiB; open it in https://ui.perfetto.dev)")
     if size > CHROME_TRACE_WARN_BYTES:
         typer.echo(
             f"warning: {written} is {size / 2**20:.0f} MiB, more than Perfetto in a browser opens comfortably "
@@ -165,7 +166,7 @@ def _csv_name(table: str, path: Path) -> str:
 def _print_parquet(result: Any) -> None:
     where = f"{result.out_dir}/<table>/{result.partition + '/' if result.partition else ''}rank=<r>/"
     tables = ", ".join(f"{name} {rows:,}" for name, rows in sorted(result.rows.items())) or "none"
-    typer.echo(f"wrote {result.total_rows:,} rows in {len(result.files)} Parquet files to {where} ({tables})")
+    say(f"wrote {result.total_rows:,} rows in {len(result.files)} Parquet files to {where} ({tables})")
     for run in result.moved_runs:
         typer.echo(f"moved the earlier export of run {run!r} under run=<id> partitions (several runs now share it)")
     for name, reason in result.skipped.items():
@@ -185,7 +186,7 @@ def _export_summary(path: Path, fmt: str, output: Path | None, endpoint: str | N
 
             assert output is not None
             write_textfile(render_textfile(summary), output, overwrite=overwrite)
-            typer.echo(f"wrote {output} (Prometheus text format; see docs/exports.md for the textfile collector)")
+            say(f"wrote {output} (Prometheus text format; see docs/exports.md for the textfile collector)")
         else:
             from traceml.exports.otlp import send_summary
 

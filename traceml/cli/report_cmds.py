@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from traceml import escape as esc
+from traceml.cli.settings import say
 from traceml.errors import TracemlError
 
 #: file and runtime errors; usage errors exit 2 (``traceml compare`` also exits 3 inconclusive,
@@ -82,7 +83,7 @@ def report(
         typer.echo(esc.visible(f"{primary['kind']} ({primary['severity']}): {primary['summary']}", 2000))
         for path in (files.html, files.summary_json, files.summary_md, files.plotly_js):
             if path is not None:
-                typer.echo(f"wrote {path}")
+                say(f"wrote {path}")
     if trackers and not log_summary(trackers, summary, [files.html, files.summary_json, files.summary_md]):
         raise typer.Exit(EXIT_ERROR)
 
@@ -220,7 +221,7 @@ def compare(
     else:
         typer.echo(render_text(result), nl=False)
         for path in written:
-            typer.echo(f"wrote {path}")
+            say(f"wrote {path}")
     raise typer.Exit(result.exit_code)
 
 

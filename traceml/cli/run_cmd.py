@@ -36,6 +36,7 @@ from typer.core import TyperCommand
 from traceml import config
 from traceml.aggregator.control import exit_line, output_line, parse_line
 from traceml.cli.run_args import TORCHRUN_ARG, option_table
+from traceml.cli.settings import say
 from traceml.errors import ConfigError, OutputError, TracemlError
 from traceml.outpaths import check_new_file
 
@@ -800,9 +801,9 @@ def run_plan(plan: RunPlan) -> int:
             flush=True,
         )
     if plan.disabled:
-        print(f"traceml: run {plan.run_name}; traceml is off (--disable): torchrun only, nothing recorded", flush=True)
+        say(f"traceml: run {plan.run_name}; traceml is off (--disable): torchrun only, nothing recorded")
     else:
-        print(f"traceml: run {plan.run_name};{where} writing {target}", flush=True)
+        say(f"traceml: run {plan.run_name};{where} writing {target}")
     sup = RunSupervisor(plan)
     # SIGHUP too: a closed terminal stops the training as it would stop plain torchrun
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -816,7 +817,7 @@ def run_plan(plan: RunPlan) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print(f"traceml: {_describe_recording(plan)}", flush=True)
+    say(f"traceml: {_describe_recording(plan)}")
     return code
 
 

@@ -89,3 +89,15 @@ def load_config(explicit: Path | None, group: Any, cwd: Path | None = None) -> d
             defaults[attr] = value
         out[name] = defaults
     return out
+
+
+#: ``traceml -q``: set for the command (and the processes it starts) to leave out progress lines
+QUIET_ENV = "TRACEML_QUIET"
+
+
+def say(message: str) -> None:
+    """A progress line on stdout ("wrote ...", "traceml: run ..."); ``traceml -q`` leaves it out."""
+    import os
+
+    if os.environ.get(QUIET_ENV) != "1":
+        print(message, flush=True)
