@@ -139,36 +139,64 @@ def test_one_answer_per_question_on_a_real_ddp_recording() -> None:
     assert live.steps_per_s == final.steps_per_s
 
 
-def test_a_replay_at_each_moment_matches_what_live_showed() -> None:
-    """Feed a real 2-rank recording's batches in the order the aggregator received them (the live
-    store), and at each moment compare the live panel with the replay at that moment."""
-    from replay.player import Playback
-    from traceml.format import open_recording
-    from traceml.store import ColumnStore
+def test_a_replay_at_each_moment_matches_what_live_showed(tmp_path: Path) -> None:
+    """A real 2-rank DDP recording's rows sent over TCP, batch by batch as the ranks sent them, to a
+    real aggregator on 127.0.0.1; at each moment the live panel of the aggregator's store is compared
+    with the replay of the file it wrote, advanced to that moment."""
+    import time
 
-    path = SAMPLES / "ddp_input_straggler.tml"
-    reader = open_recording(path)
-    live_store = ColumnStore(capacity=None, meta={"start_ns": 1})
-    batches = [(rank, table, cols) for rank, table, cols in reader.iter_batches() if table == "step_time"]
-    assert len(batches) > 6
-    compared = 0
-    with replay.open(path) as rec:
-        for i, (rank, table, cols) in enumerate(batches):
-            live_store.append(rank, table, cols)
-            if i % 3 != 2:
-                continue
-            live_view = live_store.snapshot()
-            if len(live_view.table_ranks("step_time")) < 2:
-                continue
-            live = live_model(live_view)
-            moment = max(int(c["ts_ns"].max()) for (t, _), c in live_view.tables.items() if t == "step_time")
+    from replay.player import Playback
+    from traceml.aggregator.service import Aggregator, AggregatorOptions
+    from traceml.format import open_recording
+    from traceml.schema import STANDARD_TABLES
+    from traceml.transport import RankIdentity, TelemetryClient, batch, encode_columns, hello, rank_finished
+
+    source = open_recording(SAMPLES / "ddp_input_straggler.tml")
+    sent = [(r, t, c) for r, t, c in source.iter_batches() if t == "step_time"]
+    token = "moments-token"
+    opts = AggregatorOptions(
+        token=token, run_id="moments", run_name="moments", out=str(tmp_path / "run.tml"), expected_ranks=2
+    )
+    agg = Aggregator(opts)
+    agg.start()
+    moments: list[tuple[int, float, int]] = []
+    try:
+        clients = {}
+        for r in (0, 1):
+            ident = RankIdentity(
+                rank=r, local_rank=r, world_size=2, local_world_size=2, node_rank=0, host="h", pid=1 + r
+            )
+            clients[r] = TelemetryClient("127.0.0.1", agg.server.port, hello("moments", token, ident))
+        rows = {0: 0, 1: 0}
+        for seq, (rank, table, cols) in enumerate(sent, 1):
+            assert clients[rank].send(batch(seq, {table: encode_columns(STANDARD_TABLES[table], cols)}))
+            assert clients[rank].flush(10.0)
+            rows[rank] += len(cols["step"])
+            deadline = time.monotonic() + 10
+            while agg.store.snapshot().rows("step_time", rank) < rows[rank]:
+                assert time.monotonic() < deadline, "the aggregator never stored the batch"
+                time.sleep(0.01)
+            view = agg.store.snapshot()
+            if seq % 2 == 0 and len(view.table_ranks("step_time")) == 2:
+                live = live_model(view)
+                moment = max(int(view.columns("step_time", r)["ts_ns"].max()) for r in (0, 1))
+                moments.append((moment, live.skew_pct, live.slowest_rank))
+        for client in clients.values():
+            client.send(rank_finished("ok"))
+            client.close(drain_timeout_s=5.0)
+        agg.on_exit({"exit_code": 0, "signal": "", "duration_s": 5.0})
+        agg.wait()
+    finally:
+        agg.finalize()
+        agg.close_ui(None)
+    assert len(moments) >= 3
+    with replay.open(tmp_path / "run.tml") as rec:
+        for moment, skew, slowest in moments:
             pb = Playback(rec)
             pb.advance_to(moment)
             replayed = live_model(pb.snapshot())
-            assert replayed.slowest_rank == live.slowest_rank, (i, live.skew_pct, replayed.skew_pct)
-            assert replayed.skew_pct == pytest.approx(live.skew_pct, abs=5.0)
-            compared += 1
-    assert compared >= 2
+            assert replayed.slowest_rank == slowest, (moment, skew, replayed.skew_pct)
+            assert replayed.skew_pct == pytest.approx(skew, abs=5.0)
 
 
 def test_lock_step_ranks_show_a_small_skew_even_when_one_rank_lags_in_the_store() -> None:
