@@ -3,11 +3,31 @@
 ``replay.open(path)`` returns a :class:`~replay.engine.Recording`: run metadata, ranks, tables,
 ``columns(table, rank, steps=, time=)`` read through the file's index, ``view()`` (the same
 StoreView the live aggregator fills) and ``integrity``.  Importing replay imports neither
-torch nor dash.
+torch nor dash; the engine (numpy, zstandard) loads on first use of ``replay.open`` or
+``replay.Recording``, so ``replay.cli`` stays light for ``traceml --help``.
 """
 
 from __future__ import annotations
 
-from replay.engine import Recording, open
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replay.engine import Recording, open
 
 __all__ = ["Recording", "open"]
+
+#: submodules reachable as ``replay.<name>`` after a bare ``import replay``, as before it was lazy
+_SUBMODULES = frozenset({"cli", "compare", "dashboard", "engine", "gate", "player", "report", "synthetic"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("replay.engine"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"replay.{name}")
+    raise AttributeError(f"module 'replay' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from traceml.cli import app
-
-
-def main() -> None:
-    app(args=["replay", *sys.argv[1:]], prog_name="python -m replay")
-
+from replay.cli import main
 
 if __name__ == "__main__":
     main()

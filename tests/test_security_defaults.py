@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from replay import cli as replay_cli
 from traceml.aggregator.control import exit_line
-from traceml.cli import replay_cmds
 from traceml.cli.run_cmd import aggregator_command, free_port, plan_run, rank_env
 from traceml.format import open_recording
 from traceml.schema import PHASES, STEP_TIME, rows_to_columns
@@ -157,7 +157,7 @@ def test_the_dashboards_bind_loopback_by_default_and_warn_otherwise() -> None:
 
     assert inspect.signature(web.serve_live).parameters["host"].default == "127.0.0.1"
     assert inspect.signature(web.serve).parameters["host"].default == "127.0.0.1"
-    assert inspect.signature(replay_cmds.replay).parameters["host"].default.default == "127.0.0.1"
+    assert inspect.signature(replay_cli.replay).parameters["host"].default.default == "127.0.0.1"
     server = web.serve_live(ColumnStore().snapshot, port=0)
     try:
         listening = {

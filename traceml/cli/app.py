@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from traceml.cli import format_cmds, replay_cmds, report_cmds, run_cmd
+from traceml.cli import format_cmds, report_cmds, run_cmd
 from traceml.cli.settings import QUIET_ENV, load_config
 
 COLOR_CHOICES = ("auto", "always", "never")
@@ -86,9 +86,17 @@ def _root(
         ctx.default_map = defaults
 
 
+def _register_replay(group: typer.Typer) -> None:
+    # the one import of replay from traceml's CLI: replay.cli holds only typer and the option
+    # table; the engine, player and dashboard load inside the command when it runs
+    from replay.cli import register
+
+    register(group)
+
+
 run_cmd.register(app)
 format_cmds.register(app)
-replay_cmds.register(app)
+_register_replay(app)
 report_cmds.register(app)
 
 

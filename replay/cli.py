@@ -1,7 +1,8 @@
-"""``traceml replay RUN.tml``: play a recording through the live terminal view, or serve the dashboard.
+"""``traceml replay RUN.tml`` (and ``python -m replay``): play a recording in the terminal or serve the dashboard.
 
-``replay`` is imported inside the command, so ``traceml --help`` stays light; nothing here
-imports torch.  Exit codes: 0 done, 1 file or runtime error, 2 usage error.
+The engine, player and dashboard are imported inside the command, so ``traceml --help`` loads
+neither numpy nor zstandard; nothing here imports ``traceml.cli`` or torch.
+Exit codes: 0 done, 1 file or runtime error, 2 usage error.
 """
 
 from __future__ import annotations
@@ -124,3 +125,14 @@ def replay(
 def register(app: typer.Typer) -> None:
     """Add ``traceml replay`` to *app*."""
     app.command("replay")(replay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m replay``: the replay command on its own, without the rest of the traceml CLI."""
+    standalone = typer.Typer(
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    standalone.command()(replay)
+    standalone(args=sys.argv[1:] if argv is None else argv, prog_name="python -m replay")
