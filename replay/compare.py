@@ -113,7 +113,7 @@ class Side:
     run_id: str
     name: str
     steps: int
-    #: metric -> per-step samples (recordings); ``cycle`` and ``outside`` are ms per step
+    #: metric -> per-step samples (recordings); ``cycle@<rank>`` and ``outside@<rank>`` are ms per step
     #: (end of the previous step to the end of this one, and the part of it outside the step)
     series: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: metric -> (median, p95, n) (summaries)
@@ -386,19 +386,29 @@ def _quantile_rows(statistic: str) -> g.RunStatistic:
 
 
 def _rate_rows(cols: Sequence[np.ndarray]) -> np.ndarray:
-    """Steps per second over the resampled cycles (ms from one step's end to the next)."""
-    c = cols[0]
-    ok = np.isfinite(c)
+    """Steps per second over the resampled cycles: each rank's steps over the sum of its cycles
+    (ms), the job's the slowest rank's.  ``cols`` are the ranks' cycle series."""
+    rates = []
+    for c in cols:
+        ok = np.isfinite(c)
+        with np.errstate(all="ignore"):
+            rates.append(1000.0 * ok.sum(axis=1) / np.where(ok, c, 0.0).sum(axis=1))
     with np.errstate(all="ignore"):
-        return np.asarray(1000.0 * ok.sum(axis=1) / np.where(ok, c, 0.0).sum(axis=1))
+        r = np.where(np.isfinite(np.stack(rates)), np.stack(rates), np.inf).min(axis=0)
+    return np.asarray(np.where(np.isfinite(r), r, np.nan))
 
 
 def _share_rows(cols: Sequence[np.ndarray]) -> np.ndarray:
-    """Share of the resampled cycles' wall time spent outside any step."""
-    c, o = cols
-    ok = np.isfinite(c) & np.isfinite(o)
+    """Share of the resampled cycles' wall time spent outside any step, averaged over ranks.
+    ``cols`` are the ranks' cycle series, then their outside series in the same order."""
+    half = len(cols) // 2
+    shares = []
+    for c, o in zip(cols[:half], cols[half:], strict=True):
+        ok = np.isfinite(c) & np.isfinite(o)
+        with np.errstate(all="ignore"):
+            shares.append(np.where(ok, o, 0.0).sum(axis=1) / np.where(ok, c, 0.0).sum(axis=1))
     with np.errstate(all="ignore"):
-        return np.asarray(np.where(ok, o, 0.0).sum(axis=1) / np.where(ok, c, 0.0).sum(axis=1))
+        return np.asarray(np.nanmean(np.stack(shares), axis=0))
 
 
 _RUN_STATS: dict[str, g.RunStatistic] = {
@@ -407,12 +417,23 @@ _RUN_STATS: dict[str, g.RunStatistic] = {
     "rate": _rate_rows,
     "share": _share_rows,
 }
-#: the per-step series each statistic reads, by metric
-_SHARE_SERIES = ("cycle", "outside")
+#: prefixes of the per-rank wall-time series (``cycle@0``, ``outside@0``, ...)
+_CYCLE, _OUTSIDE = "cycle@", "outside@"
+
+
+def _rank_keys(run: Side, prefix: str) -> list[str]:
+    keys = [k for k in run.series if k.startswith(prefix)]
+    return sorted(keys, key=lambda k: int(k[len(prefix) :]))
 
 
 def _series_for(spec: MetricSpec, run: Side) -> list[np.ndarray] | None:
-    names = {"rate": ("cycle",), "share": _SHARE_SERIES}.get(spec.statistic, (spec.name,))
+    if spec.statistic in ("rate", "share"):
+        cycles = _rank_keys(run, _CYCLE)
+        names = cycles if spec.statistic == "rate" else cycles + [_OUTSIDE + k[len(_CYCLE) :] for k in cycles]
+        if not cycles or any(n not in run.series for n in names):
+            return None
+    else:
+        names = [spec.name]
     cols = [run.series.get(n) for n in names]
     if any(c is None for c in cols):
         return None
@@ -470,37 +491,36 @@ def _memory_series(view: StoreView, data: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _cycle_series(data: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per analysed step, ms: the wall time since the previous step ended (``cycle``) and the part
-    of it outside any step (``outside``), each the mean over the ranks that have both steps.
+def _cycle_series(data: Any) -> dict[str, np.ndarray]:
+    """Per rank and analysed step (ms, aligned on ``data.steps``; ``nan`` where the rank lacks the
+    step): ``cycle@<rank>``, the wall time the step accounts for, and ``outside@<rank>``, the part
+    of it outside any analysed step.
 
-    A rank's cycle is the gap between two consecutive analysed rows' end times (``ts_ns``) over
-    the step numbers between them (a dropped failed step shares its time); the first analysed
-    step has no cycle (``nan``).  Summed, the cycles are the run's elapsed wall time, so
-    steps / sum(cycles) is the measured throughput and sum(outside) / sum(cycles) the share of
-    wall time outside any step (evaluation, checkpointing, logging, a slow batch between steps).
+    A step's cycle runs from the end of the rank's previous analysed step to the end of this one
+    (``ts_ns`` of consecutive rows; a failed step dropped between them counts as outside time);
+    the first analysed step's cycle is its own step time.  Summed, a rank's cycles are its elapsed
+    wall time from the start of its first analysed step to the end of its last, so steps / sum of
+    cycles is its measured throughput and sum(outside) / sum(cycles) its share of wall time outside
+    any step (evaluation, checkpointing, logging, a slow batch between steps): the definitions of
+    :mod:`traceml.views.measures`, which the report and the views quote.
     """
-    steps = data.steps
-    cyc = np.full((max(len(data.ranks), 1), len(steps)), np.nan)
-    out = np.full_like(cyc, np.nan)
-    for i, r in enumerate(data.ranks):
+    out: dict[str, np.ndarray] = {}
+    for r in data.ranks:
         rs = data.per_rank[r]
-        if len(rs.step) < 2:
+        if not len(rs.step):
             continue
-        dt_ms = np.diff(rs.ts_ns.astype(np.float64)) / 1e6
-        ds = np.diff(rs.step).astype(np.float64)
+        step_ms = np.asarray(rs.step_us, np.float64) / 1000.0
         with np.errstate(all="ignore"):
-            c = np.where((ds > 0) & (dt_ms >= 0), dt_ms / ds, np.nan)
-            o = np.clip(c - rs.step_us[1:] / 1000.0, 0.0, None)
-        idx = np.searchsorted(steps, rs.step[1:])
-        cyc[i, idx] = c
-        out[i, idx] = np.where(np.isfinite(c), o, np.nan)
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(cyc) & np.isfinite(out)
-        n = finite.sum(axis=0)
-        mean_c = np.where(n > 0, np.where(finite, cyc, 0).sum(axis=0) / np.maximum(n, 1), np.nan)
-        mean_o = np.where(n > 0, np.where(finite, out, 0).sum(axis=0) / np.maximum(n, 1), np.nan)
-    return mean_c, mean_o
+            dt_ms = np.diff(rs.ts_ns.astype(np.float64)) / 1e6
+            c = np.concatenate(([step_ms[0]], np.where(dt_ms >= 0, dt_ms, np.nan)))
+            o = np.concatenate(([0.0], np.clip(c[1:] - step_ms[1:], 0.0, None)))
+        o = np.where(np.isfinite(c), o, np.nan)
+        pos = np.searchsorted(data.steps, rs.step)
+        cyc = np.full(len(data.steps), np.nan)
+        outside = np.full(len(data.steps), np.nan)
+        cyc[pos], outside[pos] = c, o
+        out[f"{_CYCLE}{r}"], out[f"{_OUTSIDE}{r}"] = cyc, outside
+    return out
 
 
 def side_from_view(view: StoreView, path: str = "") -> Side:
@@ -510,7 +530,7 @@ def side_from_view(view: StoreView, path: str = "") -> Side:
     series: dict[str, np.ndarray] = {"step_time": job["step"] / 1000}
     for p in PHASES:
         series[f"phase.{p}"] = job[p] / 1000
-    series["cycle"], series["outside"] = _cycle_series(data)
+    series.update(_cycle_series(data))
     series.update(_memory_series(view, data))
     return Side(
         path=path,

@@ -32,21 +32,29 @@ def invoke(*args: str):
 
 
 def gapped_view(
-    n: int = 200, seed: int = 1, *, forward: float = 30_000.0, gap_us: float = 1_000.0, noise: float = 0.03
+    n: int = 200,
+    seed: int = 1,
+    *,
+    forward: float = 30_000.0,
+    gap_us: float = 1_000.0,
+    noise: float = 0.03,
+    ranks: int = 1,
 ) -> StoreView:
-    """One rank whose steps are ``gap_us`` apart (time outside any step: eval, logging, a slow batch)."""
+    """Ranks whose steps are ``gap_us`` apart (time outside any step: eval, logging, a slow batch)."""
     rng = np.random.default_rng(seed)
-    base = {"dataloader": 1_000.0, "h2d": 0.0, "forward": forward, "backward": 60_000.0, "optimizer": 8_000.0}
-    base["residual"] = 1_000.0
-    cols = {
-        p: np.rint(v * (1 + noise * rng.standard_normal(n)).clip(0.5, 1.5)).astype(np.int64) for p, v in base.items()
-    }
-    step_us = sum(cols.values())
-    gaps = np.rint(gap_us * (1 + noise * rng.standard_normal(n)).clip(0.5, 1.5)).astype(np.int64)
-    ts = T0_NS + np.cumsum(step_us + gaps) * 1000
-    rows = [(i, int(ts[i]), 0, int(step_us[i]), *(int(cols[p][i]) for p in PHASES)) for i in range(n)]
     b = RunBuilder(seed=seed)
-    b.store.append(0, "step_time", rows_to_columns(STEP_TIME, rows))
+    for rank in range(ranks):
+        base = {"dataloader": 1_000.0, "h2d": 0.0, "forward": forward, "backward": 60_000.0, "optimizer": 8_000.0}
+        base["residual"] = 1_000.0
+        cols = {
+            p: np.rint(v * (1 + noise * rng.standard_normal(n)).clip(0.5, 1.5)).astype(np.int64)
+            for p, v in base.items()
+        }
+        step_us = sum(cols.values())
+        gaps = np.rint(gap_us * (1 + noise * rng.standard_normal(n)).clip(0.5, 1.5)).astype(np.int64)
+        ts = T0_NS + np.cumsum(step_us + gaps) * 1000
+        rows = [(i, int(ts[i]), 0, int(step_us[i]), *(int(cols[p][i]) for p in PHASES)) for i in range(n)]
+        b.store.append(rank, "step_time", rows_to_columns(STEP_TIME, rows))
     return b.view()
 
 
@@ -353,3 +361,16 @@ def test_summary_inputs_carry_measured_throughput_and_the_outside_share(tmp_path
     assert cp.metric(c, "throughput").verdict == cp.REGRESSION
     assert cp.metric(c, "step_time").verdict == cp.EQUIVALENT
     assert c.exit_code == 4
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_throughput_and_outside_share_are_the_reports_figures(ranks: int) -> None:
+    """One answer per question: compare quotes the throughput and outside-step share the views define."""
+    from traceml.views.measures import job_measures
+    from traceml.views.steps import step_data
+
+    v = gapped_view(300, seed=7, gap_us=15_000.0, noise=0.2, ranks=ranks)
+    m = job_measures(step_data(v), parts=False)
+    c = cp.compare_sides(side(v, "a"), side(v, "b"))
+    assert cp.metric(c, "throughput").base == pytest.approx(m.throughput_steps_per_s, rel=1e-6)
+    assert cp.metric(c, "outside_share").base == pytest.approx(m.outside_share, rel=1e-6)
