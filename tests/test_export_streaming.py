@@ -34,3 +34,39 @@ def test_csv_reads_segment_by_segment(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(rows) == RANKS * STEPS
     for rank in range(RANKS):  # each rank's rows in step order, values as recorded
         assert [int(r["step_us"]) for r in rows if r["rank"] == str(rank)] == expected[rank]
+
+
+def test_chrome_trace_goes_rank_by_rank_and_window_by_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+    import json
+
+    from traceml.format import export
+
+    src = tmp_path / "run.tml"
+    write_recording(src, synthetic_run(ranks=RANKS, steps=STEPS), chunk_steps=250, segment_max_bytes=16 << 10)
+    read: list[tuple[str, int]] = []
+    real = TmlReader.read_table
+
+    def counted(self: TmlReader, table: str, *args: object, **kwargs: object) -> object:
+        out = real(self, table, *args, **kwargs)  # type: ignore[arg-type]
+        read.append((table, sum(len(c["ts_ns"]) for c in out.values())))
+        return out
+
+    with open_recording(src) as reader:
+        whole = export.chrome_trace(reader)
+        for steps in ((None, None), (700, 2100)):
+            read.clear()
+
+            monkeypatch.setattr(export, "WINDOW_STEPS", 400)
+            monkeypatch.setattr(TmlReader, "read_table", counted)
+            out = tmp_path / f"t{steps[0]}.json.gz"
+            export.write_chrome_trace(reader, out, steps=steps)
+            monkeypatch.setattr(TmlReader, "read_table", real)
+            monkeypatch.setattr(export, "WINDOW_STEPS", 10**9)
+            assert max(n for t, n in read if t == "step_time") <= 400  # never more than a window of a rank
+            doc = json.loads(gzip.decompress(out.read_bytes()))
+            expected = whole if steps == (None, None) else export.chrome_trace(reader, steps)
+            key = lambda e: json.dumps(e, sort_keys=True)  # noqa: E731
+            assert sorted(map(key, doc["traceEvents"])) == sorted(map(key, expected["traceEvents"]))
+            assert doc["otherData"] == expected["otherData"]
+    assert sum(1 for e in whole["traceEvents"] if e["name"] == "step") == RANKS * STEPS

@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -103,10 +104,6 @@ def parse_steps(spec: str | None) -> tuple[int | None, int | None]:
     return lo, hi
 
 
-def _table(reader: TmlReader, name: str) -> dict[int, dict[str, Any]]:
-    return reader.read_table(name) if name in reader.tables else {}
-
-
 def _rank_names(reader: TmlReader) -> dict[int, str]:
     names: dict[int, str] = {}
     for key, value in reader.attachments.items():
@@ -122,6 +119,14 @@ def _rank_names(reader: TmlReader) -> dict[int, str]:
     return names
 
 
+#: the tables a trace draws from
+_TRACE_STEP_TABLES = ("step_time", "step_timeline", "step_region")
+_TRACE_COUNTER_TABLES = ("process", "system", "system_gpu", "step_memory")
+#: steps of one rank turned into events at a time: what the trace holds in memory at once
+#: (a rank's counters are read whole: they are ~1 Hz samples, or one row per step on a GPU)
+WINDOW_STEPS = 10_000
+
+
 def chrome_trace(reader: TmlReader, steps: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
     """The recording as a Chrome trace-event document (times in µs from the first step's start).
 
@@ -130,41 +135,113 @@ def chrome_trace(reader: TmlReader, steps: tuple[int | None, int | None] = (None
     document's ``otherData.phases`` says which) -- a ``regions`` track with the ``trace_time``
     regions, and counters (process CPU and RSS; per node CPU, RAM and GPUs; per-step memory
     peaks).  ``steps`` = (A, B) keeps steps A to B-1 and the counters of that time span.
+    In memory: :func:`write_chrome_trace` writes the same document without holding it.
     """
-    lo, hi = steps
-    step_time = _table(reader, "step_time")
-    timeline = _table(reader, "step_timeline")
-    regions = _table(reader, "step_region")
-    counters = {name: _table(reader, name) for name in ("process", "system", "system_gpu", "step_memory")}
-    ranks = sorted(set(step_time) | set(regions) | {r for t in counters.values() for r in t})
-    origin = _origin_ns(step_time, counters)
-    window = _window_ns(step_time, lo, hi)
-    names = _rank_names(reader)
     events: list[dict[str, Any]] = []
-    placements: set[str] = set()
-    for rank in ranks:
-        events.append(
-            {"name": "process_name", "ph": "M", "pid": rank, "args": {"name": names.get(rank, f"rank {rank}")}}
-        )
-        events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
-        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": TID_STEPS, "args": {"name": "steps"}})
-        if rank in step_time:
-            placed = _step_slices(events, rank, step_time[rank], timeline.get(rank), origin, lo, hi)
-            placements.add(PLACED if placed else END_TO_END)
-        if rank in regions:
-            _region_slices(events, rank, regions[rank], step_time.get(rank), origin, lo, hi)
-        for table, by_rank in counters.items():
-            if rank in by_rank:
-                _counters(events, rank, table, by_rank[rank], origin, window)
-    other = {
-        "run_id": _name(reader.header.get("run_id", "")),
-        "source": _name(reader.path.name),
-        "ts_origin_ns": origin,
-        "phases": " / ".join(sorted(placements)) if placements else PLACED,
-    }
-    if lo is not None or hi is not None:
-        other["steps"] = f"{'' if lo is None else lo}:{'' if hi is None else hi}"
-    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
+    trace = _Trace(reader, steps)
+    for chunk in trace.chunks():
+        events.extend(chunk)
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": trace.other()}
+
+
+class _Trace:
+    """The trace of a recording, rank by rank and window of steps by window (bounded memory)."""
+
+    def __init__(self, reader: TmlReader, steps: tuple[int | None, int | None]) -> None:
+        self.reader = reader
+        self.lo, self.hi = steps
+        tables = set(reader.tables)
+        self.step_tables = [t for t in _TRACE_STEP_TABLES if t in tables]
+        self.counter_tables = [t for t in _TRACE_COUNTER_TABLES if t in tables]
+        wanted = set(self.step_tables) | set(self.counter_tables)
+        self.ranks = sorted({r for seg in reader.segments for (r, t) in seg.rows if t in wanted})
+        self.names = _rank_names(reader)
+        self.placements: set[str] = set()
+        self.origin, self.window = self._spans()
+
+    def _step_windows(self, rank: int, tables: Sequence[str]) -> Iterator[dict[str, dict[str, Any]]]:
+        """The rank's rows of *tables*, WINDOW_STEPS steps at a time (segments outside skipped)."""
+        segs = [s for s in self.reader.segments if any((rank, t) in s.rows for t in tables)]
+        lows = [s.step_min for s in segs if s.step_min is not None]
+        highs = [s.step_max for s in segs if s.step_max is not None]
+        if not lows or not highs:
+            return
+        first, last = min(lows), max(highs)
+        for a in range(first, last + 1, WINDOW_STEPS):
+            b = min(a + WINDOW_STEPS - 1, last)
+            yield {
+                t: cols
+                for t in tables
+                if (cols := self.reader.read_table(t, [rank], step_range=(a, b)).get(rank)) is not None
+            }
+
+    def _counters_of(self, rank: int) -> dict[str, dict[int, dict[str, Any]]]:
+        return {t: {rank: c} for t in self.counter_tables if (c := self.reader.read_table(t, [rank]).get(rank))}
+
+    def _spans(self) -> tuple[int, tuple[int, int] | None]:
+        """The origin (the first step start or sample) and, for --steps, the kept steps' time span."""
+        origins: list[int] = []
+        first: int | None = None
+        last: int | None = None
+        for rank in self.ranks:
+            if "step_time" in self.step_tables:
+                for window in self._step_windows(rank, ["step_time"]):
+                    st = {rank: window["step_time"]} if "step_time" in window else {}
+                    origins.append(_origin_ns(st, {}))
+                    span = _window_ns(st, self.lo, self.hi)
+                    if span is not None and span[0] <= span[1]:
+                        first = span[0] if first is None else min(first, span[0])
+                        last = span[1] if last is None else max(last, span[1])
+            origins.append(_origin_ns({}, self._counters_of(rank)))
+        origin = min((o for o in origins if o > 0), default=0)
+        if self.lo is None and self.hi is None:
+            return origin, None
+        return origin, (first, last) if first is not None and last is not None else (0, -1)
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        for rank in self.ranks:
+            events: list[dict[str, Any]] = [
+                {
+                    "name": "process_name",
+                    "ph": "M",
+                    "pid": rank,
+                    "args": {"name": self.names.get(rank, f"rank {rank}")},
+                },
+                {"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}},
+                {"name": "thread_name", "ph": "M", "pid": rank, "tid": TID_STEPS, "args": {"name": "steps"}},
+            ]
+            regions_named = False
+            for window in self._step_windows(rank, self.step_tables):
+                step_time = window.get("step_time")
+                if step_time is not None:
+                    placed = _step_slices(
+                        events, rank, step_time, window.get("step_timeline"), self.origin, self.lo, self.hi
+                    )
+                    self.placements.add(PLACED if placed else END_TO_END)
+                if "step_region" in window:
+                    before = len(events)
+                    _region_slices(events, rank, window["step_region"], step_time, self.origin, self.lo, self.hi)
+                    named = [i for i in range(before, len(events)) if events[i]["ph"] == "M"]
+                    if regions_named:  # one "regions" track name per rank, not one per window
+                        for i in reversed(named):
+                            del events[i]
+                    regions_named = regions_named or bool(named)
+                yield events
+                events = []
+            for table, by_rank in self._counters_of(rank).items():
+                _counters(events, rank, table, by_rank[rank], self.origin, self.window)
+            yield events
+
+    def other(self) -> dict[str, Any]:
+        other = {
+            "run_id": _name(self.reader.header.get("run_id", "")),
+            "source": _name(self.reader.path.name),
+            "ts_origin_ns": self.origin,
+            "phases": " / ".join(sorted(self.placements)) if self.placements else PLACED,
+        }
+        if self.lo is not None or self.hi is not None:
+            other["steps"] = f"{'' if self.lo is None else self.lo}:{'' if self.hi is None else self.hi}"
+        return other
 
 
 def write_chrome_trace(
@@ -176,33 +253,35 @@ def write_chrome_trace(
     steps: tuple[int | None, int | None] = (None, None),
 ) -> Path:
     """Write the trace to ``path`` (gzipped unless ``gzip_output`` is False; Perfetto opens
-    ``.json.gz`` as it is).  Returns the path written."""
+    ``.json.gz`` as it is), rank by rank and window by window.  Returns the path written."""
     out = Path(path)
-    document = chrome_trace(reader, steps)
+    trace = _Trace(reader, steps)
     try:
         with open_new_file(out, "wb", overwrite=overwrite, option="-o") as opened:
             raw: Any = opened  # binary: opened with "wb"
             if gzip_output:
                 with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-                    _dump(document, gz)
+                    _dump(trace, gz)
             else:
-                _dump(document, raw)
+                _dump(trace, raw)
     except OSError as exc:
         raise FormatError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
 
 
-def _dump(document: dict[str, Any], f: Any) -> None:
+def _dump(trace: _Trace, f: Any) -> None:
     """Write the document as compact JSON, the events encoded in chunks by the C encoder (json.dump
     would write token by token: ~8x slower, and far slower still through gzip)."""
     sep = (",", ":")
-    events = document["traceEvents"]
-    rest = {k: v for k, v in document.items() if k != "traceEvents"}
     f.write(b'{"traceEvents":[')
-    for i in range(0, len(events), _CHUNK_EVENTS):
-        if i:
-            f.write(b",")
-        f.write(json.dumps(events[i : i + _CHUNK_EVENTS], separators=sep, allow_nan=False)[1:-1].encode("utf-8"))
+    first = True
+    for events in trace.chunks():
+        for i in range(0, len(events), _CHUNK_EVENTS):
+            if not first:
+                f.write(b",")
+            first = False
+            f.write(json.dumps(events[i : i + _CHUNK_EVENTS], separators=sep, allow_nan=False)[1:-1].encode("utf-8"))
+    rest = {"displayTimeUnit": "ms", "otherData": trace.other()}
     f.write(b"],")
     f.write(json.dumps(rest, separators=sep, allow_nan=False)[1:].encode("utf-8"))
 
