@@ -15,11 +15,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from replay.engine import META_RECORDING_BYTES, META_STATUS, Recording
+from replay.engine import Recording
 from replay.engine import open as open_recording
 from replay.player import apply_batches
 from traceml.errors import TracemlError
 from traceml.store import StoreView
+from traceml.store.view import META_RECORDING_BYTES, META_STATUS
 
 if TYPE_CHECKING:
     import dash

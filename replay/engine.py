@@ -27,17 +27,11 @@ from traceml.errors import FormatError, ReplayError
 from traceml.format import SegmentInfo, TmlReader, open_recording
 from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup, rollup_name, rollup_schema
 from traceml.store import ColumnStore, RankInfo, StoreView
+from traceml.store.view import META_RECORDING_BYTES, META_RECORDING_PATH, META_START_NS, META_STATUS
 
 Columns = dict[str, np.ndarray]
 #: (low, high) inclusive; None on a side leaves it open
 Bounds = tuple[int | None, int | None]
-
-#: meta keys the live views read (see traceml.views.live)
-META_RUN_NAME = "run_name"
-META_START_NS = "start_ns"
-META_STATUS = "status"
-META_RECORDING_PATH = "recording_path"
-META_RECORDING_BYTES = "recording_bytes"
 
 #: show the loading progress bar for files at least this large, or loads slower than PROGRESS_AFTER_S
 PROGRESS_MIN_BYTES = 64 << 20

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from replay.engine import END_ATTACHMENTS, META_RECORDING_BYTES, META_STATUS, Columns, Recording
+from replay.engine import END_ATTACHMENTS, Columns, Recording
 from traceml.errors import ConfigError
 from traceml.schema import STANDARD_TABLES
 from traceml.store import ColumnStore, RankInfo, StoreView
+from traceml.store.view import META_RECORDING_BYTES, META_STATUS
 
 #: how often playback moves its clock (the terminal driver redraws on its own clock)
 TICK_S = 0.05

@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from swarm_load import run_swarm
 
+from traceml.aggregator.lost import _span, lost_lines
 from traceml.format import open_recording
-from traceml.views.lost import _span, lost_lines
 
 
 def test_a_lost_node_is_named_in_the_recording_with_its_last_steps(tmp_path: Path) -> None:

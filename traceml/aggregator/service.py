@@ -24,13 +24,13 @@ from typing import IO, Any
 from traceml._version import __version__
 from traceml.aggregator.control import read_control
 from traceml.aggregator.ingest import Ingest
+from traceml.aggregator.lost import lost_lines, lost_ranks
 from traceml.aggregator.spool import Spool, Writer
 from traceml.config import DEFAULT_MAX_FRAME_BYTES
 from traceml.errors import ConfigError, TracemlError
 from traceml.schema import STANDARD_TABLES
 from traceml.store import ColumnStore, StoreView
-from traceml.transport.server import TelemetryServer
-from traceml.views.live import (
+from traceml.store.view import (
     META_EXPECTED_RANKS,
     META_RECORDING_BYTES,
     META_RECORDING_ERROR,
@@ -39,7 +39,7 @@ from traceml.views.live import (
     META_START_NS,
     META_STATUS,
 )
-from traceml.views.lost import lost_lines, lost_ranks
+from traceml.transport.server import TelemetryServer
 
 log = logging.getLogger("traceml.aggregator")
 

@@ -4,8 +4,8 @@ and the one read-only :class:`StoreView` that every view and renderer takes.
 Imports only leaves (``traceml.schema``, ``traceml.errors``): never format or transport.
 """
 
-from traceml.store.columns import ColumnStore, RankInfo
+from traceml.store.columns import ColumnStore
 from traceml.store.rank_table import BoundedTable
-from traceml.store.view import StoreView
+from traceml.store.view import RankInfo, StoreView
 
 __all__ = ["BoundedTable", "ColumnStore", "RankInfo", "StoreView"]

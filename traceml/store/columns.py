@@ -10,54 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from traceml.errors import StoreError
 from traceml.schema import NUMPY_DTYPES, STANDARD_TABLES, TableSchema, column_length, schema_from_columns
-from traceml.store.view import StoreView
-
-#: connection states a rank can be in, as shown by the views
-RANK_STATES = ("connected", "finished", "disconnected", "died", "unknown")
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """What the aggregator knows about one rank besides its rows."""
-
-    rank: int
-    local_rank: int = -1
-    node_rank: int = -1
-    host: str = ""
-    pid: int = -1
-    state: str = "unknown"
-    exit_status: str = ""  # "ok" | "failed" | "" (not finished)
-    last_seen_ns: int = 0
-    #: rows lost before reaching the aggregator, per table (rank-side evictions + client drops)
-    drops: Mapping[str, int] = field(default_factory=dict)
-    died_ns: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "local_rank": self.local_rank,
-            "node_rank": self.node_rank,
-            "host": self.host,
-            "pid": self.pid,
-            "state": self.state,
-            "exit_status": self.exit_status,
-            "last_seen_ns": self.last_seen_ns,
-            "drops": dict(self.drops),
-            "died_ns": self.died_ns,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RankInfo:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["drops"] = {str(k): int(v) for k, v in dict(known.get("drops", {})).items()}
-        return cls(**known)
+from traceml.store.view import RankInfo, StoreView
 
 
 def _as_array(values: Any, dtype: np.dtype[Any] | None) -> np.ndarray:

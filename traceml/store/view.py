@@ -10,14 +10,60 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from traceml.schema import STANDARD_TABLES, TableSchema, empty_columns
 
-if TYPE_CHECKING:
-    from traceml.store.columns import RankInfo
+#: ``StoreView.meta`` keys the aggregator (or replay) sets and the views read
+META_RUN_NAME = "run_name"
+META_START_NS = "start_ns"
+META_EXPECTED_RANKS = "expected_ranks"
+META_STATUS = "status"  # "starting" | "running" | "finishing" | "finished"
+META_RECORDING_PATH = "recording_path"
+META_RECORDING_BYTES = "recording_bytes"
+META_RECORDING_ERROR = "recording_error"
+
+#: connection states a rank can be in, as shown by the views
+RANK_STATES = ("connected", "finished", "disconnected", "died", "unknown")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What the aggregator knows about one rank besides its rows."""
+
+    rank: int
+    local_rank: int = -1
+    node_rank: int = -1
+    host: str = ""
+    pid: int = -1
+    state: str = "unknown"
+    exit_status: str = ""  # "ok" | "failed" | "" (not finished)
+    last_seen_ns: int = 0
+    #: rows lost before reaching the aggregator, per table (rank-side evictions + client drops)
+    drops: Mapping[str, int] = field(default_factory=dict)
+    died_ns: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "node_rank": self.node_rank,
+            "host": self.host,
+            "pid": self.pid,
+            "state": self.state,
+            "exit_status": self.exit_status,
+            "last_seen_ns": self.last_seen_ns,
+            "drops": dict(self.drops),
+            "died_ns": self.died_ns,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RankInfo:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["drops"] = {str(k): int(v) for k, v in dict(known.get("drops", {})).items()}
+        return cls(**known)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from traceml.store import StoreView
+from traceml.store.view import META_RUN_NAME
 from traceml.views.live import (
-    META_RUN_NAME,
     PhaseRow,
     RankRow,
     RecordingInfo,

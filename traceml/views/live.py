@@ -15,20 +15,20 @@ from typing import Any
 import numpy as np
 
 from traceml.store import StoreView
+from traceml.store.view import (
+    META_EXPECTED_RANKS,
+    META_RECORDING_BYTES,
+    META_RECORDING_ERROR,
+    META_RECORDING_PATH,
+    META_RUN_NAME,
+    META_START_NS,
+    META_STATUS,
+)
 from traceml.views.measures import JobMeasures, PartFigure, job_measures
 from traceml.views.steps import StepData, step_data
 
 #: step numbers of the job the live phase table looks back over
 DEFAULT_WINDOW_STEPS = 100
-
-#: ``view.meta`` keys the aggregator (or replay) sets and the views read
-META_RUN_NAME = "run_name"
-META_START_NS = "start_ns"
-META_EXPECTED_RANKS = "expected_ranks"
-META_STATUS = "status"  # "starting" | "running" | "finishing" | "finished"
-META_RECORDING_PATH = "recording_path"
-META_RECORDING_BYTES = "recording_bytes"
-META_RECORDING_ERROR = "recording_error"
 
 NAN = float("nan")
 
