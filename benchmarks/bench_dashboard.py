@@ -35,11 +35,11 @@ import plotly.graph_objects as go
 
 import replay
 from replay.dashboard import build_dashboard
-from replay.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
 from traceml.diagnosis import build_summary
 from traceml.drivers.web import FIGURE_IDS, WebServer, _diagnosis_children
 from traceml.renderers import figures
 from traceml.store import StoreView
+from traceml.testing.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
 from traceml.views import series
 
 CHROMIUM = "/usr/bin/chromium"

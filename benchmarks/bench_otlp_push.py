@@ -6,7 +6,7 @@
 Every ``--otlp-interval`` seconds the aggregator's push thread takes a snapshot of the live store,
 builds the run summary (the diagnosis included) and sends it through the OpenTelemetry SDK to a
 collector.  This measures those three parts on live stores filled with synthetic runs
-(``replay.synthetic``, GPU tables included) and sends to a real OTLP/HTTP receiver on
+(``traceml.testing.synthetic``, GPU tables included) and sends to a real OTLP/HTTP receiver on
 127.0.0.1 (``tests/otlp_receiver.py``), interleaved in each round.  "x send" is the whole push
 against its OTLP send alone (the baseline, measured in the same rounds): the summary is the
 cost.  Then the push's share of one core at the default 15 s interval, and the interval the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from replay.synthetic import store_from_run, synthetic_run
 from tests.otlp_receiver import OtlpReceiver
 from traceml.diagnosis.summary import build_summary
 from traceml.exports.otlp import MAX_DUTY, metric_points, send_summary
+from traceml.testing.synthetic import store_from_run, synthetic_run
 
 SIZES = ((2, 5_000), (8, 25_000), (32, 6_250))  # ranks x steps held in the live store
 

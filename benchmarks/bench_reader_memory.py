@@ -31,8 +31,8 @@ CHUNK_STEPS = 50_000
 
 def make_recording(path: Path, rows: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from replay.synthetic import START_NS, run_meta, synthetic_run
     from traceml.format import TmlWriter
+    from traceml.testing.synthetic import START_NS, run_meta, synthetic_run
 
     steps = rows // RANKS
     writer = TmlWriter(path, run_meta=run_meta("memory", RANKS), fsync_interval_s=None, segment_max_bytes=1 << 20)

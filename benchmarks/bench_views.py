@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from replay.synthetic import store_from_run, synthetic_run
 from traceml.diagnosis import build_summary
 from traceml.store import StoreView
+from traceml.testing.synthetic import store_from_run, synthetic_run
 from traceml.views import live_model
 from traceml.views import measures as ms
 from traceml.views.series import quantiles_us

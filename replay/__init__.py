@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["Recording", "open"]
 
 #: submodules reachable as ``replay.<name>`` after a bare ``import replay``, as before it was lazy
-_SUBMODULES = frozenset({"cli", "compare", "dashboard", "engine", "gate", "player", "report", "synthetic"})
+_SUBMODULES = frozenset({"cli", "compare", "dashboard", "engine", "gate", "player", "report"})
 
 
 def __getattr__(name: str) -> Any:

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from replay.synthetic import store_from_run, synthetic_run
 from traceml.drivers import web
 from traceml.errors import ConfigError
 from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import ColumnStore
+from traceml.testing.synthetic import store_from_run, synthetic_run
 from traceml.views import series
 
 

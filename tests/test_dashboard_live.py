@@ -8,9 +8,9 @@ import socket
 import urllib.request
 from pathlib import Path
 
-from replay.synthetic import synthetic_run
 from traceml.aggregator.service import Aggregator, AggregatorOptions
 from traceml.schema import STEP_TIME
+from traceml.testing.synthetic import synthetic_run
 from traceml.transport import RankIdentity, TelemetryClient, batch, encode_columns, hello, rank_finished
 
 TOKEN = "web-token"

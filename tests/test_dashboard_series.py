@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.synthetic import START_NS, store_from_run, synthetic_run
 from traceml.schema import PHASES, STEP_TIME
 from traceml.store import ColumnStore, RankInfo
+from traceml.testing.synthetic import START_NS, store_from_run, synthetic_run
 from traceml.views import series
 from traceml.views.live import rank_skew
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from replay.synthetic import rank_infos, run_meta, synthetic_run, write_recording
 from traceml.cli import app
 from traceml.errors import MissingDependencyError
 from traceml.format import open_recording
+from traceml.testing.synthetic import rank_infos, run_meta, synthetic_run, write_recording
 
 duckdb = pytest.importorskip("duckdb")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from replay.synthetic import synthetic_run, write_recording
 from traceml.format import open_recording
 from traceml.format.export import export_csv
 from traceml.format.reader import TmlReader
+from traceml.testing.synthetic import synthetic_run, write_recording
 
 STEPS = 3_000
 RANKS = 3

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from replay.synthetic import rank_infos, run_meta, synthetic_run, write_recording
 from traceml.format import TmlWriter
+from traceml.testing.synthetic import rank_infos, run_meta, synthetic_run, write_recording
 
 TRACEML = str(Path(sys.executable).with_name("traceml"))
 EXIT = {"exit_code": 0, "status": "ok", "duration_s": 4.0, "signal": ""}

@@ -8,8 +8,8 @@ import pytest
 
 import replay
 from replay.dashboard import FollowSource, RecordingSource, build_dashboard
-from replay.synthetic import run_meta, synthetic_run, write_recording
 from traceml.format import TmlWriter
+from traceml.testing.synthetic import run_meta, synthetic_run, write_recording
 
 
 @pytest.fixture(scope="module")

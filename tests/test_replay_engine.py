@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import replay
-from replay.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
 from traceml.errors import FormatError, NotATmlFileError, ReplayError
 from traceml.format import TmlWriter
 from traceml.store import StoreView
+from traceml.testing.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
 
 EXIT = {"exit_code": 0, "status": "ok", "duration_s": 9.5, "signal": ""}
 

@@ -19,12 +19,12 @@ from rich.console import Console
 
 import replay
 from replay.player import Bound, Playback, follow, parse_bound, parse_speed, play, resolve_window
-from replay.synthetic import START_NS, run_meta, synthetic_run, write_recording
 from traceml.aggregator.service import Aggregator, AggregatorOptions
 from traceml.errors import ConfigError
 from traceml.format import TmlWriter
 from traceml.renderers.terminal import render_live
 from traceml.schema import STANDARD_TABLES
+from traceml.testing.synthetic import START_NS, run_meta, synthetic_run, write_recording
 from traceml.transport import RankIdentity, TelemetryClient, attachment, batch, encode_columns, hello, rank_finished
 from traceml.views import live_model
 

@@ -265,8 +265,8 @@ def test_dashboard_region_toggle_outline_free_bands_and_a_one_line_gpu_panel(bro
     back into residual), its bands have no outline that could paint over a neighbour's spikes, and
     a CPU run's GPU panel is one line."""
     from replay.dashboard import build_dashboard
-    from replay.synthetic import run_meta, synthetic_run, write_recording
     from traceml.drivers.web import FIG_STEP_BREAKDOWN
+    from traceml.testing.synthetic import run_meta, synthetic_run, write_recording
 
     run = synthetic_run(ranks=1, steps=3000, gpu=False, seed=4)
     st = run[0]["step_time"]

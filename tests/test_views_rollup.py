@@ -10,8 +10,8 @@ import pytest
 
 import replay
 from replay import dashboard
-from replay.synthetic import run_meta, synthetic_run, write_recording
 from traceml.store import StoreView
+from traceml.testing.synthetic import run_meta, synthetic_run, write_recording
 from traceml.views import series
 
 GROUPS = 400  # of 256 steps: buckets of one group at 400 buckets, so both paths bucket alike
