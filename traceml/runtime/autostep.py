@@ -37,7 +37,17 @@ import torch
 
 from traceml.runtime import patches
 from traceml.runtime._failopen import disable_piece
-from traceml.runtime.step import BACKWARD, DATALOADER, FORWARD, H2D, NO_PHASE, PhaseClock, StepTracker
+from traceml.runtime.step import (
+    BACKWARD,
+    DATALOADER,
+    FORWARD,
+    H2D,
+    NO_PHASE,
+    SAMPLE,
+    STEP,
+    PhaseClock,
+    StepTracker,
+)
 
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -69,27 +79,35 @@ class AutoForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         auto = self._auto
         c = auto.clock
-        if c.phase >= 0 or not c.enabled or _get_ident() != c.owner:
+        g = c.gate  # one integer read while nothing is timed (see PhaseClock.gate)
+        if not g & STEP or _get_ident() != c.owner:
             return self._fn(*args, **kwargs)
         if not _grad_enabled():
             try:
                 return self._fn(*args, **kwargs)
             finally:
                 auto.after_eval_forward()
-        c.phase = FORWARD
-        g = c.gpu
-        if g is not None:
-            g.begin(FORWARD)
+        te = _perf_ns() if g & SAMPLE else 0
+        c._phase = FORWARD
+        c.gate = 0
+        gp = c.gpu
+        if gp is not None:
+            gp.begin(FORWARD)
         t0 = _perf_ns()
         try:
             return self._fn(*args, **kwargs)
         finally:
-            c.acc[FORWARD] += _perf_ns() - t0
-            if not c.first[FORWARD]:
-                c.first[FORWARD] = t0
-            c.phase = NO_PHASE
-            if g is not None:
-                g.end(FORWARD)
+            t1 = _perf_ns()
+            c.acc[FORWARD] += t1 - t0
+            f = c.first
+            if not f[FORWARD]:
+                f[FORWARD] = t0
+            c._phase = NO_PHASE
+            c.gate = c.base
+            if gp is not None:
+                gp.end(FORWARD)
+            if te:
+                c.self_ns += _perf_ns() - t1 + t0 - te
 
     def __reduce__(self) -> tuple[Any, ...]:
         model = self._model()
