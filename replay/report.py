@@ -216,6 +216,26 @@ def _regions_table(regions: Sequence[Mapping[str, Any]]) -> str:
     return _table(header, rows, numeric_from=2)
 
 
+def _residual_table(residual: Mapping[str, Any]) -> str:
+    """The stack sampler's top functions of the residual (names from the file: escaped)."""
+    rows = [
+        [
+            _e(e.get("func", "")),
+            _e(e.get("site", "")),
+            _e(e.get("samples", "")),
+            _pct(e.get("share")),
+            "yes" if e.get("reads_data") else "",
+        ]
+        for e in list(residual.get("top", []))[:16]
+    ]
+    table = _table(["function", "defined at", "samples", "of residual samples", "reads data"], rows, numeric_from=2)
+    note = (
+        f"<div class=sub>{_e(residual.get('samples'))} samples taken while no named phase ran; "
+        f"{_pct(residual.get('input_share'))} of them reading data</div>"
+    )
+    return table + note
+
+
 def _phase_table(steps: Mapping[str, Any]) -> str:
     overall = steps.get("overall", {})
     header = ["phase", "job median ms", "job p95 ms", "mean ms", "share"]
@@ -295,6 +315,8 @@ def render_html(
         parts.append(f"<div class=sub>{_e(cost)}</div>")
     if summary.get("regions"):
         parts += ["<h2>Named regions (traceml.trace_time)</h2>", _regions_table(summary["regions"])]
+    if summary.get("residual"):
+        parts += ["<h2>Where the residual goes (stack samples)</h2>", _residual_table(summary["residual"])]
     charts = figures(view)
     for i, (name, fig) in enumerate(charts):
         if i % 2 == 0:
@@ -484,6 +506,15 @@ def render_markdown(summary: Mapping[str, Any], embedded: Mapping[str, Any] | No
             share = r.get("share") if where == "in steps" else r.get("wall_share")
             what = "of step time" if where == "in steps" else "of wall time"
             lines.append(f"| {_md_name(r['name'])} | {where} | {100 * (share or 0):.1f}% {what} |")
+        lines.append("")
+    residual = summary.get("residual")
+    if residual and residual.get("top"):
+        lines.append("| residual spent in | defined at | of residual samples | reads data |")
+        lines.append("|---|---|---:|---|")
+        for e in list(residual["top"])[:8]:
+            share = 100 * float(e.get("share") or 0)
+            reads = "yes" if e.get("reads_data") else ""
+            lines.append(f"| {_md_name(e.get('func', ''))} | {_md_name(e.get('site', ''))} | {share:.0f}% | {reads} |")
         lines.append("")
     mem = summary["memory"]
     peaks = [

@@ -124,3 +124,31 @@ def test_without_samples_or_with_too_few_the_verdict_is_unchanged() -> None:
     few = diagnose(_view(6_000, [_stack("get_batch", "train.py:118", 5, 1)]))
     for d in (plain, few):
         assert d.primary.kind == "RESIDUAL_HEAVY" and "of residual samples" not in d.primary.summary
+
+
+def test_report_and_summary_show_the_residual_table_escaped() -> None:
+    from replay.report import build_report
+
+    view = _view(6_000, [_stack("<script>x</script>", "train.py:9", 70, 1), _stack("main", "train.py:40", 30, 0)])
+    report = build_report(view, source="t")
+    assert report.summary["residual"]["top"][0] == {
+        "func": "<script>x</script>",
+        "site": "train.py:9",
+        "samples": 70,
+        "share": 0.7,
+        "reads_data": True,
+    }
+    assert "Where the residual goes" in report.html and "<script>x" not in report.html
+    assert "&lt;script&gt;x&lt;/script&gt;" in report.html
+    assert "| residual spent in |" in report.markdown and "train.py\\:9" in report.markdown
+
+
+def test_dashboard_diagnosis_panel_has_the_residual_table() -> None:
+    from traceml.drivers.web import _diagnosis_children
+
+    view = _view(6_000, [_stack("get_batch", "train.py:118", 90, 1), _stack("main", "train.py:40", 10, 0)])
+    children = _diagnosis_children(view)
+    (table,) = [c for c in children if getattr(c, "id", None) == "residual-table"]
+    first_row = table.children[1].children[0]
+    assert [td.children for td in first_row.children] == ["get_batch", "train.py:118", "90", "90%", "yes"]
+    assert _diagnosis_children(_view(6_000, []))[-1].__class__.__name__ != "Table"

@@ -255,7 +255,46 @@ def _diagnosis_children(view: StoreView, *, use_summary: bool = False) -> list[A
             html.P(f"not recorded, so some rules did not run: {', '.join(missing)}", style={"color": "#6b7280"})
         )
     children.append(html.P(f"source: {source}", style={"color": "#6b7280", "fontSize": "12px"}))
+    children += _residual_children(view, use_summary=use_summary)
     return children
+
+
+def _residual_children(view: StoreView, *, use_summary: bool) -> list[Any]:
+    """The stack sampler's top functions of the residual, as a table (nothing without samples)."""
+    residual: Any = None
+    summary = view.attachments.get("summary") if use_summary else None
+    if isinstance(summary, dict):
+        residual = summary.get("residual")
+    if residual is None:
+        try:
+            from traceml.diagnosis.stacks import residual_profile
+            from traceml.views.steps import step_data
+
+            profile = residual_profile(view, step_data(view))
+            residual = profile.to_dict() if profile is not None else None
+        except Exception as exc:  # a diagnosis bug must not take the dashboard down
+            logging.getLogger(__name__).warning("residual profile failed: %s", exc, exc_info=True)
+            return []
+    if not isinstance(residual, dict) or not residual.get("top"):
+        return []
+    head = html.Tr([html.Th(h) for h in ("residual spent in", "defined at", "samples", "share", "reads data")])
+    body = [
+        html.Tr(
+            [
+                html.Td(str(e.get("func", ""))[:96]),
+                html.Td(str(e.get("site", ""))[:96]),
+                html.Td(str(e.get("samples", ""))),
+                html.Td(f"{100 * float(e.get('share') or 0):.0f}%"),
+                html.Td("yes" if e.get("reads_data") else ""),
+            ]
+        )
+        for e in list(residual["top"])[:8]
+        if isinstance(e, dict)
+    ]
+    return [
+        html.H4("Where the residual goes (stack samples)"),
+        html.Table([html.Thead(head), html.Tbody(body)], style=_CSS["table"], id="residual-table"),
+    ]
 
 
 def _stats_children(

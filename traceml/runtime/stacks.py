@@ -147,6 +147,8 @@ class StackSampler:
         if not tracker.depth:
             return
         clock = self.clock
+        if not clock.enabled:
+            return  # shutting down: the open step is never recorded
         frame = self.frames().get(clock.owner)
         if frame is None:
             return
