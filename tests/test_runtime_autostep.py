@@ -201,7 +201,7 @@ def test_trace_input_marks_get_batch_as_dataloader_inside_and_between_steps():
 
     @traceml.trace_input
     def get_batch() -> torch.Tensor:
-        time.sleep(0.003)
+        time.sleep(0.01)
         i = int(torch.randint(0, 900, (1,)))
         return data[i : i + 16]
 
@@ -214,8 +214,9 @@ def test_trace_input_marks_get_batch_as_dataloader_inside_and_between_steps():
         opt.zero_grad()
     r = rows(agent)
     assert len(r["step"]) == 5
-    assert (r["dataloader_us"] >= 2500).all(), r["dataloader_us"]
-    assert (r["residual_us"] < r["dataloader_us"]).all()
+    assert (r["dataloader_us"] >= 9500).all(), r["dataloader_us"]
+    # the sleep is not residual (a loaded machine may still stretch one step's unnamed part)
+    assert np.median(r["residual_us"]) < np.median(r["dataloader_us"]) / 2, r["residual_us"]
 
 
 def test_trace_input_block_iterator_and_generator_forms():
