@@ -29,12 +29,12 @@ from replay import gate as g
 from traceml import escape as esc
 from traceml.diagnosis import SCHEMA_VERSION as SUMMARY_SCHEMA_VERSION
 from traceml.diagnosis import job_series, step_data
-from traceml.diagnosis.memory import fmt_bytes
 from traceml.diagnosis.summary import traceml_section
 from traceml.errors import ReportError
 from traceml.outpaths import OutputDir
 from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.units import fmt_bytes
 from traceml.views.final import traceml_cost_text
 
 #: compare.json schema (2: several runs per side, noise floor, measured throughput, outside-step share)

@@ -24,11 +24,11 @@ from plotly.offline import get_plotlyjs
 from traceml import escape as esc
 from traceml.diagnosis import build_summary, traceml_cost_text
 from traceml.diagnosis import thresholds as th
-from traceml.diagnosis.memory import fmt_bytes
 from traceml.errors import ReportError, TracemlError
 from traceml.outpaths import OutputDir
 from traceml.renderers import figures as fg
 from traceml.store import StoreView
+from traceml.units import fmt_bytes
 from traceml.views import series as sv
 
 REPORT_HTML = "report.html"

@@ -18,6 +18,7 @@ import typer
 from traceml import escape as esc
 from traceml.cli.settings import say
 from traceml.errors import TracemlError
+from traceml.units import fmt_bytes
 
 EXPORT_FORMATS = ("csv", "chrome-trace", "parquet", "prometheus", "otlp")
 ExportFormat = enum.Enum("ExportFormat", {f.replace("-", "_"): f for f in EXPORT_FORMATS}, type=str)  # type: ignore[misc]
@@ -225,11 +226,7 @@ def _span(lo: int | None, hi: int | None) -> str:
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    return fmt_bytes(n, grouped=True, largest="GiB")
 
 
 def _list(value: Any) -> list[Any]:

@@ -17,6 +17,7 @@ from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.findings import MEMORY_CREEP, Finding, Severity
 from traceml.diagnosis.steps import StepData
 from traceml.store import StoreView
+from traceml.units import fmt_bytes
 
 SOURCES = {
     "gpu_step_peak": "GPU peak allocated memory per step",
@@ -24,16 +25,6 @@ SOURCES = {
     "rss_step": "host RSS every few steps",
     "rss": "host RSS",
 }
-
-
-def fmt_bytes(n: float) -> str:
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} TiB"  # pragma: no cover
 
 
 @dataclass(frozen=True)

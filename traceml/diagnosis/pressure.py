@@ -9,9 +9,9 @@ import numpy as np
 
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.findings import GPU_THERMAL, HOST_SATURATION, MEMORY_IMBALANCE, MEMORY_PRESSURE, Finding
-from traceml.diagnosis.memory import fmt_bytes
 from traceml.diagnosis.step_rules import grade
 from traceml.store import StoreView
+from traceml.units import fmt_bytes
 from traceml.views.steps import StepData
 
 

@@ -17,11 +17,11 @@ import numpy as np
 from traceml.diagnosis import thresholds as th
 from traceml.diagnosis.engine import diagnose, diagnose_steps
 from traceml.diagnosis.findings import clean_number
-from traceml.diagnosis.memory import fmt_bytes
 from traceml.diagnosis.stacks import residual_profile
 from traceml.diagnosis.steps import StepData, job_series, step_data
 from traceml.schema import PHASES
 from traceml.store import StoreView
+from traceml.units import fmt_bytes
 from traceml.views.final import traceml_cost_text
 from traceml.views.measures import JobMeasures, job_measures, run_duration_s, run_start_ns
 

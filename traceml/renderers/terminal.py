@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from traceml import escape as esc
+from traceml import units
 from traceml.views import FinalModel, LiveModel, NodeRow, PhaseRow, RankRow, RecordingInfo
 from traceml.views.spread import rank_spread
 
@@ -55,12 +56,7 @@ def fmt_us(us: float) -> str:
 def fmt_bytes(n: int) -> str:
     if n is None or n < 0:
         return DASH
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return DASH  # unreachable
+    return units.fmt_bytes(n, space=False)
 
 
 def fmt_pct(p: float, digits: int = 0) -> str:
