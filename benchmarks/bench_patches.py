@@ -20,7 +20,12 @@ median over rounds of (block - ``bare`` block of the same round), µs per step, 
 over processes.  Patches are installed through the tree's own
 ``install_torch_hooks`` and the ones not under test removed by name, so one script measures
 both trees.  Two micro-loops follow: an empty ``with trace_step(): pass`` and the same with
-traceml disabled, against ``contextlib.nullcontext()`` (µs per iteration).
+traceml disabled, against ``contextlib.nullcontext()`` (µs per iteration).  Last, per call:
+each patched call alone (``next()`` on a DataLoader between steps, a small model's forward,
+``loss.backward()``, ``optimizer.step()`` inside a step), patched minus unpatched, the minimum
+over 7 repeats of the CPU time of 2,000 calls: the patches' own cost per call, which the block
+figures (tens of µs of noise on a loaded machine) cannot resolve.  The cost of a step with
+every phase timed is the four calls plus the empty ``trace_step``.
 
 With ``--ref REF`` the tree at REF (``git archive``) runs in every other process, interleaved
 with this tree's, and the table shows both columns and their ratio.
@@ -158,6 +163,60 @@ def micro(ctx, n=20000):
 null = micro(NULL)
 out["empty trace_step"] = micro(tracker) - null
 out["empty disabled"] = micro(DISABLED) - null
+
+
+# -- per call: each patched call alone, patched against unpatched, min over repeats of the
+# training thread's CPU time (stable on a loaded machine, unlike whole blocks)
+def per_call(fn, n=2000):
+    cpu = time.thread_time_ns
+    best = None
+    for _ in range(7):
+        t0 = cpu()
+        for _ in range(n):
+            fn()
+        dt = (cpu() - t0) / n / 1e3
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+small = nn.Linear(8, 4)
+x8 = torch.randn(2, 8)
+sgd = torch.optim.SGD(small.parameters(), lr=0.01)
+for p_ in small.parameters():
+    p_.grad = torch.zeros_like(p_)
+fetch_data = TensorDataset(torch.randn(10**6, 2))
+fetch_loader = DataLoader(fetch_data, batch_size=1)
+fetch_it = [iter(fetch_loader)]
+
+
+def fetch():
+    next(fetch_it[0])
+
+
+def fwd():
+    small(x8)
+
+
+def bwd():
+    small(x8).sum().backward()
+
+
+CALLS = [("dataloader", fetch, False), ("forward", fwd, True), ("backward", bwd, True), ("optimizer", sgd.step, True)]
+for name, fn, in_step in CALLS:
+    base = per_call(fn)
+    names = install((name,))
+    try:
+        if in_step:
+            tracker.__enter__()
+        try:
+            patched = per_call(fn)
+        finally:
+            if in_step:
+                tracker.__exit__(None, None, None)
+    finally:
+        for nm in reversed(names):
+            patches.undo(nm)
+    out[f"call {name}"] = patched - base
 print(json.dumps(out))
 """
 
@@ -174,6 +233,10 @@ ROWS = [
     ("all off", "all patches, outside trace_step"),
     ("all on", "all patches + trace_step (every phase timed)"),
     ("disabled", "TRACEML_DISABLED=1, traceml.trace_step"),
+    ("call dataloader", "per call: next() on a DataLoader, patched, between steps (carried)"),
+    ("call forward", "per call: the traced model's forward, in a step"),
+    ("call backward", "per call: loss.backward(), in a step"),
+    ("call optimizer", "per call: optimizer.step(), in a step"),
     ("empty trace_step", "empty `with trace_step(): pass` (micro)"),
     ("empty disabled", "empty, TRACEML_DISABLED=1 (micro)"),
     ("bare step", "the bare tiny step itself"),
