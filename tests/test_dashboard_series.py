@@ -1,4 +1,4 @@
-"""Series views: reduction (min/max, LTTB), step / rank / time models on hand-built stores."""
+"""Series views: reduction (min/max), step / rank / time models on hand-built stores."""
 
 from __future__ import annotations
 
@@ -79,26 +79,6 @@ def test_minmax_ignores_nan_unless_the_whole_bucket_is_nan() -> None:
     xs, ys = series.downsample_minmax(np.arange(1000), y, 50)
     assert np.nanmax(ys) == 499.0
     assert np.isnan(ys).any()  # the all-nan half stays a gap
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(3, 5000), max_points=st.integers(3, 400), seed=st.integers(0, 2**16))
-def test_lttb_keeps_endpoints_and_bounds_points(n: int, max_points: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    y = rng.normal(size=n)
-    x = np.arange(n) * 2
-    xs, ys = series.downsample_lttb(x, y, max_points)
-    assert len(xs) <= max_points
-    assert xs[0] == 0 and xs[-1] == x[-1]
-    assert np.all(np.diff(xs) > 0)
-    assert np.array_equal(ys, y[xs // 2])
-
-
-def test_lttb_picks_the_peak_of_a_triangle() -> None:
-    y = np.zeros(1001)
-    y[500] = 100.0
-    xs, _ = series.downsample_lttb(np.arange(1001), y, 10)
-    assert 500 in xs.tolist()
 
 
 @settings(max_examples=60, deadline=None)

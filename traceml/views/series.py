@@ -2,9 +2,8 @@
 
 Pure functions (no clock, no I/O) shared by the live and the replay dashboard.  Long
 series are reduced here, on the server, with vectorised numpy: min/max per bucket
-(keeps spikes, default) or LTTB (keeps shape); the browser never gets more than
-``max_points`` points per trace.  Steps are bucketed by *value*, so ranks with gaps
-or different step counts still line up.  Times are seconds since the run's origin.
+(keeps spikes); the browser never gets more than ``max_points`` points per trace.
+Steps are bucketed by *value*, so ranks with gaps or different step counts still line up.  Times are seconds since the run's origin.
 """
 
 from __future__ import annotations
@@ -80,56 +79,6 @@ def downsample_minmax(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS
     keep[1:] = idx[1:] != idx[:-1]  # a bucket whose min and max are the same point
     idx = idx[keep]
     return x[idx], y[idx]
-
-
-def downsample_lttb(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Largest-Triangle-Three-Buckets: ``max_points`` points that keep the visual shape.
-
-    The first and last points are kept; each middle bucket contributes the point that
-    makes the largest triangle with the previously chosen point and the next bucket's
-    mean.  One vectorised pass per bucket.  NaNs are treated as 0 for the choice.
-    """
-    x = np.asarray(x)
-    y = np.asarray(y)
-    n = len(y)
-    if n <= max_points or max_points < 3:
-        return x, y
-    xf = x.astype(np.float64, copy=False)
-    yf = np.nan_to_num(y.astype(np.float64, copy=False))
-    edges = np.linspace(1, n - 1, max_points - 1).astype(np.int64)  # middle buckets [edges[i], edges[i+1])
-    out = np.empty(max_points, dtype=np.int64)
-    out[0] = 0
-    out[-1] = n - 1
-    # the mean of the bucket after each middle bucket (the last one's is the final point), vectorised
-    starts, ends = edges[:-1], edges[1:]
-    nxt_starts = np.append(starts[1:], n - 1)
-    nxt_ends = np.append(ends[1:], n)
-    csx = np.concatenate([[0.0], np.cumsum(xf)])
-    csy = np.concatenate([[0.0], np.cumsum(yf)])
-    cnt = np.maximum(nxt_ends - nxt_starts, 1)
-    mean_x = (csx[nxt_ends] - csx[nxt_starts]) / cnt
-    mean_y = (csy[nxt_ends] - csy[nxt_starts]) / cnt
-    prev = 0
-    for i in range(len(starts)):
-        s, e = int(starts[i]), int(ends[i])
-        if e <= s:
-            out[i + 1] = s
-            prev = s
-            continue
-        ax, ay = xf[prev], yf[prev]
-        area = np.abs((ax - mean_x[i]) * (yf[s:e] - ay) - (ax - xf[s:e]) * (mean_y[i] - ay))
-        prev = s + int(np.argmax(area))
-        out[i + 1] = prev
-    idx = np.unique(out)
-    return x[idx], y[idx]
-
-
-def downsample(
-    x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS, method: str = "minmax"
-) -> tuple[np.ndarray, np.ndarray]:
-    if method == "lttb":
-        return downsample_lttb(x, y, max_points)
-    return downsample_minmax(x, y, max_points)
 
 
 # --- view models ---------------------------------------------------------------------------
@@ -681,7 +630,6 @@ def rank_steps(
     step_range: StepRange | None = None,
     max_points: int = MAX_POINTS,
     heat_buckets: int = HEATMAP_BUCKETS,
-    method: str = "minmax",
 ) -> RankSteps:
     """Per-rank step time lines (reduced), per-rank median/p95, skew and the ranks x steps heatmap."""
     if _from_rollup(view):
@@ -700,7 +648,7 @@ def rank_steps(
     heat = np.full((len(per_rank), n), np.nan)
     for i, (r, cols) in enumerate(per_rank.items()):
         steps, step_us = cols["step"], cols["step_us"]
-        x, y = downsample(steps, step_us, max_points, method)
+        x, y = downsample_minmax(steps, step_us, max_points)
         traces.append(Trace(f"rank {r}", x, _ms(y), rank=r, points=len(steps)))
         valid = _valid_steps(cols)
         valid = valid[valid >= 0] if len(valid) and valid.min() < 0 else valid
