@@ -86,3 +86,9 @@ HOST_MIN_SAMPLES = 3
 #: GPU temperature (system_gpu.temp_c, 90th percentile), in °C
 GPU_TEMP_WARN = 85.0
 GPU_TEMP_CRITICAL = 90.0
+
+# --- the live verdict (traceml.diagnosis.live) ------------------------------------------------
+#: the live view diagnoses the steps of the last this many seconds ...
+LIVE_WINDOW_S = 5.0
+#: ... but at least this many steps (and at most RECENT_STEPS)
+LIVE_MIN_STEPS = 10

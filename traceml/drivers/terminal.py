@@ -10,6 +10,7 @@ run's ``stdout.log`` / ``stderr.log``).  At the end the region is replaced by th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from traceml.config import ENV_RANKS
+from traceml.diagnosis.live import live_verdict
 from traceml.errors import ConfigError
 from traceml.renderers.terminal import render_final, render_live
 from traceml.store import StoreView
@@ -34,6 +36,8 @@ log = logging.getLogger("traceml.aggregator")
 REFRESH_S = 0.5
 #: seconds between output flushes when training prints
 OUTPUT_FLUSH_S = 0.1
+#: the live verdict is recomputed at most this often (seconds)
+VERDICT_EVERY_S = 2.0
 MAX_PENDING_LINES = 2000
 
 
@@ -78,6 +82,9 @@ class TerminalDriver:
         self._live: Live | None = None
         self._thread: threading.Thread | None = None
         self._render_failed = False
+        self._verdict_at = -1e9
+        self._verdict_now: tuple[str, str, str] = ("", "", "")
+        self._verdict_failed = False
         self.refreshes = 0
 
     # -- called from other threads ---------------------------------------------------------
@@ -129,7 +136,9 @@ class TerminalDriver:
     # -- the driver's clock ------------------------------------------------------------------
     def _render(self) -> RenderableType:
         try:
-            model = live_model(self._snapshot(), self._window)
+            view = self._snapshot()
+            model = live_model(view, self._window)
+            model = dataclasses.replace(model, verdict=self._verdict(view))
             if self.rank_filter is not None:
                 model = filter_ranks(model, self.rank_filter)
             return render_live(model)
@@ -138,6 +147,21 @@ class TerminalDriver:
                 self._render_failed = True
                 log.exception("live view failed to render")
             return Text(f"traceml: live view unavailable ({exc})", style="red")
+
+    def _verdict(self, view: StoreView) -> tuple[str, str, str]:
+        """The live verdict, recomputed at most every VERDICT_EVERY_S (a diagnosis reads every rank)."""
+        now = time.monotonic()
+        if now - self._verdict_at >= VERDICT_EVERY_S:
+            self._verdict_at = now
+            try:
+                f = live_verdict(view)
+                self._verdict_now = ("", "", "") if f is None else (f.kind, f.severity, f.summary)
+            except Exception:
+                if not self._verdict_failed:
+                    self._verdict_failed = True
+                    log.exception("live verdict failed")
+                self._verdict_now = ("", "", "")
+        return self._verdict_now
 
     def _loop(self) -> None:
         assert self._live is not None

@@ -259,6 +259,26 @@ def _diagnosis_children(view: StoreView, *, use_summary: bool = False) -> list[A
     return children
 
 
+def _now_children(view: StoreView) -> list[Any]:
+    """Live: the verdict over the last seconds of steps (traceml.diagnosis.live), above the run's."""
+    try:
+        from traceml.diagnosis.live import live_verdict
+
+        f = live_verdict(view)
+    except Exception as exc:  # a diagnosis bug must not take the dashboard down
+        logging.getLogger(__name__).warning("live verdict failed: %s", exc, exc_info=True)
+        return []
+    if f is None:
+        return []
+    colour = {"critical": "#dc2626", "warn": "#d97706"}.get(f.severity, "#2563eb")
+    return [
+        html.H4("Now (the last seconds of steps)"),
+        html.P(
+            [html.B(f.kind, id="diagnosis-now", style={"color": colour}), html.Span(f" [{f.severity}] {f.summary}")]
+        ),
+    ]
+
+
 def _residual_children(view: StoreView, *, use_summary: bool) -> list[Any]:
     """The stack sampler's top functions of the residual, as a table (nothing without samples)."""
     residual: Any = None
@@ -734,7 +754,7 @@ def build_app(
         if live:  # diagnosing the whole live window on every refresh would cost more than the charts
             now = time.monotonic()
             if diag_state["children"] is None or now - diag_state["at"] >= DIAGNOSIS_EVERY_S:
-                diag_state["children"], diag_state["at"] = _diagnosis_children(view), now
+                diag_state["children"], diag_state["at"] = [*_now_children(view), *_diagnosis_children(view)], now
             return diag_state["children"]
         return cache.get(view, ("diagnosis",), lambda: _diagnosis_children(view, use_summary=True))
 

@@ -272,6 +272,8 @@ def render_live(model: LiveModel) -> RenderableType:
         )
         parts.append(_skew_text(model.skew_pct, model.slowest_rank))
         parts.append(_between_text(model.outside_pct, model.between_regions))
+        if model.verdict[0]:
+            parts.append(_verdict_text(*model.verdict))
     else:
         parts.append(Text("waiting for the first step...", style="dim"))
     if model.ranks:
@@ -285,6 +287,16 @@ def render_live(model: LiveModel) -> RenderableType:
         footer.append(f"   rows dropped: {model.drops_total}", style="yellow")
     parts.append(footer)
     return Panel(Group(*parts), title="traceml", title_align="left", box=box.ROUNDED, expand=True)
+
+
+def _verdict_text(kind: str, severity: str, summary: str) -> Text:
+    """``now: STRAGGLER [warn] rank 1 is a straggler ...`` (Text, not markup: names come from the run)."""
+    style = {"critical": "bold red", "warn": "yellow"}.get(severity, "")
+    text = Text("now: ", style="bold")
+    text.append(_shown(kind), style=style or "bold")
+    text.append(f" [{_shown(severity)}] ")
+    text.append(_shown(summary))
+    return text
 
 
 def _status_text(model: FinalModel) -> Text:

@@ -123,6 +123,8 @@ class LiveModel:
     regions: tuple[PhaseRow, ...] = ()
     #: regions timed between steps: (name, percent of the wall time)
     between_regions: tuple[tuple[str, float], ...] = ()
+    #: the current verdict, set by the driver (traceml.diagnosis.live): (kind, severity, summary)
+    verdict: tuple[str, str, str] = ("", "", "")
 
 
 # --- helpers ---------------------------------------------------------------------------
