@@ -12,7 +12,7 @@ Both use SGD (momentum 0.9), a DataLoader over in-memory tensors (``num_workers=
 
 * ``bare``      plain ``python loop.py`` in this venv, no profiler;
 * ``traceml``   ``traceml run --ui none --out run.tml loop.py`` (this repo: aggregator, spool,
-  recording), started with ``TRACEML_DISABLED=1`` so that the loop first runs with no traceml
+  recording); the loop first stops the traceml that ``traceml run`` started, so that it runs with no traceml
   at all, then calls ``traceml.shutdown(); traceml.init()`` (public API) to start it;
 * ``upstream``  ``traceml run --mode summary loop.py`` of upstream ``traceml-ai`` from
   ``--upstream-venv`` (its aggregator and SQLite store; its executor starts its runtime
@@ -68,6 +68,10 @@ from pathlib import Path
 LOOP = r"""
 import contextlib, json, os, random, statistics, sys, time
 cfg = json.loads(sys.argv[1])
+if os.environ.pop("BENCH_START_OFF", None):
+    # `traceml run` started traceml before this script: stop it, so the first blocks run without it
+    import traceml
+    traceml.shutdown()
 if cfg["pin"] >= 0:  # the training thread only (the profilers' threads already exist and run anywhere)
     os.sched_setaffinity(0, {cfg["pin"]})
 import torch
@@ -246,7 +250,9 @@ def _env(variant: str) -> dict[str, str]:
     drop = ("TRACEML_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     if variant == "traceml":
-        env["TRACEML_DISABLED"] = "1"  # the loop measures its pre-init blocks, then starts traceml itself
+        # the loop stops the traceml that `traceml run` started, measures its pre-init blocks, then
+        # starts traceml itself (TRACEML_DISABLED would now turn `traceml run` itself off: --disable)
+        env["BENCH_START_OFF"] = "1"
     return env
 
 
