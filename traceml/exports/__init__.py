@@ -13,6 +13,8 @@ from types import ModuleType
 
 from traceml.errors import MissingDependencyError
 
+__all__ = ["require"]
+
 
 def require(module: str, extra: str, packages: str) -> ModuleType:
     """Import ``module`` or fail with the pip line that installs it."""
