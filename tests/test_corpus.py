@@ -55,9 +55,9 @@ CASES: dict[str, Case] = {
     "ddp-many-buckets": Case(
         "ddp_buckets.py", ("--layers", "40", "--bucket-mb", "0.01"), "COMMUNICATION_BOUND", nproc=2
     ),
-    # the same script with real compute per sync
+    # the same script with real compute per sync (B x W^2 multiply-adds per layer for W^2 gradients)
     "ddp-real-compute": Case(
-        "ddp_buckets.py", ("--layers", "3", "--width", "1024", "--batch", "256"), "COMPUTE_BOUND", nproc=2
+        "ddp_buckets.py", ("--layers", "3", "--width", "512", "--batch", "1024"), "COMPUTE_BOUND", nproc=2
     ),
     "compiled": Case("compiled.py", (), "COMPUTE_BOUND"),
     # 4 micro-batches per step under bf16 autocast, and a 10 ms sleep before optimizer.step()
