@@ -59,6 +59,10 @@ CASES: dict[str, Case] = {
     "ddp-real-compute": Case(
         "ddp_buckets.py", ("--layers", "3", "--width", "512", "--batch", "1024"), "COMPUTE_BOUND", nproc=2
     ),
+    # no DDP: gradients averaged with one dist.all_reduce per parameter (80 per step)
+    "manual-allreduce": Case(
+        "ddp_buckets.py", ("--layers", "40", "--manual", "--steps", "40"), "COMMUNICATION_BOUND", nproc=2
+    ),
     "compiled": Case("compiled.py", (), "COMPUTE_BOUND"),
     # 4 micro-batches per step under bf16 autocast, and a 10 ms sleep before optimizer.step()
     "accum-bf16-sleep": Case("accum_bf16.py", ("--sleep-ms", "10"), "RESIDUAL_HEAVY"),
@@ -210,6 +214,16 @@ def test_warm_up_growth_then_flat_is_no_leak(runs: dict[tuple[str, bool], Run]) 
     run = runs[("warmup-then-flat", False)]
     _primary(run)
     assert "MEMORY_CREEP" not in [f.kind for f in run.diagnosis.findings], [f.summary for f in run.diagnosis.findings]
+
+
+def test_collectives_called_in_the_step_are_timed(runs: dict[tuple[str, bool], Run]) -> None:
+    for traced in (True, False):
+        run = runs[("manual-allreduce", traced)]
+        _primary(run)
+        comm = open_recording(run.out).read_table("step_comm")
+        for cols in comm.values():
+            assert int(np.median(cols["buckets"])) == 80
+            assert (cols["exposed_us"] == cols["comm_us"]).all()  # blocking: nothing hides them
 
 
 def test_mnist_loader_wait_is_dataloader_in_both_runs(runs: dict[tuple[str, bool], Run]) -> None:

@@ -23,3 +23,16 @@ def test_one_row_per_step_with_union_and_exposed_tail() -> None:
     d[:] = [0, 0]  # never completed (the run ended): no row
     timer.flush()
     assert len(rows) == 1 and timer.rows == 1
+
+
+def test_blocking_collectives_add_to_the_step_and_are_all_exposed() -> None:
+    rows: list[tuple[int, ...]] = []
+    step = [4]
+    timer = CommTimer(lambda: step[0], rows.append)
+    timer.synchronous(2_000_000)
+    timer.synchronous(1_000_000)
+    b = timer.launched()
+    b[:] = [10_000_000, 12_000_000]
+    timer.flush()
+    ((s, _ts, comm_us, exposed_us, calls),) = rows
+    assert (s, comm_us, exposed_us, calls) == (4, 5000, 5000, 3)

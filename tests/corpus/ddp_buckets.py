@@ -1,6 +1,7 @@
 """DDP on gloo ranks with a chosen bucket size: many small buckets over a model with little
-compute (communication-bound), or a model with real compute per sync.  Plain PyTorch unless
-``--traced``.
+compute (communication-bound), or a model with real compute per sync.  ``--manual`` averages
+the gradients by hand with ``dist.all_reduce`` per parameter instead of DDP (the pre-DDP tutorial
+way).  Plain PyTorch unless ``--traced``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--manual", action="store_true")
     p.add_argument("--traced", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -29,7 +31,10 @@ def main() -> None:
     layers: list[nn.Module] = []
     for _ in range(args.layers):
         layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    model = DDP(nn.Sequential(*layers), bucket_cap_mb=args.bucket_mb)
+    world = dist.get_world_size()
+    model: nn.Module = nn.Sequential(*layers)
+    if not args.manual:
+        model = DDP(model, bucket_cap_mb=args.bucket_mb)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     step_ctx = contextlib.nullcontext
     if args.traced:
@@ -40,6 +45,10 @@ def main() -> None:
         x = torch.randn(args.batch, args.width)
         with step_ctx():
             model(x).square().mean().backward()
+            if args.manual:
+                for p_ in model.parameters():
+                    dist.all_reduce(p_.grad)
+                    p_.grad /= world
             opt.step()
             opt.zero_grad()
     dist.barrier()

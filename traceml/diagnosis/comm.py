@@ -1,4 +1,5 @@
-"""Communication-bound: DDP's gradient all-reduce that backward does not hide (``step_comm``).
+"""Communication-bound: DDP's gradient all-reduce that backward does not hide, and blocking
+collectives called in the step (``step_comm``).
 
 A rank's *exposed share* is its ``exposed_us`` summed over the analysed steps over its step time
 summed over the same steps.  The job's figure is the **smallest** rank's: a straggler makes the
@@ -61,10 +62,10 @@ def communication_bound(view: StoreView, data: StepData) -> Finding | None:
         severity=severity,
         rank=None if n > 1 else least,
         summary=(
-            f"communication-bound: DDP's gradient all-reduce not hidden behind backward takes {pct(share)} of step "
+            f"communication-bound: all-reduce and collectives not hidden behind compute take {pct(share)} of step "
             f"time (the least of {n} rank{'s' if n > 1 else ''}); {ms(float(np.median(exposed_med)))} exposed of a "
-            f"{ms(step_med)} step, all-reduce {ms(float(np.median(comm_med)))} over "
-            f"{float(np.median(buckets)):.0f} buckets per step (larger buckets, fewer syncs or more compute per sync)"
+            f"{ms(step_med)} step, {ms(float(np.median(comm_med)))} in {float(np.median(buckets)):.0f} "
+            f"all-reduce buckets or collectives per step (larger buckets, fewer syncs or more compute per sync)"
         ),
         evidence={
             "share": share,

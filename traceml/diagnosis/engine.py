@@ -10,6 +10,7 @@ from traceml.diagnosis.findings import (
     COMPUTE_BOUND,
     HEALTHY,
     INSUFFICIENT_DATA,
+    RESIDUAL_HEAVY,
     STRAGGLER,
     Diagnosis,
     Finding,
@@ -105,6 +106,15 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
             comm = communication_bound(view, data)
             if comm is not None:
                 findings.append(comm)
+                # collectives called in the step are outside every phase: their time is the residual's
+                left = float(comm.evidence.get("share") or 0.0)
+                findings = [
+                    f
+                    for f in findings
+                    if not (
+                        f.kind == RESIDUAL_HEAVY and float(f.evidence.get("share") or 0.0) - left < th.RESIDUAL_WARN
+                    )
+                ]
             cb = compute_bound(data)
             if cb is not None and not synced_straggler and comm is None:  # all-reduce waits read as backward
                 findings.append(cb)

@@ -250,6 +250,14 @@ class Agent:
         from traceml.runtime.hooks import install_torch_hooks
 
         self._patch_names.extend(install_torch_hooks(self.clock, h2d=self._h2d))
+        try:
+            from traceml.runtime.comm import install_collectives
+
+            if self.sender is not None and torch.distributed.is_available():
+                clock = self.clock
+                self._patch_names.extend(install_collectives(self._comm_timer, lambda: clock.owner))
+        except Exception:
+            disable_piece("comm-collectives", "timing torch.distributed collectives")
         if self._auto_steps:
             try:
                 from traceml.runtime.autostep import AutoSteps
@@ -306,6 +314,15 @@ class Agent:
         if model is not None and model is not self._model:
             self._attach_model(model)
         return self.tracker
+
+    def _comm_timer(self) -> Any:
+        """The all-reduce timer, built on first use (a collective called in a step, or a DDP model)."""
+        if self.comm is None and not self.closed:
+            from traceml.runtime.comm import CommTimer
+
+            tracker = self.tracker
+            self.comm = CommTimer(lambda: tracker.step, self.tables["step_comm"].append)
+        return self.comm if self.tracker.depth else None
 
     def _attach_comm(self, model: Any) -> None:
         try:
