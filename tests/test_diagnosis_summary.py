@@ -158,3 +158,27 @@ def test_tracemls_own_cost_is_the_median_over_ranks_and_its_share_of_the_median_
     from traceml.diagnosis.flat import flatten_summary
 
     assert flatten_summary(s)["traceml/traceml/overhead_us_per_step"] == 6.0  # W&B / MLflow keys too
+
+
+def test_the_schema_lists_every_finding_kind() -> None:
+    """A finding kind the code can emit must validate: the schema's enum is the code's KINDS."""
+    from traceml.diagnosis.findings import KINDS
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    enums = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            kind = node.get("properties", {}).get("kind") if isinstance(node.get("properties"), dict) else None
+            if isinstance(kind, dict) and "enum" in kind:
+                enums.append(set(kind["enum"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    assert enums, "no finding-kind enum found in the schema"
+    for enum in enums:
+        assert enum == set(KINDS), f"schema kinds differ from the code: {sorted(enum ^ set(KINDS))}"

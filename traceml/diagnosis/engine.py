@@ -169,7 +169,10 @@ def _no_steps_reason(view: StoreView) -> str:
         if failed and not status:
             how += f" (rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, sorted(failed)))})"
         return f"a first step: the run ended ({how}) before its first step finished; the script's own output says why"
-    return "step timings (no step_time rows: is the loop wrapped in traceml.trace_step?)"
+    return (
+        "step timings (no step_time rows: under `traceml run` steps come from optimizer.step() unless"
+        " --no-auto-steps; otherwise wrap the loop in traceml.trace_step)"
+    )
 
 
 def _healthy(data: StepData) -> Finding:
