@@ -281,6 +281,10 @@ def run_process(variant: str, work: Path, loop: Path, cfg: dict[str, object], up
 
 def _disk_bytes(variant: str, run_dir: Path, n: int) -> int:
     if variant == "traceml":
+        if not (run_dir / "run.tml").exists():  # debugging aid: where did the recording go?
+            print(f"no run.tml in {run_dir}: {sorted(p.name for p in run_dir.rglob('*'))[:40]}", file=sys.stderr)
+            for log in run_dir.rglob("*.log"):
+                print(f"--- {log.name}:\n{log.read_text()[-1500:]}", file=sys.stderr)
         return (run_dir / "run.tml").stat().st_size
     if variant == "upstream":
         base = run_dir / "logs" / f"r{n}" / "aggregator" / "telemetry"
