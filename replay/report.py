@@ -32,8 +32,25 @@ from traceml.units import fmt_bytes
 from traceml.views import series as sv
 
 REPORT_HTML = "report.html"
-#: ``--plotly-js``: inline (one self-contained file, the default) or directory (plotly.min.js beside it)
+#: ``--plotly-js``: inline (one self-contained file, the default) or directory (plotly.min.js beside it);
+#: like plotly's own ``include_plotlyjs``, any other value ending in ``.js`` is a script src that
+#: report.html references as given and traceml does not write (one copy shared by many reports)
 PLOTLY_JS_CHOICES = ("inline", "directory")
+PLOTLY_JS_SRC_MAX = 200
+
+
+def check_plotly_js(value: str) -> str:
+    """``value`` if it is a ``--plotly-js`` choice or a script src ending in ``.js``; else a ReportError."""
+    if value in PLOTLY_JS_CHOICES:
+        return value
+    if value.endswith(".js") and 0 < len(value) <= PLOTLY_JS_SRC_MAX and value.isprintable():
+        return value
+    raise ReportError(
+        f"--plotly-js {value!r}: expected inline, directory, or a script src ending in .js"
+        f" (at most {PLOTLY_JS_SRC_MAX} printable characters, e.g. ../plotly.min.js shared by several reports)"
+    )
+
+
 PLOTLY_JS_FILE = "plotly.min.js"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -430,7 +447,7 @@ def render_html(
         + (
             f'<script type="text/javascript">{get_plotlyjs()}</script>'
             if plotly_js == "inline"
-            else f'<script src="{PLOTLY_JS_FILE}" charset="utf-8"></script>'
+            else f'<script src="{_e(PLOTLY_JS_FILE if plotly_js == "directory" else plotly_js)}" charset="utf-8"></script>'
         )
         + f"</head><body><main>{''.join(parts)}</main></body></html>\n"
     )
@@ -545,8 +562,7 @@ def build_report(
     view: StoreView, *, source: str = "", recent_steps: int = th.RECENT_STEPS, plotly_js: str = "inline"
 ) -> Report:
     """The three documents for ``view`` (pure; no file is touched)."""
-    if plotly_js not in PLOTLY_JS_CHOICES:
-        raise ReportError(f"--plotly-js {plotly_js!r}: expected one of {', '.join(PLOTLY_JS_CHOICES)}")
+    check_plotly_js(plotly_js)
     summary = build_summary(view, recent_steps=recent_steps)
     embedded = check_embedded(view.attachments.get("summary"), summary)
     doc = dict(summary)

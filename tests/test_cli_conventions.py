@@ -144,7 +144,18 @@ def test_report_json_and_plotly_js_directory(tmp_path: Path) -> None:
     assert shared.stat().st_size > 1_000_000 and len(html) < inline - 1_000_000
     assert f"wrote {shared}" in res.stdout
     bad = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "c"), "--plotly-js", "cdn")
-    assert bad.returncode == 2 and "'cdn' is not one of" in bad.stderr
+    assert bad.returncode == 2 and "expected inline, directory, or a script src ending in .js" in bad.stderr
+    assert not (tmp_path / "c").exists()  # a usage error writes nothing
+    # several reports share one copy: a src ending in .js is referenced as given and not written
+    for name in ("d", "e"):
+        res = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / name), "--plotly-js", "../p.js")
+        assert res.returncode == 0, res.stderr
+        html = (tmp_path / name / "report.html").read_text()
+        assert '<script src="../p.js"' in html and len(html) < inline - 1_000_000
+        assert not (tmp_path / name / "plotly.min.js").exists()
+    hostile = _cli("report", str(SAMPLES / "input_bound.tml"), "-o", str(tmp_path / "f"), "--plotly-js", '"><x>.js')
+    assert hostile.returncode == 0, hostile.stderr
+    assert '<script src="&quot;&gt;&lt;x&gt;.js"' in (tmp_path / "f" / "report.html").read_text()
 
 
 def test_compare_json_prints_the_comparison() -> None:

@@ -6,7 +6,6 @@ command functions, so ``traceml --help`` stays light and no torch is needed.
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,10 @@ from traceml.errors import TracemlError
 #: 4 regression: docs/compare.md)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-PlotlyJs = enum.Enum("PlotlyJs", {"inline": "inline", "directory": "directory"}, type=str)  # type: ignore[misc]
+
+
+def _plotly_js_values(incomplete: str) -> list[str]:
+    return [c for c in ("inline", "directory", "../plotly.min.js") if c.startswith(incomplete)]
 
 
 def _fail(message: str, command: str = "report", code: int = EXIT_ERROR) -> typer.Exit:
@@ -45,11 +47,14 @@ def report(
         help="also log the summary, the verdict and the report files into wandb or mlflow (repeatable;"
         " docs/exports.md)",
     ),
-    plotly_js: PlotlyJs = typer.Option(
+    plotly_js: str = typer.Option(
         "inline",
         "--plotly-js",
+        metavar="inline|directory|SRC.js",
+        autocompletion=_plotly_js_values,
         help="inline: one self-contained report.html (default); directory: plotly.min.js beside it"
-        " (report.html shrinks from ~4.9 MB to ~0.1 MB)",
+        " (report.html shrinks from ~4.9 MB to ~0.1 MB); a src ending in .js (e.g. ../plotly.min.js):"
+        " report.html loads that file, which traceml does not write, so many reports share one copy",
     ),
     as_json: bool = typer.Option(False, "--json", help="print summary.json to stdout (nothing else)"),
 ) -> None:
@@ -58,9 +63,13 @@ def report(
     The summary.md is short Markdown fit for $GITHUB_STEP_SUMMARY.  Exit codes: 0 written,
     1 file error (a --log-to that fails is one too), 2 usage error.
     """
-    from replay.report import write_report
+    from replay.report import check_plotly_js, write_report
 
     trackers = check_trackers(log_to, "report")
+    try:
+        check_plotly_js(plotly_js)
+    except TracemlError as exc:
+        raise _fail(str(exc), code=EXIT_USAGE) from exc
     target = out if out is not None else recording.with_name(recording.stem + "_report")
     try:
         files = write_report(
@@ -68,7 +77,7 @@ def report(
             target,
             recent_steps=last_n,
             overwrite=overwrite,
-            plotly_js=str(getattr(plotly_js, "value", plotly_js)),
+            plotly_js=plotly_js,
         )
     except TracemlError as exc:
         raise _fail(str(exc)) from exc
