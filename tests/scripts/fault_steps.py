@@ -79,6 +79,10 @@ def _start_small_agent(capacity: int) -> None:
     from traceml.runtime.agent import TABLE_CAPACITY, Agent
 
     agent = Agent(rank_config_from_env(), capacity=dict.fromkeys(TABLE_CAPACITY, capacity))
+    # the sender only drains on its period: a half-full table no longer wakes it, so a loop faster
+    # than capacity / period really overruns the tables (a quiet machine's sender kept up otherwise)
+    for table in agent.tables.values():
+        table.on_high_water = None
     api._agent = agent  # the documented one-agent-per-process slot; shutdown() closes it
 
 
