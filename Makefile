@@ -23,8 +23,8 @@ $(TEST_VENV)/.installed: pyproject.toml
 
 ## demo: record a small CPU training run with the live view, then write its report
 demo: $(DEMO_VENV)/.installed
-	$(DEMO_VENV)/bin/traceml run --ui terminal --run-name demo --out demo_out/run.tml examples/demo_train.py
-	$(DEMO_VENV)/bin/traceml report demo_out/run.tml --out demo_out/report
+	$(DEMO_VENV)/bin/traceml run --ui terminal --run-name demo --out demo_out/run.tml --overwrite examples/demo_train.py
+	$(DEMO_VENV)/bin/traceml report demo_out/run.tml --out demo_out/report --overwrite
 	@echo "recording: demo_out/run.tml   report: demo_out/report/report.html"
 
 ## browser: headless Chromium for the dashboard tests (Debian packages)
