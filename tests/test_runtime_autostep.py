@@ -259,3 +259,20 @@ def test_trace_input_is_a_pass_through_when_traceml_is_off(monkeypatch):
         assert get() == 7
     assert list(traceml.trace_input(iter([1, 2]))) == [1, 2]
     assert api._agent is None
+
+
+def test_an_auto_wrapped_model_pickles_and_copies_as_the_plain_model():
+    import copy
+    import pickle
+
+    from traceml.runtime.autostep import AutoForward
+
+    traceml.init(auto_steps=True)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(model, opt, 2)
+    assert isinstance(vars(model)["forward"], AutoForward)
+    x = torch.randn(4, 32)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert not isinstance(vars(clone).get("forward"), AutoForward)  # no traceml state travels
+        assert torch.allclose(clone(x), model(x))

@@ -37,13 +37,13 @@ import torch
 
 from traceml.runtime import patches
 from traceml.runtime._failopen import disable_piece
+from traceml.runtime.hooks import TimedForward
 from traceml.runtime.step import (
     BACKWARD,
     DATALOADER,
     FORWARD,
     H2D,
     NO_PHASE,
-    SAMPLE,
     STEP,
     PhaseClock,
     StepTracker,
@@ -61,24 +61,22 @@ MAX_CANDIDATES = 256
 MAX_MODELS = 8
 
 
-class AutoForward:
+class AutoForward(TimedForward):
     """Instance-level ``forward`` wrapper of a module the optimizer trains.
 
-    Times the outermost grad-enabled call as FORWARD; a call without autograd (evaluation)
-    is not timed and, before any training work of the step, moves the step's start past it.
-    Pickles as the plain method, like :class:`traceml.runtime.hooks.TimedForward`.
+    Times the outermost grad-enabled call as FORWARD (the timing is :class:`TimedForward`'s);
+    a call without autograd (evaluation) is not timed and, before any training work of the
+    step, moves the step's start past it.  Pickles as the plain method, like its base.
     """
 
-    __slots__ = ("_fn", "_auto", "_model", "__weakref__")
+    __slots__ = ("_auto",)
 
     def __init__(self, auto: AutoSteps, fn: Any, model: Any) -> None:
-        self._fn = fn
+        super().__init__(auto.clock, fn, model)
         self._auto = auto
-        self._model = weakref.ref(model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        auto = self._auto
-        c = auto.clock
+        c = self._clock
         g = c.gate  # one integer read while nothing is timed (see PhaseClock.gate)
         if not g & STEP or _get_ident() != c.owner:
             return self._fn(*args, **kwargs)
@@ -86,41 +84,8 @@ class AutoForward:
             try:
                 return self._fn(*args, **kwargs)
             finally:
-                auto.after_eval_forward()
-        te = _perf_ns() if g & SAMPLE else 0
-        c._phase = FORWARD
-        c.gate = 0
-        gp = c.gpu
-        if gp is not None:
-            gp.begin(FORWARD)
-        t0 = _perf_ns()
-        try:
-            return self._fn(*args, **kwargs)
-        finally:
-            t1 = _perf_ns()
-            c.acc[FORWARD] += t1 - t0
-            f = c.first
-            if not f[FORWARD]:
-                f[FORWARD] = t0
-            c._phase = NO_PHASE
-            c.gate = c.base
-            if gp is not None:
-                gp.end(FORWARD)
-            if te:
-                c.self_ns += _perf_ns() - t1 + t0 - te
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        model = self._model()
-        return (getattr, (model, "forward")) if model is not None else (_none, ())
-
-    def __getattr__(self, name: str) -> Any:
-        if name in AutoForward.__slots__:
-            raise AttributeError(name)
-        return getattr(self._fn, name)
-
-
-def _none() -> None:
-    return None
+                self._auto.after_eval_forward()
+        return TimedForward.__call__(self, *args, **kwargs)
 
 
 class AutoSteps:

@@ -220,7 +220,7 @@ class TimedForward:
         return (getattr, (model, "forward")) if model is not None else (_identity_none, ())
 
     def __getattr__(self, name: str) -> Any:
-        if name in TimedForward.__slots__:
+        if name in ("_fn", "_clock", "_model", "_auto"):  # slots not set yet (also a subclass's)
             raise AttributeError(name)
         return getattr(self._fn, name)
 
@@ -255,7 +255,7 @@ def wrap_forward(clock: PhaseClock, model: Any, tag: str = "") -> str | None:
         return None
     attr = "_compiled_call_impl" if d.get("_compiled_call_impl") is not None else "forward"
     current = d.get(attr)
-    if isinstance(current, TimedForward) and current._clock is clock:
+    if type(current) is TimedForward and current._clock is clock:  # not AutoForward: trace_step wins
         return None
     had_own = attr in d
     fn = current if had_own else getattr(model, attr)
