@@ -28,67 +28,73 @@ def _p90(values: np.ndarray) -> float:
     return float(np.percentile(v, 90)) if len(v) else float("nan")
 
 
+def _fullest(
+    view: StoreView, table: str, used_col: str, total_col: str, span: tuple[int, int] | None, where: str
+) -> tuple[float, int, float, float, int] | None:
+    """(share, rank or node, used, total, samples) of the fullest rank (``where="rank"``) or node."""
+    worst: tuple[float, int, float, float, int] | None = None
+    for r in view.table_ranks(table):
+        cols = _in_span(view, table, r, span)
+        used, total = _p90(cols[used_col]), _p90(cols[total_col])
+        if np.isfinite(used) and np.isfinite(total) and total > 0:
+            share = used / total
+            who = r if where == "rank" or not len(cols["node_rank"]) else int(cols["node_rank"][0])
+            if worst is None or share > worst[0]:
+                worst = (share, who, used, total, len(cols[total_col]))
+    return worst
+
+
 def memory_pressure(view: StoreView, data: StepData) -> list[Finding]:
     """GPU memory reserved, or host RAM used, near capacity (90th percentile of the window)."""
     span = data.time_range()
     out: list[Finding] = []
-    worst: tuple[float, int, float, float, int] | None = None  # share, rank, used, total, samples
-    for r in view.table_ranks("process"):
-        cols = _in_span(view, "process", r, span)
-        used, total = _p90(cols["gpu_reserved_bytes"]), _p90(cols["gpu_total_bytes"])
-        if np.isfinite(used) and np.isfinite(total) and total > 0:
-            share = used / total
-            if worst is None or share > worst[0]:
-                worst = (share, r, used, total, len(cols["gpu_total_bytes"]))
-    if worst is not None:
-        share, rank, used, total, n = worst
+    cases = (
+        (
+            "gpu",
+            "process",
+            "gpu_reserved_bytes",
+            "gpu_total_bytes",
+            "rank",
+            "GPU memory",
+            "reserved",
+            "an allocation spike may fail",
+        ),
+        (
+            "host",
+            "system",
+            "ram_used_bytes",
+            "ram_total_bytes",
+            "node",
+            "host RAM",
+            "used",
+            "swapping or the OOM killer are next",
+        ),
+    )
+    for resource, table, used_col, total_col, where, what, verb, risk in cases:
+        fullest = _fullest(view, table, used_col, total_col, span, where)
+        if fullest is None:
+            continue
+        share, who, used, total, n = fullest
         sev = grade(share, th.MEM_PRESSURE_WARN, th.MEM_PRESSURE_CRITICAL, n)
-        if sev is not None:
-            out.append(
-                Finding(
-                    kind=MEMORY_PRESSURE,
-                    severity=sev,
-                    rank=rank,
-                    summary=(
-                        f"GPU memory near capacity on rank {rank}: {fmt_bytes(used)} reserved of "
-                        f"{fmt_bytes(total)} ({share * 100:.0f}%, 90th percentile); an allocation spike may fail"
-                    ),
-                    evidence={"share": share, "used_bytes": used, "total_bytes": total, "samples": n},
-                    labels={"resource": "gpu"},
-                )
+        if sev is None:
+            continue
+        evidence: dict[str, float | int] = {"share": share, "used_bytes": used, "total_bytes": total}
+        if where == "node":
+            evidence["node_rank"] = who
+        evidence["samples"] = n
+        out.append(
+            Finding(
+                kind=MEMORY_PRESSURE,
+                severity=sev,
+                rank=who if where == "rank" else None,
+                summary=(
+                    f"{what} near capacity on {where} {who}: {fmt_bytes(used)} {verb} of {fmt_bytes(total)} "
+                    f"({share * 100:.0f}%, 90th percentile); {risk}"
+                ),
+                evidence=evidence,
+                labels={"resource": resource},
             )
-    host: tuple[float, int, float, float, int] | None = None
-    for r in view.table_ranks("system"):
-        cols = _in_span(view, "system", r, span)
-        used, total = _p90(cols["ram_used_bytes"]), _p90(cols["ram_total_bytes"])
-        if np.isfinite(used) and np.isfinite(total) and total > 0:
-            share = used / total
-            node = int(cols["node_rank"][0]) if len(cols["node_rank"]) else r
-            if host is None or share > host[0]:
-                host = (share, node, used, total, len(cols["ram_used_bytes"]))
-    if host is not None:
-        share, node, used, total, n = host
-        sev = grade(share, th.MEM_PRESSURE_WARN, th.MEM_PRESSURE_CRITICAL, n)
-        if sev is not None:
-            out.append(
-                Finding(
-                    kind=MEMORY_PRESSURE,
-                    severity=sev,
-                    rank=None,
-                    summary=(
-                        f"host RAM near capacity on node {node}: {fmt_bytes(used)} used of {fmt_bytes(total)} "
-                        f"({share * 100:.0f}%, 90th percentile); swapping or the OOM killer are next"
-                    ),
-                    evidence={
-                        "share": share,
-                        "used_bytes": used,
-                        "total_bytes": total,
-                        "node_rank": node,
-                        "samples": n,
-                    },
-                    labels={"resource": "host"},
-                )
-            )
+        )
     return out
 
 
