@@ -96,7 +96,7 @@ def diagnose_steps(view: StoreView, data: StepData) -> Diagnosis:
         )
 
     if enough_steps:
-        findings += [f for f in (input_bound(data), straggler(data), h2d_bound(view, data)) if f is not None]
+        findings += [f for f in (input_bound(data), straggler(data, view), h2d_bound(view, data)) if f is not None]
         if compute_measured(data):
             findings += [f for f in (residual_heavy(data),) if f is not None]
             findings = explain_residual(view, data, findings)  # names the residual; reading data is input

@@ -32,6 +32,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "compute": ("forward", "backward", "optimizer"),
     "other": ("residual",),
 }
+#: the straggler cause for a rank's own excess of exposed collective time (``step_comm``)
+COMMUNICATION = "communication"
+COMM_TABLE = "step_comm"
 
 
 def ms(us: float) -> str:
@@ -332,13 +335,42 @@ def _median_delta(row: np.ndarray, ref: np.ndarray) -> float:
     return float(np.median(d)) if len(d) else 0.0
 
 
-def straggler(data: StepData) -> Finding | None:
+def _exposed_comm(view: StoreView | None, data: StepData, steps: np.ndarray) -> np.ndarray | None:
+    """[rank, step] exposed collective time from ``step_comm`` (0 where a step has no row), or None."""
+    if view is None or not view.has(COMM_TABLE):
+        return None
+    out = np.zeros((len(data.ranks), len(steps)))
+    order = np.argsort(steps, kind="stable")
+    srt = steps[order]
+    seen = False
+    for i, r in enumerate(data.ranks):
+        if view.rows(COMM_TABLE, r) == 0:
+            continue
+        cols = view.columns(COMM_TABLE, r)
+        cstep = np.asarray(cols["step"], np.int64)
+        exposed = np.asarray(cols["exposed_us"], np.float64)
+        ok = np.isfinite(exposed) & (exposed >= 0)
+        pos = np.minimum(np.searchsorted(srt, cstep), len(srt) - 1)
+        hit = ok & (srt[pos] == cstep)
+        np.add.at(out[i], order[pos[hit]], exposed[hit])
+        seen = seen or bool(hit.any())
+    return out if seen else None
+
+
+def straggler(data: StepData, view: StoreView | None = None) -> Finding | None:
     """The rank whose non-equalised time (or, without DDP sync, whose step) exceeds the others'.
 
     DDP's all-reduce makes fast ranks wait inside backward for the slowest one, so step times
     match and the straggler has the *smallest* backward.  The gap is therefore measured on the
     phases DDP does not equalise; only when step times themselves differ (no per-step sync)
     does the step-time excess count, and then backward may be the cause.
+
+    With ``step_comm`` in ``view``, a rank's *own* communication counts too: its exposed
+    collective time over the other ranks' median, less the most any other rank's
+    non-synchronised excess could have made it wait there (the others wait for a compute
+    straggler inside the all-reduce; the straggler itself waits least).  That excess is the
+    cause "communication"; it is time spent inside some phase, so it is taken out of the phase
+    with the largest excess rather than counted twice.
     """
     if len(data.ranks) < 2:
         return None
@@ -356,16 +388,27 @@ def straggler(data: StepData) -> Finding | None:
         return None
     refs = {p: others_median(mats[p]) for p in PHASES}
     step_ref = others_median(step_m)
-    best: tuple[float, int, dict[str, float], float, float] | None = None
+    all_deltas = [{p: _median_delta(mats[p][i], refs[p][i]) for p in PHASES} for i in range(len(data.ranks))]
+    ne_gaps = [sum(max(0.0, d[p]) for p in NON_EQUALISED) for d in all_deltas]
+    comm_m = _exposed_comm(view, data, steps)
+    comm_deltas = [0.0] * len(data.ranks)
+    own_comm = [0.0] * len(data.ranks)
+    if comm_m is not None:
+        comm_ref = others_median(comm_m)
+        for i in range(len(data.ranks)):
+            comm_deltas[i] = _median_delta(comm_m[i], comm_ref[i])
+            waited = max((g for j, g in enumerate(ne_gaps) if j != i), default=0.0)
+            excess = comm_deltas[i] - waited
+            own_comm[i] = excess if excess >= th.STRAGGLER_COMM_MIN_GAP_US else 0.0
+    best: tuple[float, int, float] | None = None
     for i, _rank in enumerate(data.ranks):
-        deltas = {p: _median_delta(mats[p][i], refs[p][i]) for p in PHASES}
         step_delta = _median_delta(step_m[i], step_ref[i])
-        ne_gap = sum(max(0.0, deltas[p]) for p in NON_EQUALISED)
-        gap = max(ne_gap, step_delta)
+        gap = max(ne_gaps[i], step_delta, own_comm[i])
         if best is None or gap > best[0]:
-            best = (gap, i, deltas, ne_gap, step_delta)
+            best = (gap, i, step_delta)
     assert best is not None
-    gap, i, deltas, ne_gap, step_delta = best
+    gap, i, step_delta = best
+    deltas, ne_gap, comm = all_deltas[i], ne_gaps[i], own_comm[i]
     if gap < th.STRAGGLER_MIN_GAP_US:
         return None
     score = gap / typical_step
@@ -376,9 +419,15 @@ def straggler(data: StepData) -> Finding | None:
     synced = ne_gap >= step_delta  # steps equalised: the excess hides in backward of the others
     counted = NON_EQUALISED if synced else PHASES
     contrib = {p: max(0.0, deltas[p]) for p in counted}
+    if comm > 0:
+        # the collective was waited for inside some phase: move that much out of the largest one
+        top = max(contrib, key=lambda p: contrib[p])
+        contrib[top] = max(0.0, contrib[top] - comm)
+        contrib[COMMUNICATION] = comm
     # shares of the gap (medians do not add up: what the phases do not explain stays unexplained)
     total = max(gap, sum(contrib.values())) or 1.0
     by_cause = {c: sum(contrib.get(p, 0.0) for p in ps) / total for c, ps in CAUSES.items()}
+    by_cause[COMMUNICATION] = contrib.get(COMMUNICATION, 0.0) / total
     cause = max(by_cause, key=lambda c: by_cause[c])
     if by_cause[cause] < th.STRAGGLER_CAUSE_SHARE:
         cause = "mixed"
@@ -400,7 +449,14 @@ def straggler(data: StepData) -> Finding | None:
         "ranks": len(data.ranks),
     }
     evidence.update({f"delta_{p}_us": deltas[p] for p in PHASES})
-    what = "non-synchronised time" if synced else "step time"
+    if comm_m is not None:
+        evidence["delta_comm_exposed_us"] = comm_deltas[i]
+        evidence["own_comm_us"] = comm
+    what = (
+        "exposed collective time"
+        if comm >= max(ne_gap, step_delta)
+        else ("non-synchronised time" if synced else "step time")
+    )
     text = (
         f"rank {culprit} is a straggler ({cause}): {ms(gap)} ({pct(score)} of a {ms(typical_step)} step) "
         f"more {what} per step than the other ranks, mostly {top_phase} (+{ms(contrib[top_phase])})"

@@ -34,8 +34,11 @@ STRAGGLER_CRITICAL = 0.25
 #: a smaller excess is timer and scheduler jitter, not a straggler, however large a share of a
 #: microsecond step it is (steps of a few µs differ by tens of µs from one wake-up to the next)
 STRAGGLER_MIN_GAP_US = 50.0
-#: a cause (input / compute / other) is named when its phases explain this much of the gap
+#: a cause (input / compute / communication / other) is named when it explains this much of the gap
 STRAGGLER_CAUSE_SHARE = 0.70
+#: a rank's own exposed collective time (``step_comm``) must exceed the other ranks' by this much,
+#: beyond what waiting for another rank's non-synchronised excess explains, to count as its cause
+STRAGGLER_COMM_MIN_GAP_US = STRAGGLER_MIN_GAP_US
 
 # --- memory creep ---------------------------------------------------------------------------
 #: band edges, as fractions of the window's samples: baseline, middle, recent
