@@ -27,7 +27,7 @@ from traceml.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from traceml.format import _records, rollup
+from traceml.format import _records, _segment, rollup
 from traceml.format._records import (
     FOOTER_SIZE,
     FRAME_HEAD_SIZE,
@@ -790,7 +790,7 @@ class TmlReader:
     ) -> None:
         try:
             if kind == RecordKind.SEGMENT:
-                head, _ = _records.parse_segment_head(payload)
+                head, _ = _segment.parse_segment_head(payload)
                 if self._add_segment(SegmentInfo.from_head(offset, total, head)) and on_batches is not None:
                     on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
             elif kind == RecordKind.ATTACHMENT:
@@ -915,7 +915,7 @@ class TmlReader:
         wanted: set[tuple[int, str]] | None,
         dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
     ) -> list[tuple[int, str, TableSchema, dict[str, np.ndarray]]]:
-        decoded = _records.decode_segment(
+        decoded = _segment.decode_segment(
             payload, self._decompressor, self._limits.max_decompressed_bytes, wanted, dest
         )
         for _, table, schema, _ in decoded:

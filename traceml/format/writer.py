@@ -23,7 +23,7 @@ import zstandard
 from traceml import names
 from traceml._version import __version__
 from traceml.errors import ConfigError, FormatError, RecordTooLargeError, WriterClosedError
-from traceml.format import _records, rollup
+from traceml.format import _records, _segment, rollup
 from traceml.format._records import IndexEntry, RecordKind, SegmentHead
 from traceml.schema import (
     NUMPY_DTYPES,
@@ -474,7 +474,7 @@ class TmlWriter:
     def _write_rollups(self) -> None:
         """The closed rollup groups as one segment of their own (kept apart from the raw rows)."""
         done, self._rollup_done, self._rollup_bytes = self._rollup_done, {}, 0
-        groups: list[_records.TableRuns] = []
+        groups: list[_segment.TableRuns] = []
         try:
             by_table: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
             for (rank, table), parts in sorted(done.items()):
@@ -508,9 +508,9 @@ class TmlWriter:
         elif self._fsync_interval_s is not None and now - self._last_sync_at >= self._fsync_interval_s:
             self._sync_to_disk()
 
-    def _write_segment(self, groups: list[_records.TableRuns], *, data: bool) -> None:
+    def _write_segment(self, groups: list[_segment.TableRuns], *, data: bool) -> None:
         """Encode and write one SEGMENT; ``data`` rows count as written (rollup rows do not)."""
-        payload, head = _records.encode_segment(groups, self._compressor)
+        payload, head = _segment.encode_segment(groups, self._compressor)
         offset = self._offset
         length = self._write_record(RecordKind.SEGMENT, payload)
         self._pending_segments.append((offset, length, head))
@@ -610,13 +610,13 @@ class TmlWriter:
                 pass
 
 
-def _table_runs(segment: _OpenSegment) -> list[_records.TableRuns]:
+def _table_runs(segment: _OpenSegment) -> list[_segment.TableRuns]:
     """The open segment's streams grouped by table: each column of a table is written once,
     rank after rank, which keeps the per-column cost independent of the number of ranks."""
     by_table: dict[str, list[tuple[int, _Stream]]] = {}
     for (rank, table), stream in segment.streams.items():
         by_table.setdefault(table, []).append((rank, stream))
-    groups: list[_records.TableRuns] = []
+    groups: list[_segment.TableRuns] = []
     for members in by_table.values():
         schema = members[0][1].schema
         columns: dict[str, Any] = {}
