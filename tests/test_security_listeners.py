@@ -1,6 +1,8 @@
 """Nothing listens beyond loopback by default (docs/security.md): during a real 2-rank gloo run
 under ``traceml run``, every listening socket of the whole process tree (the CLI, the aggregator,
-torchrun and its rendezvous store, the ranks and gloo) is bound to a loopback address."""
+torchrun and its rendezvous store, the ranks and gloo) is bound to a loopback address, with
+torchrun's default static rendezvous, with ``--standalone`` and with a c10d rendezvous on a
+loopback endpoint."""
 
 from __future__ import annotations
 
@@ -37,10 +39,20 @@ def listeners(root: psutil.Process) -> list[tuple[int, str, str, int]]:
 
 
 @pytest.mark.slow
-def test_every_listener_of_a_two_rank_gloo_run_is_loopback(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACEML_", "GLOO_"))}
+@pytest.mark.parametrize(
+    "rendezvous",
+    [
+        [],  # traceml's default: torchrun's static rendezvous on --master-addr 127.0.0.1
+        ["--standalone"],  # the c10d rendezvous on localhost:0, plus the store it shares with the ranks
+        ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", "listeners"],
+    ],
+    ids=["static", "standalone", "c10d-loopback"],
+)
+def test_every_listener_of_a_two_rank_gloo_run_is_loopback(tmp_path: Path, rendezvous: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACEML_", "GLOO_", "TORCH_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [TRACEML, "run", "--ui", "none", "--nproc-per-node", "2", "--out", str(tmp_path / "run.tml")]
+    cmd += rendezvous
     cmd += [str(PROBE), str(tmp_path)]
     with open(tmp_path / "out.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -66,6 +78,9 @@ def test_every_listener_of_a_two_rank_gloo_run_is_loopback(tmp_path: Path) -> No
     assert rank_pids <= {f[0] for f in found}, found
     assert any("traceml.aggregator" in f[1] for f in found), found
     assert any(f[0] not in rank_pids and "aggregator" not in f[1] for f in found), found
+    # torchrun (the shim) hosts the static store, or the c10d store and the one it shares with the ranks
+    shim = {f[3] for f in found if f[1].startswith("-c import ipaddress")}
+    assert len(shim) >= (2 if rendezvous else 1), found
 
 
 def test_single_node_runs_keep_gloo_on_loopback_unless_told(tmp_path: Path) -> None:
