@@ -40,6 +40,7 @@ from traceml.format._records import (
     SegmentHead,
 )
 from traceml.format._slice import Range, _concat, _disjoint, _inside, _rows, _trim
+from traceml.format.inspect import TableStats, inspect_report
 from traceml.schema import NUMPY_DTYPES, STR, TableSchema, is_rollup, rollup_schema
 
 #: (rank, table, {column: ndarray}); str columns are object arrays
@@ -429,73 +430,14 @@ class TmlReader:
         Damage found is added to ``integrity``; returns per-table statistics of what decoded
         (``rows``, ``ranks``, ``step_min/max``, ``t_min/max``).
         """
-        stats: dict[str, dict[str, Any]] = {}
-
-        def account(batches: list[Batch]) -> None:
-            for rank, table, cols in batches:
-                entry = stats.setdefault(
-                    table, {"rows": 0, "ranks": set(), "step_min": None, "step_max": None, "t_min": None, "t_max": None}
-                )
-                n = len(next(iter(cols.values()))) if cols else 0
-                entry["rows"] += n
-                entry["ranks"].add(rank)
-                for col, lo, hi in (("step", "step_min", "step_max"), ("ts_ns", "t_min", "t_max")):
-                    if n and col in cols and cols[col].dtype.kind in "iu":
-                        low, high = int(cols[col].min()), int(cols[col].max())
-                        entry[lo] = low if entry[lo] is None else min(entry[lo], low)
-                        entry[hi] = high if entry[hi] is None else max(entry[hi], high)
-
-        self._scan_forward(_Scan(self._data_start), on_batches=account, verifying=True)
-        for entry in stats.values():
-            entry["ranks"] = sorted(entry["ranks"])
-        return stats
+        stats = TableStats()
+        self._scan_forward(_Scan(self._data_start), on_batches=stats.account, verifying=True)
+        return stats.result()
 
     def inspect(self) -> dict[str, Any]:
         """Everything ``traceml inspect --json`` prints; reads and checks the whole file."""
         stats = self.verify()
-        size = self._size()
-        rows = sum(n for seg in self._segments for (_, t), n in seg.rows.items() if not is_rollup(t))
-        raw = sum(seg.raw_size for seg in self._segments)
-        stored = sum(seg.length for seg in self._segments)
-        rollups = {
-            name: {"rows": stats[name]["rows"], "ranks": stats[name]["ranks"]}
-            for name in sorted(stats)
-            if is_rollup(name)
-        }
-        tables: dict[str, Any] = {}
-        for name in sorted({t for t in stats if not is_rollup(t)} | set(self.tables)):
-            schema = self._schemas.get(name)
-            entry = stats.get(name) or {"rows": 0, "ranks": []}
-            tables[name] = {
-                "rows": entry["rows"],
-                "ranks": entry["ranks"],
-                "step_min": entry.get("step_min"),
-                "step_max": entry.get("step_max"),
-                "t_min": entry.get("t_min"),
-                "t_max": entry.get("t_max"),
-                "columns": [[c.name, c.dtype] for c in schema.columns] if schema else [],
-            }
-        header = {k: v for k, v in self._header.items() if k not in ("sync", "schemas")}
-        header["sync"] = self._sync.hex()
-        return {
-            "path": str(self._path),
-            "file_bytes": size,
-            "header": header,
-            "ranks": self.ranks,
-            "tables": tables,
-            "rollups": {"steps": self.rollup_steps, "tables": rollups},
-            "segments": {
-                "count": len(self._segments),
-                "rows": rows,
-                "raw_bytes": raw,
-                "stored_bytes": stored,
-                "compression_ratio": round(raw / stored, 3) if stored else None,
-                "bytes_per_row": round(size / rows, 3) if rows else None,
-            },
-            "attachments": sorted(self._attachments),
-            "summary": self._summary,
-            "integrity": self.integrity,
-        }
+        return inspect_report(self, stats, file_bytes=self._size(), sync=self._sync)
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
