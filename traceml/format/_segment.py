@@ -163,8 +163,11 @@ def _starts(lengths: Sequence[int]) -> np.ndarray:
     return np.fromiter(itertools.accumulate(lengths[:-1], initial=0), dtype=np.int64, count=len(lengths))
 
 
-def encode_segment(groups: Sequence[TableRuns], compressor: zstandard.ZstdCompressor) -> tuple[bytes, SegmentHead]:
-    """Pack the SEGMENT payload of *groups* (one per table, in body order)."""
+def encode_segment(
+    groups: Sequence[TableRuns], compressor: zstandard.ZstdCompressor, seq: int | None = None
+) -> tuple[bytes, SegmentHead]:
+    """Pack the SEGMENT payload of *groups* (one per table, in body order); ``seq`` is the writer's
+    count of segments before this one, so two segments of one file are never byte-identical."""
     tables: list[str] = []
     stream_list: list[list[int]] = []
     streams: list[tuple[int, str, int]] = []
@@ -218,6 +221,7 @@ def encode_segment(groups: Sequence[TableRuns], compressor: zstandard.ZstdCompre
             "streams": stream_list,
             "raw_size": head.raw_size,
             "codec": "zstd",
+            **({} if seq is None else {"seq": seq}),
         }
     )
     return b"".join((_U32.pack(len(head_bytes)), head_bytes, compressor.compress(body))), head

@@ -510,7 +510,7 @@ class TmlWriter:
 
     def _write_segment(self, groups: list[_segment.TableRuns], *, data: bool) -> None:
         """Encode and write one SEGMENT; ``data`` rows count as written (rollup rows do not)."""
-        payload, head = _segment.encode_segment(groups, self._compressor)
+        payload, head = _segment.encode_segment(groups, self._compressor, seq=self._segments_written)
         offset = self._offset
         length = self._write_record(RecordKind.SEGMENT, payload)
         self._pending_segments.append((offset, length, head))
