@@ -382,3 +382,28 @@ def test_a_plotly_bundle_of_ones_own_replaces_plotlys(browser, gpu_tml: Path, tm
     (tmp_path / "not.js").write_text("console.log(1)")
     with pytest.raises(ConfigError, match="does not look like a plotly.js bundle"):
         build_app(lambda: ColumnStore().snapshot(), live=False, plotly_js=tmp_path / "not.js")
+
+
+def test_many_ranks_get_a_range_box_not_a_checklist(browser, tmp_path: Path) -> None:
+    path = tmp_path / "wide.tml"
+    run = synthetic_run(ranks=40, steps=50, seed=3, sample_every=10)
+    write_recording(path, run, meta=run_meta("wide-run", ranks=40))
+    app, close = build_dashboard(path)
+    try:
+        with served(app) as server, opened(browser, server.url) as page:
+            wait_traces(page, "fig-rank-heatmap", "t[0].y.length === 40")
+            assert page.locator("#rank-filter input").count() == 0  # no 40 checkboxes
+            box = page.locator("#rank-spec")
+            box.fill("0-2,30-x")
+            box.press("Enter")
+            page.wait_for_function("document.querySelector('#rank-spec-msg').innerText.includes('expected')")
+            assert "'30-x' is not a rank or a range" in page.inner_text("#rank-spec-msg")
+            box.fill("0-2, 35")
+            box.press("Enter")
+            heat = wait_traces(page, "fig-rank-heatmap", "t[0].y.length === 4")
+            assert heat[0]["y"] == ["rank 0", "rank 1", "rank 2", "rank 35"]
+            per_rank = wait_traces(page, "fig-rank-steps", "t.length === 4")
+            assert sorted(t["meta"]["rank"] for t in per_rank) == [0, 1, 2, 35]
+            assert page.inner_text("#rank-spec-msg") == "4 of 40 ranks"
+    finally:
+        close()

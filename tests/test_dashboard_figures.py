@@ -234,3 +234,20 @@ def test_diagnosis_comes_from_the_recorded_summary_when_there_is_one(view) -> No
     assert source_b.startswith("the run's summary") and [f.kind for f in lines_b] == [f.kind for f in lines]
     children = json.dumps(web._diagnosis_children(recorded, use_summary=True), default=lambda o: o.to_plotly_json())
     assert "diagnosis-primary" in children and "STRAGGLER" in children
+
+
+def test_the_rank_box_parses_the_traceml_ranks_syntax_and_says_what_is_wrong() -> None:
+    import dash
+
+    from traceml.drivers.web import rank_spec_update
+
+    ranks = list(range(64))
+    assert rank_spec_update("0-2, 60", ranks) == ([0, 1, 2, 60], "4 of 64 ranks")
+    assert rank_spec_update("  ", ranks) == (ranks, "all 64 ranks")
+    assert rank_spec_update("60-70", ranks) == ([60, 61, 62, 63], "4 of 64 ranks")
+    value, msg = rank_spec_update("3-1", ranks)
+    assert value is dash.no_update and "expected e.g. 0-15,300" in msg
+    value, msg = rank_spec_update("abc", ranks)
+    assert value is dash.no_update and "'abc' is not a rank or a range" in msg
+    value, msg = rank_spec_update("100-200", ranks)
+    assert value is dash.no_update and "names no rank of this run (ranks 0-63)" in msg

@@ -37,6 +37,7 @@ from traceml.store import StoreView
 from traceml.transport import listening_socket
 from traceml.views import series
 from traceml.views.final import FindingLine, findings_from_summary
+from traceml.views.spread import parse_rank_filter
 
 try:
     import dash
@@ -171,6 +172,31 @@ def _as_range(data: Any) -> tuple[int, int] | None:
     if isinstance(data, (list, tuple)) and len(data) == 2:
         return (int(data[0]), int(data[1]))
     return None
+
+
+#: beyond this many ranks the rank filter is a text box taking ``0-15,300`` (as TRACEML_RANKS), not checkboxes
+RANK_CHECKLIST_MAX = 32
+
+
+def rank_spec_update(spec: Any, available: Sequence[int]) -> tuple[Any, str]:
+    """The rank filter's new value for the text typed in the wide-run rank box, and the inline message.
+    Empty text: every rank.  Text that does not parse, or names no rank of this run: the value is
+    left as it was (``dash.no_update``) and the message says what was expected."""
+    text = str(spec or "").strip()[:1000]
+    if not text:
+        return list(available), f"all {len(available):,} ranks"
+    try:
+        wanted = parse_rank_filter(text)
+    except ConfigError as exc:
+        return dash.no_update, str(exc)
+    chosen = [r for r in available if r in wanted]
+    if not chosen:
+        last = max(available) if available else -1
+        return (
+            dash.no_update,
+            f"rank filter {text!r} names no rank of this run (ranks 0-{last}); expected e.g. 0-15,300",
+        )
+    return chosen, f"{len(chosen):,} of {len(available):,} ranks"
 
 
 def _ranks_arg(value: Any, available: Sequence[int]) -> tuple[int, ...]:
@@ -456,6 +482,7 @@ def build_app(
     def layout() -> html.Div:
         view, other = views()
         ranks = all_ranks(view, other)
+        wide = len(ranks) > RANK_CHECKLIST_MAX
         mode = "live" if live else ("compare" if other is not None else "replay")
         return html.Div(
             id="traceml-app",
@@ -480,11 +507,21 @@ def build_app(
                         html.B("Ranks"),
                         dcc.Checklist(
                             id="rank-filter",
-                            options=[{"label": f" {r}", "value": r} for r in ranks],
+                            options=[] if wide else [{"label": f" {r}", "value": r} for r in ranks],
                             value=ranks,
                             inline=True,
                             inputStyle={"marginLeft": "8px"},
+                            style={"display": "none"} if wide else {},
                         ),
+                        dcc.Input(
+                            id="rank-spec",
+                            type="text",
+                            placeholder=f"e.g. 0-15,300 (all {len(ranks):,} ranks)",
+                            debounce=True,
+                            value="",
+                            style={"marginLeft": "8px"} if wide else {"display": "none"},
+                        ),
+                        html.Span(id="rank-spec-msg", style={"marginLeft": "8px", "color": "#6b7280"}),
                         html.B("Phases", style={"marginLeft": "16px"}),
                         dcc.Checklist(
                             id="phase-toggle",
@@ -796,18 +833,36 @@ def build_app(
         Input("data-version", "data"),
         State("rank-filter", "options"),
         State("rank-filter", "value"),
+        State("rank-spec", "value"),
         prevent_initial_call=True,
     )
     @tracked
-    def _rank_options(_tick: Any, options: Any, value: Any) -> tuple[Any, Any]:
+    def _rank_options(_tick: Any, options: Any, value: Any, spec: Any) -> tuple[Any, Any]:
         view, other = views()
         ranks = all_ranks(view, other)
         known = [o["value"] for o in options or []]
+        if len(ranks) > RANK_CHECKLIST_MAX:  # the text box chooses; the checklist stays hidden and empty
+            if not known and sorted(value or []) == ranks:
+                return dash.no_update, dash.no_update
+            new, _ = rank_spec_update(spec, ranks)
+            return [], (ranks if new is dash.no_update else new)
         if ranks == known:
             return dash.no_update, dash.no_update
         everything = sorted(value or []) == sorted(known)
         new_value = ranks if everything else [r for r in (value or []) if r in ranks]
         return [{"label": f" {r}", "value": r} for r in ranks], new_value
+
+    # -- many ranks: a text box with the TRACEML_RANKS syntax chooses them ----------------------------
+    @app.callback(
+        Output("rank-filter", "value", allow_duplicate=True),
+        Output("rank-spec-msg", "children"),
+        Input("rank-spec", "value"),
+        prevent_initial_call=True,
+    )
+    @tracked
+    def _rank_spec(spec: Any) -> tuple[Any, str]:
+        view, other = views()
+        return rank_spec_update(spec, all_ranks(view, other))
 
     return app
 
