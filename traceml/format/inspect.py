@@ -3,12 +3,14 @@ the rows that decoded, and the whole-file report.  Pure: the reader does the rea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from traceml.schema import is_rollup
 
-if TYPE_CHECKING:
-    from traceml.format.reader import Batch, TmlReader
+#: one decoded batch: (rank, table, columns)
+Batch = tuple[int, str, dict[str, np.ndarray]]
 
 
 class TableStats:
@@ -37,10 +39,12 @@ class TableStats:
         return self._stats
 
 
-def inspect_report(
-    reader: TmlReader, stats: dict[str, dict[str, Any]], *, file_bytes: int, sync: bytes
-) -> dict[str, Any]:
-    """Everything ``traceml inspect --json`` prints, from ``verify``'s statistics."""
+def inspect_report(reader: Any, stats: dict[str, dict[str, Any]], *, file_bytes: int, sync: bytes) -> dict[str, Any]:
+    """Everything ``traceml inspect --json`` prints, from ``verify``'s statistics.
+
+    ``reader`` is the :class:`~traceml.format.reader.TmlReader` (not imported here: the reader
+    imports this module, and the import graph stays acyclic).
+    """
     segments = reader.segments
     schemas = reader.schemas
     rows = sum(n for seg in segments for (_, t), n in seg.rows.items() if not is_rollup(t))

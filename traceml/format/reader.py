@@ -40,11 +40,10 @@ from traceml.format._records import (
     SegmentHead,
 )
 from traceml.format._slice import Range, _concat, _disjoint, _inside, _rows, _trim
-from traceml.format.inspect import TableStats, inspect_report
+from traceml.format.inspect import Batch, TableStats, inspect_report
 from traceml.schema import NUMPY_DTYPES, STR, TableSchema, is_rollup, rollup_schema
 
 #: (rank, table, {column: ndarray}); str columns are object arrays
-Batch = tuple[int, str, dict[str, np.ndarray]]
 
 _SEARCH_CHUNK = 1 << 20
 #: the upper bound of "every step after" in a step range
