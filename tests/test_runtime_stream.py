@@ -526,7 +526,9 @@ def test_a_slow_evaluation_loader_is_not_carried_and_the_trace_places_the_phases
         gaps = rec.read_table("step_timeline")[0]
         cost = rec.read_table("traceml_cost")[0]
         own = rec.attachments["summary"]["traceml"]  # the closing summary reports traceml's own cost
-    assert own["overhead_us_per_step"] > 0 and 0 < own["overhead_share"] < 1
+    # a 40-step script of ~0.3 ms steps: the sampler threads' CPU per step can exceed the step
+    # itself on a loaded machine (share > 1 is a true figure here), so only its sign is checked
+    assert own["overhead_us_per_step"] > 0 and own["overhead_share"] > 0
     assert list(steps["step"]) == list(range(40)) == list(gaps["step"])
     starts = phase_starts([steps[f"{p}_us"] for p in TIMELINE_PHASES], [gaps[f"{p}_gap_us"] for p in TIMELINE_PHASES])
     timeline = {f"{p}_start_us": v for p, v in zip(TIMELINE_PHASES, starts, strict=True)}
