@@ -36,7 +36,8 @@ import plotly.graph_objects as go
 import replay
 from replay.dashboard import build_dashboard
 from traceml.diagnosis import build_summary
-from traceml.drivers.web import FIGURE_IDS, WebServer, _diagnosis_children
+from traceml.drivers.web import FIGURE_IDS, WebServer
+from traceml.drivers.web.panels import diagnosis_children
 from traceml.renderers import figures
 from traceml.store import StoreView
 from traceml.testing.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
@@ -273,9 +274,9 @@ def main() -> None:
             }[chart]
             s1, _ = timed(fn, 3)
             rows.append((f"  {chart}", s1, ""))
-        s_sum, _ = timed(lambda: _diagnosis_children(view, use_summary=True), 1)
+        s_sum, _ = timed(lambda: diagnosis_children(view, use_summary=True), 1)
         rows.append(("  diagnosis panel from the recorded summary", s_sum, "replay of a finished run"))
-        s_diag, _ = timed(lambda: _diagnosis_children(view), 1)
+        s_diag, _ = timed(lambda: diagnosis_children(view), 1)
         rows.append(
             ("  diagnosis panel, diagnosed here (crashed file)", s_diag, "after the first charts, own callback")
         )

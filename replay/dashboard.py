@@ -209,11 +209,8 @@ def serve(
     progress: bool | None = None,
 ) -> None:
     """``traceml replay --ui web``: serve the dashboard over ``path`` until Ctrl-C (or ``stop``)."""
-    import sys
+    from traceml.drivers.web import listen, serve_app
 
-    from traceml.drivers.web import WebServer, is_loopback, listen
-
-    say = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
     sock = listen(host, port)  # a busy port fails before the recording is loaded
     try:
         app, close = build_dashboard(path, compare, follow=follow, progress=progress)
@@ -221,20 +218,6 @@ def serve(
         sock.close()
         raise
     try:
-        server = WebServer(app, host, sock=sock)
-        if not is_loopback(host):
-            say(f"warning: the dashboard has no authentication and is reachable on {host}:{server.port}")
-        say(f"traceml dashboard for {path}: {server.url}  (Ctrl-C to stop)")
-        if stop is None:
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                pass
-        else:
-            server.start()
-            try:
-                stop.wait()
-            finally:
-                server.stop()
+        serve_app(app, host=host, sock=sock, stop=stop, announce=announce, what=f"traceml dashboard for {path}")
     finally:
         close()

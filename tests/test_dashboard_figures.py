@@ -8,6 +8,8 @@ import threading
 import pytest
 
 from traceml.drivers import web
+from traceml.drivers.web.context import ModelCache
+from traceml.drivers.web.panels import diagnosis_children
 from traceml.errors import ConfigError
 from traceml.renderers import figures
 from traceml.schema import PHASES
@@ -147,7 +149,7 @@ def test_a_zoom_wins_over_redraw_events_that_come_in_with_it() -> None:
 
 
 def test_model_cache_reuses_models_per_view_object() -> None:
-    cache = web._ModelCache(size=2)
+    cache = ModelCache(size=2)
     a = ColumnStore().snapshot()
     b = ColumnStore().snapshot()
     calls = []
@@ -232,7 +234,7 @@ def test_diagnosis_comes_from_the_recorded_summary_when_there_is_one(view) -> No
     recorded = store.snapshot()
     lines_b, _, source_b = web.diagnosis_lines(recorded, use_summary=True)
     assert source_b.startswith("the run's summary") and [f.kind for f in lines_b] == [f.kind for f in lines]
-    children = json.dumps(web._diagnosis_children(recorded, use_summary=True), default=lambda o: o.to_plotly_json())
+    children = json.dumps(diagnosis_children(recorded, use_summary=True), default=lambda o: o.to_plotly_json())
     assert "diagnosis-primary" in children and "STRAGGLER" in children
 
 

@@ -58,9 +58,9 @@ def test_the_live_terminal_view_shows_the_current_verdict() -> None:
 
 
 def test_the_live_dashboard_shows_the_current_verdict() -> None:
-    from traceml.drivers.web import _now_children
+    from traceml.drivers.web.panels import now_children
 
-    children = _now_children(_run(10, 60, 5).snapshot())
+    children = now_children(_run(10, 60, 5).snapshot())
     bold = children[1].children[0]
     assert bold.id == "diagnosis-now" and bold.children == "STRAGGLER"
-    assert _now_children(ColumnStore().snapshot()) == []
+    assert now_children(ColumnStore().snapshot()) == []

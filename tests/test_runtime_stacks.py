@@ -144,11 +144,11 @@ def test_report_and_summary_show_the_residual_table_escaped() -> None:
 
 
 def test_dashboard_diagnosis_panel_has_the_residual_table() -> None:
-    from traceml.drivers.web import _diagnosis_children
+    from traceml.drivers.web.panels import diagnosis_children
 
     view = _view(6_000, [_stack("get_batch", "train.py:118", 90, 1), _stack("main", "train.py:40", 10, 0)])
-    children = _diagnosis_children(view)
+    children = diagnosis_children(view)
     (table,) = [c for c in children if getattr(c, "id", None) == "residual-table"]
     first_row = table.children[1].children[0]
     assert [td.children for td in first_row.children] == ["get_batch", "train.py:118", "90", "90%", "yes"]
-    assert _diagnosis_children(_view(6_000, []))[-1].__class__.__name__ != "Table"
+    assert diagnosis_children(_view(6_000, []))[-1].__class__.__name__ != "Table"
