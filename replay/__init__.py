@@ -18,7 +18,20 @@ if TYPE_CHECKING:
 __all__ = ["Recording", "open"]
 
 #: submodules reachable as ``replay.<name>`` after a bare ``import replay``, as before it was lazy
-_SUBMODULES = frozenset({"cli", "compare", "dashboard", "engine", "gate", "player", "report"})
+_SUBMODULES = frozenset(
+    {
+        "cli",
+        "compare",
+        "compare_input",
+        "compare_model",
+        "compare_render",
+        "dashboard",
+        "engine",
+        "player",
+        "report",
+        "stats",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

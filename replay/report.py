@@ -27,6 +27,7 @@ from traceml.diagnosis import thresholds as th
 from traceml.errors import ReportError, TracemlError
 from traceml.outpaths import OutputDir
 from traceml.renderers import figures as fg
+from traceml.renderers import html
 from traceml.store import StoreView
 from traceml.units import fmt_bytes
 from traceml.views import series as sv
@@ -54,8 +55,6 @@ def check_plotly_js(value: str) -> str:
 PLOTLY_JS_FILE = "plotly.min.js"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-
-_SEVERITY_COLOR = {"critical": "#b91c1c", "warn": "#b45309", "info": "#1d4ed8"}
 
 
 @dataclass(frozen=True)
@@ -134,53 +133,20 @@ def figures(view: StoreView) -> list[tuple[str, go.Figure]]:
 
 # --- documents ------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#111827;background:#f9fafb}
-main{max-width:1180px;margin:0 auto;padding:24px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
-.sub{color:#6b7280;font-size:13px}
-.verdict{border-left:6px solid;padding:12px 16px;background:#fff;margin:16px 0;border-radius:4px}
-.verdict b{font-size:16px}
-table{border-collapse:collapse;background:#fff;font-size:13px;margin:6px 0}
-td,th{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.sev{font-weight:600;text-transform:uppercase;font-size:11px}
-.chart{background:#fff;margin:8px 0;border:1px solid #e5e7eb}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px} .grid>div{min-width:0}
-"""
-
-
-def _e(x: Any) -> str:
-    """Text for the page: entities, and control characters as visible escapes (:mod:`traceml.escape`)."""
-    return esc.html("" if x is None else x, None)
-
-
-def _num(x: Any, fmt: str = "{:.2f}") -> str:
-    return "—" if x is None else fmt.format(x)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 99) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i >= numeric_from else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
 
 def _findings_table(diag: Mapping[str, Any]) -> str:
     rows = []
     for f in diag.get("findings", []):
-        color = _SEVERITY_COLOR.get(f["severity"], "#374151")
+        color = html.SEVERITY_COLOR.get(f["severity"], "#374151")
         rows.append(
             [
-                f"<span class=sev style='color:{color}'>{_e(f['severity'])}</span>",
-                _e(f["kind"]),
-                _e("" if f.get("rank") is None else f["rank"]),
-                _e(f["summary"]),
+                f"<span class=sev style='color:{color}'>{html.text(f['severity'])}</span>",
+                html.text(f["kind"]),
+                html.text("" if f.get("rank") is None else f["rank"]),
+                html.text(f["summary"]),
             ]
         )
-    return _table(["severity", "finding", "rank", "what and how much"], rows)
+    return html.table(["severity", "finding", "rank", "what and how much"], rows)
 
 
 def _pct(x: Any) -> str:
@@ -208,9 +174,9 @@ def _regions_table(regions: Sequence[Mapping[str, Any]]) -> str:
         if r.get("where") == "between steps":
             rows.append(
                 [
-                    _e(r["name"]),
+                    html.text(r["name"]),
                     "between steps",
-                    _e(r["calls"]),
+                    html.text(r["calls"]),
                     "—",
                     "—",
                     "—",
@@ -220,34 +186,34 @@ def _regions_table(regions: Sequence[Mapping[str, Any]]) -> str:
         else:
             rows.append(
                 [
-                    _e(r["name"]),
+                    html.text(r["name"]),
                     "in steps",
-                    _e(r["calls"]),
-                    _num(r.get("median_ms")),
-                    _num(r.get("mean_ms")),
+                    html.text(r["calls"]),
+                    html.num(r.get("median_ms")),
+                    html.num(r.get("mean_ms")),
                     _pct(r.get("share")),
                     _pct(r.get("outside_phases_share")),
                 ]
             )
     header = ["region", "where", "calls", "median ms", "mean ms", "share of step time", "outside the phases"]
-    return _table(header, rows, numeric_from=2)
+    return html.table(header, rows, numeric_from=2)
 
 
 def _residual_table(residual: Mapping[str, Any]) -> str:
     """The stack sampler's top functions of the residual (names from the file: escaped)."""
     rows = [
         [
-            _e(e.get("func", "")),
-            _e(e.get("site", "")),
-            _e(e.get("samples", "")),
+            html.text(e.get("func", "")),
+            html.text(e.get("site", "")),
+            html.text(e.get("samples", "")),
             _pct(e.get("share")),
             "yes" if e.get("reads_data") else "",
         ]
         for e in list(residual.get("top", []))[:16]
     ]
-    table = _table(["function", "defined at", "samples", "of residual samples", "reads data"], rows, numeric_from=2)
+    table = html.table(["function", "defined at", "samples", "of residual samples", "reads data"], rows, numeric_from=2)
     note = (
-        f"<div class=sub>{_e(residual.get('samples'))} samples taken while no named phase ran; "
+        f"<div class=sub>{html.text(residual.get('samples'))} samples taken while no named phase ran; "
         f"{_pct(residual.get('input_share'))} of them reading data</div>"
     )
     return table + note
@@ -261,21 +227,17 @@ def _phase_table(steps: Mapping[str, Any]) -> str:
     rows = []
     for p in overall:
         row = [
-            _e(p),
-            _num(overall[p]["median_ms"]),
-            _num(overall[p]["p95_ms"]),
-            _num(overall[p].get("mean_ms")),
+            html.text(p),
+            html.num(overall[p]["median_ms"]),
+            html.num(overall[p]["p95_ms"]),
+            html.num(overall[p].get("mean_ms")),
             _pct(overall[p].get("share")) if p != "step" else "",
         ]
         for r in per_rank[:16]:
             s = r["phases"].get(p, {})
-            row.append(f"{_num(s.get('median_ms'))} / {_num(s.get('p95_ms'))}")
+            row.append(f"{html.num(s.get('median_ms'))} / {html.num(s.get('p95_ms'))}")
         rows.append(row)
-    return _table(header, rows, numeric_from=1)
-
-
-def _kv(rows: Sequence[tuple[str, Any]]) -> str:
-    return _table(["", ""], [[_e(k), _e(v)] for k, v in rows])
+    return html.table(header, rows, numeric_from=1)
 
 
 def _environment(view: StoreView) -> list[tuple[str, Any]]:
@@ -299,28 +261,28 @@ def render_html(
     run, steps, diag = summary["run"], summary["steps"], summary["diagnosis"]
     recent = summary["diagnosis_recent"]
     primary = diag["primary"]
-    color = _SEVERITY_COLOR.get(primary["severity"], "#374151")
+    color = html.SEVERITY_COLOR.get(primary["severity"], "#374151")
     title = run["name"] or run["id"] or (Path(source).name if source else "run")
     parts = [
-        f"<h1>traceml report — {_e(title)}</h1>",
-        f"<div class=sub>{_e(source)} · run {_e(run['id'])} · started {_e(run['start'])} · "
-        f"{_e(run['world_size'])} rank(s) · exit {_e(run['exit_status'])}</div>",
-        f"<div class=verdict style='border-color:{color}'><b style='color:{color}'>{_e(primary['kind'])}</b> "
-        f"<span class=sev style='color:{color}'>{_e(primary['severity'])}</span><br>{_e(primary['summary'])}</div>",
+        f"<h1>traceml report — {html.text(title)}</h1>",
+        f"<div class=sub>{html.text(source)} · run {html.text(run['id'])} · started {html.text(run['start'])} · "
+        f"{html.text(run['world_size'])} rank(s) · exit {html.text(run['exit_status'])}</div>",
+        f"<div class=verdict style='border-color:{color}'><b style='color:{color}'>{html.text(primary['kind'])}</b> "
+        f"<span class=sev style='color:{color}'>{html.text(primary['severity'])}</span><br>{html.text(primary['summary'])}</div>",
         "<h2>Diagnosis — whole run</h2>",
         _findings_table(diag),
-        f"<div class=sub>window: steps {_e(diag['window']['first_step'])}–{_e(diag['window']['last_step'])} "
+        f"<div class=sub>window: steps {html.text(diag['window']['first_step'])}–{html.text(diag['window']['last_step'])} "
         f"({diag['window']['steps']} analysed; {diag['window']['warmup_steps']} warm-up and "
         f"{diag['window']['failed_rows']} failed rows skipped)</div>",
-        f"<h2>Diagnosis — last {_e(recent['window']['last_n'])} steps</h2>",
+        f"<h2>Diagnosis — last {html.text(recent['window']['last_n'])} steps</h2>",
         _findings_table(recent),
     ]
     if diag.get("missing"):
-        parts.append("<div class=sub>not checked: " + _e("; ".join(diag["missing"])) + "</div>")
+        parts.append("<div class=sub>not checked: " + html.text("; ".join(diag["missing"])) + "</div>")
     parts += [
         "<h2>Step time</h2>",
         f"<div class=sub>{steps['count']} steps analysed (of {steps['recorded_rows']} rows recorded)"
-        + "".join(f" · {_e(f)}" for f in _step_facts(steps))
+        + "".join(f" · {html.text(f)}" for f in _step_facts(steps))
         + "</div>",
         _phase_table(steps),
         "<div class=sub>job median: per step, the slowest rank's step time and the ranks' mean phase time; "
@@ -329,7 +291,7 @@ def render_html(
     ]
     cost = traceml_cost_text(summary)
     if cost:
-        parts.append(f"<div class=sub>{_e(cost)}</div>")
+        parts.append(f"<div class=sub>{html.text(cost)}</div>")
     if summary.get("regions"):
         parts += ["<h2>Named regions (traceml.trace_time)</h2>", _regions_table(summary["regions"])]
     if summary.get("residual"):
@@ -338,16 +300,13 @@ def render_html(
     for i, (name, fig) in enumerate(charts):
         if i % 2 == 0:
             parts.append("<div class=grid>")
-        div = fig.to_html(
-            full_html=False, include_plotlyjs=False, div_id=f"chart-{name}", config={"displaylogo": False}
-        )
-        parts.append(f"<div class=chart>{div}</div>")
+        parts.append(html.chart(name, fig))
         if i % 2 == 1 or i == len(charts) - 1:
             parts.append("</div>")
     mem = summary["memory"]
     parts += [
         "<h2>Memory</h2>",
-        _table(
+        html.table(
             ["rank", "peak RSS", "peak GPU allocated", "peak GPU reserved", "GPU total"],
             [
                 [
@@ -371,17 +330,17 @@ def render_html(
     if gpus:
         parts += [
             "<h2>GPUs</h2>",
-            _table(
+            html.table(
                 ["node", "gpu", "samples", "util mean %", "util p95 %", "max memory used", "max temp °C"],
                 [
                     [
                         g["node_rank"],
                         g["gpu_idx"],
                         g["samples"],
-                        _num(g["util_pct_mean"], "{:.0f}"),
-                        _num(g["util_pct_p95"], "{:.0f}"),
+                        html.num(g["util_pct_mean"], "{:.0f}"),
+                        html.num(g["util_pct_p95"], "{:.0f}"),
                         fmt_bytes(g["mem_used_max_bytes"]) if g["mem_used_max_bytes"] is not None else "—",
-                        _num(g["temp_c_max"], "{:.0f}"),
+                        html.num(g["temp_c_max"], "{:.0f}"),
                     ]
                     for g in gpus
                 ],
@@ -399,12 +358,12 @@ def render_html(
     )
     parts += [
         "<h2>Run</h2>",
-        _kv(
+        html.key_values(
             [
                 ("run id", run["id"]),
                 ("name", run["name"]),
                 ("start (UTC)", run["start"]),
-                ("duration", _num(run["duration_s"], "{:.1f} s")),
+                ("duration", html.num(run["duration_s"], "{:.1f} s")),
                 ("world size", run["world_size"]),
                 ("hosts", ", ".join(run["hosts"])),
                 ("exit status", f"{run['exit_status']} (code {run['exit_code']})"),
@@ -420,10 +379,10 @@ def render_html(
     ]
     env = _environment(view)
     if env:
-        parts += ["<h2>Environment (rank 0)</h2>", _kv(env)]
+        parts += ["<h2>Environment (rank 0)</h2>", html.key_values(env)]
     parts += [
         "<h2>Integrity</h2>",
-        _kv(
+        html.key_values(
             [
                 ("status", integ["status"]),
                 ("complete", integ["complete"]),
@@ -440,17 +399,11 @@ def render_html(
         f"<p class=sub>Generated by traceml report from the recording alone. Thresholds: docs/diagnosis.md "
         f"(warm-up {th.WARMUP_STEPS} steps, at least {th.MIN_STEPS} steps per rank).</p>",
     ]
-    return (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<title>traceml report — {_e(title)}</title>"
-        f"<style>{_CSS}</style>"
-        + (
-            f'<script type="text/javascript">{get_plotlyjs()}</script>'
-            if plotly_js == "inline"
-            else f'<script src="{_e(PLOTLY_JS_FILE if plotly_js == "directory" else plotly_js)}" charset="utf-8"></script>'
-        )
-        + f"</head><body><main>{''.join(parts)}</main></body></html>\n"
-    )
+    if plotly_js == "inline":
+        script = html.plotly_inline()
+    else:
+        script = html.plotly_src(PLOTLY_JS_FILE if plotly_js == "directory" else plotly_js)
+    return html.page(f"traceml report — {title}", parts, script)
 
 
 def _md_name(name: Any) -> str:

@@ -10,6 +10,7 @@ from test_compare_verdicts import view
 from typer.testing import CliRunner
 
 from replay import compare as cp
+from replay import compare_render as cr
 from traceml.cli import app
 from traceml.diagnosis import build_summary
 from traceml.store import StoreView
@@ -99,7 +100,7 @@ def test_mixed_recording_and_summary_uses_the_approximation(summaries: dict[str,
     c = cp.compare_sides(base, new)
     assert c.method == "approximate"
     assert c.verdict == cp.REGRESSION
-    text = cp.render_text(c)
+    text = cr.render_text(c)
     assert "summary.json" in text and "no step distributions" in text
 
 

@@ -18,7 +18,8 @@ from test_report_tml import write_tml
 from typer.testing import CliRunner
 
 from replay import compare as cp
-from replay import gate as g
+from replay import compare_render as cr
+from replay import stats as g
 from traceml.cli import app
 from traceml.errors import ReportError
 from traceml.schema import PHASES, STEP_TIME, rows_to_columns
@@ -161,7 +162,7 @@ def test_a_phase_absent_in_the_base_prints_new() -> None:
     c = cp.compare_sides(side(base, "b"), side(new, "n"))
     dl = cp.metric(c, "phase.dataloader")
     assert dl.base == 0 and dl.new_in_new and dl.ratio is None
-    text = cp.render_text(c)
+    text = cr.render_text(c)
     row = next(ln for ln in text.splitlines() if ln.startswith("dataloader"))
     assert " new " in row and "nan" not in text
     assert dl.verdict == cp.REGRESSION and "absent in base" in dl.note  # 12 ms is > 5 % of a ~100 ms step
@@ -208,7 +209,7 @@ def test_one_run_per_side_says_drift_is_not_covered_and_applies_the_floor() -> N
     c = cp.compare_sides(base, new)
     assert not c.drift_covered and c.noise_floor_pct == cp.DEFAULT_NOISE_FLOOR_PCT
     assert c.verdict == cp.INCONCLUSIVE and c.exit_code == 3
-    assert "NOT covered" in cp.render_text(c) and "noise floor" in c.reason
+    assert "NOT covered" in cr.render_text(c) and "noise floor" in c.reason
     assert cp.compare_sides(base, new, noise_floor_pct=0).verdict == cp.REGRESSION
     assert cp.compare_sides(base, new, noise_floor_pct=5).verdict == cp.REGRESSION
     assert cp.compare_sides(base, new, noise_floor_pct=9).verdict == cp.INCONCLUSIVE
@@ -238,7 +239,7 @@ def test_several_base_runs_and_one_new_run_measure_the_floor_from_the_base_sprea
     c = cp.compare_sides(bases, side(view(seed=4, forward=34_000.0), "n"))
     floor = cp.metric(c, "step_time").noise_floor
     assert 0.005 < floor < 0.03 and "spread of the base side's 3 runs" in c.floor_source
-    assert "covered on one side only" in cp.render_text(c)
+    assert "covered on one side only" in cr.render_text(c)
 
 
 # --- throughput and time outside steps -----------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_paired_runs_cancel_drift_both_sides_saw() -> None:
     paired = cp.compare_sides(bases, news, paired=True)
     assert unpaired.verdict == cp.INCONCLUSIVE
     assert paired.verdict == cp.REGRESSION and paired.paired and paired.to_dict()["paired"] is True
-    assert "run pairs (--paired)" in cp.render_text(paired)
+    assert "run pairs (--paired)" in cr.render_text(paired)
     with pytest.raises(ReportError, match="as many --new runs as --base runs"):
         cp.compare_sides(bases, news[:2], paired=True)
 

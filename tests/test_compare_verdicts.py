@@ -7,6 +7,7 @@ import pytest
 from test_diagnosis_support import GiB, RunBuilder
 
 from replay import compare as cp
+from replay import stats
 from traceml.errors import ReportError
 from traceml.store import StoreView
 
@@ -138,7 +139,7 @@ def test_steps_are_aligned_on_common_step_numbers() -> None:
 @pytest.mark.parametrize("q", [0.5, 0.95])
 def test_order_statistic_bootstrap_matches_brute_force_resampling(n: int, q: float) -> None:
     x = np.random.default_rng(n).lognormal(0, 0.3, n)
-    fast = cp.bootstrap_quantile(x, q, 20_000, np.random.default_rng(1))
+    fast = stats.bootstrap_quantile(x, q, 20_000, np.random.default_rng(1))
     brute = np.quantile(x[np.random.default_rng(2).integers(0, n, size=(20_000, n))], q, axis=1)
     # same sampling distribution: its 2.5 / 50 / 97.5 percentiles agree to within sampling error
     assert np.allclose(np.quantile(fast, [0.025, 0.5, 0.975]), np.quantile(brute, [0.025, 0.5, 0.975]), rtol=0.03)

@@ -213,7 +213,8 @@ def compare(
             "compare",
             EXIT_USAGE,
         )
-    from replay.compare import compare_files, render_text, write_outputs
+    from replay.compare import compare_files
+    from replay.compare_render import render_text, write_outputs
 
     try:
         result = compare_files(

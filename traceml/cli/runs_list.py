@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from traceml import escape as esc
+from traceml.units import fmt_bytes
 
 
 def _run_row(path: Path) -> dict[str, Any]:
@@ -53,14 +54,6 @@ def list_runs(runs_dir: Path, *, limit: int = 50) -> list[dict[str, Any]]:
     return [_run_row(p) for p in files]
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
-
-
 def render_runs(rows: list[dict[str, Any]], runs_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -84,7 +77,7 @@ def render_runs(rows: list[dict[str, Any]], runs_dir: Path) -> None:
             r["date"].replace("T", " ")[:19],
             "-" if r["steps"] is None else f"{r['steps']:,}",
             esc.rich(str(verdict)),
-            _size(r["bytes"]),
+            fmt_bytes(r["bytes"], grouped=True, largest="GiB"),
             esc.rich(Path(r["path"]).name),
         )
     console.print(table)
