@@ -63,6 +63,19 @@ CASES: dict[str, Case] = {
     "manual-allreduce": Case(
         "ddp_buckets.py", ("--layers", "40", "--manual", "--steps", "40"), "COMMUNICATION_BOUND", nproc=2
     ),
+    # the same all-reduces issued with async_op=True and all waited for before the optimizer step
+    "async-allreduce": Case(
+        "ddp_buckets.py", ("--layers", "40", "--manual-async", "--steps", "40"), "COMMUNICATION_BOUND", nproc=2
+    ),
+    # FSDP2 fully_shard on 24 thin blocks: an all-gather and a reduce-scatter per block and little compute
+    "fsdp-thin-blocks": Case("fsdp_shard.py", ("--blocks", "24", "--steps", "35"), "COMMUNICATION_BOUND", nproc=2),
+    # FSDP2 on one wide block over a batch of 4096: real compute per collective
+    "fsdp-real-compute": Case(
+        "fsdp_shard.py",
+        ("--blocks", "1", "--width", "256", "--batch", "4096", "--steps", "35"),
+        "COMPUTE_BOUND",
+        nproc=2,
+    ),
     "compiled": Case("compiled.py", (), "COMPUTE_BOUND"),
     # 4 micro-batches per step under bf16 autocast, and a 10 ms sleep before optimizer.step()
     "accum-bf16-sleep": Case("accum_bf16.py", ("--sleep-ms", "10"), "RESIDUAL_HEAVY"),
@@ -224,6 +237,32 @@ def test_collectives_called_in_the_step_are_timed(runs: dict[tuple[str, bool], R
         for cols in comm.values():
             assert int(np.median(cols["buckets"])) == 80
             assert (cols["exposed_us"] == cols["comm_us"]).all()  # blocking: nothing hides them
+
+
+def test_fsdp_all_gathers_and_reduce_scatters_are_timed(runs: dict[tuple[str, bool], Run]) -> None:
+    for traced in (True, False):
+        for name, blocks in (("fsdp-thin-blocks", 24), ("fsdp-real-compute", 1)):
+            run = runs[(name, traced)]
+            _primary(run)
+            comm = open_recording(run.out).read_table("step_comm")
+            assert sorted(comm) == [0, 1], (name, traced)
+            for cols in comm.values():
+                assert len(cols["step"]) >= 30
+                # at least an all-gather and a reduce-scatter per sharded module (the blocks and the root)
+                assert int(np.median(cols["buckets"])) >= 2 * (blocks + 1), (name, traced)
+                assert (cols["exposed_us"] == cols["comm_us"]).all()  # blocking on gloo: all exposed
+
+
+def test_async_collectives_count_their_wait_as_exposed(runs: dict[tuple[str, bool], Run]) -> None:
+    for traced in (True, False):
+        run = runs[("async-allreduce", traced)]
+        _primary(run)
+        comm = open_recording(run.out).read_table("step_comm")
+        for cols in comm.values():
+            assert int(np.median(cols["buckets"])) == 80
+            assert (cols["exposed_us"] <= cols["comm_us"]).all()
+            # issuing them overlaps the earlier ones: only the wait is exposed
+            assert np.median(cols["exposed_us"]) < np.median(cols["comm_us"])
 
 
 def test_mnist_loader_wait_is_dataloader_in_both_runs(runs: dict[tuple[str, bool], Run]) -> None:

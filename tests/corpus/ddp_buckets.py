@@ -1,7 +1,8 @@
 """DDP on gloo ranks with a chosen bucket size: many small buckets over a model with little
 compute (communication-bound), or a model with real compute per sync.  ``--manual`` averages
 the gradients by hand with ``dist.all_reduce`` per parameter instead of DDP (the pre-DDP tutorial
-way).  Plain PyTorch unless ``--traced``.
+way); ``--manual-async`` issues those all-reduces with ``async_op=True`` and waits for them all
+before the optimizer step (overlapping them with each other).  Plain PyTorch unless ``--traced``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--manual", action="store_true")
+    p.add_argument("--manual-async", action="store_true")
     p.add_argument("--traced", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -33,6 +35,7 @@ def main() -> None:
         layers += [nn.Linear(args.width, args.width), nn.ReLU()]
     world = dist.get_world_size()
     model: nn.Module = nn.Sequential(*layers)
+    args.manual = args.manual or args.manual_async
     if not args.manual:
         model = DDP(model, bucket_cap_mb=args.bucket_mb)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -45,7 +48,13 @@ def main() -> None:
         x = torch.randn(args.batch, args.width)
         with step_ctx():
             model(x).square().mean().backward()
-            if args.manual:
+            if args.manual_async:
+                works = [dist.all_reduce(p_.grad, async_op=True) for p_ in model.parameters()]
+                for work in works:
+                    work.wait()
+                for p_ in model.parameters():
+                    p_.grad /= world
+            elif args.manual:
                 for p_ in model.parameters():
                     dist.all_reduce(p_.grad)
                     p_.grad /= world
