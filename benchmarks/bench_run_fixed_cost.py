@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from traceml.cli.run_cmd import free_port
+from traceml.cli.launch_plan import free_port
 
 SCRIPT = """\
 import torch, traceml

@@ -228,7 +228,7 @@ def test_exit_status_words() -> None:
 
 
 def test_web_ui_serves_the_live_store(tmp_path: Path) -> None:
-    from traceml.cli.run_cmd import free_port
+    from traceml.cli.launch_plan import free_port
 
     port = free_port()
     agg = make_aggregator(tmp_path, ui="web", web_port=port, expected_ranks=1)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from traceml.cli import app, run_cmd
-from traceml.cli.run_cmd import RunPlan
+from traceml.cli.launch_plan import RunPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_traces"

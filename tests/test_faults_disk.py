@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import fault_harness as h
 
 from traceml.aggregator.control import exit_line
-from traceml.cli.run_cmd import free_port
+from traceml.cli.launch_plan import free_port
 from traceml.format import open_recording
 from traceml.schema import PHASES, STEP_TIME, rows_to_columns
 from traceml.transport import RankIdentity, TelemetryClient, batch, encode_columns, hello, rank_finished

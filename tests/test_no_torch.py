@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from traceml.cli.run_cmd import free_port
+from traceml.cli.launch_plan import free_port
 from traceml.format import open_recording
 from traceml.schema import PHASES, STEP_TIME, rows_to_columns
 from traceml.transport import RankIdentity, TelemetryClient, batch, encode_columns, hello, rank_finished

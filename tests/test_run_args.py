@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from traceml.cli import app, run_cmd
+from traceml.cli.launch_plan import RunPlan, rank_env, shadowing_folders, training_command
 from traceml.cli.run_args import first_host, parse_nnodes, resolve_nproc, rewrite, slurm_defaults
-from traceml.cli.run_cmd import RunPlan, rank_env, shadowing_folders, training_command
 from traceml.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

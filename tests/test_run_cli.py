@@ -229,7 +229,7 @@ def test_a_signal_stops_the_training_and_closes_the_recording(tmp_path: Path, si
 
 
 def test_two_nodes_stream_to_node_0s_aggregator(tmp_path: Path) -> None:
-    from traceml.cli.run_cmd import free_port
+    from traceml.cli.launch_plan import free_port
 
     script = tmp_path / "steps.py"
     script.write_text(

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from traceml import config
-from traceml.cli import app, run_cmd
-from traceml.cli.run_cmd import RunPlan, aggregator_command, aggregator_env, plan_run, rank_env, training_command
+from traceml.cli import app, run_cmd, supervisor
+from traceml.cli.launch_plan import RunPlan, aggregator_command, aggregator_env, plan_run, rank_env, training_command
 from traceml.errors import ConfigError
 
 
@@ -161,7 +161,7 @@ def test_the_aggregator_port_is_bound_before_anyone_learns_it(script: str) -> No
     squatter.listen(1)
     try:
         taken = plan.aggregator_port
-        listener = run_cmd.listen_for_ranks(plan)
+        listener = supervisor.listen_for_ranks(plan)
         try:
             assert plan.aggregator_port != taken and listener.getsockname()[1] == plan.aggregator_port
             assert rank_env(plan, {})[config.ENV_AGGREGATOR_PORT] == str(plan.aggregator_port)
@@ -173,6 +173,6 @@ def test_the_aggregator_port_is_bound_before_anyone_learns_it(script: str) -> No
         given = plan_run(script, aggregator_port=taken)
         assert not given.aggregator_port_picked
         with pytest.raises(ConfigError, match=rf"127.0.0.1:{taken} .*another --aggregator-port"):
-            run_cmd.listen_for_ranks(given)
+            supervisor.listen_for_ranks(given)
     finally:
         squatter.close()

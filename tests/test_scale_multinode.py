@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import fault_harness as h
 
-from traceml.cli.run_cmd import free_port
+from traceml.cli.launch_plan import free_port
 from traceml.format import open_recording
 
 pytestmark = pytest.mark.slow

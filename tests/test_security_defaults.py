@@ -19,7 +19,7 @@ import pytest
 
 from replay import cli as replay_cli
 from traceml.aggregator.control import exit_line
-from traceml.cli.run_cmd import aggregator_command, free_port, plan_run, rank_env
+from traceml.cli.launch_plan import aggregator_command, free_port, plan_run, rank_env
 from traceml.format import open_recording
 from traceml.schema import PHASES, STEP_TIME, rows_to_columns
 from traceml.store import ColumnStore

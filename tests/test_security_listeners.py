@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from traceml.cli.run_cmd import TORCHRUN_SHIM, loopback_interface, plan_run, rank_env, training_command
+from traceml.cli.launch_plan import loopback_interface, plan_run, rank_env, training_command
+from traceml.cli.torchrun_shim import TORCHRUN_SHIM
 
 TRACEML = str(Path(sys.executable).parent / "traceml")
 PROBE = Path(__file__).parent / "scripts" / "listen_probe.py"

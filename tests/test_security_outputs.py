@@ -14,7 +14,7 @@ from hostile import HOSTILE_NAMES, write_hostile
 from typer.testing import CliRunner
 
 from traceml.cli import app
-from traceml.cli.run_cmd import plan_run
+from traceml.cli.launch_plan import plan_run
 from traceml.errors import OutputError, OutputExistsError
 from traceml.outpaths import MAX_NAME_CHARS, OutputDir, check_new_file, open_new_file, safe_filename
 
