@@ -26,13 +26,47 @@ and what to change.
     |   +-- OutputExistsError       the file exists and --overwrite was not given
     +-- ExportError                 exporting to Prometheus, OTLP, W&B, MLflow (traceml.exports)
     +-- MissingDependencyError      an optional extra is not installed (with hint)
+
+An error that carries its fields (``RecordTooLargeError``, ``DecompressionBombError``,
+``FrameTooLargeError``) builds its own message from them; raise sites pass numbers, not prose.
 """
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound="TracemlError")
+
+
+def _limit(n: int) -> str:
+    """A limit as people read it: ``64 MiB`` from 1 MiB up, else ``2000-byte``."""
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n}-byte"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.4g} MiB"
+
 
 class TracemlError(Exception):
     """Base class of every error traceml raises on purpose."""
+
+    def within(self: _E, context: str) -> _E:
+        """This error, same type and fields, with *context* (where it happened) before its message."""
+        wider = type(self).__new__(type(self))
+        wider.__dict__.update(self.__dict__)
+        Exception.__init__(wider, f"{context}: {self}")
+        return wider
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from the message and the fields, whatever the subclass's __init__ takes
+        return _rebuild, (type(self), str(self), dict(self.__dict__))
+
+
+def _rebuild(cls: type[TracemlError], message: str, fields: dict[str, Any]) -> TracemlError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(fields)
+    return error
 
 
 class ConfigError(TracemlError):
@@ -56,11 +90,46 @@ class CorruptRecordError(FormatError):
 
 
 class RecordTooLargeError(FormatError):
-    """A declared record length exceeds the configured limit."""
+    """A record length exceeds the record limit: one read from the file at ``offset`` (declared,
+    never allocated), or one about to be written (``offset`` None).  ``setting`` says what to change."""
+
+    def __init__(self, kind: str, length: int, limit: int, *, offset: int | None = None, setting: str) -> None:
+        self.kind, self.length, self.limit, self.offset, self.setting = kind, length, limit, offset, setting
+        if offset is None:
+            message = f"a {kind} record of {length} bytes exceeds the {_limit(limit)} record limit; {setting}"
+        else:
+            message = (
+                f"{kind} record at byte {offset} declares {length} bytes, over the {_limit(limit)} record limit"
+                f" ({setting})"
+            )
+        super().__init__(message)
 
 
 class DecompressionBombError(FormatError):
-    """A compressed payload would expand beyond the decompression cap."""
+    """A compressed payload would expand beyond the cap (``limit``), or, with ``declared``, beyond
+    the size its segment declares (``limit``); ``length`` is what it would expand to, when known."""
+
+    def __init__(
+        self,
+        what: str,
+        length: int | None,
+        limit: int,
+        *,
+        declared: bool = False,
+        offset: int | None = None,
+        setting: str = "",
+    ) -> None:
+        self.what, self.length, self.limit, self.declared = what, length, limit, declared
+        self.offset, self.setting = offset, setting
+        where = "" if offset is None else f" at byte {offset}"
+        if not declared:
+            message = f"{what}{where} declares {length} decompressed bytes, over the {_limit(limit)} cap"
+            message += f" ({setting})" if setting else ""
+        elif length is not None:
+            message = f"{what}{where} would expand to {length} bytes; the segment head declares {limit}"
+        else:
+            message = f"{what}{where} expands beyond the {limit} bytes its segment declares"
+        super().__init__(message)
 
 
 class TruncatedFileError(FormatError):
@@ -76,7 +145,38 @@ class TransportError(TracemlError):
 
 
 class FrameTooLargeError(TransportError):
-    """A frame's length prefix exceeds the configured limit."""
+    """A frame (or, with ``buffered``, a connection's unread bytes) over its limit; the length is
+    never allocated.  ``rank`` is the sender's when known, ``setting`` what to change."""
+
+    def __init__(
+        self,
+        length: int,
+        limit: int,
+        *,
+        setting: str,
+        rank: int | None = None,
+        detail: str = "",
+        buffered: bool = False,
+    ) -> None:
+        self.length, self.limit, self.setting, self.rank = length, limit, setting, rank
+        self.detail, self.buffered = detail, buffered
+        origin = "".join(f" {part}" for part in (detail, "" if rank is None else f"from rank {rank}") if part)
+        if buffered:
+            message = f"{length} bytes buffered{origin} exceed the per-connection bound of {limit} bytes ({setting})"
+        else:
+            message = (
+                f"frame of {length} bytes ({_mib(length)}){origin} exceeds the {limit}-byte ({_mib(limit)})"
+                f" frame limit; {setting}"
+            )
+        super().__init__(message)
+
+    def from_rank(self, rank: int | None) -> FrameTooLargeError:
+        """The same error naming the rank that sent the frame (the decoder does not know it)."""
+        if rank is None or self.rank is not None:
+            return self
+        return FrameTooLargeError(
+            self.length, self.limit, setting=self.setting, rank=rank, detail=self.detail, buffered=self.buffered
+        )
 
 
 class MalformedFrameError(TransportError):

@@ -24,10 +24,7 @@ from traceml import names
 from traceml.errors import MalformedFrameError, TracemlError
 from traceml.schema import STANDARD_TABLES, STR, TableSchema
 from traceml.store import ColumnStore
-from traceml.transport.codec import decode_columns
-from traceml.transport.identity import RankIdentity
-from traceml.transport.messages import ATTACHMENT, BATCH, HEARTBEAT, RANK_FINISHED
-from traceml.transport.server import Connection
+from traceml.transport import ATTACHMENT, BATCH, HEARTBEAT, RANK_FINISHED, Connection, RankIdentity, decode_columns
 
 log = logging.getLogger("traceml.aggregator")
 

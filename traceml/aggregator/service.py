@@ -39,7 +39,7 @@ from traceml.store.view import (
     META_START_NS,
     META_STATUS,
 )
-from traceml.transport.server import TelemetryServer
+from traceml.transport import TelemetryServer
 
 log = logging.getLogger("traceml.aggregator")
 
@@ -443,7 +443,7 @@ class Aggregator:
 
     def _summary(self, view: StoreView) -> dict[str, Any] | None:
         try:
-            from traceml.diagnosis.summary import build_summary
+            from traceml.diagnosis import build_summary
         except ImportError:
             return None
         try:

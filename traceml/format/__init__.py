@@ -7,8 +7,10 @@ reports what it could not read in ``integrity``.
 
 from __future__ import annotations
 
+from traceml.format._locate import ReadLimits, SegmentInfo
 from traceml.format._records import FORMAT_VERSION, MAGIC, PRIVATE_KINDS, RecordKind
-from traceml.format.reader import Batch, ReadLimits, SegmentInfo, TmlReader, open_recording
+from traceml.format.inspect import Batch
+from traceml.format.reader import TmlReader, open_recording
 from traceml.format.rollup import DEFAULT_ROLLUP_STEPS
 from traceml.format.writer import STANDARD, TmlWriter
 

@@ -279,9 +279,7 @@ def _decompress(
 ) -> bytes:
     if raw_size > max_decompressed:
         raise DecompressionBombError(
-            f"segment declares {raw_size} decompressed bytes, over the {max_decompressed} byte"
-            f" ({max_decompressed / (1 << 20):g} MiB) cap"
-            " (raise ReadLimits.max_decompressed_bytes to read it)"
+            "segment", raw_size, max_decompressed, setting="raise ReadLimits.max_decompressed_bytes to read it"
         )
     try:
         content_size = zstandard.frame_content_size(data)
@@ -289,9 +287,7 @@ def _decompress(
         raise CorruptRecordError(f"SEGMENT body is not a zstd frame: {exc}") from exc
     if content_size not in (-1, raw_size):
         if content_size > raw_size:
-            raise DecompressionBombError(
-                f"zstd frame would expand to {content_size} bytes; the segment head declares {raw_size}"
-            )
+            raise DecompressionBombError("zstd frame", content_size, raw_size, declared=True)
         raise CorruptRecordError(f"zstd frame holds {content_size} bytes; the segment head declares {raw_size}")
     try:
         if content_size == raw_size:
@@ -300,7 +296,7 @@ def _decompress(
             with decompressor.stream_reader(data) as reader:
                 body = reader.read(raw_size + 1)
             if len(body) > raw_size:
-                raise DecompressionBombError(f"zstd frame expands beyond the {raw_size} bytes its segment declares")
+                raise DecompressionBombError("zstd frame", None, raw_size, declared=True)
     except zstandard.ZstdError as exc:
         raise CorruptRecordError(f"SEGMENT body does not decompress: {exc}") from exc
     if len(body) != raw_size:

@@ -561,8 +561,10 @@ class TmlWriter:
     def _write_record(self, kind: int, payload: bytes) -> int:
         if len(payload) > _records.DEFAULT_MAX_RECORD_BYTES:
             raise RecordTooLargeError(
-                f"a {RecordKind(kind).name} record of {len(payload)} bytes exceeds the"
-                f" {_records.DEFAULT_MAX_RECORD_BYTES >> 20} MiB record limit; store less data per record"
+                RecordKind(kind).name,
+                len(payload),
+                _records.DEFAULT_MAX_RECORD_BYTES,
+                setting="store less data per record",
             )
         record = _records.pack_record(self._sync, kind, payload)
         self._write(record)

@@ -32,17 +32,8 @@ HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.4g} MiB"
-
-
-def frame_too_large(size: int, limit: int, where: str = "") -> FrameTooLargeError:
-    """The one wording of the frame-limit error (size, limit and the setting that changes it)."""
-    origin = f" {where}" if where else ""
-    return FrameTooLargeError(
-        f"frame of {size} bytes ({_mib(size)}){origin} exceeds the {limit}-byte ({_mib(limit)}) frame limit; "
-        f"raise it with {ENV_MAX_FRAME_MB} (or --max-frame-mb), or send smaller batches"
-    )
+#: what to change when a frame is over the limit
+RAISE_FRAME_LIMIT = f"raise it with {ENV_MAX_FRAME_MB} (or --max-frame-mb), or send smaller batches"
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -66,7 +57,9 @@ def encode_frame(msg: Mapping[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAM
             "bytes, int, float, bool and None (encode numpy columns with encode_columns)"
         ) from exc
     if len(payload) > max_frame_bytes:
-        raise frame_too_large(len(payload), max_frame_bytes, f"(kind {msg.get('kind')!r})")
+        raise FrameTooLargeError(
+            len(payload), max_frame_bytes, setting=RAISE_FRAME_LIMIT, detail=f"(kind {msg.get('kind')!r})"
+        )
     return HEADER.pack(len(payload)) + payload
 
 
@@ -186,7 +179,7 @@ class FrameDecoder:
 
     def iter_feed(self, data: bytes | bytearray | memoryview) -> Iterator[dict[str, Any]]:
         if self._failed is not None:
-            raise type(self._failed)(f"decoder already failed: {self._failed}")
+            raise self._failed.within("decoder already failed")
         self.bytes_fed += len(data)
         self._buf += data
         return self._drain()
@@ -201,7 +194,7 @@ class FrameDecoder:
         if avail >= HEADER_SIZE:
             (length,) = HEADER.unpack_from(buf, pos)
             if length > self.max_frame_bytes:
-                self._fail(frame_too_large(length, self.max_frame_bytes))
+                self._fail(FrameTooLargeError(length, self.max_frame_bytes, setting=RAISE_FRAME_LIMIT))
             if avail - HEADER_SIZE >= length:
                 start = pos + HEADER_SIZE
                 try:

@@ -58,6 +58,11 @@ class Connection:
     def rank(self) -> int:
         return self.identity.rank if self.identity is not None else -1
 
+    @property
+    def known_rank(self) -> int | None:
+        """The rank its hello gave; None before the hello."""
+        return self.identity.rank if self.identity is not None else None
+
     def describe(self) -> str:
         if self.identity is None:
             return f"connection from {self.peer}"
@@ -381,7 +386,7 @@ class TelemetryServer:
                 if not peer.open:
                     return
         except FrameTooLargeError as exc:
-            self._bad_frame(peer, CLOSE_TOO_LARGE, exc)
+            self._bad_frame(peer, CLOSE_TOO_LARGE, exc.from_rank(peer.conn.known_rank))
             return
         except MalformedFrameError as exc:
             self._bad_frame(peer, CLOSE_MALFORMED, exc)
@@ -391,8 +396,11 @@ class TelemetryServer:
                 peer,
                 CLOSE_TOO_LARGE,
                 FrameTooLargeError(
-                    f"{peer.decoder.buffered} bytes buffered exceed the per-connection bound of "
-                    f"{self.max_buffered_bytes} bytes (max_buffered_bytes)"
+                    peer.decoder.buffered,
+                    self.max_buffered_bytes,
+                    setting="max_buffered_bytes",
+                    rank=peer.conn.known_rank,
+                    buffered=True,
                 ),
             )
 
