@@ -503,9 +503,8 @@ class Recording:
         ``wandb.run.summary.update`` and ``mlflow.log_metrics`` take as they are
         (:func:`traceml.diagnosis.flat.flatten_summary`); ``flat=False``: the nested summary.
         """
-        from traceml.diagnosis import thresholds
+        from traceml.diagnosis import build_summary, thresholds
         from traceml.diagnosis.flat import flatten_summary
-        from traceml.diagnosis.summary import build_summary
 
         nested = build_summary(self.view(), recent_steps=recent_steps or thresholds.RECENT_STEPS)
         return dict(flatten_summary(nested)) if flat else nested

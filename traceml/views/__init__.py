@@ -5,7 +5,7 @@ drivers decide when to take a snapshot.  ``live`` is the dashboard, ``final`` th
 summary screen.
 """
 
-from traceml.views.final import FinalModel, FindingLine, final_model
+from traceml.views.final import FinalModel, FindingLine, final_model, findings_from_summary
 from traceml.views.live import (
     DEFAULT_WINDOW_STEPS,
     GpuRow,
@@ -28,5 +28,6 @@ __all__ = [
     "RankRow",
     "RecordingInfo",
     "final_model",
+    "findings_from_summary",
     "live_model",
 ]

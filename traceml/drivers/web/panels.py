@@ -13,8 +13,7 @@ from dash import html
 
 from traceml.drivers.web.layout import CSS, GREY
 from traceml.store import StoreView
-from traceml.views import series
-from traceml.views.final import FindingLine, findings_from_summary
+from traceml.views import FindingLine, findings_from_summary, series
 
 log = logging.getLogger(__name__)
 _SEVERITY_COLOUR = {"critical": "#dc2626", "warn": "#d97706"}
