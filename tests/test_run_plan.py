@@ -176,3 +176,25 @@ def test_the_aggregator_port_is_bound_before_anyone_learns_it(script: str) -> No
             supervisor.listen_for_ranks(given)
     finally:
         squatter.close()
+
+
+def test_the_plan_starts_nothing_and_the_supervisor_does_not_decide() -> None:
+    """launch_plan.py is the pure plan (no process, pipe, thread or signal); the supervisor runs a
+    plan and never imports the typer shell."""
+    import ast
+    from pathlib import Path
+
+    def imports(module: str) -> set[str]:
+        path = Path(__file__).resolve().parents[1] / "traceml" / "cli" / f"{module}.py"
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+        return found
+
+    plan = imports("launch_plan")
+    assert not plan & {"subprocess", "threading", "signal", "queue", "typer", "traceml.cli.supervisor"}, plan
+    assert "traceml.cli.launch_plan" in imports("supervisor")
+    assert not imports("supervisor") & {"typer", "traceml.cli.run_cmd"}
