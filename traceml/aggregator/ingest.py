@@ -1,14 +1,6 @@
-"""Ingest: what the aggregator does with each message a rank sends.
-
-The :class:`Ingest` object is the TelemetryServer's handler.  A hello registers the rank's
-identity; a batch is decoded (``decode_columns``), appended to the live :class:`ColumnStore`
-and handed to the spool in the same call, so the file gets every batch as it arrives; a
-``rank_finished`` marks the rank finished; a connection that closes without one marks the rank
-``died``.  Each rank's data stays separate (the rank comes from the connection's hello, never
-from the batch).  Bad batches are counted and skipped: one rank's garbage never stops the others.
-Names are checked here, where they enter (:mod:`traceml.names`): a table, column or attachment
-name outside the grammar, a table in the writer's reserved namespace (``rollup/...``) or a str
-value that is not a label makes that table a bad batch of that rank only.
+"""Ingest: the TelemetryServer's handler.  Each rank's batches are decoded, name-checked, appended
+to the live :class:`ColumnStore` and spooled in one call; a bad batch is that rank's alone, counted
+and skipped (docs/internals.md, "Aggregator").
 """
 
 from __future__ import annotations

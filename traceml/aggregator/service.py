@@ -1,11 +1,6 @@
 """The aggregator: one process per run that serves the ranks, keeps the live store, spools the
-recording and drives the UI.
-
-Lifecycle: start (store, spool thread, TelemetryServer, UI) -> serve while the training runs ->
-the CLI says the training exited (control channel) -> wait until every rank finished or
-disconnected (or a deadline) -> write the ``exit`` and ``ranks`` attachments and close the file
-with the diagnosis summary -> print the summary screen.  Nothing here can stall the training:
-ranks are fail-open clients and this process only reads from them.
+recording, drives the UI and closes the file with the summary when the training ends.  Nothing
+here can stall the training (docs/internals.md, "Aggregator").
 """
 
 from __future__ import annotations

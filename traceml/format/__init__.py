@@ -1,8 +1,6 @@
-"""The ``.tml`` recording format: the only room that knows the file's bytes.
-
-Spec: ``docs/format.md``.  :class:`TmlWriter` appends rows, attachments and schemas from
-one thread; :func:`open_recording` reads a closed, crashed, damaged or growing file and
-reports what it could not read in ``integrity``.
+"""The ``.tml`` recording format (spec: ``docs/format.md``), the only room that knows the file's
+bytes: :class:`TmlWriter` appends from one thread; :func:`open_recording` reads a closed, crashed,
+damaged or growing file and reports what it could not read in ``integrity``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""SEGMENT bodies: the column encodings and zstd (spec: ``docs/format.md``).
-
-The only code that compresses or decompresses recording data.  Framing and the other
-record payloads are in ``_records``; every unpacking function here validates what it
-reads and raises only ``traceml.errors`` types.
+"""SEGMENT bodies: the column encodings and zstd (spec: ``docs/format.md``), the only code that
+compresses or decompresses recording data.  Every unpacking function validates what it reads and
+raises only ``traceml.errors`` types.
 """
 
 from __future__ import annotations

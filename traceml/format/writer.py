@@ -1,8 +1,6 @@
-"""``TmlWriter``: append rows, attachments and schemas to a ``.tml`` file.
-
-The writer buffers rows per ``(rank, table)`` stream into one open segment and writes it
-when it reaches the size bound or the time bound; index checkpoints make a killed
-writer's file readable without a recovery step.  Not thread-safe: one thread owns it.
+"""``TmlWriter``: append rows, attachments and schemas to a ``.tml`` file from one thread.  Rows are
+buffered per ``(rank, table)`` into one open segment, written at a size or time bound; index
+checkpoints keep a killed writer's file readable (docs/internals.md, "Format").
 """
 
 from __future__ import annotations

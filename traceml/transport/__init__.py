@@ -1,9 +1,6 @@
-"""The TCP wire between ranks and the aggregator (spec: ``docs/protocol.md``).
-
-Frames are a 4-byte big-endian length and one msgpack map with a ``"kind"``; batches carry many
-rows of several tables as columns.  Ranks send with :class:`TelemetryClient` (never raises,
-bounded buffer, reconnects); the aggregator serves them with :class:`TelemetryServer` (one
-selector thread, token-checked hello, bounded frames).  Imports only leaves: never format or store.
+"""The TCP wire between ranks and the aggregator (spec: ``docs/protocol.md``): ranks send with
+:class:`TelemetryClient`, the aggregator serves them with :class:`TelemetryServer`.  Consumers import
+through this face; it imports only leaves, never format or store.
 """
 
 from traceml.transport.client import TelemetryClient

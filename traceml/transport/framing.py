@@ -1,12 +1,6 @@
 """Frames on the wire: a 4-byte big-endian length, then one msgpack map with a ``"kind"`` key.
-
-The only module of the transport room that touches msgpack.  Lengths read from a socket are
-checked against the frame limit before a byte is buffered for them; payloads are decoded with
-every msgpack size bounded by the frame size, string map keys only and no extension types, so a
-peer can never make us build anything but dicts, lists, str, bytes, ints, floats, bools and None.
-What a frame decodes to is bounded relative to its bytes too: at most ``DECODE_BASE_OBJECTS`` (16384) +
-``max_objects_per_kib`` objects per KiB (containers, items and keys; ``TRACEML_MAX_OBJECTS_PER_KIB``,
-default 64), so a frame of empty arrays cannot take ~90 bytes of memory per byte received.
+The only msgpack code of the transport room: every length and every decoded object count is bounded
+before memory is spent on it (docs/internals.md, "Transport").
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""The aggregator's end of the wire: one selector thread serving every rank's connection.
-
-:class:`TelemetryServer` accepts connections on ``host:port`` (127.0.0.1 and a free port by
-default), reads each with its own :class:`FrameDecoder`, admits a connection only after a hello
-with this run's token and protocol version (within ``hello_timeout_s``), validates every message
-and hands it to the handler on the I/O thread.  A bad peer loses its own connection, never the
-server: malformed frames, oversize frames, wrong tokens and handler exceptions are logged and the
-loop goes on.  Nothing is sent back to ranks in protocol version 1.
+"""The aggregator's end of the wire: one selector thread serving every rank's connection, a hello
+with this run's token before anything else, every message validated before the handler sees it.
+A bad peer loses its own connection, never the server (docs/internals.md, "Transport").
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Views: pure functions ``StoreView -> view model`` (small frozen dataclasses).
-
-No clock, no I/O, no drawing: "now" is ``view.latest_ns``.  Renderers draw the models;
-drivers decide when to take a snapshot.  ``live`` is the dashboard, ``final`` the end-of-run
-summary screen.
+"""Views: pure functions ``StoreView -> view model`` (small frozen dataclasses): no clock, no I/O,
+no drawing ("now" is ``view.latest_ns``).  ``live`` is the dashboard, ``final`` the end-of-run
+summary screen; renderers draw the models, drivers decide when to take a snapshot.
 """
 
 from traceml.views.final import FinalModel, FindingLine, final_model, findings_from_summary
