@@ -427,15 +427,18 @@ class Recording:
         try:
             batches = reader.read_segment(seg)
         except FormatError as exc:
-            with self._lock:
-                self._damage.setdefault(
-                    seg.offset,
-                    {"offset": seg.offset, "length": seg.length, "reason": f"SEGMENT at byte {seg.offset}: {exc}"},
-                )
+            self._note_damage(seg, exc)
             return
         for rank, table, cols in batches:
             if table in tables and cols:
                 into.setdefault((table, rank), []).append((seg.offset, cols))
+
+    def _note_damage(self, seg: SegmentInfo, exc: Exception) -> None:
+        with self._lock:
+            self._damage.setdefault(
+                seg.offset,
+                {"offset": seg.offset, "length": seg.length, "reason": f"SEGMENT at byte {seg.offset}: {exc}"},
+            )
 
     def has_rollup(self, table: str) -> bool:
         """Whether the writer stored a rollup of *table* (files of format 1.1 and later)."""
@@ -496,8 +499,17 @@ class Recording:
             self._view = self.store().snapshot()
         return self._view
 
+    def bounded_view(self, row_budget: int | None = None) -> StoreView:
+        """The recording as a view of at most about ``row_budget`` rows (``TRACEML_ROW_BUDGET``,
+        default 1,000,000): :meth:`view` when every row fits, else one pass over the file into
+        exact totals, 1% quantile sketches and a sample of the rows (:mod:`replay.bounded`)."""
+        from replay.bounded import bounded_view
+
+        return bounded_view(self, row_budget)
+
     def summary(self, *, flat: bool = True, recent_steps: int | None = None) -> dict[str, Any]:
-        """The run summary, recomputed from the rows (what ``traceml report`` writes as summary.json).
+        """The run summary, recomputed from the rows (what ``traceml report`` writes as summary.json),
+        in bounded memory (:meth:`bounded_view`).
 
         ``flat=True`` (default): flat numeric ``traceml/<section>/<metric>`` keys that
         ``wandb.run.summary.update`` and ``mlflow.log_metrics`` take as they are
@@ -506,7 +518,7 @@ class Recording:
         from traceml.diagnosis import build_summary, thresholds
         from traceml.diagnosis.flat import flatten_summary
 
-        nested = build_summary(self.view(), recent_steps=recent_steps or thresholds.RECENT_STEPS)
+        nested = build_summary(self.bounded_view(), recent_steps=recent_steps or thresholds.RECENT_STEPS)
         return dict(flatten_summary(nested)) if flat else nested
 
     # -- follow mode -------------------------------------------------------------------

@@ -532,7 +532,8 @@ def build_report(
 
 
 def load_view(path: str | Path) -> StoreView:
-    """Open a recording with the replay engine and return its whole-run view."""
+    """Open a recording with the replay engine and return its whole-run view, in bounded memory
+    (every row when they fit the row budget, else totals, sketches and a sample: replay/bounded.py)."""
     p = Path(path)
     if not p.is_file():
         raise ReportError(f"recording {str(p)!r} not found; expected a .tml file written by `traceml run`")
@@ -540,7 +541,7 @@ def load_view(path: str | Path) -> StoreView:
 
     try:
         with replay.open(p) as rec:
-            return rec.view()
+            return rec.bounded_view()
     except TracemlError:
         raise
     except OSError as exc:

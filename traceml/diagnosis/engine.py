@@ -39,10 +39,21 @@ from traceml.views.measures import job_measures
 
 def _window(data: StepData) -> Window:
     span = data.time_range()
+    t = data.totals
+    first: int | None
+    last: int | None
+    if t is not None and t.steps:  # a bounded read: the whole run's steps, not the sample's
+        first, last, steps = t.first_step, t.last_step, t.steps
+        ends = [rt for rt in t.per_rank.values() if rt.steps]
+        span = (min(rt.start_ns for rt in ends), max(rt.end_ns for rt in ends)) if ends else span
+    else:
+        first = int(data.steps[0]) if len(data.steps) else None
+        last = int(data.steps[-1]) if len(data.steps) else None
+        steps = len(data.steps)
     return Window(
-        first_step=int(data.steps[0]) if len(data.steps) else None,
-        last_step=int(data.steps[-1]) if len(data.steps) else None,
-        steps=len(data.steps),
+        first_step=first,
+        last_step=last,
+        steps=steps,
         ranks=data.ranks,
         warmup_steps=data.warmup_steps,
         failed_rows=data.failed_rows,
@@ -176,14 +187,15 @@ def _no_steps_reason(view: StoreView) -> str:
 
 
 def _healthy(data: StepData) -> Finding:
-    median = job_measures(data, parts=False).median_step_us  # the job's, as every view says
+    m = job_measures(data, parts=False)
+    median, n_steps = m.median_step_us, m.steps  # the job's, as every view says
     return Finding(
         kind=HEALTHY,
         severity="info",
         rank=None,
         summary=(
-            f"healthy: no bottleneck past its threshold over {len(data.steps)} steps on "
+            f"healthy: no bottleneck past its threshold over {n_steps} steps on "
             f"{len(data.ranks)} rank{'s' if len(data.ranks) != 1 else ''} (median step {ms(median)})"
         ),
-        evidence={"steps": len(data.steps), "ranks": len(data.ranks), "step_median_us": median},
+        evidence={"steps": n_steps, "ranks": len(data.ranks), "step_median_us": median},
     )

@@ -24,6 +24,7 @@ from traceml.store import StoreView
 from traceml.units import fmt_bytes
 from traceml.views.final import traceml_cost_text
 from traceml.views.measures import JobMeasures, job_measures, run_duration_s, run_start_ns
+from traceml.views.sketch import QuantileSketch
 
 SCHEMA_VERSION = 1
 #: the phases summarised, in display order ("step" is the whole step)
@@ -37,6 +38,14 @@ def stats_ms(values_us: np.ndarray) -> dict[str, Any]:
     if not len(v):
         return {"median_ms": None, "p95_ms": None}
     median, p95 = np.quantile(v, [0.5, 0.95])  # one partition for both
+    return {"median_ms": clean_number(float(median) / 1000), "p95_ms": clean_number(float(p95) / 1000)}
+
+
+def sketch_stats_ms(sketch: QuantileSketch) -> dict[str, Any]:
+    """:func:`stats_ms` from a quantile sketch (each within its relative accuracy)."""
+    if not sketch.count:
+        return {"median_ms": None, "p95_ms": None}
+    median, p95 = sketch.quantiles([0.5, 0.95])
     return {"median_ms": clean_number(float(median) / 1000), "p95_ms": clean_number(float(p95) / 1000)}
 
 
@@ -121,25 +130,43 @@ def steps_section(data: StepData, m: JobMeasures | None = None) -> dict[str, Any
     """Step statistics; ``overall`` is of the job (per step: the slowest rank's step time, the
     ranks' mean phase time), ``per_rank`` of each rank; shares are ratios of summed times."""
     m = job_measures(data) if m is None else m
-    job = job_series(data)
-    overall = {p: stats_ms(job[p]) for p in SUMMARY_PHASES}
+    t = data.totals
+    if t is None:
+        job = job_series(data)
+        overall = {p: stats_ms(job[p]) for p in SUMMARY_PHASES}
+    else:  # a long recording read in bounded memory: the sketches of every step (1% relative error)
+        overall = {p: sketch_stats_ms(t.job_step if p == "step" else t.job_phases[p]) for p in SUMMARY_PHASES}
     for part in m.phases:
         overall[part.name]["mean_ms"] = clean_number(part.mean_us / 1000) if np.isfinite(part.mean_us) else None
         overall[part.name]["share"] = _share(part.share)
     overall["step"]["mean_ms"] = clean_number(m.mean_step_us / 1000) if np.isfinite(m.mean_step_us) else None
     per_rank = []
-    for r in data.ranks:
-        rs = data.per_rank[r]
-        phases = {"step": stats_ms(rs.step_us)}
-        phases.update({p: stats_ms(rs.phases[p]) for p in PHASES})
-        per_rank.append({"rank": r, "count": len(rs), "phases": phases})
+    for r in data.ranks if t is None else [r for r, rt in t.per_rank.items() if rt.steps]:
+        if t is None:
+            rs = data.per_rank[r]
+            phases = {"step": stats_ms(rs.step_us)}
+            phases.update({p: stats_ms(rs.phases[p]) for p in PHASES})
+            count = len(rs)
+        else:
+            rt = t.per_rank[r]
+            phases = {"step": sketch_stats_ms(rt.step)}
+            phases.update({p: sketch_stats_ms(rt.phases[p]) for p in PHASES})
+            count = rt.steps
+        per_rank.append({"rank": r, "count": count, "phases": phases})
+    if t is None:
+        count = len(data.steps)
+        first = int(data.steps[0]) if len(data.steps) else None
+        last = int(data.steps[-1]) if len(data.steps) else None
+    else:
+        count = t.steps
+        first, last = (t.first_step, t.last_step) if t.steps else (None, None)
     return {
-        "count": len(data.steps),
+        "count": count,
         "recorded_rows": data.recorded_rows,
         "failed_rows": data.failed_rows,
         "warmup_steps": data.warmup_steps,
-        "first": int(data.steps[0]) if len(data.steps) else None,
-        "last": int(data.steps[-1]) if len(data.steps) else None,
+        "first": first,
+        "last": last,
         "throughput_steps_per_s": _rounded(m.throughput_steps_per_s),
         "elapsed_s": _rounded(m.elapsed_s),
         "outside_step_share": _share(m.outside_share),

@@ -80,6 +80,9 @@ class StoreView:
     latest_ns: int = 0
     #: integrity verdict of the source file, None when live
     integrity: Mapping[str, Any] | None = None
+    #: statistics of every row when ``tables`` hold only a sample of a long recording (a bounded
+    #: replay, :mod:`traceml.views.bounded`): ``"step_time"`` -> its StepTotals; empty otherwise
+    digests: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:

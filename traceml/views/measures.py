@@ -26,14 +26,17 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from traceml.schema import PHASES
 from traceml.store import StoreView
 from traceml.views.steps import StepData, job_series, step_data
+
+if TYPE_CHECKING:
+    from traceml.views.bounded import StepTotals
 
 NAN = float("nan")
 
@@ -114,6 +117,11 @@ def rank_skew(data: StepData) -> tuple[float, int, float]:
     bwd = np.nan_to_num(data.matrix("backward", common))
     steps = {r: _nanmedian(step_m[i]) for i, r in enumerate(data.ranks)}
     outside = {r: _nanmedian(step_m[i] - bwd[i]) for i, r in enumerate(data.ranks)}
+    return _skew_of(steps, outside)
+
+
+def _skew_of(steps: Mapping[int, float], outside: Mapping[int, float]) -> tuple[float, int, float]:
+    """Skew from each rank's median step time and median time outside backward (see rank_skew)."""
     steps = {r: v for r, v in steps.items() if math.isfinite(v)}
     if not steps:
         return NAN, -1, NAN
@@ -156,7 +164,11 @@ def _part(
 
 def job_measures(data: StepData, *, parts: bool = True) -> JobMeasures:
     """Every run-level figure over the analysed steps in ``data`` (see the module docstring);
-    ``parts=False`` leaves out the per-phase and per-region figures (the dashboard's stats line)."""
+    ``parts=False`` leaves out the per-phase and per-region figures (the dashboard's stats line).
+    A bounded read of a long recording (``data.totals``) gives the same figures from its exact
+    counts and sums and its 1% quantile sketches (:func:`totals_measures`)."""
+    if data.totals is not None:
+        return totals_measures(data, data.totals, parts=parts)
     n_steps = len(data.steps)
     skew, slowest, slowest_us = rank_skew(data)
     common = data.common_steps()
@@ -227,6 +239,73 @@ def job_measures(data: StepData, *, parts: bool = True) -> JobMeasures:
         outside_share=outside,
         phases=phases,
         regions=tuple(sorted(regions, key=lambda f: (-(f.share if math.isfinite(f.share) else 0.0), f.name))),
+        between_regions=between,
+    )
+
+
+def totals_measures(data: StepData, t: StepTotals, *, parts: bool = True) -> JobMeasures:
+    """:func:`job_measures` of a run read in bounded memory: counts, sums, means, shares, elapsed
+    time and throughput exact; medians and p95 from the sketches (1% relative error); skew and
+    regions from the held sample of steps (``data``: every stride-th step number of every rank)."""
+    ranks = [r for r, rt in t.per_rank.items() if rt.steps]
+    # skew is a difference of medians: from the held sample's common steps (the same steps on every
+    # rank, exact medians of them), not from two sketches whose 1% errors would add up in the gap
+    skew, slowest, slowest_us = rank_skew(data)
+    median, p95 = (float(x) for x in t.job_step_common.quantiles([0.5, 0.95]))
+    rank_steps = sum(t.per_rank[r].steps for r in ranks)
+    step_sum = sum(t.per_rank[r].step_sum_us for r in ranks)
+    elapsed = outside = throughput = NAN
+    shares = []
+    for r in ranks:
+        rt = t.per_rank[r]
+        wall_us = (rt.end_ns - rt.start_ns) / 1e3
+        if wall_us > 0:
+            shares.append(min(1.0, max(0.0, 1.0 - rt.step_sum_us / wall_us)))
+            rate = rt.steps / (wall_us / 1e6)
+            if not math.isfinite(throughput) or rate < throughput:
+                throughput, elapsed = rate, wall_us / 1e6
+    if shares:
+        outside = float(np.mean(shares))
+    phases: tuple[PartFigure, ...] = ()
+    regions: list[PartFigure] = []
+    between: dict[str, float] = {}
+    if parts:
+        figs = []
+        for p in PHASES:
+            total = sum(t.per_rank[r].phase_sum_us[p] for r in ranks)
+            medians = {r: t.per_rank[r].phases[p].quantile(0.5) for r in ranks}
+            medians = {r: m for r, m in medians.items() if math.isfinite(m)}
+            worst = max(medians, key=lambda r: (medians[r], -r)) if medians else -1
+            figs.append(
+                PartFigure(
+                    name=p,
+                    median_us=t.job_phases[p].quantile(0.5),
+                    mean_us=total / rank_steps if rank_steps else NAN,
+                    share=total / step_sum if step_sum > 0 else NAN,
+                    worst_rank=worst,
+                    worst_us=medians.get(worst, NAN),
+                )
+            )
+        phases = tuple(figs)
+        sample = job_measures(replace(data, totals=None), parts=True) if data.region_names() else None
+        if sample is not None:
+            regions = list(sample.regions)
+            between = dict(sample.between_regions)
+    return JobMeasures(
+        steps=t.steps,
+        ranks=len(ranks),
+        common_steps=t.common_steps,
+        median_step_us=median,
+        p95_step_us=p95,
+        mean_step_us=step_sum / rank_steps if rank_steps else NAN,
+        slowest_rank=slowest,
+        slowest_step_us=slowest_us,
+        skew_pct=skew,
+        elapsed_s=elapsed,
+        throughput_steps_per_s=throughput,
+        outside_share=outside,
+        phases=phases,
+        regions=tuple(regions),
         between_regions=between,
     )
 

@@ -31,7 +31,19 @@ class QuantileSketch:
     store, so the sketch takes any finite value.
     """
 
-    __slots__ = ("accuracy", "_gamma_log", "_pos", "_pos_off", "_neg", "_neg_off", "zeros", "count", "sum", "min", "max")
+    __slots__ = (
+        "accuracy",
+        "_gamma_log",
+        "_pos",
+        "_pos_off",
+        "_neg",
+        "_neg_off",
+        "zeros",
+        "count",
+        "sum",
+        "min",
+        "max",
+    )
 
     def __init__(self, accuracy: float = RELATIVE_ACCURACY) -> None:
         if not 0.0 < accuracy < 1.0:
@@ -74,7 +86,7 @@ class QuantileSketch:
 
     @staticmethod
     def _add_counts(store: np.ndarray, off: int, idx: np.ndarray) -> tuple[np.ndarray, int]:
-        lo, hi = int(idx.min()), int(idx.max())
+        lo = int(idx.min())
         counts = np.bincount(idx - lo)
         return QuantileSketch._merge_counts(store, off, counts, lo)
 
@@ -125,9 +137,7 @@ class QuantileSketch:
         neg_counts = self._neg[::-1]
         neg_idx = (self._neg_off + np.arange(len(self._neg)))[::-1]
         counts = np.concatenate([neg_counts, [self.zeros], self._pos])
-        values = np.concatenate(
-            [-self._value(neg_idx), [0.0], self._value(self._pos_off + np.arange(len(self._pos)))]
-        )
+        values = np.concatenate([-self._value(neg_idx), [0.0], self._value(self._pos_off + np.arange(len(self._pos)))])
         cum = np.cumsum(counts)
         at = np.searchsorted(cum, ranks, side="right")
         out = values[np.clip(at, 0, len(values) - 1)]

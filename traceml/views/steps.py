@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from traceml.schema import PHASES, TIMELINE_PHASES, phase_starts
 from traceml.store import StoreView
+
+if TYPE_CHECKING:
+    from traceml.views.bounded import StepTotals
 
 #: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
 WARMUP_STEPS = 5
@@ -73,6 +77,9 @@ class StepData:
     between_regions: Mapping[str, float] = field(default_factory=dict)
     #: region name -> calls made between steps inside the window
     between_calls: Mapping[str, int] = field(default_factory=dict)
+    #: a long recording read in bounded memory: the whole run's exact counts and sketches, while
+    #: ``per_rank`` holds only the sampled steps (multiples of ``totals.stride``); None otherwise
+    totals: StepTotals | None = None
 
     def region_names(self) -> tuple[str, ...]:
         """Every region entered in an analysed step, by name."""
@@ -191,6 +198,7 @@ def step_data(
     no warm-up is dropped; ``ranks`` keeps only those ranks."""
     if last_n is not None and last_n < 1:
         last_n = 1
+    totals = view.digests.get("step_time") if last_n is None and step_range is None and ranks is None else None
     raw: dict[int, tuple[Mapping[str, np.ndarray], np.ndarray]] = {}
     failed_rows = recorded = 0
     wanted = None if ranks is None else set(ranks)
@@ -201,6 +209,9 @@ def step_data(
         idx, failed, n = _rank_rows(cols)
         failed_rows += failed
         recorded += n
+        if totals is not None:  # a sample held with a whole tail: the sampled steps only, warm-up out
+            st = np.asarray(cols["step"], np.int64)[idx]
+            idx = idx[(st % totals.stride == 0) & (st >= totals.warmup_below)]
         if len(idx):
             raw[rank] = (cols, idx)
     if last_n is not None and step_range is None:
@@ -213,6 +224,8 @@ def step_data(
     if step_range is not None:
         warm = 0
         all_steps = all_steps[(all_steps >= step_range[0]) & (all_steps <= step_range[1])]
+    elif totals is not None:
+        warm = 0  # taken out above
     else:
         warm = warmup_count(len(all_steps))
     window = all_steps[warm:]
@@ -240,6 +253,8 @@ def step_data(
             timeline = view.columns("step_timeline", rank) if view.rows("step_timeline", rank) else None
             per_rank[rank] = with_regions(rs, view.columns("step_region", rank), timeline)
     between, between_calls = _between_regions(view, per_rank)
+    if totals is not None:
+        warm, failed_rows, recorded = totals.warmup_steps, totals.failed_rows, totals.recorded_rows
     return StepData(
         ranks=tuple(sorted(per_rank)),
         per_rank=per_rank,
@@ -250,6 +265,7 @@ def step_data(
         last_n=last_n,
         between_regions=between,
         between_calls=between_calls,
+        totals=totals,
     )
 
 

@@ -1,0 +1,120 @@
+"""A recording as a :class:`StoreView` in bounded memory, whatever its length.
+
+:func:`bounded_view` gives what :meth:`Recording.view` gives when the file's rows fit the row
+budget (the same view, every row: reports and summaries are byte-identical).  Beyond it, the
+file is read segment by segment, once: every ``step_time`` row feeds a
+:class:`~traceml.views.bounded.StepDigest` (exact counts and sums, 1% quantile sketches) and
+every table a :class:`~traceml.views.bounded.RowSample` (every stride-th step number, and each
+rank's last steps whole), so the view holds about ``row_budget`` rows and the digest in
+``StoreView.digests``.  The views, the diagnosis and the report read it unchanged
+(docs/replay.md, "Long recordings").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from traceml.errors import ConfigError, FormatError
+from traceml.schema import STANDARD_TABLES, is_rollup
+from traceml.store import ColumnStore, StoreView
+from traceml.views.bounded import STEP_TOTALS, TAIL_STEPS, RowSample, StepDigest, sample_stride
+from traceml.views.steps import _rank_rows, warmup_count
+
+if TYPE_CHECKING:
+    from replay.engine import Recording
+
+#: rows a bounded view holds at most (about), unless ``TRACEML_ROW_BUDGET`` says otherwise
+DEFAULT_ROW_BUDGET = 1_000_000
+ENV_ROW_BUDGET = "TRACEML_ROW_BUDGET"
+#: a budget below this is refused (the tails alone need a few thousand rows)
+MIN_ROW_BUDGET = 10_000
+
+
+def row_budget(value: int | None = None) -> int:
+    """The row budget: ``value``, else ``TRACEML_ROW_BUDGET``, else DEFAULT_ROW_BUDGET."""
+    if value is None:
+        raw = os.environ.get(ENV_ROW_BUDGET, "").strip()
+        if not raw:
+            return DEFAULT_ROW_BUDGET
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{ENV_ROW_BUDGET}={raw!r}: expected a whole number of rows (e.g. 1000000)") from None
+    if value < MIN_ROW_BUDGET:
+        raise ConfigError(f"row budget {value:,}: expected at least {MIN_ROW_BUDGET:,} rows ({ENV_ROW_BUDGET})")
+    return value
+
+
+def _warmup(rec: Recording) -> tuple[int, int, int]:
+    """(first analysed step number, warm-up steps, distinct steps seen) from the earliest segments."""
+    segs = sorted(
+        (s for s in rec.segments if any(t == "step_time" for (_, t) in s.rows) and s.step_min is not None),
+        key=lambda s: (s.step_min or 0, s.offset),
+    )
+    reader = rec._reader
+    seen = np.empty(0, np.int64)
+    want = warmup_count(1 << 30) + 1
+    for i, seg in enumerate(segs):
+        try:
+            batches = reader.read_segment(seg)
+        except FormatError:
+            continue
+        for _, table, cols in batches:
+            if table == "step_time" and cols:
+                idx, _, _ = _rank_rows(cols)
+                seen = np.union1d(seen, np.asarray(cols["step"], np.int64)[idx])
+        nxt = segs[i + 1].step_min if i + 1 < len(segs) else None
+        if len(seen) >= want and (nxt is None or nxt > seen[want - 1]):
+            break
+    ends = [s.step_max for s in segs if s.step_max is not None]
+    distinct = max(len(seen), (max(ends) - int(seen[0]) + 1) if ends and len(seen) else 0)
+    warm = warmup_count(distinct)
+    below = int(seen[warm]) if warm < len(seen) else (int(seen[-1]) + 1 if len(seen) else 0)
+    return below, warm, distinct
+
+
+def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
+    """The recording as a view of at most about ``budget`` rows (every row when they fit)."""
+    budget = row_budget(budget)
+    total = sum(n for s in rec.segments for (_, t), n in s.rows.items() if not is_rollup(t))
+    if total <= budget:
+        return rec.view()
+    rank_count = max(1, len(rec.ranks))
+    stride = sample_stride(total, max(1, budget - 2 * TAIL_STEPS * rank_count * max(1, len(rec.tables))))
+    below, warm, _ = _warmup(rec)
+    step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
+    digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=stride)
+    samples: dict[str, RowSample] = {}
+    reader = rec._reader
+    for seg in rec.segments:
+        if all(is_rollup(t) for (_, t) in seg.rows):
+            continue
+        try:
+            batches = reader.read_segment(seg)
+        except FormatError as exc:
+            rec._note_damage(seg, exc)
+            continue
+        for rank, table, cols in batches:
+            if is_rollup(table) or not cols:
+                continue
+            if table == "step_time":
+                digest.add(rank, cols)
+            samples.setdefault(table, RowSample(stride)).add(rank, cols)
+    store = ColumnStore(capacity=None, meta=rec.meta)
+    loaded = {t: s.finish() for t, s in sorted(samples.items())}
+    for table, per_rank in loaded.items():
+        schema = rec.schemas.get(table) or STANDARD_TABLES.get(table)
+        if schema is not None:
+            store.add_schema(schema)
+        for rank, cols in per_rank.items():
+            store.append(rank, table, cols, schema)
+    for info in rec.rank_infos(loaded).values():
+        store.set_rank(info)
+    for name, data in rec.attachments.items():
+        store.attach(name, data)
+    store.set_integrity(rec.integrity)
+    return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: digest.finish()})
