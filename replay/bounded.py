@@ -32,6 +32,8 @@ DEFAULT_ROW_BUDGET = 1_000_000
 ENV_ROW_BUDGET = "TRACEML_ROW_BUDGET"
 #: a budget below this is refused (the tails alone need a few thousand rows)
 MIN_ROW_BUDGET = 10_000
+#: each rank's last steps held whole at least (the recent diagnosis reads the last 100 after warm-up)
+MIN_TAIL_STEPS = 128
 
 
 def row_budget(value: int | None = None) -> int:
@@ -77,14 +79,35 @@ def _warmup(rec: Recording) -> tuple[int, int, int]:
     return below, warm, distinct
 
 
+def _plan(rec: Recording, total: int, budget: int) -> tuple[int, int]:
+    """(tail steps, stride) so that the sample and the tails together hold about ``budget`` rows:
+    the tails take at most a quarter of it (and at least MIN_TAIL_STEPS steps, what the recent
+    diagnosis reads), the sample the rest."""
+    step_rows = 0
+    lo: int | None = None
+    hi: int | None = None
+    for s in rec.segments:
+        for (_, t), n in s.rows.items():
+            if not is_rollup(t) and rec.schemas.get(t) is not None and "step" in rec.schemas[t].names:
+                step_rows += n
+        if s.step_min is not None:
+            lo = s.step_min if lo is None else min(lo, s.step_min)
+        if s.step_max is not None:
+            hi = s.step_max if hi is None else max(hi, s.step_max)
+    steps = (hi - lo + 1) if lo is not None and hi is not None and hi >= lo else 1
+    per_step = step_rows / steps  # rows of every rank and table per step number
+    tail = TAIL_STEPS if per_step <= 0 else int(min(TAIL_STEPS, max(MIN_TAIL_STEPS, budget / 4 / per_step)))
+    room = max(budget - int(tail * per_step), budget // 4)
+    return tail, sample_stride(total, room)
+
+
 def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
     """The recording as a view of at most about ``budget`` rows (every row when they fit)."""
     budget = row_budget(budget)
     total = sum(n for s in rec.segments for (_, t), n in s.rows.items() if not is_rollup(t))
     if total <= budget:
         return rec.view()
-    rank_count = max(1, len(rec.ranks))
-    stride = sample_stride(total, max(1, budget - 2 * TAIL_STEPS * rank_count * max(1, len(rec.tables))))
+    tail, stride = _plan(rec, total, budget)
     below, warm, _ = _warmup(rec)
     step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
     digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=stride)
@@ -103,7 +126,7 @@ def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
                 continue
             if table == "step_time":
                 digest.add(rank, cols)
-            samples.setdefault(table, RowSample(stride)).add(rank, cols)
+            samples.setdefault(table, RowSample(stride, tail)).add(rank, cols)
     store = ColumnStore(capacity=None, meta=rec.meta)
     loaded = {t: s.finish() for t, s in sorted(samples.items())}
     for table, per_rank in loaded.items():

@@ -201,12 +201,19 @@ class RowSample:
         n = len(next(iter(cols.values()), ()))
         if not n:
             return
-        if "step" not in cols:
+        if "step" not in cols:  # every stride-th row, and the last ``tail_steps`` rows whole
             first = self._seen.get(rank, 0)
             self._seen[rank] = first + n
-            pick = np.flatnonzero((np.arange(first, first + n) % self.stride) == 0)
+            pos = np.arange(first, first + n)
+            pick = np.flatnonzero(pos % self.stride == 0)
             if len(pick):
-                self._sampled.setdefault(rank, []).append({k: np.asarray(v)[pick] for k, v in cols.items()})
+                part = {k: np.asarray(v)[pick] for k, v in cols.items()}
+                part["_pos"] = pos[pick]
+                self._sampled.setdefault(rank, []).append(part)
+            tail = self._tail.get(rank)
+            both = dict(cols) if tail is None else {k: np.concatenate([tail[k], np.asarray(cols[k])]) for k in cols}
+            both["_pos"] = pos if tail is None else np.concatenate([tail["_pos"], pos])
+            self._tail[rank] = {k: np.asarray(v)[-self.tail_steps :] for k, v in both.items()}
             return
         step = np.asarray(cols["step"], np.int64)
         pick = np.flatnonzero(step % self.stride == 0)
@@ -229,7 +236,11 @@ class RowSample:
         for rank in sorted(set(self._sampled) | set(self._tail)):
             parts = list(self._sampled.get(rank, []))
             tail = self._tail.get(rank)
-            if tail is not None and len(tail["step"]):
+            if tail is not None and "_pos" in tail:  # rows without steps: by their position
+                first_pos = int(tail["_pos"][0]) if len(tail["_pos"]) else 1 << 62
+                parts = [{k: v[c["_pos"] < first_pos] for k, v in c.items() if k != "_pos"} for c in parts]
+                parts.append({k: v for k, v in tail.items() if k != "_pos"})
+            elif tail is not None and len(tail["step"]):
                 first_tail = int(np.min(tail["step"]))
                 parts = [{k: v[c["step"] < first_tail] for k, v in c.items()} for c in parts]
                 parts.append(tail)
