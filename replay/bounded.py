@@ -14,18 +14,38 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
-from traceml.errors import ConfigError, FormatError
-from traceml.schema import STANDARD_TABLES, is_rollup
-from traceml.store import ColumnStore, StoreView
+from traceml.errors import ConfigError
+from traceml.format import SegmentInfo
+from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup
+from traceml.store import ColumnStore, RankInfo, StoreView
 from traceml.views.bounded import STEP_TOTALS, TAIL_STEPS, RowSample, StepDigest, sample_stride
 from traceml.views.steps import _rank_rows, warmup_count
 
-if TYPE_CHECKING:
-    from replay.engine import Recording
+
+class Recording(Protocol):
+    """What a bounded read needs of :class:`replay.engine.Recording` (kept apart: no import cycle)."""
+
+    @property
+    def segments(self) -> list[SegmentInfo]: ...
+    @property
+    def schemas(self) -> dict[str, TableSchema]: ...
+    @property
+    def meta(self) -> dict[str, Any]: ...
+    @property
+    def attachments(self) -> dict[str, dict[str, Any]]: ...
+    @property
+    def integrity(self) -> dict[str, Any]: ...
+    def rank_infos(
+        self, tables: Mapping[str, Mapping[int, dict[str, np.ndarray]]] | None = None
+    ) -> dict[int, RankInfo]: ...
+    def read_segment(self, seg: SegmentInfo) -> list[tuple[int, str, dict[str, np.ndarray]]]: ...
+    def view(self) -> StoreView: ...
+
 
 #: rows a bounded view holds at most (about), unless ``TRACEML_ROW_BUDGET`` says otherwise
 DEFAULT_ROW_BUDGET = 1_000_000
@@ -57,15 +77,10 @@ def _warmup(rec: Recording) -> tuple[int, int, int]:
         (s for s in rec.segments if any(t == "step_time" for (_, t) in s.rows) and s.step_min is not None),
         key=lambda s: (s.step_min or 0, s.offset),
     )
-    reader = rec._reader
     seen = np.empty(0, np.int64)
     want = warmup_count(1 << 30) + 1
     for i, seg in enumerate(segs):
-        try:
-            batches = reader.read_segment(seg)
-        except FormatError:
-            continue
-        for _, table, cols in batches:
+        for _, table, cols in rec.read_segment(seg):
             if table == "step_time" and cols:
                 idx, _, _ = _rank_rows(cols)
                 seen = np.union1d(seen, np.asarray(cols["step"], np.int64)[idx])
@@ -112,16 +127,10 @@ def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
     step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
     digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=stride)
     samples: dict[str, RowSample] = {}
-    reader = rec._reader
     for seg in rec.segments:
         if all(is_rollup(t) for (_, t) in seg.rows):
             continue
-        try:
-            batches = reader.read_segment(seg)
-        except FormatError as exc:
-            rec._note_damage(seg, exc)
-            continue
-        for rank, table, cols in batches:
+        for rank, table, cols in rec.read_segment(seg):
             if is_rollup(table) or not cols:
                 continue
             if table == "step_time":

@@ -433,6 +433,15 @@ class Recording:
             if table in tables and cols:
                 into.setdefault((table, rank), []).append((seg.offset, cols))
 
+    def read_segment(self, seg: SegmentInfo) -> list[tuple[int, str, Columns]]:
+        """The batches of one segment (``(rank, table, columns)`` in file order); a damaged
+        segment gives none and is added to :attr:`integrity`."""
+        try:
+            return self._reader.read_segment(seg)
+        except FormatError as exc:
+            self._note_damage(seg, exc)
+            return []
+
     def _note_damage(self, seg: SegmentInfo, exc: Exception) -> None:
         with self._lock:
             self._damage.setdefault(

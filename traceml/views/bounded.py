@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from traceml.schema import PHASES
-from traceml.views.sketch import QuantileSketch
 from traceml.views.steps import _phases, _rank_rows
+from traceml.views.totals import RankTotals, StepTotals
 
 Columns = Mapping[str, np.ndarray]
 
@@ -37,48 +36,7 @@ TAIL_STEPS = 512
 #: ``StoreView.digests`` key of the StepTotals
 STEP_TOTALS = "step_time"
 
-
-@dataclass
-class RankTotals:
-    """One rank's analysed steps (failed rows and warm-up removed), exactly counted, sketched."""
-
-    rank: int
-    steps: int = 0
-    step_sum_us: float = 0.0
-    step: QuantileSketch = field(default_factory=QuantileSketch)
-    #: step time less backward (nan backward counts 0): the part of a step that tells ranks apart
-    outside_backward: QuantileSketch = field(default_factory=QuantileSketch)
-    phases: dict[str, QuantileSketch] = field(default_factory=lambda: {p: QuantileSketch() for p in PHASES})
-    phase_sum_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    first_step: int = -1
-    last_step: int = -1
-    #: start of the first analysed step (its end less its duration) and end of the last, wall ns
-    start_ns: int = 0
-    end_ns: int = 0
-
-
-@dataclass
-class StepTotals:
-    """The whole run's step statistics, built by :class:`StepDigest` from every row."""
-
-    #: the held sample's step numbers are the multiples of this (1: every row is held)
-    stride: int
-    #: step numbers below this are warm-up
-    warmup_below: int
-    warmup_steps: int
-    recorded_rows: int = 0
-    failed_rows: int = 0
-    #: distinct analysed step numbers, and those every rank has
-    steps: int = 0
-    common_steps: int = 0
-    first_step: int = -1
-    last_step: int = -1
-    #: per analysed step: the slowest rank's step time (all steps; and the common steps only)
-    job_step: QuantileSketch = field(default_factory=QuantileSketch)
-    job_step_common: QuantileSketch = field(default_factory=QuantileSketch)
-    #: per analysed step: each phase's mean over the ranks that measured it
-    job_phases: dict[str, QuantileSketch] = field(default_factory=lambda: {p: QuantileSketch() for p in PHASES})
-    per_rank: dict[int, RankTotals] = field(default_factory=dict)
+__all__ = ["STEP_TOTALS", "TAIL_STEPS", "RankTotals", "RowSample", "StepDigest", "StepTotals", "sample_stride"]
 
 
 class StepDigest:

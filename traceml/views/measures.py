@@ -36,7 +36,7 @@ from traceml.store import StoreView
 from traceml.views.steps import StepData, job_series, step_data
 
 if TYPE_CHECKING:
-    from traceml.views.bounded import StepTotals
+    from traceml.views.totals import StepTotals
 
 NAN = float("nan")
 

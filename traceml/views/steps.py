@@ -27,7 +27,7 @@ from traceml.schema import PHASES, TIMELINE_PHASES, phase_starts
 from traceml.store import StoreView
 
 if TYPE_CHECKING:
-    from traceml.views.bounded import StepTotals
+    from traceml.views.totals import StepTotals
 
 #: distinct step numbers skipped at the start of the run (compilation, cudnn autotune, caches) ...
 WARMUP_STEPS = 5
