@@ -95,10 +95,15 @@ def _cycle_series(data: Any) -> dict[str, np.ndarray]:
         if not len(rs.step):
             continue
         step_ms = np.asarray(rs.step_us, np.float64) / 1000.0
+        # a bounded read holds every stride-th step: a gap between held steps is that many cycles,
+        # and a held step's outside time is the mean cycle less its step (unclipped: unbiased)
+        sampled = getattr(data, "totals", None) is not None
+        per = np.diff(rs.step).astype(np.float64) if sampled else 1.0
         with np.errstate(all="ignore"):
-            dt_ms = np.diff(rs.ts_ns.astype(np.float64)) / 1e6
+            dt_ms = np.diff(rs.ts_ns.astype(np.float64)) / 1e6 / per
             c = np.concatenate(([step_ms[0]], np.where(dt_ms >= 0, dt_ms, np.nan)))
-            o = np.concatenate(([0.0], np.clip(c[1:] - step_ms[1:], 0.0, None)))
+            gap = c[1:] - step_ms[1:]
+            o = np.concatenate(([0.0], gap if sampled else np.clip(gap, 0.0, None)))
         o = np.where(np.isfinite(c), o, np.nan)
         pos = np.searchsorted(data.steps, rs.step)
         cyc = np.full(len(data.steps), np.nan)

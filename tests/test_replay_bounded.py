@@ -133,3 +133,21 @@ def test_row_budget_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         row_budget()
     with pytest.raises(ConfigError, match="at least"):
         row_budget(10)
+
+
+def test_compare_reads_a_bounded_recording_with_the_same_figures(long_run: Path) -> None:
+    from replay.compare_input import side_from_view
+
+    with replay.open(long_run) as rec:
+        exact = side_from_view(rec.view())
+        approx = side_from_view(rec.bounded_view(BUDGET))
+    assert approx.steps < exact.steps  # the sample
+    for r in range(RANKS):
+        # steps over the wall time they took: the sample's cycles stand for the steps between them
+        e = exact.series[f"cycle@{r}"]
+        a = approx.series[f"cycle@{r}"]
+        assert np.nanmean(a) == pytest.approx(np.nanmean(e), rel=0.01)
+        e_out = np.nansum(exact.series[f"outside@{r}"]) / np.nansum(e)
+        a_out = np.nansum(approx.series[f"outside@{r}"]) / np.nansum(a)
+        assert a_out == pytest.approx(e_out, abs=0.02)
+    assert np.median(approx.series["step_time"]) == pytest.approx(np.median(exact.series["step_time"]), rel=0.02)
