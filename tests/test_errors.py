@@ -9,6 +9,7 @@ import pytest
 
 from traceml.errors import (
     CorruptRecordError,
+    DecodeBudgetError,
     DecompressionBombError,
     FormatError,
     FrameTooLargeError,
@@ -57,12 +58,20 @@ def test_frame_too_large_names_the_rank_once_it_is_known() -> None:
     )
 
 
+def test_decode_budget_names_size_budget_and_the_variable() -> None:
+    err = DecodeBudgetError(2048, 16512, base=16384, per_kib=64, setting="TRACEML_MAX_OBJECTS_PER_KIB")
+    assert (err.length, err.budget, err.per_kib) == (2048, 16512, 64)
+    assert str(err).startswith("frame of 2048 bytes decodes to more than 16512 objects, its decode budget (16384 + 64")
+    assert str(err).endswith("raise TRACEML_MAX_OBJECTS_PER_KIB (now 64)")
+
+
 @pytest.mark.parametrize(
     "error",
     [
         RecordTooLargeError("SEGMENT", 9, 8, offset=1, setting="s"),
         DecompressionBombError("zstd frame", None, 100, declared=True),
         FrameTooLargeError(9, 8, setting="s", rank=1),
+        DecodeBudgetError(100, 16390, base=16384, per_kib=64, setting="TRACEML_MAX_OBJECTS_PER_KIB"),
         CorruptRecordError("bad CRC"),
     ],
 )

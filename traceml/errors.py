@@ -18,6 +18,7 @@ and what to change.
     +-- TransportError              the TCP wire (traceml.transport)
     |   +-- FrameTooLargeError      frame length over the limit (never allocated)
     |   +-- MalformedFrameError     undecodable or ill-typed message
+    |   |   +-- DecodeBudgetError   a frame decodes to more objects than its budget
     |   +-- HandshakeError          missing/invalid hello, wrong token or version
     +-- StoreError                  stores and store views (traceml.store)
     +-- ReplayError                 reading recordings back (replay)
@@ -181,6 +182,20 @@ class FrameTooLargeError(TransportError):
 
 class MalformedFrameError(TransportError):
     """A frame does not decode to a well-formed message."""
+
+
+class DecodeBudgetError(MalformedFrameError):
+    """A frame of ``length`` bytes decodes to more than ``budget`` objects (``base`` + ``per_kib`` per
+    KiB: containers, items and map keys); ``setting`` is the variable that raises ``per_kib``."""
+
+    def __init__(self, length: int, budget: int, *, base: int, per_kib: int, setting: str) -> None:
+        self.length, self.budget, self.base, self.per_kib, self.setting = length, budget, base, per_kib, setting
+        super().__init__(
+            f"frame of {length} bytes decodes to more than {budget} objects, its decode budget"
+            f" ({base} + {per_kib} per KiB: containers, items and map keys); a traceml batch"
+            f" carries its numbers as bytes and stays far below it. If a real rank hits this, raise"
+            f" {setting} (now {per_kib})"
+        )
 
 
 class HandshakeError(TransportError):

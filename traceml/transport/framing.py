@@ -19,7 +19,7 @@ from traceml.config import (
     ENV_MAX_OBJECTS_PER_KIB,
     max_objects_per_kib_from_env,
 )
-from traceml.errors import ConfigError, FrameTooLargeError, MalformedFrameError, TransportError
+from traceml.errors import ConfigError, DecodeBudgetError, FrameTooLargeError, MalformedFrameError, TransportError
 
 #: the length prefix: unsigned 32-bit big-endian payload length
 HEADER = struct.Struct(">I")
@@ -66,13 +66,8 @@ def decode_budget(size: int, max_objects_per_kib: int = DEFAULT_MAX_OBJECTS_PER_
     return DECODE_BASE_OBJECTS + size * max_objects_per_kib // 1024
 
 
-def _budget_error(size: int, budget: int, per_kib: int) -> MalformedFrameError:
-    return MalformedFrameError(
-        f"frame of {size} bytes decodes to more than {budget} objects, its decode budget"
-        f" ({DECODE_BASE_OBJECTS} + {per_kib} per KiB: containers, items and map keys); a traceml batch"
-        f" carries its numbers as bytes and stays far below it. If a real rank hits this, raise"
-        f" {ENV_MAX_OBJECTS_PER_KIB} (now {per_kib})"
-    )
+def _budget_error(size: int, budget: int, per_kib: int) -> DecodeBudgetError:
+    return DecodeBudgetError(size, budget, base=DECODE_BASE_OBJECTS, per_kib=per_kib, setting=ENV_MAX_OBJECTS_PER_KIB)
 
 
 def decode_payload(
