@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 
 from replay.engine import Recording
 from replay.engine import open as open_recording
-from replay.player import apply_batches
+from replay.tail import Tail
 from traceml.errors import TracemlError
 from traceml.store import StoreView
-from traceml.store.view import META_RECORDING_BYTES, META_STATUS
 
 if TYPE_CHECKING:
     import dash
@@ -116,30 +115,15 @@ def recording_source(rec: Recording) -> Source:
 
 
 class FollowSource:
-    """A source over a recording still being written: each call polls the file for new rows."""
+    """A source over a recording still being written: each call polls the file (:class:`replay.tail.Tail`)."""
 
     def __init__(self, rec: Recording) -> None:
-        self._rec = rec
         self._lock = threading.Lock()
-        self._store = rec.store()
-        self._view = self._store.snapshot()
+        self._tail = Tail(rec)
 
     def __call__(self) -> StoreView:
         with self._lock:
-            if self._rec.finished:
-                return self._view
-            batches = self._rec.poll()
-            meta = self._rec.meta
-            apply_batches(self._rec, self._store, batches)
-            if self._rec.finished:
-                for info in self._rec.rank_infos().values():
-                    self._store.set_rank(info)
-                for name, data in self._rec.attachments.items():
-                    self._store.attach(name, data)
-            self._store.set_meta(**{META_STATUS: meta[META_STATUS], META_RECORDING_BYTES: meta[META_RECORDING_BYTES]})
-            self._store.set_integrity(self._rec.integrity)
-            self._view = self._store.snapshot()
-            return self._view
+            return self._tail.poll()
 
 
 def build_dashboard(

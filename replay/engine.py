@@ -477,12 +477,7 @@ class Recording:
             store.add_schema(rolled)
             for rank, cols in per_rank.items():
                 store.append(rank, rolled.name, cols, rolled)
-        for info in self.rank_infos().values():
-            store.set_rank(info)
-        for name, data in self.attachments.items():
-            store.attach(name, data)
-        store.set_integrity(self.integrity)
-        return store
+        return self.fill_end_state(store)
 
     def store(self, tables: Iterable[str] | None = None) -> ColumnStore:
         """A new unbounded ColumnStore filled from the file, as the aggregator's was at the end."""
@@ -495,10 +490,22 @@ class Recording:
                 store.add_schema(schema)
             for rank, cols in per_rank.items():
                 store.append(rank, table, cols, schema)
-        for info in self.rank_infos(loaded).values():
-            store.set_rank(info)
+        return self.fill_end_state(store, loaded)
+
+    def fill_end_state(
+        self, store: ColumnStore, tables: Mapping[str, Mapping[int, Columns]] | None = None
+    ) -> ColumnStore:
+        """Give *store* what the file says of the run as a whole: the rank table (where the file
+        knows no state, ``unknown``, it replaces only the store's placeholder: a tail keeps the
+        ranks it saw connect), every attachment, the status and size of the file, its integrity.
+        *tables*: the rows loaded, for the ranks' last-seen times.  Returns *store*."""
+        for info in self.rank_infos(tables).values():
+            if info.state != "unknown" or store.rank_info(info.rank) in (None, RankInfo(rank=info.rank)):
+                store.set_rank(info)
         for name, data in self.attachments.items():
             store.attach(name, data)
+        meta = self.meta
+        store.set_meta(**{META_STATUS: meta[META_STATUS], META_RECORDING_BYTES: meta[META_RECORDING_BYTES]})
         store.set_integrity(self.integrity)
         return store
 

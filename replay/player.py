@@ -21,10 +21,11 @@ import numpy as np
 from rich.console import Console
 
 from replay.engine import END_ATTACHMENTS, Columns, Recording
+from replay.tail import Tail
 from traceml.errors import ConfigError
 from traceml.schema import STANDARD_TABLES
 from traceml.store import ColumnStore, RankInfo, StoreView
-from traceml.store.view import META_RECORDING_BYTES, META_STATUS
+from traceml.store.view import META_STATUS
 
 #: how often playback moves its clock (the terminal driver redraws on its own clock)
 TICK_S = 0.05
@@ -298,39 +299,17 @@ def follow(
     from traceml.drivers.terminal import TerminalDriver
 
     console = console or Console()
-    store = rec.store()
-    store.set_meta(**{META_STATUS: "running" if not rec.finished else rec.meta[META_STATUS]})
-    driver = TerminalDriver(store.snapshot, console=console, refresh_s=refresh_s)
+    tail = Tail(rec)
+    driver = TerminalDriver(tail.store.snapshot, console=console, refresh_s=refresh_s)
     driver.start()
     stop = stop or threading.Event()
     try:
-        while not rec.finished and not stop.is_set():
+        while not tail.finished and not stop.is_set():
             stop.wait(poll_s)
-            apply_batches(rec, store, rec.poll())
+            tail.poll()
     except KeyboardInterrupt:
         pass
     finally:
-        for info in rec.rank_infos().values():
-            if info.state != "unknown" or store.rank_info(info.rank) is None:
-                store.set_rank(info)
-        for name, data in rec.attachments.items():
-            store.attach(name, data)
-        meta = rec.meta
-        store.set_meta(**{META_STATUS: meta[META_STATUS], META_RECORDING_BYTES: meta[META_RECORDING_BYTES]})
-        store.set_integrity(rec.integrity)
-        view = store.snapshot()
+        view = tail.finish()
         driver.stop(final_view=view)
     return view
-
-
-def apply_batches(rec: Recording, store: ColumnStore, batches: list[tuple[int, str, Columns]]) -> None:
-    """Append polled ``batches`` to ``store`` and refresh what the file added (attachments, size)."""
-    schemas = rec.schemas
-    for rank, table, cols in batches:
-        store.append(rank, table, cols, schemas.get(table) or STANDARD_TABLES.get(table))
-        if store.rank_info(rank) is None or store.rank_info(rank) == RankInfo(rank=rank):
-            store.update_rank(rank, state="connected")
-    for name, data in rec.attachments.items():
-        if name not in END_ATTACHMENTS:
-            store.attach(name, data)
-    store.set_meta(**{META_RECORDING_BYTES: rec.meta[META_RECORDING_BYTES]})
