@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +21,7 @@ from traceml.aggregator.control import read_control
 from traceml.aggregator.ingest import Ingest
 from traceml.aggregator.lost import lost_lines, lost_ranks
 from traceml.aggregator.spool import Spool, Writer
+from traceml.closing import close_run, run_summary
 from traceml.config import DEFAULT_MAX_FRAME_BYTES
 from traceml.errors import ConfigError, TracemlError
 from traceml.schema import STANDARD_TABLES
@@ -47,6 +48,10 @@ POLL_S = 0.05
 MAX_QUEUED_NOTICES = 1000
 #: seconds the end of the run waits for queued notices to be written
 NOTICE_DRAIN_S = 2.0
+
+
+def _summary_failed() -> None:
+    log.exception("the run summary could not be built; the recording is closed without it")
 
 
 @dataclass
@@ -296,7 +301,7 @@ class Aggregator:
             from traceml.exports.otlp import LivePusher
 
             self.otlp = LivePusher(
-                lambda: self._summary(self.store.snapshot()),
+                lambda: run_summary(self.store.snapshot(), _summary_failed),
                 self.opts.otlp_endpoint or None,
                 interval_s=self.opts.otlp_interval_s,
             )
@@ -403,12 +408,10 @@ class Aggregator:
             "duration_s": round(float(duration), 3),
             "signal": signal_name,
         }
-        self.store.attach("exit", exit_attachment)
         view = self.store.snapshot()
         expected = set(range(self.opts.expected_ranks))
         ranks = [view.rank_info[r].to_dict() for r in sorted(view.rank_info)]
         ranks += [{"rank": r, "state": "unknown"} for r in sorted(expected - set(view.rank_info))]
-        self.store.attach("ranks", {"ranks": ranks})
         try:  # which ranks vanished, at which step and when (docs/cli.md, "Lost ranks")
             lost: dict[str, Any] | None = lost_ranks(view, self.opts.expected_ranks)
         except Exception:  # never costs the recording its close
@@ -417,35 +420,24 @@ class Aggregator:
         if lost is not None and not (lost["ranks"] or lost["never_connected"]):
             lost = None
         if lost is not None:
-            self.store.attach("lost", lost)
             for line in lost_lines(lost):
                 log.warning("%s", line)
-        self.store.set_meta(**{META_STATUS: "finished"})
-        summary = self._summary(self.store.snapshot())
-        if summary is not None:
-            self.store.attach("summary", summary)
-        if self.otlp is not None:
-            self.otlp.stop(summary)
+        documents: dict[str, Mapping[str, Any]] = {"exit": exit_attachment, "ranks": {"ranks": ranks}}
+        if lost is not None:
+            documents["lost"] = lost
+        summary, closed = close_run(
+            self.store,
+            self.spool,
+            documents,
+            on_summary_error=_summary_failed,
+        )
         if self.spool is not None:
-            self.spool.attach("exit", exit_attachment)
-            self.spool.attach("ranks", {"ranks": ranks})
-            if lost is not None:
-                self.spool.attach("lost", lost)
-            if not self.spool.close(summary=summary):
+            if not closed:
                 log.warning("the recording thread did not finish closing %s in time", self.spool.path)
             self.store.set_meta(**{META_RECORDING_BYTES: self.spool.bytes_on_disk})
+        if self.otlp is not None:
+            self.otlp.stop(summary)
         return self.store.snapshot()
-
-    def _summary(self, view: StoreView) -> dict[str, Any] | None:
-        try:
-            from traceml.diagnosis import build_summary
-        except ImportError:
-            return None
-        try:
-            return build_summary(view)
-        except Exception:  # a diagnosis bug must not cost the recording its close
-            log.exception("the run summary could not be built; the recording is closed without it")
-            return None
 
     def close_ui(self, final_view: StoreView | None) -> None:
         if self._log_handler is not None:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from traceml.closing import close_run
 from traceml.errors import ConfigError
 from traceml.runtime._failopen import disable_piece, log_once
 from traceml.schema import TableSchema, rows_to_columns
@@ -88,8 +89,8 @@ class FileSink:
     """The rank records its own ``.tml`` (one writer, used only by the sender thread).
 
     A bounded :class:`ColumnStore` mirrors what was written so that, at the end, the file
-    gets the same closing documents as one written by the aggregator: ``exit``, ``ranks``
-    and the diagnosis ``summary`` (replay and reports then treat both alike).
+    is closed by the same :func:`traceml.closing.close_run` as one written by the aggregator:
+    ``exit``, ``ranks`` and the diagnosis ``summary`` (replay and reports treat both alike).
     """
 
     name = "file"
@@ -138,20 +139,12 @@ class FileSink:
             "signal": "",
         }
         ranks_doc = {"ranks": [info.to_dict()]}
-        self.store.attach("exit", exit_doc)
-        self.store.attach("ranks", ranks_doc)
-        summary: dict[str, Any] | None = None
-        try:
-            from traceml.diagnosis.summary import build_summary
-
-            summary = build_summary(self.store.snapshot())
-        except Exception:
-            disable_piece("file-summary", "the run summary of the local recording")
-        try:
-            self.writer.attach("exit", exit_doc)
-            self.writer.attach("ranks", ranks_doc)
-        finally:
-            self.writer.close(summary=summary)
+        close_run(
+            self.store,
+            self.writer,
+            {"exit": exit_doc, "ranks": ranks_doc},
+            on_summary_error=lambda: disable_piece("file-summary", "the run summary of the local recording"),
+        )
 
 
 class Sender:
