@@ -22,7 +22,7 @@ import numpy as np
 from traceml.errors import ConfigError
 from traceml.format import SegmentInfo
 from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup
-from traceml.store import ColumnStore, RankInfo, StoreView
+from traceml.store import ColumnStore, StoreView
 from traceml.views.bounded import STEP_TOTALS, TAIL_STEPS, RowSample, StepDigest, sample_stride
 from traceml.views.steps import _rank_rows, warmup_count
 
@@ -36,13 +36,9 @@ class Recording(Protocol):
     def schemas(self) -> dict[str, TableSchema]: ...
     @property
     def meta(self) -> dict[str, Any]: ...
-    @property
-    def attachments(self) -> dict[str, dict[str, Any]]: ...
-    @property
-    def integrity(self) -> dict[str, Any]: ...
-    def rank_infos(
-        self, tables: Mapping[str, Mapping[int, dict[str, np.ndarray]]] | None = None
-    ) -> dict[int, RankInfo]: ...
+    def fill_end_state(
+        self, store: ColumnStore, tables: Mapping[str, Mapping[int, dict[str, np.ndarray]]] | None = None
+    ) -> ColumnStore: ...
     def read_segment(self, seg: SegmentInfo) -> list[tuple[int, str, dict[str, np.ndarray]]]: ...
     def view(self) -> StoreView: ...
 
@@ -144,9 +140,5 @@ def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
             store.add_schema(schema)
         for rank, cols in per_rank.items():
             store.append(rank, table, cols, schema)
-    for info in rec.rank_infos(loaded).values():
-        store.set_rank(info)
-    for name, data in rec.attachments.items():
-        store.attach(name, data)
-    store.set_integrity(rec.integrity)
+    rec.fill_end_state(store, loaded)
     return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: digest.finish()})
