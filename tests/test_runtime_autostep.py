@@ -55,8 +55,8 @@ def test_unmodified_loop_records_one_step_per_optimizer_step_with_its_phases():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(model, opt, 8, sleep_s=0.004)
     r = rows(agent)
-    # the iteration before the first optimizer.step() is not a whole step
-    assert list(r["step"]) == list(range(7))
+    # the first iteration is recorded from its first training forward
+    assert list(r["step"]) == list(range(8))
     assert (r["forward_us"] > 0).all() and (r["backward_us"] > 0).all() and (r["optimizer_us"] > 0).all()
     # the sleep before optimizer.step() is in the step, unnamed
     assert (r["residual_us"] >= 3000).all(), r["residual_us"]
@@ -80,7 +80,7 @@ def test_gradient_accumulation_sums_into_one_step():
     model.forward = counting  # the auto-step wrapper goes on top of the user's own
     train(model, opt, 6, accum=4)
     r = rows(agent)
-    assert len(r["step"]) == 5
+    assert len(r["step"]) == 6
     assert calls["n"] == 24
     single = traceml.init()
     assert single is agent
@@ -99,10 +99,50 @@ def test_evaluation_under_no_grad_is_not_step_work():
         model(torch.randn(8, 32))
     train(model, opt, 3)
     r = rows(agent)
-    assert len(r["step"]) == 5
+    assert len(r["step"]) == 6
     # 120 ms of evaluation (sleeps: unnamed time) before the 4th step's training work is in no step
     assert r["residual_us"].max() < 60_000, r["residual_us"]
     assert r["dataloader_us"].max() == 0
+
+
+def test_first_iteration_is_a_whole_step_from_its_first_training_forward():
+    agent = traceml.init(auto_steps=True)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with torch.no_grad():
+        model(torch.randn(4, 32))  # an evaluation pass first: not the start
+    time.sleep(0.3)  # before the first training forward: in no step
+    train(model, opt, 3)
+    r = rows(agent)
+    assert list(r["step"]) == [0, 1, 2]
+    assert (r["forward_us"] > 0).all() and (r["backward_us"] > 0).all() and (r["optimizer_us"] > 0).all()
+    # the 300 ms sleep would be unnamed time of the first step had it started before its forward
+    assert r["residual_us"][0] < 250_000, r["residual_us"]
+    # the global forward hooks that found it are gone
+    assert not [n for n in patches.active_patches() if "first forward" in n]
+
+
+def test_a_step_gradscaler_skips_still_ends_at_its_update():
+    agent = traceml.init(auto_steps=True)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    skipped = []
+    for i in range(6):
+        loss = model(torch.randn(16, 32)).square().mean()
+        scaler.scale(loss).backward()
+        if i == 3:
+            next(model.parameters()).grad.fill_(float("inf"))  # overflow: scaler.step skips opt.step()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+        opt.zero_grad()
+    assert skipped == [False, False, False, True, False, False]
+    r = rows(agent)
+    assert list(r["step"]) == list(range(6))  # six iterations, six steps: the skipped one is not merged
+    assert r["optimizer_us"][3] == 0 and (np.delete(r["optimizer_us"], 3) > 0).all()
+    assert (r["forward_us"] > 0).all() and (r["backward_us"] > 0).all()
 
 
 def test_two_optimizers_make_one_step_per_iteration_gan_style():
@@ -124,7 +164,8 @@ def test_two_optimizers_make_one_step_per_iteration_gan_style():
         loss_g.backward()
         opt_g.step()
     r = rows(agent)
-    assert len(r["step"]) == 5  # one per iteration, the first (finding the optimizers) not whole
+    # one per iteration; the first is not recorded (the loop holds two optimizers: it could end at the first)
+    assert len(r["step"]) == 5
     assert sorted(agent.autostep.models) == ["Sequential", "Sequential"]
     assert (r["forward_us"] > 0).all() and (r["optimizer_us"] > 0).all()
 
@@ -135,7 +176,7 @@ def test_compiled_model_is_timed():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(model, opt, 5)
     r = rows(agent)
-    assert len(r["step"]) == 4 and (r["forward_us"] > 0).all()
+    assert len(r["step"]) == 5 and (r["forward_us"] > 0).all()
     assert agent.autostep.models == ["OptimizedModule"]
 
 
@@ -144,12 +185,12 @@ def test_explicit_trace_step_wins_and_auto_steps_leave_no_patch():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train(model, opt, 3)
-    assert len(rows(agent)["step"]) == 2
+    assert len(rows(agent)["step"]) == 3
     for _ in range(3):
         with traceml.trace_step(model):
             train(model, opt, 1)
     r = rows(agent)
-    assert list(r["step"]) == [0, 1, 2, 3, 4]  # the explicit steps follow; none is counted twice
+    assert list(r["step"]) == [0, 1, 2, 3, 4, 5]  # the explicit steps follow; none is counted twice
     assert not agent.autostep.active
     assert not [n for n in patches.active_patches() if n.startswith("auto-step")]
     traceml.shutdown()
@@ -213,7 +254,7 @@ def test_trace_input_marks_get_batch_as_dataloader_inside_and_between_steps():
         opt.step()
         opt.zero_grad()
     r = rows(agent)
-    assert len(r["step"]) == 5
+    assert len(r["step"]) == 6  # the first get_batch() before the loop is the first step's input
     assert (r["dataloader_us"] >= 9500).all(), r["dataloader_us"]
     # the sleep is not residual (a loaded machine may still stretch one step's unnamed part)
     assert np.median(r["residual_us"]) < np.median(r["dataloader_us"]) / 2, r["residual_us"]

@@ -14,8 +14,14 @@ into steps by torch's global optimizer step hooks:
   ``inference_mode()`` is not step work, and one that runs before any training work of the
   step moves the step's start past it (with its input wait);
 * several forward/backward passes before one ``optimizer.step()`` (gradient accumulation) sum
-  into one step; the iterations before the first ``step()`` and the tail after the last are not
-  recorded.
+  into one step; the tail after the last ``step()`` is not recorded;
+* the first iteration is recorded from the first training-mode forward of a module with
+  trainable parameters (global forward hooks, removed once it returned) to the first
+  ``step()`` -- unless the calling frames hold another optimizer (a GAN: the first row would end
+  at the first of them); then recording starts at the second iteration;
+* a step that ``GradScaler`` skips (inf/nan gradients: ``optimizer.step()`` is not called) still
+  ends at ``scaler.update()``: an ``update()`` with no boundary since that scaler's last one is
+  a boundary.
 
 An explicit ``trace_step`` (or an integration callback) always wins: the first one discards the
 open automatic step and turns this off for the rest of the run.  Every hook and wrapper is in
@@ -52,6 +58,8 @@ from traceml.runtime.step import (
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident
 _grad_enabled = torch.is_grad_enabled
+#: inside a torch.compile trace the global forward hooks are traced too: they must do nothing there
+_is_compiling = torch.compiler.is_compiling
 
 #: calling frames whose locals are searched for the optimizer's model before the gc scan
 FRAME_DEPTH = 12
@@ -59,6 +67,9 @@ FRAME_DEPTH = 12
 MAX_CANDIDATES = 256
 #: top-level modules timed as the forward phase per optimizer
 MAX_MODELS = 8
+#: module calls without autograd (or without trainable parameters) before the first-forward
+#: hooks give up (an inference-only script pays for them no longer)
+FIRST_FORWARD_TRIES = 10_000
 
 
 class AutoForward(TimedForward):
@@ -110,6 +121,15 @@ class AutoSteps:
         self._closer: weakref.ref[Any] | None = None
         self._new: weakref.ref[Any] | None = None
         self._wrapped: set[int] = set()
+        #: step boundaries so far (the GradScaler check compares against it)
+        self.boundaries = 0
+        self._scaler_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._first_hooks: list[str] = []
+        self._first_root: Any = None  # the module whose call opened the first step (its forward is timed)
+        self._first_t0 = 0
+        self._first_misses = 0
+        self._first_step = False  # the open step began at the first training forward
+        self._others = False  # the first optimizer's callers hold another optimizer
 
     # -- install / uninstall ---------------------------------------------------------------
     def install(self, tag: str = "") -> list[str]:
@@ -122,6 +142,30 @@ class AutoSteps:
         self.names.append(patches.register("auto-step optimizer pre-hook" + suffix, pre.remove))
         post = register_optimizer_step_post_hook(self._post)
         self.names.append(patches.register("auto-step optimizer post-hook" + suffix, post.remove))
+        try:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            fpre = register_module_forward_pre_hook(self._first_forward_pre)
+            self._first_hooks.append(patches.register("auto-step first forward pre-hook" + suffix, fpre.remove))
+            fpost = register_module_forward_hook(self._first_forward_post, always_call=True)
+            self._first_hooks.append(patches.register("auto-step first forward hook" + suffix, fpost.remove))
+            self.names.extend(self._first_hooks)
+        except Exception:
+            disable_piece("auto-steps-first", "recording the first iteration")
+        scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+        update = getattr(scaler, "update", None)
+        if update is not None:
+            auto = self
+
+            def traceml_update(scaler_self: Any, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return update(scaler_self, *args, **kwargs)
+                finally:
+                    auto._scaler_updated(scaler_self)
+
+            traceml_update.__wrapped__ = update  # type: ignore[attr-defined]
+            name = "auto-step GradScaler.update" + suffix
+            self.names.append(patches.patch_attribute(scaler, "update", traceml_update, name))
         return list(self.names)
 
     def yield_to_explicit(self) -> None:
@@ -160,6 +204,8 @@ class AutoSteps:
                 return  # an optimizer stepped from inside another one's step, or a known one
             self._seen.add(opt)
             self._new = weakref.ref(opt)
+            if self._first_step and self._closer is None:
+                self._others = _other_optimizer(opt, sys._getframe(1))
             self._adopt_models(opt)
         except Exception:
             self._fail("automatic step detection (optimizer pre-hook)")
@@ -173,9 +219,15 @@ class AutoSteps:
                 return
             new = self._new
             if new is not None and new() is opt:
-                # a new optimizer closes the iteration from now on; what ran before is not a whole step
+                # a new optimizer closes the iteration from now on; what ran before is not a whole
+                # step, unless it is the first iteration, opened at its first forward
                 self._new = None
+                whole = self._first_step and self._closer is None and not self._others
+                self._first_step = False
                 self._closer = new
+                if whole and self._open:
+                    self._boundary()
+                    return
                 self._discard()
                 self._begin(fresh=True)
                 return
@@ -184,13 +236,83 @@ class AutoSteps:
                 self._closer = weakref.ref(opt)
             elif closer is not opt:
                 return
-            if self._open:
-                self._open = False
-                self.tracker.__exit__(None, None, None)
-                self.steps_recorded += 1
-            self._begin(fresh=False)
+            self._boundary()
         except Exception:
             self._fail("automatic step detection (optimizer post-hook)")
+
+    def _boundary(self) -> None:
+        """The open step ends now (a row) and the next one begins."""
+        if self._open:
+            self._open = False
+            self.tracker.__exit__(None, None, None)
+            self.steps_recorded += 1
+        self.boundaries += 1
+        self._begin(fresh=False)
+
+    # -- the first iteration and GradScaler ----------------------------------------------------
+    def _first_forward_pre(self, module: Any, args: Any) -> None:
+        if _is_compiling() or self._first_root is not None:
+            return  # inside the first forward
+        try:
+            if not self.active or self._open or self._closer is not None or self._new is not None:
+                self._drop_first_hooks()
+                return
+            if not _grad_enabled() or not any(p.requires_grad for p in module.parameters()):
+                self._first_misses += 1
+                if self._first_misses > FIRST_FORWARD_TRIES:
+                    self._drop_first_hooks()  # no training forward in sight: stop looking
+                return
+            c = self.clock
+            c.owner = _get_ident()
+            self._begin(fresh=False)
+            if not self._open:
+                self._drop_first_hooks()  # an explicit step is open: not ours to start
+                return
+            self._first_step = True
+            self._first_root = module
+            c._phase = FORWARD
+            c.gate = 0
+            self._first_t0 = _perf_ns()
+        except Exception:
+            self._drop_first_hooks()
+            disable_piece("auto-steps-first", "recording the first iteration")
+
+    def _first_forward_post(self, module: Any, args: Any, output: Any) -> None:
+        if _is_compiling() or module is not self._first_root:
+            return
+        t1 = _perf_ns()
+        self._first_root = None
+        try:
+            c = self.clock
+            c.acc[FORWARD] += t1 - self._first_t0
+            if not c.first[FORWARD]:
+                c.first[FORWARD] = self._first_t0
+            c._phase = NO_PHASE
+            c.gate = c.base
+        finally:
+            self._drop_first_hooks()
+
+    def _drop_first_hooks(self) -> None:
+        names, self._first_hooks = self._first_hooks, []
+        for name in names:
+            patches.undo(name)
+            if name in self.names:
+                self.names.remove(name)
+
+    def _scaler_updated(self, scaler: Any) -> None:
+        """``scaler.update()`` returned: no boundary since its last update means the step was
+        skipped (inf/nan gradients, no ``optimizer.step()``): it ends here all the same."""
+        if not self.active or _get_ident() != self.clock.owner:
+            return
+        try:
+            last = self._scaler_seen.get(scaler)
+            self._scaler_seen[scaler] = self.boundaries
+            if last != self.boundaries or not self._open or self._closer is None or self._new is not None:
+                return
+            self._boundary()
+            self._scaler_seen[scaler] = self.boundaries
+        except Exception:
+            self._fail("automatic step detection (GradScaler.update)")
 
     # -- the open step -----------------------------------------------------------------------
     def _begin(self, fresh: bool) -> None:
@@ -308,6 +430,30 @@ def _recycle_gpu_pairs(clock: PhaseClock) -> None:
             pool.append(pair[1])
             pool.append(pair[2])
     del pairs[:]
+
+
+def _other_optimizer(opt: Any, start: Any) -> bool:
+    """Whether the calling frames' locals (or their attributes) hold an optimizer besides ``opt``."""
+    optimizer = torch.optim.Optimizer
+    frame, depth = start, 0
+    while frame is not None and depth < FRAME_DEPTH:
+        try:
+            for value in list(frame.f_locals.values())[:MAX_CANDIDATES]:
+                if isinstance(value, optimizer):
+                    if value is not opt:
+                        return True
+                elif not isinstance(value, type | int | float | str | bytes | torch.Tensor):
+                    try:
+                        attrs = list(vars(value).values())[:64]
+                    except TypeError:
+                        continue
+                    if any(isinstance(a, optimizer) and a is not opt for a in attrs):
+                        return True
+        except Exception:
+            pass
+        frame = frame.f_back
+        depth += 1
+    return False
 
 
 def _holds(module: torch.nn.Module, ids: set[int]) -> bool:
