@@ -254,6 +254,48 @@ def test_the_range_brush_requeries_at_full_resolution(browser, long_tml: Path, t
         close()
 
 
+def test_a_zoom_outlives_the_charts_resizing_while_its_range_is_worked_out(
+    browser, long_tml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plotly reports a chart drawn or resized as a relayout too (``{"autosize": true}``, e.g. just
+    after the first draw).  One that comes while the server still works out a zoom's step range
+    must not replace the zoom: Dash drops the answer to a request that a newer request for the
+    same output replaced.  The server holds the zoom until the three step charts were resized."""
+    from traceml.drivers.web import callbacks
+
+    armed, asked, go = threading.Event(), threading.Event(), threading.Event()
+    step_range = callbacks.step_range
+
+    def held(*args: Any) -> Any:
+        if armed.is_set():
+            asked.set()
+            go.wait(TIMEOUT_MS / 1000)
+        return step_range(*args)
+
+    monkeypatch.setattr(callbacks, "step_range", held)
+    app, close = build_dashboard(long_tml)
+    try:
+        with served(app) as server, opened(browser, server.url) as page:
+            wait_traces(page, "fig-rank-steps", "t.length === 2")
+            page.wait_for_function("() => !document.querySelector('#live-status').innerText")
+            armed.set()
+            page.evaluate(
+                "() => Plotly.relayout(document.querySelector('#fig-rank-steps .js-plotly-plot'), {'xaxis.range': [50000, 50999]})"
+            )
+            assert asked.wait(TIMEOUT_MS / 1000), "the zoom never reached the server"
+            page.evaluate(
+                "(ids) => Promise.all(ids.map(id => Plotly.Plots.resize(document.querySelector('#' + id + ' .js-plotly-plot'))))",
+                ["fig-step-breakdown", "fig-rank-steps", "fig-rank-heatmap"],
+            )
+            go.set()
+            zoomed = wait_traces(page, "fig-rank-steps", "t.every(tr => tr.n === 1000)")
+            assert all(t["x0"] == 50_000 and t["x1"] == 50_999 for t in zoomed)
+            page.wait_for_function("() => document.querySelector('#range-label').innerText.startsWith('steps 50000')")
+    finally:
+        go.set()
+        close()
+
+
 def test_compare_mode_overlays_the_second_recording(browser, gpu_tml: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.tml"
     write_recording(other, synthetic_run(ranks=2, steps=1500, seed=3), meta=run_meta("baseline", ranks=2))

@@ -148,6 +148,31 @@ def test_a_zoom_wins_over_redraw_events_that_come_in_with_it() -> None:
     assert web.step_range_update([{"xaxis.autorange": True}], [100, 199]) is None
 
 
+def test_the_step_range_follows_the_kept_zoom_or_the_reset_button() -> None:
+    import dash
+
+    from traceml.drivers.web.zoom import range_event_update
+
+    kept = {"relayouts": [{"xaxis.range[0]": 99.6, "xaxis.range[1]": 199.2}], "seq": 3}
+    assert range_event_update({"step-zoom"}, kept, None) == [100, 199]
+    assert range_event_update({"step-zoom"}, kept, [100, 199]) is dash.no_update
+    assert range_event_update({"range-reset"}, kept, [100, 199]) is None  # the button wins
+    assert range_event_update({"step-zoom", "range-reset"}, kept, None) is dash.no_update
+    assert range_event_update({"range-reset"}, None, None) is dash.no_update
+    for junk in (None, {}, {"relayouts": "x"}, {"relayouts": [None, 3]}, [1, 2]):
+        assert range_event_update({"step-zoom"}, junk, [1, 2]) is dash.no_update
+
+
+def test_the_browser_keeps_only_relayouts_about_the_x_axis() -> None:
+    """The clientside filter names every step chart, in the order of the callback's inputs."""
+    from traceml.drivers.web.zoom import zoom_js
+
+    js = zoom_js()
+    assert "STEP_AXIS_FIGURES" not in js
+    assert js.index("'fig-step-breakdown'") < js.index("'fig-rank-steps'") < js.index("'fig-rank-heatmap'")
+    assert all(key in js for key in ("'xaxis.autorange'", "'xaxis.range'", "'xaxis.range[0]'"))
+
+
 def test_model_cache_reuses_models_per_view_object() -> None:
     cache = ModelCache(size=2)
     a = ColumnStore().snapshot()

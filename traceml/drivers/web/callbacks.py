@@ -30,7 +30,7 @@ from traceml.drivers.web.layout import (
     STEP_AXIS_FIGURES,
 )
 from traceml.drivers.web.panels import diagnosis_children, notice, now_children, run_panels, stats_children
-from traceml.drivers.web.zoom import range_event_update, rank_spec_update, uirevision
+from traceml.drivers.web.zoom import range_event_update, rank_spec_update, uirevision, zoom_js
 from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import StoreView
@@ -62,11 +62,11 @@ def data_version(c: AppContext, _tick: Any, current: Any) -> tuple[Any, Any]:
     return (dash.no_update if key == current else key), stop
 
 
-def step_range(_c: AppContext, *args: Any) -> Any:
-    """A zoom / brush on any step axis, or the reset button -> the shared step range."""
-    current = args[-1]
+def step_range(_c: AppContext, zoom: Any, _reset: Any, current: Any) -> Any:
+    """A zoom / brush on any step axis (kept by the browser in ``step-zoom``), or the reset
+    button -> the shared step range."""
     triggered = {t["prop_id"].rsplit(".", 1)[0] for t in ctx.triggered}
-    return range_event_update(triggered, args[: len(STEP_AXIS_FIGURES)], current)
+    return range_event_update(triggered, zoom, current)
 
 
 def _keep_view(rng: tuple[int, int] | None, *figs: Any) -> None:
@@ -222,9 +222,17 @@ def register(app: dash.Dash, c: AppContext) -> None:
         State("data-version", "data"),
         prevent_initial_call=True,
     )(c.bind(data_version))
+    app.clientside_callback(
+        zoom_js(),
+        Output("step-zoom", "data"),
+        [Input(f, "relayoutData") for f in STEP_AXIS_FIGURES],
+        State("step-zoom", "data"),
+        prevent_initial_call=True,
+    )
     app.callback(
         Output("step-range", "data"),
-        [Input(f, "relayoutData") for f in STEP_AXIS_FIGURES] + [Input("range-reset", "n_clicks")],
+        Input("step-zoom", "data"),
+        Input("range-reset", "n_clicks"),
         State("step-range", "data"),
         prevent_initial_call=True,
     )(c.bind(step_range))

@@ -122,6 +122,7 @@ def page_layout(
                 ],
             ),
             _controls(ranks),
+            dcc.Store(id="step-zoom", data=None),
             dcc.Store(id="step-range", data=None),
             dcc.Interval(
                 id="live-interval",

@@ -58,14 +58,38 @@ def step_range_update(relayouts: Sequence[Mapping[str, Any] | None], current: An
     return dash.no_update
 
 
-def range_event_update(triggered: Collection[str], relayouts: Sequence[Any], current: Any) -> Any:
+#: Runs in the browser on every relayout of a step chart and keeps only those about the x axis (a
+#: zoom, a brush, a double-click) in the ``step-zoom`` store, numbered so a repeated zoom is new
+#: again.  Plotly reports other changes as relayouts too (``{"autosize": true}`` when a chart is
+#: first drawn or resized); were they sent to the server with the zoom's, a later one would
+#: replace a zoom still being parsed there (Dash drops the answer to a request a newer one
+#: replaced) and the zoom would be lost.  Which events are about x is decided here (a superset);
+#: what they mean, by :func:`parse_step_range` on the server.
+KEEP_X_RELAYOUTS_JS = """function() {
+    const args = Array.from(arguments), previous = args.pop();
+    const about_x = r => !!r && (Boolean(r['xaxis.autorange']) || 'xaxis.range' in r || 'xaxis.range[0]' in r);
+    const fired = dash_clientside.callback_context.triggered.map(t => t.prop_id.split('.')[0]);
+    const kept = args.filter((r, i) => fired.includes(STEP_AXIS_FIGURES[i]) && about_x(r));
+    if (!kept.length) return dash_clientside.no_update;
+    return {relayouts: kept, seq: (previous && previous.seq || 0) + 1};
+}"""
+
+
+def zoom_js() -> str:
+    """:data:`KEEP_X_RELAYOUTS_JS` with the step charts' ids filled in (inputs in STEP_AXIS_FIGURES order)."""
+    ids = "[" + ", ".join(f"'{f}'" for f in STEP_AXIS_FIGURES) + "]"
+    return KEEP_X_RELAYOUTS_JS.replace("STEP_AXIS_FIGURES", ids)
+
+
+def range_event_update(triggered: Collection[str], zoom: Any, current: Any) -> Any:
     """The step range after the events ``triggered`` (component ids): the reset button clears it,
-    otherwise the relayouts of the step-axis charts (``relayouts``, in STEP_AXIS_FIGURES order) that fired."""
+    otherwise the x-axis relayouts kept in the ``step-zoom`` store (``zoom``) set it."""
     if "range-reset" in triggered:
         return None if current is not None else dash.no_update
-    return step_range_update(
-        [r for r, fig in zip(relayouts, STEP_AXIS_FIGURES, strict=True) if fig in triggered], current
-    )
+    relayouts = zoom.get("relayouts") if isinstance(zoom, dict) else None
+    if "step-zoom" not in triggered or not isinstance(relayouts, list):
+        return dash.no_update
+    return step_range_update([r for r in relayouts if isinstance(r, dict)], current)
 
 
 def as_range(data: Any) -> tuple[int, int] | None:
