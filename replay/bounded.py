@@ -112,33 +112,56 @@ def _plan(rec: Recording, total: int, budget: int) -> tuple[int, int]:
     return tail, sample_stride(total, room)
 
 
+def data_rows(rec: Recording) -> int:
+    """Rows of every data table (rollups left out), from the index."""
+    return sum(n for s in rec.segments for (_, t), n in s.rows.items() if not is_rollup(t))
+
+
+class BoundedBuilder:
+    """Feed every batch of a recording (:meth:`add`, file order); :meth:`view` is the bounded view.
+
+    Used by :func:`bounded_view` (one pass over the file) and by terminal replay, which streams
+    the same batches into its live store at the same time."""
+
+    def __init__(self, rec: Recording, budget: int | None = None) -> None:
+        self._rec = rec
+        budget = row_budget(budget)
+        self.tail, self.stride = _plan(rec, data_rows(rec), budget)
+        below, warm, _ = _warmup(rec)
+        step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
+        self._digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=self.stride)
+        self._samples: dict[str, RowSample] = {}
+
+    def add(self, rank: int, table: str, cols: Mapping[str, np.ndarray]) -> None:
+        if is_rollup(table) or not cols:
+            return
+        if table == "step_time":
+            self._digest.add(rank, cols)
+        self._samples.setdefault(table, RowSample(self.stride, self.tail)).add(rank, cols)
+
+    def view(self) -> StoreView:
+        """The sample, the run's metadata, ranks, attachments and integrity, and the totals."""
+        rec = self._rec
+        store = ColumnStore(capacity=None, meta=rec.meta)
+        loaded = {t: s.finish() for t, s in sorted(self._samples.items())}
+        for table, per_rank in loaded.items():
+            schema = rec.schemas.get(table) or STANDARD_TABLES.get(table)
+            if schema is not None:
+                store.add_schema(schema)
+            for rank, cols in per_rank.items():
+                store.append(rank, table, cols, schema)
+        rec.fill_end_state(store, loaded)
+        return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: self._digest.finish()})
+
+
 def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:
     """The recording as a view of at most about ``budget`` rows (every row when they fit)."""
-    budget = row_budget(budget)
-    total = sum(n for s in rec.segments for (_, t), n in s.rows.items() if not is_rollup(t))
-    if total <= budget:
+    if data_rows(rec) <= row_budget(budget):
         return rec.view()
-    tail, stride = _plan(rec, total, budget)
-    below, warm, _ = _warmup(rec)
-    step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
-    digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=stride)
-    samples: dict[str, RowSample] = {}
+    builder = BoundedBuilder(rec, budget)
     for seg in rec.segments:
         if all(is_rollup(t) for (_, t) in seg.rows):
             continue
         for rank, table, cols in rec.read_segment(seg):
-            if is_rollup(table) or not cols:
-                continue
-            if table == "step_time":
-                digest.add(rank, cols)
-            samples.setdefault(table, RowSample(stride, tail)).add(rank, cols)
-    store = ColumnStore(capacity=None, meta=rec.meta)
-    loaded = {t: s.finish() for t, s in sorted(samples.items())}
-    for table, per_rank in loaded.items():
-        schema = rec.schemas.get(table) or STANDARD_TABLES.get(table)
-        if schema is not None:
-            store.add_schema(schema)
-        for rank, cols in per_rank.items():
-            store.append(rank, table, cols, schema)
-    rec.fill_end_state(store, loaded)
-    return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: digest.finish()})
+            builder.add(rank, table, cols)
+    return builder.view()

@@ -1,8 +1,9 @@
 """Terminal replay: play a recording through the live terminal view, or tail one being written.
 
-:class:`Playback` feeds an unbounded :class:`ColumnStore` in the run's own time order (rows
-whose ``ts_ns`` is due), so the live terminal driver draws it exactly as it drew the run; at
-the end it holds what :meth:`Recording.view` holds.  The clock is injected: ``--speed max``
+:class:`Playback` feeds a :class:`ColumnStore` in the run's own time order (rows whose
+``ts_ns`` is due), so the live terminal driver draws it exactly as it drew the run; at the end
+it holds what :meth:`Recording.view` holds, or for a recording beyond the row budget, streamed
+segment by segment, what :meth:`Recording.bounded_view` holds.  The clock is injected: ``--speed max``
 jumps to the end.  A window (``--from`` / ``--to``) keeps only the rows inside it: times are
 seconds since the run's start, ``step:N`` are step numbers.
 """
@@ -23,7 +24,8 @@ from rich.console import Console
 from replay.engine import END_ATTACHMENTS, Columns, Recording
 from replay.tail import Tail
 from traceml.errors import ConfigError
-from traceml.schema import STANDARD_TABLES
+from traceml.format import SegmentInfo
+from traceml.schema import STANDARD_TABLES, is_rollup
 from traceml.store import ColumnStore, RankInfo, StoreView
 from traceml.store.view import META_STATUS
 
@@ -159,30 +161,75 @@ class _Stream:
 
 
 class Playback:
-    """Replays a loaded recording into a fresh unbounded store, row time by row time."""
+    """Replays a recording into a fresh store, row time by row time.
 
-    def __init__(self, rec: Recording, start: Bound | None = None, end: Bound | None = None) -> None:
+    A recording within the row budget (``row_budget``, ``TRACEML_ROW_BUDGET``) is loaded first
+    and played into an unbounded store: at the end it holds what :meth:`Recording.view` holds.
+    A longer one is streamed segment by segment (file order, each opened when the clock reaches
+    its first row) into a live store bounded as the aggregator's is; played whole, the same
+    pass builds the bounded view (:class:`replay.bounded.BoundedBuilder`) that :meth:`finish`
+    returns, so the end state and summary describe the whole run in bounded memory.
+    """
+
+    def __init__(
+        self, rec: Recording, start: Bound | None = None, end: Bound | None = None, *, row_budget: int | None = None
+    ) -> None:
+        from replay.bounded import BoundedBuilder, data_rows
+        from replay.bounded import row_budget as budget_of
+
         self.recording = rec
-        tables = rec.load()
-        self.window = resolve_window(tables, rec.start_ns, start, end)
+        budget = budget_of(row_budget)
+        self.streaming = data_rows(rec) > budget
         self._schemas = rec.schemas
         self._streams: list[_Stream] = []
-        for table, per_rank in sorted(tables.items()):
-            for rank, cols in sorted(per_rank.items()):
-                part = _in_window(cols, self.window)
-                s = _Stream(table, rank, part)
-                if s.n:
-                    self._streams.append(s)
-        dues = [int(s.due[0]) for s in self._streams] + [int(s.due[-1]) for s in self._streams]
-        self.t_begin = self.window.t_lo if self.window.t_lo is not None else (min(dues) if dues else rec.start_ns)
-        self.t_end = max(dues) if dues else self.t_begin
+        self._segments: list[SegmentInfo] = []
+        self._builder: BoundedBuilder | None = None
+        if not self.streaming:
+            tables = rec.load()
+            self.window = resolve_window(tables, rec.start_ns, start, end)
+            for table, per_rank in sorted(tables.items()):
+                for rank, cols in sorted(per_rank.items()):
+                    part = _in_window(cols, self.window)
+                    s = _Stream(table, rank, part)
+                    if s.n:
+                        self._streams.append(s)
+            dues = [int(s.due[0]) for s in self._streams] + [int(s.due[-1]) for s in self._streams]
+            t_first, t_last = (min(dues), max(dues)) if dues else (None, None)
+            self._final_infos = rec.rank_infos(tables)
+        else:
+            steps = [b for b in (start, end) if b is not None and b.kind == "step"]
+            step_rows: dict[str, Mapping[int, Columns]] = {}
+            if steps:  # the step window's time span: only its rows are read, through the index
+                lo = int(start.value) if start is not None and start.kind == "step" else None
+                hi = int(end.value) if end is not None and end.kind == "step" else None
+                step_rows = {"step_time": rec.columns("step_time", steps=(lo, hi))}
+            self.window = resolve_window(step_rows, rec.start_ns, start, end)
+            w = self.window
+            self._segments = [
+                seg
+                for seg in rec.segments
+                if not all(is_rollup(t) for (_, t) in seg.rows)
+                and not (w.t_lo is not None and seg.t_max is not None and seg.t_max < w.t_lo)
+                and not (w.t_hi is not None and seg.t_min is not None and seg.t_min > w.t_hi)
+            ]
+            t_mins = [seg.t_min for seg in self._segments if seg.t_min is not None]
+            t_maxs = [seg.t_max for seg in self._segments if seg.t_max is not None]
+            t_first = min(t_mins) if t_mins else None
+            t_last = max(t_maxs) if t_maxs else None
+            self._final_infos = rec.rank_infos()
+            if w.whole:
+                self._builder = BoundedBuilder(rec, budget)
+        self.t_begin = (
+            self.window.t_lo if self.window.t_lo is not None else (t_first if t_first is not None else rec.start_ns)
+        )
+        self.t_end = t_last if t_last is not None else self.t_begin
         if self.window.t_hi is not None:
             self.t_end = min(self.t_end, self.window.t_hi)
         self.t_end = max(self.t_end, self.t_begin)
-        self._final_infos = rec.rank_infos(tables)
         meta = rec.meta
         self._final_status = meta[META_STATUS]
-        self.store = ColumnStore(capacity=None, meta={**meta, META_STATUS: "running"})
+        live_meta = {**meta, META_STATUS: "running"}
+        self.store = ColumnStore(capacity=None, meta=live_meta) if not self.streaming else ColumnStore(meta=live_meta)
         for name, data in rec.attachments.items():
             if name not in END_ATTACHMENTS:
                 self.store.attach(name, data)
@@ -196,19 +243,11 @@ class Playback:
 
     def advance_to(self, t_ns: float) -> int:
         """Append every row due by ``t_ns``; returns how many."""
-        added = 0
         appeared: list[int] = []
-        for s in self._streams:
-            if s.sent >= s.n:
-                continue
-            upto = s.n if t_ns >= s.due[-1] else int(np.searchsorted(s.due, t_ns, side="right"))
-            if upto > s.sent:
-                if s.sent == 0:
-                    appeared.append(s.rank)
-                part = {k: v[s.sent : upto] for k, v in s.cols.items()}
-                self.store.append(s.rank, s.table, part, self._schemas.get(s.table) or STANDARD_TABLES.get(s.table))
-                added += upto - s.sent
-                s.sent = upto
+        added = self._drain(t_ns, appeared)
+        while self._segments and (self._segments[0].t_min is None or self._segments[0].t_min <= t_ns):
+            self._open(self._segments.pop(0))  # one segment at a time: its rows drain before the next is read
+            added += self._drain(t_ns, appeared)
         for rank in appeared:
             current = self.store.rank_info(rank)
             if current is None or current.state == "unknown":
@@ -217,12 +256,40 @@ class Playback:
         self.now_ns = int(max(self.now_ns, min(t_ns, self.t_end)))
         return added
 
+    def _open(self, seg: SegmentInfo) -> None:
+        for rank, table, cols in self.recording.read_segment(seg):
+            if is_rollup(table) or not cols:
+                continue
+            if self._builder is not None:
+                self._builder.add(rank, table, cols)
+            stream = _Stream(table, rank, _in_window(cols, self.window))
+            if stream.n:
+                self._streams.append(stream)
+
+    def _drain(self, t_ns: float, appeared: list[int]) -> int:
+        added = 0
+        for s in self._streams:
+            if s.sent >= s.n:
+                continue
+            upto = s.n if t_ns >= s.due[-1] else int(np.searchsorted(s.due, t_ns, side="right"))
+            if upto > s.sent:
+                if s.sent == 0 and s.rank not in appeared:
+                    appeared.append(s.rank)
+                part = {k: v[s.sent : upto] for k, v in s.cols.items()}
+                self.store.append(s.rank, s.table, part, self._schemas.get(s.table) or STANDARD_TABLES.get(s.table))
+                added += upto - s.sent
+                s.sent = upto
+        if self.streaming:  # what was played is in the store: let the segment's arrays go
+            self._streams = [s for s in self._streams if s.sent < s.n]
+        return added
+
     @property
     def done(self) -> bool:
-        return all(s.sent >= s.n for s in self._streams)
+        return not self._segments and all(s.sent >= s.n for s in self._streams)
 
     def finish(self) -> StoreView:
-        """Everything appended, the run's end state (rank table, exit, summary, status) set."""
+        """Everything appended, the run's end state (rank table, exit, summary, status) set.
+        A long recording played whole ends on its bounded view (totals, sketches, a sample)."""
         self.advance_to(math.inf)
         for info in self._final_infos.values():
             self.store.set_rank(info)
@@ -231,6 +298,8 @@ class Playback:
                 self.store.attach(name, self.recording.attachments[name])
         self.store.set_meta(**{META_STATUS: self._final_status})
         self.finished = True
+        if self._builder is not None:
+            return self._builder.view()
         return self.store.snapshot()
 
     def snapshot(self) -> StoreView:

@@ -151,3 +151,27 @@ def test_compare_reads_a_bounded_recording_with_the_same_figures(long_run: Path)
         a_out = np.nansum(approx.series[f"outside@{r}"]) / np.nansum(a)
         assert a_out == pytest.approx(e_out, abs=0.02)
     assert np.median(approx.series["step_time"]) == pytest.approx(np.median(exact.series["step_time"]), rel=0.02)
+
+
+def test_terminal_playback_streams_a_long_recording(long_run: Path) -> None:
+    from replay.player import Bound, Playback
+
+    with replay.open(long_run) as rec:
+        expected = build_summary(rec.bounded_view(BUDGET))
+        pb = Playback(rec, row_budget=BUDGET)
+        assert pb.streaming
+        # played by the clock: segments are opened as it reaches them, and let go once played
+        held = []
+        for frac in (0.1, 0.5, 0.9):
+            pb.advance_to(pb.t_begin + frac * (pb.t_end - pb.t_begin))
+            held.append(sum(s.n for s in pb._streams))
+            assert 0 < pb.store.snapshot().total_rows("step_time") < RANKS * STEPS
+        assert max(held) < BUDGET
+        end = pb.finish()
+        assert pb._streams == [] and pb.done
+        assert end.total_rows() <= BUDGET and "step_time" in end.digests
+        assert build_summary(end) == expected
+        # a window streams only its segments and keeps its rows whole
+        windowed = Playback(rec, Bound("step", 100), Bound("step", 199), row_budget=BUDGET).finish()
+        for r in range(RANKS):
+            assert np.array_equal(windowed.columns("step_time", r)["step"], np.arange(100, 200))
