@@ -7,7 +7,8 @@ Writes synthetic recordings of 8 ranks (``step_time`` rows plus a process sample
 steps, written in chunks so the generator itself stays small), then runs each reader as its own
 process and reads its peak resident set (``/usr/bin/time -f %M``, else ``getrusage``): ``inspect
 --json``, ``recover``, ``export`` as csv / chrome-trace / parquet, ``report`` and
-``replay.open(path)`` reading the step times of one rank.  The table shows peak RSS (MiB) and
+``replay.open(path)`` reading the step times of one rank; ``compare A A``, terminal ``replay --speed max``
+and ``replay.open(path).summary()`` (these four read within the row budget, ``TRACEML_ROW_BUDGET``).  The table shows peak RSS (MiB) and
 wall seconds per command and row count; a reader whose memory is flat shows the same figure on
 every line, one that holds every row grows with them.  Files and outputs go to a temporary
 directory (``--keep DIR`` to reuse the recordings between runs).
@@ -51,6 +52,10 @@ def make_recording(path: Path, rows: int) -> None:
 
 def commands(src: Path, out: Path) -> dict[str, list[str]]:
     traceml = str(Path(sys.executable).parent / "traceml")
+    summary = (
+        "import replay, sys; rec = replay.open(sys.argv[1], progress=False);"
+        " print(rec.summary()['traceml/steps/count'])"
+    )
     one_rank = (
         "import replay, sys; rec = replay.open(sys.argv[1]); c = rec.columns('step_time', rank=0);"
         " print(len(c['step']))"
@@ -62,6 +67,9 @@ def commands(src: Path, out: Path) -> dict[str, list[str]]:
         "export chrome-trace": [traceml, "export", str(src), "--format", "chrome-trace", "-o", str(out / "t.json")],
         "export parquet": [traceml, "export", str(src), "--format", "parquet", "-o", str(out / "pq")],
         "report": [traceml, "report", str(src), "--out", str(out / "report")],
+        "compare A A": [traceml, "compare", str(src), str(src)],
+        "replay --speed max": [traceml, "replay", str(src), "--speed", "max", "--no-progress"],
+        "replay.open summary": [sys.executable, "-c", summary, str(src)],
         "replay.open, one rank": [sys.executable, "-c", one_rank, str(src)],
     }
 
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1000000,10000000")
     ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the recordings here")
     ap.add_argument("--only", default="", help="comma-separated command names to run")
+    ap.add_argument("--make-only", action="store_true", help="write the recordings and run nothing")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench_reader_memory-") as tmp_dir:
@@ -101,6 +110,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 make_recording(src, rows)
                 print(f"wrote {src.name}: {src.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - t0:.0f} s")
+            if args.make_only:
+                continue
             for name, cmd in commands(src, base / f"out{rows}").items():
                 if args.only and name not in args.only.split(","):
                     continue

@@ -9,6 +9,7 @@ records (under a lock: a reader is single-threaded) and the app runs in live mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -32,6 +33,8 @@ log = logging.getLogger("traceml.replay")
 FIRST_TABLES = ("step_time",)
 #: above this many rows in FIRST_TABLES (~0.1 s to load) the first charts draw from their rollups
 ROLLUP_FIRST_ROWS = 500_000
+#: zoomed views of a bounded recording kept (the app caches its figures per view)
+ZOOM_CACHE = 8
 
 
 class RecordingSource:
@@ -46,8 +49,15 @@ class RecordingSource:
     figures per view).
     """
 
-    def __init__(self, rec: Recording, *, staged: bool = True) -> None:
+    def __init__(self, rec: Recording, *, staged: bool = True, row_budget: int | None = None) -> None:
+        from replay.bounded import data_rows
+        from replay.bounded import row_budget as budget_of
+
         self._rec = rec
+        self._budget = budget_of(row_budget)
+        #: beyond the row budget the whole view is the bounded one, and zooms seek the index
+        self.bounded = data_rows(rec) > self._budget
+        self._zooms: dict[tuple[int, int], StoreView] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -68,7 +78,7 @@ class RecordingSource:
         elif staged and first and rest:
             self._view = self.first_view = rec.store(first).snapshot()
         else:
-            self._view = self.first_view = rec.view()
+            self._view = self.first_view = rec.bounded_view(self._budget)
             self._done.set()
 
     def load_rest(self) -> None:
@@ -81,11 +91,11 @@ class RecordingSource:
 
     def _load_rest(self) -> None:
         try:
-            if self._then:  # the step charts' rows first: their exact statistics come sooner
+            if self._then and not self.bounded:  # the step charts' rows first: their exact statistics come sooner
                 partial = self._rec.store(self._then).snapshot()
                 with self._lock:
                     self._view = partial
-            view = self._rec.view()
+            view = self._rec.bounded_view(self._budget)
         except TracemlError as exc:  # keep serving what was loaded; say why the rest is missing
             log.warning("could not load the rest of %s: %s", self._rec.path, exc)
             self.error = str(exc)
@@ -97,6 +107,43 @@ class RecordingSource:
 
     def loading(self) -> bool:
         return not self._done.is_set()
+
+    def zoomed(self, step_range: tuple[int, int]) -> StoreView | None:
+        """A bounded recording's view with every row of the step tables in ``step_range``, read
+        by seeking the index (the sample holds only every stride-th step); None when the recording
+        fits the budget (its view has every row), while it loads, or when the range's segments hold
+        more than a quarter of the budget (the sample is drawn then)."""
+        if not self.bounded or not self._done.is_set():
+            return None
+        key = (int(step_range[0]), int(step_range[1]))
+        with self._lock:
+            hit = self._zooms.get(key)
+            base = self._view
+        if hit is not None:
+            return hit
+        rec = self._rec
+        lo, hi = key
+        inside = [
+            s
+            for s in rec.segments
+            if s.step_min is not None and s.step_max is not None and s.step_max >= lo and s.step_min <= hi
+        ]
+        if sum(n for s in inside for n in s.rows.values()) > self._budget // 4:
+            return None
+        tables = dict(base.tables)
+        for table, schema in rec.schemas.items():
+            if "step" not in schema.names or table not in rec.tables:
+                continue
+            for key_ in [k for k in tables if k[0] == table]:
+                del tables[key_]
+            for rank, cols in rec.columns(table, steps=(lo, hi)).items():
+                tables[(table, rank)] = cols
+        view = dataclasses.replace(base, tables=tables, digests={})
+        with self._lock:
+            self._zooms[key] = view
+            while len(self._zooms) > ZOOM_CACHE:
+                self._zooms.pop(next(iter(self._zooms)))
+        return view
 
     def __call__(self) -> StoreView:
         with self._lock:
@@ -155,13 +202,14 @@ def build_dashboard(
     try:
         main = open_recording(path, follow=follow, progress=progress)
         recs.append(main)
-        loading = on_drawn = None
+        loading = on_drawn = zoomed = None
         if follow:
             source: Source = FollowSource(main)
         else:
             staged = RecordingSource(main, staged=staged_load)
             sources.append(staged)
             source, loading, on_drawn = staged, staged.loading, staged.load_rest
+            zoomed = staged.zoomed
         compare_source: Source | None = None
         if compare is not None:
             other = open_recording(compare, progress=progress)
@@ -174,6 +222,7 @@ def build_dashboard(
             loading=loading,
             on_charts_drawn=on_drawn,
             plotly_js=plotly_js,
+            zoomed=zoomed,
         )
     except BaseException:
         close()

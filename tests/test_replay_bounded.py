@@ -175,3 +175,35 @@ def test_terminal_playback_streams_a_long_recording(long_run: Path) -> None:
         windowed = Playback(rec, Bound("step", 100), Bound("step", 199), row_budget=BUDGET).finish()
         for r in range(RANKS):
             assert np.array_equal(windowed.columns("step_time", r)["step"], np.arange(100, 200))
+
+
+def test_dashboard_source_is_bounded_and_zooms_through_the_index(long_run: Path) -> None:
+    from replay.dashboard import RecordingSource
+    from traceml.drivers.web.context import AppContext
+
+    with replay.open(long_run) as rec:
+        src = RecordingSource(rec, staged=False, row_budget=BUDGET)
+        assert src.bounded and not src.loading()
+        view = src()
+        assert view.total_rows() <= BUDGET and "step_time" in view.digests
+        sampled = view.columns("step_time", 0)["step"]
+        assert len(sampled[(sampled >= 1000) & (sampled <= 1199)]) < 200
+        zoom = src.zoomed((1000, 1199))
+        assert zoom is not None and not zoom.digests
+        for r in range(RANKS):
+            steps = zoom.columns("step_time", r)["step"]
+            assert np.array_equal(steps, np.arange(1000, 1200))
+        assert src.zoomed((1000, 1199)) is zoom  # remembered: the app caches its figures per view
+        assert src.zoomed((0, STEPS)) is None  # the whole run: more than the budget allows, the sample is drawn
+        ctx = AppContext(
+            main=src,
+            compare=None,
+            labels=("a", "b"),
+            plot_labels=("a", "b"),
+            live=False,
+            refresh_s=1.0,
+            max_points=2000,
+            zoomed=src.zoomed,
+        )
+        assert ctx.params(None, [1000, 1199])[0] is zoom
+        assert ctx.params(None, None)[0] is view

@@ -20,6 +20,7 @@ from traceml.drivers.web.layout import DEFAULT_REFRESH_S, page_layout
 from traceml.errors import ConfigError
 from traceml.renderers import figures
 from traceml.schema import PHASES
+from traceml.store import StoreView
 from traceml.views import series
 
 #: where the page loads a plotly.js bundle given with ``plotly_js`` / $TRACEML_PLOTLY_JS
@@ -74,6 +75,7 @@ def build_app(
     loading: Callable[[], bool] | None = None,
     on_charts_drawn: Callable[[], None] | None = None,
     plotly_js: str | os.PathLike[str] | None = None,
+    zoomed: Callable[[tuple[int, int]], StoreView | None] | None = None,
 ) -> dash.Dash:
     """The Dash app over ``source`` (and ``compare_source``, overlaid as "B").  Serve it with :class:`WebServer`.
 
@@ -84,6 +86,8 @@ def build_app(
     ``on_charts_drawn`` is called once the step charts were built and sent, from the page's next
     poll with no chart request in flight (a staged replay source starts loading the rest then, so
     the loading does not compete with the first render, in this process or in the browser).
+    ``zoomed`` (replay of a long recording): a step range -> a view with every row of that range,
+    read through the file's index, or None to draw the source's own view.
     """
     if refresh_s <= 0:
         raise ConfigError(f"refresh_s={refresh_s!r}: expected a positive number of seconds")
@@ -100,6 +104,7 @@ def build_app(
         max_points=max_points,
         loading=loading,
         on_charts_drawn=on_charts_drawn,
+        zoomed=zoomed,
     )
     app_title = esc.visible(title or f"traceml — {series.run_info(source()).title}")
     app = dash.Dash(

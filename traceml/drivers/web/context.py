@@ -61,6 +61,8 @@ class AppContext:
     max_points: int
     loading: Callable[[], bool] | None = None
     on_charts_drawn: Callable[[], None] | None = None
+    #: replay of a long recording: a zoomed step range's rows, read through the index (None: the view)
+    zoomed: Callable[[tuple[int, int]], StoreView | None] | None = None
     cache: ModelCache = field(default_factory=ModelCache)
     #: callbacks that build charts or panels, running now
     inflight: int = 0
@@ -86,7 +88,10 @@ class AppContext:
     ) -> tuple[StoreView, StoreView | None, tuple[int, ...], tuple[int, int] | None]:
         """The views, the ranks chosen and the step range, from the page's filter and range."""
         view, other = self.views()
-        return view, other, ranks_arg(rank_value, self.all_ranks(view, other)), as_range(range_data)
+        rng = as_range(range_data)
+        if rng is not None and self.zoomed is not None:
+            view = self.zoomed(rng) or view
+        return view, other, ranks_arg(rank_value, self.all_ranks(view, other)), rng
 
     def busy(self) -> bool:
         with self._lock:
