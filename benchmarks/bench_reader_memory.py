@@ -56,6 +56,16 @@ def commands(src: Path, out: Path) -> dict[str, list[str]]:
         "import replay, sys; rec = replay.open(sys.argv[1], progress=False);"
         " print(rec.summary()['traceml/steps/count'])"
     )
+    # the replay dashboard's source (its exact statistics), then zooms of 2,000 steps served from
+    # the index: prints the zooms' server time
+    dashboard = (
+        "import replay, sys, time; from replay.dashboard import RecordingSource;"
+        " rec = replay.open(sys.argv[1], progress=False); src = RecordingSource(rec, staged=False);"
+        " last = max(s.step_max for s in rec.segments if s.step_max is not None); ms = [];"
+        " [(t := time.perf_counter(), src.zoomed((a, a + 1999)), ms.append((time.perf_counter() - t) * 1e3))"
+        " for a in (last // 4, last // 2, 3 * last // 4)];"
+        " print('zoom ms', ' '.join(f'{m:.0f}' for m in ms), 'bounded' if src.bounded else 'whole')"
+    )
     one_rank = (
         "import replay, sys; rec = replay.open(sys.argv[1]); c = rec.columns('step_time', rank=0);"
         " print(len(c['step']))"
@@ -71,6 +81,7 @@ def commands(src: Path, out: Path) -> dict[str, list[str]]:
         "replay --speed max": [traceml, "replay", str(src), "--speed", "max", "--no-progress"],
         "replay.open summary": [sys.executable, "-c", summary, str(src)],
         "replay.open, one rank": [sys.executable, "-c", one_rank, str(src)],
+        "dashboard source + zoom": [sys.executable, "-c", dashboard, str(src)],
     }
 
 
@@ -80,6 +91,8 @@ def peak_rss_mib(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int
     if Path("/usr/bin/time").exists():
         r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        if r.stdout.strip().startswith("zoom ms") or r.returncode:
+            print("    " + (r.stdout.strip().splitlines() or [""])[-1] + " " + r.stderr.strip()[-300:], flush=True)
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "0"
         kib = int(last) if last.isdigit() else 0
         return kib / 1024, wall, r.returncode
