@@ -82,7 +82,7 @@ def frame_of(rows: int) -> bytes:
     }
     for k, phase in enumerate(PHASES):
         cols[f"{phase}_us"] = 1000 * (k + 1) + step % 100
-    cols["step_us"] = sum(cols[f"{p}_us"] for p in PHASES)
+    cols["step_us"] = np.sum([cols[f"{p}_us"] for p in PHASES], axis=0)
     wire = encode_columns(STEP_TIME, {c.name: cols[c.name] for c in STEP_TIME.columns})
     return encode_frame(batch(0, {"step_time": wire}))
 
@@ -91,7 +91,9 @@ def generator(
     port: int, ranks: list[int], world: int, frame: bytes, rate: float, t0: float, seconds: float, conn: Any
 ) -> None:
     """One generator process: its ranks' connections, the frame replayed until ``t0 + seconds``
-    (``rate`` frames/s per connection, 0: as fast as the socket takes them)."""
+    (``rate`` frames/s per connection, 0: as fast as the socket takes them).  Niced: on a shared
+    machine the aggregator, not the generators, gets the CPU first."""
+    os.nice(10)
     socks: list[socket.socket] = []
     for i, r in enumerate(ranks):
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -255,6 +257,27 @@ def show(r: dict[str, Any]) -> None:
     )
 
 
+def fit(rows: list[dict[str, Any]]) -> None:
+    """CPU share = fixed + cost x messages/s over the runs of one configuration: where one core
+    (share 1.0) runs out at this per-message cost."""
+    if len(rows) < 2:
+        return
+    x = np.array([r["msgs_s"] for r in rows])
+    y = np.array([r["cpu"] for r in rows])
+    if np.ptp(x) <= 0:
+        return
+    cost, fixed = np.polyfit(x, y, 1)
+    if cost <= 0:
+        print("   fit: CPU does not grow with the rate here (noise); no estimate", flush=True)
+        return
+    sat = (1.0 - fixed) / cost
+    print(
+        f"   fit: {100 * fixed:.0f}% fixed + {1e6 * cost:.1f} µs per message -> one core at ~{sat:,.0f} msgs/s"
+        f" = {sat * rows[0]['rows']:,.0f} rank-steps/s",
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0)
@@ -262,6 +285,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,5,20", help="step rows per frame, comma-separated")
     ap.add_argument("--generators", type=int, default=2)
     ap.add_argument("--fractions", default="0.5,0.8,1.2", help="offered rates as fractions of max (open loop)")
+    ap.add_argument("--rates", default="", help="offered messages/s in all (open loop) instead of --fractions")
+    ap.add_argument("--no-max", action="store_true", help="skip the closed-loop run")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {load:.1f}; {args.generators} generators")
@@ -270,10 +295,18 @@ def main() -> None:
         tmp = Path(tmp_dir)
         for conns in [int(c) for c in args.conns.split(",")]:
             for rows in [int(r) for r in args.rows.split(",")]:
-                top = run(tmp, conns, rows, 0.0, args.seconds, args.generators)
-                show(top)
-                for f in [float(x) for x in args.fractions.split(",") if x]:
-                    show(run(tmp, conns, rows, f * top["msgs_s"] / conns, args.seconds, args.generators))
+                done: list[dict[str, Any]] = []
+                if not args.no_max:
+                    done.append(run(tmp, conns, rows, 0.0, args.seconds, args.generators))
+                    show(done[-1])
+                if args.rates:
+                    offered = [float(x) for x in args.rates.split(",") if x]
+                else:
+                    offered = [float(x) * done[0]["msgs_s"] for x in args.fractions.split(",") if x]
+                for total in offered:
+                    done.append(run(tmp, conns, rows, total / conns, args.seconds, args.generators))
+                    show(done[-1])
+                fit(done)
     print(f"load at the end {os.getloadavg()[0]:.1f}")
 
 
