@@ -42,32 +42,40 @@ __all__ = ["STEP_TOTALS", "TAIL_STEPS", "RankTotals", "RowSample", "StepDigest",
 class StepDigest:
     """Feed ``step_time`` batches of any ranks in file order (:meth:`add`); :meth:`finish` gives the totals.
 
-    ``ranks``: the ranks with ``step_time`` rows (a step is *common* once all of them have it);
-    ``warmup_below``: the first analysed step number.  Memory: the sketches plus the steps not yet
-    seen on every rank (a few segments' worth when ranks move together).
+    ``ranks``: the ranks with ``step_time`` rows (a step is *common* when all of them have it);
+    ``warmup_below``: the first analysed step number.  Each rank's rows are expected in step
+    order (as a rank writes them): once every rank has sent a step number past ``s``, step ``s``
+    is final and sketched.  Memory: the sketches plus one slot per step number between the
+    slowest and the fastest rank's newest step.
     """
 
     def __init__(self, ranks: Iterable[int], *, warmup_below: int, warmup_steps: int, stride: int) -> None:
         self._ranks = sorted(set(ranks))
         self.totals = StepTotals(stride=max(1, stride), warmup_below=warmup_below, warmup_steps=warmup_steps)
-        nphase = len(PHASES)
-        #: pending job steps: step, ranks seen, max step time, phase sums and finite counts
-        self._p_step = np.empty(0, np.int64)
-        self._p_cnt = np.empty(0, np.int64)
-        self._p_max = np.empty(0)
-        self._p_sum = np.empty((nphase, 0))
-        self._p_n = np.empty((nphase, 0))
+        #: the newest step number each rank has sent (any row): every rank is past the minimum
+        self._newest: dict[int, int] = {}
+        #: per step number from ``_base`` on (dense): ranks seen, max step time, phase sums, finite counts
+        self._base: int | None = None
+        self._cnt = np.zeros(0, np.int64)
+        self._max = np.zeros(0)
+        self._sum = np.zeros((len(PHASES), 0))
+        self._n = np.zeros((len(PHASES), 0))
 
     def add(self, rank: int, cols: Columns) -> None:
         idx, failed, n = _rank_rows(cols)
         t = self.totals
         t.failed_rows += failed
         t.recorded_rows += n
+        if n:
+            newest = int(np.max(np.asarray(cols["step"], np.int64)))
+            self._newest[rank] = max(self._newest.get(rank, newest), newest)
         if not len(idx):
+            self._settle()
             return
         steps = np.asarray(cols["step"], np.int64)[idx]
         sel = idx[steps >= t.warmup_below]
         if not len(sel):
+            self._settle()
             return
         steps = np.asarray(cols["step"], np.int64)[sel]
         ts = np.asarray(cols["ts_ns"], np.int64)[sel]
@@ -91,55 +99,72 @@ class StepDigest:
         if steps[hi] >= rt.last_step:
             rt.last_step, rt.end_ns = int(steps[hi]), int(ts[hi])
         self._pend(steps, step_us, np.stack([phases[p] for p in PHASES]))
+        self._settle()
 
     def _pend(self, steps: np.ndarray, step_us: np.ndarray, phases: np.ndarray) -> None:
-        all_steps = np.concatenate([self._p_step, steps])
-        cnt = np.concatenate([self._p_cnt, np.ones(len(steps), np.int64)])
-        mx = np.concatenate([self._p_max, step_us])
+        """Add one rank's rows (distinct step numbers) to the per-step job values."""
+        if self._base is None:
+            self._base = int(steps.min())
+        late = steps < self._base  # a step every rank had passed already: out of order, left out of the job's
+        if late.any():
+            steps, step_us, phases = steps[~late], step_us[~late], phases[:, ~late]
+            if not len(steps):
+                return
+        at = steps - self._base
+        need = int(at.max()) + 1
+        if need > len(self._cnt):
+            grow = max(need, 2 * len(self._cnt)) - len(self._cnt)
+            self._cnt = np.concatenate([self._cnt, np.zeros(grow, np.int64)])
+            self._max = np.concatenate([self._max, np.full(grow, np.nan)])
+            self._sum = np.concatenate([self._sum, np.zeros((len(PHASES), grow))], axis=1)
+            self._n = np.concatenate([self._n, np.zeros((len(PHASES), grow))], axis=1)
         finite = np.isfinite(phases)
-        psum = np.concatenate([self._p_sum, np.where(finite, phases, 0.0)], axis=1)
-        pn = np.concatenate([self._p_n, finite.astype(np.float64)], axis=1)
-        order = np.argsort(all_steps, kind="stable")
-        s = all_steps[order]
-        starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
-        self._p_step = s[starts]
-        self._p_cnt = np.add.reduceat(cnt[order], starts)
-        self._p_max = np.fmax.reduceat(mx[order], starts)
-        self._p_sum = np.add.reduceat(psum[:, order], starts, axis=1)
-        self._p_n = np.add.reduceat(pn[:, order], starts, axis=1)
-        done = self._p_cnt >= len(self._ranks)
-        if done.any():
-            self._flush(done, common=True)
+        self._cnt[at] += 1
+        self._max[at] = np.fmax(self._max[at], step_us)
+        self._sum[:, at] += np.where(finite, phases, 0.0)
+        self._n[:, at] += finite
 
-    def _flush(self, which: np.ndarray, *, common: bool) -> None:
+    def _settle(self, final: bool = False) -> None:
+        """Sketch the job's values of every step all ranks have gone past (or all, at the end)."""
+        if self._base is None or not len(self._cnt):
+            return
+        if final:
+            k = len(self._cnt)
+        elif len(self._newest) < len(self._ranks):
+            return
+        else:
+            k = min(len(self._cnt), min(self._newest.values()) - self._base + 1)
+        if k <= 0:
+            return
         t = self.totals
-        steps = self._p_step[which]
-        t.steps += len(steps)
-        if common:
-            t.common_steps += len(steps)
-            t.job_step_common.add(self._p_max[which])
-        t.job_step.add(self._p_max[which])
-        with np.errstate(all="ignore"):
-            means = self._p_sum[:, which] / self._p_n[:, which]
-        for i, p in enumerate(PHASES):
-            t.job_phases[p].add(means[i])
-        if len(steps):
-            lo, hi = int(steps.min()), int(steps.max())
+        cnt = self._cnt[:k]
+        present = cnt > 0
+        common = cnt >= len(self._ranks)
+        if present.any():
+            steps = self._base + np.flatnonzero(present)
+            t.steps += int(present.sum())
+            t.common_steps += int(common.sum())
+            t.job_step.add(self._max[:k][present])
+            t.job_step_common.add(self._max[:k][common])
+            with np.errstate(all="ignore"):
+                means = self._sum[:, :k][:, present] / self._n[:, :k][:, present]
+            for i, p in enumerate(PHASES):
+                t.job_phases[p].add(means[i])
+            lo, hi = int(steps[0]), int(steps[-1])
             t.first_step = lo if t.first_step < 0 else min(t.first_step, lo)
             t.last_step = max(t.last_step, hi)
-        keep = ~which
-        self._p_step, self._p_cnt, self._p_max = self._p_step[keep], self._p_cnt[keep], self._p_max[keep]
-        self._p_sum, self._p_n = self._p_sum[:, keep], self._p_n[:, keep]
+        self._cnt, self._max = self._cnt[k:].copy(), self._max[k:].copy()
+        self._sum, self._n = self._sum[:, k:].copy(), self._n[:, k:].copy()
+        self._base += k
 
     @property
     def pending(self) -> int:
-        """Step numbers not yet seen on every rank."""
-        return len(self._p_step)
+        """Step numbers held until every rank has gone past them."""
+        return int((self._cnt > 0).sum())
 
     def finish(self) -> StepTotals:
         """The totals; steps some rank never had count in the job's series but not as common steps."""
-        if len(self._p_step):
-            self._flush(np.ones(len(self._p_step), bool), common=False)
+        self._settle(final=True)
         self.totals.per_rank = dict(sorted(self.totals.per_rank.items()))
         return self.totals
 
