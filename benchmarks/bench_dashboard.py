@@ -35,19 +35,19 @@ import plotly.graph_objects as go
 
 import replay
 from replay.dashboard import build_dashboard
+from traceml import views
 from traceml.diagnosis import build_summary
 from traceml.drivers.web import FIGURE_IDS, WebServer
 from traceml.drivers.web.panels import diagnosis_children
 from traceml.renderers import figures
 from traceml.store import StoreView
 from traceml.testing.synthetic import rank_infos, run_meta, store_from_run, synthetic_run, write_recording
-from traceml.views import series
 
 CHROMIUM = "/usr/bin/chromium"
 #: rows per rank the aggregator's live store keeps (its summary is built from them)
 LIVE_WINDOW = 200_000
 #: steps in the brushed range: the most that is still drawn point for point (MAX_POINTS)
-BRUSH = series.MAX_POINTS
+BRUSH = views.MAX_POINTS
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -98,16 +98,16 @@ def timed(fn: Callable[[], Any], rounds: int = 3) -> tuple[float, Any]:
 
 def first_render(view: StoreView, rng: tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
     """Every chart of the first render as the app builds it: {chart: (json bytes, most points per trace)}."""
-    bd = series.step_breakdown(view, None, rng)
-    rs = series.rank_steps(view, None, rng)
-    window = series.step_range_to_time(view, rng)
-    sysm = series.system_series(view, window)
+    bd = views.step_breakdown(view, None, rng)
+    rs = views.rank_steps(view, None, rng)
+    window = views.step_range_to_time(view, rng)
+    sysm = views.system_series(view, window)
     figs = {
         "fig-step-breakdown": figures.step_breakdown_figure(bd),
         "fig-rank-steps": figures.rank_steps_figure(rs),
         "fig-rank-heatmap": figures.rank_heatmap_figure(rs),
-        "fig-throughput": figures.throughput_figure(series.throughput(view, None, rng)),
-        "fig-memory": figures.memory_figure(series.memory_series(view, None, window)),
+        "fig-throughput": figures.throughput_figure(views.throughput(view, None, rng)),
+        "fig-memory": figures.memory_figure(views.memory_series(view, None, window)),
         "fig-system": figures.system_figure(sysm),
         "fig-gpu": figures.gpu_figure(sysm),
     }
@@ -269,8 +269,8 @@ def main() -> None:
         )
         for chart in ("fig-step-breakdown", "fig-rank-steps"):
             fn = {
-                "fig-step-breakdown": lambda: figures.step_breakdown_figure(series.step_breakdown(view)).to_json(),
-                "fig-rank-steps": lambda: figures.rank_steps_figure(series.rank_steps(view)).to_json(),
+                "fig-step-breakdown": lambda: figures.step_breakdown_figure(views.step_breakdown(view)).to_json(),
+                "fig-rank-steps": lambda: figures.rank_steps_figure(views.rank_steps(view)).to_json(),
             }[chart]
             s1, _ = timed(fn, 3)
             rows.append((f"  {chart}", s1, ""))

@@ -27,9 +27,8 @@ import numpy as np
 from traceml.diagnosis import build_summary
 from traceml.store import StoreView
 from traceml.testing.synthetic import store_from_run, synthetic_run
-from traceml.views import live_model
+from traceml.views import live_model, quantiles_us
 from traceml.views import measures as ms
-from traceml.views.series import quantiles_us
 
 
 def per_rank_last_100(view: StoreView) -> tuple[float, int]:

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from traceml import escape as esc
+from traceml import views
 from traceml.diagnosis import build_summary, traceml_cost_text
 from traceml.diagnosis import thresholds as th
 from traceml.errors import ReportError, TracemlError
@@ -30,7 +31,6 @@ from traceml.renderers import figures as fg
 from traceml.renderers import html
 from traceml.store import StoreView
 from traceml.units import fmt_bytes
-from traceml.views import series as sv
 
 REPORT_HTML = "report.html"
 #: ``--plotly-js``: inline (one self-contained file, the default) or directory (plotly.min.js beside it);
@@ -113,17 +113,17 @@ def check_embedded(embedded: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def figures(view: StoreView) -> list[tuple[str, go.Figure]]:
     """The report's charts, drawn by the same renderers as the live and replay dashboards."""
-    ranks = sv.rank_steps(view)
-    system = sv.system_series(view)
+    ranks = views.rank_steps(view)
+    system = views.system_series(view)
     charts = [
-        ("steps", fg.step_breakdown_figure(sv.step_breakdown(view))),
+        ("steps", fg.step_breakdown_figure(views.step_breakdown(view))),
         ("ranks", fg.rank_steps_figure(ranks)),
     ]
     if len(ranks.stats) > 1:
         charts.append(("heatmap", fg.rank_heatmap_figure(ranks)))
     charts += [
-        ("throughput", fg.throughput_figure(sv.throughput(view))),
-        ("memory", fg.memory_figure(sv.memory_series(view))),
+        ("throughput", fg.throughput_figure(views.throughput(view))),
+        ("memory", fg.memory_figure(views.memory_series(view))),
         ("system", fg.system_figure(system)),
     ]
     if system.gpu_recorded:

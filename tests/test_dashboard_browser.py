@@ -21,8 +21,8 @@ from traceml.drivers.web import FIGURE_IDS, WebServer, build_app
 from traceml.errors import ConfigError
 from traceml.store import ColumnStore
 from traceml.testing.synthetic import fill_store, rank_infos, run_meta, synthetic_run, write_recording
+from traceml.views import MAX_POINTS
 from traceml.views.measures import job_measures
-from traceml.views.series import MAX_POINTS
 from traceml.views.steps import step_data
 
 CHROMIUM = "/usr/bin/chromium"

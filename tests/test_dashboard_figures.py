@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from traceml import views
 from traceml.drivers import web
 from traceml.drivers.web.context import ModelCache
 from traceml.drivers.web.panels import diagnosis_children
@@ -15,7 +16,6 @@ from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import ColumnStore
 from traceml.testing.synthetic import store_from_run, synthetic_run
-from traceml.views import series
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def annotations(fig) -> list[str]:
 
 
 def test_breakdown_figure_stacks_the_chosen_phases_with_median_and_p95(view) -> None:
-    bd = series.step_breakdown(view)
+    bd = views.step_breakdown(view)
     fig = figures.step_breakdown_figure(bd)
     stacked = [t for t in fig.data if t.stackgroup == "phases"]
     assert [t.name for t in stacked] == list(PHASES)
@@ -39,7 +39,7 @@ def test_breakdown_figure_stacks_the_chosen_phases_with_median_and_p95(view) -> 
 
 
 def test_rank_figure_highlights_the_slowest_rank(view) -> None:
-    rs = series.rank_steps(view)
+    rs = views.rank_steps(view)
     fig = figures.rank_steps_figure(rs)
     by_rank = {t.meta["rank"]: t for t in fig.data}
     assert set(by_rank) == {0, 1, 2}
@@ -51,7 +51,7 @@ def test_rank_figure_highlights_the_slowest_rank(view) -> None:
 
 
 def test_heatmap_has_one_row_per_rank(view) -> None:
-    fig = figures.rank_heatmap_figure(series.rank_steps(view, ranks=[0, 2]))
+    fig = figures.rank_heatmap_figure(views.rank_steps(view, ranks=[0, 2]))
     (heat,) = fig.data
     assert list(heat.y) == ["rank 0", "rank 2"]
     assert len(heat.z) == 2 and len(heat.z[0]) == len(heat.x)
@@ -60,38 +60,36 @@ def test_heatmap_has_one_row_per_rank(view) -> None:
 def test_compare_mode_overlays_b_dashed(view) -> None:
     other = store_from_run(synthetic_run(ranks=2, steps=300, seed=9)).snapshot()
     labels = ("A", "B")
-    fig = figures.step_breakdown_figure(
-        series.step_breakdown(view), compare=series.step_breakdown(other), labels=labels
-    )
+    fig = figures.step_breakdown_figure(views.step_breakdown(view), compare=views.step_breakdown(other), labels=labels)
     b = [t for t in fig.data if t.name.startswith("B · ")]
     assert b and all(t.line.dash in ("dash", "dashdot") for t in b)
     assert all(t.name.startswith(("A · ", "B · ")) for t in fig.data)
-    rs = figures.rank_steps_figure(series.rank_steps(view), compare=series.rank_steps(other), labels=labels)
+    rs = figures.rank_steps_figure(views.rank_steps(view), compare=views.rank_steps(other), labels=labels)
     assert sorted(t.meta["rank"] for t in rs.data if t.name.startswith("B · ")) == [0, 1]
-    tp = figures.throughput_figure(series.throughput(view), compare=series.throughput(other), labels=labels)
+    tp = figures.throughput_figure(views.throughput(view), compare=views.throughput(other), labels=labels)
     assert [t.name for t in tp.data] == ["A · steps/s", "B · steps/s"]
 
 
 def test_missing_data_says_not_recorded() -> None:
     cpu_only = store_from_run(synthetic_run(ranks=1, steps=100, gpu=False)).snapshot()
-    sysm = series.system_series(cpu_only)
+    sysm = views.system_series(cpu_only)
     gpu = figures.gpu_figure(sysm)
     assert any("not recorded" in a for a in annotations(gpu))
     # a CPU run's GPU panel is folded into one line: no empty panels, no panel titles
     assert not gpu.data and gpu.layout.height == figures.GPU_NOTE_HEIGHT
     assert annotations(gpu) == ["GPU metrics: not recorded (no NVML GPUs in this run)"]
-    mem = figures.memory_figure(series.memory_series(cpu_only))
+    mem = figures.memory_figure(views.memory_series(cpu_only))
     # the note is in the title, not inside the plot where it would sit on the RSS line
     assert "GPU memory: not recorded" in mem.layout.title.text and not annotations(mem)
     assert mem.data
     empty = ColumnStore().snapshot()
-    assert "no steps recorded" in annotations(figures.step_breakdown_figure(series.step_breakdown(empty)))
-    assert "memory: not recorded" in annotations(figures.memory_figure(series.memory_series(empty)))
-    assert "system CPU / RAM: not recorded" in annotations(figures.system_figure(series.system_series(empty)))
+    assert "no steps recorded" in annotations(figures.step_breakdown_figure(views.step_breakdown(empty)))
+    assert "memory: not recorded" in annotations(figures.memory_figure(views.memory_series(empty)))
+    assert "system CPU / RAM: not recorded" in annotations(figures.system_figure(views.system_series(empty)))
 
 
 def test_gpu_figure_draws_four_panels_per_gpu(view) -> None:
-    fig = figures.gpu_figure(series.system_series(view))
+    fig = figures.gpu_figure(views.system_series(view))
     groups = {t.meta["group"] for t in fig.data}
     assert groups == {"node 0 GPU 0", "node 0 GPU 1", "node 0 GPU 2"}
     assert len(fig.data) == 4 * len(groups)
@@ -100,19 +98,19 @@ def test_gpu_figure_draws_four_panels_per_gpu(view) -> None:
 
 def test_no_trace_sends_more_than_the_cap_for_a_long_run() -> None:
     big = store_from_run(synthetic_run(ranks=2, steps=200_000, gpu=True, sample_every=20)).snapshot()
-    rs = series.rank_steps(big)
-    sysm = series.system_series(big)
+    rs = views.rank_steps(big)
+    sysm = views.system_series(big)
     figs = [
-        figures.step_breakdown_figure(series.step_breakdown(big)),
+        figures.step_breakdown_figure(views.step_breakdown(big)),
         figures.rank_steps_figure(rs),
-        figures.throughput_figure(series.throughput(big)),
-        figures.memory_figure(series.memory_series(big)),
+        figures.throughput_figure(views.throughput(big)),
+        figures.memory_figure(views.memory_series(big)),
         figures.system_figure(sysm),
         figures.gpu_figure(sysm),
     ]
-    assert all(figures.max_points(f) <= series.MAX_POINTS for f in figs)
+    assert all(figures.max_points(f) <= views.MAX_POINTS for f in figs)
     heat = figures.rank_heatmap_figure(rs)
-    assert figures.max_points(heat) <= 2 * series.HEATMAP_BUCKETS
+    assert figures.max_points(heat) <= 2 * views.HEATMAP_BUCKETS
     assert all(len(f.to_json()) < 400_000 for f in figs)
     assert max(t.meta["points"] for t in figs[1].data) == 200_000
 

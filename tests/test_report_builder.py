@@ -13,11 +13,11 @@ from test_diagnosis_summary import SCHEMA_PATH, rich_view
 from test_diagnosis_support import RunBuilder
 
 from replay import report as rp
+from traceml import views
 from traceml.diagnosis import build_summary
 from traceml.errors import ReportError
 from traceml.renderers import figures as fg
 from traceml.store import StoreView
-from traceml.views import series as sv
 
 EXTERNAL = re.compile(r"<(script|link|img|iframe)[^>]+(src|href)\s*=\s*['\"]?(https?:)?//", re.I)
 
@@ -98,7 +98,7 @@ def test_empty_recording_still_reports() -> None:
 def test_long_runs_are_reduced_in_charts() -> None:
     view = RunBuilder().steps(0, 12_000, noise=0.01).steps(1, 12_000, noise=0.01).view()
     for _, fig in rp.figures(view):
-        assert fg.max_points(fig) <= sv.MAX_POINTS
+        assert fg.max_points(fig) <= views.MAX_POINTS
 
 
 def test_single_rank_cpu_run_has_no_heatmap_or_gpu_chart() -> None:

@@ -17,11 +17,11 @@ from test_dashboard_browser import browser, opened, served, traces, wait_traces 
 
 import replay
 from replay.report import build_report
+from traceml import views
 from traceml.diagnosis import build_summary
 from traceml.renderers.terminal import render_final, render_live
 from traceml.store import StoreView
 from traceml.views import final_model, live_model
-from traceml.views import series as sv
 from traceml.views.measures import job_measures, rank_skew, run_duration_s
 from traceml.views.steps import step_data
 
@@ -109,9 +109,9 @@ def test_one_answer_per_question_on_a_real_ddp_recording() -> None:
     s = build_summary(view)
     final = final_model(view)
     report = build_report(view)
-    bd = sv.step_breakdown(view)
-    rs = sv.rank_steps(view)
-    info = dict(sv.run_info(view).meta)
+    bd = views.step_breakdown(view)
+    rs = views.rank_steps(view)
+    info = dict(views.run_info(view).meta)
     steps = s["steps"]
     med_ms = steps["overall"]["step"]["median_ms"]
     # median step (of the job)
@@ -286,7 +286,7 @@ def test_dashboard_region_toggle_outline_free_bands_and_a_one_line_gpu_panel(bro
     }
     path = tmp_path / "regions.tml"
     write_recording(path, run, meta=run_meta("regions-run", ranks=1))
-    bd = sv.step_breakdown(replay.open(path).view())
+    bd = views.step_breakdown(replay.open(path).view())
     assert list(bd.regions) == ["get_batch"]
 
     app, close = build_dashboard(path)

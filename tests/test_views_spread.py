@@ -14,8 +14,7 @@ from traceml.errors import ConfigError
 from traceml.renderers.figures import rank_steps_figure
 from traceml.renderers.terminal import render_live, spread_line
 from traceml.testing.synthetic import store_from_run, synthetic_run
-from traceml.views import RankRow, live_model
-from traceml.views.series import rank_steps
+from traceml.views import RankRow, live_model, rank_steps
 from traceml.views.spread import WIDE_RANKS, filter_ranks, parse_rank_filter, rank_band, rank_spread
 
 

@@ -22,7 +22,7 @@ from plotly.colors import qualitative
 
 from traceml import escape as esc
 from traceml.schema import PHASES
-from traceml.views.series import MemorySeries, RankSteps, StepBreakdown, SystemSeries, Throughput, Trace
+from traceml.views import MemorySeries, RankSteps, StepBreakdown, SystemSeries, Throughput, Trace
 from traceml.views.spread import WIDE_RANKS, rank_band
 
 PALETTE: tuple[str, ...] = tuple(qualitative.D3)

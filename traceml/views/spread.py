@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from traceml.errors import ConfigError
+from traceml.views.downsample import Trace
 from traceml.views.live import LiveModel, RankRow
-from traceml.views.series import RankSteps, Trace
+from traceml.views.series import RankSteps
 
 #: the most ranks a filter may name (a spec like ``0-99999999`` is refused, not expanded)
 MAX_FILTER_RANKS = 1 << 20

@@ -13,6 +13,7 @@ import dash
 import numpy as np
 
 from traceml import escape as esc
+from traceml import views
 from traceml.config import ENV_PLOTLY_JS
 from traceml.drivers.web import callbacks
 from traceml.drivers.web.context import AppContext, Source
@@ -21,7 +22,6 @@ from traceml.errors import ConfigError
 from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import StoreView
-from traceml.views import series
 
 #: where the page loads a plotly.js bundle given with ``plotly_js`` / $TRACEML_PLOTLY_JS
 PLOTLY_BUNDLE_ROUTE = "/_traceml/plotly.js"
@@ -59,8 +59,8 @@ def _serve_plotly_bundle(app: dash.Dash, path: str | os.PathLike[str] | None) ->
 def _labels(source: Source, compare: Source | None) -> tuple[str, str]:
     if compare is None:
         return ("A", "B")
-    a = esc.visible(series.run_info(source()).title, 60)
-    b = esc.visible(series.run_info(compare()).title, 60)
+    a = esc.visible(views.run_info(source()).title, 60)
+    b = esc.visible(views.run_info(compare()).title, 60)
     return (f"A {a}", f"B {b}") if a != b else ("A", "B")
 
 
@@ -71,7 +71,7 @@ def build_app(
     compare_source: Source | None = None,
     title: str | None = None,
     refresh_s: float = DEFAULT_REFRESH_S,
-    max_points: int = series.MAX_POINTS,
+    max_points: int = views.MAX_POINTS,
     loading: Callable[[], bool] | None = None,
     on_charts_drawn: Callable[[], None] | None = None,
     plotly_js: str | os.PathLike[str] | None = None,
@@ -106,7 +106,7 @@ def build_app(
         on_charts_drawn=on_charts_drawn,
         zoomed=zoomed,
     )
-    app_title = esc.visible(title or f"traceml — {series.run_info(source()).title}")
+    app_title = esc.visible(title or f"traceml — {views.run_info(source()).title}")
     app = dash.Dash(
         "traceml.drivers.web",
         title=esc.html(app_title),
@@ -120,7 +120,7 @@ def build_app(
     # plotly builds its validators on first use (~0.4 s): pay it now, not in the first request
     tiny = np.zeros(2)
     figures.step_breakdown_figure(
-        series.StepBreakdown(tiny, {p: tiny for p in PHASES}, tiny, 0.0, 0.0, 1, (0,), 2, None)
+        views.StepBreakdown(tiny, {p: tiny for p in PHASES}, tiny, 0.0, 0.0, 1, (0,), 2, None)
     )
 
     def layout() -> Any:

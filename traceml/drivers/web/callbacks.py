@@ -15,6 +15,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, ctx
 
+from traceml import views
 from traceml.drivers.web.context import AppContext
 from traceml.drivers.web.layout import (
     BADGE,
@@ -34,7 +35,6 @@ from traceml.drivers.web.zoom import range_event_update, rank_spec_update, uirev
 from traceml.renderers import figures
 from traceml.schema import PHASES
 from traceml.store import StoreView
-from traceml.views import series
 
 
 def data_version(c: AppContext, _tick: Any, current: Any) -> tuple[Any, Any]:
@@ -80,11 +80,11 @@ def breakdown(
     """The step breakdown, the statistics and the range label: the page's first chart."""
     view, other, ranks, rng = c.params(rank_value, range_data)
     mp = c.max_points
-    bd = c.cache.get(view, ("bd", ranks, rng), lambda: series.step_breakdown(view, ranks, rng, max_buckets=mp))
-    rs = c.cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=mp))
+    bd = c.cache.get(view, ("bd", ranks, rng), lambda: views.step_breakdown(view, ranks, rng, max_buckets=mp))
+    rs = c.cache.get(view, ("rs", ranks, rng), lambda: views.rank_steps(view, ranks, rng, max_points=mp))
     bd_b = None
     if other is not None:
-        bd_b = c.cache.get(other, ("bd", ranks, rng), lambda: series.step_breakdown(other, ranks, rng, max_buckets=mp))
+        bd_b = c.cache.get(other, ("bd", ranks, rng), lambda: views.step_breakdown(other, ranks, rng, max_buckets=mp))
     shown = [p for p in PHASES if p in (phases or [])]
     fig = figures.step_breakdown_figure(
         bd, shown, compare=bd_b, labels=c.plot_labels, regions="regions" in (region_value or [])
@@ -107,10 +107,10 @@ def rank_charts(c: AppContext, rank_value: Any, range_data: Any, _tick: Any, _fi
     """Step time per rank and the rank x step heatmap."""
     view, other, ranks, rng = c.params(rank_value, range_data)
     mp = c.max_points
-    rs = c.cache.get(view, ("rs", ranks, rng), lambda: series.rank_steps(view, ranks, rng, max_points=mp))
+    rs = c.cache.get(view, ("rs", ranks, rng), lambda: views.rank_steps(view, ranks, rng, max_points=mp))
     rs_b = None
     if other is not None:
-        rs_b = c.cache.get(other, ("rs", ranks, rng), lambda: series.rank_steps(other, ranks, rng, max_points=mp))
+        rs_b = c.cache.get(other, ("rs", ranks, rng), lambda: views.rank_steps(other, ranks, rng, max_points=mp))
     c.drawn += 1
     per_rank, heat = (
         figures.rank_steps_figure(rs, compare=rs_b, labels=c.plot_labels),
@@ -125,19 +125,19 @@ def time_charts(c: AppContext, rank_value: Any, range_data: Any, _tick: Any, _fi
     view, other, ranks, rng = c.params(rank_value, range_data)
     mp = c.max_points
 
-    def models(v: StoreView) -> tuple[series.Throughput, series.MemorySeries, series.SystemSeries]:
-        def build() -> tuple[series.Throughput, series.MemorySeries, series.SystemSeries]:
-            window = series.step_range_to_time(v, rng, ranks)
+    def models(v: StoreView) -> tuple[views.Throughput, views.MemorySeries, views.SystemSeries]:
+        def build() -> tuple[views.Throughput, views.MemorySeries, views.SystemSeries]:
+            window = views.step_range_to_time(v, rng, ranks)
             return (
-                series.throughput(v, ranks, rng, max_points=mp),
-                series.memory_series(v, ranks, window, max_points=mp),
-                series.system_series(v, window, max_points=mp),
+                views.throughput(v, ranks, rng, max_points=mp),
+                views.memory_series(v, ranks, window, max_points=mp),
+                views.system_series(v, window, max_points=mp),
             )
 
         return c.cache.get(v, ("time", ranks, rng), build)
 
     if c.still_loading():  # step_time is in; process and system samples are on their way
-        tp = c.cache.get(view, ("tp", ranks, rng), lambda: series.throughput(view, ranks, rng, max_points=mp))
+        tp = c.cache.get(view, ("tp", ranks, rng), lambda: views.throughput(view, ranks, rng, max_points=mp))
         out = (
             figures.throughput_figure(tp),
             figures.loading_figure("Memory per rank"),
@@ -177,8 +177,8 @@ def diagnosis(c: AppContext, drawn: Any, _version: Any) -> Any:
 def run_and_integrity(c: AppContext, _tick: Any) -> tuple[Any, ...]:
     """The run and integrity panels, the integrity badge and the status line."""
     view, other = c.views()
-    info = c.cache.get(view, ("info",), lambda: series.run_info(view))
-    info_b = None if other is None else c.cache.get(other, ("info",), lambda: series.run_info(other))
+    info = c.cache.get(view, ("info",), lambda: views.run_info(view))
+    info_b = None if other is None else c.cache.get(other, ("info",), lambda: views.run_info(other))
     meta, integ = run_panels(info, info_b, c.labels[1])
     colour = BADGE.get(info.integrity_status, "#6b7280")
     badge_style = {"padding": "2px 8px", "borderRadius": "6px", "color": "white", "background": colour}

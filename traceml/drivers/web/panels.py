@@ -11,9 +11,10 @@ from typing import Any
 
 from dash import html
 
+from traceml import views
 from traceml.drivers.web.layout import CSS, GREY
 from traceml.store import StoreView
-from traceml.views import FindingLine, findings_from_summary, series
+from traceml.views import FindingLine, findings_from_summary
 
 log = logging.getLogger(__name__)
 _SEVERITY_COLOUR = {"critical": "#dc2626", "warn": "#d97706"}
@@ -150,7 +151,7 @@ def residual_children(view: StoreView, *, use_summary: bool) -> list[Any]:
 
 
 def stats_children(
-    bd: series.StepBreakdown, rs: series.RankSteps, compare: series.StepBreakdown | None, labels: tuple[str, str]
+    bd: views.StepBreakdown, rs: views.RankSteps, compare: views.StepBreakdown | None, labels: tuple[str, str]
 ) -> list[Any]:
     """The statistics line above the charts (ids ``stat-*``)."""
 
@@ -181,7 +182,7 @@ def stats_children(
     ]
 
 
-def run_panels(info: series.RunInfo, other: series.RunInfo | None, other_label: str) -> tuple[list[Any], list[Any]]:
+def run_panels(info: views.RunInfo, other: views.RunInfo | None, other_label: str) -> tuple[list[Any], list[Any]]:
     """The run panel (meta, ranks, environment) and the integrity panel; ``other``: the compared run."""
     meta: list[Any] = [html.H4("Run"), kv_table(info.meta, "run-meta"), html.H4("Ranks"), rank_table(info.ranks)]
     if info.environment:
