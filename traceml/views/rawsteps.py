@@ -15,15 +15,10 @@ from traceml.views.downsample import downsample_minmax
 from traceml.views.measures import view_measures
 from traceml.views.select import StepRange, range_slice, selected_ranks, sorted_by
 from traceml.views.steps import MAX_REGIONS, OTHER_REGIONS, with_regions
-from traceml.views.stepsource import JobFigures, StepGrid
+from traceml.views.stepsource import JobFigures, StepGrid, bucket_width
 
 #: the raw per-step table
 STEP_TABLE = "step_time"
-
-
-def bucket_width(lo: int, hi: int, max_buckets: int) -> int:
-    """The width of equal step buckets that cover ``lo .. hi`` in at most ``max_buckets``."""
-    return max(1, math.ceil((hi - lo + 1) / max(1, max_buckets)))
 
 
 class _Buckets:

@@ -16,9 +16,8 @@ import numpy as np
 
 from traceml.schema import ROLLUP_ROWS, ROLLUP_STEP_LAST, rollup_name
 from traceml.store import StoreView
-from traceml.views.rawsteps import bucket_width
 from traceml.views.select import StepRange, selected_ranks, sorted_by
-from traceml.views.stepsource import JobFigures, StepGrid
+from traceml.views.stepsource import JobFigures, StepGrid, bucket_width
 
 #: the per-step table's rollup (traceml.format.rollup)
 ROLLUP_STEP_TIME = rollup_name("step_time")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -32,6 +32,11 @@ class StepGrid:
         return self.lo + np.arange(self.n, dtype=np.float64) * self.width + (self.width - 1) / 2.0
 
 
+def bucket_width(lo: int, hi: int, max_buckets: int) -> int:
+    """The width of equal step buckets that cover ``lo .. hi`` in at most ``max_buckets``."""
+    return max(1, math.ceil((hi - lo + 1) / max(1, max_buckets)))
+
+
 @dataclass(frozen=True)
 class JobFigures:
     """The run-level figures of the chosen steps (:mod:`traceml.views.measures`); nan / None
@@ -45,6 +50,7 @@ class JobFigures:
     outside_share: float = math.nan
 
 
+@runtime_checkable
 class StepSource(Protocol):
     """The steps of the chosen ranks within the step range."""
 
