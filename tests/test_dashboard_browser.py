@@ -212,8 +212,8 @@ def test_the_range_brush_requeries_at_full_resolution(browser, long_tml: Path, t
             assert all(t["n"] <= MAX_POINTS and t["meta"]["points"] == 100_000 for t in full)
             assert all(t["x0"] == 0 and t["x1"] == 99_999 for t in full)
             assert "reduced" in page.inner_text("#range-label")
-            # as a user would: zoom once the recording finished loading (a chart redrawn under the
-            # zoom is covered by test_a_zoom_wins_over_redraw_events_that_come_in_with_it)
+            # zoom once the recording finished loading (charts drawn or resized under a zoom are
+            # covered by test_a_zoom_outlives_the_charts_resizing_while_its_range_is_worked_out)
             page.wait_for_function("() => !document.querySelector('#live-status').innerText")
             page.evaluate(
                 "() => Plotly.relayout(document.querySelector('#fig-rank-steps .js-plotly-plot'), {'xaxis.range': [50000, 50999]})"
