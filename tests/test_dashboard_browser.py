@@ -94,11 +94,13 @@ def served(app: Any) -> Iterator[WebServer]:
 
 @contextlib.contextmanager
 def opened(page: Any, url: str) -> Iterator[Any]:
-    """``page`` showing the dashboard at ``url``, every chart drawn; left on about:blank afterwards."""
+    """``page`` showing the dashboard at ``url``, every chart drawn; left on about:blank afterwards,
+    once no callback is in flight (its request thread on the server would outlive the test)."""
     try:
         page.goto(url)
         page.wait_for_function(DRAWN_JS, arg=list(FIGURE_IDS))
         yield page
+        page.wait_for_function("() => !document.querySelector('[data-dash-is-loading=\"true\"]')")
     finally:
         page.goto("about:blank")
 
