@@ -123,12 +123,15 @@ class RecordingSource:
             return hit
         rec = self._rec
         lo, hi = key
-        inside = [
-            s
-            for s in rec.segments
-            if s.step_min is not None and s.step_max is not None and s.step_max >= lo and s.step_min <= hi
-        ]
-        if sum(n for s in inside for n in s.rows.values()) > self._budget // 4:
+        # the rows the range selects, from the index: each overlapping segment's rows in proportion
+        # to the share of its step span inside the range
+        selected = 0.0
+        for seg in rec.segments:
+            if seg.step_min is None or seg.step_max is None or seg.step_max < lo or seg.step_min > hi:
+                continue
+            share = (min(hi, seg.step_max) - max(lo, seg.step_min) + 1) / (seg.step_max - seg.step_min + 1)
+            selected += share * sum(seg.rows.values())
+        if selected > self._budget // 4:
             return None
         tables = dict(base.tables)
         for table, schema in rec.schemas.items():
