@@ -31,7 +31,8 @@ from traceml.runtime.samplers import (
     distributed_facts,
 )
 from traceml.runtime.sender import FileSink, Sender, Sink, StreamSink
-from traceml.runtime.step import PhaseClock, StepRows, StepTracker
+from traceml.runtime.step import PhaseClock, StepTracker
+from traceml.runtime.steprows import StepRows
 from traceml.schema import STANDARD_TABLES
 from traceml.store import BoundedTable
 from traceml.transport import RankIdentity, TelemetryClient, hello, rank_identity_from_env

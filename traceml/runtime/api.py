@@ -173,6 +173,9 @@ def trace_step(model: Any = None) -> StepTracker | _NoStep:
     agent = _agent if _agent is not None else current_agent()
     if agent is None:
         return _NO_STEP
+    auto = agent.autostep
+    if (model is None or model is agent._model) and (auto is None or not auto.active):
+        return agent.tracker  # every step after the first: what step_context would return, one call less
     try:
         return agent.step_context(model)
     except Exception:

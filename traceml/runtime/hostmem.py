@@ -21,7 +21,11 @@ STATM = "/proc/self/statm"
 
 
 class HostStepMemory:
+    """``every`` and ``begins`` tell the step tracker to call :meth:`step_end` on those steps only
+    and :meth:`step_begin` never (see :class:`traceml.runtime.step.StepMemory`)."""
+
     __slots__ = ("append", "every", "_fd", "_page")
+    begins = False
 
     def __init__(self, append: Callable[[tuple[Any, ...]], None], every: int = EVERY) -> None:
         self.append = append

@@ -31,20 +31,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
-
-import numpy as np
+from typing import Any, Literal, Protocol, TypeVar
 
 from traceml import names
 from traceml.runtime._failopen import disable_piece
-from traceml.schema import STEP_TIME, STEP_TIMELINE, TIMELINE_PHASES, TableSchema, phase_gaps, phase_starts
+from traceml.runtime.steprows import pack_row
 from traceml.store import BoundedTable
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
@@ -79,6 +73,10 @@ class GpuPhaseTimer(Protocol):
 
 
 class StepMemory(Protocol):
+    """Per-step memory rows.  Optional attributes the tracker reads once, when the object is
+    set: ``every`` (``step_end`` only on steps divisible by it; default 1) and ``begins``
+    (False: ``step_begin`` does nothing and is not called; default True)."""
+
     def step_begin(self) -> None: ...
     def step_end(self, step: int, ts_ns: int) -> None: ...
 
@@ -349,8 +347,20 @@ def timed_carried(
                     if source is not None:
                         c.fetched_in_step = True
                         c.train_src = source(args[0] if args else None)
-                else:
-                    c.add_carried(phase, None if source is None else source(args[0] if args else None), t0, t1 - t0)
+                else:  # between steps: carried (inline for the training loader, see add_carried)
+                    if source is None:
+                        src = c.last_src
+                    else:
+                        src = c.last_src = source(args[0] if args else None)
+                    if src == c.train_src:
+                        if phase == DATALOADER:
+                            c.train_seen = True
+                        cr = c.carry
+                        if not cr[phase]:
+                            c.carry_first[phase] = t0
+                        cr[phase] += t1 - t0
+                    else:
+                        c.add_carried(phase, src, t0, t1 - t0)
             if gp is not None:
                 if counts:
                     gp.end(phase)
@@ -384,7 +394,9 @@ class StepTracker:
         "pending",
         "regions",
         "gpu",
-        "memory",
+        "_memory",
+        "_mem_begin",
+        "_mem_every",
         "enabled",
         "on_cuda_check",
         "steps_failed",
@@ -406,7 +418,9 @@ class StepTracker:
         self.pending = 0
         self.regions: dict[str, list[int]] = {}
         self.gpu: GpuPhaseTimer | None = None
-        self.memory: StepMemory | None = None
+        self._memory: StepMemory | None = None
+        self._mem_begin: Callable[[], None] | None = None
+        self._mem_every = 1
         self.enabled = True
         #: called at step start until it returns False (the agent's "is CUDA in use yet?" probe)
         self.on_cuda_check: Callable[[], bool] | None = None
@@ -416,6 +430,17 @@ class StepTracker:
         #: traceml's own ns on the training thread, summed over the sampled steps
         self.cost_ns = 0
         self.cost_steps = 0
+
+    @property
+    def memory(self) -> StepMemory | None:
+        """Per-step memory rows (host RSS every few steps, or CUDA peaks), None: none."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: StepMemory | None) -> None:
+        self._memory = memory
+        self._mem_every = max(1, int(getattr(memory, "every", 1))) if memory is not None else 1
+        self._mem_begin = memory.step_begin if memory is not None and getattr(memory, "begins", True) else None
 
     # -- the context ---------------------------------------------------------------
     def __enter__(self) -> StepTracker:
@@ -447,8 +472,8 @@ class StepTracker:
             self.on_cuda_check = None
         if self.gpu is not None:
             self.gpu.step_begin()
-        if self.memory is not None:
-            self.memory.step_begin()
+        if self._mem_begin is not None:
+            self._mem_begin()
         c._phase = NO_PHASE
         c.base = c.gate = CARRY | STEP | sampled if c._enabled else 0
         t0 = self.t0 = _perf_ns()
@@ -487,20 +512,23 @@ class StepTracker:
             start = self.t0 - self.pending
             # raw: converted (µs, wall clock, offsets) off this thread by StepRows
             self.step_table.append(
-                (step, failed, start, t1, acc[0], acc[1], acc[2], acc[3], acc[4], f[0], f[1], f[2], f[3], f[4])
+                pack_row(step, failed, start, t1, acc[0], acc[1], acc[2], acc[3], acc[4], f[0], f[1], f[2], f[3], f[4])
             )
             acc[0] = acc[1] = acc[2] = acc[3] = acc[4] = 0
             f[0] = f[1] = f[2] = f[3] = f[4] = 0
             if failed:
                 self.steps_failed += 1
-            if self.regions or self.gpu is not None or self.memory is not None:
+            mem = self._memory
+            if mem is not None and step % self._mem_every:
+                mem = None  # not a step it reads
+            if self.regions or self.gpu is not None or mem is not None:
                 ts = _wall_ns()
                 if self.regions:
                     self._flush_regions(step, ts, start)
                 if self.gpu is not None:
                     self.gpu.step_end(step, ts)
-                if self.memory is not None:
-                    self.memory.step_end(step, ts)
+                if mem is not None:
+                    mem.step_end(step, ts)
             if self.sampled:
                 self.cost_ns += _perf_ns() - t1 + self.enter_ns + c.self_ns
                 self.cost_steps += 1
@@ -584,108 +612,3 @@ class Region:
                     disable_piece("region", "trace_time region timing")
 
         return traceml_region  # type: ignore[return-value]
-
-
-class StepRows(BoundedTable):
-    """The STEP_TIME table of the rank, fed raw by :class:`StepTracker`.
-
-    A raw row is ``(step, failed, start, end, dataloader, h2d, forward, backward, optimizer,
-    first start of each of the five phases)``, all ``perf_counter_ns`` (0: the phase did not
-    run).  :meth:`take_tables` turns the rows taken into STEP_TIME and STEP_TIMELINE columns
-    with numpy on the sender thread (the wall clock of ``end`` read from the offset between the
-    two clocks at that moment); :meth:`recent` returns STEP_TIME tuples.
-    """
-
-    __slots__ = ("_popped", "_kept")
-
-    def __init__(self, capacity: int = 4096, keep_recent: int = 256) -> None:
-        super().__init__(STEP_TIME, capacity)
-        self._popped = 0
-        #: the last rows taken, still there for :meth:`recent`
-        self._kept: deque[Sequence[Any]] = deque(maxlen=max(1, keep_recent))
-
-    def append(self, row: Sequence[Any]) -> None:
-        # one writer (the training thread); no lock: deque.append is atomic, and the rows taken
-        # leave the deque, so appending evicts nothing (and frees nothing) while the sender keeps up
-        rows = self._rows
-        rows.append(row)
-        self.appended += 1
-        if len(rows) == self._high_water and self.on_high_water is not None:
-            try:
-                self.on_high_water()  # half full: wake the sender
-            except Exception:
-                self.on_high_water = None
-
-    def take_unsent(self) -> list[Sequence[Any]]:
-        rows = self._rows
-        out: list[Sequence[Any]] = []
-        pop = rows.popleft
-        try:
-            while True:
-                out.append(pop())
-        except IndexError:
-            pass
-        with self._lock:
-            self._popped += len(out)
-            # rows the deque evicted before they were taken (the counter may lag one append behind)
-            self.lost = max(self.lost, self.appended - self._popped - len(rows))
-            self._taken = self.appended
-            self._kept.extend(out[-self._kept.maxlen :] if self._kept.maxlen else out)
-        return out
-
-    @staticmethod
-    def convert(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[TableSchema, dict[str, Any]]]:
-        if not rows:
-            return {}
-        raw = np.array(rows, dtype=np.int64).reshape(len(rows), 14)
-        wall_minus_perf = _wall_ns() - _perf_ns()
-        start, end = raw[:, 2], raw[:, 3]
-        phases_us = raw[:, 4:9] // 1000
-        step_us = (end - start) // 1000
-        residual = np.maximum(step_us - phases_us.sum(axis=1), 0)
-        first = raw[:, 9:14]
-        starts = np.where(first > 0, np.maximum((first - start[:, None]) // 1000, 0), -1)
-        gaps = phase_gaps(list(phases_us.T), list(starts.T))
-        step = raw[:, 0].copy()
-        st = {"step": step, "ts_ns": end + wall_minus_perf, "failed": raw[:, 1].astype(np.uint8), "step_us": step_us}
-        for i, name in enumerate(STEP_TIME.names[4:9]):
-            st[name] = np.ascontiguousarray(phases_us[:, i])
-        st["residual_us"] = residual
-        tl = {"step": step}
-        for i, name in enumerate(STEP_TIMELINE.names[1:]):
-            tl[name] = np.ascontiguousarray(gaps[i], dtype=np.int64)
-        return {STEP_TIME.name: (STEP_TIME, st), STEP_TIMELINE.name: (STEP_TIMELINE, tl)}
-
-    def take_tables(self) -> dict[str, tuple[TableSchema, dict[str, Any]]]:
-        """STEP_TIME and STEP_TIMELINE columns of the rows appended since the last take."""
-        return self.convert(self.take_unsent())
-
-    def _recent_raw(self, n: int | None) -> list[Sequence[Any]]:
-        with self._lock:
-            raw = [*self._kept, *self._rows]
-        return raw if n is None else raw[-n:]
-
-    def recent(self, n: int | None = None) -> list[Sequence[Any]]:
-        """The last ``n`` STEP_TIME rows held (taken ones: the last ``keep_recent``)."""
-        return self._as_rows(self._recent_raw(n), STEP_TIME)
-
-    def recent_timeline(self, n: int | None = None) -> list[Sequence[Any]]:
-        """The last ``n`` STEP_TIMELINE rows (for local inspection and tests)."""
-        return self._as_rows(self._recent_raw(n), STEP_TIMELINE)
-
-    def recent_starts(self, n: int | None = None) -> list[dict[str, int]]:
-        """The last ``n`` steps' phase start offsets (µs, -1: did not run), by phase name."""
-        got = self.convert(self._recent_raw(n))
-        if not got:
-            return []
-        st, tl = got[STEP_TIME.name][1], got[STEP_TIMELINE.name][1]
-        durations = [st[f"{p}_us"] for p in TIMELINE_PHASES]
-        starts = phase_starts(durations, [tl[f"{p}_gap_us"] for p in TIMELINE_PHASES])
-        return [dict(zip(TIMELINE_PHASES, (int(c[i]) for c in starts), strict=True)) for i in range(len(st["step"]))]
-
-    def _as_rows(self, raw: Sequence[Sequence[Any]], schema: TableSchema) -> list[Sequence[Any]]:
-        got = self.convert(raw)
-        if not got:
-            return []
-        cols = got[schema.name][1]
-        return list(zip(*(cols[name].tolist() for name in schema.names), strict=True))
