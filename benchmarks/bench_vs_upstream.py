@@ -49,6 +49,11 @@ Bytes on disk per rank-step: the ``.tml`` file, or upstream's SQLite telemetry d
     python benchmarks/bench_vs_upstream.py                        # both loops, 12 processes per variant
     python benchmarks/bench_vs_upstream.py --model tiny --procs 20
     python benchmarks/bench_vs_upstream.py --variants bare,traceml  # without upstream
+    python benchmarks/bench_vs_upstream.py --model tiny --make-upstream-venv /tmp/upstream-venv
+
+``--make-upstream-venv DIR`` builds upstream's venv first when DIR has none (``python -m venv``,
+a ``.pth`` to this venv's site-packages so that upstream uses the same torch, then
+``pip install --no-deps traceml-ai==0.5.0 msgspec`` from PyPI) and runs against it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import random
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -233,6 +239,8 @@ with open(cfg["result"], "w") as f:
 ROOT = Path(__file__).resolve().parents[1]
 OURS = str(Path(sys.executable).parent / "traceml")
 VARIANTS = ("bare", "traceml", "upstream")
+#: what --make-upstream-venv installs (torch and numpy come from this venv through a .pth)
+UPSTREAM_PACKAGES = ("traceml-ai==0.5.0", "msgspec")
 MODELS = {
     "tiny": "Linear(32,64)-ReLU-Linear(64,10), batch 32",
     "mlp": "MLP 512-512-512-10, batch 64",
@@ -294,6 +302,28 @@ def _disk_bytes(variant: str, run_dir: Path, n: int) -> int:
             if p.exists()
         )
     return 0
+
+
+def make_upstream_venv(dest: Path) -> None:
+    """Build upstream TraceML's venv at ``dest`` (kept when it already has upstream's ``traceml``)."""
+    python = dest / "bin" / "python"
+    if (dest / "bin" / "traceml").exists():
+        print(f"upstream venv: {dest} already has traceml-ai; using it")
+        return
+    print(f"upstream venv: creating {dest} ({' '.join(UPSTREAM_PACKAGES)}; torch from this venv)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True)
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([str(python), "-c", where], check=True, capture_output=True, text=True).stdout.strip()
+    # a path line, not an import: this venv's own .pth files (our editable traceml) stay unread there
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(site, "bench_project_site.pth").write_text("".join(f"{p}\n" for p in sorted(ours)))
+    cmd = [str(python), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *UPSTREAM_PACKAGES]
+    subprocess.run(cmd, check=True)
+    check = [str(python), "-c", "import torch, traceml_ai; print(torch.__version__, traceml_ai.__file__)"]
+    out = subprocess.run(check, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"upstream venv {dest}: the check failed:\n{out.stdout}{out.stderr}")
+    print(f"upstream venv: ready (torch, traceml_ai: {out.stdout.strip()})")
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -408,6 +438,12 @@ def main() -> None:
     p.add_argument("--mlp-block", type=int, default=40, help="steps per block of the MLP loop")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of bare,traceml,upstream")
     p.add_argument("--upstream-venv", type=Path, default=Path("/work/upstream-venv"))
+    p.add_argument(
+        "--make-upstream-venv",
+        type=Path,
+        metavar="DIR",
+        help="build upstream's venv in DIR if it has none (needs PyPI), then use it as --upstream-venv",
+    )
     p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, help="write every process's raw blocks to this JSON file")
@@ -420,6 +456,9 @@ def main() -> None:
         print(f"tables of {args.report} (measured {saved['when']})")
         report_all(saved["results"], saved["cfg"], args.boot, rng)
         return
+    if args.make_upstream_venv is not None:
+        make_upstream_venv(args.make_upstream_venv)
+        args.upstream_venv = args.make_upstream_venv
     models = ["tiny", "mlp"] if args.model == "both" else [args.model]
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
