@@ -19,7 +19,11 @@ def __getattr__(name: str) -> Any:
     if name in ("trace_step", "trace_time", "trace_input", "init", "shutdown"):
         from traceml import decorators
 
-        return getattr(decorators, name)
+        value = getattr(decorators, name)
+        # bound here once: `traceml.trace_step(model)` in a loop then costs an attribute read,
+        # not this function and an import statement every step
+        globals()[name] = value
+        return value
     if name == "summary":
         from traceml._summary import summary
 

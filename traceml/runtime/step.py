@@ -58,6 +58,7 @@ CARRY, STEP, SAMPLE = 1, 2, 4
 SAMPLE_EVERY = 64
 #: loaders (other than the training one) whose fetches between two steps are kept apart
 MAX_OTHER_SOURCES = 16
+_ZEROS = (0, 0, 0, 0, 0)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -328,46 +329,50 @@ def timed_carried(
         if gp is not None:
             gp.begin(phase)
         t0 = _perf_ns()
-        ok = False
         try:
             out = fn(*args, **kwargs)
-            ok = True
-            return out
-        finally:
-            t1 = _perf_ns()
+        except BaseException:  # StopIteration at the end of an epoch too: not counted
             c._phase = NO_PHASE
             c.gate = c.base
-            counts = ok and (accept is None or accept(args[0] if args else None, out))
-            if counts:
-                if g & STEP:
-                    c.acc[phase] += t1 - t0
-                    f = c.first
-                    if not f[phase]:
-                        f[phase] = t0
-                    if source is not None:
-                        c.fetched_in_step = True
-                        c.train_src = source(args[0] if args else None)
-                else:  # between steps: carried (inline for the training loader, see add_carried)
-                    if source is None:
-                        src = c.last_src
-                    else:
-                        src = c.last_src = source(args[0] if args else None)
-                    if src == c.train_src:
-                        if phase == DATALOADER:
-                            c.train_seen = True
-                        cr = c.carry
-                        if not cr[phase]:
-                            c.carry_first[phase] = t0
-                        cr[phase] += t1 - t0
-                    else:
-                        c.add_carried(phase, src, t0, t1 - t0)
             if gp is not None:
-                if counts:
-                    gp.end(phase)
-                else:
-                    gp.cancel(phase)
+                gp.cancel(phase)
             if te:
-                c.self_ns += _perf_ns() - t1 + t0 - te
+                c.self_ns += t0 - te
+            raise
+        t1 = _perf_ns()
+        c._phase = NO_PHASE
+        c.gate = c.base
+        if accept is not None and not accept(args[0] if args else None, out):
+            if gp is not None:
+                gp.cancel(phase)
+        else:
+            if g & STEP:
+                c.acc[phase] += t1 - t0
+                f = c.first
+                if not f[phase]:
+                    f[phase] = t0
+                if source is not None:
+                    c.fetched_in_step = True
+                    c.train_src = source(args[0] if args else None)
+            else:  # between steps: carried (inline for the training loader, see add_carried)
+                if source is None:
+                    src = c.last_src
+                else:
+                    src = c.last_src = source(args[0] if args else None)
+                if src == c.train_src:
+                    if phase == DATALOADER:
+                        c.train_seen = True
+                    cr = c.carry
+                    if not cr[phase]:
+                        c.carry_first[phase] = t0
+                    cr[phase] += t1 - t0
+                else:
+                    c.add_carried(phase, src, t0, t1 - t0)
+            if gp is not None:
+                gp.end(phase)
+        if te:
+            c.self_ns += _perf_ns() - t1 + t0 - te
+        return out
 
     traceml_carried.__wrapped__ = fn  # type: ignore[attr-defined]
     traceml_carried.__name__ = getattr(fn, "__name__", "traceml_carried")
@@ -511,11 +516,8 @@ class StepTracker:
             f = c.first
             start = self.t0 - self.pending
             # raw: converted (µs, wall clock, offsets) off this thread by StepRows
-            self.step_table.append(
-                pack_row(step, failed, start, t1, acc[0], acc[1], acc[2], acc[3], acc[4], f[0], f[1], f[2], f[3], f[4])
-            )
-            acc[0] = acc[1] = acc[2] = acc[3] = acc[4] = 0
-            f[0] = f[1] = f[2] = f[3] = f[4] = 0
+            self.step_table.append(pack_row(step, failed, start, t1, *acc, *f))
+            acc[:] = f[:] = _ZEROS
             if failed:
                 self.steps_failed += 1
             mem = self._memory
