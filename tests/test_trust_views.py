@@ -304,6 +304,12 @@ def test_dashboard_region_toggle_outline_free_bands_and_a_one_line_gpu_panel(bro
                 len(stacked),
             )
             assert len(strokes) == len(stacked) and all(w == 0 for w in strokes), strokes
+            # the GPU panel is drawn after the first charts: wait for it to leave its "loading" figure
+            page.wait_for_function(
+                "() => { const t = document.querySelector('#fig-gpu .annotation-text');"
+                " return t && !/loading/i.test(t.textContent); }",
+                timeout=60_000,
+            )
             height = page.evaluate("() => document.querySelector('#fig-gpu').getBoundingClientRect().height")
             assert height < 80, height
             assert "GPU memory: not recorded" in page.inner_text("#fig-memory")

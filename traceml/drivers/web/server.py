@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,18 @@ class _QuietHandler(WSGIRequestHandler):
     connection after the server stopped (the dashboard talks to 127.0.0.1: reconnecting is cheap)."""
 
     protocol_version = "HTTP/1.0"
+
+    def handle(self) -> None:
+        # note the thread answering, so stop() can wait for requests still building a chart
+        active: set[threading.Thread] | None = getattr(self.server, "traceml_active", None)
+        me = threading.current_thread()
+        if active is not None:
+            active.add(me)
+        try:
+            super().handle()
+        finally:
+            if active is not None:
+                active.discard(me)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -149,6 +162,8 @@ class WebServer:
             )
         finally:
             sock.close()  # the server holds its own duplicate of the descriptor
+        self._active: set[threading.Thread] = set()
+        self._server.traceml_active = self._active  # type: ignore[attr-defined]
         self.host = str(bound_host)
         self.port: int = int(self._server.port)
         self._thread: threading.Thread | None = None
@@ -173,12 +188,16 @@ class WebServer:
         finally:
             self._server.server_close()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop accepting, then wait (at most ``wait_s``) for requests still being answered."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
             self._thread = None
         self._server.server_close()
+        deadline = time.monotonic() + wait_s
+        for thread in list(self._active):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> WebServer:
         return self.start()
