@@ -25,7 +25,8 @@ from replay.report import load_view
 from traceml.diagnosis import diagnose
 from traceml.format import open_recording
 
-pytestmark = pytest.mark.slow
+# the module fixture runs every case (about 26 training runs, 3 at a time): minutes on a busy box
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 CORPUS = Path(__file__).parent / "corpus"
 TRACEML = str(Path(sys.executable).parent / "traceml")
@@ -65,10 +66,10 @@ CASES: dict[str, Case] = {
     ),
     # the same all-reduces issued with async_op=True and all waited for before the optimizer step
     "async-allreduce": Case(
-        "ddp_buckets.py", ("--layers", "40", "--manual-async", "--steps", "40"), "COMMUNICATION_BOUND", nproc=2
+        "ddp_buckets.py", ("--layers", "40", "--manual-async", "--steps", "32"), "COMMUNICATION_BOUND", nproc=2
     ),
-    # FSDP2 fully_shard on 24 thin blocks: an all-gather and a reduce-scatter per block and little compute
-    "fsdp-thin-blocks": Case("fsdp_shard.py", ("--blocks", "24", "--steps", "35"), "COMMUNICATION_BOUND", nproc=2),
+    # FSDP2 fully_shard on 16 thin blocks: an all-gather and a reduce-scatter per block and little compute
+    "fsdp-thin-blocks": Case("fsdp_shard.py", ("--blocks", "16", "--steps", "32"), "COMMUNICATION_BOUND", nproc=2),
     # FSDP2 on one wide block over a batch of 4096: real compute per collective
     "fsdp-real-compute": Case(
         "fsdp_shard.py",
@@ -241,7 +242,7 @@ def test_collectives_called_in_the_step_are_timed(runs: dict[tuple[str, bool], R
 
 def test_fsdp_all_gathers_and_reduce_scatters_are_timed(runs: dict[tuple[str, bool], Run]) -> None:
     for traced in (True, False):
-        for name, blocks in (("fsdp-thin-blocks", 24), ("fsdp-real-compute", 1)):
+        for name, blocks in (("fsdp-thin-blocks", 16), ("fsdp-real-compute", 1)):
             run = runs[(name, traced)]
             _primary(run)
             comm = open_recording(run.out).read_table("step_comm")
