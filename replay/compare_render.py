@@ -226,9 +226,7 @@ def write_outputs(c: Comparison, out_dir: str | Path, *, overwrite: bool = False
     out.check(paths)
     texts = (render_html(c), json.dumps(c.to_dict(), indent=2, allow_nan=False) + "\n", render_markdown(c))
     try:
-        for path, text in zip(paths, texts, strict=True):
-            with out.open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        out.write_texts(paths, texts)
     except OSError as exc:
         raise ReportError(
             f"cannot write the comparison into {str(out.root)!r}: {exc}; choose another --out directory"

@@ -562,9 +562,7 @@ def write_documents(report: Report, out_dir: str | Path, *, overwrite: bool = Fa
     out.check(paths)
     texts = (report.html, json.dumps(report.summary, indent=2, allow_nan=False) + "\n", report.markdown)
     try:
-        for path, text in zip(paths, texts, strict=True):
-            with out.open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        out.write_texts(paths, texts)
     except OSError as exc:
         raise ReportError(
             f"cannot write the report into {str(out.root)!r}: {exc}; choose another --out directory"

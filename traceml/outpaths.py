@@ -102,6 +102,12 @@ class OutputDir:
             ) from exc
         return open_new_file(path, mode, overwrite=self.overwrite, option=self.option, **kwargs)
 
+    def write_texts(self, paths: Iterable[Path], texts: Iterable[str]) -> None:
+        """Write each text to its (claimed) path as UTF-8; an ``OSError`` is the caller's to word."""
+        for path, text in zip(paths, texts, strict=True):
+            with self.open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+
 
 def check_new_file(path: str | os.PathLike[str], *, overwrite: bool, option: str = "--out") -> None:
     """Raise unless ``path`` may be created: it must not exist (or ``overwrite``) and not be a link."""
