@@ -1,17 +1,7 @@
 """The integrations' handle on the rank runtime: steps opened and closed at framework events.
 
-A Trainer announces a step through callbacks, not a ``with`` block, and runs work the
-runtime cannot tell apart from training on its own: an evaluation pass between two steps
-(its batch fetches would be carried into the next step), a validation pass in the middle
-of a gradient-accumulation window, a forward pass that Lightning runs *inside*
-``optimizer.step(closure)``.  :class:`StepDriver` gives the callbacks the operations they
-need for that -- open/close/discard a step, forget what happened since a mark, time a
-function as the forward (exclusive of the phases nested in it) -- on top of the runtime's
-:class:`~traceml.runtime.step.StepTracker` and :class:`~traceml.runtime.step.PhaseClock`.
-
-This is the only module of ``traceml.integrations`` that touches runtime internals; every
-operation is fail-open (logged once, then that piece is off) and a no-op when traceml is
-disabled.
+The only module of ``traceml.integrations`` that touches runtime internals; every operation is fail-open
+and a no-op when traceml is disabled.
 """
 
 from __future__ import annotations

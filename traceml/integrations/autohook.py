@@ -1,13 +1,7 @@
 """Zero-code integrations: under ``traceml run`` every Trainer gets the TraceML callback.
 
-:func:`install` watches for the modules that define the Trainers (``sys.meta_path`` hooks
-from :mod:`traceml.runtime.importhook`, so nothing is imported ahead of the script).  Once
-the script imports one, its ``Trainer.__init__`` is patched to attach the callback --
-unless the Trainer has one already (the user added it, or uses ``TraceMLTrainer``).  For
-Hugging Face, ``Trainer.train`` is patched too, so a step cut short by an exception is
-recorded as failed.  Every hook and patch is in the runtime's patch registry and is undone
-by :func:`uninstall` and by ``traceml.shutdown()``.  ``TRACEML_NO_AUTO_INTEGRATIONS=1``
-(``traceml run --no-auto-integrations``) turns it all off.
+Every hook and patch is in the patch registry (undone by :func:`uninstall` and ``traceml.shutdown()``);
+``TRACEML_NO_AUTO_INTEGRATIONS=1`` turns it all off.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """``python -m traceml.integrations.executor SCRIPT [ARGS...]``: the rank executor, plus zero-code integrations.
 
-Exactly :mod:`traceml.runtime.executor` (same arguments, same exit status), except that
-the agent is started first and :func:`traceml.integrations.autohook.install` watches for
-``transformers`` / ``lightning`` / ``pytorch_lightning``, so a script that builds a
-Trainer is traced without a code change.  ``TRACEML_NO_AUTO_INTEGRATIONS=1`` skips the
-watching; ``TRACEML_DISABLED=1`` skips everything.  What ``traceml run`` launches under
-torchrun.
+Exactly :mod:`traceml.runtime.executor` (same arguments, same exit status) with
+:func:`traceml.integrations.autohook.install` first; what ``traceml run`` launches under torchrun.
 """
 
 from __future__ import annotations

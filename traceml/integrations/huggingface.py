@@ -1,23 +1,7 @@
-"""Hugging Face ``transformers.Trainer``: one traced step per optimizer step.
+"""Hugging Face ``transformers.Trainer``: one traced step per optimizer step (``TraceMLCallback``, ``TraceMLTrainer``).
 
-``TraceMLCallback`` (for your own Trainer: ``callbacks=[TraceMLCallback()]``) or
-``TraceMLTrainer`` (a drop-in ``Trainer`` subclass).  Under ``traceml run`` neither is
-needed: the callback is attached to every Trainer when ``transformers`` is imported.
-
-* A step opens at ``on_step_begin`` and closes at ``on_step_end``: with gradient
-  accumulation its forward/backward passes sum into that one step.
-* The batches of a step are fetched (and moved to the device by Accelerate) before
-  ``on_step_begin``: that time is carried into the step as dataloader and host-to-device
-  time (Accelerate's ``send_to_device`` is timed as h2d, on CPU as on GPU).
-* Evaluation and prediction -- their fetches, copies and forward passes -- never count
-  towards a training step: what they accumulated is forgotten at ``on_evaluate`` /
-  ``on_predict`` (``TraceMLTrainer`` also brackets ``evaluate``/``predict`` exactly).
-* A step interrupted by an exception is recorded as failed (``TraceMLTrainer``, and the
-  Trainer ``traceml run`` patches); a window that training left without an optimizer step
-  is dropped.
-
-Importing this module imports ``transformers``; it raises MissingDependencyError with the
-install hint when that is missing.
+Evaluation and prediction never count towards a step.  Importing this module imports ``transformers``
+(MissingDependencyError with the install hint when missing).  Step rules: docs/internals.md, "Integrations".
 """
 
 from __future__ import annotations

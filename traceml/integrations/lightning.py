@@ -1,26 +1,7 @@
 """PyTorch Lightning: one traced step per optimizer step, for ``lightning`` and ``pytorch_lightning``.
 
-``Trainer(callbacks=[TraceMLCallback()])``; under ``traceml run`` the callback is attached
-to every Trainer on its own.  ``TraceMLCallback`` subclasses the ``Callback`` of the
-Lightning package the script uses: ``lightning.pytorch`` unless only ``pytorch_lightning``
-is imported (or installed); :func:`callback_class` picks one explicitly.
-
-* A step opens at the first ``on_train_batch_start`` of an accumulation window and closes
-  at the ``on_train_batch_end`` of the batch whose optimizer stepped: the micro-batches'
-  fetches, copies, forward and backward passes all sum into that step.
-* forward = ``training_step`` (with manual optimization: less the backward and optimizer
-  phases timed inside it, on the CPU clock only); Lightning calls it inside
-  ``optimizer.step(closure)``, so the optimizer phase is suspended during the closure and
-  resumes at ``on_before_optimizer_step``: optimizer = the parameter update (and gradient
-  clipping) alone.
-* h2d = the strategy's ``batch_to_device`` (timed on CPU as on GPU).
-* Validation and the sanity check never count: what they timed is forgotten at
-  ``on_validation_end``, and when they run in the middle of an accumulation window their
-  time is taken out of that step.
-* A step interrupted by an exception is recorded as failed (``on_exception``); a window
-  left without an optimizer step when training stops is dropped.
-
-Importing this module imports no Lightning package; ``TraceMLCallback`` imports one.
+Validation and the sanity check never count towards a step.  Importing this module imports no Lightning
+package; ``TraceMLCallback`` imports one.  Step rules: docs/internals.md, "Integrations".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """The per-process agent: tables, phase patches, sampler and sender threads, lifecycle.
 
-Built by ``traceml.init()`` or the first ``trace_step``.  Where telemetry goes follows the
-config: a :class:`TelemetryClient` when ``TRACEML_AGGREGATOR_PORT`` is set, a local ``.tml``
-when ``TRACEML_OUT`` / ``init(out=)`` asks, nothing otherwise (then no thread is started and
-the tables only keep the recent rows in memory).  :meth:`Agent.close` undoes every patch,
-stops both threads and sends ``rank_finished``; nothing outlives it.
+:meth:`Agent.close` undoes every patch, stops both threads and sends ``rank_finished``; nothing outlives it.
 """
 
 from __future__ import annotations

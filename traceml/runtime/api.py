@@ -1,9 +1,7 @@
 """The user-facing functions: ``init``, ``shutdown``, ``trace_step``, ``trace_time``.
 
-One :class:`~traceml.runtime.agent.Agent` per process, built by :func:`init` or lazily by
-the first :func:`trace_step`.  Everything is fail-open: a broken environment or a bug in
-telemetry is logged once and turns traceml into a no-op; the training loop never sees an
-exception from here (bad *arguments* to :func:`init` raise :class:`ConfigError`).
+Fail-open: a broken environment or telemetry bug is logged once and turns traceml into a no-op;
+only bad *arguments* to :func:`init` raise (:class:`ConfigError`).
 """
 
 from __future__ import annotations

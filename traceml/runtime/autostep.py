@@ -1,32 +1,7 @@
 """Zero-code steps: the optimizer marks the step boundaries of a script that never calls ``trace_step``.
 
-Under ``traceml run`` (or ``traceml.init(auto_steps=True)``) an unmodified training loop is cut
-into steps by torch's global optimizer step hooks:
-
-* a step is the time from the end of one ``optimizer.step()`` to the end of the next one of the
-  *closing* optimizer: with one optimizer every ``step()``; with several (a GAN) the optimizer
-  that stepped for the first time last, i.e. the last one of an iteration.  Everything between
-  two boundaries is the step: the input wait, copies, forward, backward, optimizer and what the
-  phases do not name (residual);
-* the first ``step()`` of each new optimizer finds the modules whose parameters it holds (the
-  locals of the calling frames, else one ``gc`` scan) and times the outermost of them as the
-  forward phase -- only passes with autograd on: an evaluation pass under ``torch.no_grad()`` /
-  ``inference_mode()`` is not step work, and one that runs before any training work of the
-  step moves the step's start past it (with its input wait);
-* several forward/backward passes before one ``optimizer.step()`` (gradient accumulation) sum
-  into one step; the tail after the last ``step()`` is not recorded;
-* the first iteration is recorded from the first training-mode forward of a module with
-  trainable parameters (global forward hooks, removed once it returned) to the first
-  ``step()`` -- unless the calling frames hold another optimizer (a GAN: the first row would end
-  at the first of them); then recording starts at the second iteration;
-* a step that ``GradScaler`` skips (inf/nan gradients: ``optimizer.step()`` is not called) still
-  ends at ``scaler.update()``: an ``update()`` with no boundary since that scaler's last one is
-  a boundary.
-
-An explicit ``trace_step`` (or an integration callback) always wins: the first one discards the
-open automatic step and turns this off for the rest of the run.  Every hook and wrapper is in
-the patch registry (undone by ``traceml.shutdown()``).  Imports torch: loaded from the agent's
-torch-import callback.
+An explicit ``trace_step`` always wins (turns this off for the run); every hook is in the patch registry.
+Imports torch: loaded from the agent's torch-import callback.  Rules: docs/internals.md, "Rank runtime".
 """
 
 from __future__ import annotations

@@ -1,29 +1,7 @@
-"""Communication time: DDP's gradient all-reduce, FSDP's all-gather/reduce-scatter and the
-``torch.distributed`` collectives a step calls, one ``step_comm`` row per step.
+"""Communication time (DDP all-reduce, FSDP all-gather/reduce-scatter, ``torch.distributed`` collectives):
+one ``step_comm`` row per step (``comm_us``, ``exposed_us``, ``buckets``), never a synchronize.
 
-- **DDP** (:func:`attach_ddp`): a comm hook that runs torch's default all-reduce and times each
-  bucket from its launch to the completion of its future (a callback on the future: no
-  synchronize).  Exposed: the last bucket's launch to the last completion (when the last
-  gradients are ready no compute is left to hide the all-reduce behind).  A model that has a
-  hook of its own is left alone.
-- **Blocking collectives** (:func:`install_collectives`): ``dist.all_reduce``, ``all_gather``,
-  ``all_gather_single``/``all_gather_into_tensor``, ``reduce_scatter_single``/``_tensor``, ... on
-  CPU tensors are timed from call to return on the training thread, all of it exposed.  FSDP2
-  (``fully_shard``) issues its all-gathers and reduce-scatters through these functions, so on
-  CPU (gloo) they are counted here.
-- **Collectives on CUDA tensors** without ``async_op``: a pair of CUDA events on the current
-  stream (the communication stream FSDP has made current, or the compute stream); the row of
-  the step waits until the end events have completed (``query()``, never a synchronize).  On the
-  compute stream all of it is exposed; on a side stream only the step's last one (the tail rule,
-  as for DDP: the optimizer waits for the last reduce-scatter).
-- **``async_op=True``** collectives: from the call to the completion of the work's future
-  (callback) is communication; the exposed part is from ``work.wait()`` being called to the
-  completion (``Work.wait`` is wrapped to see it; a work never waited for in its step is not
-  exposed).
-
-Per step: ``comm_us`` (the union of the host intervals plus the GPU durations), ``exposed_us``
-and ``buckets`` (everything timed).  A row is written when the next step's first collective
-starts (by then the step has waited for its work) and at :meth:`CommTimer.flush`.
+How each kind is timed and what counts as exposed: docs/internals.md, "Rank runtime".
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """GPU time per phase from pooled CUDA events, and per-step CUDA memory peaks.
 
-The training thread only *records* events on the current stream (no synchronize, ever);
-the sender thread later :meth:`GpuTimer.resolve` s the steps whose events have completed
-(``event.query()``) into STEP_GPU rows, oldest first, and returns the events to the pool.
-Works with any event factory, so the bookkeeping is unit-tested on CPU with stand-ins; the
-real factory is ``lambda: torch.cuda.Event(enable_timing=True)``.
+The training thread only records events (no synchronize, ever); the sender thread resolves completed steps
+into STEP_GPU rows, oldest first.
 """
 
 from __future__ import annotations

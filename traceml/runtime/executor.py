@@ -1,9 +1,7 @@
 """``python -m traceml.runtime.executor SCRIPT [ARGS...]``: run a training script under traceml.
 
-What ``traceml run`` launches (under torchrun): starts the agent from the environment,
-runs SCRIPT as ``__main__`` exactly as ``python SCRIPT ARGS...`` would (``sys.argv``,
-``sys.path[0]``), records whether it failed, shuts the agent down, and exits with the
-script's own status.  Does not import torch: the script does, if it needs it.
+Runs SCRIPT exactly as ``python SCRIPT ARGS...`` would, shuts the agent down and exits with the script's
+own status.  Does not import torch.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """The torch patches that time each phase of a step; every one registered in :mod:`.patches`.
 
-* dataloader: ``_BaseDataLoaderIter.__next__`` (covers single- and multi-process loaders);
-  the iterator's dataset names the loader, so that only the training loader's waits between
-  steps are carried (see :mod:`traceml.runtime.step`);
-* h2d: ``Tensor.to`` / ``Tensor.cuda`` when a CPU tensor lands on a device (installed only
-  where CUDA is available unless asked for: on a CPU build the phase is 0 at no cost);
-* forward: an instance-level wrapper of the traced model's ``forward`` (or of
-  ``_compiled_call_impl`` after ``model.compile()``), far cheaper than module hooks and
-  transparent to DDP, FSDP and ``torch.compile``;
-* backward: ``torch.autograd.backward`` alone (``Tensor.backward`` calls it; one patch, not
-  two nested ones);
-* optimizer: torch's global optimizer step pre/post hooks (removable handles).
-
-Imports torch: only loaded once the script has imported it.
+Imports torch: only loaded once the script has imported it.  What each phase patches: docs/internals.md.
 """
 
 from __future__ import annotations

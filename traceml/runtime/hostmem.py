@@ -1,10 +1,6 @@
-"""A cheap per-step host memory signal: the process's resident set every few steps.
+"""A cheap per-step host memory signal: the process's resident set every :data:`EVERY`-th step (``step_host``).
 
-Reads ``/proc/self/statm`` (one ``pread`` of an fd kept open, a few µs) at the end of every
-:data:`EVERY`-th step into the ``step_host`` table, so that a host leak shows up on short runs
-(the 1 Hz ``process`` samples need tens of seconds).  Linux only; elsewhere it is not installed.
-It fills the step tracker's memory slot on CPU runs; a CUDA model's per-step peaks take the slot
-over (then the 1 Hz host samples remain).
+Linux only (``/proc/self/statm``, a few µs); elsewhere it is not installed.
 """
 
 from __future__ import annotations

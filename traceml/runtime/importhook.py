@@ -1,10 +1,6 @@
 """Run a callback right after the script imports a module (torch), without importing it first.
 
-``traceml run`` starts the agent before the script has imported torch; importing torch
-ourselves would add seconds to every start.  Instead a ``sys.meta_path`` finder wraps the
-module's loader so that, once its ``exec_module`` has finished, the callback installs the
-phase patches -- before the script's first ``next()`` on a DataLoader.  Registered in
-:mod:`.patches`; it removes itself after firing.
+Registered in :mod:`.patches`; it removes itself after firing.
 """
 
 from __future__ import annotations

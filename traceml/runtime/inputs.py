@@ -1,12 +1,6 @@
 """``trace_input``: any function, iterator or block marked as the input phase (dataloader time).
 
-For loaders that are not a ``torch.utils.data.DataLoader`` -- a nanoGPT-style ``get_batch()``
-slicing a memmap, a generator, a streaming dataset client.  The marked time adds to the
-DATALOADER phase exactly like a DataLoader wait: carried into the next step when it runs
-between steps, counted in the step when it runs inside one (prefetching the next batch inside
-the step is common).  Only the outermost phase on the training thread is timed, so a marked
-function that iterates a DataLoader is counted once.  When traceml is off every form is a
-pass-through.
+Counted exactly like a DataLoader wait (outermost phase only); a pass-through when traceml is off.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The one registry of everything the rank runtime patches or hooks.
 
-Every monkey-patch, torch hook handle, import hook and ``sys.excepthook`` swap is
-registered here under a readable name with the function that undoes it, so that
-``traceml.shutdown()`` can remove them all and tests can prove none outlived them
-(``tests/conftest.py`` reads :func:`active_patches`).  Imports nothing heavy.
+Each entry has a readable name and the function that undoes it, so ``traceml.shutdown()`` removes them all
+and tests can prove none outlived them (:func:`active_patches`).  Imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""The sender thread: every ~0.5 s, the unsent rows of every table go to the rank's sinks.
+"""The sender thread: every ~0.5 s, the unsent rows of every table go to the rank's sinks as ONE batch.
 
-A table whose unsent rows reach half its capacity wakes the sender at once, and a table that
-got that full between two flushes is grown (doubled, up to ``max_capacity``), so bursts of
-fast steps are drained in time instead of evicted (docs/benchmarks.md, "Fast steps").
-
-A *sink* is where telemetry leaves the rank: :class:`StreamSink` (a :class:`TelemetryClient`
-to the aggregator, under ``traceml run``) and :class:`FileSink` (the rank's own ``.tml``
-through ``traceml.format.TmlWriter``, for ``TRACEML_OUT`` / ``init(out=...)``).  Each flush
-takes the rows of every :class:`BoundedTable` once and builds ONE batch from them.  A sink
-that fails is logged once and dropped; training never waits on any of this.
+Sinks: :class:`StreamSink` (aggregator) and :class:`FileSink` (local ``.tml``).  A failing sink is logged
+once and dropped; training never waits on any of this.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""The residual explained: a low-rate stack sampler of the training thread.
+"""The residual explained: a low-rate stack sampler of the training thread (``step_stack`` rows).
 
-A daemon thread wakes ``hz`` times a second (default :data:`DEFAULT_HZ`), reads the training
-thread's current frame with ``sys._current_frames()`` (no signal handler, nothing runs on the
-training thread) and counts one sample for the phase running then (``-1``: no named phase, the
-residual) and the function the time is spent in: the innermost frame of the user's own code
-(not the standard library, site-packages or traceml), named ``qualname`` + ``file:line`` of
-its ``def``.  A sample whose stack reads data (a function named like ``get_batch`` / ``load`` /
-``read`` / ``fetch`` / ``collate`` / ``__getitem__``, or a frame in numpy's memmap/npyio,
-pickle, PIL, h5py, pyarrow, ``datasets``, torchvision's datasets/io) is flagged as input.
-
-About once a second the counts become rows of the ``step_stack`` table: for each phase the top
-:data:`TOP_PER_PHASE` functions of the window of steps ``first_step..step``, with their sample
-counts and the window's total.  Strings are interned per code object and bounded
-(:data:`MAX_NAME`).  Only samples taken while a step is open count.  ``TRACEML_STACK_HZ=0``
-turns it off.
+Reads frames from a daemon thread (nothing runs on the training thread); ``TRACEML_STACK_HZ=0`` turns it off.
 """
 
 from __future__ import annotations

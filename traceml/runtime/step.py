@@ -1,30 +1,7 @@
 """The hot path: the phase clock, ``trace_step``'s context and ``trace_time`` regions.
 
-Everything here runs on the training thread, so it does only ``perf_counter_ns``,
-integer arithmetic and one :meth:`BoundedTable.append` per step.  Phases are timed
-by the patches in :mod:`traceml.runtime.hooks`, which add nanoseconds into
-:attr:`PhaseClock.acc`; only the outermost phase is timed, so phases never overlap
-and ``residual = step - sum(phases) >= 0``.  Each patch first reads one integer,
-:attr:`PhaseClock.gate`: while it says "not timed" (outside a step for forward, backward
-and the optimizer; inside another phase for all) the patch only calls through.
-
-Attribution rules (documented for users in ``trace_step`` and ``docs/format.md``):
-
-* dataloader waits and host-to-device copies made *between* steps (typically
-  ``batch = next(it); batch = batch.to(dev)`` before entering ``with``) are carried
-  into the next step -- but only those of the *training* loader: the loader the previous
-  steps fetched from (the dataset behind the iterator identifies it).  The first step, or a
-  step after the training loader changed, takes the loader fetched last before it.  Fetches
-  from another loader between steps (an evaluation pass) and the copies made after them are
-  not carried; ``step_us`` = the carried time + the traced body;
-* forward/backward/optimizer time outside any step (an eval loop) is not recorded;
-* with gradient accumulation, several forward/backward calls inside one step sum;
-* each phase's first start within its step is recorded (``<phase>_start_us``, -1 when the
-  phase did not run), measured from the step's start (the carried time comes first).
-
-Every :data:`SAMPLE_EVERY`-th step (and step 1) also measures traceml's own time on the
-training thread: the step context, the row, and each patch's own code around the call it
-wraps (:attr:`StepTracker.cost_ns` over :attr:`StepTracker.cost_steps`).
+Runs on the training thread: only ``perf_counter_ns``, integer arithmetic and one append per step;
+phases never overlap, so ``residual = step - sum(phases) >= 0``.  Attribution rules: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The rank's ``step_time`` table: one packed raw row per step in, STEP_TIME and STEP_TIMELINE columns out.
 
-The training thread (:class:`traceml.runtime.step.StepTracker`) appends each step as one
-``bytes`` of :data:`ROW` (14 native int64, ``perf_counter_ns`` values): a ``bytes`` is
-not tracked by the garbage collector, so the rows waiting for the sender never make the
-training thread's allocations trigger a collection, and the sender converts a whole batch with
-one ``np.frombuffer``.  Everything else here runs on the sender thread (or for local inspection).
+The training thread appends one ``bytes`` of :data:`ROW` per step (not tracked by the GC); all else runs on
+the sender thread.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """SYSTEM_GPU rows via NVML (``pynvml`` from nvidia-ml-py), one per GPU of the node.
 
-``nvmlInit`` is tried once per process and its outcome cached (a failed try costs ~60 µs
-and would otherwise repeat every tick); without a GPU or a driver the rows are simply
-absent and one log line says why.
+``nvmlInit`` is tried once per process; without a GPU or driver the rows are absent and one log line says why.
 """
 
 from __future__ import annotations
