@@ -1,18 +1,7 @@
 """Table schemas: the names and column types every room agrees on.
 
-A *table* is a stream of rows with fixed, typed columns.  Ranks append rows as
-tuples (in column order); the wire and the ``.tml`` file carry them column by
-column; stores hold them as numpy arrays.  This module is a leaf: it imports
-nothing of traceml but the error tree and the name policy.
-
-Column type codes (``dtype`` strings):
-
-    i8  int64          u1  uint8 (flags)      f8  float64
-    i4  int32          f4  float32            str UTF-8 string (msgpack list)
-
-Conventions: times are ``*_ns`` int64 nanoseconds since the Unix epoch (wall
-clock) or durations ``*_us`` int64 microseconds; sizes are ``*_bytes`` int64;
-a value that was not measured is ``-1`` (integers) or ``nan`` (floats).
+A leaf: imports nothing of traceml but the error tree and the name policy.  Type codes and conventions:
+docs/internals.md, "Data model".
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Diagnosis: pure functions from a :class:`~traceml.store.StoreView` to findings.
+"""Diagnosis: pure functions from a :class:`~traceml.store.StoreView` to findings (``diagnose``, ``build_summary``).
 
-``diagnose(view, last_n=None)`` classifies the run (input-, H2D-, compute-bound, residual-heavy,
-straggler, memory creep, low GPU utilization, healthy, insufficient data) with the numbers behind
-each finding; ``build_summary(view)`` is the versioned run summary.  Same answer live, in replay
-and in reports: no clock, no I/O.  Rules and thresholds: docs/diagnosis.md.
+Same answer live, in replay and in reports: no clock, no I/O.  Rules and thresholds: docs/diagnosis.md.
 """
 
 from traceml.diagnosis.engine import diagnose

@@ -1,10 +1,7 @@
 """Communication-bound: DDP's gradient all-reduce that backward does not hide, and blocking
 collectives called in the step (``step_comm``).
 
-A rank's *exposed share* is its ``exposed_us`` summed over the analysed steps over its step time
-summed over the same steps.  The job's figure is the **smallest** rank's: a straggler makes the
-other ranks wait inside the all-reduce, which is the straggler's cost, not communication's, and
-the rank that waits least is the straggler itself.  Pure: no clock, no I/O.
+The job's exposed share is the smallest rank's (a straggler's wait is not communication's cost).  Pure.
 """
 
 from __future__ import annotations

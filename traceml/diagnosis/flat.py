@@ -1,9 +1,7 @@
 """The run summary as flat metric keys: ``flatten_summary(summary) -> {"traceml/<section>/...": number}``.
 
-The keys fit ``wandb.run.summary.update`` and ``mlflow.log_metrics`` as they are: every value is
-a finite ``int`` or ``float`` (nothing is None, no strings), every key is ``traceml/`` followed by
-at most four ``/``-separated parts of ``[A-Za-z0-9_.-]``.  Names that come from a recording
-(user regions, finding kinds) are data: they are reduced to that alphabet and bounded.  Pure.
+Every value a finite number, every key ``traceml/`` + at most four parts of ``[A-Za-z0-9_.-]`` (recording
+names reduced and bounded), so it fits ``wandb``/``mlflow`` as is.  Pure.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Memory creep: a level that keeps rising through the run beyond its own noise.
 
-A series (per rank and source) is cut into a baseline, a middle and a recent band; it creeps
-when the band medians rise monotonically and the total rise exceeds the baseline's noise and a
-floor.  Sources, most specific first: per-step GPU peaks (``step_memory``), else the sampled GPU
-allocation (``process.gpu_alloc_bytes``); and host RSS every few steps (``step_host``, CPU runs),
-else sampled (``process.rss_bytes``).
+Pure; the band rule and its sources (per-step peaks first, sampled levels else) are in docs/diagnosis.md.
 """
 
 from __future__ import annotations

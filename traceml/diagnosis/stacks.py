@@ -1,17 +1,7 @@
 """Where the residual goes: the stack sampler's ``step_stack`` rows turned into a profile, and the
-rule that uses it.
+rule that uses it (names the residual's top functions; INPUT_BOUND when it mostly reads data).
 
-:func:`residual_profile` sums, over the analysed window's steps and ranks, the samples taken
-while no named phase ran (``phase == -1``) per function.  :func:`explain_residual` then
-
-* names the top functions in the RESIDUAL_HEAVY finding ("residual 58% of the step:
-  get_batch (train.py:118) 91% of residual samples");
-* turns the verdict into INPUT_BOUND when the residual is mostly spent reading data (samples
-  whose stack reads data, see :mod:`traceml.runtime.stacks`): the estimated input share of the
-  step is ``residual share x input share of the residual samples``.
-
-Pure: no clock, no I/O.  Names come from a recording: bounded and stripped of control
-characters here, escaped by the renderers.
+Pure: no clock, no I/O.  Names from a recording are bounded and stripped of control characters here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """The versioned run summary: ``build_summary(view) -> dict`` (schema in docs/summary.schema.json).
 
-One function serves three places: ``summary.json`` of ``traceml report``, the ``summary``
-attachment embedded in a ``.tml`` when a recorded run ends, and the lines ``traceml run``
-prints.  Pure and deterministic (no clock): the same view gives the same dict, so a summary
-recomputed from the file matches the embedded one.  Only JSON/msgpack types inside.
+Pure and deterministic: a summary recomputed from the file matches the embedded one.  JSON/msgpack types only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """The only code that knows the bytes of a ``.tml`` file (spec: ``docs/format.md``).
 
-Framing and record payloads are packed and unpacked here (the column encodings of
-segments and zstd live in ``_segment``); the writer and the reader call these functions
-and never touch bytes themselves.
 Every unpacking function validates what it reads and raises only ``traceml.errors`` types.
 """
 

@@ -1,9 +1,6 @@
 """Turn a recording into files other tools open: CSV per table, Chrome trace-event JSON.
 
-The Chrome trace (Perfetto, chrome://tracing) has one process per rank; each step is a slice
-ending at its ``ts_ns`` and lasting ``step_us``, with its phases placed where STEP_TIMELINE says
-they started (recordings without it: laid end to end, and the trace says so), the named
-regions on a track of their own, and process, node, GPU and step-memory samples as counters.
+The Chrome trace has one process per rank and places phases where STEP_TIMELINE says they started.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""Parquet export: every table of a recording as a Hive-partitioned dataset, streamed.
+"""Parquet export: every table of a recording as a Hive-partitioned dataset, streamed in bounded memory.
 
-One recording in a directory: ``DIR/<table>/rank=<r>/part-<n>.parquet``.  Once a second run
-is exported into the same directory every table is partitioned by run as well,
-``DIR/<table>/run=<id>/rank=<r>/part-<n>.parquet`` (the first run's files move there), so the
-runs read back as one dataset.  Each row carries ``run_id``, ``run_name`` and ``node``; each
-file carries the run's header in its key-value metadata (``traceml.*`` keys).
-
-Rows are read segment by segment and written in row groups; what is held at once is bounded
-by ``max_buffer_bytes`` (plus one decoded segment) and ``max_open_files`` writers.  Names read
-from the recording are untrusted: a table's directory is its name when that is a plain
-identifier, else :func:`traceml.outpaths.safe_filename` of it; a run id that is not path-safe
-becomes a digest.  Exporting a run that the directory holds already is refused unless
-``overwrite``.  pyarrow is imported only here, on use.
+Names read from the recording never become paths unchecked; re-exporting a run is refused unless
+``overwrite``.  pyarrow is imported only here, on use.  Layout: docs/internals.md, "Format".
 """
 
 from __future__ import annotations

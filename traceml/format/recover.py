@@ -1,12 +1,6 @@
 """Rewrite a crashed or damaged recording as a clean one (index, summary, footer).
 
-Everything the reader can still decode is copied; what it skipped is reported in the
-result and in the new file's ``recovered_from`` attachment.  A damaged HEADER costs nothing
-but itself: every intact segment after it is copied, and the header is taken from its copy in
-an INDEX checkpoint (format 1.2), or reported lost (``RecoveryResult.unrestored``).  Names the writer refuses today
-(an old file's table or attachment outside the name grammar) are left out and reported, and
-header labels with control characters are copied with them replaced by U+FFFD.  The output
-appears only when it is complete (written beside it, then renamed).
+Everything still decodable is copied and what was skipped is reported; the output appears only when complete.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """Rollups: per-step tables summarised in groups of steps, so a long run draws without reading every row.
 
-A *rollup* of a table with a ``step`` column holds one row per *group*: consecutive rows of one
-rank whose ``step // bucket_steps`` is the same (spec: docs/format.md, "Rollup tables").  Each
-group row keeps the row count, the first and last step, and the sum, min and max of every
-numeric column (``*_ns`` timestamps: min and max only).  Means are exact (sum / rows), and so
-are envelopes; quantiles are not kept.
-
-The names (``rollup/<table>``, ``<column>.sum`` ...) are in :mod:`traceml.schema`, which every
-room shares.  The writer appends rollup rows as the table ``rollup/<table>``; a reader rolls up whatever
-raw rows the stored rollup does not cover yet (a crashed writer's tail) with the same
-:func:`summarize`, so the two always agree.  Pure functions over numpy columns: no I/O.
+Writer and reader use the same :func:`summarize`, so they always agree (spec: docs/format.md, "Rollup
+tables").  Pure functions over numpy columns: no I/O.
 """
 
 from __future__ import annotations

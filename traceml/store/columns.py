@@ -1,9 +1,7 @@
 """Aggregator-side live store: per (rank, table) bounded column chunks.
 
-Thread-safe appends from the ingest thread; :meth:`ColumnStore.snapshot` gives a
-:class:`StoreView` for renderers.  Capacity is in rows per (rank, table); the oldest
-rows are evicted first and counted in ``evicted``.  The replay engine fills the same
-store (with ``capacity=None``: unbounded) from a file.
+Thread-safe appends; :meth:`ColumnStore.snapshot` gives a :class:`StoreView`.  Oldest rows are evicted first
+and counted in ``evicted`` (replay uses ``capacity=None``: unbounded).
 """
 
 from __future__ import annotations

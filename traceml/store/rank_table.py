@@ -1,10 +1,6 @@
 """Rank-side bounded table: tuple rows, bounded capacity, monotonic append counter.
 
-The training thread only appends (a lock, a deque append, a counter, one comparison).  The
-sender thread takes the rows appended since its last take; rows evicted before they were
-taken are counted in ``lost``, so nothing vanishes silently.  When the unsent rows reach
-half the capacity the table calls ``on_high_water`` once (the sender wakes up early), and
-the sender may :meth:`grow` a table that fills that fast, up to a bound it owns.
+The training thread only appends (cheaply); rows evicted before the sender took them are counted in ``lost``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """The read-only store view: the one seam between capture and presentation.
 
-A :class:`StoreView` is an immutable snapshot of run metadata, per-rank state and
-per (table, rank) numpy columns.  The aggregator builds it from its live store; the
-replay engine builds it from a ``.tml`` file.  Views, diagnosis and renderers take
-only this type, and never know which of the two filled it.
+Views, diagnosis and renderers take only :class:`StoreView`, never knowing whether live or replay filled it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """The rank's end of the wire: a TCP client that never costs training more than a bounded wait.
 
-:class:`TelemetryClient` is driven by ONE thread (the rank's sender thread).  ``send`` queues a
-message in a bounded buffer and writes as much as the socket takes within ``send_timeout_s``;
-when the aggregator is unreachable it reconnects with exponential backoff (one short connect
-attempt per backoff period, never a storm), sends the hello first on every connection, and drops
-the oldest buffered messages when the buffer is full, counting them (messages, and rows per
-table).  It never raises from ``send``, ``flush`` or ``close``.
+Driven by ONE thread; drops (and counts) the oldest messages when the buffer is full, and never raises from
+``send``, ``flush`` or ``close``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Columns on the wire: one table's rows as ``{"n": rows, "cols": {name: [dtype, payload]}}``.
 
-Numeric columns travel as little-endian raw bytes with their type code (decoded with
-``np.frombuffer``, no per-value work); ``str`` columns as lists of str.  The schema travels with
-the data (the dtype of every column, in column order), so a receiver decodes tables it has never
-heard of.  Every length is checked on decode: bytes a multiple of the item size, every column the
-same number of rows, and that number equal to ``"n"``.
+The schema travels with the data; every length is checked on decode.
 """
 
 from __future__ import annotations

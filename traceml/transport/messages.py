@@ -1,10 +1,7 @@
 """The messages of the wire (spec: ``docs/protocol.md``): constructors and validators.
 
-Constructors build the plain maps that :func:`~traceml.transport.framing.encode_frame` packs;
-validators check a decoded map's field types before anything uses it and raise
-:class:`MalformedFrameError` (or :class:`HandshakeError` for the hello).  Messages of a kind this
-version does not know are passed through by :func:`validate_message` so that receivers can skip
-them: the protocol grows by adding kinds and fields, never by changing them.
+Validators raise :class:`MalformedFrameError` (:class:`HandshakeError` for the hello); unknown kinds pass
+through, so the protocol grows by adding kinds and fields, never by changing them.
 """
 
 from __future__ import annotations

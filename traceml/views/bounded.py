@@ -1,21 +1,7 @@
 """Bounded statistics of a recording too long to hold: what report, compare and replay read instead of every row.
 
-A reader streams a recording's batches (segment by segment) through two pure accumulators:
-
-* :class:`StepDigest` turns every ``step_time`` row into :class:`StepTotals`: per rank the exact
-  counts, sums and first/last step, and quantile sketches (:mod:`traceml.views.sketch`, 1%
-  relative error) of the step time, of each phase and of the time outside backward; per step
-  number the job's step time (the slowest rank's) and phase time (the ranks' mean), sketched once
-  every rank has the step.  So the run-level figures of :mod:`traceml.views.measures` keep their
-  definitions and are exact in counts, sums, means, shares, throughput and elapsed time, and
-  within 1% in medians and p95.
-* :class:`RowSample` keeps, within a row budget, a sample of the rows themselves: every row whose
-  step number is a multiple of the *stride* (every rank has the same sampled steps, so the
-  rank-by-rank comparisons of the diagnosis still line up), every stride-th row of tables without
-  steps, and the last :data:`TAIL_STEPS` steps of every rank whole (the "recent" diagnosis and the
-  end of a replay).  The diagnosis rules read this sample.
-
-Pure: numpy in, numpy out; no clock, no I/O.
+:class:`StepDigest` gives exact counts/sums and 1% sketches; :class:`RowSample` keeps a stride sample plus the
+last :data:`TAIL_STEPS` steps whole.  Pure: numpy in, numpy out; no clock, no I/O.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """End-of-run view model: the compact one-screen summary ``traceml run`` prints at the end.
 
-Pure: reads the view's tables, its ``exit`` attachment (exit code, status, duration, signal,
-written by the aggregator) and its ``summary`` attachment (the diagnosis summary dict, when
-the diagnosis room produced one).  Phases, skew, throughput and the time outside steps are taken
-over the steps ``summary.json`` analyses (failed rows and the warm-up removed), with the
-definitions of :mod:`traceml.views.measures`, so the screen and the report agree.
+Pure; figures use the steps ``summary.json`` analyses and :mod:`traceml.views.measures`, so screen and report agree.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """Live dashboard view models: pure functions ``StoreView -> frozen dataclasses``.
 
-No clock and no I/O: "now" is ``view.latest_ns`` and everything else comes from the view's
-tables, rank table, metadata (run name, start time, recording path and bytes, expected ranks)
-and attachments (``exit``, ``summary``).  The same functions serve the live aggregator and
-replay, because both hand over the same :class:`~traceml.store.StoreView`.
+No clock and no I/O ("now" is ``view.latest_ns``): the same functions serve the live aggregator and replay.
 """
 
 from __future__ import annotations

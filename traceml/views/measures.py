@@ -1,24 +1,7 @@
 """One answer per question: the run-level figures every view, report and doc quotes.
 
-Each figure is defined once, here, over the steps a :class:`~traceml.views.steps.StepData`
-selected (failed rows and warm-up removed; a trailing window for the live view):
-
-* **job step time**: per step number, the slowest rank's step time (a synchronised job moves at
-  its pace).  The **median step** is the median of it over the steps *every* rank has: "of the job".
-* **slowest rank** and **rank skew**: on the steps every rank has.  Each rank's median step time,
-  and its median time outside backward (DDP's all-reduce makes fast ranks wait inside backward,
-  so only that part tells ranks apart); whichever gap is larger names the slowest rank, and the
-  skew is that gap over the fastest rank's median step.
-* **share** of a phase or region: its time summed over the analysed steps and ranks over the step
-  time summed the same way (a ratio of sums, so the shares of the phases add up to 100%); quoted
-  beside the *mean* per step, never beside a median.
-* **throughput**: each rank's steps over its elapsed wall time, from the start of its first analysed
-  step to the end of its last (measured, so time between steps counts against it); the job's is
-  the slowest rank's (a synchronised job moves at its pace), and **elapsed** is that rank's.
-* **outside-step share**: the part of that elapsed time no step of the rank covers (evaluation,
-  checkpointing, logging, waiting), averaged over ranks.
-* **run duration**: the aggregator's measured duration (the ``exit`` attachment) when the run has
-  ended, else from the run's start to the newest row.
+Each figure (job step time, slowest rank and skew, share, throughput, outside-step share, run duration)
+is defined once here, over the steps a :class:`~traceml.views.steps.StepData` selected; see docs/diagnosis.md.
 """
 
 from __future__ import annotations

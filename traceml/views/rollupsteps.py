@@ -1,10 +1,7 @@
 """The step source of the ``step_time`` rollup (:class:`~traceml.views.stepsource.StepSource`):
 what a long recording draws from while it loads.
 
-One rollup row summarises a group of consecutive steps of one rank (``step`` .. ``step_last``,
-``rows`` steps, ``<column>.sum|min|max``).  Means per bucket stay exact (buckets are a whole
-number of groups wide); quantiles are not known (nan), the slowest rank and skew use the means,
-and a line is the min/max envelope of the groups.  Pure numpy.
+Means per bucket are exact; quantiles are nan; a line is the groups' min/max envelope.  Pure numpy.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Step views: StoreView -> per-step and per-rank step-time models for charts.
 
-Each view is written once against a :class:`~traceml.views.stepsource.StepSource` (raw rows or
-the rollup of a long recording still loading, :func:`~traceml.views.stepsources.step_source`).
-Steps are bucketed by *value*, so ranks with gaps or different step counts still line up.
+Written once against a :class:`~traceml.views.stepsource.StepSource`; steps bucketed by value, so ranks line up.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """A mergeable quantile sketch with relative accuracy: the streaming statistics of long recordings.
 
-:class:`QuantileSketch` keeps counts in logarithmic buckets (bucket ``i`` holds values in
-``(gamma**(i-1), gamma**i]`` with ``gamma = (1 + a) / (1 - a)``, the DDSketch construction), so
-any quantile it answers lies within a relative error ``a`` (1% by default) of the order
-statistic of that rank.  Adding is vectorised (``add(array)`` is one ``log`` and one
-``bincount``), two sketches merge by adding their counts, and the memory is a few thousand
-integers whatever the number of values (durations from 1 µs to 1e9 µs need ~1,050 buckets).
-Count, sum, min and max are exact.  Pure numpy; no clock, no I/O.
-
-Why not the ``ddsketch`` package: it adds one value per Python call (~1 µs each), 100 s for the
-100 M step rows of a long recording; here a million values take a few milliseconds.
+Any quantile lies within relative error ``a`` (1% by default); count, sum, min and max are exact; memory is
+a few thousand integers whatever the number of values.  Pure numpy; no clock, no I/O.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Many ranks at a glance: the distribution of the ranks' step times instead of a line per rank.
 
-Pure: view models in, view models out.  :func:`rank_spread` summarises the live view's rank rows
-(median and p95 of the ranks' step medians, the slowest *k*, counts per state);
-:func:`rank_band` turns a :class:`~traceml.views.series.RankSteps` into a band over the steps
-(per step bucket: median and p95 across ranks) plus the lines of the slowest *k* ranks, which
-is what the dashboard draws once there are more ranks than lines a chart can show.
+Pure: view models in, view models out (:func:`rank_spread`, :func:`rank_band`).
 """
 
 from __future__ import annotations

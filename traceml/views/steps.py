@@ -1,18 +1,7 @@
 """Step rows as every view and rule sees them: failed steps and warm-up removed, optionally the last N.
 
-:func:`step_data` turns a view's ``step_time`` table into per-rank float arrays (microseconds,
-``nan`` = not measured) restricted to one window of step numbers.  The same window feeds the
-diagnosis, the summary statistics and ``traceml compare``, so they all agree on which steps count.
-
-Missing-value rules: a ``dataloader_us`` or ``h2d_us`` of -1 is 0 (no DataLoader / no device
-copy: the phase did not happen); ``forward/backward/optimizer`` of -1 stay ``nan`` (not
-measured); a residual of -1 is recomputed as ``max(0, step - other phases)``.
-
-Named regions (``traceml.trace_time``, table ``step_region``): each region's time per step is
-kept in :attr:`RankSteps.regions`; the part of it that lies outside the standard phases is taken
-out of ``residual`` (see :func:`region_split`), so ``residual`` is the time nobody named.
-Region calls between steps (``step = -1``) inside the window's time span are summed per name in
-:attr:`StepData.between_regions`: they are part of the wall time outside any step.
+One window feeds the diagnosis, the summary and ``traceml compare``, so they agree on which steps count.
+Missing-value and region rules: docs/internals.md, "Chart views".
 """
 
 from __future__ import annotations

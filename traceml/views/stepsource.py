@@ -1,9 +1,7 @@
-"""The step-source interface: what the step views (:mod:`traceml.views.series`) read of a run's
-steps, whatever holds them.  One view is written once against :class:`StepSource`; each store of
-steps (raw rows, the rollup of a long recording still loading, ...) is one implementation.
+"""The step-source interface: what the step views (:mod:`traceml.views.series`) read of a run's steps,
+whatever holds them (raw rows, a rollup still loading, ...).
 
-A source is built for a view, a choice of ranks and a step range; every figure it answers is
-about those ranks and those steps.  Durations are in us (floats where a value may be missing).
+Every figure a source answers is about the ranks and step range it was built for; durations in us.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """The whole run's step statistics when only a sample of its rows is held (a bounded read).
 
-Built by :class:`traceml.views.bounded.StepDigest`; read by :func:`traceml.views.steps.step_data`
-(``StepData.totals``), :mod:`traceml.views.measures` and the summary.  Plain data: exact counts
-and sums, and :class:`~traceml.views.sketch.QuantileSketch` es (1% relative error).
+Plain data built by :class:`traceml.views.bounded.StepDigest`: exact counts and sums, 1% quantile sketches.
 """
 
 from __future__ import annotations
