@@ -1,10 +1,7 @@
 """replay: read traceml recordings back: the engine, the Dash post-mortem, reports, comparisons.
 
-``replay.open(path)`` returns a :class:`~replay.engine.Recording`: run metadata, ranks, tables,
-``columns(table, rank, steps=, time=)`` read through the file's index, ``view()`` (the same
-StoreView the live aggregator fills) and ``integrity``.  Importing replay imports neither
-torch nor dash; the engine (numpy, zstandard) loads on first use of ``replay.open`` or
-``replay.Recording``, so ``replay.cli`` stays light for ``traceml --help``.
+``replay.open(path)`` returns a :class:`~replay.engine.Recording`.  Importing replay imports neither
+torch nor dash; the engine loads on first use.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """A recording as a :class:`StoreView` in bounded memory, whatever its length.
 
-:func:`bounded_view` gives what :meth:`Recording.view` gives when the file's rows fit the row
-budget (the same view, every row: reports and summaries are byte-identical).  Beyond it, the
-file is read segment by segment, once: every ``step_time`` row feeds a
-:class:`~traceml.views.bounded.StepDigest` (exact counts and sums, 1% quantile sketches) and
-every table a :class:`~traceml.views.bounded.RowSample` (every stride-th step number, and each
-rank's last steps whole), so the view holds about ``row_budget`` rows and the digest in
-``StoreView.digests``.  The views, the diagnosis and the report read it unchanged
-(docs/replay.md, "Long recordings").
+Within the row budget: exactly :meth:`Recording.view`; beyond it, one streamed pass into a digest and a row
+sample the views read unchanged (docs/replay.md, "Long recordings").
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """``traceml replay RUN.tml`` (and ``python -m replay``): play a recording in the terminal or serve the dashboard.
 
-The engine, player and dashboard are imported inside the command, so ``traceml --help`` loads
-neither numpy nor zstandard; nothing here imports ``traceml.cli`` or torch.
-Exit codes: 0 done, 1 file or runtime error, 2 usage error.
+Heavy imports happen inside the command; exit codes: 0 done, 1 file or runtime error, 2 usage error.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """``traceml compare``: a verdict per metric with a confidence, and a CI gate that tells change from noise.
 
-Each side is one or more runs (:mod:`replay.compare_input`); steps are aligned on the step
-numbers every run has.  Recordings only: a seeded hierarchical block bootstrap of NEW/BASE
-(:mod:`replay.stats`); a summary.json on either side: a normal approximation from medians, p95
-and step counts.  One run per side also clears a noise floor.  Rules: docs/compare.md.
+Rules: docs/compare.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """The post-mortem dashboard: the live Dash app (``traceml.drivers.web``) mounted over recordings.
 
-A recording is loaded once into the same StoreView the aggregator fills, and the app's source
-hands that view back (its figures are then cached per view); the step charts' table is loaded
-first and drawn while the other tables load behind it.  ``compare`` overlays a second
-recording as "B".  ``follow`` tails a file still being written: each refresh polls it for new
-records (under a lock: a reader is single-threaded) and the app runs in live mode.
+A recording becomes the same StoreView the aggregator fills; ``compare`` overlays "B", ``follow`` tails a file.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """The replay engine: a ``.tml`` recording as the same :class:`StoreView` the aggregator fills.
 
-:func:`open` reads the file's index (no scan of the rows); :meth:`Recording.columns` reads one
-table, seeking by step or time through the index; :meth:`Recording.view` loads every table into
-an unbounded :class:`ColumnStore` with the run's metadata, rank table, attachments and integrity,
-so the live views, diagnosis and renderers draw a recording exactly as they drew the run.
-Large files are decoded by a few threads (zstd and numpy release the GIL) with a progress bar
-on stderr.  Works on a file whose writer crashed (no footer) and on damaged files: what is
-readable is returned and ``integrity`` says what was lost.  Never imports torch.
+Reads through the file's index; works on crashed and damaged files (``integrity`` says what was lost).
+Never imports torch.
 """
 
 from __future__ import annotations

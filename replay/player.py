@@ -1,11 +1,6 @@
 """Terminal replay: play a recording through the live terminal view, or tail one being written.
 
-:class:`Playback` feeds a :class:`ColumnStore` in the run's own time order (rows whose
-``ts_ns`` is due), so the live terminal driver draws it exactly as it drew the run; at the end
-it holds what :meth:`Recording.view` holds, or for a recording beyond the row budget, streamed
-segment by segment, what :meth:`Recording.bounded_view` holds.  The clock is injected: ``--speed max``
-jumps to the end.  A window (``--from`` / ``--to``) keeps only the rows inside it: times are
-seconds since the run's start, ``step:N`` are step numbers.
+Rows are fed in the run's own time order through an injected clock, so the driver draws it as it drew the run.
 """
 
 from __future__ import annotations

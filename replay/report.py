@@ -1,11 +1,6 @@
 """CI artifacts from a recording alone: ``report.html``, ``summary.json`` and ``summary.md``.
 
-:func:`build_report` is pure (StoreView -> the three documents); :func:`write_report` opens a
-``.tml`` through the replay engine and writes them.  The HTML is one self-contained file: the
-plotly.js bundle is inlined once, so it opens offline.  No torch anywhere on this path.
-
-If the recording carries an embedded ``summary`` attachment (written when the run ended), the
-report still recomputes everything from the data and records whether the two agree.
+:func:`build_report` is pure; the HTML is self-contained (opens offline).  No torch on this path.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """The statistics of ``traceml compare``: verdict names, block bootstrap, intervals, effect size.
 
-Pure functions on numpy arrays (no I/O, seeded).  A *side* of a comparison is one or more runs,
-each a set of per-step series; a resample picks the side's runs with replacement, then each
-picked run's steps in circular blocks (step times are autocorrelated).  Rules: docs/compare.md.
+Pure functions on numpy arrays (no I/O, seeded).  Rules: docs/compare.md.
 """
 
 from __future__ import annotations

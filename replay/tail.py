@@ -1,9 +1,6 @@
-"""Tail a recording still being written: one store kept level with the file, for ``traceml replay
---follow`` (:func:`replay.player.follow`) and the dashboard's follow source.
+"""Tail a recording still being written: one store kept level with the file (``--follow``, dashboard follow).
 
-Each :meth:`Tail.poll` appends the rows the file gained (a rank seen for the first time is
-``connected``) and refreshes status, size and integrity; once the file has its footer the store
-takes the file's end state (:meth:`Recording.fill_end_state`) and the view stops changing.
+Once the file has its footer the store takes the file's end state and the view stops changing.
 """
 
 from __future__ import annotations

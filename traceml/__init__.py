@@ -1,9 +1,7 @@
 """traceml: a record-and-replay profiler for PyTorch training.
 
-``with traceml.trace_step(model): ...`` marks a training step.  Under
-``traceml run`` that is the only change a script needs.  Importing traceml does
-not import torch; the rank runtime loads on first use.  ``traceml.summary(path)`` gives a
-recorded run's summary as flat metric keys for W&B / MLflow.
+``with traceml.trace_step(model): ...`` marks a training step (under ``traceml run`` the only change a
+script needs).  Importing traceml does not import torch; the rank runtime loads on first use.
 """
 
 from __future__ import annotations

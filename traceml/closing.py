@@ -1,9 +1,7 @@
-"""The end of a recorded run, written once for both writers of a ``.tml``: the aggregator
-(``Aggregator.finalize``) and a rank that records its own file (``runtime.sender.FileSink``).
+"""The end of a recorded run, written once for both writers of a ``.tml``: the aggregator and a rank's FileSink.
 
-:func:`close_run` puts the closing documents (``exit``, ``ranks``, ``lost``) in the store and the
-file, marks the run finished, builds the run summary from the store (fail-open: a diagnosis bug
-never costs the recording its close) and closes the writer with it.
+:func:`close_run` writes the closing documents, the summary and the close; fail-open: a diagnosis bug
+never costs the recording its close.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The one exception tree of traceml.
 
-Every error traceml raises on purpose derives from :class:`TracemlError`; foreign
-errors (zstd, msgpack, OSError, socket) are translated at each room's boundary
-with ``raise ... from``.  Messages say what was expected, what was found, where,
-and what to change.
+Every error traceml raises on purpose derives from :class:`TracemlError`; foreign errors are
+translated at each room's boundary with ``raise ... from``.
 
     TracemlError
     +-- ConfigError                 bad option / environment value
@@ -27,9 +25,6 @@ and what to change.
     |   +-- OutputExistsError       the file exists and --overwrite was not given
     +-- ExportError                 exporting to Prometheus, OTLP, W&B, MLflow (traceml.exports)
     +-- MissingDependencyError      an optional extra is not installed (with hint)
-
-An error that carries its fields (``RecordTooLargeError``, ``DecompressionBombError``,
-``FrameTooLargeError``) builds its own message from them; raise sites pass numbers, not prose.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """One escaping layer per medium: text read from a recording or the wire, made inert where it is shown.
 
-Names and metadata from a file or a peer are data.  Before they reach a medium they pass one
-of these: :func:`visible` (plain terminal text: control characters, ANSI/OSC sequences and bidi
-overrides become visible escapes like ``\\x1b``), :func:`rich` (the same plus Rich markup
-escaped), :func:`markdown` / :func:`markdown_code` (no raw HTML, metacharacters neutralised),
-and :func:`html` (also for attribute values and a Dash page title).  Every one bounds the length.
+:func:`visible`, :func:`rich`, :func:`markdown` / :func:`markdown_code` and :func:`html`; every one
+bounds the length.
 """
 
 from __future__ import annotations

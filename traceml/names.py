@@ -1,23 +1,7 @@
 """The one name policy: what a name read from a file or the wire may look like.
 
-Leaf module (imports nothing of traceml but the error tree).  Two grammars, documented in
-``docs/security.md`` ("Names"):
-
-*Names* identify things and may end up in file names, URLs, markup and terminals: table
-names, column names and attachment names.  A name is 1 to 128 ASCII characters made of
-*parts* separated by ``/`` (column names have one part); a part starts with a letter, a digit
-or ``_`` and goes on with letters, digits and ``_ . + -``.  So a name is never empty, never
-absolute, never holds ``..`` as a part, a backslash, a space, a control character or any
-markup character (``< > & [ ] { } ` ' " $ % *``).
-
-*Labels* are free text that is shown, never used as a path: the run id, host names, the
-command line, region names.  A label is at most :data:`MAX_LABEL` characters (a command
-argument :data:`MAX_ARG`) of any Unicode except control characters (C0, DEL, C1), line and
-paragraph separators, lone surrogates and the bidirectional overrides that reorder what a
-terminal shows.  Markup characters are allowed: every renderer escapes labels for its medium.
-
-*Reserved*: tables whose first part is in :data:`RESERVED_TABLE_PREFIXES` (``rollup/...``)
-belong to the writer; no peer and no caller of ``TmlWriter.append`` may write them.
+Leaf module (imports nothing of traceml but the error tree).  Grammars of names, labels and reserved
+tables: ``docs/security.md`` ("Names").
 """
 
 from __future__ import annotations

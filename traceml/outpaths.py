@@ -1,10 +1,7 @@
 """Where commands write files: never outside the output they were given, never over a file unasked.
 
-A recording is untrusted: a table or run name read from it may hold separators, ``..``, an
-absolute path, a device name (``CON``, ``NUL``) or control characters.  :func:`safe_filename`
-maps any name to one plain file name; :class:`OutputDir` hands out unique names inside one
-directory and opens them without following a symbolic link.  An existing file is replaced only
-with ``overwrite`` (the commands' ``--overwrite``); otherwise :class:`~traceml.errors.OutputExistsError`.
+:func:`safe_filename` maps any name to one plain file name; :class:`OutputDir` opens without following
+symbolic links and replaces a file only with ``overwrite``.
 """
 
 from __future__ import annotations

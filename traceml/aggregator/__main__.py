@@ -1,9 +1,6 @@
 """``python -m traceml.aggregator``: the aggregator process of one run (started by ``traceml run``).
 
-The token comes from ``TRACEML_TOKEN`` (never the command line, which other users can read).
-With ``--control-stdin`` the CLI feeds training output and the exit status on stdin (see
-:mod:`traceml.aggregator.control`); without it the aggregator ends once every expected rank
-finished or disconnected, or on SIGINT/SIGTERM.  Light imports: no torch, no dash unless
+The token comes from ``TRACEML_TOKEN``, never the command line.  Light imports: no torch, no dash unless
 ``--ui web``.
 """
 

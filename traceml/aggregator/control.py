@@ -1,13 +1,7 @@
 """The control channel from ``traceml run`` to its aggregator: JSON lines on the aggregator's stdin.
 
-Two kinds of line travel one way, CLI -> aggregator:
-
-    {"kind": "output", "stream": "stdout"|"stderr", "text": "..."}   training output to show
-    {"kind": "exit", "exit_code": int, "signal": "SIGINT"|"", "duration_s": float}   training over
-
-End of input without an ``exit`` line means the CLI is gone: the aggregator finishes as if the
-training had ended with an unknown status.  Lines are bounded (:data:`MAX_LINE_BYTES`) and a
-line that does not parse is skipped.
+Lines are bounded (:data:`MAX_LINE_BYTES`) and one that does not parse is skipped; end of input without
+an ``exit`` line ends the run with an unknown status.  Line kinds: docs/internals.md, "Aggregator".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Lost ranks: which ranks vanished without finishing, at which step and when, grouped by node.
 
-Pure: ``StoreView -> dict`` (msgpack-able, so the aggregator stores it as the ``lost``
-attachment of the recording).  A rank is *lost* when its connection ended without
-``rank_finished`` (state ``died``); a node is *whole* when every rank seen on it is lost
-(the machine, its network or its agent went away, not one process).  Expected ranks that
-never connected are listed apart.
+Pure: ``StoreView -> dict`` (msgpack-able; stored as the recording's ``lost`` attachment).
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """The spool: every batch the aggregator receives goes to the ``.tml`` file as it arrives.
 
-One dedicated thread owns the :class:`~traceml.format.TmlWriter`; the ingest path only puts
-items on a queue bounded in bytes (a slow disk pushes back on ingest, never on the live view,
-and a slow terminal never touches the spool).  The thread calls ``writer.tick()`` about every 0.2 s so
-segments close on time.  A writer error (disk full, unwritable path) is reported once through
-``on_error`` (with the reason, e.g. ``"writing run.tml: [Errno 28] No space left on device"``);
-from then on the spool discards what it is given, and the live view and training
-carry on.  One item the writer refuses (a bad name, columns that do not match) costs only
-that item: it is counted in ``skipped`` and logged once, and the recording goes on.
+One thread owns the writer behind a byte-bounded queue; a writer error is reported once and then the
+spool discards, a refused item is counted in ``skipped``: the live view and training carry on.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Typer application: each command group lives in its own module with a ``register(app)``.
 
-Conventions shared by every command (docs/cli.md): ``-h``/``--help``; ``--version``/``-V``;
-shell completion; global ``-q``/``-v`` and ``--color``; defaults from ``traceml.toml`` or
-``[tool.traceml]`` in ``pyproject.toml``; usage errors exit 2, file and runtime errors 1.
+Conventions shared by every command: docs/cli.md (usage errors exit 2, file and runtime errors 1).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """``traceml inspect | recover | export``: look into, repair and convert ``.tml`` recordings.
 
-Errors print one line (``traceml <command>: error: ...``) and exit 1; usage errors exit 2.
-``recover`` exits 0 when nothing was lost and 3 when data was lost (the MCAP ``recover``
-convention); ``inspect --check`` exits 3 on a damaged or recovered file.
+Errors print one line and exit 1 (usage 2); ``recover`` and ``inspect --check`` exit 3 when data was lost.
 """
 
 from __future__ import annotations

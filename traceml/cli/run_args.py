@@ -1,10 +1,6 @@
 """``traceml run``'s command line before click sees it: torchrun's spellings, ``-m``, ``--``, Slurm.
 
-Everything before SCRIPT is an option: traceml's own (``--nproc_per_node=2`` is read as
-``--nproc-per-node=2``), torchrun's own (``--standalone``, ``--rdzv-*``, ``--max-restarts``, ...:
-handed to torchrun as given), or an error that names it.  SCRIPT and everything after it pass to
-the script untouched; an argument there that is one of ``traceml run``'s options gets a note.
-Pure: no I/O but the returned notes.
+SCRIPT and everything after it pass to the script untouched.  Pure: no I/O but the returned notes.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Defaults for the commands' options from a config file: ``traceml.toml`` or ``[tool.traceml]`` in
-``pyproject.toml`` (read with the standard library's ``tomllib``).
+"""Defaults for the commands' options from ``traceml.toml`` or ``[tool.traceml]`` in ``pyproject.toml``.
 
-One table per command, keys spelled as the options are (``nproc-per-node`` or ``nproc_per_node``)::
-
-    [tool.traceml.run]          # in traceml.toml: [run]
-    nproc-per-node = 2
-    ui = "none"
-    log-to = ["mlflow"]
-
-The command line wins over the file.  An unknown command or option is an error naming the file.
+The command line wins over the file; an unknown command or option is an error naming the file.
 """
 
 from __future__ import annotations

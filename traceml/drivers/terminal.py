@@ -1,11 +1,7 @@
 """Terminal driver: owns the Rich ``Live`` region, its clock and the console.
 
-It pulls a :class:`~traceml.store.StoreView` from ``snapshot()`` about twice a second, turns it
-into a view model and a renderable, and refreshes the region by hand (``auto_refresh`` off,
-``screen=False``, no flicker).  Training output and notices are queued and printed above the
-region in batches (at most ~10 re-draws a second however chatty the training is); when more
-than :data:`MAX_PENDING_LINES` lines wait, the oldest are skipped and counted (they are in the
-run's ``stdout.log`` / ``stderr.log``).  At the end the region is replaced by the summary.
+Redraws at most ~10 times a second however chatty the training; beyond :data:`MAX_PENDING_LINES` the
+oldest waiting lines are skipped and counted (they are in the run's logs).
 """
 
 from __future__ import annotations

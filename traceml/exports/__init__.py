@@ -1,9 +1,7 @@
 """Exports into the tools teams already run: Prometheus textfile, OpenTelemetry (OTLP), W&B, MLflow.
 
-Each module takes the run summary (``traceml.diagnosis.summary.build_summary``'s dict) and owns
-its own I/O; the foreign packages (``opentelemetry-sdk``, ``wandb``, ``mlflow``) are optional
-extras imported inside the functions, and a missing one is a :class:`MissingDependencyError`
-with the pip line.  Never imported by the ranks.
+Each takes the run summary and owns its I/O; foreign packages are optional extras imported on use
+(:class:`MissingDependencyError` with the pip line).  Never imported by the ranks.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """A run summary as OpenTelemetry metrics, sent over OTLP/HTTP with the OpenTelemetry SDK.
 
-:func:`metric_points` is pure (summary dict -> resources and gauge points);
-:func:`send_summary` records them with the SDK (one ``MeterProvider`` per resource: the run,
-each node for its GPUs, each rank for its steps) and sends them in one request through the
-SDK's OTLP/HTTP exporter, so the standard ``OTEL_EXPORTER_OTLP_*`` variables (endpoint,
-headers, timeout, compression, certificates) and ``OTEL_RESOURCE_ATTRIBUTES`` /
-``OTEL_SERVICE_NAME`` apply.  GPU metrics follow the ``hw.gpu.*`` semantic conventions,
-step metrics are ``traceml.step.*``.
+:func:`metric_points` is pure; :func:`send_summary` sends one request, honouring the standard
+``OTEL_*`` variables.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """A run summary as a Prometheus text-format file for node-exporter's textfile collector.
 
-:func:`render_textfile` is pure (summary dict -> exposition text, version 0.0.4);
-:func:`write_textfile` writes it the way the collector needs: a temporary file in the same
-directory, then an atomic rename, so the collector never reads half a file.  Every label value
-that comes from a recording (run name, host, finding kind) is bounded and escaped per the
-exposition format (backslash, double quote, line feed); other control characters are dropped.
+Written atomically (temp file + rename); label values from a recording are bounded and escaped.
 """
 
 from __future__ import annotations

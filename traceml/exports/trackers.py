@@ -1,10 +1,7 @@
 """Log a finished run into Weights & Biases or MLflow: summary metrics, the verdict, report files.
 
-Called by the CLI after the training ended (``traceml run --log-to``, ``traceml report --log-to``),
-never by the ranks.  Each tool's own environment variables choose where the data goes
-(``WANDB_PROJECT``, ``WANDB_MODE=offline``, ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ...);
-``WANDB_RUN_ID`` / ``MLFLOW_RUN_ID`` name the run to log into (the one the script opened,
-when the script was given the same id), otherwise a new run is made.
+Called by the CLI after training (``--log-to``), never by the ranks; each tool's own environment chooses
+where the data goes.
 """
 
 from __future__ import annotations

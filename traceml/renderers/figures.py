@@ -1,13 +1,6 @@
 """Figure renderers: series view models -> Plotly figures.  Pure: no I/O, no clock, no dash.
 
-Every trace carries ``meta = {"rank": ..., "points": ..., "group": ...}`` (``points`` = the rows
-it stands for), so a test or a user can tell a reduced trace from a full one.  Figures for data
-that was not recorded say so in the plot instead of drawing empty axes.  In compare mode the
-second recording ("B") is drawn dashed over the first ("A").
-
-Each figure is assembled as plain dicts and validated once by ``go.Figure`` (incremental
-``update_layout`` / ``make_subplots`` / templates cost tens of ms per figure; a first render
-builds seven).
+Every trace carries ``meta = {"rank", "points", "group"}``; missing data is said in the plot, not drawn empty.
 """
 
 from __future__ import annotations

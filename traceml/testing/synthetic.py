@@ -1,8 +1,6 @@
 """Synthetic runs: deterministic per-rank columns for every standard table.
 
-Used by the dashboard and replay benchmarks (8 ranks x 1 M steps) and by tests that need a
-recording without a training run.  Vectorised numpy, seeded; no torch.  ``slow_rank`` makes
-one rank's forward pass slower (a straggler); ``gpu`` adds CUDA memory and NVML tables.
+Vectorised numpy, seeded; no torch.  Used by benchmarks and tests that need a recording without training.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Web driver: the Dash dashboard, shared by ``traceml run --ui web`` (live) and ``traceml replay --ui web``.
 
-:func:`build_app` draws a source (``Callable[[], StoreView]``) with the pure views and renderers;
-the driver owns time (``dcc.Interval``) and the socket (:class:`WebServer`).  Modules and their
-cut: ``docs/internals.md`` ("Web driver").
+The driver owns time and the socket; views and renderers stay pure.  Modules: docs/internals.md ("Web driver").
 """
 
 from __future__ import annotations

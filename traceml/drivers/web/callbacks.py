@@ -1,9 +1,7 @@
 """The dashboard's callbacks, module-level functions over one :class:`AppContext`, and
 :func:`register`, which wires them into an app.
 
-The clock (``live-interval``) moves ``data-version`` only when the data did and no chart is in
-flight: Dash drops a response when a newer request for the same outputs was sent, so a version
-that moved faster than the charts are built would never show anything.
+``data-version`` moves only when the data did and no chart is in flight (see docs/internals.md, "Web driver").
 """
 
 from __future__ import annotations
