@@ -119,7 +119,7 @@ class BoundedBuilder:
 
     def __init__(self, rec: Recording, budget: int | None = None) -> None:
         self._rec = rec
-        budget = row_budget(budget)
+        self.budget = budget = row_budget(budget)
         self.tail, self.stride = _plan(rec, data_rows(rec), budget)
         below, warm, _ = _warmup(rec)
         step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
@@ -133,8 +133,22 @@ class BoundedBuilder:
             self._digest.add(rank, cols)
         self._samples.setdefault(table, RowSample(self.stride, self.tail)).add(rank, cols)
 
-    def view(self) -> StoreView:
-        """The sample, the run's metadata, ranks, attachments and integrity, and the totals."""
+    def held(self) -> int:
+        """Rows the sample holds now."""
+        return sum(s.rows() for s in self._samples.values())
+
+    def fit(self) -> None:
+        """A file that grew past the plan (``--follow``): double the stride until the sample fits the
+        budget again; the totals are unchanged (they count every row)."""
+        while self.held() > self.budget and self.stride < 1 << 40:
+            self.stride *= 2
+            for sample in self._samples.values():
+                sample.restride(self.stride)
+            self._digest.restride(self.stride)
+
+    def view(self, *, final: bool = True) -> StoreView:
+        """The sample, the run's metadata, ranks, attachments and integrity, and the totals.
+        ``final=False``: the totals so far of a file still growing (the builder goes on)."""
         rec = self._rec
         store = ColumnStore(capacity=None, meta=rec.meta)
         loaded = {t: s.finish() for t, s in sorted(self._samples.items())}
@@ -145,7 +159,8 @@ class BoundedBuilder:
             for rank, cols in per_rank.items():
                 store.append(rank, table, cols, schema)
         rec.fill_end_state(store, loaded)
-        return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: self._digest.finish()})
+        totals = self._digest.finish() if final else self._digest.peek()
+        return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: totals})
 
 
 def bounded_view(rec: Recording, budget: int | None = None) -> StoreView:

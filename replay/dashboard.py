@@ -161,11 +161,12 @@ def recording_source(rec: Recording) -> Source:
 
 
 class FollowSource:
-    """A source over a recording still being written: each call polls the file (:class:`replay.tail.Tail`)."""
+    """A source over a recording still being written: each call polls the file (:class:`replay.tail.Tail`,
+    bounded by the row budget however long the file grows)."""
 
-    def __init__(self, rec: Recording) -> None:
+    def __init__(self, rec: Recording, *, row_budget: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._tail = Tail(rec)
+        self._tail = Tail(rec, budget=row_budget)
 
     def __call__(self) -> StoreView:
         with self._lock:

@@ -358,13 +358,16 @@ def follow(
     poll_s: float = POLL_S,
     refresh_s: float = 0.5,
     stop: threading.Event | None = None,
+    row_budget: int | None = None,
 ) -> StoreView:
-    """Tail a recording being written: draw the live view until the file gets its footer, Ctrl-C, or ``stop``."""
+    """Tail a recording being written: draw the live view until the file gets its footer, Ctrl-C, or ``stop``.
+    Memory stays within ``row_budget`` rows (``TRACEML_ROW_BUDGET``) however long the file grows
+    (:class:`replay.tail.Tail`); the end view is the one ``replay`` shows of the finished file."""
     from traceml.drivers.terminal import TerminalDriver
 
     console = console or Console()
-    tail = Tail(rec)
-    driver = TerminalDriver(tail.store.snapshot, console=console, refresh_s=refresh_s)
+    tail = Tail(rec, budget=row_budget)
+    driver = TerminalDriver(tail.latest, console=console, refresh_s=refresh_s)
     driver.start()
     stop = stop or threading.Event()
     try:

@@ -6,6 +6,7 @@ last :data:`TAIL_STEPS` steps whole.  Pure: numpy in, numpy out; no clock, no I/
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 
@@ -154,6 +155,15 @@ class StepDigest:
         self.totals.per_rank = dict(sorted(self.totals.per_rank.items()))
         return self.totals
 
+    def peek(self) -> StepTotals:
+        """The totals of the rows so far, as :meth:`finish` would give them now; the digest goes on
+        taking rows (a followed file: its pending steps stay pending)."""
+        return copy.deepcopy(self).finish()
+
+    def restride(self, stride: int) -> None:
+        """The held sample's steps are now the multiples of ``stride`` (:meth:`RowSample.restride`)."""
+        self.totals.stride = max(1, stride)
+
 
 class RowSample:
     """A bounded sample of one table's rows per rank: rows of sampled step numbers plus each
@@ -194,6 +204,23 @@ class RowSample:
         cut = int(s.max()) - self.tail_steps
         keep = s > cut
         self._tail[rank] = {k: np.asarray(v)[keep] for k, v in both.items()}
+
+    def restride(self, stride: int) -> None:
+        """Keep only the sampled rows of the new, coarser ``stride`` (a multiple of the old one, so the
+        sample stays the one a single pass at that stride would have drawn); the tails are unchanged."""
+        if stride <= self.stride:
+            return
+        if stride % self.stride:
+            raise ValueError(f"stride {stride}: expected a multiple of the sample's stride {self.stride}")
+        self.stride = stride
+        for rank, parts in self._sampled.items():
+            kept = []
+            for c in parts:
+                on = c["_pos"] if "_pos" in c else np.asarray(c["step"], np.int64)
+                keep = on % stride == 0
+                if keep.any():
+                    kept.append(c if keep.all() else {k: v[keep] for k, v in c.items()})
+            self._sampled[rank] = kept
 
     def rows(self) -> int:
         held = sum(len(next(iter(c.values()))) for parts in self._sampled.values() for c in parts)
