@@ -207,3 +207,33 @@ def test_dashboard_source_is_bounded_and_zooms_through_the_index(long_run: Path)
         )
         assert ctx.params(None, [1000, 1199])[0] is zoom
         assert ctx.params(None, None)[0] is view
+
+
+def test_a_restrided_sample_is_the_sample_drawn_at_that_stride() -> None:
+    from traceml.views.bounded import RowSample
+
+    run = synthetic_run(ranks=2, steps=3_000, seed=9)
+    tables = ("step_time", "process")
+    fine = {t: RowSample(3, tail_steps=64) for t in tables}
+    coarse = {t: RowSample(12, tail_steps=64) for t in tables}
+    for a in range(0, 3_000, 250):
+        for r in (0, 1):
+            for table in tables:
+                cols = run[r][table]
+                n = len(cols["ts_ns"])
+                part = {k: v[a * n // 3_000 : (a + 250) * n // 3_000] for k, v in cols.items()}
+                fine[table].add(r, part)
+                coarse[table].add(r, part)
+        if a == 1_500:
+            for s in fine.values():
+                s.restride(6)  # halfway through, as a followed file outgrows its sample
+    for table in tables:
+        fine[table].restride(12)
+        assert fine[table].rows() == coarse[table].rows() < 3_000
+        got, want = fine[table].finish(), coarse[table].finish()
+        for r in (0, 1):
+            assert got[r].keys() == want[r].keys()
+            for k in want[r]:
+                assert np.array_equal(got[r][k], want[r][k]), (table, k)
+    with pytest.raises(ValueError, match="multiple"):
+        fine["step_time"].restride(18)
