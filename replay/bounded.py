@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from traceml.errors import ConfigError
-from traceml.format import SegmentInfo
-from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup
+from traceml.format import SegmentInfo, rollup
+from traceml.schema import STANDARD_TABLES, TableSchema, is_rollup, rollup_schema
 from traceml.store import ColumnStore, StoreView
 from traceml.views.bounded import STEP_TOTALS, TAIL_STEPS, RowSample, StepDigest, sample_stride
 from traceml.views.steps import _rank_rows, warmup_count
@@ -102,13 +102,52 @@ def _plan(rec: Recording, total: int, budget: int) -> tuple[int, int]:
     steps = (hi - lo + 1) if lo is not None and hi is not None and hi >= lo else 1
     per_step = step_rows / steps  # rows of every rank and table per step number
     tail = TAIL_STEPS if per_step <= 0 else int(min(TAIL_STEPS, max(MIN_TAIL_STEPS, budget / 4 / per_step)))
-    room = max(budget - int(tail * per_step), budget // 4)
+    # the rollup of step_time: a row per group of steps and rank, and each rank's open group
+    timed = sum(n for s in rec.segments for (_, t), n in s.rows.items() if t == "step_time")
+    ranks = len({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
+    rolled = timed // rollup.DEFAULT_ROLLUP_STEPS + ranks * (rollup.DEFAULT_ROLLUP_STEPS + 1)
+    room = max(budget - int(tail * per_step) - rolled, budget // 4)
     return tail, sample_stride(total, room)
 
 
 def data_rows(rec: Recording) -> int:
     """Rows of every data table (rollups left out), from the index."""
     return sum(n for s in rec.segments for (_, t), n in s.rows.items() if not is_rollup(t))
+
+
+class _Rollup:
+    """One rank's ``step_time`` rolled up as it streams (:mod:`traceml.format.rollup`, the writer's
+    groups): the closed groups' rows, and the open group's raw rows."""
+
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self._done: list[dict[str, np.ndarray]] = []
+        self._open: dict[str, np.ndarray] = {}
+
+    def add(self, cols: Mapping[str, np.ndarray]) -> None:
+        names = [c.name for c in self.schema.columns]
+        if any(n not in cols for n in names):
+            return
+        merged = {
+            k: np.concatenate([self._open[k], np.asarray(cols[k])]) if self._open else np.asarray(cols[k])
+            for k in names
+        }
+        starts = rollup.group_starts(merged["step"], rollup.DEFAULT_ROLLUP_STEPS)
+        last = int(starts[-1])
+        if last:
+            self._done.append(rollup.summarize(self.schema, {k: v[:last] for k, v in merged.items()}, starts[:-1]))
+            if len(self._done) > 64:
+                self._done = [rollup.concat(self._done)]
+        self._open = {k: v[last:].copy() for k, v in merged.items()}
+
+    def size(self) -> int:
+        """Rows held: the closed groups' rollup rows and the open group's raw rows."""
+        return sum(len(d["step"]) for d in self._done) + len(self._open.get("step", ()))
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """Every group's rollup row, the open group's too."""
+        tail = rollup.rollup(self.schema, self._open) if self._open else {}
+        return rollup.concat([*self._done, tail])
 
 
 class BoundedBuilder:
@@ -125,17 +164,22 @@ class BoundedBuilder:
         step_ranks = sorted({r for s in rec.segments for (r, t) in s.rows if t == "step_time"})
         self._digest = StepDigest(step_ranks, warmup_below=below, warmup_steps=warm, stride=self.stride)
         self._samples: dict[str, RowSample] = {}
+        #: the step charts' counts and sums per group of steps, exact, whatever the stride
+        self._rollups: dict[int, _Rollup] = {}
 
     def add(self, rank: int, table: str, cols: Mapping[str, np.ndarray]) -> None:
         if is_rollup(table) or not cols:
             return
         if table == "step_time":
             self._digest.add(rank, cols)
+            schema = self._rec.schemas.get(table) or STANDARD_TABLES[table]
+            if rollup_schema(schema) is not None:
+                self._rollups.setdefault(rank, _Rollup(schema)).add(cols)
         self._samples.setdefault(table, RowSample(self.stride, self.tail)).add(rank, cols)
 
     def held(self) -> int:
-        """Rows the sample holds now."""
-        return sum(s.rows() for s in self._samples.values())
+        """Rows the sample and the rollups hold now."""
+        return sum(s.rows() for s in self._samples.values()) + sum(r.size() for r in self._rollups.values())
 
     def fit(self) -> None:
         """A file that grew past the plan (``--follow``): double the stride until the sample fits the
@@ -158,6 +202,11 @@ class BoundedBuilder:
                 store.add_schema(schema)
             for rank, cols in per_rank.items():
                 store.append(rank, table, cols, schema)
+        for rank, acc in sorted(self._rollups.items()):
+            rolled = rollup_schema(acc.schema)
+            if rolled is not None:
+                store.add_schema(rolled)
+                store.append(rank, rolled.name, acc.rows(), rolled)
         rec.fill_end_state(store, loaded)
         totals = self._digest.finish() if final else self._digest.peek()
         return dataclasses.replace(store.snapshot(), digests={STEP_TOTALS: totals})

@@ -230,25 +230,14 @@ def totals_measures(data: StepData, t: StepTotals, *, parts: bool = True) -> Job
     """:func:`job_measures` of a run read in bounded memory: counts, sums, means, shares, elapsed
     time and throughput exact; medians and p95 from the sketches (1% relative error); skew and
     regions from the held sample of steps (``data``: every stride-th step number of every rank)."""
-    ranks = [r for r, rt in t.per_rank.items() if rt.steps]
+    ranks = t.ranks()
     # skew is a difference of medians: from the held sample's common steps (the same steps on every
     # rank, exact medians of them), not from two sketches whose 1% errors would add up in the gap
     skew, slowest, slowest_us = rank_skew(data)
-    median, p95 = (float(x) for x in t.job_step_common.quantiles([0.5, 0.95]))
+    median, p95 = t.job_quantiles([0.5, 0.95])
     rank_steps = sum(t.per_rank[r].steps for r in ranks)
     step_sum = sum(t.per_rank[r].step_sum_us for r in ranks)
-    elapsed = outside = throughput = NAN
-    shares = []
-    for r in ranks:
-        rt = t.per_rank[r]
-        wall_us = (rt.end_ns - rt.start_ns) / 1e3
-        if wall_us > 0:
-            shares.append(min(1.0, max(0.0, 1.0 - rt.step_sum_us / wall_us)))
-            rate = rt.steps / (wall_us / 1e6)
-            if not math.isfinite(throughput) or rate < throughput:
-                throughput, elapsed = rate, wall_us / 1e6
-    if shares:
-        outside = float(np.mean(shares))
+    elapsed, throughput, outside = t.rates(ranks)
     phases: tuple[PartFigure, ...] = ()
     regions: list[PartFigure] = []
     between: dict[str, float] = {}

@@ -5,6 +5,7 @@ Plain data built by :class:`traceml.views.bounded.StepDigest`: exact counts and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from traceml.schema import PHASES
@@ -52,3 +53,27 @@ class StepTotals:
     #: per analysed step: each phase's mean over the ranks that measured it
     job_phases: dict[str, QuantileSketch] = field(default_factory=lambda: {p: QuantileSketch() for p in PHASES})
     per_rank: dict[int, RankTotals] = field(default_factory=dict)
+
+    def ranks(self) -> list[int]:
+        """The ranks with analysed steps, in rank order."""
+        return [r for r, rt in sorted(self.per_rank.items()) if rt.steps]
+
+    def job_quantiles(self, qs: list[float]) -> list[float]:
+        """Quantiles (us) of the job step time over the steps every rank has (sketched, 1%)."""
+        return [float(x) for x in self.job_step_common.quantiles(qs)]
+
+    def rates(self, ranks: list[int] | None = None) -> tuple[float, float, float]:
+        """``(elapsed_s, steps_per_s, outside_share)`` of ``ranks`` (all by default), exact: the
+        rank with the lowest rate sets the elapsed time and throughput (start of its first analysed
+        step to the end of its last); the share of each rank's wall time outside its steps, averaged."""
+        elapsed = throughput = math.nan
+        shares = []
+        for r in self.ranks() if ranks is None else ranks:
+            rt = self.per_rank[r]
+            wall_us = (rt.end_ns - rt.start_ns) / 1e3
+            if wall_us > 0:
+                shares.append(min(1.0, max(0.0, 1.0 - rt.step_sum_us / wall_us)))
+                rate = rt.steps / (wall_us / 1e6)
+                if not math.isfinite(throughput) or rate < throughput:
+                    throughput, elapsed = rate, wall_us / 1e6
+        return elapsed, throughput, (sum(shares) / len(shares) if shares else math.nan)
