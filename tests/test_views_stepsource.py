@@ -72,9 +72,7 @@ def test_the_view_picks_the_source_it_holds(views: Views) -> None:
 
 @pytest.mark.parametrize("rng", RANGES)
 @pytest.mark.parametrize("kind", sorted(SOURCES))
-def test_counts_sums_and_spans_match_the_rows(
-    views: Views, kind: str, rng: StepRange | None
-) -> None:
+def test_counts_sums_and_spans_match_the_rows(views: Views, kind: str, rng: StepRange | None) -> None:
     full = views[1]
     src = SOURCES[kind](views, None, rng)
     assert src.chosen == src.per_rank() == tuple(range(RANKS))
@@ -103,9 +101,7 @@ def test_counts_sums_and_spans_match_the_rows(
 
 
 @pytest.mark.parametrize("kind", sorted(SOURCES))
-def test_quantiles_are_exact_or_unknown_and_the_slow_rank_is_found(
-    views: Views, kind: str
-) -> None:
+def test_quantiles_are_exact_or_unknown_and_the_slow_rank_is_found(views: Views, kind: str) -> None:
     full = views[1]
     src = SOURCES[kind](views, None, None)
     for r in src.per_rank():
