@@ -16,6 +16,7 @@ from traceml.runtime import patches
 from traceml.runtime._failopen import disable_piece
 from traceml.runtime.step import (
     BACKWARD,
+    CARRY,
     DATALOADER,
     FORWARD,
     H2D,
@@ -71,8 +72,51 @@ def install_dataloader(clock: PhaseClock, suffix: str = "") -> list[str]:
     from torch.utils.data import dataloader
 
     base = dataloader._BaseDataLoaderIter
-    wrapper = timed_carried(clock, DATALOADER, base.__next__, source=_loader_source, gpu=False)
+    wrapper = _fetch_wrapper(clock, base.__next__)
     return [patches.patch_attribute(base, "__next__", wrapper, "DataLoader.__next__" + suffix)]
+
+
+def _fetch_wrapper(clock: PhaseClock, fn: Any) -> Any:
+    """``__next__`` of DataLoader iterators: a fetch between steps from the training loader is
+    carried inline (one frame: the loader read without a ``source`` call); every other case
+    (inside a step, sampled, another loader, a failure) is :func:`timed_carried`'s."""
+    full = timed_carried(clock, DATALOADER, fn, source=_loader_source, gpu=False)
+
+    def traceml_fetch(it: Any, *args: Any, **kwargs: Any) -> Any:
+        c = clock
+        if c.gate != CARRY or _get_ident() != c.owner:  # in a step, sampled, off, a phase open, a thread
+            return full(it, *args, **kwargs)
+        c._phase = DATALOADER
+        c.gate = 0
+        t0 = _perf_ns()
+        try:
+            out = fn(it, *args, **kwargs)
+        except BaseException:  # StopIteration at the end of an epoch too: not counted
+            c._phase = NO_PHASE
+            c.gate = c.base
+            raise
+        t1 = _perf_ns()
+        c._phase = NO_PHASE
+        c.gate = c.base
+        try:
+            src = id(it._dataset)
+        except AttributeError:
+            src = id(type(it))
+        c.last_src = src
+        if src == c.train_src:
+            c.train_seen = True
+            carry = c.carry
+            if not carry[DATALOADER]:
+                c.carry_first[DATALOADER] = t0
+            carry[DATALOADER] += t1 - t0
+        else:
+            c.add_carried(DATALOADER, src, t0, t1 - t0)
+        return out
+
+    traceml_fetch.__wrapped__ = fn  # type: ignore[attr-defined]
+    traceml_fetch.__name__ = getattr(fn, "__name__", "traceml_fetch")
+    traceml_fetch.__doc__ = getattr(fn, "__doc__", None)
+    return traceml_fetch
 
 
 def install_backward(clock: PhaseClock, suffix: str = "") -> list[str]:

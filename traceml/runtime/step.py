@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from traceml import names
 from traceml.runtime._failopen import disable_piece
-from traceml.runtime.steprows import pack_row
+from traceml.runtime.steprows import StepRows, pack_row
 from traceml.store import BoundedTable
 
 _perf_ns = time.perf_counter_ns
@@ -375,12 +375,15 @@ class StepTracker:
         "t0",
         "pending",
         "regions",
-        "gpu",
+        "_gpu",
         "_memory",
         "_mem_begin",
         "_mem_every",
-        "enabled",
-        "on_cuda_check",
+        "_enabled",
+        "_on_cuda_check",
+        "_rare",
+        "_slow_at",
+        "_direct",
         "steps_failed",
         "sampled",
         "enter_ns",
@@ -399,19 +402,76 @@ class StepTracker:
         #: carried time (ns) the current step began with
         self.pending = 0
         self.regions: dict[str, list[int]] = {}
-        self.gpu: GpuPhaseTimer | None = None
+        self._gpu: GpuPhaseTimer | None = None
         self._memory: StepMemory | None = None
         self._mem_begin: Callable[[], None] | None = None
         self._mem_every = 1
-        self.enabled = True
+        self._enabled = True
         #: called at step start until it returns False (the agent's "is CUDA in use yet?" probe)
-        self.on_cuda_check: Callable[[], bool] | None = None
+        self._on_cuda_check: Callable[[], bool] | None = None
+        #: the rows go straight into the deque of a StepRows table (no method call per step)
+        self._direct = isinstance(step_table, StepRows)
+        #: something on every step needs the full enter/exit (GPU, CUDA probe, memory begins, off)
+        self._rare = not self._direct
+        #: the next step whose exit needs the full path (sampling, memory rows); see _plan
+        self._slow_at = 0
         self.steps_failed = 0
         self.sampled = 0
         self.enter_ns = 0
         #: traceml's own ns on the training thread, summed over the sampled steps
         self.cost_ns = 0
         self.cost_steps = 0
+
+    # -- what makes a step take the full path (see __enter__) ---------------------------
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        self._replan()
+
+    @property
+    def on_cuda_check(self) -> Callable[[], bool] | None:
+        return self._on_cuda_check
+
+    @on_cuda_check.setter
+    def on_cuda_check(self, check: Callable[[], bool] | None) -> None:
+        self._on_cuda_check = check
+        self._replan()
+
+    @property
+    def gpu(self) -> GpuPhaseTimer | None:
+        return self._gpu
+
+    @gpu.setter
+    def gpu(self, timer: GpuPhaseTimer | None) -> None:
+        self._gpu = timer
+        self._replan()
+
+    def _replan(self) -> None:
+        """Something rare changed: the next enter and exit take the full path, which re-plans."""
+        self._rare = (
+            not self._enabled
+            or not self._direct
+            or self._on_cuda_check is not None
+            or self._gpu is not None
+            or self._mem_begin is not None
+        )
+        self._slow_at = self.step
+
+    def _plan(self, nxt: int) -> None:
+        """After the exit of step ``nxt - 1``: the first step from ``nxt`` on whose exit needs the
+        full path -- the one before a sampled step (it arms the sample), or a memory step."""
+        if self._rare:
+            self._slow_at = nxt
+            return
+        at = nxt + (SAMPLE_EVERY - 1 - nxt % SAMPLE_EVERY)  # its exit makes the next step sampled
+        if self._memory is not None:
+            every = self._mem_every
+            at = min(at, nxt + (-nxt) % every)
+        self._slow_at = at
 
     @property
     def memory(self) -> StepMemory | None:
@@ -423,14 +483,36 @@ class StepTracker:
         self._memory = memory
         self._mem_every = max(1, int(getattr(memory, "every", 1))) if memory is not None else 1
         self._mem_begin = memory.step_begin if memory is not None and getattr(memory, "begins", True) else None
+        self._replan()
 
     # -- the context ---------------------------------------------------------------
     def __enter__(self) -> StepTracker:
+        c = self.clock
+        if self.depth or self._rare or c.gate != CARRY or c.other:
+            return self._enter_full()
+        # the common step: not nested, not sampled, no GPU timer, CUDA probe or memory begin,
+        # no other loader fetched since the last step (same work as _enter_full, fewer tests)
+        self.depth = 1
+        c.owner = _get_ident()
+        carry = c.carry
+        c.carry = c.acc
+        c.acc = carry
+        first = c.carry_first
+        c.carry_first = c.first
+        c.first = first
+        self.pending = carry[0] + carry[1]
+        c.train_seen = c.fetched_in_step = False
+        c.opt_depth = 0
+        c.base = c.gate = CARRY | STEP
+        self.t0 = _perf_ns()
+        return self
+
+    def _enter_full(self) -> StepTracker:
         if self.depth:
             self.depth += 1
             return self
         self.depth = 1
-        if not self.enabled:
+        if not self._enabled:
             return self
         c = self.clock
         sampled = self.sampled = c.base & SAMPLE
@@ -450,10 +532,10 @@ class StepTracker:
         c.train_seen = False
         c.fetched_in_step = False
         c.opt_depth = 0
-        if self.on_cuda_check is not None and not self.on_cuda_check():
+        if self._on_cuda_check is not None and not self._on_cuda_check():
             self.on_cuda_check = None
-        if self.gpu is not None:
-            self.gpu.step_begin()
+        if self._gpu is not None:
+            self._gpu.step_begin()
         if self._mem_begin is not None:
             self._mem_begin()
         c._phase = NO_PHASE
@@ -467,11 +549,38 @@ class StepTracker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
         t1 = _perf_ns()
+        c = self.clock
+        step = self.step
+        # gate == CARRY | STEP: no phase open, not sampled, the clock on
+        if self.depth != 1 or c.gate != CARRY | STEP or exc_type is not None or step >= self._slow_at:
+            return self._exit_full(t1, exc_type)
+        try:
+            self.depth = 0
+            c.opt_depth = 0
+            self.step = step + 1
+            c.base = c.gate = CARRY
+            acc = c.acc
+            f = c.first
+            # raw: converted (µs, wall clock, offsets) off this thread by StepRows
+            row = pack_row(step, 0, self.t0 - self.pending, t1, *acc, *f)
+            acc[:] = f[:] = _ZEROS
+            # StepRows.append inline (one writer; deque.append is atomic; see StepRows)
+            table = self.step_table
+            rows = table._rows
+            rows.append(row)
+            table.appended += 1
+            if len(rows) == table._high_water:
+                table.wake()
+        except Exception:
+            self._fail()
+        return False
+
+    def _exit_full(self, t1: int, exc_type: type[BaseException] | None) -> Literal[False]:
         if self.depth > 1:
             self.depth -= 1
             return False
         self.depth = 0
-        if not self.enabled:
+        if not self._enabled:
             c = self.clock
             c.set_base(CARRY)  # a step closed without a row: forward & co. are not timed
             f = c.first
@@ -490,6 +599,7 @@ class StepTracker:
             step = self.step
             nxt = self.step = step + 1
             c.base = c.gate = (CARRY | SAMPLE if nxt == 1 or not nxt % SAMPLE_EVERY else CARRY) if c._enabled else 0
+            self._plan(nxt)
             f = c.first
             start = self.t0 - self.pending
             # raw: converted (µs, wall clock, offsets) off this thread by StepRows
@@ -500,23 +610,27 @@ class StepTracker:
             mem = self._memory
             if mem is not None and step % self._mem_every:
                 mem = None  # not a step it reads
-            if self.regions or self.gpu is not None or mem is not None:
+            if self.regions or self._gpu is not None or mem is not None:
                 ts = _wall_ns()
                 if self.regions:
                     self._flush_regions(step, ts, start)
-                if self.gpu is not None:
-                    self.gpu.step_end(step, ts)
+                if self._gpu is not None:
+                    self._gpu.step_end(step, ts)
                 if mem is not None:
                     mem.step_end(step, ts)
             if self.sampled:
                 self.cost_ns += _perf_ns() - t1 + self.enter_ns + c.self_ns
                 self.cost_steps += 1
                 c.self_ns = 0
+                self.sampled = 0
         except Exception:
-            self.enabled = False
-            self.clock.set_base(CARRY)
-            disable_piece("step", "step timing (trace_step)")
+            self._fail()
         return False  # never swallow the user's exception
+
+    def _fail(self) -> None:
+        self.enabled = False
+        self.clock.set_base(CARRY)
+        disable_piece("step", "step timing (trace_step)")
 
     # -- regions -------------------------------------------------------------------
     def add_region(self, name: str, ns: int, t0: int = 0) -> None:
@@ -526,6 +640,7 @@ class StepTracker:
             r = self.regions.get(name)
             if r is None:
                 self.regions[name] = [ns, 1, t0]
+                self._slow_at = self.step  # this step's exit writes the region rows
             else:
                 r[0] += ns
                 r[1] += 1

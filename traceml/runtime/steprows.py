@@ -53,12 +53,18 @@ class StepRows(BoundedTable):
     def append(self, row: Any) -> None:
         # one writer (the training thread); no lock: deque.append is atomic, and the rows taken
         # leave the deque, so appending evicts nothing (and frees nothing) while the sender keeps up
+        # (StepTracker.__exit__ does the same inline)
         rows = self._rows
         rows.append(row)
         self.appended += 1
-        if len(rows) == self._high_water and self.on_high_water is not None:
+        if len(rows) == self._high_water:
+            self.wake()
+
+    def wake(self) -> None:
+        """Half full: wake the sender (a failing callback is dropped)."""
+        if self.on_high_water is not None:
             try:
-                self.on_high_water()  # half full: wake the sender
+                self.on_high_water()
             except Exception:
                 self.on_high_water = None
 
