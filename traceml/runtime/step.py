@@ -565,7 +565,7 @@ class StepTracker:
             row = pack_row(step, 0, self.t0 - self.pending, t1, *acc, *f)
             acc[:] = f[:] = _ZEROS
             # StepRows.append inline (one writer; deque.append is atomic; see StepRows)
-            table = self.step_table
+            table: StepRows = self.step_table  # type: ignore[assignment]  # _rare when it is not
             rows = table._rows
             rows.append(row)
             table.appended += 1
