@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import crafted_tml  # noqa: E402
+from tests import crafted_tml
 
 CASES = {
     # name: (builder, kwargs at scale 1)
@@ -67,7 +67,7 @@ def main() -> None:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        print(f"| case | file MiB | command | peak RSS MiB | exit | last stderr line |\n|---|---:|---|---:|---:|---|")
+        print("| case | file MiB | command | peak RSS MiB | exit | last stderr line |\n|---|---:|---|---:|---:|---|")
         for name, (builder, kwargs) in CASES.items():
             if opts.only and name not in opts.only:
                 continue

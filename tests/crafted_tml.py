@@ -64,7 +64,9 @@ class Crafter:
         payload = _U32.pack(len(head_bytes)) + head_bytes + frame
         offset = self.record(RecordKind.SEGMENT, payload)
         streams = tuple((r, head["tables"][t], n) for r, t, n in head["streams"])
-        self.segments.append((offset, self.offset - offset, _records.SegmentHead(None, None, None, None, streams, head["raw_size"])))
+        self.segments.append(
+            (offset, self.offset - offset, _records.SegmentHead(None, None, None, None, streams, head["raw_size"]))
+        )
         return offset
 
     def close(self, *, index: bytes | None = None, footer: bool = True) -> Path:

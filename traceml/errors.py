@@ -11,6 +11,7 @@ translated at each room's boundary with ``raise ... from``.
     |   +-- CorruptRecordError      CRC mismatch, bad kind, undecodable payload
     |   +-- RecordTooLargeError     declared length over the limit (never allocated)
     |   +-- DecompressionBombError  decompressed size over the cap
+    |   +-- ReadLimitError          a count a file declares over a reader limit (objects, columns, ...)
     |   +-- TruncatedFileError      file ends inside a record
     |   +-- WriterClosedError       append after close / writer failed
     +-- TransportError              the TCP wire (traceml.transport)
@@ -126,6 +127,20 @@ class DecompressionBombError(FormatError):
         else:
             message = f"{what}{where} expands beyond the {limit} bytes its segment declares"
         super().__init__(message)
+
+
+class ReadLimitError(FormatError):
+    """Something a recording declares (msgpack objects in a record, bytes a segment decodes to,
+    tables, columns, ranks, segments) is over the reader's limit ``limit`` (``ReadLimits.<setting>``);
+    checked before anything of that size is allocated.  ``found`` is the count declared."""
+
+    def __init__(self, what: str, found: int, limit: int, *, setting: str, offset: int | None = None) -> None:
+        self.what, self.found, self.limit, self.setting, self.offset = what, found, limit, setting, offset
+        where = "" if offset is None else f" at byte {offset}"
+        super().__init__(
+            f"{what}{where}: {found} found, over the reader's limit of {limit}"
+            f" (raise ReadLimits.{setting} only for a file you trust)"
+        )
 
 
 class TruncatedFileError(FormatError):

@@ -18,6 +18,7 @@ from traceml.errors import (
     CorruptRecordError,
     DecompressionBombError,
     FormatError,
+    ReadLimitError,
     RecordTooLargeError,
     TruncatedFileError,
     UnsupportedVersionError,
@@ -31,6 +32,7 @@ from traceml.format._records import (
     MAGIC_SIZE,
     SYNC_SIZE,
     IndexCheckpoint,
+    ReadLimits,
     RecordKind,
     SegmentHead,
 )
@@ -46,15 +48,7 @@ _RAISE_RECORD_LIMIT = (
 _RAISE_CAP = "raise ReadLimits.max_decompressed_bytes to read it"
 
 
-@dataclass(frozen=True)
-class ReadLimits:
-    """Bounds on what a reader allocates for one record (change them only for files you trust)."""
-
-    max_record_bytes: int = _records.DEFAULT_MAX_RECORD_BYTES
-    max_decompressed_bytes: int = _records.DEFAULT_MAX_DECOMPRESSED_BYTES
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SegmentInfo:
     """One index entry: where a segment is and what it holds."""
 
@@ -126,6 +120,13 @@ class LocatedFile:
         self._name_problems: tuple[tuple[Any, ...], list[str]] | None = None
         #: (record length, raw size, ranges, streams) -> offsets of segments with that head
         self._segment_heads: dict[tuple[Any, ...], list[int]] = {}
+        #: what the file's segments and schemas hold so far, checked against the per-file limits
+        self._table_names: set[str] = set()
+        self._rank_set: set[int] = set()
+        self._stream_count = 0
+        #: damaged or skipped spans past ``limits.max_skipped_spans``: offsets (counted once), bytes
+        self._unlisted: set[int] = set()
+        self._unlisted_bytes = 0
         try:
             self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -183,11 +184,12 @@ class LocatedFile:
             raise exc.within(f"{self._path}: the HEADER record is unreadable") from exc
         if kind != RecordKind.HEADER:
             raise CorruptRecordError(f"{self._path}: expected the HEADER record at byte {pos}; found kind {kind}")
-        header, schemas = _records.parse_header(payload)
+        header, schemas = _records.parse_header(payload, self._limits)
         if header["sync"] != self._sync:
             raise CorruptRecordError(f"{self._path}: the HEADER's sync marker differs from its record's")
         self._header = header
         self._schemas.update(schemas)
+        self._table_names.update(schemas)
         self._data_start = pos + FRAME_OVERHEAD + length
 
     def _restore_header(self, size: int, damage: FormatError) -> bool:
@@ -204,6 +206,7 @@ class LocatedFile:
                 offset, header, schemas = copy
                 self._header = header
                 self._schemas.update(schemas)
+                self._table_names.update(schemas)
                 self._header_restored = f"restored from the copy in the INDEX record at byte {offset}"
             else:
                 self._header = _lost_header(sync)
@@ -254,10 +257,10 @@ class LocatedFile:
         offset, _ = found
         try:
             _, payload, _ = self._read_record(offset, size)
-            copy = _records.parse_index(payload).header
+            copy = _records.parse_index(payload, self._limits).header
             if copy is None:
                 return None
-            header, schemas = _records.parse_header(copy)
+            header, schemas = _records.parse_header(copy, self._limits)
         except FormatError:
             return None
         if header["sync"] != self._sync:
@@ -276,7 +279,7 @@ class LocatedFile:
             kind, payload, _ = self._read_record(summary_offset, size)
             if kind != RecordKind.SUMMARY:
                 return False
-            summary = _records.parse_summary(payload)
+            summary = _records.parse_summary(payload, self._limits)
             self._register_chain(chain, size)
         except FormatError:
             return False
@@ -301,15 +304,20 @@ class LocatedFile:
     def _load_chain(self, offset: int | None, size: int) -> list[IndexCheckpoint]:
         """The INDEX checkpoints from *offset* back to the first, oldest first."""
         chain: list[IndexCheckpoint] = []
+        entries = 0
         while offset is not None:
             if not self._data_start <= offset < size:
                 raise CorruptRecordError(f"INDEX offset {offset} lies outside the file")
             kind, payload, _ = self._read_record(offset, size)
             if kind != RecordKind.INDEX:
                 raise CorruptRecordError(f"expected an INDEX record at byte {offset}; found kind {kind}")
-            checkpoint = _records.parse_index(payload)
+            checkpoint = _records.parse_index(payload, self._limits)
             if checkpoint.prev is not None and checkpoint.prev >= offset:
                 raise CorruptRecordError(f"INDEX at byte {offset} points forward to {checkpoint.prev}")
+            entries += len(checkpoint.segments)
+            if entries > self._limits.max_segments:
+                raise ReadLimitError("INDEX chain segment entries", entries, self._limits.max_segments,
+                                     setting="max_segments", offset=offset)  # fmt: skip
             chain.append(checkpoint)
             offset = checkpoint.prev
         chain.reverse()
@@ -326,6 +334,13 @@ class LocatedFile:
             for entry in (*checkpoint.schemas, *checkpoint.attachments):
                 self._check_entry(entry.offset, entry.length, size)
                 documents.append(entry)
+        end = self._data_start
+        for info in sorted(segments, key=lambda seg: seg.offset):
+            if info.offset < end:  # a writer lists each segment once: overlaps are lies (and cost memory)
+                raise CorruptRecordError(
+                    f"index entry for the SEGMENT at byte {info.offset} overlaps the one before it"
+                )
+            end = info.offset + info.length
         for info in segments:
             self._add_segment(info)
         for entry in sorted(documents, key=lambda e: e.offset):
@@ -359,7 +374,7 @@ class LocatedFile:
                     if kind != RecordKind.INDEX:
                         continue
                     _, payload, total = self._read_record(offset, size)
-                    _records.parse_index(payload)
+                    _records.parse_index(payload, self._limits)
                 except FormatError:
                     continue
                 return offset, total
@@ -417,19 +432,21 @@ class LocatedFile:
     ) -> None:
         try:
             if kind == RecordKind.SEGMENT:
-                head, _ = _segment.parse_segment_head(payload)
+                head, _ = _segment.parse_segment_head(payload, self._limits)
                 if self._add_segment(SegmentInfo.from_head(offset, total, head)) and on_batches is not None:
                     on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
             elif kind == RecordKind.ATTACHMENT:
-                name, data = _records.parse_attachment(payload)
+                name, data = _records.parse_attachment(payload, self._limits)
                 if not verifying:  # verify() checks records; it does not change what was read
                     self._attachments.pop(name, None)
                     self._attachments[name] = data
             elif kind == RecordKind.SCHEMA:
-                schema = _records.parse_schema(_records.unpack(payload, "SCHEMA"))
-                self._schemas.setdefault(schema.name, schema)
+                schema = _records.parse_schema(
+                    _records.unpack(payload, "SCHEMA", self._limits.max_record_objects), self._limits
+                )
+                self._add_schema(schema, offset)
             elif kind == RecordKind.SUMMARY:
-                summary = _records.parse_summary(payload)
+                summary = _records.parse_summary(payload, self._limits)
                 if not verifying:
                     self._summary = summary
             elif kind == RecordKind.FOOTER:
@@ -437,7 +454,7 @@ class LocatedFile:
                 if not verifying:
                     self._footer = True
             elif kind == RecordKind.INDEX:
-                _records.parse_index(payload)  # checked only: the scan sees every record itself
+                _records.parse_index(payload, self._limits)  # checked only: the scan sees every record itself
             # HEADER again, unknown and private kinds: skip
         except FormatError as exc:
             self._report(offset, total, f"{_kind_name(kind)} record: {exc}")
@@ -451,6 +468,10 @@ class LocatedFile:
             cap = self._limits.max_decompressed_bytes
             bomb = DecompressionBombError("SEGMENT", info.raw_size, cap, offset=info.offset, setting=_RAISE_CAP)
             self._report(info.offset, info.length, str(bomb))
+            return False
+        over = self._over_file_limits(info)
+        if over is not None:
+            self._report(info.offset, info.length, f"SEGMENT skipped: {over}")
             return False
         key = (
             info.length,
@@ -473,12 +494,44 @@ class LocatedFile:
             return False
         same_head.append(info.offset)
         self._segment_offsets.add(info.offset)
+        self._table_names.update(table for _, table in info.rows)
+        self._rank_set.update(info.ranks)
+        self._stream_count += len(info.rows)
         if self._segments and self._segments[-1].offset > info.offset:
             at = next(i for i, seg in enumerate(self._segments) if seg.offset > info.offset)
             self._segments.insert(at, info)
         else:
             self._segments.append(info)
         return True
+
+    def _over_file_limits(self, info: SegmentInfo) -> ReadLimitError | None:
+        """The per-file limit that registering *info* would exceed, if any."""
+        limits = self._limits
+        if len(self._segments) >= limits.max_segments:
+            return ReadLimitError("segments in the file", len(self._segments) + 1, limits.max_segments,
+                                  setting="max_segments", offset=info.offset)  # fmt: skip
+        if self._stream_count + len(info.rows) > limits.max_index_streams:
+            return ReadLimitError("(rank, table) streams in the file's segments", self._stream_count + len(info.rows),
+                                  limits.max_index_streams, setting="max_index_streams", offset=info.offset)  # fmt: skip
+        tables = len(self._table_names) + sum(1 for t in info.tables if t not in self._table_names)
+        if tables > limits.max_tables:
+            return ReadLimitError("tables in the file", tables, limits.max_tables, setting="max_tables",
+                                  offset=info.offset)  # fmt: skip
+        ranks = len(self._rank_set) + sum(1 for r in info.ranks if r not in self._rank_set)
+        if ranks > limits.max_ranks:
+            return ReadLimitError("ranks in the file", ranks, limits.max_ranks, setting="max_ranks",
+                                  offset=info.offset)  # fmt: skip
+        return None
+
+    def _add_schema(self, schema: TableSchema, offset: int | None) -> None:
+        """Adopt a table's schema (the first one read wins), within ``max_tables``."""
+        if schema.name in self._schemas:
+            return
+        if schema.name not in self._table_names and len(self._table_names) >= self._limits.max_tables:
+            raise ReadLimitError("tables in the file", len(self._table_names) + 1, self._limits.max_tables,
+                                 setting="max_tables", offset=offset)  # fmt: skip
+        self._table_names.add(schema.name)
+        self._schemas[schema.name] = schema
 
     def _same_record(self, a: int, b: int, length: int) -> bool:
         """Whether the records at *a* and *b* (both *length* bytes) hold the same bytes after the sync."""
@@ -535,16 +588,34 @@ class LocatedFile:
         wanted: set[tuple[int, str]] | None,
         dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
     ) -> list[tuple[int, str, TableSchema, dict[str, np.ndarray]]]:
-        decoded = _segment.decode_segment(
-            payload, self._decompressor, self._limits.max_decompressed_bytes, wanted, dest
-        )
+        decoded = _segment.decode_segment(payload, self._decompressor, self._limits, wanted, dest)
         for _, table, schema, _ in decoded:
-            self._schemas.setdefault(table, schema)
+            if table not in self._schemas:
+                self._add_schema(schema, None)
         return decoded
 
     def _report(self, offset: int, length: int, reason: str) -> None:
-        if offset not in self._skipped:
+        if offset in self._skipped or offset in self._unlisted:
+            return
+        if len(self._skipped) < self._limits.max_skipped_spans:
             self._skipped[offset] = {"offset": offset, "length": length, "reason": reason}
+        else:  # counted, not listed: a file of a million damaged records must not cost a million notes
+            self._unlisted.add(offset)
+            self._unlisted_bytes += length
+
+    def _skipped_spans(self) -> list[dict[str, Any]]:
+        """The spans skipped, in file order, with one entry counting those past ``max_skipped_spans``."""
+        spans = sorted(self._skipped.values(), key=lambda s: s["offset"])
+        if self._unlisted:
+            spans.append(
+                {
+                    "offset": min(self._unlisted),
+                    "length": self._unlisted_bytes,
+                    "reason": f"{len(self._unlisted)} more damaged or skipped spans, not listed one by one"
+                    f" (over ReadLimits.max_skipped_spans = {self._limits.max_skipped_spans})",
+                }
+            )
+        return spans
 
     def _size(self) -> int:
         try:

@@ -17,6 +17,7 @@ import msgpack
 from traceml.errors import (
     CorruptRecordError,
     NotATmlFileError,
+    ReadLimitError,
     TruncatedFileError,
     UnsupportedVersionError,
 )
@@ -45,6 +46,40 @@ FOOTER_SIZE = FRAME_OVERHEAD + _FOOTER_PAYLOAD.size
 
 DEFAULT_MAX_RECORD_BYTES = 64 << 20
 DEFAULT_MAX_DECOMPRESSED_BYTES = 256 << 20
+#: msgpack objects (containers, items, map keys) one record payload may decode to: an empty array
+#: is one byte on disk and a Python list of 56 bytes in memory, so size alone does not bound memory
+DEFAULT_MAX_RECORD_OBJECTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what a reader allocates for what a file declares (docs/format.md, "Reader limits");
+    change them only for files you trust.  Over a limit, a record or segment is skipped and reported
+    in ``integrity`` (the reader goes on), or opening fails with the limit's error."""
+
+    #: bytes of one record's payload, checked before it is read
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    #: bytes one segment body decompresses to
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
+    #: msgpack objects one record payload (or a segment's head or layout) decodes to
+    max_record_objects: int = DEFAULT_MAX_RECORD_OBJECTS
+    #: bytes of arrays one segment decodes to (8 a value for i8/f8, 72 a string plus its bytes)
+    max_decoded_bytes: int = 256 << 20
+    #: columns of one table (a SCHEMA, the HEADER's schemas, a segment's layout)
+    max_columns: int = 4096
+    #: distinct tables in a file (schemas and segments)
+    max_tables: int = 4096
+    #: distinct ranks in a file
+    max_ranks: int = 1 << 16
+    #: segments indexed in a file (each costs a few hundred bytes of index in memory)
+    max_segments: int = 1 << 22
+    #: (rank, table) streams summed over the segments indexed
+    max_index_streams: int = 1 << 24
+    #: damaged spans listed one by one in ``integrity["skipped"]``; the rest are counted in one entry
+    max_skipped_spans: int = 1000
+
+
+DEFAULT_LIMITS = ReadLimits()
 
 
 class RecordKind(IntEnum):
@@ -123,13 +158,57 @@ def pack_map(obj: Mapping[str, Any]) -> bytes:
     return _packer_strict.pack(obj)
 
 
-def unpack(data: bytes | memoryview, what: str) -> Any:
-    """Unpack one msgpack object; sizes are bounded by ``len(data)``."""
+class _OverBudget(Exception):
+    """Raised inside msgpack's hooks when a payload decodes to more objects than its budget."""
+
+
+def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_RECORD_OBJECTS) -> Any:
+    """Unpack one msgpack object of at most *max_objects* objects (containers, items and map
+    keys; ``ReadLimits.max_record_objects``); string and container sizes are bounded by ``len(data)``."""
+    size = len(data)
+    left = [max_objects]
+
+    def count_list(items: list[Any]) -> list[Any]:
+        left[0] -= 1 + len(items)
+        if left[0] < 0:
+            raise _OverBudget
+        return items
+
+    def count_map(items: dict[Any, Any]) -> dict[Any, Any]:
+        left[0] -= 1 + 2 * len(items)
+        if left[0] < 0:
+            raise _OverBudget
+        return items
+
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_no_ext, use_list=True)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_no_ext,
+            use_list=True,
+            list_hook=count_list,
+            object_hook=count_map,
+            max_str_len=size,
+            max_bin_len=size,
+            # a container longer than the whole budget is refused at its header, before it is built
+            max_array_len=min(size, max_objects),
+            max_map_len=min(size // 2, max_objects // 2),
+            max_ext_len=0,
+        )
     except CorruptRecordError:
         raise
+    except _OverBudget:
+        raise ReadLimitError(f"{what} msgpack objects", max_objects + 1 - left[0], max_objects,
+                             setting="max_record_objects") from None  # fmt: skip
     except Exception as exc:  # msgpack raises several unrelated types on bad input
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
+            raise ReadLimitError(
+                f"{what} msgpack container of more than {max_objects} objects (at least)",
+                max_objects + 1,
+                max_objects,
+                setting="max_record_objects",
+            ) from exc
         raise CorruptRecordError(f"{what} does not decode as msgpack: {exc}") from exc
 
 
@@ -191,11 +270,13 @@ def header_payload(
 SYNC_KEY = b"\xa4sync\xc4\x10"
 
 
-def parse_header(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, TableSchema]]:
+def parse_header(
+    payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], dict[str, TableSchema]]:
     """Validate a HEADER payload: ``(header map, schemas)``.
 
     Raises UnsupportedVersionError for another major version."""
-    header = _map(unpack(payload, "HEADER"), "HEADER")
+    header = _map(unpack(payload, "HEADER", limits.max_record_objects), "HEADER")
     version = _str(header.get("format_version"), "HEADER.format_version")
     major_text = version.split(".", 1)[0]
     if not major_text.isdigit():
@@ -217,7 +298,9 @@ def parse_header(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str,
             raise CorruptRecordError(f"HEADER.{key}: expected a list")
     _map(header.get("meta"), "HEADER.meta")
     raw_schemas = _map(header.get("schemas"), "HEADER.schemas")
-    schemas = {name: parse_schema({"name": name, "columns": cols}) for name, cols in raw_schemas.items()}
+    if len(raw_schemas) > limits.max_tables:
+        raise ReadLimitError("HEADER.schemas tables", len(raw_schemas), limits.max_tables, setting="max_tables")
+    schemas = {name: parse_schema({"name": name, "columns": cols}, limits) for name, cols in raw_schemas.items()}
     return header, schemas
 
 
@@ -225,7 +308,13 @@ def schema_payload(schema: TableSchema) -> bytes:
     return pack_map(schema.to_dict())
 
 
-def parse_schema(obj: Any) -> TableSchema:
+def parse_schema(obj: Any, limits: ReadLimits = DEFAULT_LIMITS) -> TableSchema:
+    columns = obj.get("columns") if isinstance(obj, dict) else None
+    if isinstance(columns, list) and len(columns) > limits.max_columns:
+        raise ReadLimitError(
+            f"SCHEMA of table {str(obj.get('name'))[:40]!r} columns", len(columns), limits.max_columns,
+            setting="max_columns",
+        )  # fmt: skip
     try:
         return TableSchema.from_dict(_map(obj, "SCHEMA"))
     except CorruptRecordError:
@@ -238,13 +327,13 @@ def attachment_payload(name: str, data: Mapping[str, Any]) -> bytes:
     return pack_map({"name": name, "data": dict(data)})
 
 
-def parse_attachment(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
-    obj = _map(unpack(payload, "ATTACHMENT"), "ATTACHMENT")
+def parse_attachment(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[str, dict[str, Any]]:
+    obj = _map(unpack(payload, "ATTACHMENT", limits.max_record_objects), "ATTACHMENT")
     return _str(obj.get("name"), "ATTACHMENT.name"), _map(obj.get("data"), "ATTACHMENT.data")
 
 
-def parse_summary(payload: bytes | memoryview) -> dict[str, Any]:
-    return _map(unpack(payload, "SUMMARY"), "SUMMARY")
+def parse_summary(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    return _map(unpack(payload, "SUMMARY", limits.max_record_objects), "SUMMARY")
 
 
 def footer_payload(index_offset: int, summary_offset: int) -> bytes:
@@ -366,8 +455,8 @@ def _entries(raw: Any, what: str) -> tuple[IndexEntry, ...]:
     return tuple(out)
 
 
-def parse_index(payload: bytes | memoryview) -> IndexCheckpoint:
-    obj = _map(unpack(payload, "INDEX"), "INDEX")
+def parse_index(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> IndexCheckpoint:
+    obj = _map(unpack(payload, "INDEX", limits.max_record_objects), "INDEX")
     tables = obj.get("tables")
     if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
         raise CorruptRecordError("INDEX.tables: expected a list of names")

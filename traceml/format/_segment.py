@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from traceml.errors import CorruptRecordError, DecompressionBombError
+from traceml.errors import CorruptRecordError, DecompressionBombError, ReadLimitError
 from traceml.format._records import (
     _U32,
+    DEFAULT_LIMITS,
+    ReadLimits,
     SegmentHead,
     _check_rows,
     _int,
@@ -240,14 +242,14 @@ def _groups(streams: Sequence[tuple[int, str, int]]) -> list[tuple[str, list[tup
     return groups
 
 
-def parse_segment_head(payload: bytes | memoryview) -> tuple[SegmentHead, int]:
+def parse_segment_head(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[SegmentHead, int]:
     """The head of a SEGMENT payload and the offset of its compressed body."""
     if len(payload) < 4:
         raise CorruptRecordError("SEGMENT: payload shorter than its head length")
     (head_len,) = _U32.unpack(payload[:4])
     if head_len > len(payload) - 4:
         raise CorruptRecordError(f"SEGMENT: head of {head_len} bytes overruns a {len(payload)}-byte payload")
-    obj = _map(unpack(payload[4 : 4 + head_len], "SEGMENT head"), "SEGMENT head")
+    obj = _map(unpack(payload[4 : 4 + head_len], "SEGMENT head", limits.max_record_objects), "SEGMENT head")
     if obj.get("codec") != "zstd":
         raise CorruptRecordError(f"SEGMENT: codec {obj.get('codec')!r:.30} is not 'zstd'")
     tables = obj.get("tables")
@@ -302,10 +304,33 @@ def _decompress(
     return body
 
 
+#: what a decoded ``str`` value costs beyond its bytes: a pointer in the unpacked list, one in the
+#: object array, and a str object's header (empty and one-character strings are shared, others are not)
+STR_VALUE_BYTES = 72
+
+
+def decoded_bytes(layout: list[Any], groups: Sequence[tuple[str, Sequence[tuple[int, int]]]], wanted: Any) -> int:
+    """Bytes of the arrays decoding the wanted groups of *layout* allocates (an upper bound, from
+    the row counts and the layout alone: computed before anything is allocated)."""
+    total = 0
+    for (table, runs), cols in zip(groups, layout, strict=True):
+        if wanted is not None and not any((rank, table) in wanted for rank, _ in runs):
+            continue
+        rows = sum(n for _, n in runs)
+        for entry in cols if isinstance(cols, list) else ():
+            code = entry[1] if isinstance(entry, list) and len(entry) == 5 else None
+            if code == STR:
+                nbytes = entry[3] if type(entry[3]) is int else 0
+                total += rows * STR_VALUE_BYTES + nbytes
+            elif code in NUMPY_DTYPES:
+                total += rows * NUMPY_DTYPES[code].itemsize
+    return total
+
+
 def decode_segment(
     payload: bytes | memoryview,
     decompressor: zstandard.ZstdDecompressor,
-    max_decompressed: int,
+    limits: ReadLimits = DEFAULT_LIMITS,
     wanted: Any = None,
     dest: Mapping[tuple[int, str], Mapping[str, np.ndarray]] | None = None,
 ) -> list[tuple[int, str, TableSchema, dict[str, Any]]]:
@@ -313,17 +338,27 @@ def decode_segment(
 
     Returns ``(rank, table, schema from the layout, columns)`` in body order; str columns are
     object arrays.  A stream with an entry in *dest* is decoded into those arrays (one per
-    column, of the stream's length and the column's dtype) instead of new ones.
+    column, of the stream's length and the column's dtype) instead of new ones.  Raises
+    ReadLimitError before allocating when the arrays would exceed ``limits.max_decoded_bytes``.
     """
-    head, body_offset = parse_segment_head(payload)
+    head, body_offset = parse_segment_head(payload, limits)
     groups = _groups(head.streams)
-    body = _decompress(memoryview(payload)[body_offset:], head.raw_size, max_decompressed, decompressor)
+    body = _decompress(memoryview(payload)[body_offset:], head.raw_size, limits.max_decompressed_bytes, decompressor)
     (layout_len,) = _U32.unpack(body[:4])
     if layout_len > len(body) - 4:
         raise CorruptRecordError("SEGMENT layout overruns the body")
-    layout = unpack(body[4 : 4 + layout_len], "SEGMENT layout")
+    layout = unpack(body[4 : 4 + layout_len], "SEGMENT layout", limits.max_record_objects)
     if not isinstance(layout, list) or len(layout) != len(groups):
         raise CorruptRecordError("SEGMENT layout does not list one entry per table")
+    for (table, _), cols in zip(groups, layout, strict=True):
+        if isinstance(cols, list) and len(cols) > limits.max_columns:
+            raise ReadLimitError(
+                f"SEGMENT layout of table {table[:40]!r} columns", len(cols), limits.max_columns, setting="max_columns"
+            )
+    decoded = decoded_bytes(layout, groups, wanted)
+    if decoded > limits.max_decoded_bytes:
+        raise ReadLimitError("SEGMENT decoded array bytes", decoded, limits.max_decoded_bytes,
+                             setting="max_decoded_bytes")  # fmt: skip
     offset = 4 + layout_len
     out = []
     for (table, runs), cols in zip(groups, layout, strict=True):
@@ -378,7 +413,7 @@ def decode_segment(
                 else:
                     array = np.empty(rows, dtype)
                 if code == STR:
-                    values = unpack(body[offset : offset + nbytes], "SEGMENT str column")
+                    values = unpack(body[offset : offset + nbytes], "SEGMENT str column", rows + 1)
                     if (
                         not isinstance(values, list)
                         or len(values) != rows

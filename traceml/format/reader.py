@@ -15,7 +15,7 @@ import numpy as np
 
 from traceml import names
 from traceml.errors import ConfigError, CorruptRecordError, FormatError
-from traceml.format import rollup
+from traceml.format import _segment, rollup
 from traceml.format._locate import LocatedFile, ReadLimits, SegmentInfo, _Scan
 from traceml.format._records import RecordKind
 from traceml.format._slice import Range, _concat, _disjoint, _inside, _rows, _trim
@@ -24,6 +24,11 @@ from traceml.schema import NUMPY_DTYPES, STR, TableSchema, is_rollup, rollup_sch
 
 #: the upper bound of "every step after" in a step range
 _MAX_STEP = (1 << 63) - 1
+
+
+def _row_bytes(schema: TableSchema) -> int:
+    """Bytes a decoded row of *schema* takes in arrays (as ``_segment.decoded_bytes`` counts them)."""
+    return sum(_segment.STR_VALUE_BYTES if c.dtype == STR else NUMPY_DTYPES[c.dtype].itemsize for c in schema.columns)
 
 
 def open_recording(
@@ -92,12 +97,12 @@ class TmlReader(LocatedFile):
     def integrity(self) -> dict[str, Any]:
         """``status``: complete | recovered (no footer: the writer did not finish, or is still
         writing) | damaged (bytes were skipped); ``skipped``: [{offset, length, reason}]."""
-        skipped = sorted(self._skipped.values(), key=lambda s: s["offset"])
+        skipped = self._skipped_spans()
         if self._tail is not None:
             skipped.append(dict(self._tail))
         lost = sum(s["length"] for s in skipped)
         bad_names = self.name_problems()
-        if self._skipped:
+        if self._skipped or self._unlisted:
             first = skipped[0]
             status = "damaged"
             message = (
@@ -200,6 +205,12 @@ class TmlReader(LocatedFile):
             if by_time and _disjoint(seg.t_min, seg.t_max, time_range):
                 continue
             claimed = sum(seg.rows[key] for key in wanted)
+            if schema is not None and claimed * _row_bytes(schema) > self._limits.max_decoded_bytes:
+                # decoding it would be refused (ReadLimits.max_decoded_bytes): do not size arrays by it
+                self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: {claimed} rows of {table}"
+                             f" would decode to more than ReadLimits.max_decoded_bytes"
+                             f" ({self._limits.max_decoded_bytes})")  # fmt: skip
+                continue
             if schema is not None and claimed * max(1, len(schema.columns)) > seg.raw_size:
                 # each column takes a body byte per row at least: the index entry lies; do not size arrays by it
                 self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: {claimed} rows of {table}"
