@@ -7,6 +7,7 @@ when peak RSS stays near the interpreter's own (about 100-200 MiB) whatever the 
 every refusal is a traceml error (exit 1 or 3), never a MemoryError or a kill.
 
     PYTHONPATH=$PWD python scripts/hostile_recordings.py [--scale 1.0] [--cap-mib 4096] [--only NAME]
+        [--checkout DIR]   # the traceml the children run (default: this one), e.g. to measure a baseline
 """
 
 from __future__ import annotations
@@ -42,18 +43,24 @@ COMMANDS = {
 }
 
 
-def _run(args: list[str], cap: int) -> tuple[int, float, str]:
+def _run(args: list[str], cap: int, checkout: str) -> tuple[int, float, str]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
-    proc = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limit, text=True
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert proc.stderr is not None
-    err = proc.stderr.read().strip().splitlines()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: the child never blocks on it
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=limit,
+            text=True,
+            cwd=checkout,
+            env={**os.environ, "PYTHONPATH": checkout},
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stderr.seek(0)
+        err = stderr.read().strip().splitlines()
     last = next((line for line in reversed(err) if line.strip()), "")
     return proc.returncode, usage.ru_maxrss / 1024, last[:110]
 
@@ -64,6 +71,7 @@ def main() -> None:
     parser.add_argument("--cap-mib", type=int, default=4096, help="address-space cap of each child")
     parser.add_argument("--only", action="append", help="run only these cases")
     parser.add_argument("--commands", default=",".join(COMMANDS))
+    parser.add_argument("--checkout", default=str(Path(__file__).resolve().parent.parent), help="traceml to run")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -75,7 +83,7 @@ def main() -> None:
             path = crafted_tml.BUILDERS[builder](out / f"{name}.tml", **scaled)
             size = path.stat().st_size / (1 << 20)
             for command in opts.commands.split(","):
-                rc, rss, last = _run(COMMANDS[command](path, out), opts.cap_mib << 20)
+                rc, rss, last = _run(COMMANDS[command](path, out), opts.cap_mib << 20, opts.checkout)
                 print(f"| {name} | {size:.1f} | {command} | {rss:.0f} | {rc} | {last.replace('|', '/')} |", flush=True)
             path.unlink()
 

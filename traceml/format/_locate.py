@@ -84,6 +84,10 @@ class SegmentInfo:
         return frozenset(table for _, table in self.rows)
 
 
+class _IndexLie(CorruptRecordError):
+    """Index entries that cannot all be true (a segment listed twice, or overlapping another)."""
+
+
 @dataclass
 class _Scan:
     """Where a forward scan stands: next record offset, or a damaged span being skipped."""
@@ -296,6 +300,9 @@ class LocatedFile:
             try:
                 self._register_chain(self._load_chain(offset, size), size)
                 start = offset + total
+            except (ReadLimitError, _IndexLie) as exc:  # intact records that lie or exceed a limit: say so
+                self._report(offset, total, f"INDEX chain not used ({exc}); every record was scanned instead")
+                start = self._data_start
             except FormatError:
                 start = self._data_start  # a broken chain: every record gets scanned instead
         self._tail_scan = _Scan(start)
@@ -337,9 +344,7 @@ class LocatedFile:
         end = self._data_start
         for info in sorted(segments, key=lambda seg: seg.offset):
             if info.offset < end:  # a writer lists each segment once: overlaps are lies (and cost memory)
-                raise CorruptRecordError(
-                    f"index entry for the SEGMENT at byte {info.offset} overlaps the one before it"
-                )
+                raise _IndexLie(f"index entry for the SEGMENT at byte {info.offset} overlaps the one before it")
             end = info.offset + info.length
         for info in segments:
             self._add_segment(info)

@@ -163,8 +163,9 @@ class _OverBudget(Exception):
 
 
 def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_RECORD_OBJECTS) -> Any:
-    """Unpack one msgpack object of at most *max_objects* objects (containers, items and map
-    keys; ``ReadLimits.max_record_objects``); string and container sizes are bounded by ``len(data)``."""
+    """Unpack one msgpack object of at most *max_objects* objects (``ReadLimits.max_record_objects``:
+    each container counts once, plus once per item and map key it holds, so ``[[]]`` is 3); string
+    and container sizes are bounded by ``len(data)``."""
     size = len(data)
     left = [max_objects]
 
@@ -199,7 +200,7 @@ def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_R
     except CorruptRecordError:
         raise
     except _OverBudget:
-        raise ReadLimitError(f"{what} msgpack objects", max_objects + 1 - left[0], max_objects,
+        raise ReadLimitError(f"{what} msgpack objects (at least)", max_objects - left[0], max_objects,
                              setting="max_record_objects") from None  # fmt: skip
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
