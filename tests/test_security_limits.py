@@ -124,6 +124,9 @@ def test_schemas_past_the_column_and_table_limits_are_skipped(tmp_path: Path) ->
     with open_recording(path, limits=ReadLimits(max_tables=10)) as r:
         assert sorted(r.schemas) == sorted(f"t{i}" for i in range(10))
         assert _reasons(r).count("max_tables") == 10
+    with open_recording(path, limits=ReadLimits(max_schema_columns=120)) as r:
+        assert sorted(r.schemas) == ["t0", "t1"]
+        assert _reasons(r).count("columns summed over the file's tables") == 18
     with open_recording(path) as r:
         assert len(r.schemas) == 20 and r.integrity["status"] == "recovered"
 

@@ -128,6 +128,7 @@ class LocatedFile:
         self._table_names: set[str] = set()
         self._rank_set: set[int] = set()
         self._stream_count = 0
+        self._column_count = 0
         #: damaged or skipped spans past ``limits.max_skipped_spans``: offsets (counted once), bytes
         self._unlisted: set[int] = set()
         self._unlisted_bytes = 0
@@ -194,6 +195,7 @@ class LocatedFile:
         self._header = header
         self._schemas.update(schemas)
         self._table_names.update(schemas)
+        self._column_count = sum(len(s.columns) for s in self._schemas.values())
         self._data_start = pos + FRAME_OVERHEAD + length
 
     def _restore_header(self, size: int, damage: FormatError) -> bool:
@@ -211,6 +213,7 @@ class LocatedFile:
                 self._header = header
                 self._schemas.update(schemas)
                 self._table_names.update(schemas)
+                self._column_count = sum(len(s.columns) for s in self._schemas.values())
                 self._header_restored = f"restored from the copy in the INDEX record at byte {offset}"
             else:
                 self._header = _lost_header(sync)
@@ -535,8 +538,13 @@ class LocatedFile:
         if schema.name not in self._table_names and len(self._table_names) >= self._limits.max_tables:
             raise ReadLimitError("tables in the file", len(self._table_names) + 1, self._limits.max_tables,
                                  setting="max_tables", offset=offset)  # fmt: skip
+        columns = self._column_count + len(schema.columns)
+        if columns > self._limits.max_schema_columns:
+            raise ReadLimitError("columns summed over the file's tables", columns, self._limits.max_schema_columns,
+                                 setting="max_schema_columns", offset=offset)  # fmt: skip
         self._table_names.add(schema.name)
         self._schemas[schema.name] = schema
+        self._column_count = columns
 
     def _same_record(self, a: int, b: int, length: int) -> bool:
         """Whether the records at *a* and *b* (both *length* bytes) hold the same bytes after the sync."""

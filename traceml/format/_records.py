@@ -69,6 +69,8 @@ class ReadLimits:
     max_columns: int = 4096
     #: distinct tables in a file (schemas and segments)
     max_tables: int = 4096
+    #: columns summed over the file's table schemas (each costs about 200 bytes in memory)
+    max_schema_columns: int = 1 << 18
     #: distinct ranks in a file
     max_ranks: int = 1 << 16
     #: segments indexed in a file (each costs a few hundred bytes of index in memory)
@@ -301,6 +303,9 @@ def parse_header(
     raw_schemas = _map(header.get("schemas"), "HEADER.schemas")
     if len(raw_schemas) > limits.max_tables:
         raise ReadLimitError("HEADER.schemas tables", len(raw_schemas), limits.max_tables, setting="max_tables")
+    columns = sum(len(cols) for cols in raw_schemas.values() if isinstance(cols, list))
+    if columns > limits.max_schema_columns:
+        raise ReadLimitError("HEADER.schemas columns", columns, limits.max_schema_columns, setting="max_schema_columns")
     schemas = {name: parse_schema({"name": name, "columns": cols}, limits) for name, cols in raw_schemas.items()}
     return header, schemas
 
