@@ -52,8 +52,19 @@ def test_dash_h_is_help_everywhere(command: str) -> None:
 
 
 def test_shell_completion_lists_commands() -> None:
-    res = _cli("--show-completion", env={"SHELL": "/bin/bash"})  # the shell is detected, as a user's would be
-    assert res.returncode == 0 and "_traceml_completion" in res.stdout
+    # the shell is detected from the parent process, as a user's would be: run traceml under bash
+    # (not exec'd: "; true" keeps bash alive as the parent), whatever process runs pytest
+    shell = shutil.which("bash")
+    assert shell is not None
+    res = subprocess.run(
+        [shell, "-c", '"$0" -m traceml --show-completion; true', sys.executable],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert res.returncode == 0 and "_traceml_completion" in res.stdout, res.stderr
+    assert "complete -o default -F _traceml_completion traceml" in res.stdout
     words = subprocess.run(
         [sys.executable, "-m", "traceml"],
         capture_output=True,

@@ -15,6 +15,7 @@ from traceml.errors import ReplayError
 
 #: a summary.json larger than this is refused (a real one is a few hundred KiB at most)
 MAX_SUMMARY_JSON_BYTES = 64 << 20
+#: where ``traceml run`` puts its recordings (``<runs_dir>/<run name>/run.tml``) and ``traceml runs`` looks
 DEFAULT_RUNS_DIR = "traceml_runs"
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traceml import config
+from traceml._summary import DEFAULT_RUNS_DIR
 from traceml.cli.torchrun_shim import TORCHRUN_SHIM
 from traceml.errors import ConfigError
 from traceml.outpaths import check_new_file
 
 UI_CHOICES = ("terminal", "web", "none")
-DEFAULT_RUNS_DIR = "traceml_runs"
 #: seconds the aggregator waits for ranks to finish after the training exited
 FINISH_TIMEOUT_S = 10.0
 
