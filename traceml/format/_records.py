@@ -197,7 +197,7 @@ def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_R
             # a container longer than the whole budget is refused at its header, before it is built
             max_array_len=min(size, max_objects),
             max_map_len=min(size // 2, max_objects // 2),
-            max_ext_len=0,
+            max_ext_len=size,  # ext types are refused by ext_hook, naming them
         )
     except CorruptRecordError:
         raise
