@@ -74,9 +74,9 @@ class ReadLimits:
     #: distinct ranks in a file
     max_ranks: int = 1 << 16
     #: segments indexed in a file (each costs a few hundred bytes of index in memory)
-    max_segments: int = 1 << 22
+    max_segments: int = 1 << 20
     #: (rank, table) streams summed over the segments indexed
-    max_index_streams: int = 1 << 24
+    max_index_streams: int = 1 << 22
     #: damaged spans listed one by one in ``integrity["skipped"]``; the rest are counted in one entry
     max_skipped_spans: int = 1000
 
