@@ -4,7 +4,7 @@ Each builder writes a file of valid frames (correct sync markers and CRCs) whose
 amplify: msgpack made of empty containers, an INDEX listing one segment millions of times, a
 segment head with millions of streams, schemas with thousands of tables and columns, bodies of
 zeros that decode to wide arrays, millions of tiny segments.  Shared by the security tests (small
-sizes) and ``scripts/hostile_recordings.py`` (large sizes, peak RSS per command).
+sizes) and ``benchmarks/bench_crafted_recordings.py`` (large sizes, peak RSS per command).
 """
 
 from __future__ import annotations

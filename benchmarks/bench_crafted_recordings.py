@@ -6,7 +6,7 @@ size, the child's peak RSS, its exit status and the first line of its error.  Th
 when peak RSS stays near the interpreter's own (about 100-200 MiB) whatever the file says, and
 every refusal is a traceml error (exit 1 or 3), never a MemoryError or a kill.
 
-    PYTHONPATH=$PWD python scripts/hostile_recordings.py [--scale 1.0] [--cap-mib 4096] [--only NAME]
+    PYTHONPATH=$PWD python benchmarks/bench_crafted_recordings.py [--scale 1.0] [--cap-mib 4096] [--only NAME]
         [--checkout DIR]   # the traceml the children run (default: this one), e.g. to measure a baseline
 """
 
