@@ -2,7 +2,7 @@
 
 For each crafted file, runs ``traceml inspect``, ``replay.open(...).summary()``, ``traceml report``
 and ``traceml recover`` in a child process under an address-space cap and prints a table: file
-size, the child's peak RSS, its exit status and the first line of its error.  The reader is safe
+size, the child's peak RSS, its exit status and the last line of its stderr.  The reader is safe
 when peak RSS stays near the interpreter's own (about 100-200 MiB) whatever the file says, and
 every refusal is a traceml error (exit 1 or 3), never a MemoryError or a kill.
 
