@@ -14,7 +14,7 @@ import pytest
 
 from tests import crafted_tml
 from traceml.errors import ReadLimitError
-from traceml.format import ReadLimits, open_recording
+from traceml.format import ReadLimits, _records, open_recording
 from traceml.format._records import unpack
 
 
@@ -71,6 +71,21 @@ def test_an_attachment_of_empty_arrays_is_skipped_without_building_it(tmp_path: 
     with open_recording(small) as r:
         r.verify()
         assert r.integrity["status"] == "recovered" and len(r.attachments["x"]["a"]) == 1_000
+
+
+def test_the_attachments_kept_share_one_object_budget(tmp_path: Path) -> None:
+    c = crafted_tml.Crafter(tmp_path / "many.tml")
+    for i in range(10):  # 10 attachments of 1,000 empty arrays: 2,005 objects each
+        c.record(crafted_tml.RecordKind.ATTACHMENT,
+                 _records.attachment_payload(f"a{i}", {"a": [[] for _ in range(1_000)]}))  # fmt: skip
+    c.record(crafted_tml.RecordKind.ATTACHMENT, _records.attachment_payload("a0", {"a": []}))  # replaces a0
+    path = c.close(footer=False)
+    with open_recording(path, limits=ReadLimits(max_attachment_objects=9_000)) as r:
+        assert sorted(r.attachments) == ["a0", "a1", "a2", "a3"]  # a4 would make 10,025
+        assert r.attachments["a0"] == {"a": []}  # the last a0 fits: it frees what the first one held
+        assert _reasons(r).count("max_attachment_objects") == 6
+    with open_recording(path) as r:
+        assert len(r.attachments) == 10 and r.integrity["status"] == "recovered"
 
 
 def test_an_index_listing_one_segment_many_times_is_not_used_and_the_row_is_read_once(tmp_path: Path) -> None:

@@ -129,6 +129,9 @@ class LocatedFile:
         self._rank_set: set[int] = set()
         self._stream_count = 0
         self._column_count = 0
+        #: msgpack objects of each attachment kept (``max_attachment_objects`` bounds their sum)
+        self._attachment_objects: dict[str, int] = {}
+        self._attachment_total = 0
         #: damaged or skipped spans past ``limits.max_skipped_spans``: offsets (counted once), bytes
         self._unlisted: set[int] = set()
         self._unlisted_bytes = 0
@@ -444,10 +447,18 @@ class LocatedFile:
                 if self._add_segment(SegmentInfo.from_head(offset, total, head)) and on_batches is not None:
                     on_batches([(rank, table, cols) for rank, table, _, cols in self._decode(payload, None)])
             elif kind == RecordKind.ATTACHMENT:
-                name, data = _records.parse_attachment(payload, self._limits)
+                kept = self._attachment_total
+                budget = self._limits.max_attachment_objects - kept if not verifying else None
+                name, data, objects = _records.parse_attachment(payload, self._limits, budget)
                 if not verifying:  # verify() checks records; it does not change what was read
+                    if kept - self._attachment_objects.get(name, 0) + objects > self._limits.max_attachment_objects:
+                        raise ReadLimitError("msgpack objects of the attachments kept", kept + objects,
+                                             self._limits.max_attachment_objects, setting="max_attachment_objects",
+                                             offset=offset)  # fmt: skip
                     self._attachments.pop(name, None)
                     self._attachments[name] = data
+                    self._attachment_total = kept - self._attachment_objects.get(name, 0) + objects
+                    self._attachment_objects[name] = objects
             elif kind == RecordKind.SCHEMA:
                 schema = _records.parse_schema(
                     _records.unpack(payload, "SCHEMA", self._limits.max_record_objects), self._limits

@@ -65,6 +65,8 @@ class ReadLimits:
     max_record_objects: int = DEFAULT_MAX_RECORD_OBJECTS
     #: bytes of arrays one segment decodes to (8 a value for i8/f8, 72 a string plus its bytes)
     max_decoded_bytes: int = 256 << 20
+    #: msgpack objects summed over the attachments kept (the last of each name), as counted above
+    max_attachment_objects: int = 1 << 22
     #: columns of one table (a SCHEMA, the HEADER's schemas, a segment's layout)
     max_columns: int = 4096
     #: distinct tables in a file (schemas and segments)
@@ -168,6 +170,13 @@ def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_R
     """Unpack one msgpack object of at most *max_objects* objects (``ReadLimits.max_record_objects``:
     each container counts once, plus once per item and map key it holds, so ``[[]]`` is 3); string
     and container sizes are bounded by ``len(data)``."""
+    return unpack_counted(data, what, max_objects)[0]
+
+
+def unpack_counted(
+    data: bytes | memoryview, what: str, max_objects: int, setting: str = "max_record_objects"
+) -> tuple[Any, int]:
+    """:func:`unpack`, and the objects counted; over *max_objects* the error names ``ReadLimits.<setting>``."""
     size = len(data)
     left = [max_objects]
 
@@ -184,7 +193,7 @@ def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_R
         return items
 
     try:
-        return msgpack.unpackb(
+        obj = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=False,
@@ -203,16 +212,17 @@ def unpack(data: bytes | memoryview, what: str, max_objects: int = DEFAULT_MAX_R
         raise
     except _OverBudget:
         raise ReadLimitError(f"{what} msgpack objects (at least)", max_objects - left[0], max_objects,
-                             setting="max_record_objects") from None  # fmt: skip
+                             setting=setting) from None  # fmt: skip
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
             raise ReadLimitError(
                 f"{what} msgpack container of more than {max_objects} objects (at least)",
                 max_objects + 1,
                 max_objects,
-                setting="max_record_objects",
+                setting=setting,
             ) from exc
         raise CorruptRecordError(f"{what} does not decode as msgpack: {exc}") from exc
+    return obj, max_objects - left[0]
 
 
 def _map(obj: Any, what: str) -> dict[str, Any]:
@@ -333,9 +343,17 @@ def attachment_payload(name: str, data: Mapping[str, Any]) -> bytes:
     return pack_map({"name": name, "data": dict(data)})
 
 
-def parse_attachment(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[str, dict[str, Any]]:
-    obj = _map(unpack(payload, "ATTACHMENT", limits.max_record_objects), "ATTACHMENT")
-    return _str(obj.get("name"), "ATTACHMENT.name"), _map(obj.get("data"), "ATTACHMENT.data")
+def parse_attachment(
+    payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS, budget: int | None = None
+) -> tuple[str, dict[str, Any], int]:
+    """``(name, data, msgpack objects)``; *budget*: the objects the file's attachments have left
+    (``ReadLimits.max_attachment_objects``), when smaller than the per-record limit."""
+    if budget is not None and budget < limits.max_record_objects:
+        obj, count = unpack_counted(payload, "ATTACHMENT", max(0, budget), "max_attachment_objects")
+    else:
+        obj, count = unpack_counted(payload, "ATTACHMENT", limits.max_record_objects)
+    obj = _map(obj, "ATTACHMENT")
+    return _str(obj.get("name"), "ATTACHMENT.name"), _map(obj.get("data"), "ATTACHMENT.data"), count
 
 
 def parse_summary(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
