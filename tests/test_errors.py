@@ -13,6 +13,7 @@ from traceml.errors import (
     DecompressionBombError,
     FormatError,
     FrameTooLargeError,
+    ReadLimitError,
     RecordTooLargeError,
     TracemlError,
 )
@@ -70,6 +71,7 @@ def test_decode_budget_names_size_budget_and_the_variable() -> None:
     [
         RecordTooLargeError("SEGMENT", 9, 8, offset=1, setting="s"),
         DecompressionBombError("zstd frame", None, 100, declared=True),
+        ReadLimitError("tables in the file", 5000, 4096, setting="max_tables", offset=8),
         FrameTooLargeError(9, 8, setting="s", rank=1),
         DecodeBudgetError(100, 16390, base=16384, per_kib=64, setting="TRACEML_MAX_OBJECTS_PER_KIB"),
         CorruptRecordError("bad CRC"),
