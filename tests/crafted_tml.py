@@ -131,11 +131,15 @@ def wide_schemas(path: Path, tables: int, columns: int) -> Path:
     return c.close(footer=False)
 
 
-def zero_rows(path: Path, rows: int, columns: int, *, segments: int = 1, dtype: str = "i8") -> Path:
+def zero_rows(
+    path: Path, rows: int, columns: int, *, segments: int = 1, dtype: str = "i8", schema: bool = False
+) -> Path:
     """*segments* segments of *rows* rows x *columns* columns of zeros, each column stored ``for``
     at one byte a row: a body of about rows x columns bytes that compresses to almost nothing and
-    decodes to 8 bytes a value (``str`` columns: one empty string, 1 byte on disk, 16 in memory)."""
-    c = Crafter(path)
+    decodes to 8 bytes a value (``str`` columns: one empty string, 1 byte on disk, 16 in memory);
+    with *schema*, the HEADER holds the table's schema (readers then size arrays from the index)."""
+    table = TableSchema("t", tuple(Column(f"c{i}", dtype) for i in range(columns)))
+    c = Crafter(path, schemas=[table] if schema else ())
     if dtype == "str":
         entry: Callable[[int], list[Any]] = lambda i: [f"c{i}", "str", "msgpack", 5 + rows, []]  # noqa: E731
         blob = b"\xdd" + struct.pack(">I", rows) + b"\xa0" * rows

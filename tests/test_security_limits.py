@@ -165,3 +165,23 @@ def test_a_segment_that_would_decode_past_its_budget_allocates_nothing_for_it(tm
     with open_recording(path) as r:  # within the default budget the same file reads
         rows = r.read_table("t")[0]["c0"]
         assert len(rows) == 2_000_000 and not any(rows)
+
+
+@pytest.mark.parametrize("schema", [True, False])
+def test_a_read_of_cheap_rows_is_refused_past_its_expansion_budget(tmp_path: Path, schema: bool) -> None:
+    # 10 segments of 500,000 rows x 8 i8 columns of zeros, a few hundred bytes each on disk: each
+    # within max_decoded_bytes (32 MB of arrays), together 320 MB for read_table. With the table's
+    # schema read_table sizes its arrays from the index: refused before any exists; without it, it
+    # decodes segment by segment: refused once what it holds passes the budget
+    path = crafted_tml.zero_rows(tmp_path / "z.tml", 500_000, 8, segments=10, schema=schema)
+    limits = ReadLimits(max_decoded_bytes=32 << 20)
+
+    def read() -> None:
+        with open_recording(path, limits=limits) as r, pytest.raises(ReadLimitError, match="max_expansion") as err:
+            r.read_table("t")
+        assert err.value.found == (320_000_000 if schema else 64_000_000)
+
+    _, peak = _peak(read)
+    assert peak < (8 << 20 if schema else 120 << 20), f"peak {peak >> 20} MiB"
+    with open_recording(path, limits=limits) as r:  # the rows are there: segment by segment reads them all
+        assert sum(len(c["c0"]) for _, _, c in r.iter_batches()) == 5_000_000

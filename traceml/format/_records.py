@@ -67,6 +67,9 @@ class ReadLimits:
     max_decoded_bytes: int = 256 << 20
     #: msgpack objects summed over the attachments kept (the last of each name), as counted above
     max_attachment_objects: int = 1 << 22
+    #: bytes of arrays a ``read_table`` may size from the index per byte of the segments it reads,
+    #: beyond ``max_decoded_bytes`` (real recordings decode to under 10x their stored bytes)
+    max_expansion: int = 1024
     #: columns of one table (a SCHEMA, the HEADER's schemas, a segment's layout)
     max_columns: int = 4096
     #: distinct tables in a file (schemas and segments)

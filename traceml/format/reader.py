@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from traceml import names
-from traceml.errors import ConfigError, CorruptRecordError, FormatError
+from traceml.errors import ConfigError, CorruptRecordError, FormatError, ReadLimitError
 from traceml.format import _segment, rollup
 from traceml.format._locate import LocatedFile, ReadLimits, SegmentInfo, _Scan
 from traceml.format._records import RecordKind
@@ -29,6 +29,11 @@ _MAX_STEP = (1 << 63) - 1
 def _row_bytes(schema: TableSchema) -> int:
     """Bytes a decoded row of *schema* takes in arrays (as ``_segment.decoded_bytes`` counts them)."""
     return sum(_segment.STR_VALUE_BYTES if c.dtype == STR else NUMPY_DTYPES[c.dtype].itemsize for c in schema.columns)
+
+
+def _array_bytes(array: np.ndarray) -> int:
+    """Bytes of a decoded column as ``_segment.decoded_bytes`` counts them (str values by their cost)."""
+    return len(array) * _segment.STR_VALUE_BYTES if array.dtype == object else int(array.nbytes)
 
 
 def open_recording(
@@ -222,13 +227,18 @@ class TmlReader(LocatedFile):
             selected.append((seg, wanted, whole))
             for rank, _ in wanted:
                 capacity[rank] = capacity.get(rank, 0) + seg.rows[(rank, table)]
+        if schema is not None:
+            self._check_expansion(table, sum(capacity.values()) * _row_bytes(schema), selected)
         if schema is None:  # its SCHEMA record is lost: decode segment by segment
             parts: dict[int, list[dict[str, np.ndarray]]] = {}
+            held = 0
             for seg, wanted, _ in selected:
                 for rank, _, cols in self._read_checked(seg, wanted):
                     trimmed = _trim(cols, step_range, time_range)
                     if trimmed is not None:
                         parts.setdefault(rank, []).append(trimmed)
+                        held += sum(_array_bytes(a) for a in trimmed.values())
+                self._check_expansion(table, held, selected)
             return {rank: _concat(chunks) for rank, chunks in sorted(parts.items())}
         # decode straight into one array per rank and column, sized from the index
         out = {
@@ -373,6 +383,22 @@ class TmlReader(LocatedFile):
         except FormatError as exc:
             self._report(seg.offset, seg.length, f"SEGMENT at byte {seg.offset}: {exc}")
             return []
+
+    def _check_expansion(self, table: str, claimed: int, selected: list[tuple[SegmentInfo, Any, bool]]) -> None:
+        """Refuse a read whose arrays, sized by the rows the index claims, would exceed both
+        ``max_decoded_bytes`` and ``max_expansion`` times the bytes of the segments read: bodies
+        that decompress to zeros can claim rows cheaply, and real recordings stay under 10x."""
+        limits = self._limits
+        stored = sum(seg.length for seg, _, _ in selected)
+        allowed = max(limits.max_decoded_bytes, limits.max_expansion * stored)
+        if claimed > allowed:
+            raise ReadLimitError(
+                f"read_table({table[:40]!r}): bytes of arrays for the rows the index claims in {len(selected)}"
+                f" segments of {stored} bytes",
+                claimed,
+                allowed,
+                setting="max_expansion",
+            )
 
     def _has_column(self, table: str, column: str) -> bool:
         schema = self._schemas.get(table)
