@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,7 @@ from traceml.runtime.step import (
     BACKWARD,
     CARRY,
     DATALOADER,
+    FAST,
     FORWARD,
     H2D,
     NO_PHASE,
@@ -81,6 +82,11 @@ def _fetch_wrapper(clock: PhaseClock, fn: Any) -> Any:
     carried inline (one frame: the loader read without a ``source`` call); every other case
     (inside a step, sampled, another loader, a failure) is :func:`timed_carried`'s."""
     full = timed_carried(clock, DATALOADER, fn, source=_loader_source, gpu=False)
+    if FAST is not None:
+        fast = FAST.Fetch(clock, DATALOADER, fn, full)  # the same fast path in C
+        fast.__name__ = getattr(fn, "__name__", "traceml_fetch")
+        fast.__doc__ = getattr(fn, "__doc__", None)
+        return fast
 
     def traceml_fetch(it: Any, *args: Any, **kwargs: Any) -> Any:
         c = clock
@@ -178,9 +184,13 @@ def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
             if g & SAMPLE:
                 c.self_ns += _perf_ns() - t1
 
-    pre_handle = register_optimizer_step_pre_hook(pre)
+    if FAST is not None:  # the common case in C, sampled steps and a GPU timer in pre/post
+        pre_handle = register_optimizer_step_pre_hook(FAST.OptimizerHook(clock, 0, None, pre))
+        post_handle = register_optimizer_step_post_hook(FAST.OptimizerHook(clock, 1, None, post))
+    else:
+        pre_handle = register_optimizer_step_pre_hook(pre)
+        post_handle = register_optimizer_step_post_hook(post)
     names = [patches.register("optimizer step pre-hook" + suffix, pre_handle.remove)]
-    post_handle = register_optimizer_step_post_hook(post)
     names.append(patches.register("optimizer step post-hook" + suffix, post_handle.remove))
     return names
 
@@ -209,18 +219,34 @@ def _h2d_wrapper(clock: PhaseClock, fn: Any) -> Any:
 # --- the traced model's forward ----------------------------------------------------------
 
 
-class TimedForward:
-    """Instance-level wrapper stored in the model's ``__dict__``; pickles/deepcopies as the
-    plain method so a saved or copied model carries no traceml state."""
+if TYPE_CHECKING or FAST is None:
+    _ForwardBase: type = object
+else:
+    _ForwardBase = FAST.Timed
 
-    __slots__ = ("_fn", "_clock", "_model", "__weakref__")
+
+class TimedForward(_ForwardBase):
+    """Instance-level wrapper stored in the model's ``__dict__``; pickles/deepcopies as the
+    plain method so a saved or copied model carries no traceml state.  With the C fast path
+    its base is ``_fastclock.Timed`` (``_fn``, ``_clock`` and the call in C, :meth:`_call_py`
+    for sampled steps and a GPU timer)."""
+
+    __slots__ = ("_fn", "_clock", "_model", "__weakref__") if FAST is None else ("_model",)
+    _fn: Any
+    _clock: PhaseClock
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def __init__(self, clock: PhaseClock, fn: Any, model: Any) -> None:
-        self._fn = fn
-        self._clock = clock
+        if FAST is None:
+            self._fn = fn
+            self._clock = clock
+        else:
+            FAST.Timed.__init__(self, clock, FORWARD, fn, self._call_py)
         self._model = weakref.ref(model)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _call_py(self, *args: Any, **kwargs: Any) -> Any:
         c = self._clock
         g = c.gate
         if not g & STEP or _get_ident() != c.owner:
@@ -255,6 +281,10 @@ class TimedForward:
         if name in ("_fn", "_clock", "_model", "_auto"):  # slots not set yet (also a subclass's)
             raise AttributeError(name)
         return getattr(self._fn, name)
+
+
+if FAST is None:
+    TimedForward.__call__ = TimedForward._call_py  # type: ignore[method-assign]
 
 
 def _identity_none() -> None:

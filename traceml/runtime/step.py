@@ -6,11 +6,12 @@ phases never overlap, so ``residual = step - sum(phases) >= 0``.  Attribution ru
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from traceml import names
 from traceml.runtime._failopen import disable_piece
@@ -20,6 +21,29 @@ from traceml.store import BoundedTable
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 _get_ident = threading.get_ident
+
+
+def _load_fast() -> ModuleType | None:
+    """The optional C fast path (``_fastclock.c``, built by ``pip install``), or None: not built,
+    or ``TRACEML_PURE_PYTHON=1``.  This module stays the reference; C runs only the common case."""
+    if os.environ.get("TRACEML_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None
+    try:
+        from traceml.runtime import _fastclock  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    # its clock is CLOCK_MONOTONIC: only where perf_counter is the same clock
+    if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
+        return None
+    return _fastclock
+
+
+#: the C fast path in use (None: pure Python)
+FAST: ModuleType | None = _load_fast()
+if TYPE_CHECKING or FAST is None:
+    _StepBase: type = object
+else:
+    _StepBase = FAST.StepContext
 
 #: phase indices into PhaseClock.acc (same order as traceml.schema.PHASES, residual excluded)
 DATALOADER, H2D, FORWARD, BACKWARD, OPTIMIZER = range(5)
@@ -246,7 +270,16 @@ def timed(clock: PhaseClock, phase: int, fn: Callable[..., Any], gpu: bool = Tru
     """
     if phase in CARRIED_PHASES:
         return timed_carried(clock, phase, fn, source=None if phase == H2D else _no_source, gpu=gpu)
+    full = _timed_py(clock, phase, fn)
+    if FAST is None:
+        return full
+    fast = FAST.Timed(clock, phase, fn, full)  # the common case in C, the rest is `full`
+    fast.__name__ = full.__name__
+    fast.__doc__ = full.__doc__
+    return fast  # type: ignore[no-any-return]
 
+
+def _timed_py(clock: PhaseClock, phase: int, fn: Callable[..., Any]) -> Callable[..., Any]:
     def traceml_timed(*args: Any, **kwargs: Any) -> Any:
         c = clock
         g = c.gate
@@ -357,7 +390,7 @@ def timed_carried(
     return traceml_carried
 
 
-class StepTracker:
+class StepTracker(_StepBase):
     """``with trace_step(model):`` — one STEP_TIME row per step, regions, GPU/memory hand-off.
 
     One instance per agent, re-entered every step.  The training thread appends one raw tuple
@@ -653,6 +686,13 @@ class StepTracker:
         for name, (ns, calls, t0) in self.regions.items():
             append((step, ts, name, ns // 1000, calls, max((t0 - start) // 1000, 0) if t0 else -1))
         self.regions.clear()
+
+
+if FAST is not None:
+    # the C base's __enter__/__exit__: the same common path (_fastclock.c), the rest calls
+    # _enter_full/_exit_full above
+    delattr(StepTracker, "__enter__")
+    delattr(StepTracker, "__exit__")
 
 
 class Region:

@@ -1,0 +1,698 @@
+/* The optional C fast path of traceml's phase clock (traceml/runtime/step.py is the reference).
+ *
+ * Only the common case runs here: the step context's enter/exit, the in-step timed wrapper,
+ * the optimizer hooks and the training loader's carried fetch.  Every rare case (a sampled
+ * step, a GPU timer, another loader, a nested or failed step, a disabled tracker) calls the
+ * Python code it would have run.  Fail-open: an error in traceml's own bookkeeping is cleared
+ * (the step tracker's _fail() turns step timing off); an exception of the wrapped call
+ * propagates unchanged.  State lives in the Python objects (PhaseClock, StepTracker): this
+ * module only reads and writes their attributes, so both implementations share it.
+ *
+ * The clock is CLOCK_MONOTONIC: time.perf_counter_ns() on Linux (tests check it).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define CARRY 1
+#define STEP 2
+#define SAMPLE 4
+#define DATALOADER 0
+#define OPTIMIZER 4
+#define NPHASES 5
+
+static PyObject *s_gate, *s_base, *s_owner, *s__phase, *s_acc, *s_first, *s_gpu, *s_carry,
+    *s_carry_first, *s_train_src, *s_last_src, *s_train_seen, *s_fetched_in_step, *s_opt_depth,
+    *s_opt_t0, *s_other, *s_add_carried, *s__dataset, *s_depth, *s__rare, *s_clock, *s_pending,
+    *s_t0, *s_step, *s__slow_at, *s_step_table, *s__rows, *s_appended, *s__high_water, *s_wake,
+    *s_append, *s__enter_full, *s__exit_full, *s__fail;
+static PyObject *k_minus_one, *k_zero, *k_phase[NPHASES];
+
+static inline long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+}
+
+/* -- attribute helpers: 0 on success, -1 with an exception set ------------------------------ */
+static int get_ll(PyObject *o, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+static int set_ll(PyObject *o, PyObject *name, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL) return -1;
+    int r = PyObject_SetAttr(o, name, x);
+    Py_DECREF(x);
+    return r;
+}
+
+/* 1: the calling thread is clock.owner, 0: it is not, -1: error */
+static int is_owner(PyObject *clock) {
+    PyObject *v = PyObject_GetAttr(clock, s_owner);
+    if (v == NULL) return -1;
+    unsigned long long owner = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (owner == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return owner == (unsigned long long)PyThread_get_thread_ident();
+}
+
+/* 1: clock.gpu is not None, 0: it is, -1: error */
+static int has_gpu(PyObject *clock) {
+    PyObject *v = PyObject_GetAttr(clock, s_gpu);
+    if (v == NULL) return -1;
+    int r = v != Py_None;
+    Py_DECREF(v);
+    return r;
+}
+
+/* the list attribute `name` (a new reference), checked to hold NPHASES items */
+static PyObject *get_list(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return NULL;
+    if (!PyList_CheckExact(v) || PyList_GET_SIZE(v) < NPHASES) {
+        Py_DECREF(v);
+        PyErr_SetString(PyExc_TypeError, "traceml: a phase accumulator is not a list of 5 ints");
+        return NULL;
+    }
+    return v;
+}
+
+static int item_ll(PyObject *list, Py_ssize_t i, long long *out) {
+    *out = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+static int set_item_ll(PyObject *list, Py_ssize_t i, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL) return -1;
+    return PyList_SetItem(list, i, x); /* steals x */
+}
+
+/* acc[phase] += t1 - t0; first[phase] = t0 when 0 */
+static int account(PyObject *clock, int phase, long long t0, long long t1) {
+    long long v;
+    int r = -1;
+    PyObject *acc = get_list(clock, s_acc);
+    if (acc == NULL) return -1;
+    PyObject *first = get_list(clock, s_first);
+    if (first == NULL) goto done_acc;
+    if (item_ll(acc, phase, &v) < 0 || set_item_ll(acc, phase, v + (t1 - t0)) < 0) goto done;
+    if (item_ll(first, phase, &v) < 0) goto done;
+    if (v == 0 && set_item_ll(first, phase, t0) < 0) goto done;
+    r = 0;
+done:
+    Py_DECREF(first);
+done_acc:
+    Py_DECREF(acc);
+    return r;
+}
+
+/* clock._phase = NO_PHASE; clock.gate = clock.base */
+static int close_phase(PyObject *clock) {
+    if (PyObject_SetAttr(clock, s__phase, k_minus_one) < 0) return -1;
+    PyObject *base = PyObject_GetAttr(clock, s_base);
+    if (base == NULL) return -1;
+    int r = PyObject_SetAttr(clock, s_gate, base);
+    Py_DECREF(base);
+    return r;
+}
+
+static int open_phase(PyObject *clock, int phase) {
+    if (PyObject_SetAttr(clock, s__phase, k_phase[phase]) < 0) return -1;
+    return PyObject_SetAttr(clock, s_gate, k_zero);
+}
+
+/* ==== Timed: forward / backward / optimizer-free wrappers timed inside a step ============= */
+typedef struct {
+    PyObject_HEAD
+    PyObject *clock;
+    PyObject *fn;
+    PyObject *full; /* the Python wrapper: sampled steps, a GPU timer */
+    PyObject *dict;
+    PyObject *weakreflist;
+    int phase;
+} TimedObject;
+
+static int Timed_init(TimedObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"clock", "phase", "fn", "full", NULL};
+    PyObject *clock, *fn, *full;
+    int phase;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiOO", kwlist, &clock, &phase, &fn, &full)) return -1;
+    if (phase < 0 || phase >= NPHASES) {
+        PyErr_Format(PyExc_ValueError, "phase %d: expected 0..4", phase);
+        return -1;
+    }
+    Py_INCREF(clock);
+    Py_XSETREF(self->clock, clock);
+    Py_INCREF(fn);
+    Py_XSETREF(self->fn, fn);
+    Py_INCREF(full);
+    Py_XSETREF(self->full, full);
+    self->phase = phase;
+    return 0;
+}
+
+static int Timed_traverse(TimedObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->clock);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->full);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int Timed_clear(TimedObject *self) {
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->full);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void Timed_dealloc(TimedObject *self) {
+    /* a static type: a heap subclass (TimedForward) drops its own type reference */
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) PyObject_ClearWeakRefs((PyObject *)self);
+    Timed_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Fetch is a class attribute (``_BaseDataLoaderIter.__next__``): it binds like a function */
+static PyObject *Fetch_descr_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *Timed_call(TimedObject *self, PyObject *args, PyObject *kw) {
+    PyObject *clock = self->clock, *fn = self->fn;
+    long long gate;
+    int r;
+    if (clock == NULL || fn == NULL || self->full == NULL) {
+        PyErr_SetString(PyExc_TypeError, "traceml: timed wrapper not initialised");
+        return NULL;
+    }
+    if (get_ll(clock, s_gate, &gate) < 0) goto plain;
+    if (!(gate & STEP)) return PyObject_Call(fn, args, kw); /* outside a step, or a phase runs */
+    if ((r = is_owner(clock)) < 0) goto plain;
+    if (!r) return PyObject_Call(fn, args, kw); /* another thread */
+    if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
+        if (r < 0) goto plain;
+        return PyObject_Call(self->full, args, kw); /* sampled, or a GPU timer: the reference code */
+    }
+    if (open_phase(clock, self->phase) < 0) goto plain;
+    long long t0 = now_ns();
+    PyObject *res = PyObject_Call(fn, args, kw);
+    long long t1 = now_ns();
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb); /* the call's exception, if any, kept aside unchanged */
+    if (account(clock, self->phase, t0, t1) < 0) PyErr_Clear();
+    if (close_phase(clock) < 0) PyErr_Clear();
+    PyErr_Restore(et, ev, etb);
+    return res;
+plain:
+    PyErr_Clear(); /* traceml's state is unreadable: time nothing, run the call */
+    return PyObject_Call(fn, args, kw);
+}
+
+static PyObject *Timed_get_wrapped(TimedObject *self, void *closure) {
+    PyObject *v = self->fn ? self->fn : Py_None;
+    Py_INCREF(v);
+    return v;
+}
+
+static PyObject *Timed_get_clock(TimedObject *self, void *closure) {
+    PyObject *v = self->clock ? self->clock : Py_None;
+    Py_INCREF(v);
+    return v;
+}
+
+static PyGetSetDef Timed_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"__wrapped__", (getter)Timed_get_wrapped, NULL, "the wrapped callable", NULL},
+    {"_fn", (getter)Timed_get_wrapped, NULL, "the wrapped callable", NULL},
+    {"_clock", (getter)Timed_get_clock, NULL, "the phase clock", NULL},
+    {NULL},
+};
+
+static PyTypeObject TimedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.Timed",
+    .tp_doc = "Timed(clock, phase, fn, full): fn timed as `phase` inside a step (C fast path of step.timed).",
+    .tp_basicsize = sizeof(TimedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Timed_init,
+    .tp_dealloc = (destructor)Timed_dealloc,
+    .tp_traverse = (traverseproc)Timed_traverse,
+    .tp_clear = (inquiry)Timed_clear,
+    .tp_call = (ternaryfunc)Timed_call,
+    .tp_getset = Timed_getset,
+    .tp_dictoffset = offsetof(TimedObject, dict),
+    .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
+};
+
+/* ==== Fetch: DataLoader __next__, the training loader's carried fetch ====================== */
+static PyObject *Fetch_call(TimedObject *self, PyObject *args, PyObject *kw) {
+    PyObject *clock = self->clock, *fn = self->fn;
+    long long gate;
+    int r;
+    if (clock == NULL || fn == NULL || self->full == NULL) {
+        PyErr_SetString(PyExc_TypeError, "traceml: fetch wrapper not initialised");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(args) < 1) return PyObject_Call(self->full, args, kw);
+    if (get_ll(clock, s_gate, &gate) < 0) goto plain;
+    if (gate != CARRY) return PyObject_Call(self->full, args, kw); /* in a step, sampled, off, nested */
+    if ((r = is_owner(clock)) < 0) goto plain;
+    if (!r) return PyObject_Call(self->full, args, kw);
+    if (open_phase(clock, DATALOADER) < 0) goto plain;
+    long long t0 = now_ns();
+    PyObject *res = PyObject_Call(fn, args, kw);
+    long long t1 = now_ns();
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    if (close_phase(clock) < 0) PyErr_Clear();
+    if (res == NULL) { /* StopIteration at the end of an epoch too: not counted */
+        PyErr_Restore(et, ev, etb);
+        return NULL;
+    }
+    /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
+    PyObject *it = PyTuple_GET_ITEM(args, 0);
+    PyObject *ds = PyObject_GetAttr(it, s__dataset);
+    PyObject *src;
+    if (ds == NULL) {
+        PyErr_Clear();
+        src = PyLong_FromVoidPtr((void *)Py_TYPE(it));
+    } else {
+        src = PyLong_FromVoidPtr(ds);
+        Py_DECREF(ds);
+    }
+    if (src == NULL) goto bookkeeping_failed;
+    if (PyObject_SetAttr(clock, s_last_src, src) < 0) goto src_failed;
+    PyObject *train = PyObject_GetAttr(clock, s_train_src);
+    if (train == NULL) goto src_failed;
+    r = PyObject_RichCompareBool(src, train, Py_EQ);
+    Py_DECREF(train);
+    if (r < 0) goto src_failed;
+    if (r) {
+        long long v;
+        if (PyObject_SetAttr(clock, s_train_seen, Py_True) < 0) goto src_failed;
+        PyObject *carry = get_list(clock, s_carry);
+        if (carry == NULL) goto src_failed;
+        if (item_ll(carry, DATALOADER, &v) < 0) goto carry_failed;
+        if (v == 0) {
+            PyObject *cf = get_list(clock, s_carry_first);
+            if (cf == NULL) goto carry_failed;
+            int e = set_item_ll(cf, DATALOADER, t0);
+            Py_DECREF(cf);
+            if (e < 0) goto carry_failed;
+        }
+        if (set_item_ll(carry, DATALOADER, v + (t1 - t0)) < 0) goto carry_failed;
+        Py_DECREF(carry);
+        Py_DECREF(src);
+        return res;
+    carry_failed:
+        Py_DECREF(carry);
+        goto src_failed;
+    }
+    PyObject *out = PyObject_CallMethod(clock, "add_carried", "iOLL", DATALOADER, src, t0, t1 - t0);
+    if (out == NULL) goto src_failed;
+    Py_DECREF(out);
+    Py_DECREF(src);
+    return res;
+src_failed:
+    Py_DECREF(src);
+bookkeeping_failed:
+    PyErr_Clear(); /* the fetch is not counted; the batch goes to the user */
+    return res;
+plain:
+    PyErr_Clear();
+    return PyObject_Call(fn, args, kw);
+}
+
+static PyTypeObject FetchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.Fetch",
+    .tp_doc = "Fetch(clock, phase, fn, full): DataLoader __next__ carried between steps (C fast path).",
+    .tp_basicsize = sizeof(TimedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Timed_init,
+    .tp_dealloc = (destructor)Timed_dealloc,
+    .tp_traverse = (traverseproc)Timed_traverse,
+    .tp_clear = (inquiry)Timed_clear,
+    .tp_call = (ternaryfunc)Fetch_call,
+    .tp_descr_get = Fetch_descr_get,
+    .tp_getset = Timed_getset,
+    .tp_dictoffset = offsetof(TimedObject, dict),
+    .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
+};
+
+/* ==== OptimizerHook: the optimizer step pre-hook (phase 0 in `phase`) or post-hook (1) ======= */
+static PyObject *OptHook_call(TimedObject *self, PyObject *args, PyObject *kw) {
+    PyObject *clock = self->clock;
+    long long depth, gate, t;
+    int r;
+    if (clock == NULL || self->full == NULL) Py_RETURN_NONE;
+    if (get_ll(clock, s_opt_depth, &depth) < 0) goto fail;
+    if (self->phase == 0) { /* pre */
+        if (depth) {        /* an optimizer stepped from inside another one's step */
+            if (set_ll(clock, s_opt_depth, depth + 1) < 0) goto fail;
+            Py_RETURN_NONE;
+        }
+        if (get_ll(clock, s_gate, &gate) < 0) goto fail;
+        if (!(gate & STEP)) Py_RETURN_NONE;
+        if ((r = is_owner(clock)) <= 0) goto none_or_fail;
+        if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
+            if (r < 0) goto fail;
+            return PyObject_Call(self->full, args, kw);
+        }
+        if (set_ll(clock, s_opt_depth, 1) < 0 || open_phase(clock, OPTIMIZER) < 0) goto fail;
+        t = now_ns();
+        if (set_ll(clock, s_opt_t0, t) < 0) goto fail;
+        PyObject *first = get_list(clock, s_first);
+        if (first == NULL) goto fail;
+        long long f;
+        r = item_ll(first, OPTIMIZER, &f);
+        if (r == 0 && f == 0) r = set_item_ll(first, OPTIMIZER, t);
+        Py_DECREF(first);
+        if (r < 0) goto fail;
+        Py_RETURN_NONE;
+    }
+    /* post */
+    if (!depth) Py_RETURN_NONE;
+    if ((r = is_owner(clock)) <= 0) goto none_or_fail;
+    long long base;
+    if (get_ll(clock, s_base, &base) < 0) goto fail;
+    if ((base & SAMPLE) || (r = has_gpu(clock)) != 0) {
+        if (r < 0) goto fail;
+        return PyObject_Call(self->full, args, kw);
+    }
+    t = now_ns();
+    if (set_ll(clock, s_opt_depth, depth - 1) < 0) goto fail;
+    if (depth == 1) {
+        long long phase, t0;
+        if (get_ll(clock, s__phase, &phase) < 0) goto fail;
+        if (phase == OPTIMIZER) {
+            if (get_ll(clock, s_opt_t0, &t0) < 0) goto fail;
+            PyObject *acc = get_list(clock, s_acc);
+            if (acc == NULL) goto fail;
+            long long v;
+            r = item_ll(acc, OPTIMIZER, &v);
+            if (r == 0) r = set_item_ll(acc, OPTIMIZER, v + (t - t0));
+            Py_DECREF(acc);
+            if (r < 0 || close_phase(clock) < 0) goto fail;
+        }
+    }
+    Py_RETURN_NONE;
+none_or_fail:
+    if (r == 0) Py_RETURN_NONE;
+fail:
+    PyErr_Clear(); /* a hook never raises into optimizer.step() */
+    Py_RETURN_NONE;
+}
+
+static PyTypeObject OptHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.OptimizerHook",
+    .tp_doc = "OptimizerHook(clock, 0|1, None, full): the optimizer step pre- (0) or post-hook (1).",
+    .tp_basicsize = sizeof(TimedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Timed_init,
+    .tp_dealloc = (destructor)Timed_dealloc,
+    .tp_traverse = (traverseproc)Timed_traverse,
+    .tp_clear = (inquiry)Timed_clear,
+    .tp_call = (ternaryfunc)OptHook_call,
+    .tp_getset = Timed_getset,
+    .tp_dictoffset = offsetof(TimedObject, dict),
+    .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
+};
+
+/* ==== StepContext: the base of StepTracker, its __enter__ / __exit__ ======================= */
+static PyObject *call_full_method(PyObject *self, PyObject *name) {
+    return PyObject_CallMethodNoArgs(self, name);
+}
+
+/* bookkeeping failed half-way: StepTracker._fail() turns step timing off (logged once) */
+static void step_failed(PyObject *self) {
+    PyErr_Clear();
+    PyObject *r = PyObject_CallMethodNoArgs(self, s__fail);
+    if (r == NULL) PyErr_Clear();
+    Py_XDECREF(r);
+}
+
+static int swap_attrs(PyObject *o, PyObject *a, PyObject *b, PyObject **got_b) {
+    /* o.a, o.b = o.b, o.a; *got_b: the list that was o.b (new reference) */
+    PyObject *va = PyObject_GetAttr(o, a);
+    if (va == NULL) return -1;
+    PyObject *vb = PyObject_GetAttr(o, b);
+    if (vb == NULL) {
+        Py_DECREF(va);
+        return -1;
+    }
+    int r = PyObject_SetAttr(o, b, va);
+    if (r == 0) r = PyObject_SetAttr(o, a, vb);
+    Py_DECREF(va);
+    if (r < 0) {
+        Py_DECREF(vb);
+        return -1;
+    }
+    *got_b = vb;
+    return 0;
+}
+
+static PyObject *Step_enter(PyObject *self, PyObject *unused) {
+    long long depth, gate;
+    PyObject *clock = NULL, *v;
+    int rare;
+    if (get_ll(self, s_depth, &depth) < 0) goto full;
+    if (depth) goto full;
+    if ((v = PyObject_GetAttr(self, s__rare)) == NULL) goto full;
+    rare = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (rare) goto full;
+    if ((clock = PyObject_GetAttr(self, s_clock)) == NULL) goto full;
+    if (get_ll(clock, s_gate, &gate) < 0 || gate != CARRY) goto full;
+    if ((v = PyObject_GetAttr(clock, s_other)) == NULL) goto full;
+    rare = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (rare) goto full;
+    /* the common step (StepTracker.__enter__) */
+    if (set_ll(self, s_depth, 1) < 0) goto failed;
+    v = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (v == NULL) goto failed;
+    int e = PyObject_SetAttr(clock, s_owner, v);
+    Py_DECREF(v);
+    if (e < 0) goto failed;
+    PyObject *carry; /* the carried time becomes the step's first phases */
+    if (swap_attrs(clock, s_acc, s_carry, &carry) < 0) goto failed;
+    PyObject *cf;
+    if (swap_attrs(clock, s_first, s_carry_first, &cf) < 0) {
+        Py_DECREF(carry);
+        goto failed;
+    }
+    Py_DECREF(cf);
+    long long c0, c1;
+    if (!PyList_CheckExact(carry) || PyList_GET_SIZE(carry) < NPHASES || item_ll(carry, 0, &c0) < 0 ||
+        item_ll(carry, 1, &c1) < 0) {
+        Py_DECREF(carry);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "traceml: carry is not a list of 5 ints");
+        goto failed;
+    }
+    Py_DECREF(carry);
+    if (set_ll(self, s_pending, c0 + c1) < 0) goto failed;
+    if (PyObject_SetAttr(clock, s_train_seen, Py_False) < 0 ||
+        PyObject_SetAttr(clock, s_fetched_in_step, Py_False) < 0 || PyObject_SetAttr(clock, s_opt_depth, k_zero) < 0)
+        goto failed;
+    if (set_ll(clock, s_base, CARRY | STEP) < 0 || set_ll(clock, s_gate, CARRY | STEP) < 0) goto failed;
+    if (set_ll(self, s_t0, now_ns()) < 0) goto failed;
+    Py_DECREF(clock);
+    Py_INCREF(self);
+    return self;
+failed:
+    Py_XDECREF(clock);
+    step_failed(self);
+    Py_INCREF(self);
+    return self;
+full:
+    Py_XDECREF(clock);
+    PyErr_Clear();
+    return call_full_method(self, s__enter_full);
+}
+
+static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long t1 = now_ns();
+    long long depth, gate, step, slow_at;
+    PyObject *clock = NULL, *acc = NULL, *first = NULL, *table = NULL, *rows = NULL;
+    PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
+    if (get_ll(self, s_depth, &depth) < 0 || depth != 1) goto full;
+    if (exc_type != Py_None) goto full;
+    if (get_ll(self, s_step, &step) < 0 || get_ll(self, s__slow_at, &slow_at) < 0 || step >= slow_at) goto full;
+    if ((clock = PyObject_GetAttr(self, s_clock)) == NULL) goto full;
+    if (get_ll(clock, s_gate, &gate) < 0 || gate != (CARRY | STEP)) goto full;
+    /* the common step (StepTracker.__exit__) */
+    long long t0, pending, row[14];
+    if (get_ll(self, s_t0, &t0) < 0 || get_ll(self, s_pending, &pending) < 0) goto failed;
+    if ((acc = get_list(clock, s_acc)) == NULL || (first = get_list(clock, s_first)) == NULL) goto failed;
+    row[0] = step;
+    row[1] = 0;
+    row[2] = t0 - pending;
+    row[3] = t1;
+    for (int i = 0; i < NPHASES; i++) {
+        if (item_ll(acc, i, &row[4 + i]) < 0 || item_ll(first, i, &row[9 + i]) < 0) goto failed;
+    }
+    if (set_ll(self, s_depth, 0) < 0 || PyObject_SetAttr(clock, s_opt_depth, k_zero) < 0) goto failed;
+    if (set_ll(self, s_step, step + 1) < 0) goto failed;
+    if (set_ll(clock, s_base, CARRY) < 0 || set_ll(clock, s_gate, CARRY) < 0) goto failed;
+    for (int i = 0; i < NPHASES; i++) {
+        Py_INCREF(k_zero);
+        PyList_SetItem(acc, i, k_zero);
+        Py_INCREF(k_zero);
+        PyList_SetItem(first, i, k_zero);
+    }
+    /* the row: ROW = struct.Struct("14q"), native (steprows.pack_row) */
+    PyObject *packed = PyBytes_FromStringAndSize((const char *)row, sizeof(row));
+    if (packed == NULL) goto failed;
+    if ((table = PyObject_GetAttr(self, s_step_table)) == NULL || (rows = PyObject_GetAttr(table, s__rows)) == NULL) {
+        Py_DECREF(packed);
+        goto failed;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(rows, s_append, packed);
+    Py_DECREF(packed);
+    if (r == NULL) goto failed;
+    Py_DECREF(r);
+    long long appended, hw;
+    if (get_ll(table, s_appended, &appended) < 0 || set_ll(table, s_appended, appended + 1) < 0) goto failed;
+    Py_ssize_t n = PyObject_Length(rows);
+    if (n < 0 || get_ll(table, s__high_water, &hw) < 0) goto failed;
+    if (n == hw) {
+        r = PyObject_CallMethodNoArgs(table, s_wake);
+        if (r == NULL) goto failed;
+        Py_DECREF(r);
+    }
+    Py_DECREF(rows);
+    Py_DECREF(table);
+    Py_DECREF(first);
+    Py_DECREF(acc);
+    Py_DECREF(clock);
+    Py_RETURN_FALSE;
+failed:
+    Py_XDECREF(rows);
+    Py_XDECREF(table);
+    Py_XDECREF(first);
+    Py_XDECREF(acc);
+    Py_XDECREF(clock);
+    step_failed(self);
+    Py_RETURN_FALSE; /* never swallow the user's exception */
+full:
+    Py_XDECREF(clock);
+    PyErr_Clear();
+    PyObject *t1o = PyLong_FromLongLong(t1);
+    if (t1o == NULL) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    PyObject *out = PyObject_CallMethodObjArgs(self, s__exit_full, t1o, exc_type, NULL);
+    Py_DECREF(t1o);
+    return out;
+}
+
+static PyMethodDef Step_methods[] = {
+    {"__enter__", (PyCFunction)Step_enter, METH_NOARGS, "Open a step (C fast path of StepTracker.__enter__)."},
+    {"__exit__", (PyCFunction)(void (*)(void))Step_exit, METH_FASTCALL,
+     "Close the step (C fast path of StepTracker.__exit__)."},
+    {NULL},
+};
+
+static PyTypeObject StepContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.StepContext",
+    .tp_doc = "Base of StepTracker: __enter__/__exit__ in C; the rare cases call _enter_full/_exit_full.",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = Step_methods,
+};
+
+static PyObject *mod_now_ns(PyObject *m, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
+
+static PyMethodDef module_methods[] = {
+    {"now_ns", mod_now_ns, METH_NOARGS, "clock_gettime(CLOCK_MONOTONIC) in ns (time.perf_counter_ns on Linux)."},
+    {NULL},
+};
+
+static struct PyModuleDef fastclock_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "traceml.runtime._fastclock",
+    .m_doc = "The optional C fast path of traceml's phase clock (see traceml/runtime/step.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+#define INTERN(var, text)                                     \
+    do {                                                      \
+        if ((var = PyUnicode_InternFromString(text)) == NULL) \
+            return NULL;                                      \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__fastclock(void) {
+    INTERN(s_gate, "gate");
+    INTERN(s_base, "base");
+    INTERN(s_owner, "owner");
+    INTERN(s__phase, "_phase");
+    INTERN(s_acc, "acc");
+    INTERN(s_first, "first");
+    INTERN(s_gpu, "gpu");
+    INTERN(s_carry, "carry");
+    INTERN(s_carry_first, "carry_first");
+    INTERN(s_train_src, "train_src");
+    INTERN(s_last_src, "last_src");
+    INTERN(s_train_seen, "train_seen");
+    INTERN(s_fetched_in_step, "fetched_in_step");
+    INTERN(s_opt_depth, "opt_depth");
+    INTERN(s_opt_t0, "opt_t0");
+    INTERN(s_other, "other");
+    INTERN(s_add_carried, "add_carried");
+    INTERN(s__dataset, "_dataset");
+    INTERN(s_depth, "depth");
+    INTERN(s__rare, "_rare");
+    INTERN(s_clock, "clock");
+    INTERN(s_pending, "pending");
+    INTERN(s_t0, "t0");
+    INTERN(s_step, "step");
+    INTERN(s__slow_at, "_slow_at");
+    INTERN(s_step_table, "step_table");
+    INTERN(s__rows, "_rows");
+    INTERN(s_appended, "appended");
+    INTERN(s__high_water, "_high_water");
+    INTERN(s_wake, "wake");
+    INTERN(s_append, "append");
+    INTERN(s__enter_full, "_enter_full");
+    INTERN(s__exit_full, "_exit_full");
+    INTERN(s__fail, "_fail");
+    if ((k_minus_one = PyLong_FromLong(-1)) == NULL || (k_zero = PyLong_FromLong(0)) == NULL) return NULL;
+    for (int i = 0; i < NPHASES; i++)
+        if ((k_phase[i] = PyLong_FromLong(i)) == NULL) return NULL;
+    if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
+        PyType_Ready(&StepContextType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastclock_module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Timed", (PyObject *)&TimedType) < 0 ||
+        PyModule_AddObjectRef(m, "Fetch", (PyObject *)&FetchType) < 0 ||
+        PyModule_AddObjectRef(m, "OptimizerHook", (PyObject *)&OptHookType) < 0 ||
+        PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
