@@ -28,7 +28,9 @@ figures (tens of µs of noise on a loaded machine) cannot resolve.  The cost of 
 every phase timed is the four calls plus the empty ``trace_step``.
 
 With ``--ref REF`` the tree at REF (``git archive``) runs in every other process, interleaved
-with this tree's, and the table shows both columns and their ratio.
+with this tree's, and the table shows both columns and their ratio.  With ``--pure`` this tree
+also runs with ``TRACEML_PURE_PYTHON=1`` (the pure-Python reference instead of the C fast path
+``traceml/runtime/_fastclock.c``, when that is built), interleaved too.
 """
 
 from __future__ import annotations
@@ -268,9 +270,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="rounds of blocks (0: the per-call figures only)")
     p.add_argument("--steps", type=int, default=150, help="steps per block")
     p.add_argument("--ref", help="also measure the tree at this git ref, interleaved")
+    p.add_argument("--pure", action="store_true", help="also this tree with TRACEML_PURE_PYTHON=1, interleaved")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this tree": ROOT}
+        if args.pure:
+            trees["pure Python"] = ROOT
         if args.ref:
             trees[args.ref] = tree_of(args.ref, Path(tmp))
         results: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
@@ -279,6 +284,8 @@ def main() -> None:
                 cfg = {"seed": i, "rounds": args.rounds, "steps": args.steps}
                 env = {**os.environ, "PYTHONPATH": str(path)}
                 env = {k: v for k, v in env.items() if not k.startswith("TRACEML_")}
+                if label == "pure Python":
+                    env["TRACEML_PURE_PYTHON"] = "1"
                 proc = subprocess.run(
                     [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True
                 )
@@ -288,19 +295,18 @@ def main() -> None:
                 print(f"  process {i + 1}/{args.procs} ({label}) done", file=sys.stderr)
     labels = list(trees)
     head = "| what | " + " | ".join(f"{lab} CPU µs/step" for lab in labels)
-    if len(labels) == 2:
-        head += f" | {labels[1]} / this tree"
+    head += "".join(f" | {lab} / this tree" for lab in labels[1:])
     print(
         f"\ntiny loop, {args.procs} processes x {args.rounds} rounds x {args.steps} steps per block; "
         "training-thread CPU µs per step, median over rounds of (block - bare), then over processes\n"
     )
     print(head + " |")
-    print("|---|" + "---|" * (len(labels) + (1 if len(labels) == 2 else 0)))
+    print("|---|" + "---|" * (2 * len(labels) - 1))
     for key, what in ROWS:
         vals = [statistics.median(r[key] for r in results[lab]) for lab in labels]
         line = f"| {what} | " + " | ".join(f"{v:+.2f}" if key != "bare step" else f"{v:.1f}" for v in vals)
-        if len(vals) == 2:
-            line += f" | {vals[1] / vals[0]:.1f}x" if vals[0] > 0.05 else " | -"
+        for v in vals[1:]:
+            line += f" | {v / vals[0]:.1f}x" if vals[0] > 0.05 else " | -"
         print(line + " |")
 
 

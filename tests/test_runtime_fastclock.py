@@ -1,0 +1,190 @@
+"""The optional C fast path (``traceml/runtime/_fastclock.c``) against the pure-Python reference.
+
+* when the extension is built (``pip install -e .``) it is the one in use, unless
+  ``TRACEML_PURE_PYTHON=1``;
+* its clock is ``time.perf_counter_ns``'s;
+* exceptions of the wrapped calls propagate unchanged and leave no open phase; reference counts
+  do not move over thousands of calls; broken traceml state never reaches the training loop;
+* the runtime tests pass in both modes (the pure-Python rerun below).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from traceml.runtime import patches, step
+from traceml.runtime.hooks import install_torch_hooks, wrap_forward
+from traceml.runtime.step import BACKWARD, CARRY, NO_PHASE, STEP, PhaseClock, StepTracker, timed
+from traceml.runtime.steprows import StepRows, raw_array
+from traceml.schema import STEP_REGION
+from traceml.store import BoundedTable
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = importlib.util.find_spec("traceml.runtime._fastclock") is not None
+PURE = os.environ.get("TRACEML_PURE_PYTHON", "").strip() not in ("", "0")
+needs_c = pytest.mark.skipif(step.FAST is None, reason="the C fast path is not built (or TRACEML_PURE_PYTHON=1)")
+
+
+def test_the_extension_is_used_when_built() -> None:
+    if PURE or not BUILT:
+        assert step.FAST is None
+        assert "__enter__" in vars(StepTracker)  # the Python context
+        return
+    assert step.FAST is not None
+    assert "__enter__" not in vars(StepTracker)  # inherited from the C base
+    assert type(timed(PhaseClock(), BACKWARD, lambda: None)).__name__ == "Timed"
+
+
+@needs_c
+def test_its_clock_is_perf_counter_ns() -> None:
+    assert step.FAST is not None
+    for _ in range(100):
+        a = time.perf_counter_ns()
+        b = step.FAST.now_ns()
+        c = time.perf_counter_ns()
+        assert a <= b <= c
+
+
+def make() -> tuple[PhaseClock, StepTracker, StepRows]:
+    clock = PhaseClock()
+    rows = StepRows(1 << 14)
+    return clock, StepTracker(clock, rows, BoundedTable(STEP_REGION, 64)), rows
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_wrapped_call_that_raises_propagates_the_same_exception_and_closes_its_phase() -> None:
+    clock, tracker, rows = make()
+    err = Boom("x")
+
+    def bad(*args: object, **kwargs: object) -> None:
+        raise err
+
+    wrapped = timed(clock, BACKWARD, bad)
+    with tracker:
+        with pytest.raises(Boom) as got:
+            wrapped(1, k=2)
+        assert got.value is err
+        assert clock.phase == NO_PHASE and clock.gate == CARRY | STEP
+        assert clock.acc[BACKWARD] > 0  # the time until it raised still counts, as in Python
+    with pytest.raises(Boom), tracker:
+        wrapped()
+    (ok, failed) = raw_array(rows.take_unsent())
+    assert ok[1] == 0 and failed[1] == 1
+    assert clock.gate == CARRY and tracker.depth == 0
+
+
+def test_reference_counts_do_not_move_over_many_steps() -> None:
+    clock, tracker, rows = make()
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = TensorDataset(torch.randn(64, 4))
+    names = install_torch_hooks(clock, h2d=False)
+    fw = wrap_forward(clock, model)
+    assert fw is not None
+    names.append(fw)
+    try:
+        arg = torch.randn(2, 4)
+        result_holder: list[object] = []
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                for (x,) in DataLoader(data, batch_size=32):
+                    with tracker:
+                        out = model(x)
+                        out.sum().backward()
+                        opt.step()
+                        opt.zero_grad()
+                rows.take_unsent()
+            result_holder.append(model(arg))  # outside a step
+
+        run(50)  # warm caches and lazily built state
+        gc.collect()
+        watched = [clock, tracker, clock.acc, clock.first, clock.carry, arg, model, opt, torch.autograd.backward]
+        before = [sys.getrefcount(o) for o in watched]
+        ints = sys.getrefcount(0), sys.getrefcount(1), sys.getrefcount(3), sys.getrefcount(-1)
+        run(200)
+        gc.collect()
+        after = [sys.getrefcount(o) for o in watched]
+        assert after == before
+        # small ints are shared by the whole process: only a leak of thousands would show
+        assert all(abs(b - a) < 500 for a, b in zip(ints, (sys.getrefcount(i) for i in (0, 1, 3, -1)), strict=True))
+        assert tracker.step == 500
+    finally:
+        for name in reversed(names):
+            patches.undo(name)
+
+
+@needs_c  # the Python wrapper's ``finally`` would raise the TypeError into the call
+def test_broken_traceml_state_never_reaches_the_training_loop() -> None:
+    clock, tracker, rows = make()
+    calls: list[int] = []
+    wrapped = timed(clock, BACKWARD, lambda: calls.append(1) or 7)
+    with tracker:
+        clock.acc = "not a list"  # type: ignore[assignment]
+        assert wrapped() == 7  # the call runs and returns; the time is lost, nothing raises
+    assert calls == [1]
+    assert not tracker.enabled  # the step tracker turned itself off (logged once)
+    with tracker:
+        assert wrapped() == 7
+
+
+def test_dataloader_fetches_and_epoch_ends_in_both_paths() -> None:
+    clock, tracker, rows = make()
+    names = install_torch_hooks(clock, h2d=False)
+    try:
+        loader = DataLoader(TensorDataset(torch.arange(6.0)), batch_size=2)
+        for _epoch in range(2):
+            it = iter(loader)
+            got = []
+            while True:
+                try:
+                    (x,) = next(it)  # StopIteration propagates unchanged, not counted
+                except StopIteration:
+                    break
+                got.append(x.tolist())
+                with tracker:
+                    pass
+            assert got == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+        raw = raw_array(rows.take_unsent())
+        assert (raw[:, 4] > 0).all()  # every step carried its fetch
+        assert clock.phase == NO_PHASE and clock.gate in (CARRY, CARRY | 4)
+    finally:
+        for name in reversed(names):
+            patches.undo(name)
+
+
+@pytest.mark.skipif(PURE or step.FAST is None, reason="already the pure-Python run (or nothing to compare)")
+def test_the_runtime_tests_pass_in_pure_python_too() -> None:
+    env = {**os.environ, "TRACEML_PURE_PYTHON": "1", "PYTHONPATH": str(ROOT)}
+    tests = [
+        "tests/test_runtime_fastpath.py",
+        "tests/test_runtime_fastclock.py",
+        "tests/test_runtime_step.py",
+        "tests/test_runtime_autostep.py",
+        "tests/test_runtime_api.py",
+        "tests/test_runtime_gpu.py",
+        "tests/test_runtime_stacks.py",
+        "tests/test_runtime_hostmem.py",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
