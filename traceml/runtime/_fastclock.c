@@ -24,11 +24,46 @@
 #define OPTIMIZER 4
 #define NPHASES 5
 
-static PyObject *s_gate, *s_base, *s_owner, *s__phase, *s_acc, *s_first, *s_gpu, *s_carry,
-    *s_carry_first, *s_train_src, *s_last_src, *s_train_seen, *s_fetched_in_step, *s_opt_depth,
-    *s_opt_t0, *s_other, *s_add_carried, *s__dataset, *s_depth, *s__rare, *s_clock, *s_pending,
-    *s_t0, *s_step, *s__slow_at, *s_step_table, *s__rows, *s_appended, *s__high_water, *s_wake,
-    *s_append, *s__enter_full, *s__exit_full, *s__fail;
+enum {
+    A_gate,
+    A_base,
+    A_owner,
+    A__phase,
+    A_acc,
+    A_first,
+    A_gpu,
+    A_carry,
+    A_carry_first,
+    A_train_src,
+    A_last_src,
+    A_train_seen,
+    A_fetched_in_step,
+    A_opt_depth,
+    A_opt_t0,
+    A_other,
+    A_add_carried,
+    A__dataset,
+    A_depth,
+    A__rare,
+    A_clock,
+    A_pending,
+    A_t0,
+    A_step,
+    A__slow_at,
+    A_step_table,
+    A__rows,
+    A_appended,
+    A__high_water,
+    A_wake,
+    A_append,
+    A__enter_full,
+    A__exit_full,
+    A__fail,
+    N_ATTR
+};
+static PyObject *attr_name[N_ATTR];
+#define NAME(a) (attr_name[a])
+
 static PyObject *k_minus_one, *k_zero, *k_phase[NPHASES];
 
 static inline long long now_ns(void) {
@@ -37,9 +72,78 @@ static inline long long now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
 }
 
+/* -- attribute access ------------------------------------------------------------------------
+ * PhaseClock, StepTracker and StepRows keep their state in __slots__: each slot is a member
+ * descriptor (T_OBJECT_EX) at a fixed offset in the instance.  The offsets are read once per type
+ * from the type's own descriptors and the slot is then read and written as CPython's member
+ * descriptor does; a name that is not such a slot (a property, another class) goes through the
+ * generic PyObject_GetAttr / PyObject_SetAttr. */
+#define MAX_LAYOUTS 8
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t off[N_ATTR]; /* -1: not a writable object slot of this type */
+} Layout;
+static Layout layouts[MAX_LAYOUTS];
+static int n_layouts;
+
+static Layout *layout_of(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    for (int i = 0; i < n_layouts; i++)
+        if (layouts[i].type == tp) return &layouts[i];
+    if (n_layouts == MAX_LAYOUTS) return NULL;
+    Layout *L = &layouts[n_layouts];
+    for (int a = 0; a < N_ATTR; a++) {
+        L->off[a] = -1;
+        PyObject *d = PyObject_GetAttr((PyObject *)tp, attr_name[a]);
+        if (d == NULL) {
+            PyErr_Clear();
+            continue;
+        }
+        if (Py_IS_TYPE(d, &PyMemberDescr_Type) && PyType_IsSubtype(tp, ((PyDescrObject *)d)->d_type)) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if (m->type == T_OBJECT_EX && !(m->flags & READONLY) && m->offset > 0) L->off[a] = m->offset;
+        }
+        Py_DECREF(d);
+    }
+    Py_INCREF(tp); /* kept for the life of the process: the offsets belong to it */
+    L->type = tp;
+    n_layouts++;
+    return L;
+}
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+/* o.<a> as a new reference (AttributeError when the slot is empty) */
+static PyObject *GA(PyObject *o, int a) {
+    Layout *L = layout_of(o);
+    if (L != NULL && L->off[a] >= 0) {
+        PyObject *v = SLOT(o, L->off[a]);
+        if (v == NULL) {
+            PyErr_SetObject(PyExc_AttributeError, attr_name[a]);
+            return NULL;
+        }
+        Py_INCREF(v);
+        return v;
+    }
+    return PyObject_GetAttr(o, attr_name[a]);
+}
+
+/* o.<a> = v (v borrowed) */
+static int SA(PyObject *o, int a, PyObject *v) {
+    Layout *L = layout_of(o);
+    if (L != NULL && L->off[a] >= 0) {
+        PyObject *old = SLOT(o, L->off[a]);
+        Py_INCREF(v);
+        SLOT(o, L->off[a]) = v;
+        Py_XDECREF(old);
+        return 0;
+    }
+    return PyObject_SetAttr(o, attr_name[a], v);
+}
+
 /* -- attribute helpers: 0 on success, -1 with an exception set ------------------------------ */
-static int get_ll(PyObject *o, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
+static int get_ll(PyObject *o, int a, long long *out) {
+    PyObject *v = GA(o, a);
     if (v == NULL) return -1;
     *out = PyLong_AsLongLong(v);
     Py_DECREF(v);
@@ -47,17 +151,17 @@ static int get_ll(PyObject *o, PyObject *name, long long *out) {
     return 0;
 }
 
-static int set_ll(PyObject *o, PyObject *name, long long v) {
+static int set_ll(PyObject *o, int a, long long v) {
     PyObject *x = PyLong_FromLongLong(v);
     if (x == NULL) return -1;
-    int r = PyObject_SetAttr(o, name, x);
+    int r = SA(o, a, x);
     Py_DECREF(x);
     return r;
 }
 
 /* 1: the calling thread is clock.owner, 0: it is not, -1: error */
 static int is_owner(PyObject *clock) {
-    PyObject *v = PyObject_GetAttr(clock, s_owner);
+    PyObject *v = GA(clock, A_owner);
     if (v == NULL) return -1;
     unsigned long long owner = PyLong_AsUnsignedLongLong(v);
     Py_DECREF(v);
@@ -67,7 +171,7 @@ static int is_owner(PyObject *clock) {
 
 /* 1: clock.gpu is not None, 0: it is, -1: error */
 static int has_gpu(PyObject *clock) {
-    PyObject *v = PyObject_GetAttr(clock, s_gpu);
+    PyObject *v = GA(clock, A_gpu);
     if (v == NULL) return -1;
     int r = v != Py_None;
     Py_DECREF(v);
@@ -75,8 +179,8 @@ static int has_gpu(PyObject *clock) {
 }
 
 /* the list attribute `name` (a new reference), checked to hold NPHASES items */
-static PyObject *get_list(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
+static PyObject *get_list(PyObject *o, int a) {
+    PyObject *v = GA(o, a);
     if (v == NULL) return NULL;
     if (!PyList_CheckExact(v) || PyList_GET_SIZE(v) < NPHASES) {
         Py_DECREF(v);
@@ -102,9 +206,9 @@ static int set_item_ll(PyObject *list, Py_ssize_t i, long long v) {
 static int account(PyObject *clock, int phase, long long t0, long long t1) {
     long long v;
     int r = -1;
-    PyObject *acc = get_list(clock, s_acc);
+    PyObject *acc = get_list(clock, A_acc);
     if (acc == NULL) return -1;
-    PyObject *first = get_list(clock, s_first);
+    PyObject *first = get_list(clock, A_first);
     if (first == NULL) goto done_acc;
     if (item_ll(acc, phase, &v) < 0 || set_item_ll(acc, phase, v + (t1 - t0)) < 0) goto done;
     if (item_ll(first, phase, &v) < 0) goto done;
@@ -119,17 +223,17 @@ done_acc:
 
 /* clock._phase = NO_PHASE; clock.gate = clock.base */
 static int close_phase(PyObject *clock) {
-    if (PyObject_SetAttr(clock, s__phase, k_minus_one) < 0) return -1;
-    PyObject *base = PyObject_GetAttr(clock, s_base);
+    if (SA(clock, A__phase, k_minus_one) < 0) return -1;
+    PyObject *base = GA(clock, A_base);
     if (base == NULL) return -1;
-    int r = PyObject_SetAttr(clock, s_gate, base);
+    int r = SA(clock, A_gate, base);
     Py_DECREF(base);
     return r;
 }
 
 static int open_phase(PyObject *clock, int phase) {
-    if (PyObject_SetAttr(clock, s__phase, k_phase[phase]) < 0) return -1;
-    return PyObject_SetAttr(clock, s_gate, k_zero);
+    if (SA(clock, A__phase, k_phase[phase]) < 0) return -1;
+    return SA(clock, A_gate, k_zero);
 }
 
 /* ==== Timed: forward / backward / optimizer-free wrappers timed inside a step ============= */
@@ -140,8 +244,14 @@ typedef struct {
     PyObject *full; /* the Python wrapper: sampled steps, a GPU timer */
     PyObject *dict;
     PyObject *weakreflist;
+    vectorcallfunc vectorcall;
     int phase;
 } TimedObject;
+
+static PyObject *Timed_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PyObject *OptHook_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PyTypeObject FetchType, OptHookType;
 
 static int Timed_init(TimedObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"clock", "phase", "fn", "full", NULL};
@@ -159,6 +269,12 @@ static int Timed_init(TimedObject *self, PyObject *args, PyObject *kwds) {
     Py_INCREF(full);
     Py_XSETREF(self->full, full);
     self->phase = phase;
+    if (PyObject_TypeCheck(self, &FetchType))
+        self->vectorcall = (vectorcallfunc)Fetch_call;
+    else if (PyObject_TypeCheck(self, &OptHookType))
+        self->vectorcall = (vectorcallfunc)OptHook_call;
+    else
+        self->vectorcall = (vectorcallfunc)Timed_call;
     return 0;
 }
 
@@ -195,7 +311,7 @@ static PyObject *Fetch_descr_get(PyObject *self, PyObject *obj, PyObject *type) 
     return PyMethod_New(self, obj);
 }
 
-static PyObject *Timed_call(TimedObject *self, PyObject *args, PyObject *kw) {
+static PyObject *Timed_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock, *fn = self->fn;
     long long gate;
     int r;
@@ -203,17 +319,17 @@ static PyObject *Timed_call(TimedObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "traceml: timed wrapper not initialised");
         return NULL;
     }
-    if (get_ll(clock, s_gate, &gate) < 0) goto plain;
-    if (!(gate & STEP)) return PyObject_Call(fn, args, kw); /* outside a step, or a phase runs */
+    if (get_ll(clock, A_gate, &gate) < 0) goto plain;
+    if (!(gate & STEP)) return PyObject_Vectorcall(fn, args, nargsf, kwnames); /* outside a step, or a phase runs */
     if ((r = is_owner(clock)) < 0) goto plain;
-    if (!r) return PyObject_Call(fn, args, kw); /* another thread */
+    if (!r) return PyObject_Vectorcall(fn, args, nargsf, kwnames); /* another thread */
     if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
         if (r < 0) goto plain;
-        return PyObject_Call(self->full, args, kw); /* sampled, or a GPU timer: the reference code */
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* sampled, or a GPU timer: the reference code */
     }
     if (open_phase(clock, self->phase) < 0) goto plain;
     long long t0 = now_ns();
-    PyObject *res = PyObject_Call(fn, args, kw);
+    PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb); /* the call's exception, if any, kept aside unchanged */
@@ -223,7 +339,7 @@ static PyObject *Timed_call(TimedObject *self, PyObject *args, PyObject *kw) {
     return res;
 plain:
     PyErr_Clear(); /* traceml's state is unreadable: time nothing, run the call */
-    return PyObject_Call(fn, args, kw);
+    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
 }
 
 static PyObject *Timed_get_wrapped(TimedObject *self, void *closure) {
@@ -250,20 +366,21 @@ static PyTypeObject TimedType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.Timed",
     .tp_doc = "Timed(clock, phase, fn, full): fn timed as `phase` inside a step (C fast path of step.timed).",
     .tp_basicsize = sizeof(TimedObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Timed_init,
     .tp_dealloc = (destructor)Timed_dealloc,
     .tp_traverse = (traverseproc)Timed_traverse,
     .tp_clear = (inquiry)Timed_clear,
-    .tp_call = (ternaryfunc)Timed_call,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimedObject, vectorcall),
     .tp_getset = Timed_getset,
     .tp_dictoffset = offsetof(TimedObject, dict),
     .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
 };
 
 /* ==== Fetch: DataLoader __next__, the training loader's carried fetch ====================== */
-static PyObject *Fetch_call(TimedObject *self, PyObject *args, PyObject *kw) {
+static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock, *fn = self->fn;
     long long gate;
     int r;
@@ -271,14 +388,14 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "traceml: fetch wrapper not initialised");
         return NULL;
     }
-    if (PyTuple_GET_SIZE(args) < 1) return PyObject_Call(self->full, args, kw);
-    if (get_ll(clock, s_gate, &gate) < 0) goto plain;
-    if (gate != CARRY) return PyObject_Call(self->full, args, kw); /* in a step, sampled, off, nested */
+    if (PyVectorcall_NARGS(nargsf) < 1) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    if (get_ll(clock, A_gate, &gate) < 0) goto plain;
+    if (gate != CARRY) return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* in a step, sampled, off, nested */
     if ((r = is_owner(clock)) < 0) goto plain;
-    if (!r) return PyObject_Call(self->full, args, kw);
+    if (!r) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
     if (open_phase(clock, DATALOADER) < 0) goto plain;
     long long t0 = now_ns();
-    PyObject *res = PyObject_Call(fn, args, kw);
+    PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
@@ -288,8 +405,8 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
-    PyObject *it = PyTuple_GET_ITEM(args, 0);
-    PyObject *ds = PyObject_GetAttr(it, s__dataset);
+    PyObject *it = args[0];
+    PyObject *ds = GA(it, A__dataset);
     PyObject *src;
     if (ds == NULL) {
         PyErr_Clear();
@@ -299,20 +416,20 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *args, PyObject *kw) {
         Py_DECREF(ds);
     }
     if (src == NULL) goto bookkeeping_failed;
-    if (PyObject_SetAttr(clock, s_last_src, src) < 0) goto src_failed;
-    PyObject *train = PyObject_GetAttr(clock, s_train_src);
+    if (SA(clock, A_last_src, src) < 0) goto src_failed;
+    PyObject *train = GA(clock, A_train_src);
     if (train == NULL) goto src_failed;
     r = PyObject_RichCompareBool(src, train, Py_EQ);
     Py_DECREF(train);
     if (r < 0) goto src_failed;
     if (r) {
         long long v;
-        if (PyObject_SetAttr(clock, s_train_seen, Py_True) < 0) goto src_failed;
-        PyObject *carry = get_list(clock, s_carry);
+        if (SA(clock, A_train_seen, Py_True) < 0) goto src_failed;
+        PyObject *carry = get_list(clock, A_carry);
         if (carry == NULL) goto src_failed;
         if (item_ll(carry, DATALOADER, &v) < 0) goto carry_failed;
         if (v == 0) {
-            PyObject *cf = get_list(clock, s_carry_first);
+            PyObject *cf = get_list(clock, A_carry_first);
             if (cf == NULL) goto carry_failed;
             int e = set_item_ll(cf, DATALOADER, t0);
             Py_DECREF(cf);
@@ -338,20 +455,21 @@ bookkeeping_failed:
     return res;
 plain:
     PyErr_Clear();
-    return PyObject_Call(fn, args, kw);
+    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
 }
 
 static PyTypeObject FetchType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.Fetch",
     .tp_doc = "Fetch(clock, phase, fn, full): DataLoader __next__ carried between steps (C fast path).",
     .tp_basicsize = sizeof(TimedObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_METHOD_DESCRIPTOR | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Timed_init,
     .tp_dealloc = (destructor)Timed_dealloc,
     .tp_traverse = (traverseproc)Timed_traverse,
     .tp_clear = (inquiry)Timed_clear,
-    .tp_call = (ternaryfunc)Fetch_call,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimedObject, vectorcall),
     .tp_descr_get = Fetch_descr_get,
     .tp_getset = Timed_getset,
     .tp_dictoffset = offsetof(TimedObject, dict),
@@ -359,28 +477,28 @@ static PyTypeObject FetchType = {
 };
 
 /* ==== OptimizerHook: the optimizer step pre-hook (phase 0 in `phase`) or post-hook (1) ======= */
-static PyObject *OptHook_call(TimedObject *self, PyObject *args, PyObject *kw) {
+static PyObject *OptHook_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock;
     long long depth, gate, t;
     int r;
     if (clock == NULL || self->full == NULL) Py_RETURN_NONE;
-    if (get_ll(clock, s_opt_depth, &depth) < 0) goto fail;
+    if (get_ll(clock, A_opt_depth, &depth) < 0) goto fail;
     if (self->phase == 0) { /* pre */
         if (depth) {        /* an optimizer stepped from inside another one's step */
-            if (set_ll(clock, s_opt_depth, depth + 1) < 0) goto fail;
+            if (set_ll(clock, A_opt_depth, depth + 1) < 0) goto fail;
             Py_RETURN_NONE;
         }
-        if (get_ll(clock, s_gate, &gate) < 0) goto fail;
+        if (get_ll(clock, A_gate, &gate) < 0) goto fail;
         if (!(gate & STEP)) Py_RETURN_NONE;
         if ((r = is_owner(clock)) <= 0) goto none_or_fail;
         if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
             if (r < 0) goto fail;
-            return PyObject_Call(self->full, args, kw);
+            return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
         }
-        if (set_ll(clock, s_opt_depth, 1) < 0 || open_phase(clock, OPTIMIZER) < 0) goto fail;
+        if (set_ll(clock, A_opt_depth, 1) < 0 || open_phase(clock, OPTIMIZER) < 0) goto fail;
         t = now_ns();
-        if (set_ll(clock, s_opt_t0, t) < 0) goto fail;
-        PyObject *first = get_list(clock, s_first);
+        if (set_ll(clock, A_opt_t0, t) < 0) goto fail;
+        PyObject *first = get_list(clock, A_first);
         if (first == NULL) goto fail;
         long long f;
         r = item_ll(first, OPTIMIZER, &f);
@@ -393,19 +511,19 @@ static PyObject *OptHook_call(TimedObject *self, PyObject *args, PyObject *kw) {
     if (!depth) Py_RETURN_NONE;
     if ((r = is_owner(clock)) <= 0) goto none_or_fail;
     long long base;
-    if (get_ll(clock, s_base, &base) < 0) goto fail;
+    if (get_ll(clock, A_base, &base) < 0) goto fail;
     if ((base & SAMPLE) || (r = has_gpu(clock)) != 0) {
         if (r < 0) goto fail;
-        return PyObject_Call(self->full, args, kw);
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
     }
     t = now_ns();
-    if (set_ll(clock, s_opt_depth, depth - 1) < 0) goto fail;
+    if (set_ll(clock, A_opt_depth, depth - 1) < 0) goto fail;
     if (depth == 1) {
         long long phase, t0;
-        if (get_ll(clock, s__phase, &phase) < 0) goto fail;
+        if (get_ll(clock, A__phase, &phase) < 0) goto fail;
         if (phase == OPTIMIZER) {
-            if (get_ll(clock, s_opt_t0, &t0) < 0) goto fail;
-            PyObject *acc = get_list(clock, s_acc);
+            if (get_ll(clock, A_opt_t0, &t0) < 0) goto fail;
+            PyObject *acc = get_list(clock, A_acc);
             if (acc == NULL) goto fail;
             long long v;
             r = item_ll(acc, OPTIMIZER, &v);
@@ -426,13 +544,14 @@ static PyTypeObject OptHookType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.OptimizerHook",
     .tp_doc = "OptimizerHook(clock, 0|1, None, full): the optimizer step pre- (0) or post-hook (1).",
     .tp_basicsize = sizeof(TimedObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Timed_init,
     .tp_dealloc = (destructor)Timed_dealloc,
     .tp_traverse = (traverseproc)Timed_traverse,
     .tp_clear = (inquiry)Timed_clear,
-    .tp_call = (ternaryfunc)OptHook_call,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimedObject, vectorcall),
     .tp_getset = Timed_getset,
     .tp_dictoffset = offsetof(TimedObject, dict),
     .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
@@ -446,22 +565,22 @@ static PyObject *call_full_method(PyObject *self, PyObject *name) {
 /* bookkeeping failed half-way: StepTracker._fail() turns step timing off (logged once) */
 static void step_failed(PyObject *self) {
     PyErr_Clear();
-    PyObject *r = PyObject_CallMethodNoArgs(self, s__fail);
+    PyObject *r = PyObject_CallMethodNoArgs(self, NAME(A__fail));
     if (r == NULL) PyErr_Clear();
     Py_XDECREF(r);
 }
 
-static int swap_attrs(PyObject *o, PyObject *a, PyObject *b, PyObject **got_b) {
+static int swap_attrs(PyObject *o, int a, int b, PyObject **got_b) {
     /* o.a, o.b = o.b, o.a; *got_b: the list that was o.b (new reference) */
-    PyObject *va = PyObject_GetAttr(o, a);
+    PyObject *va = GA(o, a);
     if (va == NULL) return -1;
-    PyObject *vb = PyObject_GetAttr(o, b);
+    PyObject *vb = GA(o, b);
     if (vb == NULL) {
         Py_DECREF(va);
         return -1;
     }
-    int r = PyObject_SetAttr(o, b, va);
-    if (r == 0) r = PyObject_SetAttr(o, a, vb);
+    int r = SA(o, b, va);
+    if (r == 0) r = SA(o, a, vb);
     Py_DECREF(va);
     if (r < 0) {
         Py_DECREF(vb);
@@ -475,29 +594,29 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     long long depth, gate;
     PyObject *clock = NULL, *v;
     int rare;
-    if (get_ll(self, s_depth, &depth) < 0) goto full;
+    if (get_ll(self, A_depth, &depth) < 0) goto full;
     if (depth) goto full;
-    if ((v = PyObject_GetAttr(self, s__rare)) == NULL) goto full;
+    if ((v = GA(self, A__rare)) == NULL) goto full;
     rare = PyObject_IsTrue(v);
     Py_DECREF(v);
     if (rare) goto full;
-    if ((clock = PyObject_GetAttr(self, s_clock)) == NULL) goto full;
-    if (get_ll(clock, s_gate, &gate) < 0 || gate != CARRY) goto full;
-    if ((v = PyObject_GetAttr(clock, s_other)) == NULL) goto full;
+    if ((clock = GA(self, A_clock)) == NULL) goto full;
+    if (get_ll(clock, A_gate, &gate) < 0 || gate != CARRY) goto full;
+    if ((v = GA(clock, A_other)) == NULL) goto full;
     rare = PyObject_IsTrue(v);
     Py_DECREF(v);
     if (rare) goto full;
     /* the common step (StepTracker.__enter__) */
-    if (set_ll(self, s_depth, 1) < 0) goto failed;
+    if (set_ll(self, A_depth, 1) < 0) goto failed;
     v = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
     if (v == NULL) goto failed;
-    int e = PyObject_SetAttr(clock, s_owner, v);
+    int e = SA(clock, A_owner, v);
     Py_DECREF(v);
     if (e < 0) goto failed;
     PyObject *carry; /* the carried time becomes the step's first phases */
-    if (swap_attrs(clock, s_acc, s_carry, &carry) < 0) goto failed;
+    if (swap_attrs(clock, A_acc, A_carry, &carry) < 0) goto failed;
     PyObject *cf;
-    if (swap_attrs(clock, s_first, s_carry_first, &cf) < 0) {
+    if (swap_attrs(clock, A_first, A_carry_first, &cf) < 0) {
         Py_DECREF(carry);
         goto failed;
     }
@@ -510,12 +629,12 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
         goto failed;
     }
     Py_DECREF(carry);
-    if (set_ll(self, s_pending, c0 + c1) < 0) goto failed;
-    if (PyObject_SetAttr(clock, s_train_seen, Py_False) < 0 ||
-        PyObject_SetAttr(clock, s_fetched_in_step, Py_False) < 0 || PyObject_SetAttr(clock, s_opt_depth, k_zero) < 0)
+    if (set_ll(self, A_pending, c0 + c1) < 0) goto failed;
+    if (SA(clock, A_train_seen, Py_False) < 0 ||
+        SA(clock, A_fetched_in_step, Py_False) < 0 || SA(clock, A_opt_depth, k_zero) < 0)
         goto failed;
-    if (set_ll(clock, s_base, CARRY | STEP) < 0 || set_ll(clock, s_gate, CARRY | STEP) < 0) goto failed;
-    if (set_ll(self, s_t0, now_ns()) < 0) goto failed;
+    if (set_ll(clock, A_base, CARRY | STEP) < 0 || set_ll(clock, A_gate, CARRY | STEP) < 0) goto failed;
+    if (set_ll(self, A_t0, now_ns()) < 0) goto failed;
     Py_DECREF(clock);
     Py_INCREF(self);
     return self;
@@ -527,7 +646,7 @@ failed:
 full:
     Py_XDECREF(clock);
     PyErr_Clear();
-    return call_full_method(self, s__enter_full);
+    return call_full_method(self, NAME(A__enter_full));
 }
 
 static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -535,15 +654,15 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     long long depth, gate, step, slow_at;
     PyObject *clock = NULL, *acc = NULL, *first = NULL, *table = NULL, *rows = NULL;
     PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
-    if (get_ll(self, s_depth, &depth) < 0 || depth != 1) goto full;
+    if (get_ll(self, A_depth, &depth) < 0 || depth != 1) goto full;
     if (exc_type != Py_None) goto full;
-    if (get_ll(self, s_step, &step) < 0 || get_ll(self, s__slow_at, &slow_at) < 0 || step >= slow_at) goto full;
-    if ((clock = PyObject_GetAttr(self, s_clock)) == NULL) goto full;
-    if (get_ll(clock, s_gate, &gate) < 0 || gate != (CARRY | STEP)) goto full;
+    if (get_ll(self, A_step, &step) < 0 || get_ll(self, A__slow_at, &slow_at) < 0 || step >= slow_at) goto full;
+    if ((clock = GA(self, A_clock)) == NULL) goto full;
+    if (get_ll(clock, A_gate, &gate) < 0 || gate != (CARRY | STEP)) goto full;
     /* the common step (StepTracker.__exit__) */
     long long t0, pending, row[14];
-    if (get_ll(self, s_t0, &t0) < 0 || get_ll(self, s_pending, &pending) < 0) goto failed;
-    if ((acc = get_list(clock, s_acc)) == NULL || (first = get_list(clock, s_first)) == NULL) goto failed;
+    if (get_ll(self, A_t0, &t0) < 0 || get_ll(self, A_pending, &pending) < 0) goto failed;
+    if ((acc = get_list(clock, A_acc)) == NULL || (first = get_list(clock, A_first)) == NULL) goto failed;
     row[0] = step;
     row[1] = 0;
     row[2] = t0 - pending;
@@ -551,9 +670,9 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     for (int i = 0; i < NPHASES; i++) {
         if (item_ll(acc, i, &row[4 + i]) < 0 || item_ll(first, i, &row[9 + i]) < 0) goto failed;
     }
-    if (set_ll(self, s_depth, 0) < 0 || PyObject_SetAttr(clock, s_opt_depth, k_zero) < 0) goto failed;
-    if (set_ll(self, s_step, step + 1) < 0) goto failed;
-    if (set_ll(clock, s_base, CARRY) < 0 || set_ll(clock, s_gate, CARRY) < 0) goto failed;
+    if (set_ll(self, A_depth, 0) < 0 || SA(clock, A_opt_depth, k_zero) < 0) goto failed;
+    if (set_ll(self, A_step, step + 1) < 0) goto failed;
+    if (set_ll(clock, A_base, CARRY) < 0 || set_ll(clock, A_gate, CARRY) < 0) goto failed;
     for (int i = 0; i < NPHASES; i++) {
         Py_INCREF(k_zero);
         PyList_SetItem(acc, i, k_zero);
@@ -563,20 +682,20 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     /* the row: ROW = struct.Struct("14q"), native (steprows.pack_row) */
     PyObject *packed = PyBytes_FromStringAndSize((const char *)row, sizeof(row));
     if (packed == NULL) goto failed;
-    if ((table = PyObject_GetAttr(self, s_step_table)) == NULL || (rows = PyObject_GetAttr(table, s__rows)) == NULL) {
+    if ((table = GA(self, A_step_table)) == NULL || (rows = GA(table, A__rows)) == NULL) {
         Py_DECREF(packed);
         goto failed;
     }
-    PyObject *r = PyObject_CallMethodOneArg(rows, s_append, packed);
+    PyObject *r = PyObject_CallMethodOneArg(rows, NAME(A_append), packed);
     Py_DECREF(packed);
     if (r == NULL) goto failed;
     Py_DECREF(r);
     long long appended, hw;
-    if (get_ll(table, s_appended, &appended) < 0 || set_ll(table, s_appended, appended + 1) < 0) goto failed;
+    if (get_ll(table, A_appended, &appended) < 0 || set_ll(table, A_appended, appended + 1) < 0) goto failed;
     Py_ssize_t n = PyObject_Length(rows);
-    if (n < 0 || get_ll(table, s__high_water, &hw) < 0) goto failed;
+    if (n < 0 || get_ll(table, A__high_water, &hw) < 0) goto failed;
     if (n == hw) {
-        r = PyObject_CallMethodNoArgs(table, s_wake);
+        r = PyObject_CallMethodNoArgs(table, NAME(A_wake));
         if (r == NULL) goto failed;
         Py_DECREF(r);
     }
@@ -602,7 +721,7 @@ full:
         PyErr_Clear();
         Py_RETURN_FALSE;
     }
-    PyObject *out = PyObject_CallMethodObjArgs(self, s__exit_full, t1o, exc_type, NULL);
+    PyObject *out = PyObject_CallMethodObjArgs(self, NAME(A__exit_full), t1o, exc_type, NULL);
     Py_DECREF(t1o);
     return out;
 }
@@ -645,40 +764,40 @@ static struct PyModuleDef fastclock_module = {
     } while (0)
 
 PyMODINIT_FUNC PyInit__fastclock(void) {
-    INTERN(s_gate, "gate");
-    INTERN(s_base, "base");
-    INTERN(s_owner, "owner");
-    INTERN(s__phase, "_phase");
-    INTERN(s_acc, "acc");
-    INTERN(s_first, "first");
-    INTERN(s_gpu, "gpu");
-    INTERN(s_carry, "carry");
-    INTERN(s_carry_first, "carry_first");
-    INTERN(s_train_src, "train_src");
-    INTERN(s_last_src, "last_src");
-    INTERN(s_train_seen, "train_seen");
-    INTERN(s_fetched_in_step, "fetched_in_step");
-    INTERN(s_opt_depth, "opt_depth");
-    INTERN(s_opt_t0, "opt_t0");
-    INTERN(s_other, "other");
-    INTERN(s_add_carried, "add_carried");
-    INTERN(s__dataset, "_dataset");
-    INTERN(s_depth, "depth");
-    INTERN(s__rare, "_rare");
-    INTERN(s_clock, "clock");
-    INTERN(s_pending, "pending");
-    INTERN(s_t0, "t0");
-    INTERN(s_step, "step");
-    INTERN(s__slow_at, "_slow_at");
-    INTERN(s_step_table, "step_table");
-    INTERN(s__rows, "_rows");
-    INTERN(s_appended, "appended");
-    INTERN(s__high_water, "_high_water");
-    INTERN(s_wake, "wake");
-    INTERN(s_append, "append");
-    INTERN(s__enter_full, "_enter_full");
-    INTERN(s__exit_full, "_exit_full");
-    INTERN(s__fail, "_fail");
+    INTERN(attr_name[A_gate], "gate");
+    INTERN(attr_name[A_base], "base");
+    INTERN(attr_name[A_owner], "owner");
+    INTERN(attr_name[A__phase], "_phase");
+    INTERN(attr_name[A_acc], "acc");
+    INTERN(attr_name[A_first], "first");
+    INTERN(attr_name[A_gpu], "gpu");
+    INTERN(attr_name[A_carry], "carry");
+    INTERN(attr_name[A_carry_first], "carry_first");
+    INTERN(attr_name[A_train_src], "train_src");
+    INTERN(attr_name[A_last_src], "last_src");
+    INTERN(attr_name[A_train_seen], "train_seen");
+    INTERN(attr_name[A_fetched_in_step], "fetched_in_step");
+    INTERN(attr_name[A_opt_depth], "opt_depth");
+    INTERN(attr_name[A_opt_t0], "opt_t0");
+    INTERN(attr_name[A_other], "other");
+    INTERN(attr_name[A_add_carried], "add_carried");
+    INTERN(attr_name[A__dataset], "_dataset");
+    INTERN(attr_name[A_depth], "depth");
+    INTERN(attr_name[A__rare], "_rare");
+    INTERN(attr_name[A_clock], "clock");
+    INTERN(attr_name[A_pending], "pending");
+    INTERN(attr_name[A_t0], "t0");
+    INTERN(attr_name[A_step], "step");
+    INTERN(attr_name[A__slow_at], "_slow_at");
+    INTERN(attr_name[A_step_table], "step_table");
+    INTERN(attr_name[A__rows], "_rows");
+    INTERN(attr_name[A_appended], "appended");
+    INTERN(attr_name[A__high_water], "_high_water");
+    INTERN(attr_name[A_wake], "wake");
+    INTERN(attr_name[A_append], "append");
+    INTERN(attr_name[A__enter_full], "_enter_full");
+    INTERN(attr_name[A__exit_full], "_exit_full");
+    INTERN(attr_name[A__fail], "_fail");
     if ((k_minus_one = PyLong_FromLong(-1)) == NULL || (k_zero = PyLong_FromLong(0)) == NULL) return NULL;
     for (int i = 0; i < NPHASES; i++)
         if ((k_phase[i] = PyLong_FromLong(i)) == NULL) return NULL;
