@@ -128,7 +128,12 @@ def test_reference_counts_do_not_move_over_many_steps() -> None:
 
 
 @needs_c  # the Python wrapper's ``finally`` would raise the TypeError into the call
-def test_broken_traceml_state_never_reaches_the_training_loop() -> None:
+def test_broken_traceml_state_never_reaches_the_training_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from traceml.runtime import _failopen
+
+    monkeypatch.setattr(_failopen, "_seen", set())  # "logged once" is per process
     clock, tracker, rows = make()
     calls: list[int] = []
     wrapped = timed(clock, BACKWARD, lambda: calls.append(1) or 7)
@@ -137,6 +142,7 @@ def test_broken_traceml_state_never_reaches_the_training_loop() -> None:
         assert wrapped() == 7  # the call runs and returns; the time is lost, nothing raises
     assert calls == [1]
     assert not tracker.enabled  # the step tracker turned itself off (logged once)
+    assert any("step timing" in r.getMessage() for r in caplog.records)
     with tracker:
         assert wrapped() == 7
 
@@ -188,3 +194,123 @@ def test_the_runtime_tests_pass_in_pure_python_too() -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+class _Gpu:
+    """A stand-in GPU timer: the rare path on every step."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def begin(self, phase: int) -> None:
+        self.calls += 1
+
+    def end(self, phase: int) -> None:
+        self.calls += 1
+
+    def cancel(self, phase: int) -> None:
+        self.calls += 1
+
+    def step_begin(self) -> None:
+        self.calls += 1
+
+    def step_end(self, step: int, ts_ns: int) -> None:
+        self.calls += 1
+
+
+class _It:
+    def __init__(self, dataset: object) -> None:
+        self._dataset = dataset
+
+
+def _drive(seed: int, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """One random schedule of steps, phases, fetches, failures and switches; what it recorded."""
+    import random
+
+    from traceml.runtime import hooks
+
+    rng = random.Random(seed)
+    with monkeypatch.context() as mp:
+        if not fast:  # build the Python wrappers even where the C path is in use
+            mp.setattr(step, "FAST", None)
+            mp.setattr(hooks, "FAST", None)
+
+        class PyTracker(StepTracker):
+            __slots__ = ()
+            __enter__ = step.PY_ENTER  # type: ignore[assignment]
+            __exit__ = step.PY_EXIT  # type: ignore[assignment]
+
+        clock = PhaseClock()
+        rows = StepRows(1 << 14)
+        tracker = (StepTracker if fast else PyTracker)(clock, rows, BoundedTable(STEP_REGION, 1 << 12))
+        mem = []
+
+        class Mem:
+            every = 3
+            begins = False
+
+            def step_begin(self) -> None:  # pragma: no cover
+                pass
+
+            def step_end(self, s: int, ts: int) -> None:
+                mem.append(s)
+
+        tracker.memory = Mem()
+
+        def work(x: int = 0) -> int:
+            if x < 0:
+                raise Boom(x)
+            return x + 1
+
+        back = timed(clock, BACKWARD, work)
+        fwd = timed(clock, step.FORWARD, work)
+        datasets = [object(), object()]
+        fetch = hooks._fetch_wrapper(clock, lambda it: it._dataset)
+        opt_pre, opt_post = hooks.optimizer_hooks(clock)
+        gpu = _Gpu()
+        log: list[tuple] = []
+        for _ in range(300):
+            op = rng.random()
+            if op < 0.1:
+                tracker.gpu = gpu if tracker.gpu is None else None
+                clock.gpu = tracker.gpu
+            elif op < 0.13:
+                tracker.enabled = not tracker.enabled
+            elif op < 0.3:
+                try:
+                    log.append(("fetch", datasets.index(fetch(_It(datasets[rng.random() < 0.2])))))
+                except Exception as exc:  # pragma: no cover - must not happen
+                    log.append(("fetch-error", repr(exc)))
+            else:
+                fail = rng.random() < 0.1
+                try:
+                    with tracker:
+                        for _ in range(rng.randrange(4)):
+                            k = rng.random()
+                            x = -1 if rng.random() < 0.1 else 1
+                            try:
+                                log.append(("call", (back if k < 0.5 else fwd)(x)))
+                            except Boom:
+                                log.append(("raised",))
+                            if k > 0.8:
+                                opt_pre(None, (), {})
+                                opt_post(None, (), {})
+                        if rng.random() < 0.1:
+                            tracker.add_region("r", 5, 0)
+                        if fail:
+                            raise Boom("step")
+                except Boom:
+                    log.append(("step-failed",))
+        got = raw_array(rows.take_unsent())
+        log.append(("steps", got[:, 0].tolist(), got[:, 1].tolist(), (got[:, 4:9] > 0).tolist()))
+        log.append(("starts", (got[:, 9:14] > 0).tolist(), "gpu calls", gpu.calls))
+        log.append(("regions", [r[0] for r in tracker.region_table.take_unsent()]))
+        log.append(("mem", mem, "cost steps", tracker.cost_steps, "failed", tracker.steps_failed))
+        log.append(("end", tracker.step, tracker.depth, clock.gate, clock.base, clock.phase, tracker.enabled))
+        return log
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(12))
+def test_c_and_python_record_the_same_steps_on_random_schedules(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _drive(seed, True, monkeypatch) == _drive(seed, False, monkeypatch)

@@ -145,6 +145,17 @@ def install_h2d(clock: PhaseClock, suffix: str = "") -> list[str]:
 def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+    pre, post = optimizer_hooks(clock)
+    pre_handle = register_optimizer_step_pre_hook(pre)
+    post_handle = register_optimizer_step_post_hook(post)
+    names = [patches.register("optimizer step pre-hook" + suffix, pre_handle.remove)]
+    names.append(patches.register("optimizer step post-hook" + suffix, post_handle.remove))
+    return names
+
+
+def optimizer_hooks(clock: PhaseClock) -> tuple[Any, Any]:
+    """The optimizer step pre- and post-hook timing the optimizer phase (C when built)."""
+
     def pre(opt: Any, args: Any, kwargs: Any) -> None:
         c = clock
         if c.opt_depth:  # an optimizer wrapping another one steps it from inside its own step
@@ -185,14 +196,8 @@ def _install_optimizer_hooks(clock: PhaseClock, suffix: str) -> list[str]:
                 c.self_ns += _perf_ns() - t1
 
     if FAST is not None:  # the common case in C, sampled steps and a GPU timer in pre/post
-        pre_handle = register_optimizer_step_pre_hook(FAST.OptimizerHook(clock, 0, None, pre))
-        post_handle = register_optimizer_step_post_hook(FAST.OptimizerHook(clock, 1, None, post))
-    else:
-        pre_handle = register_optimizer_step_pre_hook(pre)
-        post_handle = register_optimizer_step_post_hook(post)
-    names = [patches.register("optimizer step pre-hook" + suffix, pre_handle.remove)]
-    names.append(patches.register("optimizer step post-hook" + suffix, post_handle.remove))
-    return names
+        return FAST.OptimizerHook(clock, 0, None, pre), FAST.OptimizerHook(clock, 1, None, post)
+    return pre, post
 
 
 def _h2d_wrapper(clock: PhaseClock, fn: Any) -> Any:

@@ -688,6 +688,8 @@ class StepTracker(_StepBase):
         self.regions.clear()
 
 
+#: the pure-Python context (the reference the tests compare the C one with)
+PY_ENTER, PY_EXIT = StepTracker.__enter__, StepTracker.__exit__
 if FAST is not None:
     # the C base's __enter__/__exit__: the same common path (_fastclock.c), the rest calls
     # _enter_full/_exit_full above
