@@ -230,6 +230,9 @@ for name, fn, in_step in CALLS:
         for nm in reversed(names):
             patches.undo(nm)
     out[f"call {name}"] = patched - base
+import traceml.runtime.step as _step
+out["where"] = traceml.__file__
+out["fast"] = getattr(_step, "FAST", None) is not None
 print(json.dumps(out))
 """
 
@@ -272,6 +275,7 @@ def main() -> None:
     p.add_argument("--ref", help="also measure the tree at this git ref, interleaved")
     p.add_argument("--pure", action="store_true", help="also this tree with TRACEML_PURE_PYTHON=1, interleaved")
     args = p.parse_args()
+    fast = next((ROOT / "traceml" / "runtime").glob("_fastclock*.so"), None) is not None
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this tree": ROOT}
         if args.pure:
@@ -286,12 +290,17 @@ def main() -> None:
                 env = {k: v for k, v in env.items() if not k.startswith("TRACEML_")}
                 if label == "pure Python":
                     env["TRACEML_PURE_PYTHON"] = "1"
+                # cwd = the tree: `python -c` puts the working folder first on sys.path, so run from
+                # this checkout every child imported this tree's traceml whatever PYTHONPATH said
                 proc = subprocess.run(
-                    [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True
+                    [sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, capture_output=True, text=True, cwd=path
                 )
                 if proc.returncode != 0:
                     sys.exit(f"{label}: child failed:\n{proc.stderr[-3000:]}")
-                results[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                got = json.loads(proc.stdout.strip().splitlines()[-1])
+                if not got.pop("where").startswith(str(path)) or got.pop("fast") != (label == "this tree" and fast):
+                    sys.exit(f"{label}: the child imported the wrong traceml or implementation: {proc.stdout[-500:]}")
+                results[label].append(got)
                 print(f"  process {i + 1}/{args.procs} ({label}) done", file=sys.stderr)
     labels = list(trees)
     head = "| what | " + " | ".join(f"{lab} CPU µs/step" for lab in labels)
