@@ -7,6 +7,8 @@ Within the row budget the tail holds every row; beyond it, the bounded reader's 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 
 from replay.bounded import BoundedBuilder, bounded_view, data_rows, row_budget
 from replay.engine import END_ATTACHMENTS, Recording
@@ -23,11 +25,22 @@ class Tail:
     Memory: while the file's rows fit the budget they are all held, as
     ``replay`` holds them; past it the rows are dropped and the tail keeps what a bounded read keeps
     (a stride sample, each rank's last steps whole, exact counts and sums, 1% sketches), the stride
-    doubling as the file grows so the sample stays within the budget.
+    doubling as the file grows so the sample stays within the budget.  Building that view costs
+    about 0.3 s per million rows held, so past the budget a poll rebuilds it only once the time
+    since the last build is ``REBUILD_FACTOR`` times what that build took (at most ~10% of a core);
+    the polls between read and fold the new rows and show the previous view.
     """
 
-    def __init__(self, rec: Recording, *, budget: int | None = None) -> None:
+    #: past the budget, a view is rebuilt after this many times its own build time
+    REBUILD_FACTOR = 10.0
+
+    def __init__(
+        self, rec: Recording, *, budget: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rec = rec
+        self._clock = clock
+        self._built_at = 0.0
+        self._build_s = 0.0
         self.budget = row_budget(budget)
         self._builder: BoundedBuilder | None = None
         #: ranks that appeared while tailing: shown connected until the file says otherwise
@@ -82,7 +95,8 @@ class Tail:
                 store.append(rank, table, cols, schemas.get(table) or STANDARD_TABLES.get(table))
         if rec.finished:
             return self.finish()
-        self._view = self._current()
+        if self._builder is None or self._clock() - self._built_at > self.REBUILD_FACTOR * self._build_s:
+            self._view = self._current()
         return self._view
 
     def _go_bounded(self) -> None:
@@ -104,7 +118,10 @@ class Tail:
         too when ``end``), the ranks seen connecting."""
         rec = self.rec
         if self._builder is not None:
+            began = self._clock()
             view = self._builder.view(final=False)
+            self._built_at = self._clock()
+            self._build_s = self._built_at - began
             infos = dict(view.rank_info)
             for rank in self._connected:
                 info = infos.get(rank)

@@ -95,6 +95,7 @@ def test_a_followed_file_past_the_budget_is_held_in_bounded_memory(tmp_path: Pat
                 time.sleep(0.01)
             with replay.open(path, follow=True, progress=False) as rec:
                 tail = Tail(rec)
+                tail.REBUILD_FACTOR = 0.0  # every poll rebuilds the view
                 assert tail.budget == BUDGET
                 while not tail.finished:
                     go.set()
@@ -134,6 +135,7 @@ def test_the_view_while_following_has_the_statistics_replay_shows_of_the_file_so
         w.tick()
         with replay.open(path, follow=True, progress=False) as rec:
             tail = Tail(rec, budget=BUDGET)
+            tail.REBUILD_FACTOR = 0.0  # every poll rebuilds the view
             assert not tail.bounded  # within the budget: every row, as replay holds them
             for a in range(0, half, CHUNK):
                 for r in range(RANKS):
@@ -179,3 +181,28 @@ def test_dashboard_follow_source_is_bounded_too(tmp_path: Path, run: dict) -> No
         assert view.total_rows() <= 1.1 * BUDGET and view.meta["status"] == "finished"
     with replay.open(path, progress=False) as rec:
         assert _stats(build_summary(view)) == _stats(build_summary(rec.bounded_view(BUDGET)))
+
+
+def test_past_the_budget_a_poll_rebuilds_the_view_only_after_ten_times_its_build_time(
+    tmp_path: Path, run: dict
+) -> None:
+    path = tmp_path / "throttled.tml"
+    now = [0.0]
+    with TmlWriter(path, run_meta=run_meta(ranks=RANKS), segment_max_bytes=1 << 15, fsync_interval_s=None) as w:
+        for r in range(RANKS):
+            w.append(r, "step_time", {k: v[:4_000] for k, v in run[r]["step_time"].items()})
+        w.tick()
+        with replay.open(path, follow=True, progress=False) as rec:
+            tail = Tail(rec, budget=BUDGET, clock=lambda: now[0])
+            first = tail.poll()
+            assert tail.bounded and tail.latest() is first
+            for r in range(RANKS):
+                w.append(r, "step_time", {k: v[4_000:6_000] for k, v in run[r]["step_time"].items()})
+            w.tick()
+            # no time went by: the new rows are folded into the totals, the view shown is the last one
+            assert tail.poll() is first and tail.latest() is first
+            now[0] += 1.0  # far more than ten builds of a view this small
+            rebuilt = tail.poll()
+            assert rebuilt is not first
+            assert rebuilt.digests["step_time"].recorded_rows == rec.rows["step_time"]
+            assert rebuilt.digests["step_time"].recorded_rows > first.digests["step_time"].recorded_rows
