@@ -47,6 +47,10 @@ class Tail:
         self._connected: set[int] = set()
         self._final: StoreView | None = None
         self._at_open = set(rec.ranks)
+        if data_rows(rec) > self.budget and rec.finished:  # nothing to follow: the end view at once
+            self.store = ColumnStore(capacity=0, meta=rec.meta)
+            self._view = self._final = bounded_view(rec, self.budget)
+            return
         if data_rows(rec) > self.budget:
             self.store = ColumnStore(capacity=0, meta=rec.meta)
             self._go_bounded()
