@@ -206,3 +206,27 @@ def test_past_the_budget_a_poll_rebuilds_the_view_only_after_ten_times_its_build
             assert rebuilt is not first
             assert rebuilt.digests["step_time"].recorded_rows == rec.rows["step_time"]
             assert rebuilt.digests["step_time"].recorded_rows > first.digests["step_time"].recorded_rows
+
+
+def test_dashboard_follow_of_a_growing_file_stays_within_the_budget(tmp_path: Path, run: dict) -> None:
+    from replay.dashboard import FollowSource
+    from traceml.views import step_source
+
+    path = tmp_path / "dash_growing.tml"
+    with TmlWriter(path, run_meta=run_meta(ranks=RANKS), segment_max_bytes=1 << 15, fsync_interval_s=None) as w:
+        w.append(0, "step_time", {k: v[:10] for k, v in run[0]["step_time"].items()})
+        w.tick()
+        with replay.open(path, follow=True, progress=False) as rec:
+            src = FollowSource(rec, row_budget=BUDGET)
+            src._tail.REBUILD_FACTOR = 0.0  # every call shows the rows so far
+            for a in range(0, STEPS, 1_000):
+                for r in range(RANKS):
+                    lo = max(a, 10) if r == 0 else a
+                    w.append(r, "step_time", {k: v[lo : a + 1_000] for k, v in run[r]["step_time"].items()})
+                w.tick()
+                view = src()
+                assert view.total_rows() <= BUDGET
+            assert view.digests["step_time"].recorded_rows == rec.rows["step_time"] > 3 * BUDGET
+            # the dashboard's step charts count every step read so far (the bounded read's step source)
+            src_steps = step_source(view)
+            assert sum(src_steps.count(r) for r in src_steps.per_rank()) == rec.rows["step_time"]
