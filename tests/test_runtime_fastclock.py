@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traceml.runtime import patches, step
 from traceml.runtime.hooks import install_torch_hooks, wrap_forward
-from traceml.runtime.step import BACKWARD, CARRY, NO_PHASE, STEP, PhaseClock, StepTracker, timed
+from traceml.runtime.step import BACKWARD, CARRY, NO_PHASE, STEP, PhaseClock, StepTracker
 from traceml.runtime.steprows import StepRows, raw_array
+from traceml.runtime.timed import timed
 from traceml.schema import STEP_REGION
 from traceml.store import BoundedTable
 

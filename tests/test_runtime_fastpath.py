@@ -17,9 +17,9 @@ from traceml.runtime.step import (
     STEP,
     PhaseClock,
     StepTracker,
-    timed,
 )
 from traceml.runtime.steprows import StepRows, raw_array
+from traceml.runtime.timed import timed
 from traceml.schema import STEP_REGION
 from traceml.store import BoundedTable
 

@@ -240,7 +240,7 @@ def test_phases_outside_a_step_are_not_recorded_but_waits_are_carried(agent):
 
 
 def test_trace_time_regions_per_step_and_outside(agent):
-    from traceml.runtime.step import Region
+    from traceml.runtime.regions import Region
 
     def region(name):
         return Region(name, lambda: agent.tracker)
@@ -266,7 +266,7 @@ def test_trace_time_regions_per_step_and_outside(agent):
 
 
 def test_region_reused_and_nested_with_one_object(agent):
-    from traceml.runtime.step import Region
+    from traceml.runtime.regions import Region
 
     r = Region("same", lambda: agent.tracker)
     with agent.step_context(None), r, r:
@@ -505,7 +505,7 @@ def test_each_phase_records_where_it_started_in_its_step(agent):
 
 
 def test_regions_record_their_first_start_in_the_step(agent):
-    from traceml.runtime.step import Region
+    from traceml.runtime.regions import Region
 
     with agent.step_context(None):
         time.sleep(SLEEP_S)

@@ -124,7 +124,7 @@ def train_in_process(steps: int, agent: Agent | None = None) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from traceml.runtime.step import Region
+    from traceml.runtime.regions import Region
 
     if agent is None:
         trace_step, trace_time = traceml.trace_step, traceml.trace_time

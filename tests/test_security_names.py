@@ -138,7 +138,7 @@ def _region(labels: list[str]) -> dict[str, Any]:
 
 
 def test_a_region_name_with_control_characters_is_made_a_label_at_the_rank() -> None:
-    from traceml.runtime.step import Region
+    from traceml.runtime.regions import Region
 
     region = Region("eval\x1b[31m\nstep", lambda: None)
     assert region.name == "eval\ufffd[31m\ufffdstep" and names.label_problem(region.name, "region") is None

@@ -5,8 +5,8 @@ damaged or growing file and reports what it could not read in ``integrity``.
 
 from __future__ import annotations
 
-from traceml.format._locate import ReadLimits, SegmentInfo
-from traceml.format._records import FORMAT_VERSION, MAGIC, PRIVATE_KINDS, RecordKind
+from traceml.format._locate import ReadLimits
+from traceml.format._records import FORMAT_VERSION, MAGIC, PRIVATE_KINDS, RecordKind, SegmentInfo
 from traceml.format.inspect import Batch
 from traceml.format.reader import TmlReader, open_recording
 from traceml.format.rollup import DEFAULT_ROLLUP_STEPS

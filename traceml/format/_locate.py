@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from traceml.format._records import (
     IndexCheckpoint,
     ReadLimits,
     RecordKind,
-    SegmentHead,
+    SegmentInfo,
 )
 from traceml.format.inspect import Batch
 from traceml.schema import TableSchema
@@ -46,42 +46,6 @@ _RAISE_RECORD_LIMIT = (
     " only for a file you trust"
 )
 _RAISE_CAP = "raise ReadLimits.max_decompressed_bytes to read it"
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """One index entry: where a segment is and what it holds."""
-
-    offset: int
-    length: int
-    t_min: int | None
-    t_max: int | None
-    step_min: int | None
-    step_max: int | None
-    ranks: tuple[int, ...]
-    rows: Mapping[tuple[int, str], int] = field(hash=False)
-    raw_size: int
-
-    @classmethod
-    def from_head(cls, offset: int, length: int, head: SegmentHead) -> SegmentInfo:
-        rows: dict[tuple[int, str], int] = {}
-        for rank, table, n in head.streams:
-            rows[(rank, table)] = rows.get((rank, table), 0) + n
-        return cls(
-            offset=offset,
-            length=length,
-            t_min=head.t_min,
-            t_max=head.t_max,
-            step_min=head.step_min,
-            step_max=head.step_max,
-            ranks=tuple(sorted({rank for rank, _ in rows})),
-            rows=rows,
-            raw_size=head.raw_size,
-        )
-
-    @property
-    def tables(self) -> frozenset[str]:
-        return frozenset(table for _, table in self.rows)
 
 
 class _IndexLie(CorruptRecordError):
@@ -219,7 +183,7 @@ class LocatedFile:
                 self._column_count = sum(len(s.columns) for s in self._schemas.values())
                 self._header_restored = f"restored from the copy in the INDEX record at byte {offset}"
             else:
-                self._header = _lost_header(sync)
+                self._header = _records.lost_header(sync)
                 self._header_restored = (
                     "no copy of it in the file (written before format 1.2, or before its first index"
                     " checkpoint): the run id, hosts, command, world size and metadata are lost"
@@ -659,20 +623,3 @@ def _kind_name(kind: int) -> str:
         return RecordKind(kind).name
     except ValueError:
         return f"kind-{kind:#04x}"
-
-
-def _lost_header(sync: bytes) -> dict[str, Any]:
-    """The header of a file whose HEADER is damaged and has no copy: every field empty or unknown."""
-    return {
-        "format_version": "",
-        "writer": "",
-        "run_id": "",
-        "created_ns": 0,
-        "hosts": [],
-        "world_size": -1,
-        "command": [],
-        "meta": {},
-        "schemas": {},
-        "sync": sync,
-        "rollup_steps": None,
-    }

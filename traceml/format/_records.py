@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -517,3 +517,56 @@ def parse_index(payload: bytes | memoryview, limits: ReadLimits = DEFAULT_LIMITS
         attachments=_entries(obj.get("attachments"), "INDEX.attachments"),
         schemas=_entries(obj.get("schemas"), "INDEX.schemas"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """One index entry: where a segment is and what it holds."""
+
+    offset: int
+    length: int
+    t_min: int | None
+    t_max: int | None
+    step_min: int | None
+    step_max: int | None
+    ranks: tuple[int, ...]
+    rows: Mapping[tuple[int, str], int] = field(hash=False)
+    raw_size: int
+
+    @classmethod
+    def from_head(cls, offset: int, length: int, head: SegmentHead) -> SegmentInfo:
+        rows: dict[tuple[int, str], int] = {}
+        for rank, table, n in head.streams:
+            rows[(rank, table)] = rows.get((rank, table), 0) + n
+        return cls(
+            offset=offset,
+            length=length,
+            t_min=head.t_min,
+            t_max=head.t_max,
+            step_min=head.step_min,
+            step_max=head.step_max,
+            ranks=tuple(sorted({rank for rank, _ in rows})),
+            rows=rows,
+            raw_size=head.raw_size,
+        )
+
+    @property
+    def tables(self) -> frozenset[str]:
+        return frozenset(table for _, table in self.rows)
+
+
+def lost_header(sync: bytes) -> dict[str, Any]:
+    """The header of a file whose HEADER is damaged and has no copy: every field empty or unknown."""
+    return {
+        "format_version": "",
+        "writer": "",
+        "run_id": "",
+        "created_ns": 0,
+        "hosts": [],
+        "world_size": -1,
+        "command": [],
+        "meta": {},
+        "schemas": {},
+        "sync": sync,
+        "rollup_steps": None,
+    }

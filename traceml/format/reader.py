@@ -16,8 +16,8 @@ import numpy as np
 from traceml import names
 from traceml.errors import ConfigError, CorruptRecordError, FormatError, ReadLimitError
 from traceml.format import _segment, rollup
-from traceml.format._locate import LocatedFile, ReadLimits, SegmentInfo, _Scan
-from traceml.format._records import RecordKind
+from traceml.format._locate import LocatedFile, ReadLimits, _Scan
+from traceml.format._records import RecordKind, SegmentInfo
 from traceml.format._slice import Range, _concat, _disjoint, _inside, _rows, _trim
 from traceml.format.inspect import Batch, TableStats, inspect_report
 from traceml.schema import NUMPY_DTYPES, STR, TableSchema, is_rollup, rollup_schema

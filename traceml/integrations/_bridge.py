@@ -14,7 +14,8 @@ from typing import Any
 
 from traceml.runtime import api, patches
 from traceml.runtime._failopen import disable_piece, log_once
-from traceml.runtime.step import FORWARD, H2D, NO_PHASE, OPTIMIZER, PhaseClock, StepTracker, timed
+from traceml.runtime.step import FORWARD, H2D, NO_PHASE, OPTIMIZER, PhaseClock, StepTracker
+from traceml.runtime.timed import timed
 
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident

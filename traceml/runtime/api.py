@@ -18,7 +18,8 @@ from traceml.errors import ConfigError
 from traceml.runtime._failopen import disable_piece, log_once
 from traceml.runtime.agent import Agent
 from traceml.runtime.inputs import InputBlock, mark_input
-from traceml.runtime.step import PhaseClock, Region, StepTracker
+from traceml.runtime.regions import Region
+from traceml.runtime.step import PhaseClock, StepTracker
 
 F = TypeVar("F", bound=Callable[..., Any])
 

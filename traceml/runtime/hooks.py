@@ -26,9 +26,8 @@ from traceml.runtime.step import (
     SAMPLE,
     STEP,
     PhaseClock,
-    timed,
-    timed_carried,
 )
+from traceml.runtime.timed import timed, timed_carried
 
 _perf_ns = time.perf_counter_ns
 _get_ident = threading.get_ident

@@ -1,4 +1,4 @@
-"""The hot path: the phase clock, ``trace_step``'s context and ``trace_time`` regions.
+"""The hot path: the phase clock and ``trace_step``'s context (the phase wrappers: :mod:`.timed`; regions: :mod:`.regions`).
 
 Runs on the training thread: only ``perf_counter_ns``, integer arithmetic and one append per step;
 phases never overlap, so ``residual = step - sum(phases) >= 0``.  Attribution rules: docs/internals.md.
@@ -11,9 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from traceml import names
 from traceml.runtime._failopen import disable_piece
 from traceml.runtime.steprows import StepRows, pack_row
 from traceml.store import BoundedTable
@@ -60,8 +59,6 @@ SAMPLE_EVERY = 64
 #: loaders (other than the training one) whose fetches between two steps are kept apart
 MAX_OTHER_SOURCES = 16
 _ZEROS = (0, 0, 0, 0, 0)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class GpuPhaseTimer(Protocol):
@@ -236,158 +233,6 @@ class PhaseClock:
         self.other = {k: list(v) for k, v in other.items()}
         self.train_seen = seen
         self.last_src = last
-
-
-def _sampled_step_phase(c: PhaseClock, phase: int, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    te = _perf_ns()
-    c._phase = phase
-    c.gate = 0
-    g = c.gpu
-    if g is not None:
-        g.begin(phase)
-    t0 = _perf_ns()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        t1 = _perf_ns()
-        c.acc[phase] += t1 - t0
-        f = c.first
-        if not f[phase]:
-            f[phase] = t0
-        c._phase = NO_PHASE
-        c.gate = c.base
-        if g is not None:
-            g.end(phase)
-        c.self_ns += _perf_ns() - t1 + t0 - te
-
-
-def timed(clock: PhaseClock, phase: int, fn: Callable[..., Any], gpu: bool = True) -> Callable[..., Any]:
-    """Wrap ``fn`` so its outermost calls on the training thread add to ``clock.acc[phase]``.
-
-    Forward, backward and the optimizer are timed inside a step only; dataloader and h2d
-    also between steps (carried, see the module docstring).  ``gpu`` = False: never on the
-    CUDA event timer.
-    """
-    if phase in CARRIED_PHASES:
-        return timed_carried(clock, phase, fn, source=None if phase == H2D else _no_source, gpu=gpu)
-    full = _timed_py(clock, phase, fn)
-    if FAST is None:
-        return full
-    fast = FAST.Timed(clock, phase, fn, full)  # the common case in C, the rest is `full`
-    fast.__name__ = full.__name__
-    fast.__doc__ = full.__doc__
-    return fast  # type: ignore[no-any-return]
-
-
-def _timed_py(clock: PhaseClock, phase: int, fn: Callable[..., Any]) -> Callable[..., Any]:
-    def traceml_timed(*args: Any, **kwargs: Any) -> Any:
-        c = clock
-        g = c.gate
-        if not g & STEP or _get_ident() != c.owner:
-            return fn(*args, **kwargs)
-        if g & SAMPLE:
-            return _sampled_step_phase(c, phase, fn, args, kwargs)
-        c._phase = phase
-        c.gate = 0
-        gp = c.gpu
-        if gp is not None:
-            gp.begin(phase)
-        t0 = _perf_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            c.acc[phase] += _perf_ns() - t0
-            f = c.first
-            if not f[phase]:
-                f[phase] = t0
-            c._phase = NO_PHASE
-            c.gate = c.base
-            if gp is not None:
-                gp.end(phase)
-
-    traceml_timed.__wrapped__ = fn  # type: ignore[attr-defined]
-    traceml_timed.__name__ = getattr(fn, "__name__", "traceml_timed")
-    traceml_timed.__doc__ = getattr(fn, "__doc__", None)
-    return traceml_timed
-
-
-def _no_source(*args: Any) -> int:
-    return 0
-
-
-def timed_carried(
-    clock: PhaseClock,
-    phase: int,
-    fn: Callable[..., Any],
-    source: Callable[[Any], int] | None,
-    gpu: bool = True,
-    accept: Callable[[Any, Any], bool] | None = None,
-) -> Callable[..., Any]:
-    """Wrap a dataloader fetch (``source(first_arg)`` names its loader) or a copy (``source``
-    None); inside a step it adds to the step, between steps it is carried.  ``accept(first_arg,
-    result)`` says whether the call counts at all (a copy that stayed on the host does not)."""
-
-    def traceml_carried(*args: Any, **kwargs: Any) -> Any:
-        c = clock
-        g = c.gate
-        if not g or _get_ident() != c.owner:
-            return fn(*args, **kwargs)
-        te = _perf_ns() if g & SAMPLE else 0
-        c._phase = phase
-        c.gate = 0
-        gp = c.gpu if gpu else None
-        if gp is not None:
-            gp.begin(phase)
-        t0 = _perf_ns()
-        try:
-            out = fn(*args, **kwargs)
-        except BaseException:  # StopIteration at the end of an epoch too: not counted
-            c._phase = NO_PHASE
-            c.gate = c.base
-            if gp is not None:
-                gp.cancel(phase)
-            if te:
-                c.self_ns += t0 - te
-            raise
-        t1 = _perf_ns()
-        c._phase = NO_PHASE
-        c.gate = c.base
-        if accept is not None and not accept(args[0] if args else None, out):
-            if gp is not None:
-                gp.cancel(phase)
-        else:
-            if g & STEP:
-                c.acc[phase] += t1 - t0
-                f = c.first
-                if not f[phase]:
-                    f[phase] = t0
-                if source is not None:
-                    c.fetched_in_step = True
-                    c.train_src = source(args[0] if args else None)
-            else:  # between steps: carried (inline for the training loader, see add_carried)
-                if source is None:
-                    src = c.last_src
-                else:
-                    src = c.last_src = source(args[0] if args else None)
-                if src == c.train_src:
-                    if phase == DATALOADER:
-                        c.train_seen = True
-                    cr = c.carry
-                    if not cr[phase]:
-                        c.carry_first[phase] = t0
-                    cr[phase] += t1 - t0
-                else:
-                    c.add_carried(phase, src, t0, t1 - t0)
-            if gp is not None:
-                gp.end(phase)
-        if te:
-            c.self_ns += _perf_ns() - t1 + t0 - te
-        return out
-
-    traceml_carried.__wrapped__ = fn  # type: ignore[attr-defined]
-    traceml_carried.__name__ = getattr(fn, "__name__", "traceml_carried")
-    traceml_carried.__doc__ = getattr(fn, "__doc__", None)
-    return traceml_carried
 
 
 class StepTracker(_StepBase):
@@ -695,56 +540,3 @@ if FAST is not None:
     # _enter_full/_exit_full above
     delattr(StepTracker, "__enter__")
     delattr(StepTracker, "__exit__")
-
-
-class Region:
-    """``trace_time(name)``: a context manager and a decorator timing a user region.
-
-    Inside a step, calls are summed per name into one STEP_REGION row at step end; outside
-    a step each call becomes its own row with ``step = -1``.
-    """
-
-    __slots__ = ("name", "_starts", "_resolve")
-
-    def __init__(self, name: str, resolve: Callable[[], StepTracker | None]) -> None:
-        # a region name is a label (traceml.names): control characters would get its rows refused
-        self.name = names.safe_label(name)
-        self._starts: list[int] = []
-        self._resolve = resolve
-
-    def __enter__(self) -> Region:
-        self._starts.append(_perf_ns())
-        return self
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        t1 = _perf_ns()
-        try:
-            t0 = self._starts.pop()
-            tracker = self._resolve()
-            if tracker is not None and tracker.enabled:
-                tracker.add_region(self.name, t1 - t0, t0)
-        except Exception:
-            disable_piece("region", "trace_time region timing")
-        return False
-
-    def __call__(self, fn: F) -> F:
-        import functools
-
-        name = self.name
-        resolve = self._resolve
-
-        @functools.wraps(fn)
-        def traceml_region(*args: Any, **kwargs: Any) -> Any:
-            t0 = _perf_ns()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                t1 = _perf_ns()
-                try:
-                    tracker = resolve()
-                    if tracker is not None and tracker.enabled:
-                        tracker.add_region(name, t1 - t0, t0)
-                except Exception:
-                    disable_piece("region", "trace_time region timing")
-
-        return traceml_region  # type: ignore[return-value]
