@@ -15,6 +15,8 @@ from traceml.testing.synthetic import synthetic_run, write_recording
 
 STEPS = 3_000
 RANKS = 3
+#: counter rows per window in the streaming test (the process table has ~100 rows per rank)
+COUNTER_WINDOW = 20
 
 
 def test_csv_reads_segment_by_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,16 +56,29 @@ def test_chrome_trace_goes_rank_by_rank_and_window_by_window(tmp_path: Path, mon
 
     with open_recording(src) as reader:
         whole = export.chrome_trace(reader)
+        seg_rows = {
+            t: max((n for seg in reader.segments for (_, tt), n in seg.rows.items() if tt == t), default=0)
+            for t in export._TRACE_COUNTER_TABLES
+        }
+        assert "process" in reader.tables
         for steps in ((None, None), (700, 2100)):
             read.clear()
 
             monkeypatch.setattr(export, "WINDOW_STEPS", 400)
+            monkeypatch.setattr(export, "WINDOW_COUNTER_ROWS", COUNTER_WINDOW)
             monkeypatch.setattr(TmlReader, "read_table", counted)
             out = tmp_path / f"t{steps[0]}.json.gz"
             export.write_chrome_trace(reader, out, steps=steps)
             monkeypatch.setattr(TmlReader, "read_table", real)
             monkeypatch.setattr(export, "WINDOW_STEPS", 10**9)
+            monkeypatch.setattr(export, "WINDOW_COUNTER_ROWS", 10**9)
             assert max(n for t, n in read if t == "step_time") <= 400  # never more than a window of a rank
+            # counters too: a window of rows of one rank, plus at most the segment that crossed it
+            for table in export._TRACE_COUNTER_TABLES:
+                reads = [n for t, n in read if t == table]
+                if table in reader.tables:
+                    assert reads and max(reads) <= COUNTER_WINDOW + seg_rows[table], (table, reads)
+            assert len([n for t, n in read if t == "process"]) > 2 * RANKS  # several windows per rank
             doc = json.loads(gzip.decompress(out.read_bytes()))
             expected = whole if steps == (None, None) else export.chrome_trace(reader, steps)
             key = lambda e: json.dumps(e, sort_keys=True)  # noqa: E731

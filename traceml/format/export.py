@@ -120,8 +120,9 @@ def _rank_names(reader: TmlReader) -> dict[int, str]:
 _TRACE_STEP_TABLES = ("step_time", "step_timeline", "step_region")
 _TRACE_COUNTER_TABLES = ("process", "system", "system_gpu", "step_memory")
 #: steps of one rank turned into events at a time: what the trace holds in memory at once
-#: (a rank's counters are read whole: they are ~1 Hz samples, or one row per step on a GPU)
 WINDOW_STEPS = 10_000
+#: counter rows (of one rank and table) turned into events at a time, about
+WINDOW_COUNTER_ROWS = 20_000
 
 
 def chrome_trace(reader: TmlReader, steps: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
@@ -172,8 +173,27 @@ class _Trace:
                 if (cols := self.reader.read_table(t, [rank], step_range=(a, b)).get(rank)) is not None
             }
 
-    def _counters_of(self, rank: int) -> dict[str, dict[int, dict[str, Any]]]:
-        return {t: {rank: c} for t in self.counter_tables if (c := self.reader.read_table(t, [rank]).get(rank))}
+    def _counter_windows(self, rank: int, table: str) -> Iterator[dict[str, Any]]:
+        """The rank's rows of the counter *table*, about WINDOW_COUNTER_ROWS at a time: windows of
+        time that start where a segment starts (``[start_k, start_k+1 - 1]``), so each row is read once."""
+        segs = sorted(
+            (s for s in self.reader.segments if (rank, table) in s.rows and s.t_min is not None),
+            key=lambda s: s.t_min or 0,
+        )
+        starts: list[int] = []
+        held = WINDOW_COUNTER_ROWS
+        for seg in segs:
+            if held >= WINDOW_COUNTER_ROWS:
+                starts.append(seg.t_min or 0)
+                held = 0
+            held += seg.rows[(rank, table)]
+        for i, a in enumerate(starts):
+            b = starts[i + 1] - 1 if i + 1 < len(starts) else None
+            if b is not None and b < a:
+                continue  # two windows starting at the same ns: the later one reads its rows
+            cols = self.reader.read_table(table, [rank], time_range=(a, b)).get(rank)
+            if cols is not None:
+                yield cols
 
     def _spans(self) -> tuple[int, tuple[int, int] | None]:
         """The origin (the first step start or sample) and, for --steps, the kept steps' time span."""
@@ -189,7 +209,9 @@ class _Trace:
                     if span is not None and span[0] <= span[1]:
                         first = span[0] if first is None else min(first, span[0])
                         last = span[1] if last is None else max(last, span[1])
-            origins.append(_origin_ns({}, self._counters_of(rank)))
+            for table in self.counter_tables:
+                for cols in self._counter_windows(rank, table):
+                    origins.append(_origin_ns({}, {table: {rank: cols}}))
         origin = min((o for o in origins if o > 0), default=0)
         if self.lo is None and self.hi is None:
             return origin, None
@@ -225,9 +247,12 @@ class _Trace:
                     regions_named = regions_named or bool(named)
                 yield events
                 events = []
-            for table, by_rank in self._counters_of(rank).items():
-                _counters(events, rank, table, by_rank[rank], self.origin, self.window)
             yield events
+            for table in self.counter_tables:
+                for cols in self._counter_windows(rank, table):
+                    events = []
+                    _counters(events, rank, table, cols, self.origin, self.window)
+                    yield events
 
     def other(self) -> dict[str, Any]:
         other = {
