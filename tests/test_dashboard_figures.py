@@ -276,3 +276,25 @@ def test_the_rank_box_parses_the_traceml_ranks_syntax_and_says_what_is_wrong() -
     assert value is dash.no_update and "'abc' is not a rank or a range" in msg
     value, msg = rank_spec_update("100-200", ranks)
     assert value is dash.no_update and "names no rank of this run (ranks 0-63)" in msg
+
+
+def test_a_silent_connection_does_not_outlive_the_server(view) -> None:
+    # a browser's speculative preconnect opens a connection and never sends a request
+    import socket
+
+    from traceml.drivers.web import server as web_server
+
+    app = web.build_app(lambda: view, live=False)
+    srv = web.WebServer(app).start()
+    silent = socket.create_connection(("127.0.0.1", srv.port))
+    try:
+        for _ in range(100):  # the server has accepted it and a thread waits on it
+            if any(t.name.endswith("(process_request_thread)") for t in threading.enumerate()):
+                break
+            threading.Event().wait(0.02)
+        srv.stop(wait_s=web_server.IDLE_CONNECTION_S + 3)
+        waiting = [t for t in threading.enumerate() if t.name.endswith("(process_request_thread)")]
+        assert not waiting, "a handler thread still waits on a connection that sent nothing"
+        assert silent.recv(1) == b""  # and the server closed it
+    finally:
+        silent.close()

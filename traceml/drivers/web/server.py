@@ -21,12 +21,18 @@ from traceml.drivers.web.layout import DEFAULT_PORT, DEFAULT_REFRESH_S
 from traceml.errors import ConfigError
 from traceml.transport import listening_socket
 
+#: seconds a connection may stay silent before the server drops it
+IDLE_CONNECTION_S = 2.0
+
 
 class _QuietHandler(WSGIRequestHandler):
     """No access log; one request per connection, so no handler thread waits on an idle browser
     connection after the server stopped (the dashboard talks to 127.0.0.1: reconnecting is cheap)."""
 
     protocol_version = "HTTP/1.0"
+    #: seconds a connection may stay silent (a browser's speculative preconnect never sends a request:
+    #: without a timeout its thread would wait on it forever, past stop())
+    timeout = IDLE_CONNECTION_S
 
     def handle(self) -> None:
         # note the thread answering, so stop() can wait for requests still building a chart
