@@ -95,14 +95,7 @@ class BoundedSteps:
         if not (self._whole and self._range is None):
             return self._sample.figures()
         m = view_measures(self._view)
-        return JobFigures(
-            m.median_step_us / 1000.0,
-            m.p95_step_us / 1000.0,
-            m.slowest_rank if m.slowest_rank >= 0 else None,
-            m.skew_pct,
-            m.throughput_steps_per_s,
-            m.outside_share,
-        )
+        return JobFigures.of(m)
 
     def time_span(self) -> tuple[int, int] | None:
         return self._rolled.time_span()

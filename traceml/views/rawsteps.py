@@ -216,14 +216,7 @@ class RawSteps:
         # the one definition every view shares (traceml.views.measures): on the steps every rank has,
         # after the warm-up for the whole run, over the chosen steps when zoomed
         m = view_measures(self._view, self._range, self.chosen)
-        return JobFigures(
-            m.median_step_us / 1000.0,
-            m.p95_step_us / 1000.0,
-            m.slowest_rank if m.slowest_rank >= 0 else None,
-            m.skew_pct,
-            m.throughput_steps_per_s,
-            m.outside_share,
-        )
+        return JobFigures.of(m)
 
     def time_span(self) -> tuple[int, int] | None:
         lo_ns: int | None = None

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from traceml.views.select import StepRange
+
+if TYPE_CHECKING:
+    from traceml.views.measures import JobMeasures
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,18 @@ class JobFigures:
     skew_pct: float = math.nan
     steps_per_s: float = math.nan
     outside_share: float = math.nan
+
+    @classmethod
+    def of(cls, m: JobMeasures) -> JobFigures:
+        """The figures of a :class:`~traceml.views.measures.JobMeasures`."""
+        return cls(
+            m.median_step_us / 1000.0,
+            m.p95_step_us / 1000.0,
+            m.slowest_rank if m.slowest_rank >= 0 else None,
+            m.skew_pct,
+            m.throughput_steps_per_s,
+            m.outside_share,
+        )
 
 
 @runtime_checkable
