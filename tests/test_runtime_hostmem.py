@@ -55,3 +55,49 @@ def test_warm_up_growth_then_flat_is_not_a_creep() -> None:
     rss = [base + min(i, 5) * 64 * 2**20 + (i % 3) * 4096 for i in range(75)]
     d = diagnose(_view(rss))
     assert "MEMORY_CREEP" not in [f.kind for f in d.findings]
+
+
+def test_the_stride_widens_on_fast_steps_after_the_warm_up_and_narrows_again() -> None:
+    from traceml.runtime.hostmem import MAX_EVERY, MIN_GAP_NS, WARM_STEPS
+
+    rows: list[tuple[int, ...]] = []
+    mem = HostStepMemory(rows.append)
+    ms = 1_000_000
+
+    def run(steps: range, step_ns: int, t0: int = 0) -> int:
+        # as the step tracker calls it: on the steps divisible by the reader's current stride
+        for step in steps:
+            if step % mem.every == 0:
+                mem.step_end(step, t0 + (step - steps.start) * step_ns)
+                if step < WARM_STEPS:
+                    assert mem.every == EVERY  # the warm-up reads every EVERY-th step, whatever the rate
+        return t0 + len(steps) * step_ns
+
+    t = run(range(20_000), ms)  # 1 ms steps: then reads no closer than MIN_GAP_NS
+    assert mem.every * ms >= MIN_GAP_NS and mem.every <= MAX_EVERY
+    assert (mem.every // 2) * ms < MIN_GAP_NS  # not wider than needed
+    run(range(20_000, 20_000 + 4096), 100 * ms, t)  # 100 ms steps: back to every EVERY-th step
+    assert mem.every == EVERY
+    mem.close()
+
+
+def test_the_step_tracker_follows_the_readers_stride() -> None:
+    from traceml.runtime.hostmem import WARM_STEPS
+    from traceml.runtime.step import PhaseClock, StepTracker
+    from traceml.runtime.steprows import StepRows
+    from traceml.schema import STEP_REGION
+    from traceml.store import BoundedTable
+
+    rows: list[tuple[int, ...]] = []
+    tracker = StepTracker(PhaseClock(), StepRows(8192), BoundedTable(STEP_REGION, 64))
+    tracker.memory = mem = HostStepMemory(rows.append)
+    n = 4000
+    for _ in range(n):  # steps of microseconds: the stride widens after the warm-up
+        with tracker:
+            pass
+    steps = [r[0] for r in rows]
+    assert steps[: WARM_STEPS // EVERY] == list(range(0, WARM_STEPS, EVERY))
+    assert mem.every > EVERY and len(rows) < WARM_STEPS // EVERY + (n - WARM_STEPS) // EVERY // 4
+    later = steps[WARM_STEPS // EVERY :]
+    assert later and all(s % EVERY == 0 for s in later) and len(later) < (n - WARM_STEPS) // EVERY
+    mem.close()

@@ -72,9 +72,9 @@ class GpuPhaseTimer(Protocol):
 
 
 class StepMemory(Protocol):
-    """Per-step memory rows.  Optional attributes the tracker reads once, when the object is
-    set: ``every`` (``step_end`` only on steps divisible by it; default 1) and ``begins``
-    (False: ``step_begin`` does nothing and is not called; default True)."""
+    """Per-step memory rows.  Optional attributes: ``every`` (``step_end`` only on steps divisible
+    by it; default 1; read when the object is set and again after each ``step_end``) and ``begins``
+    (False: ``step_begin`` does nothing and is not called; default True; read once)."""
 
     def step_begin(self) -> None: ...
     def step_end(self, step: int, ts_ns: int) -> None: ...
@@ -496,6 +496,10 @@ class StepTracker(_StepBase):
                     self._gpu.step_end(step, ts)
                 if mem is not None:
                     mem.step_end(step, ts)
+                    every = mem.every if hasattr(mem, "every") else 1
+                    if every != self._mem_every:  # the memory reader adapted its stride
+                        self._mem_every = max(1, int(every))
+                        self._plan(nxt)
             if self.sampled:
                 self.cost_ns += _perf_ns() - t1 + self.enter_ns + c.self_ns
                 self.cost_steps += 1
