@@ -64,7 +64,7 @@ enum {
 static PyObject *attr_name[N_ATTR];
 #define NAME(a) (attr_name[a])
 
-static PyObject *k_minus_one, *k_zero, *k_phase[NPHASES];
+static PyObject *k_zero;
 
 static inline long long now_ns(void) {
     struct timespec ts;
@@ -81,19 +81,24 @@ static inline long long now_ns(void) {
 #define MAX_LAYOUTS 8
 typedef struct {
     PyTypeObject *type;
-    Py_ssize_t off[N_ATTR]; /* -1: not a writable object slot of this type */
+    Py_ssize_t off[N_ATTR];  /* -1: not a writable object slot of this type */
+    Py_ssize_t noff[N_ATTR]; /* -1: not a native member (the ClockCore / StepContext fields) */
+    int ntype[N_ATTR];       /* T_LONGLONG, T_ULONGLONG or T_BOOL where noff >= 0 */
 } Layout;
 static Layout layouts[MAX_LAYOUTS];
 static int n_layouts;
+static Layout *last_layout;
 
 static Layout *layout_of(PyObject *o) {
     PyTypeObject *tp = Py_TYPE(o);
+    if (last_layout != NULL && last_layout->type == tp) return last_layout;
     for (int i = 0; i < n_layouts; i++)
-        if (layouts[i].type == tp) return &layouts[i];
+        if (layouts[i].type == tp) return (last_layout = &layouts[i]);
     if (n_layouts == MAX_LAYOUTS) return NULL;
     Layout *L = &layouts[n_layouts];
     for (int a = 0; a < N_ATTR; a++) {
-        L->off[a] = -1;
+        L->off[a] = L->noff[a] = -1;
+        L->ntype[a] = 0;
         PyObject *d = PyObject_GetAttr((PyObject *)tp, attr_name[a]);
         if (d == NULL) {
             PyErr_Clear();
@@ -101,17 +106,51 @@ static Layout *layout_of(PyObject *o) {
         }
         if (Py_IS_TYPE(d, &PyMemberDescr_Type) && PyType_IsSubtype(tp, ((PyDescrObject *)d)->d_type)) {
             PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-            if (m->type == T_OBJECT_EX && !(m->flags & READONLY) && m->offset > 0) L->off[a] = m->offset;
+            if (!(m->flags & READONLY) && m->offset > 0) {
+                if (m->type == T_OBJECT_EX) {
+                    L->off[a] = m->offset;
+                } else if (m->type == T_LONGLONG || m->type == T_ULONGLONG || m->type == T_BOOL) {
+                    L->noff[a] = m->offset;
+                    L->ntype[a] = m->type;
+                }
+            }
         }
         Py_DECREF(d);
     }
     Py_INCREF(tp); /* kept for the life of the process: the offsets belong to it */
     L->type = tp;
     n_layouts++;
-    return L;
+    return (last_layout = L);
 }
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+#define NATIVE(o, off, T) (*(T *)((char *)(o) + (off)))
+
+static long long native_get(PyObject *o, Layout *L, int a) {
+    Py_ssize_t off = L->noff[a];
+    switch (L->ntype[a]) {
+    case T_BOOL:
+        return NATIVE(o, off, char) != 0;
+    case T_ULONGLONG:
+        return (long long)NATIVE(o, off, unsigned long long);
+    default:
+        return NATIVE(o, off, long long);
+    }
+}
+
+static void native_set(PyObject *o, Layout *L, int a, long long v) {
+    Py_ssize_t off = L->noff[a];
+    switch (L->ntype[a]) {
+    case T_BOOL:
+        NATIVE(o, off, char) = v != 0;
+        break;
+    case T_ULONGLONG:
+        NATIVE(o, off, unsigned long long) = (unsigned long long)v;
+        break;
+    default:
+        NATIVE(o, off, long long) = v;
+    }
+}
 
 /* o.<a> as a new reference (AttributeError when the slot is empty) */
 static PyObject *GA(PyObject *o, int a) {
@@ -124,6 +163,12 @@ static PyObject *GA(PyObject *o, int a) {
         }
         Py_INCREF(v);
         return v;
+    }
+    if (L != NULL && L->noff[a] >= 0) {
+        long long x = native_get(o, L, a);
+        if (L->ntype[a] == T_BOOL) return PyBool_FromLong((long)x);
+        if (L->ntype[a] == T_ULONGLONG) return PyLong_FromUnsignedLongLong((unsigned long long)x);
+        return PyLong_FromLongLong(x);
     }
     return PyObject_GetAttr(o, attr_name[a]);
 }
@@ -138,11 +183,28 @@ static int SA(PyObject *o, int a, PyObject *v) {
         Py_XDECREF(old);
         return 0;
     }
+    if (L != NULL && L->noff[a] >= 0) {
+        long long x;
+        if (L->ntype[a] == T_BOOL)
+            x = PyObject_IsTrue(v);
+        else if (L->ntype[a] == T_ULONGLONG)
+            x = (long long)PyLong_AsUnsignedLongLong(v);
+        else
+            x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) return -1;
+        native_set(o, L, a, x);
+        return 0;
+    }
     return PyObject_SetAttr(o, attr_name[a], v);
 }
 
 /* -- attribute helpers: 0 on success, -1 with an exception set ------------------------------ */
 static int get_ll(PyObject *o, int a, long long *out) {
+    Layout *L = layout_of(o);
+    if (L != NULL && L->noff[a] >= 0) {
+        *out = native_get(o, L, a);
+        return 0;
+    }
     PyObject *v = GA(o, a);
     if (v == NULL) return -1;
     *out = PyLong_AsLongLong(v);
@@ -152,6 +214,11 @@ static int get_ll(PyObject *o, int a, long long *out) {
 }
 
 static int set_ll(PyObject *o, int a, long long v) {
+    Layout *L = layout_of(o);
+    if (L != NULL && L->noff[a] >= 0) {
+        native_set(o, L, a, v);
+        return 0;
+    }
     PyObject *x = PyLong_FromLongLong(v);
     if (x == NULL) return -1;
     int r = SA(o, a, x);
@@ -161,11 +228,17 @@ static int set_ll(PyObject *o, int a, long long v) {
 
 /* 1: the calling thread is clock.owner, 0: it is not, -1: error */
 static int is_owner(PyObject *clock) {
-    PyObject *v = GA(clock, A_owner);
-    if (v == NULL) return -1;
-    unsigned long long owner = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    if (owner == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    unsigned long long owner;
+    Layout *L = layout_of(clock);
+    if (L != NULL && L->noff[A_owner] >= 0) {
+        owner = (unsigned long long)native_get(clock, L, A_owner);
+    } else {
+        PyObject *v = GA(clock, A_owner);
+        if (v == NULL) return -1;
+        owner = PyLong_AsUnsignedLongLong(v);
+        Py_DECREF(v);
+        if (owner == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
     return owner == (unsigned long long)PyThread_get_thread_ident();
 }
 
@@ -223,17 +296,14 @@ done_acc:
 
 /* clock._phase = NO_PHASE; clock.gate = clock.base */
 static int close_phase(PyObject *clock) {
-    if (SA(clock, A__phase, k_minus_one) < 0) return -1;
-    PyObject *base = GA(clock, A_base);
-    if (base == NULL) return -1;
-    int r = SA(clock, A_gate, base);
-    Py_DECREF(base);
-    return r;
+    long long base;
+    if (set_ll(clock, A__phase, -1) < 0 || get_ll(clock, A_base, &base) < 0) return -1;
+    return set_ll(clock, A_gate, base);
 }
 
 static int open_phase(PyObject *clock, int phase) {
-    if (SA(clock, A__phase, k_phase[phase]) < 0) return -1;
-    return SA(clock, A_gate, k_zero);
+    if (set_ll(clock, A__phase, phase) < 0) return -1;
+    return set_ll(clock, A_gate, 0);
 }
 
 /* ==== Timed: forward / backward / optimizer-free wrappers timed inside a step ============= */
@@ -407,26 +477,20 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nar
     /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
     PyObject *it = args[0];
     PyObject *ds = GA(it, A__dataset);
-    PyObject *src;
+    long long srcv, train;
     if (ds == NULL) {
         PyErr_Clear();
-        src = PyLong_FromVoidPtr((void *)Py_TYPE(it));
+        srcv = (long long)(uintptr_t)Py_TYPE(it);
     } else {
-        src = PyLong_FromVoidPtr(ds);
+        srcv = (long long)(uintptr_t)ds;
         Py_DECREF(ds);
     }
-    if (src == NULL) goto bookkeeping_failed;
-    if (SA(clock, A_last_src, src) < 0) goto src_failed;
-    PyObject *train = GA(clock, A_train_src);
-    if (train == NULL) goto src_failed;
-    r = PyObject_RichCompareBool(src, train, Py_EQ);
-    Py_DECREF(train);
-    if (r < 0) goto src_failed;
-    if (r) {
+    if (set_ll(clock, A_last_src, srcv) < 0 || get_ll(clock, A_train_src, &train) < 0) goto bookkeeping_failed;
+    if (srcv == train) {
         long long v;
-        if (SA(clock, A_train_seen, Py_True) < 0) goto src_failed;
+        if (set_ll(clock, A_train_seen, 1) < 0) goto bookkeeping_failed;
         PyObject *carry = get_list(clock, A_carry);
-        if (carry == NULL) goto src_failed;
+        if (carry == NULL) goto bookkeeping_failed;
         if (item_ll(carry, DATALOADER, &v) < 0) goto carry_failed;
         if (v == 0) {
             PyObject *cf = get_list(clock, A_carry_first);
@@ -437,12 +501,13 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nar
         }
         if (set_item_ll(carry, DATALOADER, v + (t1 - t0)) < 0) goto carry_failed;
         Py_DECREF(carry);
-        Py_DECREF(src);
         return res;
     carry_failed:
         Py_DECREF(carry);
-        goto src_failed;
+        goto bookkeeping_failed;
     }
+    PyObject *src = PyLong_FromLongLong(srcv);
+    if (src == NULL) goto bookkeeping_failed;
     PyObject *out = PyObject_CallMethod(clock, "add_carried", "iOLL", DATALOADER, src, t0, t1 - t0);
     if (out == NULL) goto src_failed;
     Py_DECREF(out);
@@ -596,10 +661,8 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     int rare;
     if (get_ll(self, A_depth, &depth) < 0) goto full;
     if (depth) goto full;
-    if ((v = GA(self, A__rare)) == NULL) goto full;
-    rare = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    if (rare) goto full;
+    long long rare_ll;
+    if (get_ll(self, A__rare, &rare_ll) < 0 || rare_ll) goto full;
     if ((clock = GA(self, A_clock)) == NULL) goto full;
     if (get_ll(clock, A_gate, &gate) < 0 || gate != CARRY) goto full;
     if ((v = GA(clock, A_other)) == NULL) goto full;
@@ -608,11 +671,7 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     if (rare) goto full;
     /* the common step (StepTracker.__enter__) */
     if (set_ll(self, A_depth, 1) < 0) goto failed;
-    v = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (v == NULL) goto failed;
-    int e = SA(clock, A_owner, v);
-    Py_DECREF(v);
-    if (e < 0) goto failed;
+    if (set_ll(clock, A_owner, (long long)PyThread_get_thread_ident()) < 0) goto failed;
     PyObject *carry; /* the carried time becomes the step's first phases */
     if (swap_attrs(clock, A_acc, A_carry, &carry) < 0) goto failed;
     PyObject *cf;
@@ -630,8 +689,8 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     }
     Py_DECREF(carry);
     if (set_ll(self, A_pending, c0 + c1) < 0) goto failed;
-    if (SA(clock, A_train_seen, Py_False) < 0 ||
-        SA(clock, A_fetched_in_step, Py_False) < 0 || SA(clock, A_opt_depth, k_zero) < 0)
+    if (set_ll(clock, A_train_seen, 0) < 0 || set_ll(clock, A_fetched_in_step, 0) < 0 ||
+        set_ll(clock, A_opt_depth, 0) < 0)
         goto failed;
     if (set_ll(clock, A_base, CARRY | STEP) < 0 || set_ll(clock, A_gate, CARRY | STEP) < 0) goto failed;
     if (set_ll(self, A_t0, now_ns()) < 0) goto failed;
@@ -670,7 +729,7 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     for (int i = 0; i < NPHASES; i++) {
         if (item_ll(acc, i, &row[4 + i]) < 0 || item_ll(first, i, &row[9 + i]) < 0) goto failed;
     }
-    if (set_ll(self, A_depth, 0) < 0 || SA(clock, A_opt_depth, k_zero) < 0) goto failed;
+    if (set_ll(self, A_depth, 0) < 0 || set_ll(clock, A_opt_depth, 0) < 0) goto failed;
     if (set_ll(self, A_step, step + 1) < 0) goto failed;
     if (set_ll(clock, A_base, CARRY) < 0 || set_ll(clock, A_gate, CARRY) < 0) goto failed;
     for (int i = 0; i < NPHASES; i++) {
@@ -733,13 +792,62 @@ static PyMethodDef Step_methods[] = {
     {NULL},
 };
 
+/* StepTracker's scalar state, read and written here without building Python ints */
+typedef struct {
+    PyObject_HEAD
+    long long depth, step, t0, pending, slow_at;
+    char rare;
+} StepContextObject;
+
+static PyMemberDef Step_members[] = {
+    {"depth", T_LONGLONG, offsetof(StepContextObject, depth), 0, "nesting depth of the open step (0: none)"},
+    {"step", T_LONGLONG, offsetof(StepContextObject, step), 0, "index of the current (or next) step"},
+    {"t0", T_LONGLONG, offsetof(StepContextObject, t0), 0, "perf_counter_ns at the step's start"},
+    {"pending", T_LONGLONG, offsetof(StepContextObject, pending), 0, "carried ns the step began with"},
+    {"_slow_at", T_LONGLONG, offsetof(StepContextObject, slow_at), 0, "next step whose exit takes the full path"},
+    {"_rare", T_BOOL, offsetof(StepContextObject, rare), 0, "every step takes the full path"},
+    {NULL},
+};
+
 static PyTypeObject StepContextType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.StepContext",
     .tp_doc = "Base of StepTracker: __enter__/__exit__ in C; the rare cases call _enter_full/_exit_full.",
-    .tp_basicsize = sizeof(PyObject),
+    .tp_basicsize = sizeof(StepContextObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
     .tp_methods = Step_methods,
+    .tp_members = Step_members,
+};
+
+/* ==== ClockCore: the base of PhaseClock, its scalar state in C memory ======================== */
+typedef struct {
+    PyObject_HEAD
+    long long gate, base, phase, opt_depth, opt_t0, train_src, last_src;
+    unsigned long long owner;
+    char train_seen, fetched_in_step;
+} ClockCoreObject;
+
+static PyMemberDef Clock_members[] = {
+    {"gate", T_LONGLONG, offsetof(ClockCoreObject, gate), 0, "what the patches read first (step.py)"},
+    {"base", T_LONGLONG, offsetof(ClockCoreObject, base), 0, "the gate while no phase runs"},
+    {"_phase", T_LONGLONG, offsetof(ClockCoreObject, phase), 0, "the phase running (-1: none)"},
+    {"opt_depth", T_LONGLONG, offsetof(ClockCoreObject, opt_depth), 0, "optimizer steps open"},
+    {"opt_t0", T_LONGLONG, offsetof(ClockCoreObject, opt_t0), 0, "start of the optimizer phase"},
+    {"train_src", T_LONGLONG, offsetof(ClockCoreObject, train_src), 0, "the training loader"},
+    {"last_src", T_LONGLONG, offsetof(ClockCoreObject, last_src), 0, "the loader of the latest fetch"},
+    {"owner", T_ULONGLONG, offsetof(ClockCoreObject, owner), 0, "the training thread's ident"},
+    {"train_seen", T_BOOL, offsetof(ClockCoreObject, train_seen), 0, "the training loader was fetched from"},
+    {"fetched_in_step", T_BOOL, offsetof(ClockCoreObject, fetched_in_step), 0, "a loader was fetched from in the step"},
+    {NULL},
+};
+
+static PyTypeObject ClockCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.ClockCore",
+    .tp_doc = "Base of PhaseClock: its scalar state as C fields (the wrappers read them without allocating).",
+    .tp_basicsize = sizeof(ClockCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_members = Clock_members,
 };
 
 static PyObject *mod_now_ns(PyObject *m, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
@@ -798,18 +906,17 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__enter_full], "_enter_full");
     INTERN(attr_name[A__exit_full], "_exit_full");
     INTERN(attr_name[A__fail], "_fail");
-    if ((k_minus_one = PyLong_FromLong(-1)) == NULL || (k_zero = PyLong_FromLong(0)) == NULL) return NULL;
-    for (int i = 0; i < NPHASES; i++)
-        if ((k_phase[i] = PyLong_FromLong(i)) == NULL) return NULL;
+    if ((k_zero = PyLong_FromLong(0)) == NULL) return NULL;
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
-        PyType_Ready(&StepContextType) < 0)
+        PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastclock_module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Timed", (PyObject *)&TimedType) < 0 ||
         PyModule_AddObjectRef(m, "Fetch", (PyObject *)&FetchType) < 0 ||
         PyModule_AddObjectRef(m, "OptimizerHook", (PyObject *)&OptHookType) < 0 ||
-        PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0) {
+        PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0 ||
+        PyModule_AddObjectRef(m, "ClockCore", (PyObject *)&ClockCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from types import ModuleType, TracebackType
+from types import MemberDescriptorType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from traceml.runtime._failopen import disable_piece
@@ -41,8 +41,17 @@ def _load_fast() -> ModuleType | None:
 FAST: ModuleType | None = _load_fast()
 if TYPE_CHECKING or FAST is None:
     _StepBase: type = object
+    _ClockBase: type = object
 else:
     _StepBase = FAST.StepContext
+    _ClockBase = FAST.ClockCore
+
+
+def _slots(base: type, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` less the fields the C base already holds (its integers, in C memory)."""
+    native = {k for k, v in vars(base).items() if isinstance(v, MemberDescriptorType)} if base is not object else set()
+    return tuple(n for n in names if n not in native)
+
 
 #: phase indices into PhaseClock.acc (same order as traceml.schema.PHASES, residual excluded)
 DATALOADER, H2D, FORWARD, BACKWARD, OPTIMIZER = range(5)
@@ -80,33 +89,37 @@ class StepMemory(Protocol):
     def step_end(self, step: int, ts_ns: int) -> None: ...
 
 
-class PhaseClock:
+class PhaseClock(_ClockBase):
     """Shared state of the phase patches and the step context (one per agent).
 
     ``owner`` is the training thread: phases are only timed there, so a prefetch thread
     that iterates a DataLoader does not count as the training loop waiting.  ``gate`` is
-    what the patches read first; ``base`` is the gate while no phase runs.
+    what the patches read first; ``base`` is the gate while no phase runs.  With the C fast
+    path its integer fields live in the C base (``_fastclock.ClockCore``).
     """
 
-    __slots__ = (
-        "_enabled",
-        "owner",
-        "gate",
-        "base",
-        "_phase",
-        "acc",
-        "first",
-        "opt_depth",
-        "opt_t0",
-        "gpu",
-        "self_ns",
-        "train_src",
-        "last_src",
-        "train_seen",
-        "fetched_in_step",
-        "carry",
-        "carry_first",
-        "other",
+    __slots__ = _slots(
+        _ClockBase,
+        (
+            "_enabled",
+            "owner",
+            "gate",
+            "base",
+            "_phase",
+            "acc",
+            "first",
+            "opt_depth",
+            "opt_t0",
+            "gpu",
+            "self_ns",
+            "train_src",
+            "last_src",
+            "train_seen",
+            "fetched_in_step",
+            "carry",
+            "carry_first",
+            "other",
+        ),
     )
 
     def __init__(self) -> None:
@@ -244,29 +257,32 @@ class StepTracker(_StepBase):
     ``trace_step`` (say an integration plus the user's own) counts as the same step.
     """
 
-    __slots__ = (
-        "clock",
-        "step_table",
-        "region_table",
-        "step",
-        "depth",
-        "t0",
-        "pending",
-        "regions",
-        "_gpu",
-        "_memory",
-        "_mem_begin",
-        "_mem_every",
-        "_enabled",
-        "_on_cuda_check",
-        "_rare",
-        "_slow_at",
-        "_direct",
-        "steps_failed",
-        "sampled",
-        "enter_ns",
-        "cost_ns",
-        "cost_steps",
+    __slots__ = _slots(
+        _StepBase,
+        (
+            "clock",
+            "step_table",
+            "region_table",
+            "step",
+            "depth",
+            "t0",
+            "pending",
+            "regions",
+            "_gpu",
+            "_memory",
+            "_mem_begin",
+            "_mem_every",
+            "_enabled",
+            "_on_cuda_check",
+            "_rare",
+            "_slow_at",
+            "_direct",
+            "steps_failed",
+            "sampled",
+            "enter_ns",
+            "cost_ns",
+            "cost_steps",
+        ),
     )
 
     def __init__(self, clock: PhaseClock, step_table: BoundedTable, region_table: BoundedTable) -> None:
