@@ -139,8 +139,15 @@ def test_broken_traceml_state_never_reaches_the_training_loop(
     calls: list[int] = []
     wrapped = timed(clock, BACKWARD, lambda: calls.append(1) or 7)
     with tracker:
-        clock.acc = "not a list"  # type: ignore[assignment]
-        assert wrapped() == 7  # the call runs and returns; the time is lost, nothing raises
+        # the C clock keeps its phase arrays in C memory: they refuse a bad value, unchanged
+        before = list(clock.acc)
+        with pytest.raises((TypeError, ValueError), match="5 ints"):
+            clock.acc = "not a list"  # type: ignore[assignment]
+        with pytest.raises((TypeError, ValueError)):
+            clock.acc[:] = [1, 2]
+        assert list(clock.acc) == before
+        tracker.step_table = "not a table"  # type: ignore[assignment]  # the row cannot be appended
+        assert wrapped() == 7  # the call runs and returns; nothing raises at the step's end either
     assert calls == [1]
     assert not tracker.enabled  # the step tracker turned itself off (logged once)
     assert any("step timing" in r.getMessage() for r in caplog.records)

@@ -226,84 +226,279 @@ static int set_ll(PyObject *o, int a, long long v) {
     return r;
 }
 
-/* 1: the calling thread is clock.owner, 0: it is not, -1: error */
-static int is_owner(PyObject *clock) {
+/* ==== ClockCore: the base of PhaseClock, its state in C memory ============================== *
+ * The integers and the four phase arrays (acc, first, carry, carry_first) are C fields, so the
+ * wrappers below read and write them without Python objects.  Python sees the integers as
+ * members and each array as a PhaseArray: a live view (index, slice, len, iter, ==) that the
+ * reference code in step.py uses as it uses the lists of the pure-Python PhaseClock. */
+typedef struct {
+    PyObject_HEAD
+    long long gate, base, phase, opt_depth, opt_t0, train_src, last_src;
     unsigned long long owner;
-    Layout *L = layout_of(clock);
-    if (L != NULL && L->noff[A_owner] >= 0) {
-        owner = (unsigned long long)native_get(clock, L, A_owner);
-    } else {
-        PyObject *v = GA(clock, A_owner);
-        if (v == NULL) return -1;
-        owner = PyLong_AsUnsignedLongLong(v);
-        Py_DECREF(v);
-        if (owner == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    }
-    return owner == (unsigned long long)PyThread_get_thread_ident();
-}
+    char train_seen, fetched_in_step, gpu_on;
+    long long acc[NPHASES], first[NPHASES], carry[NPHASES], carry_first[NPHASES];
+} ClockCoreObject;
 
-/* 1: clock.gpu is not None, 0: it is, -1: error */
-static int has_gpu(PyObject *clock) {
-    PyObject *v = GA(clock, A_gpu);
-    if (v == NULL) return -1;
-    int r = v != Py_None;
-    Py_DECREF(v);
-    return r;
-}
+static PyTypeObject ClockCoreType;
+#define CC(o) ((ClockCoreObject *)(o))
 
-/* the list attribute `name` (a new reference), checked to hold NPHASES items */
-static PyObject *get_list(PyObject *o, int a) {
-    PyObject *v = GA(o, a);
+typedef struct {
+    PyObject_HEAD
+    PyObject *clock; /* keeps the array alive */
+    long long *data;
+} PhaseArrayObject;
+
+static PyTypeObject PhaseArrayType;
+
+static PyObject *array_view(ClockCoreObject *clock, long long *data) {
+    PhaseArrayObject *v = PyObject_New(PhaseArrayObject, &PhaseArrayType);
     if (v == NULL) return NULL;
-    if (!PyList_CheckExact(v) || PyList_GET_SIZE(v) < NPHASES) {
-        Py_DECREF(v);
-        PyErr_SetString(PyExc_TypeError, "traceml: a phase accumulator is not a list of 5 ints");
+    Py_INCREF(clock);
+    v->clock = (PyObject *)clock;
+    v->data = data;
+    return (PyObject *)v;
+}
+
+static void PhaseArray_dealloc(PhaseArrayObject *self) {
+    Py_XDECREF(self->clock);
+    PyObject_Free(self);
+}
+
+static Py_ssize_t PhaseArray_len(PyObject *self) { return NPHASES; }
+
+static PyObject *PhaseArray_item(PhaseArrayObject *self, Py_ssize_t i) {
+    if (i < 0 || i >= NPHASES) {
+        PyErr_SetString(PyExc_IndexError, "phase index out of range (0..4)");
         return NULL;
     }
-    return v;
+    return PyLong_FromLongLong(self->data[i]);
 }
 
-static int item_ll(PyObject *list, Py_ssize_t i, long long *out) {
-    *out = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
-    if (*out == -1 && PyErr_Occurred()) return -1;
+static PyObject *PhaseArray_list(PhaseArrayObject *self) {
+    PyObject *l = PyList_New(NPHASES);
+    if (l == NULL) return NULL;
+    for (int i = 0; i < NPHASES; i++) {
+        PyObject *x = PyLong_FromLongLong(self->data[i]);
+        if (x == NULL) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* the NPHASES integers of `seq` into out[] (nothing written on error) */
+static int read_phases(PyObject *seq, long long *out) {
+    PyObject *fast = PySequence_Fast(seq, "expected a sequence of 5 ints");
+    if (fast == NULL) return -1;
+    long long tmp[NPHASES];
+    if (PySequence_Fast_GET_SIZE(fast) != NPHASES) {
+        PyErr_Format(PyExc_ValueError, "expected 5 ints (one per phase), found %zd", PySequence_Fast_GET_SIZE(fast));
+        Py_DECREF(fast);
+        return -1;
+    }
+    for (int i = 0; i < NPHASES; i++) {
+        tmp[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (tmp[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    memcpy(out, tmp, sizeof(tmp));
     return 0;
 }
 
-static int set_item_ll(PyObject *list, Py_ssize_t i, long long v) {
-    PyObject *x = PyLong_FromLongLong(v);
-    if (x == NULL) return -1;
-    return PyList_SetItem(list, i, x); /* steals x */
+static PyObject *PhaseArray_subscript(PhaseArrayObject *self, PyObject *key) {
+    if (PySlice_Check(key)) {
+        PyObject *l = PhaseArray_list(self);
+        if (l == NULL) return NULL;
+        PyObject *r = PyObject_GetItem(l, key);
+        Py_DECREF(l);
+        return r;
+    }
+    Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (i < 0) i += NPHASES;
+    return PhaseArray_item(self, i);
 }
 
-/* acc[phase] += t1 - t0; first[phase] = t0 when 0 */
-static int account(PyObject *clock, int phase, long long t0, long long t1) {
-    long long v;
-    int r = -1;
-    PyObject *acc = get_list(clock, A_acc);
-    if (acc == NULL) return -1;
-    PyObject *first = get_list(clock, A_first);
-    if (first == NULL) goto done_acc;
-    if (item_ll(acc, phase, &v) < 0 || set_item_ll(acc, phase, v + (t1 - t0)) < 0) goto done;
-    if (item_ll(first, phase, &v) < 0) goto done;
-    if (v == 0 && set_item_ll(first, phase, t0) < 0) goto done;
-    r = 0;
-done:
-    Py_DECREF(first);
-done_acc:
-    Py_DECREF(acc);
+static int PhaseArray_ass_subscript(PhaseArrayObject *self, PyObject *key, PyObject *value) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "a phase array has a fixed size: nothing can be deleted");
+        return -1;
+    }
+    if (PySlice_Check(key)) {
+        Py_ssize_t start, stop, step, n;
+        if (PySlice_Unpack(key, &start, &stop, &step) < 0) return -1;
+        n = PySlice_AdjustIndices(NPHASES, &start, &stop, step);
+        if (n != NPHASES) {
+            PyErr_SetString(PyExc_ValueError, "a phase array is assigned whole (a[:] = five ints)");
+            return -1;
+        }
+        return read_phases(value, self->data);
+    }
+    Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+    if (i == -1 && PyErr_Occurred()) return -1;
+    if (i < 0) i += NPHASES;
+    if (i < 0 || i >= NPHASES) {
+        PyErr_SetString(PyExc_IndexError, "phase index out of range (0..4)");
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(value);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    self->data[i] = x;
+    return 0;
+}
+
+static PyObject *PhaseArray_richcompare(PhaseArrayObject *self, PyObject *other, int op) {
+    PyObject *l = PhaseArray_list(self);
+    if (l == NULL) return NULL;
+    PyObject *o = Py_IS_TYPE(other, &PhaseArrayType) ? PhaseArray_list((PhaseArrayObject *)other) : (Py_INCREF(other), other);
+    if (o == NULL) {
+        Py_DECREF(l);
+        return NULL;
+    }
+    PyObject *r = PyObject_RichCompare(l, o, op);
+    Py_DECREF(l);
+    Py_DECREF(o);
     return r;
 }
 
-/* clock._phase = NO_PHASE; clock.gate = clock.base */
-static int close_phase(PyObject *clock) {
-    long long base;
-    if (set_ll(clock, A__phase, -1) < 0 || get_ll(clock, A_base, &base) < 0) return -1;
-    return set_ll(clock, A_gate, base);
+static PyObject *PhaseArray_repr(PhaseArrayObject *self) {
+    PyObject *l = PhaseArray_list(self);
+    if (l == NULL) return NULL;
+    PyObject *r = PyObject_Repr(l);
+    Py_DECREF(l);
+    return r;
 }
 
-static int open_phase(PyObject *clock, int phase) {
-    if (set_ll(clock, A__phase, phase) < 0) return -1;
-    return set_ll(clock, A_gate, 0);
+static PySequenceMethods PhaseArray_as_sequence = {
+    .sq_length = PhaseArray_len,
+    .sq_item = (ssizeargfunc)PhaseArray_item,
+};
+
+static PyMappingMethods PhaseArray_as_mapping = {
+    .mp_length = PhaseArray_len,
+    .mp_subscript = (binaryfunc)PhaseArray_subscript,
+    .mp_ass_subscript = (objobjargproc)PhaseArray_ass_subscript,
+};
+
+static PyTypeObject PhaseArrayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.PhaseArray",
+    .tp_doc = "A live view of one of the clock's phase arrays (5 ints, one per phase).",
+    .tp_basicsize = sizeof(PhaseArrayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)PhaseArray_dealloc,
+    .tp_as_sequence = &PhaseArray_as_sequence,
+    .tp_as_mapping = &PhaseArray_as_mapping,
+    .tp_richcompare = (richcmpfunc)PhaseArray_richcompare,
+    .tp_repr = (reprfunc)PhaseArray_repr,
+    .tp_hash = PyObject_HashNotImplemented,
+};
+
+static long long *clock_array(ClockCoreObject *c, int which) {
+    switch (which) {
+    case 0:
+        return c->acc;
+    case 1:
+        return c->first;
+    case 2:
+        return c->carry;
+    default:
+        return c->carry_first;
+    }
+}
+
+static PyObject *Clock_get_array(ClockCoreObject *self, void *which) {
+    return array_view(self, clock_array(self, (int)(intptr_t)which));
+}
+
+static int Clock_set_array(ClockCoreObject *self, PyObject *value, void *which) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "a phase array cannot be deleted");
+        return -1;
+    }
+    return read_phases(value, clock_array(self, (int)(intptr_t)which));
+}
+
+static PyGetSetDef Clock_getset[] = {
+    {"acc", (getter)Clock_get_array, (setter)Clock_set_array, "ns per phase in the current step", (void *)0},
+    {"first", (getter)Clock_get_array, (setter)Clock_set_array, "each phase's first start (0: not yet)", (void *)1},
+    {"carry", (getter)Clock_get_array, (setter)Clock_set_array, "ns carried towards the next step", (void *)2},
+    {"carry_first", (getter)Clock_get_array, (setter)Clock_set_array, "where each carried phase began", (void *)3},
+    {NULL},
+};
+
+/* the carried time becomes the step's first phases; the accumulators (zeroed at the last
+ * step's end) become the carry */
+static void clock_swap(ClockCoreObject *c) {
+    long long t[NPHASES];
+    memcpy(t, c->acc, sizeof(t));
+    memcpy(c->acc, c->carry, sizeof(t));
+    memcpy(c->carry, t, sizeof(t));
+    memcpy(t, c->first, sizeof(t));
+    memcpy(c->first, c->carry_first, sizeof(t));
+    memcpy(c->carry_first, t, sizeof(t));
+}
+
+static PyObject *Clock_swap_carry(ClockCoreObject *self, PyObject *unused) {
+    clock_swap(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Clock_methods[] = {
+    {"swap_carry", (PyCFunction)Clock_swap_carry, METH_NOARGS,
+     "Swap acc/first with carry/carry_first (at a step's start)."},
+    {NULL},
+};
+
+static PyMemberDef Clock_members[] = {
+    {"gate", T_LONGLONG, offsetof(ClockCoreObject, gate), 0, "what the patches read first (step.py)"},
+    {"base", T_LONGLONG, offsetof(ClockCoreObject, base), 0, "the gate while no phase runs"},
+    {"_phase", T_LONGLONG, offsetof(ClockCoreObject, phase), 0, "the phase running (-1: none)"},
+    {"opt_depth", T_LONGLONG, offsetof(ClockCoreObject, opt_depth), 0, "optimizer steps open"},
+    {"opt_t0", T_LONGLONG, offsetof(ClockCoreObject, opt_t0), 0, "start of the optimizer phase"},
+    {"train_src", T_LONGLONG, offsetof(ClockCoreObject, train_src), 0, "the training loader"},
+    {"last_src", T_LONGLONG, offsetof(ClockCoreObject, last_src), 0, "the loader of the latest fetch"},
+    {"owner", T_ULONGLONG, offsetof(ClockCoreObject, owner), 0, "the training thread's ident"},
+    {"train_seen", T_BOOL, offsetof(ClockCoreObject, train_seen), 0, "the training loader was fetched from"},
+    {"fetched_in_step", T_BOOL, offsetof(ClockCoreObject, fetched_in_step), 0, "a loader was fetched from in the step"},
+    {"_gpu_on", T_BOOL, offsetof(ClockCoreObject, gpu_on), 0, "a GPU phase timer is set (PhaseClock.gpu)"},
+    {NULL},
+};
+
+static PyTypeObject ClockCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.ClockCore",
+    .tp_doc = "Base of PhaseClock: its integers and phase arrays as C fields (the wrappers read them directly).",
+    .tp_basicsize = sizeof(ClockCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_members = Clock_members,
+    .tp_getset = Clock_getset,
+    .tp_methods = Clock_methods,
+};
+
+/* 1: the calling thread is clock.owner */
+static inline int is_owner(PyObject *clock) { return CC(clock)->owner == (unsigned long long)PyThread_get_thread_ident(); }
+
+/* acc[phase] += t1 - t0; first[phase] = t0 when 0 */
+static inline void account(PyObject *clock, int phase, long long t0, long long t1) {
+    ClockCoreObject *c = CC(clock);
+    c->acc[phase] += t1 - t0;
+    if (c->first[phase] == 0) c->first[phase] = t0;
+}
+
+/* clock._phase = NO_PHASE; clock.gate = clock.base */
+static inline void close_phase(PyObject *clock) {
+    CC(clock)->phase = -1;
+    CC(clock)->gate = CC(clock)->base;
+}
+
+static inline void open_phase(PyObject *clock, int phase) {
+    CC(clock)->phase = phase;
+    CC(clock)->gate = 0;
 }
 
 /* ==== Timed: forward / backward / optimizer-free wrappers timed inside a step ============= */
@@ -328,6 +523,10 @@ static int Timed_init(TimedObject *self, PyObject *args, PyObject *kwds) {
     PyObject *clock, *fn, *full;
     int phase;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiOO", kwlist, &clock, &phase, &fn, &full)) return -1;
+    if (!PyObject_TypeCheck(clock, &ClockCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "traceml: the clock must be a PhaseClock (a _fastclock.ClockCore)");
+        return -1;
+    }
     if (phase < 0 || phase >= NPHASES) {
         PyErr_Format(PyExc_ValueError, "phase %d: expected 0..4", phase);
         return -1;
@@ -383,33 +582,23 @@ static PyObject *Fetch_descr_get(PyObject *self, PyObject *obj, PyObject *type) 
 
 static PyObject *Timed_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock, *fn = self->fn;
-    long long gate;
-    int r;
     if (clock == NULL || fn == NULL || self->full == NULL) {
         PyErr_SetString(PyExc_TypeError, "traceml: timed wrapper not initialised");
         return NULL;
     }
-    if (get_ll(clock, A_gate, &gate) < 0) goto plain;
-    if (!(gate & STEP)) return PyObject_Vectorcall(fn, args, nargsf, kwnames); /* outside a step, or a phase runs */
-    if ((r = is_owner(clock)) < 0) goto plain;
-    if (!r) return PyObject_Vectorcall(fn, args, nargsf, kwnames); /* another thread */
-    if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
-        if (r < 0) goto plain;
-        return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* sampled, or a GPU timer: the reference code */
-    }
-    if (open_phase(clock, self->phase) < 0) goto plain;
+    ClockCoreObject *c = CC(clock);
+    long long gate = c->gate;
+    if (!(gate & STEP) || !is_owner(clock)) /* outside a step, a phase runs, or another thread */
+        return PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    if (gate != (CARRY | STEP) || c->gpu_on) /* sampled, or a GPU timer: the reference code */
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    open_phase(clock, self->phase);
     long long t0 = now_ns();
     PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
-    PyObject *et, *ev, *etb;
-    PyErr_Fetch(&et, &ev, &etb); /* the call's exception, if any, kept aside unchanged */
-    if (account(clock, self->phase, t0, t1) < 0) PyErr_Clear();
-    if (close_phase(clock) < 0) PyErr_Clear();
-    PyErr_Restore(et, ev, etb);
+    account(clock, self->phase, t0, t1);
+    close_phase(clock);
     return res;
-plain:
-    PyErr_Clear(); /* traceml's state is unreadable: time nothing, run the call */
-    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
 }
 
 static PyObject *Timed_get_wrapped(TimedObject *self, void *closure) {
@@ -452,75 +641,44 @@ static PyTypeObject TimedType = {
 /* ==== Fetch: DataLoader __next__, the training loader's carried fetch ====================== */
 static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock, *fn = self->fn;
-    long long gate;
-    int r;
     if (clock == NULL || fn == NULL || self->full == NULL) {
         PyErr_SetString(PyExc_TypeError, "traceml: fetch wrapper not initialised");
         return NULL;
     }
-    if (PyVectorcall_NARGS(nargsf) < 1) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
-    if (get_ll(clock, A_gate, &gate) < 0) goto plain;
-    if (gate != CARRY) return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* in a step, sampled, off, nested */
-    if ((r = is_owner(clock)) < 0) goto plain;
-    if (!r) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
-    if (open_phase(clock, DATALOADER) < 0) goto plain;
+    ClockCoreObject *c = CC(clock);
+    if (PyVectorcall_NARGS(nargsf) < 1 || c->gate != CARRY || !is_owner(clock))
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* in a step, sampled, off, nested, another thread */
+    open_phase(clock, DATALOADER);
     long long t0 = now_ns();
     PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
+    close_phase(clock);
+    if (res == NULL) return NULL; /* StopIteration at the end of an epoch too: not counted */
+    /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
-    if (close_phase(clock) < 0) PyErr_Clear();
-    if (res == NULL) { /* StopIteration at the end of an epoch too: not counted */
-        PyErr_Restore(et, ev, etb);
-        return NULL;
-    }
-    /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
     PyObject *it = args[0];
     PyObject *ds = GA(it, A__dataset);
-    long long srcv, train;
+    long long src;
     if (ds == NULL) {
         PyErr_Clear();
-        srcv = (long long)(uintptr_t)Py_TYPE(it);
+        src = (long long)(uintptr_t)Py_TYPE(it);
     } else {
-        srcv = (long long)(uintptr_t)ds;
+        src = (long long)(uintptr_t)ds;
         Py_DECREF(ds);
     }
-    if (set_ll(clock, A_last_src, srcv) < 0 || get_ll(clock, A_train_src, &train) < 0) goto bookkeeping_failed;
-    if (srcv == train) {
-        long long v;
-        if (set_ll(clock, A_train_seen, 1) < 0) goto bookkeeping_failed;
-        PyObject *carry = get_list(clock, A_carry);
-        if (carry == NULL) goto bookkeeping_failed;
-        if (item_ll(carry, DATALOADER, &v) < 0) goto carry_failed;
-        if (v == 0) {
-            PyObject *cf = get_list(clock, A_carry_first);
-            if (cf == NULL) goto carry_failed;
-            int e = set_item_ll(cf, DATALOADER, t0);
-            Py_DECREF(cf);
-            if (e < 0) goto carry_failed;
-        }
-        if (set_item_ll(carry, DATALOADER, v + (t1 - t0)) < 0) goto carry_failed;
-        Py_DECREF(carry);
-        return res;
-    carry_failed:
-        Py_DECREF(carry);
-        goto bookkeeping_failed;
+    c->last_src = src;
+    if (src == c->train_src) {
+        c->train_seen = 1;
+        if (c->carry[DATALOADER] == 0) c->carry_first[DATALOADER] = t0;
+        c->carry[DATALOADER] += t1 - t0;
+    } else {
+        PyObject *out = PyObject_CallMethod(clock, "add_carried", "iLLL", DATALOADER, src, t0, t1 - t0);
+        if (out == NULL) PyErr_Clear(); /* the fetch is not counted; the batch goes to the user */
+        Py_XDECREF(out);
     }
-    PyObject *src = PyLong_FromLongLong(srcv);
-    if (src == NULL) goto bookkeeping_failed;
-    PyObject *out = PyObject_CallMethod(clock, "add_carried", "iOLL", DATALOADER, src, t0, t1 - t0);
-    if (out == NULL) goto src_failed;
-    Py_DECREF(out);
-    Py_DECREF(src);
+    PyErr_Restore(et, ev, etb);
     return res;
-src_failed:
-    Py_DECREF(src);
-bookkeeping_failed:
-    PyErr_Clear(); /* the fetch is not counted; the batch goes to the user */
-    return res;
-plain:
-    PyErr_Clear();
-    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
 }
 
 static PyTypeObject FetchType = {
@@ -544,64 +702,32 @@ static PyTypeObject FetchType = {
 /* ==== OptimizerHook: the optimizer step pre-hook (phase 0 in `phase`) or post-hook (1) ======= */
 static PyObject *OptHook_call(TimedObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     PyObject *clock = self->clock;
-    long long depth, gate, t;
-    int r;
     if (clock == NULL || self->full == NULL) Py_RETURN_NONE;
-    if (get_ll(clock, A_opt_depth, &depth) < 0) goto fail;
+    ClockCoreObject *c = CC(clock);
+    long long depth = c->opt_depth;
     if (self->phase == 0) { /* pre */
         if (depth) {        /* an optimizer stepped from inside another one's step */
-            if (set_ll(clock, A_opt_depth, depth + 1) < 0) goto fail;
+            c->opt_depth = depth + 1;
             Py_RETURN_NONE;
         }
-        if (get_ll(clock, A_gate, &gate) < 0) goto fail;
-        if (!(gate & STEP)) Py_RETURN_NONE;
-        if ((r = is_owner(clock)) <= 0) goto none_or_fail;
-        if (gate != (CARRY | STEP) || (r = has_gpu(clock)) != 0) {
-            if (r < 0) goto fail;
-            return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
-        }
-        if (set_ll(clock, A_opt_depth, 1) < 0 || open_phase(clock, OPTIMIZER) < 0) goto fail;
-        t = now_ns();
-        if (set_ll(clock, A_opt_t0, t) < 0) goto fail;
-        PyObject *first = get_list(clock, A_first);
-        if (first == NULL) goto fail;
-        long long f;
-        r = item_ll(first, OPTIMIZER, &f);
-        if (r == 0 && f == 0) r = set_item_ll(first, OPTIMIZER, t);
-        Py_DECREF(first);
-        if (r < 0) goto fail;
+        long long gate = c->gate;
+        if (!(gate & STEP) || !is_owner(clock)) Py_RETURN_NONE;
+        if (gate != (CARRY | STEP) || c->gpu_on) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+        c->opt_depth = 1;
+        open_phase(clock, OPTIMIZER);
+        long long t = c->opt_t0 = now_ns();
+        if (c->first[OPTIMIZER] == 0) c->first[OPTIMIZER] = t;
         Py_RETURN_NONE;
     }
     /* post */
-    if (!depth) Py_RETURN_NONE;
-    if ((r = is_owner(clock)) <= 0) goto none_or_fail;
-    long long base;
-    if (get_ll(clock, A_base, &base) < 0) goto fail;
-    if ((base & SAMPLE) || (r = has_gpu(clock)) != 0) {
-        if (r < 0) goto fail;
-        return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    if (!depth || !is_owner(clock)) Py_RETURN_NONE;
+    if ((c->base & SAMPLE) || c->gpu_on) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    long long t = now_ns();
+    c->opt_depth = depth - 1;
+    if (depth == 1 && c->phase == OPTIMIZER) {
+        c->acc[OPTIMIZER] += t - c->opt_t0;
+        close_phase(clock);
     }
-    t = now_ns();
-    if (set_ll(clock, A_opt_depth, depth - 1) < 0) goto fail;
-    if (depth == 1) {
-        long long phase, t0;
-        if (get_ll(clock, A__phase, &phase) < 0) goto fail;
-        if (phase == OPTIMIZER) {
-            if (get_ll(clock, A_opt_t0, &t0) < 0) goto fail;
-            PyObject *acc = get_list(clock, A_acc);
-            if (acc == NULL) goto fail;
-            long long v;
-            r = item_ll(acc, OPTIMIZER, &v);
-            if (r == 0) r = set_item_ll(acc, OPTIMIZER, v + (t - t0));
-            Py_DECREF(acc);
-            if (r < 0 || close_phase(clock) < 0) goto fail;
-        }
-    }
-    Py_RETURN_NONE;
-none_or_fail:
-    if (r == 0) Py_RETURN_NONE;
-fail:
-    PyErr_Clear(); /* a hook never raises into optimizer.step() */
     Py_RETURN_NONE;
 }
 
@@ -623,6 +749,15 @@ static PyTypeObject OptHookType = {
 };
 
 /* ==== StepContext: the base of StepTracker, its __enter__ / __exit__ ======================= */
+/* StepTracker's integers, read and written here without building Python ints */
+typedef struct {
+    PyObject_HEAD
+    long long depth, step, t0, pending, slow_at;
+    char rare;
+} StepContextObject;
+
+#define SC(o) ((StepContextObject *)(o))
+
 static PyObject *call_full_method(PyObject *self, PyObject *name) {
     return PyObject_CallMethodNoArgs(self, name);
 }
@@ -635,74 +770,40 @@ static void step_failed(PyObject *self) {
     Py_XDECREF(r);
 }
 
-static int swap_attrs(PyObject *o, int a, int b, PyObject **got_b) {
-    /* o.a, o.b = o.b, o.a; *got_b: the list that was o.b (new reference) */
-    PyObject *va = GA(o, a);
-    if (va == NULL) return -1;
-    PyObject *vb = GA(o, b);
-    if (vb == NULL) {
-        Py_DECREF(va);
-        return -1;
+/* self.clock (a new reference) when it is a ClockCore, else NULL (the full path handles it) */
+static PyObject *step_clock(PyObject *self) {
+    PyObject *clock = GA(self, A_clock);
+    if (clock != NULL && !PyObject_TypeCheck(clock, &ClockCoreType)) {
+        Py_DECREF(clock);
+        return NULL;
     }
-    int r = SA(o, b, va);
-    if (r == 0) r = SA(o, a, vb);
-    Py_DECREF(va);
-    if (r < 0) {
-        Py_DECREF(vb);
-        return -1;
-    }
-    *got_b = vb;
-    return 0;
+    return clock;
 }
 
 static PyObject *Step_enter(PyObject *self, PyObject *unused) {
-    long long depth, gate;
-    PyObject *clock = NULL, *v;
-    int rare;
-    if (get_ll(self, A_depth, &depth) < 0) goto full;
-    if (depth) goto full;
-    long long rare_ll;
-    if (get_ll(self, A__rare, &rare_ll) < 0 || rare_ll) goto full;
-    if ((clock = GA(self, A_clock)) == NULL) goto full;
-    if (get_ll(clock, A_gate, &gate) < 0 || gate != CARRY) goto full;
-    if ((v = GA(clock, A_other)) == NULL) goto full;
-    rare = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    if (rare) goto full;
+    StepContextObject *s = SC(self);
+    PyObject *clock = NULL, *other = NULL;
+    if (s->depth || s->rare) goto full;
+    if ((clock = step_clock(self)) == NULL) goto full;
+    ClockCoreObject *c = CC(clock);
+    if (c->gate != CARRY) goto full;
+    /* another loader fetched since the last step: the full path settles it */
+    if ((other = GA(clock, A_other)) == NULL || !PyDict_CheckExact(other) || PyDict_GET_SIZE(other)) goto full;
+    Py_DECREF(other);
     /* the common step (StepTracker.__enter__) */
-    if (set_ll(self, A_depth, 1) < 0) goto failed;
-    if (set_ll(clock, A_owner, (long long)PyThread_get_thread_ident()) < 0) goto failed;
-    PyObject *carry; /* the carried time becomes the step's first phases */
-    if (swap_attrs(clock, A_acc, A_carry, &carry) < 0) goto failed;
-    PyObject *cf;
-    if (swap_attrs(clock, A_first, A_carry_first, &cf) < 0) {
-        Py_DECREF(carry);
-        goto failed;
-    }
-    Py_DECREF(cf);
-    long long c0, c1;
-    if (!PyList_CheckExact(carry) || PyList_GET_SIZE(carry) < NPHASES || item_ll(carry, 0, &c0) < 0 ||
-        item_ll(carry, 1, &c1) < 0) {
-        Py_DECREF(carry);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "traceml: carry is not a list of 5 ints");
-        goto failed;
-    }
-    Py_DECREF(carry);
-    if (set_ll(self, A_pending, c0 + c1) < 0) goto failed;
-    if (set_ll(clock, A_train_seen, 0) < 0 || set_ll(clock, A_fetched_in_step, 0) < 0 ||
-        set_ll(clock, A_opt_depth, 0) < 0)
-        goto failed;
-    if (set_ll(clock, A_base, CARRY | STEP) < 0 || set_ll(clock, A_gate, CARRY | STEP) < 0) goto failed;
-    if (set_ll(self, A_t0, now_ns()) < 0) goto failed;
+    s->depth = 1;
+    c->owner = (unsigned long long)PyThread_get_thread_ident();
+    clock_swap(c);
+    s->pending = c->acc[DATALOADER] + c->acc[DATALOADER + 1];
+    c->train_seen = c->fetched_in_step = 0;
+    c->opt_depth = 0;
+    c->base = c->gate = CARRY | STEP;
+    s->t0 = now_ns();
     Py_DECREF(clock);
     Py_INCREF(self);
     return self;
-failed:
-    Py_XDECREF(clock);
-    step_failed(self);
-    Py_INCREF(self);
-    return self;
 full:
+    Py_XDECREF(other);
     Py_XDECREF(clock);
     PyErr_Clear();
     return call_full_method(self, NAME(A__enter_full));
@@ -710,35 +811,29 @@ full:
 
 static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long t1 = now_ns();
-    long long depth, gate, step, slow_at;
-    PyObject *clock = NULL, *acc = NULL, *first = NULL, *table = NULL, *rows = NULL;
+    StepContextObject *s = SC(self);
+    PyObject *clock = NULL, *table = NULL, *rows = NULL;
     PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
-    if (get_ll(self, A_depth, &depth) < 0 || depth != 1) goto full;
-    if (exc_type != Py_None) goto full;
-    if (get_ll(self, A_step, &step) < 0 || get_ll(self, A__slow_at, &slow_at) < 0 || step >= slow_at) goto full;
-    if ((clock = GA(self, A_clock)) == NULL) goto full;
-    if (get_ll(clock, A_gate, &gate) < 0 || gate != (CARRY | STEP)) goto full;
-    /* the common step (StepTracker.__exit__) */
-    long long t0, pending, row[14];
-    if (get_ll(self, A_t0, &t0) < 0 || get_ll(self, A_pending, &pending) < 0) goto failed;
-    if ((acc = get_list(clock, A_acc)) == NULL || (first = get_list(clock, A_first)) == NULL) goto failed;
-    row[0] = step;
+    if (s->depth != 1 || exc_type != Py_None || s->step >= s->slow_at) goto full;
+    if ((clock = step_clock(self)) == NULL) goto full;
+    ClockCoreObject *c = CC(clock);
+    if (c->gate != (CARRY | STEP)) goto full;
+    /* the common step (StepTracker.__exit__): the row is ROW = struct.Struct("14q"), native
+     * (steprows.pack_row) */
+    long long row[14];
+    row[0] = s->step;
     row[1] = 0;
-    row[2] = t0 - pending;
+    row[2] = s->t0 - s->pending;
     row[3] = t1;
-    for (int i = 0; i < NPHASES; i++) {
-        if (item_ll(acc, i, &row[4 + i]) < 0 || item_ll(first, i, &row[9 + i]) < 0) goto failed;
-    }
-    if (set_ll(self, A_depth, 0) < 0 || set_ll(clock, A_opt_depth, 0) < 0) goto failed;
-    if (set_ll(self, A_step, step + 1) < 0) goto failed;
-    if (set_ll(clock, A_base, CARRY) < 0 || set_ll(clock, A_gate, CARRY) < 0) goto failed;
-    for (int i = 0; i < NPHASES; i++) {
-        Py_INCREF(k_zero);
-        PyList_SetItem(acc, i, k_zero);
-        Py_INCREF(k_zero);
-        PyList_SetItem(first, i, k_zero);
-    }
-    /* the row: ROW = struct.Struct("14q"), native (steprows.pack_row) */
+    memcpy(row + 4, c->acc, sizeof(c->acc));
+    memcpy(row + 4 + NPHASES, c->first, sizeof(c->first));
+    s->depth = 0;
+    s->step += 1;
+    c->opt_depth = 0;
+    c->base = c->gate = CARRY;
+    memset(c->acc, 0, sizeof(c->acc));
+    memset(c->first, 0, sizeof(c->first));
+    Py_DECREF(clock);
     PyObject *packed = PyBytes_FromStringAndSize((const char *)row, sizeof(row));
     if (packed == NULL) goto failed;
     if ((table = GA(self, A_step_table)) == NULL || (rows = GA(table, A__rows)) == NULL) {
@@ -760,16 +855,10 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     Py_DECREF(rows);
     Py_DECREF(table);
-    Py_DECREF(first);
-    Py_DECREF(acc);
-    Py_DECREF(clock);
     Py_RETURN_FALSE;
 failed:
     Py_XDECREF(rows);
     Py_XDECREF(table);
-    Py_XDECREF(first);
-    Py_XDECREF(acc);
-    Py_XDECREF(clock);
     step_failed(self);
     Py_RETURN_FALSE; /* never swallow the user's exception */
 full:
@@ -792,13 +881,6 @@ static PyMethodDef Step_methods[] = {
     {NULL},
 };
 
-/* StepTracker's scalar state, read and written here without building Python ints */
-typedef struct {
-    PyObject_HEAD
-    long long depth, step, t0, pending, slow_at;
-    char rare;
-} StepContextObject;
-
 static PyMemberDef Step_members[] = {
     {"depth", T_LONGLONG, offsetof(StepContextObject, depth), 0, "nesting depth of the open step (0: none)"},
     {"step", T_LONGLONG, offsetof(StepContextObject, step), 0, "index of the current (or next) step"},
@@ -817,37 +899,6 @@ static PyTypeObject StepContextType = {
     .tp_new = PyType_GenericNew,
     .tp_methods = Step_methods,
     .tp_members = Step_members,
-};
-
-/* ==== ClockCore: the base of PhaseClock, its scalar state in C memory ======================== */
-typedef struct {
-    PyObject_HEAD
-    long long gate, base, phase, opt_depth, opt_t0, train_src, last_src;
-    unsigned long long owner;
-    char train_seen, fetched_in_step;
-} ClockCoreObject;
-
-static PyMemberDef Clock_members[] = {
-    {"gate", T_LONGLONG, offsetof(ClockCoreObject, gate), 0, "what the patches read first (step.py)"},
-    {"base", T_LONGLONG, offsetof(ClockCoreObject, base), 0, "the gate while no phase runs"},
-    {"_phase", T_LONGLONG, offsetof(ClockCoreObject, phase), 0, "the phase running (-1: none)"},
-    {"opt_depth", T_LONGLONG, offsetof(ClockCoreObject, opt_depth), 0, "optimizer steps open"},
-    {"opt_t0", T_LONGLONG, offsetof(ClockCoreObject, opt_t0), 0, "start of the optimizer phase"},
-    {"train_src", T_LONGLONG, offsetof(ClockCoreObject, train_src), 0, "the training loader"},
-    {"last_src", T_LONGLONG, offsetof(ClockCoreObject, last_src), 0, "the loader of the latest fetch"},
-    {"owner", T_ULONGLONG, offsetof(ClockCoreObject, owner), 0, "the training thread's ident"},
-    {"train_seen", T_BOOL, offsetof(ClockCoreObject, train_seen), 0, "the training loader was fetched from"},
-    {"fetched_in_step", T_BOOL, offsetof(ClockCoreObject, fetched_in_step), 0, "a loader was fetched from in the step"},
-    {NULL},
-};
-
-static PyTypeObject ClockCoreType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.ClockCore",
-    .tp_doc = "Base of PhaseClock: its scalar state as C fields (the wrappers read them without allocating).",
-    .tp_basicsize = sizeof(ClockCoreObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = PyType_GenericNew,
-    .tp_members = Clock_members,
 };
 
 static PyObject *mod_now_ns(PyObject *m, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
@@ -908,7 +959,8 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__fail], "_fail");
     if ((k_zero = PyLong_FromLong(0)) == NULL) return NULL;
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
-        PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0)
+        PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0 ||
+        PyType_Ready(&PhaseArrayType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastclock_module);
     if (m == NULL) return NULL;

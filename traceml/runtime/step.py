@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from types import MemberDescriptorType, ModuleType, TracebackType
+from types import GetSetDescriptorType, MemberDescriptorType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from traceml.runtime._failopen import disable_piece
@@ -48,8 +48,9 @@ else:
 
 
 def _slots(base: type, names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` less the fields the C base already holds (its integers, in C memory)."""
-    native = {k for k, v in vars(base).items() if isinstance(v, MemberDescriptorType)} if base is not object else set()
+    """``names`` less the fields the C base already holds (its integers and arrays, in C memory)."""
+    fields = (MemberDescriptorType, GetSetDescriptorType)
+    native = {k for k, v in vars(base).items() if isinstance(v, fields)} if base is not object else set()
     return tuple(n for n in names if n not in native)
 
 
@@ -110,7 +111,7 @@ class PhaseClock(_ClockBase):
             "first",
             "opt_depth",
             "opt_t0",
-            "gpu",
+            *(("gpu",) if FAST is None else ("_gpu_obj",)),
             "self_ns",
             "train_src",
             "last_src",
@@ -184,6 +185,13 @@ class PhaseClock(_ClockBase):
             self.gate = base
 
     # -- carried time ------------------------------------------------------------------
+    def swap_carry(self) -> None:
+        """At a step's start the carried time becomes the step's first phases: the accumulators
+        (zeroed at the last step's end) and the carried ones change places (the C base swaps
+        its arrays)."""
+        self.carry, self.acc = self.acc, self.carry
+        self.carry_first, self.first = self.first, self.carry_first
+
     def add_carried(self, phase: int, src: int | None, t0: int, dt: int) -> None:
         """A dataloader fetch (``src`` = its loader) or a copy (``src`` None: it belongs to the
         latest fetch) between steps."""
@@ -388,13 +396,9 @@ class StepTracker(_StepBase):
         # no other loader fetched since the last step (same work as _enter_full, fewer tests)
         self.depth = 1
         c.owner = _get_ident()
-        carry = c.carry
-        c.carry = c.acc
-        c.acc = carry
-        first = c.carry_first
-        c.carry_first = c.first
-        c.first = first
-        self.pending = carry[0] + carry[1]
+        c.swap_carry()
+        acc = c.acc
+        self.pending = acc[0] + acc[1]
         c.train_seen = c.fetched_in_step = False
         c.opt_depth = 0
         c.base = c.gate = CARRY | STEP
@@ -414,15 +418,9 @@ class StepTracker(_StepBase):
         c.owner = _get_ident()
         if c.other:
             c.settle_carried()
-        # the carried time becomes the step's first phases: swap the accumulators (zeroed at the
-        # last step's end) with the carried ones
-        carry = c.carry
-        c.carry = c.acc
-        c.acc = carry
-        first = c.carry_first
-        c.carry_first = c.first
-        c.first = first
-        self.pending = carry[0] + carry[1]
+        c.swap_carry()
+        acc = c.acc
+        self.pending = acc[0] + acc[1]
         c.train_seen = False
         c.fetched_in_step = False
         c.opt_depth = 0
@@ -552,6 +550,19 @@ class StepTracker(_StepBase):
             append((step, ts, name, ns // 1000, calls, max((t0 - start) // 1000, 0) if t0 else -1))
         self.regions.clear()
 
+
+if FAST is not None:
+    # the C base holds the arrays (swap_carry swaps them) and a flag the wrappers read for ``gpu``
+    del PhaseClock.swap_carry
+
+    def _get_gpu(self: PhaseClock) -> GpuPhaseTimer | None:
+        return self._gpu_obj  # type: ignore[attr-defined, no-any-return]
+
+    def _set_gpu(self: PhaseClock, timer: GpuPhaseTimer | None) -> None:
+        self._gpu_obj = timer  # type: ignore[attr-defined]
+        self._gpu_on = timer is not None  # type: ignore[attr-defined]
+
+    PhaseClock.gpu = property(_get_gpu, _set_gpu)  # type: ignore[assignment]
 
 #: the pure-Python context (the reference the tests compare the C one with)
 PY_ENTER, PY_EXIT = StepTracker.__enter__, StepTracker.__exit__
