@@ -143,3 +143,18 @@ def test_a_bounded_table_that_is_not_step_rows_still_gets_every_row() -> None:
         with tracker:
             pass
     assert raw_array(table.take_unsent())[:, 0].tolist() == list(range(10))
+
+
+def test_sampled_steps_thin_out_after_the_warm_up() -> None:
+    from traceml.runtime.step import SAMPLE_EVERY_LATER, SAMPLE_WARM, sampled_step
+
+    clock, tracker, rows = make()
+    n = SAMPLE_WARM + 2 * SAMPLE_EVERY_LATER + 3
+    for _ in range(n):
+        with tracker:
+            pass
+        rows.take_unsent()
+    expected = [s for s in range(n) if sampled_step(s)]
+    assert expected[:3] == [1, SAMPLE_EVERY, 2 * SAMPLE_EVERY]
+    assert expected[-3:] == [SAMPLE_WARM, SAMPLE_WARM + SAMPLE_EVERY_LATER, SAMPLE_WARM + 2 * SAMPLE_EVERY_LATER]
+    assert tracker.cost_steps == len(expected)  # every planned sample was taken, no other

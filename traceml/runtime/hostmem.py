@@ -17,8 +17,8 @@ EVERY = 4
 #: the first steps are read every EVERY-th step (a short run still gets enough samples to judge)
 WARM_STEPS = 256
 #: after the warm-up the stride doubles while reads come closer than this (a read costs the
-#: training thread ~20 µs with the step's slow path: ≤ 0.1 % of it), and halves past 4× this
-MIN_GAP_NS = 20_000_000
+#: training thread ~20 µs with the step's slow path: ≤ 0.04 % of it), and halves past 4× this
+MIN_GAP_NS = 50_000_000
 MAX_EVERY = 4096
 STATM = "/proc/self/statm"
 

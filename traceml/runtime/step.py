@@ -64,8 +64,16 @@ CARRIED_PHASES = (DATALOADER, H2D)
 #: the optimizer are timed (inside a step); SAMPLE: this step measures traceml's own time.
 #: A running phase closes the gate (0) until it ends.
 CARRY, STEP, SAMPLE = 1, 2, 4
-#: one step in this many (and step 1) measures traceml's own time
+#: one step in this many (and step 1) measures traceml's own time, for the first SAMPLE_WARM steps
 SAMPLE_EVERY = 64
+#: then one in SAMPLE_EVERY_LATER (a sampled step takes the Python path: ~30 µs on a real loop)
+SAMPLE_WARM = 4096
+SAMPLE_EVERY_LATER = 512
+
+
+def sampled_step(step: int) -> bool:
+    """Whether ``step`` measures traceml's own time (step 1, then every 64th, later every 512th)."""
+    return step == 1 or (step > 0 and not step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER))
 #: loaders (other than the training one) whose fetches between two steps are kept apart
 MAX_OTHER_SOURCES = 16
 _ZEROS = (0, 0, 0, 0, 0)
@@ -369,7 +377,8 @@ class StepTracker(_StepBase):
         if self._rare:
             self._slow_at = nxt
             return
-        at = nxt + (SAMPLE_EVERY - 1 - nxt % SAMPLE_EVERY)  # its exit makes the next step sampled
+        every = SAMPLE_EVERY if nxt + SAMPLE_EVERY < SAMPLE_WARM else SAMPLE_EVERY_LATER
+        at = nxt + (every - 1 - nxt % every)  # its exit makes the next step sampled
         if self._memory is not None:
             every = self._mem_every
             at = min(at, nxt + (-nxt) % every)
@@ -490,7 +499,7 @@ class StepTracker(_StepBase):
             c.opt_depth = 0
             step = self.step
             nxt = self.step = step + 1
-            c.base = c.gate = (CARRY | SAMPLE if nxt == 1 or not nxt % SAMPLE_EVERY else CARRY) if c._enabled else 0
+            c.base = c.gate = (CARRY | SAMPLE if sampled_step(nxt) else CARRY) if c._enabled else 0
             self._plan(nxt)
             f = c.first
             start = self.t0 - self.pending
