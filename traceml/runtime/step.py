@@ -74,6 +74,8 @@ SAMPLE_EVERY_LATER = 512
 def sampled_step(step: int) -> bool:
     """Whether ``step`` measures traceml's own time (step 1, then every 64th, later every 512th)."""
     return step == 1 or (step > 0 and not step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER))
+
+
 #: loaders (other than the training one) whose fetches between two steps are kept apart
 MAX_OTHER_SOURCES = 16
 _ZEROS = (0, 0, 0, 0, 0)
