@@ -322,3 +322,35 @@ def _drive(seed: int, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple
 @pytest.mark.parametrize("seed", range(12))
 def test_c_and_python_record_the_same_steps_on_random_schedules(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _drive(seed, True, monkeypatch) == _drive(seed, False, monkeypatch)
+
+
+@needs_c
+def test_sampled_steps_stay_in_c_and_measure_their_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceml.runtime.hooks import optimizer_hooks
+    from traceml.runtime.step import FORWARD, sampled_step
+
+    assert step.FAST is not None and step.FAST.SAMPLING == (
+        step.SAMPLE_EVERY,
+        step.SAMPLE_WARM,
+        step.SAMPLE_EVERY_LATER,
+    )
+    clock, tracker, rows = make()
+    python_path: list[int] = []
+    enter_full, exit_full = StepTracker._enter_full, StepTracker._exit_full
+    monkeypatch.setattr(StepTracker, "_enter_full", lambda self: python_path.append(self.step) or enter_full(self))
+    monkeypatch.setattr(
+        StepTracker, "_exit_full", lambda self, *a: python_path.append(self.step) or exit_full(self, *a)
+    )
+    fwd = timed(clock, FORWARD, lambda: time.sleep(0))
+    pre, post = optimizer_hooks(clock)
+    n = 200
+    for _ in range(n):
+        with tracker:
+            fwd()
+            pre(None, (), {})
+            post(None, (), {})
+        rows.take_unsent()
+    assert python_path == [0]  # only step 0's exit (it plans the next slow step); no sampled step
+    assert tracker.cost_steps == len([s for s in range(n) if sampled_step(s)]) == 4  # 1, 64, 128, 192
+    assert 0 < tracker.cost_ns < tracker.cost_steps * 1_000_000  # its own time: µs, not the step's
+    assert clock.self_ns == 0  # handed to the step's cost at its exit

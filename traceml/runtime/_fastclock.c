@@ -23,6 +23,15 @@
 #define DATALOADER 0
 #define OPTIMIZER 4
 #define NPHASES 5
+/* which steps measure traceml's own time: step.py's SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER
+ * (step.py uses this module only when its SAMPLING attribute matches them) */
+#define SAMPLE_EVERY 64
+#define SAMPLE_WARM 4096
+#define SAMPLE_EVERY_LATER 512
+
+static inline int sampled_step(long long step) {
+    return step == 1 || (step > 0 && step % (step < SAMPLE_WARM ? SAMPLE_EVERY : SAMPLE_EVERY_LATER) == 0);
+}
 
 enum {
     A_gate,
@@ -236,6 +245,7 @@ typedef struct {
     long long gate, base, phase, opt_depth, opt_t0, train_src, last_src;
     unsigned long long owner;
     char train_seen, fetched_in_step, gpu_on;
+    long long self_ns;
     long long acc[NPHASES], first[NPHASES], carry[NPHASES], carry_first[NPHASES];
 } ClockCoreObject;
 
@@ -465,6 +475,7 @@ static PyMemberDef Clock_members[] = {
     {"owner", T_ULONGLONG, offsetof(ClockCoreObject, owner), 0, "the training thread's ident"},
     {"train_seen", T_BOOL, offsetof(ClockCoreObject, train_seen), 0, "the training loader was fetched from"},
     {"fetched_in_step", T_BOOL, offsetof(ClockCoreObject, fetched_in_step), 0, "a loader was fetched from in the step"},
+    {"self_ns", T_LONGLONG, offsetof(ClockCoreObject, self_ns), 0, "traceml's own ns in the sampled step under way"},
     {"_gpu_on", T_BOOL, offsetof(ClockCoreObject, gpu_on), 0, "a GPU phase timer is set (PhaseClock.gpu)"},
     {NULL},
 };
@@ -590,14 +601,16 @@ static PyObject *Timed_call(TimedObject *self, PyObject *const *args, size_t nar
     long long gate = c->gate;
     if (!(gate & STEP) || !is_owner(clock)) /* outside a step, a phase runs, or another thread */
         return PyObject_Vectorcall(fn, args, nargsf, kwnames);
-    if (gate != (CARRY | STEP) || c->gpu_on) /* sampled, or a GPU timer: the reference code */
+    if ((gate & ~SAMPLE) != (CARRY | STEP) || c->gpu_on) /* a GPU timer: the reference code */
         return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    long long te = (gate & SAMPLE) ? now_ns() : 0; /* a sampled step: this wrapper's own time too */
     open_phase(clock, self->phase);
     long long t0 = now_ns();
     PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
     account(clock, self->phase, t0, t1);
     close_phase(clock);
+    if (te) c->self_ns += now_ns() - t1 + t0 - te;
     return res;
 }
 
@@ -712,21 +725,25 @@ static PyObject *OptHook_call(TimedObject *self, PyObject *const *args, size_t n
         }
         long long gate = c->gate;
         if (!(gate & STEP) || !is_owner(clock)) Py_RETURN_NONE;
-        if (gate != (CARRY | STEP) || c->gpu_on) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+        if ((gate & ~SAMPLE) != (CARRY | STEP) || c->gpu_on)
+            return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+        long long te = (gate & SAMPLE) ? now_ns() : 0;
         c->opt_depth = 1;
         open_phase(clock, OPTIMIZER);
         long long t = c->opt_t0 = now_ns();
         if (c->first[OPTIMIZER] == 0) c->first[OPTIMIZER] = t;
+        if (te) c->self_ns += t - te;
         Py_RETURN_NONE;
     }
     /* post */
     if (!depth || !is_owner(clock)) Py_RETURN_NONE;
-    if ((c->base & SAMPLE) || c->gpu_on) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+    if (c->gpu_on) return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
     long long t = now_ns();
     c->opt_depth = depth - 1;
     if (depth == 1 && c->phase == OPTIMIZER) {
         c->acc[OPTIMIZER] += t - c->opt_t0;
         close_phase(clock);
+        if (c->base & SAMPLE) c->self_ns += now_ns() - t;
     }
     Py_RETURN_NONE;
 }
@@ -753,6 +770,7 @@ static PyTypeObject OptHookType = {
 typedef struct {
     PyObject_HEAD
     long long depth, step, t0, pending, slow_at;
+    long long sampled, enter_ns, cost_ns, cost_steps;
     char rare;
 } StepContextObject;
 
@@ -786,7 +804,9 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     if (s->depth || s->rare) goto full;
     if ((clock = step_clock(self)) == NULL) goto full;
     ClockCoreObject *c = CC(clock);
-    if (c->gate != CARRY) goto full;
+    long long sampled = c->gate & SAMPLE;
+    if ((c->gate & ~SAMPLE) != CARRY) goto full;
+    long long te = sampled ? now_ns() : 0;
     /* another loader fetched since the last step: the full path settles it */
     if ((other = GA(clock, A_other)) == NULL || !PyDict_CheckExact(other) || PyDict_GET_SIZE(other)) goto full;
     Py_DECREF(other);
@@ -797,8 +817,11 @@ static PyObject *Step_enter(PyObject *self, PyObject *unused) {
     s->pending = c->acc[DATALOADER] + c->acc[DATALOADER + 1];
     c->train_seen = c->fetched_in_step = 0;
     c->opt_depth = 0;
-    c->base = c->gate = CARRY | STEP;
+    c->phase = -1;
+    c->base = c->gate = CARRY | STEP | sampled;
+    s->sampled = sampled;
     s->t0 = now_ns();
+    if (sampled) s->enter_ns = s->t0 - te;
     Py_DECREF(clock);
     Py_INCREF(self);
     return self;
@@ -817,7 +840,7 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (s->depth != 1 || exc_type != Py_None || s->step >= s->slow_at) goto full;
     if ((clock = step_clock(self)) == NULL) goto full;
     ClockCoreObject *c = CC(clock);
-    if (c->gate != (CARRY | STEP)) goto full;
+    if (c->gate != (CARRY | STEP | s->sampled)) goto full; /* a phase is open, or the clock is off */
     /* the common step (StepTracker.__exit__): the row is ROW = struct.Struct("14q"), native
      * (steprows.pack_row) */
     long long row[14];
@@ -830,10 +853,9 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     s->depth = 0;
     s->step += 1;
     c->opt_depth = 0;
-    c->base = c->gate = CARRY;
+    c->base = c->gate = sampled_step(s->step) ? CARRY | SAMPLE : CARRY;
     memset(c->acc, 0, sizeof(c->acc));
     memset(c->first, 0, sizeof(c->first));
-    Py_DECREF(clock);
     PyObject *packed = PyBytes_FromStringAndSize((const char *)row, sizeof(row));
     if (packed == NULL) goto failed;
     if ((table = GA(self, A_step_table)) == NULL || (rows = GA(table, A__rows)) == NULL) {
@@ -855,10 +877,18 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     Py_DECREF(rows);
     Py_DECREF(table);
+    if (s->sampled) {
+        s->cost_ns += now_ns() - t1 + s->enter_ns + c->self_ns;
+        s->cost_steps += 1;
+        c->self_ns = 0;
+        s->sampled = 0;
+    }
+    Py_DECREF(clock);
     Py_RETURN_FALSE;
 failed:
     Py_XDECREF(rows);
     Py_XDECREF(table);
+    Py_XDECREF(clock);
     step_failed(self);
     Py_RETURN_FALSE; /* never swallow the user's exception */
 full:
@@ -888,6 +918,10 @@ static PyMemberDef Step_members[] = {
     {"pending", T_LONGLONG, offsetof(StepContextObject, pending), 0, "carried ns the step began with"},
     {"_slow_at", T_LONGLONG, offsetof(StepContextObject, slow_at), 0, "next step whose exit takes the full path"},
     {"_rare", T_BOOL, offsetof(StepContextObject, rare), 0, "every step takes the full path"},
+    {"sampled", T_LONGLONG, offsetof(StepContextObject, sampled), 0, "SAMPLE: this step measures traceml's own time"},
+    {"enter_ns", T_LONGLONG, offsetof(StepContextObject, enter_ns), 0, "the sampled step's enter cost"},
+    {"cost_ns", T_LONGLONG, offsetof(StepContextObject, cost_ns), 0, "traceml's own ns over the sampled steps"},
+    {"cost_steps", T_LONGLONG, offsetof(StepContextObject, cost_steps), 0, "the sampled steps measured"},
     {NULL},
 };
 
@@ -972,5 +1006,12 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         Py_DECREF(m);
         return NULL;
     }
+    PyObject *sampling = Py_BuildValue("(iii)", SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER);
+    if (sampling == NULL || PyModule_AddObjectRef(m, "SAMPLING", sampling) < 0) {
+        Py_XDECREF(sampling);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(sampling);
     return m;
 }

@@ -22,6 +22,28 @@ _wall_ns = time.time_ns
 _get_ident = threading.get_ident
 
 
+#: phase indices into PhaseClock.acc (same order as traceml.schema.PHASES, residual excluded)
+DATALOADER, H2D, FORWARD, BACKWARD, OPTIMIZER = range(5)
+NO_PHASE = -1
+#: phases whose time spent between steps is carried into the next step
+CARRIED_PHASES = (DATALOADER, H2D)
+
+#: PhaseClock.gate bits.  CARRY: dataloader and h2d are timed; STEP: forward, backward and
+#: the optimizer are timed (inside a step); SAMPLE: this step measures traceml's own time.
+#: A running phase closes the gate (0) until it ends.
+CARRY, STEP, SAMPLE = 1, 2, 4
+#: one step in this many (and step 1) measures traceml's own time, for the first SAMPLE_WARM steps
+SAMPLE_EVERY = 64
+#: then one in SAMPLE_EVERY_LATER (the C fast path has the same three numbers, see _load_fast)
+SAMPLE_WARM = 4096
+SAMPLE_EVERY_LATER = 512
+
+
+def sampled_step(step: int) -> bool:
+    """Whether ``step`` measures traceml's own time (step 1, then every 64th, later every 512th)."""
+    return step == 1 or (step > 0 and not step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER))
+
+
 def _load_fast() -> ModuleType | None:
     """The optional C fast path (``_fastclock.c``, built by ``pip install``), or None: not built,
     or ``TRACEML_PURE_PYTHON=1``.  This module stays the reference; C runs only the common case."""
@@ -33,6 +55,9 @@ def _load_fast() -> ModuleType | None:
         return None
     # its clock is CLOCK_MONOTONIC: only where perf_counter is the same clock
     if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
+        return None
+    # a stale build whose sampled steps differ from this module's: use the reference
+    if getattr(_fastclock, "SAMPLING", None) != (SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER):
         return None
     return _fastclock
 
@@ -52,28 +77,6 @@ def _slots(base: type, names: tuple[str, ...]) -> tuple[str, ...]:
     fields = (MemberDescriptorType, GetSetDescriptorType)
     native = {k for k, v in vars(base).items() if isinstance(v, fields)} if base is not object else set()
     return tuple(n for n in names if n not in native)
-
-
-#: phase indices into PhaseClock.acc (same order as traceml.schema.PHASES, residual excluded)
-DATALOADER, H2D, FORWARD, BACKWARD, OPTIMIZER = range(5)
-NO_PHASE = -1
-#: phases whose time spent between steps is carried into the next step
-CARRIED_PHASES = (DATALOADER, H2D)
-
-#: PhaseClock.gate bits.  CARRY: dataloader and h2d are timed; STEP: forward, backward and
-#: the optimizer are timed (inside a step); SAMPLE: this step measures traceml's own time.
-#: A running phase closes the gate (0) until it ends.
-CARRY, STEP, SAMPLE = 1, 2, 4
-#: one step in this many (and step 1) measures traceml's own time, for the first SAMPLE_WARM steps
-SAMPLE_EVERY = 64
-#: then one in SAMPLE_EVERY_LATER (a sampled step takes the Python path: ~30 µs on a real loop)
-SAMPLE_WARM = 4096
-SAMPLE_EVERY_LATER = 512
-
-
-def sampled_step(step: int) -> bool:
-    """Whether ``step`` measures traceml's own time (step 1, then every 64th, later every 512th)."""
-    return step == 1 or (step > 0 and not step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER))
 
 
 #: loaders (other than the training one) whose fetches between two steps are kept apart
@@ -375,12 +378,16 @@ class StepTracker(_StepBase):
 
     def _plan(self, nxt: int) -> None:
         """After the exit of step ``nxt - 1``: the first step from ``nxt`` on whose exit needs the
-        full path -- the one before a sampled step (it arms the sample), or a memory step."""
+        full path -- the one before a sampled step (it arms the sample; in pure Python only), or a
+        memory step."""
         if self._rare:
             self._slow_at = nxt
             return
-        every = SAMPLE_EVERY if nxt + SAMPLE_EVERY < SAMPLE_WARM else SAMPLE_EVERY_LATER
-        at = nxt + (every - 1 - nxt % every)  # its exit makes the next step sampled
+        if FAST is None:
+            every = SAMPLE_EVERY if nxt + SAMPLE_EVERY < SAMPLE_WARM else SAMPLE_EVERY_LATER
+            at = nxt + (every - 1 - nxt % every)  # its exit makes the next step sampled
+        else:
+            at = 1 << 62  # the C exit arms sampled steps itself (the same sampled_step rule)
         if self._memory is not None:
             every = self._mem_every
             at = min(at, nxt + (-nxt) % every)
