@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from test_diagnosis_support import RunBuilder
 
 import replay
@@ -122,3 +123,18 @@ def test_microsecond_steps_make_no_straggler_of_jitter() -> None:
     b.steps(1, 200, dataloader=1e3, forward=6e3, backward=2e3, optimizer=1e3, residual=1e3)
     (finding,) = diagnose(b.view()).by_kind(STRAGGLER)
     assert finding.rank == 1
+
+
+def test_a_sender_that_never_drains_costs_one_short_yield_per_64_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceml.runtime import steprows
+
+    naps: list[float] = []
+    monkeypatch.setattr(steprows, "_sleep", naps.append)
+    rows = steprows.StepRows(256)  # high water at 128; nobody takes the rows
+    n = 10_000
+    for i in range(n):
+        rows.append(steprows.pack_row(i, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    assert 0 < len(naps) <= n // steprows.YIELD_EVERY  # full all along: still at most one per 64 rows
+    assert all(s == steprows.YIELD_S for s in naps)
+    assert len(rows.take_unsent()) == 256  # the newest kept, the rest counted as lost
+    assert rows.lost == n - 256

@@ -23,6 +23,9 @@
 #define DATALOADER 0
 #define OPTIMIZER 4
 #define NPHASES 5
+/* past the step table's high-water mark, the step exit lets the sender run every this many rows */
+#define YIELD_EVERY 64
+#define YIELD_NS 20000
 /* which steps measure traceml's own time: step.py's SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER
  * (step.py uses this module only when its SAMPLING attribute matches them) */
 #define SAMPLE_EVERY 64
@@ -874,6 +877,14 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
         r = PyObject_CallMethodNoArgs(table, NAME(A_wake));
         if (r == NULL) goto failed;
         Py_DECREF(r);
+    } else if (n > hw && (appended + 1) % YIELD_EVERY == 0) { /* at most every 64th step, even when full */
+        /* the sender is behind (steps faster than it drains, as in an empty loop): hand it the
+         * GIL for a moment every YIELD_EVERY rows past the high-water mark, so that rows are
+         * drained instead of lost; a normal loop never gets here */
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec ts = {0, YIELD_NS};
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
     }
     Py_DECREF(rows);
     Py_DECREF(table);

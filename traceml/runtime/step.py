@@ -14,12 +14,13 @@ from types import GetSetDescriptorType, MemberDescriptorType, ModuleType, Traceb
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from traceml.runtime._failopen import disable_piece
-from traceml.runtime.steprows import StepRows, pack_row
+from traceml.runtime.steprows import YIELD_EVERY, YIELD_S, StepRows, pack_row
 from traceml.store import BoundedTable
 
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 _get_ident = threading.get_ident
+_sleep = time.sleep
 
 
 #: phase indices into PhaseClock.acc (same order as traceml.schema.PHASES, residual excluded)
@@ -479,8 +480,11 @@ class StepTracker(_StepBase):
             rows = table._rows
             rows.append(row)
             table.appended += 1
-            if len(rows) == table._high_water:
+            n = len(rows)
+            if n == table._high_water:
                 table.wake()
+            elif n > table._high_water and not table.appended % YIELD_EVERY:  # every 64th row at most
+                _sleep(YIELD_S)  # the sender is behind: let it drain
         except Exception:
             self._fail()
         return False

@@ -25,6 +25,13 @@ pack_row = ROW.pack
 
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
+_sleep = time.sleep
+#: past the high-water mark (steps faster than the sender drains, e.g. an empty loop), the
+#: training thread hands the GIL to the sender for YIELD_S every YIELD_EVERY rows: rows are
+#: drained instead of lost (the C fast path does the same, _fastclock.c); a normal loop never
+#: gets there
+YIELD_EVERY = 64
+YIELD_S = 20e-6
 
 
 def raw_array(rows: Sequence[Any]) -> np.ndarray:
@@ -57,8 +64,11 @@ class StepRows(BoundedTable):
         rows = self._rows
         rows.append(row)
         self.appended += 1
-        if len(rows) == self._high_water:
+        n = len(rows)
+        if n == self._high_water:
             self.wake()
+        elif n > self._high_water and not self.appended % YIELD_EVERY:  # every 64th row at most
+            _sleep(YIELD_S)  # the sender is behind: let it drain (see YIELD_EVERY)
 
     def wake(self) -> None:
         """Half full: wake the sender (a failing callback is dropped)."""
