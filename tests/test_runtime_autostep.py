@@ -317,3 +317,33 @@ def test_an_auto_wrapped_model_pickles_and_copies_as_the_plain_model():
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert not isinstance(vars(clone).get("forward"), AutoForward)  # no traceml state travels
         assert torch.allclose(clone(x), model(x))
+
+
+def test_the_steady_state_boundary_runs_in_c_with_the_same_rows(monkeypatch):
+    from traceml.runtime import autostep, step
+
+    if step.FAST is None:
+        pytest.skip("the C fast path is not built (or TRACEML_PURE_PYTHON=1)")
+    calls = {"pre": 0, "post": 0}
+    pre, post = autostep.AutoSteps._pre, autostep.AutoSteps._post
+
+    def counting_pre(self, *a):
+        calls["pre"] += 1
+        return pre(self, *a)
+
+    def counting_post(self, *a):
+        calls["post"] += 1
+        return post(self, *a)
+
+    monkeypatch.setattr(autostep.AutoSteps, "_pre", counting_pre)
+    monkeypatch.setattr(autostep.AutoSteps, "_post", counting_post)
+    agent = traceml.init(auto_steps=True)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(model, opt, 40)
+    r = rows(agent)
+    assert list(r["step"]) == list(range(40))  # one row per optimizer step, as in Python
+    assert (r["forward_us"] > 0).all() and (r["optimizer_us"] > 0).all()
+    assert agent.autostep.steps_recorded == 40 and agent.autostep.boundaries >= 40
+    # the Python hooks ran for the first iterations only (finding the model and the closing optimizer)
+    assert calls["pre"] <= 3 and calls["post"] <= 3, calls

@@ -76,7 +76,7 @@ enum {
 static PyObject *attr_name[N_ATTR];
 #define NAME(a) (attr_name[a])
 
-static PyObject *k_zero;
+static PyObject *k_zero, *k_one;
 
 static inline long long now_ns(void) {
     struct timespec ts;
@@ -523,6 +523,8 @@ typedef struct {
     PyObject *full; /* the Python wrapper: sampled steps, a GPU timer */
     PyObject *dict;
     PyObject *weakreflist;
+    PyObject *grad_check; /* zero-code forward: a callable; false = evaluation, not timed */
+    PyObject *after_eval; /* called after such a call */
     vectorcallfunc vectorcall;
     int phase;
 } TimedObject;
@@ -566,6 +568,8 @@ static int Timed_traverse(TimedObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->fn);
     Py_VISIT(self->full);
     Py_VISIT(self->dict);
+    Py_VISIT(self->grad_check);
+    Py_VISIT(self->after_eval);
     return 0;
 }
 
@@ -574,6 +578,8 @@ static int Timed_clear(TimedObject *self) {
     Py_CLEAR(self->fn);
     Py_CLEAR(self->full);
     Py_CLEAR(self->dict);
+    Py_CLEAR(self->grad_check);
+    Py_CLEAR(self->after_eval);
     return 0;
 }
 
@@ -604,6 +610,23 @@ static PyObject *Timed_call(TimedObject *self, PyObject *const *args, size_t nar
     long long gate = c->gate;
     if (!(gate & STEP) || !is_owner(clock)) /* outside a step, a phase runs, or another thread */
         return PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    if (self->grad_check != NULL) { /* zero-code forward: an evaluation call is not step work */
+        PyObject *g = PyObject_CallNoArgs(self->grad_check);
+        int on = g == NULL ? -1 : PyObject_IsTrue(g);
+        Py_XDECREF(g);
+        if (on < 0) {
+            PyErr_Clear();
+        } else if (!on) {
+            PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+            PyObject *et, *ev, *etb;
+            PyErr_Fetch(&et, &ev, &etb);
+            PyObject *r = self->after_eval != NULL ? PyObject_CallNoArgs(self->after_eval) : NULL;
+            if (r == NULL) PyErr_Clear();
+            Py_XDECREF(r);
+            PyErr_Restore(et, ev, etb);
+            return res;
+        }
+    }
     if ((gate & ~SAMPLE) != (CARRY | STEP) || c->gpu_on) /* a GPU timer: the reference code */
         return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
     long long te = (gate & SAMPLE) ? now_ns() : 0; /* a sampled step: this wrapper's own time too */
@@ -629,6 +652,22 @@ static PyObject *Timed_get_clock(TimedObject *self, void *closure) {
     return v;
 }
 
+static PyObject *Timed_set_grad_check(TimedObject *self, PyObject *args) {
+    PyObject *check, *after;
+    if (!PyArg_ParseTuple(args, "OO", &check, &after)) return NULL;
+    Py_INCREF(check);
+    Py_XSETREF(self->grad_check, check);
+    Py_INCREF(after);
+    Py_XSETREF(self->after_eval, after);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Timed_methods[] = {
+    {"_set_grad_check", (PyCFunction)Timed_set_grad_check, METH_VARARGS,
+     "_set_grad_check(check, after): inside a step, a call with check() false runs untimed, then after()."},
+    {NULL},
+};
+
 static PyGetSetDef Timed_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {"__wrapped__", (getter)Timed_get_wrapped, NULL, "the wrapped callable", NULL},
@@ -650,6 +689,7 @@ static PyTypeObject TimedType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(TimedObject, vectorcall),
     .tp_getset = Timed_getset,
+    .tp_methods = Timed_methods,
     .tp_dictoffset = offsetof(TimedObject, dict),
     .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
 };
@@ -946,6 +986,163 @@ static PyTypeObject StepContextType = {
     .tp_members = Step_members,
 };
 
+/* ==== AutoHook: zero-code steps' optimizer pre- (kind 0) and post-hook (1), steady state ====== *
+ * The AutoSteps object (autostep.py) keeps every decision; this only runs its most common case
+ * (the optimizer that closes each iteration, seen before) and calls the Python hook otherwise. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *auto_;   /* the AutoSteps */
+    PyObject *tracker; /* its StepTracker (a StepContext) */
+    PyObject *clock;   /* its PhaseClock (a ClockCore) */
+    PyObject *full;    /* the Python hook */
+    vectorcallfunc vectorcall;
+    int kind;
+} AutoHookObject;
+
+static PyObject *s_active, *s__open, *s__last_pre, *s__new, *s__closer, *s_steps_recorded, *s_boundaries, *s__enabled;
+
+/* 1 / 0: auto.<name> is true / false; -1: error */
+static int attr_true(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* 1: auto.<name> is a weakref to obj; 0: it is not (or None); -1: error */
+static int ref_is(PyObject *o, PyObject *name, PyObject *obj) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    int r = PyWeakref_Check(v) && PyWeakref_GetObject(v) == obj;
+    Py_DECREF(v);
+    return r;
+}
+
+static int add_one(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    PyObject *w = PyNumber_Add(v, k_one);
+    Py_DECREF(v);
+    if (w == NULL) return -1;
+    int r = PyObject_SetAttr(o, name, w);
+    Py_DECREF(w);
+    return r;
+}
+
+static PyObject *AutoHook_call(AutoHookObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    if (self->auto_ == NULL || self->full == NULL) Py_RETURN_NONE;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n < 1 || kwnames != NULL) goto full;
+    PyObject *opt = args[0];
+    ClockCoreObject *c = CC(self->clock);
+    int r;
+    if ((r = attr_true(self->auto_, s_active)) <= 0) goto none_or_full;
+    if (self->kind == 0) { /* pre */
+        if ((r = attr_true(self->auto_, s__open)) <= 0) goto full_or_error; /* no open step: Python sets the owner */
+        if (!is_owner(self->clock) || c->opt_depth > 1) Py_RETURN_NONE;
+        if ((r = ref_is(self->auto_, s__last_pre, opt)) == 1) Py_RETURN_NONE; /* the optimizer of the last step */
+        goto full_or_error;
+    }
+    /* post */
+    if (!is_owner(self->clock) || c->opt_depth > 0) Py_RETURN_NONE;
+    PyObject *nw = PyObject_GetAttr(self->auto_, s__new);
+    if (nw == NULL) goto error;
+    int no_new = nw == Py_None;
+    Py_DECREF(nw);
+    if (!no_new || (r = ref_is(self->auto_, s__closer, opt)) != 1) goto full_or_error;
+    /* the steady state (AutoSteps._post): the step ends, the next begins */
+    if ((r = attr_true(self->auto_, s__open)) < 0) goto error;
+    if (r) {
+        if (PyObject_SetAttr(self->auto_, s__open, Py_False) < 0) goto error;
+        PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
+        PyObject *out = Step_exit(self->tracker, exit_args, 3);
+        Py_XDECREF(out);
+        if (out == NULL || add_one(self->auto_, s_steps_recorded) < 0) goto error;
+    }
+    if (add_one(self->auto_, s_boundaries) < 0) goto error;
+    if (!SC(self->tracker)->depth) {
+        if ((r = attr_true(self->tracker, s__enabled)) < 0) goto error;
+        if (r) {
+            PyObject *out = Step_enter(self->tracker, NULL);
+            Py_XDECREF(out);
+            if (out == NULL || PyObject_SetAttr(self->auto_, s__open, Py_True) < 0) goto error;
+        }
+    }
+    Py_RETURN_NONE;
+none_or_full:
+    if (r == 0) Py_RETURN_NONE;
+full_or_error:
+    if (r >= 0) goto full;
+error:
+    PyErr_Clear(); /* the Python hook decides (and fails open) */
+full:
+    return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
+}
+
+static int AutoHook_init(AutoHookObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"auto", "kind", "full", NULL};
+    PyObject *auto_, *full, *tracker, *clock;
+    int kind;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiO", kwlist, &auto_, &kind, &full)) return -1;
+    if ((tracker = PyObject_GetAttrString(auto_, "tracker")) == NULL) return -1;
+    if ((clock = PyObject_GetAttrString(auto_, "clock")) == NULL) {
+        Py_DECREF(tracker);
+        return -1;
+    }
+    if (!PyObject_TypeCheck(tracker, &StepContextType) || !PyObject_TypeCheck(clock, &ClockCoreType)) {
+        Py_DECREF(tracker);
+        Py_DECREF(clock);
+        PyErr_SetString(PyExc_TypeError, "traceml: AutoHook needs the C StepTracker and PhaseClock");
+        return -1;
+    }
+    Py_INCREF(auto_);
+    Py_XSETREF(self->auto_, auto_);
+    Py_XSETREF(self->tracker, tracker);
+    Py_XSETREF(self->clock, clock);
+    Py_INCREF(full);
+    Py_XSETREF(self->full, full);
+    self->kind = kind;
+    self->vectorcall = (vectorcallfunc)AutoHook_call;
+    return 0;
+}
+
+static int AutoHook_traverse(AutoHookObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->auto_);
+    Py_VISIT(self->tracker);
+    Py_VISIT(self->clock);
+    Py_VISIT(self->full);
+    return 0;
+}
+
+static int AutoHook_clear(AutoHookObject *self) {
+    Py_CLEAR(self->auto_);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->full);
+    return 0;
+}
+
+static void AutoHook_dealloc(AutoHookObject *self) {
+    PyObject_GC_UnTrack(self);
+    AutoHook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AutoHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.AutoHook",
+    .tp_doc = "AutoHook(auto, 0|1, full): zero-code steps' optimizer pre- (0) or post-hook (1), steady state in C.",
+    .tp_basicsize = sizeof(AutoHookObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)AutoHook_init,
+    .tp_dealloc = (destructor)AutoHook_dealloc,
+    .tp_traverse = (traverseproc)AutoHook_traverse,
+    .tp_clear = (inquiry)AutoHook_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(AutoHookObject, vectorcall),
+};
+
 static PyObject *mod_now_ns(PyObject *m, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
 
 static PyMethodDef module_methods[] = {
@@ -1002,10 +1199,18 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__enter_full], "_enter_full");
     INTERN(attr_name[A__exit_full], "_exit_full");
     INTERN(attr_name[A__fail], "_fail");
-    if ((k_zero = PyLong_FromLong(0)) == NULL) return NULL;
+    if ((k_zero = PyLong_FromLong(0)) == NULL || (k_one = PyLong_FromLong(1)) == NULL) return NULL;
+    INTERN(s_active, "active");
+    INTERN(s__open, "_open");
+    INTERN(s__last_pre, "_last_pre");
+    INTERN(s__new, "_new");
+    INTERN(s__closer, "_closer");
+    INTERN(s_steps_recorded, "steps_recorded");
+    INTERN(s_boundaries, "boundaries");
+    INTERN(s__enabled, "_enabled");
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
         PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0 ||
-        PyType_Ready(&PhaseArrayType) < 0)
+        PyType_Ready(&PhaseArrayType) < 0 || PyType_Ready(&AutoHookType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastclock_module);
     if (m == NULL) return NULL;
@@ -1013,7 +1218,8 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         PyModule_AddObjectRef(m, "Fetch", (PyObject *)&FetchType) < 0 ||
         PyModule_AddObjectRef(m, "OptimizerHook", (PyObject *)&OptHookType) < 0 ||
         PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0 ||
-        PyModule_AddObjectRef(m, "ClockCore", (PyObject *)&ClockCoreType) < 0) {
+        PyModule_AddObjectRef(m, "ClockCore", (PyObject *)&ClockCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "AutoHook", (PyObject *)&AutoHookType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

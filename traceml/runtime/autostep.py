@@ -22,6 +22,7 @@ from traceml.runtime.hooks import TimedForward
 from traceml.runtime.step import (
     BACKWARD,
     DATALOADER,
+    FAST,
     FORWARD,
     H2D,
     NO_PHASE,
@@ -60,18 +61,22 @@ class AutoForward(TimedForward):
     def __init__(self, auto: AutoSteps, fn: Any, model: Any) -> None:
         super().__init__(auto.clock, fn, model)
         self._auto = auto
+        if FAST is not None:  # the same rule in C (``Timed._set_grad_check``)
+            self._set_grad_check(_grad_enabled, auto.after_eval_forward)  # type: ignore[attr-defined]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        c = self._clock
-        g = c.gate  # one integer read while nothing is timed (see PhaseClock.gate)
-        if not g & STEP or _get_ident() != c.owner:
-            return self._fn(*args, **kwargs)
-        if not _grad_enabled():
-            try:
+    if FAST is None:
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            c = self._clock
+            g = c.gate  # one integer read while nothing is timed (see PhaseClock.gate)
+            if not g & STEP or _get_ident() != c.owner:
                 return self._fn(*args, **kwargs)
-            finally:
-                self._auto.after_eval_forward()
-        return TimedForward.__call__(self, *args, **kwargs)
+            if not _grad_enabled():
+                try:
+                    return self._fn(*args, **kwargs)
+                finally:
+                    self._auto.after_eval_forward()
+            return TimedForward.__call__(self, *args, **kwargs)
 
 
 class AutoSteps:
@@ -95,6 +100,8 @@ class AutoSteps:
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closer: weakref.ref[Any] | None = None
         self._new: weakref.ref[Any] | None = None
+        #: the optimizer the pre-hook saw last, already in _seen (spares a WeakSet lookup per step)
+        self._last_pre: weakref.ref[Any] | None = None
         self._wrapped: set[int] = set()
         #: step boundaries so far (the GradScaler check compares against it)
         self.boundaries = 0
@@ -113,9 +120,13 @@ class AutoSteps:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         suffix = f" [{tag}]" if tag else ""
-        pre = register_optimizer_step_pre_hook(self._pre)
+        pre_hook: Any = self._pre
+        post_hook: Any = self._post
+        if FAST is not None:  # their steady state in C (_fastclock.AutoHook); the rest is these methods
+            pre_hook, post_hook = FAST.AutoHook(self, 0, self._pre), FAST.AutoHook(self, 1, self._post)
+        pre = register_optimizer_step_pre_hook(pre_hook)
         self.names.append(patches.register("auto-step optimizer pre-hook" + suffix, pre.remove))
-        post = register_optimizer_step_post_hook(self._post)
+        post = register_optimizer_step_post_hook(post_hook)
         self.names.append(patches.register("auto-step optimizer post-hook" + suffix, post.remove))
         try:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -175,8 +186,14 @@ class AutoSteps:
                 c.owner = _get_ident()  # the thread that steps the optimizer is the training thread
             elif _get_ident() != c.owner:
                 return
-            if c.opt_depth > 1 or opt in self._seen:
-                return  # an optimizer stepped from inside another one's step, or a known one
+            if c.opt_depth > 1:
+                return  # an optimizer stepped from inside another one's step
+            last = self._last_pre
+            if last is not None and last() is opt:
+                return  # the optimizer of the last step (the steady state: no WeakSet lookup)
+            if opt in self._seen:
+                self._last_pre = weakref.ref(opt)
+                return  # a known one
             self._seen.add(opt)
             self._new = weakref.ref(opt)
             if self._first_step and self._closer is None:
@@ -193,6 +210,19 @@ class AutoSteps:
             if _get_ident() != c.owner or c.opt_depth > 0:
                 return
             new = self._new
+            closer = self._closer
+            if new is None and closer is not None and closer() is opt:
+                # the steady state (_boundary and _begin inlined): the step ends, the next begins
+                t = self.tracker
+                if self._open:
+                    self._open = False
+                    t.__exit__(None, None, None)
+                    self.steps_recorded += 1
+                self.boundaries += 1
+                if not t.depth and t._enabled:
+                    t.__enter__()
+                    self._open = True
+                return
             if new is not None and new() is opt:
                 # a new optimizer closes the iteration from now on; what ran before is not a whole
                 # step, unless it is the first iteration, opened at its first forward
