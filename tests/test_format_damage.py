@@ -150,7 +150,8 @@ def test_random_damage_keeps_every_intact_segment(small: dict[str, Any], tmp_pat
     damaged = bytearray(original)
     hits = data.draw(st.lists(st.integers(start, len(original) - 1), min_size=1, max_size=4))
     for pos in hits:
-        damaged[pos] = data.draw(st.integers(0, 255).filter(lambda b, p=pos: b != damaged[p]))
+        # unlike the original byte (not the current one: a position drawn twice must stay damaged)
+        damaged[pos] = data.draw(st.integers(0, 255).filter(lambda b, p=pos: b != original[p]))
     garbage = data.draw(st.binary(max_size=64))
     path = tmp_path / "fuzz.tml"
     path.write_bytes(bytes(damaged) + garbage)
