@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -161,9 +162,11 @@ def test_follow_tails_a_growing_file_and_stops_at_its_footer(tmp_path: Path) -> 
 def test_web_serves_the_dashboard_until_interrupted(tml: Path) -> None:
     proc = subprocess.Popen(
         [TRACEML, "replay", str(tml), "--ui", "web", "--port", "0"],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal delivers it, whatever this test process inherited
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stderr is not None
@@ -178,9 +181,19 @@ def test_web_serves_the_dashboard_until_interrupted(tml: Path) -> None:
         with urllib.request.urlopen(match.group(0) + "_dash-layout", timeout=30) as resp:
             layout = json.dumps(json.loads(resp.read()))
         assert "fig-rank-steps" in layout and "rank-filter" in layout
+        # keep reading stderr, so that nothing the server writes can block it on a full pipe
+        tail: list[str] = []
+        reader = threading.Thread(target=lambda: tail.extend(proc.stderr or ()), daemon=True)
+        reader.start()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        assert proc.returncode == 0
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("no exit 30 s after Ctrl-C; stderr: " + "".join(tail)[-2000:]) from None
+        reader.join(5)
+        assert proc.returncode == 0, "".join(tail)[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
