@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 
 from traceml.diagnosis import diagnose
-from traceml.runtime.stacks import MAX_NAME, StackSampler
+from traceml.runtime.stacks import MAX_NAME, StackSampler, _native_timer
 from traceml.runtime.step import FORWARD, NO_PHASE, PhaseClock
 from traceml.schema import STEP_STACK, STEP_TIME, rows_to_columns
 from traceml.store import ColumnStore
@@ -152,3 +153,108 @@ def test_dashboard_diagnosis_panel_has_the_residual_table() -> None:
     first_row = table.children[1].children[0]
     assert [td.children for td in first_row.children] == ["get_batch", "train.py:118", "90", "90%", "yes"]
     assert diagnosis_children(_view(6_000, []))[-1].__class__.__name__ != "Table"
+
+
+# -- the native timer: the training thread (here pytest's main thread) samples itself ----------
+
+
+def _real_clock() -> tuple[PhaseClock, Any]:
+    from traceml.runtime.step import FAST, StepTracker
+    from traceml.runtime.steprows import StepRows
+    from traceml.schema import STEP_REGION
+    from traceml.store import BoundedTable
+
+    if FAST is None or _native_timer() is None:
+        pytest.skip("the C fast path is not built (or TRACEML_PURE_PYTHON=1)")
+    clock = PhaseClock()
+    return clock, StepTracker(clock, StepRows(1 << 12), BoundedTable(STEP_REGION, 64))
+
+
+def read_batch_busy(until: float) -> int:
+    n = 0
+    while time.perf_counter() < until:
+        n += sum(range(200))
+    return n
+
+
+def test_native_timer_samples_the_main_thread_inside_steps_only() -> None:
+    clock, tracker = _real_clock()
+    rows: list[tuple[Any, ...]] = []
+    sampler = StackSampler(clock, tracker, rows.append, hz=200)
+    sampler.start()
+    try:
+        assert sampler.native
+        clock.owner = threading.get_ident()
+        read_batch_busy(time.perf_counter() + 0.1)  # no step open: nothing sampled
+        assert sampler.samples == 0
+        with tracker:
+            read_batch_busy(time.perf_counter() + 0.3)
+        tracker_step = tracker.step
+    finally:
+        sampler.stop()
+    assert not sampler.alive and not sampler.native
+    assert 20 <= sampler.samples <= 80, sampler.samples
+    assert sampler.native_ns > 0
+    assert sum(r[6] for r in rows) == sampler.samples
+    top = max(rows, key=lambda r: r[6])
+    assert (top[3], top[4], top[7]) == (NO_PHASE, "read_batch_busy", 1)
+    assert top[5] == f"test_runtime_stacks.py:{read_batch_busy.__code__.co_firstlineno}"
+    assert top[2] == tracker_step - 1 or top[2] == tracker_step
+
+
+def test_native_timer_hands_over_to_the_thread_when_another_thread_trains() -> None:
+    clock, tracker = _real_clock()
+    rows: list[tuple[Any, ...]] = []
+    stop = threading.Event()
+    sampler = StackSampler(clock, tracker, rows.append, hz=200, flush_s=0.05)
+    t = threading.Thread(target=train_loop, args=(stop, clock))
+    sampler.start()
+    t.start()
+    try:
+        with tracker:  # the step is open, but another thread trains: the main thread's callbacks skip
+            clock.owner = t.ident or 0
+            deadline = time.perf_counter() + 5
+            while sampler.native and time.perf_counter() < deadline:
+                read_batch_busy(time.perf_counter() + 0.01)
+            assert not sampler.native, "the native timer kept sampling the wrong thread"
+            time.sleep(0.2)
+            clock.owner = t.ident or 0
+    finally:
+        stop.set()
+        t.join()
+        sampler.stop()
+    funcs = {r[4] for r in rows}
+    assert "get_batch" in funcs and "read_batch_busy" not in funcs, funcs
+
+
+def test_native_timer_errors_never_reach_the_training_thread() -> None:
+    clock, tracker = _real_clock()
+    timer_type = _native_timer()
+
+    def resolve(code: Any) -> Any:
+        raise RuntimeError("broken resolver")
+
+    timer = timer_type(clock, tracker, resolve, 500.0, 8)
+    clock.owner = threading.get_ident()
+    assert timer.start() is True and timer.start() is False
+    try:
+        with tracker:
+            deadline = time.perf_counter() + 5
+            while timer.running and time.perf_counter() < deadline:
+                read_batch_busy(time.perf_counter() + 0.01)  # no exception surfaces here
+    finally:
+        timer.stop()
+        timer.stop()
+    assert timer.errors == 16 and not timer.running and timer.samples == 0
+    counts, total, first = timer.take()
+    assert (counts, total, first) == ({}, 0, -1)
+
+
+def test_native_timer_refuses_a_pure_python_clock() -> None:
+    timer_type = _native_timer()
+    if timer_type is None:
+        pytest.skip("the native timer is not built")
+    with pytest.raises(TypeError, match="native 64-bit integer member"):
+        timer_type(object(), FakeTracker(), lambda c: None, 67.0)
+    with pytest.raises(ValueError, match="hz > 0"):
+        timer_type(object(), FakeTracker(), lambda c: None, 0.0)

@@ -385,7 +385,8 @@ class Agent:
         self._maybe_send_environment()
 
     def _threads_cpu_ns(self) -> int:
-        """CPU time of traceml's own threads (sender, sampler, stacks) so far; -1 where not measurable."""
+        """CPU time of traceml's own threads (sender, sampler, stacks) so far, plus the native stack
+        samples' time on the training thread; -1 where not measurable."""
         threads = [
             getattr(self.sender, "_thread", None),
             getattr(self.sampler, "_thread", None),
@@ -400,7 +401,9 @@ class Agent:
             except (AttributeError, OSError, ValueError):
                 continue  # not on this platform, or the thread has ended: keep its last figure
             self._thread_cpu[ident] = ns
-        return sum(self._thread_cpu.values()) if self._thread_cpu else -1
+        if not self._thread_cpu:
+            return -1
+        return sum(self._thread_cpu.values()) + int(getattr(self.stacks, "native_ns", 0) or 0)
 
     def _sample_cost(self, final: bool = False) -> None:
         """Append a TRACEML_COST row (cumulative) when steps ran since the last one."""

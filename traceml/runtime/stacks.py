@@ -1,10 +1,13 @@
 """The residual explained: a low-rate stack sampler of the training thread (``step_stack`` rows).
 
-Reads frames from a daemon thread (nothing runs on the training thread); ``TRACEML_STACK_HZ=0`` turns it off.
+Where the training thread is the main thread, the native timer (``_stacktimer.c``) schedules each
+sample as a pending call that the training thread runs itself (a few µs, no GIL hand-off); otherwise
+a daemon thread reads the frames (this module).  ``TRACEML_STACK_HZ=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -24,6 +27,20 @@ MAX_NAME = 96
 MAX_DEPTH = 64
 #: code objects whose attribution is cached (a cache miss costs one path check)
 MAX_CACHE = 4096
+#: samples the native timer found another thread training before this module samples instead
+FOREIGN_LIMIT = 3
+
+
+def _native_timer() -> Any:
+    """The native timer's type, or None: not built, or ``TRACEML_PURE_PYTHON=1``."""
+    if os.environ.get("TRACEML_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None
+    try:
+        from traceml.runtime._stacktimer import StackTimer  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return StackTimer
+
 
 _INPUT_NAME = re.compile(r"batch|load|read|fetch|collate|getitem|dataset|decode", re.IGNORECASE)
 _INPUT_FILES = (
@@ -73,6 +90,7 @@ class StackSampler:
         flush_s: float = 1.0,
         frames: Callable[[], dict[int, FrameType]] = sys._current_frames,
         wall_ns: Callable[[], int] = time.time_ns,
+        native: bool = True,
     ) -> None:
         self.clock = clock
         self.tracker = tracker
@@ -81,11 +99,14 @@ class StackSampler:
         self.flush_s = flush_s
         self.frames = frames
         self.wall_ns = wall_ns
-        self.samples = 0
+        self._py_samples = 0
         self.cpu_ns = 0
+        #: the native timer while it samples (None: this module's thread samples)
+        self._timer: Any = None
+        self._native = native and frames is sys._current_frames
         self._roots = _library_roots()
         self._user_file: dict[str, bool] = {}
-        self._code: dict[CodeType, tuple[str, str, bool, bool]] = {}
+        self._code: dict[int, tuple[CodeType, tuple[str, str, bool, bool]]] = {}
         self._counts: dict[tuple[int, str, str, bool], int] = {}
         self._total = 0
         self._first_step = -1
@@ -96,8 +117,48 @@ class StackSampler:
     def start(self) -> None:
         if self._thread is not None:
             return
+        native = _native_timer() if self._native else None
+        if native is not None:
+            try:
+                timer = native(self.clock, self.tracker, self._resolve, 1.0 / self.period_s, MAX_DEPTH)
+                timer.start()
+                atexit.register(timer.stop)  # before the interpreter goes: no pending call after it
+                self._timer = timer
+            except Exception:  # a pure-Python clock (no native members), or no thread: sample from ours
+                self._timer = None
         self._thread = threading.Thread(target=self._run, name="traceml-stacks", daemon=True)
         self._thread.start()
+
+    @property
+    def samples(self) -> int:
+        """Samples taken so far (both ways)."""
+        timer = self._timer
+        return self._py_samples + (timer.samples if timer is not None else 0)
+
+    @property
+    def native(self) -> bool:
+        """The native timer samples (the training thread is the main thread)."""
+        return self._timer is not None
+
+    @property
+    def native_ns(self) -> int:
+        """Time the native timer's samples took on the training thread."""
+        timer = self._timer
+        return timer.cost_ns if timer is not None else self._native_ns
+
+    _native_ns = 0
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.stop()
+            self._native_ns = timer.cost_ns
+            self._py_samples += timer.samples
+            self._merge(*timer.take())
+            try:
+                atexit.unregister(timer.stop)
+            except Exception:
+                pass
 
     @property
     def alive(self) -> bool:
@@ -105,6 +166,10 @@ class StackSampler:
 
     def stop(self, timeout_s: float = 1.0) -> None:
         self._stop.set()
+        try:
+            self._stop_timer()
+        except Exception:
+            disable_piece("stacks-timer", "the stack sampler")
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout_s)
@@ -117,9 +182,13 @@ class StackSampler:
         last_flush = time.monotonic()
         cpu = time.thread_time_ns
         try:
-            while not self._stop.wait(self.period_s):
+            while not self._stop.wait(self.flush_s if self._timer is not None else self.period_s):
                 c0 = cpu()
-                self.sample()
+                timer = self._timer
+                if timer is None:
+                    self.sample()
+                elif timer.foreign >= FOREIGN_LIMIT or not timer.running:
+                    self._stop_timer()  # another thread trains (or the timer gave up): sample from here
                 now = time.monotonic()
                 if now - last_flush >= self.flush_s:
                     last_flush = now
@@ -147,7 +216,7 @@ class StackSampler:
         if self._first_step < 0:
             self._first_step = tracker.step
         self._total += 1
-        self.samples += 1
+        self._py_samples += 1
 
     def _attribute(self, frame: FrameType | None) -> tuple[str, str, bool]:
         """(function, site, reads data) of the innermost user frame (else the leaf)."""
@@ -175,9 +244,18 @@ class StackSampler:
         return chosen[0], chosen[1], is_input
 
     def _code_info(self, code: CodeType) -> tuple[str, str, bool, bool]:
-        info = self._code.get(code)
-        if info is not None:
-            return info
+        # cached by address (hashing a code object hashes its consts and bytecode: tens of µs on a
+        # large module); the entry holds the code object, so its address is not reused meanwhile
+        hit = self._code.get(id(code))
+        if hit is not None and hit[0] is code:
+            return hit[1]
+        info = self._resolve(code)
+        if len(self._code) < MAX_CACHE:
+            self._code[id(code)] = (code, info)
+        return info
+
+    def _resolve(self, code: CodeType) -> tuple[str, str, bool, bool]:
+        """(function, site, user code, reads data) of one code object."""
         filename = code.co_filename
         user = self._user_file.get(filename)
         if user is None:
@@ -191,13 +269,22 @@ class StackSampler:
         is_input = bool(_INPUT_NAME.search(code.co_name)) or any(f in norm for f in _INPUT_FILES)
         name = sys.intern(_bounded(getattr(code, "co_qualname", code.co_name)))
         site = sys.intern(_bounded(f"{os.path.basename(filename)}:{code.co_firstlineno}"))
-        info = (name, site, user, is_input)
-        if len(self._code) < MAX_CACHE:
-            self._code[code] = info
-        return info
+        return (name, site, user, is_input)
 
     # -- rows ----------------------------------------------------------------------------------
+    def _merge(self, counts: dict[tuple[int, str, str, bool], int], total: int, first: int) -> None:
+        """Add the native timer's counts to this module's."""
+        mine = self._counts
+        for key, n in counts.items():
+            mine[key] = mine.get(key, 0) + n
+        self._total += total
+        if first >= 0 and (self._first_step < 0 or first < self._first_step):
+            self._first_step = first
+
     def flush(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._merge(*timer.take())
         counts, self._counts = self._counts, {}
         total, self._total = self._total, 0
         first, self._first_step = self._first_step, -1
