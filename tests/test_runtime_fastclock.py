@@ -333,6 +333,7 @@ def test_sampled_steps_stay_in_c_and_measure_their_own_time(monkeypatch: pytest.
         step.SAMPLE_EVERY,
         step.SAMPLE_WARM,
         step.SAMPLE_EVERY_LATER,
+        step.SAMPLE_OFFSET,
     )
     clock, tracker, rows = make()
     python_path: list[int] = []
@@ -351,6 +352,6 @@ def test_sampled_steps_stay_in_c_and_measure_their_own_time(monkeypatch: pytest.
             post(None, (), {})
         rows.take_unsent()
     assert python_path == [0]  # only step 0's exit (it plans the next slow step); no sampled step
-    assert tracker.cost_steps == len([s for s in range(n) if sampled_step(s)]) == 4  # 1, 64, 128, 192
+    assert tracker.cost_steps == len([s for s in range(n) if sampled_step(s)]) == 4  # 1, 65, 129, 193
     assert 0 < tracker.cost_ns < tracker.cost_steps * 1_000_000  # its own time: µs, not the step's
     assert clock.self_ns == 0  # handed to the step's cost at its exit

@@ -58,7 +58,7 @@ def test_every_step_gets_one_row_with_sampling_and_memory_on_their_steps() -> No
     assert not raw[:, 1].any()  # none failed
     assert (raw[:, 3] >= raw[:, 2]).all()
     assert mem.ended == [s for s in range(n) if s % 3 == 0]
-    sampled = [s for s in range(n) if s == 1 or (s and s % SAMPLE_EVERY == 0)]
+    sampled = [s for s in range(n) if s == 1 or (s > 1 and s % SAMPLE_EVERY == 1)]
     assert [s for s, g in enumerate(gates) if g != CARRY | STEP] == sampled
     assert tracker.cost_steps == len(sampled)
     assert clock.gate == clock.base == CARRY  # after step n - 1 (not before a sampled one)
@@ -155,6 +155,10 @@ def test_sampled_steps_thin_out_after_the_warm_up() -> None:
             pass
         rows.take_unsent()
     expected = [s for s in range(n) if sampled_step(s)]
-    assert expected[:3] == [1, SAMPLE_EVERY, 2 * SAMPLE_EVERY]
-    assert expected[-3:] == [SAMPLE_WARM, SAMPLE_WARM + SAMPLE_EVERY_LATER, SAMPLE_WARM + 2 * SAMPLE_EVERY_LATER]
+    assert expected[:3] == [1, SAMPLE_EVERY + 1, 2 * SAMPLE_EVERY + 1]
+    assert expected[-3:] == [
+        SAMPLE_WARM + 1,
+        SAMPLE_WARM + SAMPLE_EVERY_LATER + 1,
+        SAMPLE_WARM + 2 * SAMPLE_EVERY_LATER + 1,
+    ]
     assert tracker.cost_steps == len(expected)  # every planned sample was taken, no other

@@ -101,3 +101,28 @@ def test_the_step_tracker_follows_the_readers_stride() -> None:
     later = steps[WARM_STEPS // EVERY :]
     assert later and all(s % EVERY == 0 for s in later) and len(later) < (n - WARM_STEPS) // EVERY
     mem.close()
+
+
+def test_no_sampled_step_reads_memory_and_the_reads_are_counted_apart() -> None:
+    """The sampled steps (traceml's own cost) never coincide with a memory read: a read takes the
+    slow exit, which counted on every sampled step made the cost report 2-4x too high; the reads'
+    time is summed in ``rare_ns`` instead (per step over all steps in the report)."""
+    from traceml.runtime.step import PhaseClock, StepTracker, sampled_step
+    from traceml.runtime.steprows import StepRows
+    from traceml.schema import STEP_REGION
+    from traceml.store import BoundedTable
+
+    rows: list[tuple[int, ...]] = []
+    tracker = StepTracker(PhaseClock(), StepRows(8192), BoundedTable(STEP_REGION, 64))
+    tracker.memory = mem = HostStepMemory(rows.append)
+    n = 1000
+    for _ in range(n):
+        with tracker:
+            pass
+    mem.close()
+    read = {r[0] for r in rows}
+    sampled = {s for s in range(n) if sampled_step(s)}
+    assert len(read) > 64 and len(sampled) == 16
+    assert not read & sampled
+    assert tracker.cost_steps == len(sampled)
+    assert tracker.rare_ns > 0  # the reads' slow exits, each counted once

@@ -183,8 +183,10 @@ SYSTEM_GPU = table(
 
 #: What traceml itself costs this rank, cumulative since the agent started (one row per sampler
 #: tick).  ``steps``: steps so far; ``sampled_steps`` of them measured traceml's own time on the
-#: training thread, ``sampled_ns`` in total; ``threads_cpu_ns``: CPU time of traceml's sampler and
-#: sender threads.  Per step: ``sampled_ns / sampled_steps + threads_cpu_ns / steps``.
+#: training thread, ``sampled_ns`` in total; ``threads_cpu_ns``: traceml's time outside the sampled
+#: steps -- the CPU time of its sampler, sender and stack threads, the native stack samples and the
+#: host memory steps' slow exits on the training thread (no sampled step is one of those).
+#: Per step: ``sampled_ns / sampled_steps + threads_cpu_ns / steps``.
 TRACEML_COST = table(
     "traceml_cost",
     ("ts_ns", "i8"),

@@ -26,14 +26,16 @@
 /* past the step table's high-water mark, the step exit lets the sender run every this many rows */
 #define YIELD_EVERY 64
 #define YIELD_NS 20000
-/* which steps measure traceml's own time: step.py's SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER
- * (step.py uses this module only when its SAMPLING attribute matches them) */
+/* which steps measure traceml's own time: step.py's SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER,
+ * SAMPLE_OFFSET (step.py uses this module only when its SAMPLING attribute matches them) */
 #define SAMPLE_EVERY 64
 #define SAMPLE_WARM 4096
 #define SAMPLE_EVERY_LATER 512
+#define SAMPLE_OFFSET 1
 
 static inline int sampled_step(long long step) {
-    return step == 1 || (step > 0 && step % (step < SAMPLE_WARM ? SAMPLE_EVERY : SAMPLE_EVERY_LATER) == 0);
+    return step == 1 ||
+           (step > 1 && step % (step < SAMPLE_WARM ? SAMPLE_EVERY : SAMPLE_EVERY_LATER) == SAMPLE_OFFSET);
 }
 
 enum {
@@ -1223,7 +1225,7 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *sampling = Py_BuildValue("(iii)", SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER);
+    PyObject *sampling = Py_BuildValue("(iiii)", SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER, SAMPLE_OFFSET);
     if (sampling == NULL || PyModule_AddObjectRef(m, "SAMPLING", sampling) < 0) {
         Py_XDECREF(sampling);
         Py_DECREF(m);

@@ -411,7 +411,10 @@ class Agent:
         if t.step == self._cost_steps_sent and not (final and t.step):
             return
         self._cost_steps_sent = t.step
-        self.tables["traceml_cost"].append((time.time_ns(), t.step, t.cost_steps, t.cost_ns, self._threads_cpu_ns()))
+        outside = self._threads_cpu_ns()  # and the memory steps' slow exits, which no sampled step sees
+        if outside >= 0:
+            outside += int(getattr(t, "rare_ns", 0) or 0)
+        self.tables["traceml_cost"].append((time.time_ns(), t.step, t.cost_steps, t.cost_ns, outside))
 
     def _maybe_send_environment(self) -> None:
         """Sampler-thread tick: send the environment once the first step ran (DDP and the

@@ -35,14 +35,19 @@ CARRIED_PHASES = (DATALOADER, H2D)
 CARRY, STEP, SAMPLE = 1, 2, 4
 #: one step in this many (and step 1) measures traceml's own time, for the first SAMPLE_WARM steps
 SAMPLE_EVERY = 64
-#: then one in SAMPLE_EVERY_LATER (the C fast path has the same three numbers, see _load_fast)
+#: then one in SAMPLE_EVERY_LATER (the C fast path has the same numbers, see _load_fast)
 SAMPLE_WARM = 4096
 SAMPLE_EVERY_LATER = 512
+#: the sampled steps are the odd ones 1 past each multiple: never a step of the host memory reader
+#: (every 4th, 8th, ... step), whose rare slow path they would count as every step's cost
+SAMPLE_OFFSET = 1
 
 
 def sampled_step(step: int) -> bool:
-    """Whether ``step`` measures traceml's own time (step 1, then every 64th, later every 512th)."""
-    return step == 1 or (step > 0 and not step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER))
+    """Whether ``step`` measures traceml's own time (step 1, 65, 129, ...; after the warm-up 1 in 512)."""
+    return step == 1 or (
+        step > 1 and step % (SAMPLE_EVERY if step < SAMPLE_WARM else SAMPLE_EVERY_LATER) == SAMPLE_OFFSET
+    )
 
 
 def _load_fast() -> ModuleType | None:
@@ -58,7 +63,7 @@ def _load_fast() -> ModuleType | None:
     if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
         return None
     # a stale build whose sampled steps differ from this module's: use the reference
-    if getattr(_fastclock, "SAMPLING", None) != (SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER):
+    if getattr(_fastclock, "SAMPLING", None) != (SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER, SAMPLE_OFFSET):
         return None
     return _fastclock
 
@@ -304,6 +309,7 @@ class StepTracker(_StepBase):
             "enter_ns",
             "cost_ns",
             "cost_steps",
+            "rare_ns",
         ),
     )
 
@@ -337,6 +343,8 @@ class StepTracker(_StepBase):
         #: traceml's own ns on the training thread, summed over the sampled steps
         self.cost_ns = 0
         self.cost_steps = 0
+        #: traceml's ns on the steps that read memory (not sampled: the sampled steps never are one)
+        self.rare_ns = 0
 
     # -- what makes a step take the full path (see __enter__) ---------------------------
     @property
@@ -386,7 +394,7 @@ class StepTracker(_StepBase):
             return
         if FAST is None:
             every = SAMPLE_EVERY if nxt + SAMPLE_EVERY < SAMPLE_WARM else SAMPLE_EVERY_LATER
-            at = nxt + (every - 1 - nxt % every)  # its exit makes the next step sampled
+            at = nxt + (SAMPLE_OFFSET - 1 - nxt) % every  # its exit makes the next step sampled
         else:
             at = 1 << 62  # the C exit arms sampled steps itself (the same sampled_step rule)
         if self._memory is not None:
@@ -541,6 +549,8 @@ class StepTracker(_StepBase):
                 self.cost_steps += 1
                 c.self_ns = 0
                 self.sampled = 0
+            elif mem is not None and not self._rare:  # a memory step: its slow exit counted once
+                self.rare_ns += _perf_ns() - t1
         except Exception:
             self._fail()
         return False  # never swallow the user's exception
