@@ -13,9 +13,12 @@
    a figure is the median over rounds of (block - ``bare`` block of the same round), µs per step.
    No sender runs (nothing leaves the process), so it is the training thread's own cost.
 
-2. The stack sampler's CPU: a :class:`StackSampler` at each rate samples this process's training
-   thread (running the loop above inside an open step) for ``--seconds``; its thread's CPU time
-   over the wall time is the share of one core it takes.
+2. The stack sampler: a :class:`StackSampler` at each rate samples this process's main thread
+   (running the loop above inside its steps) for ``--seconds``, first with the native timer (each
+   sample a pending call the training thread runs: its time on the training thread), then with the
+   sampler's own thread reading the frames (``native=False``: what a training thread that is not the
+   main thread gets; its thread's CPU); then the same loop in blocks with each sampler and without,
+   in a random order: the training thread's CPU per step over the block without a sampler.
 """
 
 from __future__ import annotations
@@ -96,41 +99,75 @@ def per_step(rounds: int, steps: int) -> None:
         print(f"{k:<12} {b + m:9.1f} {m:+8.1f}  ({m / b * 100:+.1f}%)")
 
 
-def sampler_cpu(rates: list[float], seconds: float) -> None:
+def _train_block(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int) -> int:
+    """``n`` traced steps on this thread; the training thread's CPU ns they took."""
+    c0 = time.thread_time_ns()
+    for _ in range(n):
+        with traceml.trace_step(model):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return time.thread_time_ns() - c0
+
+
+def _sampler(agent: object, mode: str, hz: float) -> StackSampler:
+    rows: list[tuple[object, ...]] = []
+    s = StackSampler(agent.clock, agent.tracker, rows.append, hz=hz, native=mode == "native")  # type: ignore[attr-defined]
+    s.start()
+    assert s.native == (mode == "native"), (mode, s.native)
+    return s
+
+
+def sampler_cost(rates: list[float], seconds: float, rounds: int, steps: int) -> None:
+    """The stack sampler on the main training thread: the native timer (each sample a pending call
+    the training thread runs) against the sampler's own thread reading the frames (``native=False``,
+    what a training thread that is not the main thread gets).  Per sample, and per step in blocks
+    of ``steps`` interleaved with blocks without a sampler (training-thread CPU)."""
     traceml.shutdown()
     agent = traceml.init()
     assert agent is not None
+    agent.clock.owner = threading.get_ident()
     model, opt, x, y = make()
-    stop = threading.Event()
-
-    def train() -> None:
-        agent.clock.owner = threading.get_ident()
-        while not stop.is_set():
-            with traceml.trace_step(model):
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-                opt.zero_grad()
-
-    t = threading.Thread(target=train)
-    t.start()
-    print(f"\nstack sampler CPU ({seconds:.0f} s per rate, sampling a training thread in its steps)")
-    print(f"{'rate Hz':>8} {'samples':>8} {'µs/sample':>10} {'% of one core':>14}")
-    try:
-        time.sleep(0.5)
+    _train_block(model, opt, x, y, 200)
+    print(f"\nstack sampler per sample ({seconds:.0f} s per rate and mode, training on the main thread)")
+    print(
+        f"{'mode':<8} {'rate Hz':>8} {'samples':>8} {'training µs/sample':>19} {'thread µs/sample':>17} {'% of one core':>14}"
+    )
+    for mode in ("native", "thread"):
         for hz in rates:
-            rows: list[tuple[object, ...]] = []
-            s = StackSampler(agent.clock, agent.tracker, rows.append, hz=hz)
+            s = _sampler(agent, mode, hz)
             w0 = time.perf_counter()
-            s.start()
-            time.sleep(seconds)
+            n = 0
+            while time.perf_counter() - w0 < seconds:
+                _train_block(model, opt, x, y, 100)
+                n += 100
             s.stop()
             wall = time.perf_counter() - w0
-            per = s.cpu_ns / max(s.samples, 1) / 1000
-            print(f"{hz:8.0f} {s.samples:8d} {per:10.1f} {s.cpu_ns / 1e9 / wall * 100:13.3f}%")
-    finally:
-        stop.set()
-        t.join()
-        traceml.shutdown()
+            k = max(s.samples, 1)
+            on_training, on_thread = s.native_ns / k / 1000, s.cpu_ns / k / 1000
+            share = (s.native_ns + s.cpu_ns) / 1e9 / wall * 100
+            print(f"{mode:<8} {hz:8.0f} {s.samples:8d} {on_training:19.1f} {on_thread:17.1f} {share:13.3f}%")
+    print(
+        f"\nstack sampler per step at {rates[1]:.0f} Hz, {rounds} rounds x {steps} steps in a random order "
+        "(training-thread CPU, median of block - block without a sampler)"
+    )
+    kinds = ["none", "native", "thread"]
+    per: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(rounds):
+        order = kinds[:]
+        random.shuffle(order)
+        for kind in order:
+            s = _sampler(agent, kind, rates[1]) if kind != "none" else None
+            per[kind].append(_train_block(model, opt, x, y, steps) / steps / 1000)
+            if s is not None:
+                s.stop()
+    base = statistics.median(per["none"])
+    print(f"{'sampler':<8} {'µs/step':>9} {'vs none':>9}")
+    print(f"{'none':<8} {base:9.1f}")
+    for kind in kinds[1:]:
+        d = statistics.median([a - b for a, b in zip(per[kind], per["none"], strict=True)])
+        print(f"{kind:<8} {base + d:9.1f} {d:+9.2f}")
+    traceml.shutdown()
 
 
 def main() -> None:
@@ -138,12 +175,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--part", choices=("all", "steps", "sampler"), default="all", help="which tables to print")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
-    per_step(args.rounds, args.steps)
-    sampler_cpu([50.0, 67.0, 100.0], args.seconds)
+    if args.part in ("all", "steps"):
+        per_step(args.rounds, args.steps)
+    if args.part in ("all", "sampler"):
+        sampler_cost([50.0, 67.0, 100.0], args.seconds, args.rounds, args.steps)
 
 
 if __name__ == "__main__":
