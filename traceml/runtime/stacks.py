@@ -36,10 +36,10 @@ def _native_timer() -> Any:
     if os.environ.get("TRACEML_PURE_PYTHON", "").strip() not in ("", "0"):
         return None
     try:
-        from traceml.runtime._stacktimer import StackTimer  # type: ignore[import-not-found]
+        from traceml.runtime import _stacktimer  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return StackTimer
+    return _stacktimer.StackTimer
 
 
 _INPUT_NAME = re.compile(r"batch|load|read|fetch|collate|getitem|dataset|decode", re.IGNORECASE)
