@@ -1232,5 +1232,13 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         return NULL;
     }
     Py_DECREF(sampling);
+    /* steprows.py's YIELD_EVERY and YIELD_S (in ns): step.py checks them as it checks SAMPLING */
+    PyObject *yield = Py_BuildValue("(ii)", YIELD_EVERY, YIELD_NS);
+    if (yield == NULL || PyModule_AddObjectRef(m, "YIELD", yield) < 0) {
+        Py_XDECREF(yield);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(yield);
     return m;
 }

@@ -65,6 +65,9 @@ def _load_fast() -> ModuleType | None:
     # a stale build whose sampled steps differ from this module's: use the reference
     if getattr(_fastclock, "SAMPLING", None) != (SAMPLE_EVERY, SAMPLE_WARM, SAMPLE_EVERY_LATER, SAMPLE_OFFSET):
         return None
+    # likewise its drain yield (steprows.py)
+    if getattr(_fastclock, "YIELD", None) != (YIELD_EVERY, round(YIELD_S * 1e9)):
+        return None
     return _fastclock
 
 
