@@ -337,7 +337,7 @@ def test_sampled_steps_stay_in_c_and_measure_their_own_time(monkeypatch: pytest.
     )
     from traceml.runtime.steprows import YIELD_EVERY, YIELD_S
 
-    assert step.FAST.YIELD == (YIELD_EVERY, round(YIELD_S * 1e9))  # else step.py would not use it
+    assert (YIELD_EVERY, round(YIELD_S * 1e9)) == step.FAST.YIELD  # else step.py would not use it
     clock, tracker, rows = make()
     python_path: list[int] = []
     enter_full, exit_full = StepTracker._enter_full, StepTracker._exit_full
