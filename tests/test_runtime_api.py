@@ -98,3 +98,42 @@ def test_a_forked_child_does_not_time_or_send(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert marker.read_text() == "ok"
     assert agent.clock.enabled  # the parent goes on
+
+
+def test_trace_step_entry_returns_the_tracker_only_for_the_agent_and_model_it_was_armed_with():
+    """``trace_step``'s common case runs in C (``_fastclock.StepEntry``); whatever the Python
+    reference would do differently -- another model, a dead model, a new agent -- goes to it."""
+    import gc
+
+    from traceml.runtime.step import FAST
+
+    if FAST is None:
+        pytest.skip("the C fast path is not built (or TRACEML_PURE_PYTHON=1)")
+    entry = api.trace_step
+    a = torch.nn.Linear(3, 3)
+    for _ in range(2):
+        with traceml.trace_step(a):
+            a(torch.randn(2, 3))
+    agent = api.current_agent()
+    assert agent is not None and entry.armed
+    assert traceml.trace_step(a) is traceml.trace_step() is agent.tracker
+    b = torch.nn.Linear(3, 3)
+    with traceml.trace_step(b):  # another model: the reference attaches it (its forward is timed)
+        b(torch.randn(2, 3))
+    assert agent._model is b and "forward" in vars(b)
+    with traceml.trace_step(a):  # and back: attached again, as the reference does
+        a(torch.randn(2, 3))
+    assert agent._model is a
+    traceml.trace_step(a)
+    assert entry.armed
+    del a
+    gc.collect()
+    c = torch.nn.Linear(3, 3)  # may take the dead model's address: the weak reference tells them apart
+    traceml.trace_step(c)
+    assert agent._model is c
+    traceml.shutdown()
+    assert not entry.armed
+    fresh = traceml.init()
+    assert fresh is not None and fresh is not agent
+    assert traceml.trace_step(c) is fresh.tracker
+    assert traceml.trace_step(c) is fresh.tracker and entry.armed

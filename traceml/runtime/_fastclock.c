@@ -1145,6 +1145,124 @@ static PyTypeObject AutoHookType = {
     .tp_vectorcall_offset = offsetof(AutoHookObject, vectorcall),
 };
 
+/* ==== StepEntry: traceml.trace_step's common case ======================================== *
+ * `traceml.trace_step(model)` on every step after the first returns the agent's tracker (api.py's
+ * reference says when).  That one Python frame cost ~1.7 µs per step in the real loop, cold.
+ * api.py arms the entry with (tracker, model) once its own fast case holds; the entry then returns
+ * the tracker for `trace_step()` and `trace_step(model)` of that model (checked through a weak
+ * reference: another object at a dead model's address is not that model) and calls the reference
+ * for anything else.  init(), shutdown() and a forked child disarm it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn;      /* api._trace_step, the reference */
+    PyObject *tracker; /* NULL: disarmed */
+    PyObject *model;   /* a weak reference to the armed model, or NULL: trace_step() only */
+    PyObject *dict;
+    vectorcallfunc vectorcall;
+} StepEntryObject;
+
+static PyObject *StepEntry_call(StepEntryObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *tracker = self->tracker;
+    if (tracker != NULL && kwnames == NULL && nargs <= 1) {
+        PyObject *model = nargs ? args[0] : Py_None;
+        if (model == Py_None || (self->model != NULL && PyWeakref_GET_OBJECT(self->model) == model)) {
+            Py_INCREF(tracker);
+            return tracker;
+        }
+    }
+    if (self->fn == NULL) {
+        PyErr_SetString(PyExc_TypeError, "traceml: trace_step entry not initialised");
+        return NULL;
+    }
+    return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+}
+
+static int StepEntry_init(StepEntryObject *self, PyObject *args, PyObject *kwds) {
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "O:StepEntry", &fn)) return -1;
+    Py_INCREF(fn);
+    Py_XSETREF(self->fn, fn);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->model);
+    self->vectorcall = (vectorcallfunc)StepEntry_call;
+    return 0;
+}
+
+static PyObject *StepEntry_arm(StepEntryObject *self, PyObject *args) {
+    PyObject *tracker, *model, *ref = NULL;
+    if (!PyArg_ParseTuple(args, "OO:arm", &tracker, &model)) return NULL;
+    if (model != Py_None) {
+        ref = PyWeakref_NewRef(model, NULL);
+        if (ref == NULL) { /* not weak-referenceable: trace_step() only */
+            PyErr_Clear();
+        }
+    }
+    Py_INCREF(tracker);
+    Py_XSETREF(self->tracker, tracker);
+    Py_XSETREF(self->model, ref);
+    Py_RETURN_NONE;
+}
+
+static PyObject *StepEntry_disarm(StepEntryObject *self, PyObject *unused) {
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->model);
+    Py_RETURN_NONE;
+}
+
+static PyObject *StepEntry_get_armed(StepEntryObject *self, void *unused) { return PyBool_FromLong(self->tracker != NULL); }
+
+static int StepEntry_traverse(StepEntryObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn);
+    Py_VISIT(self->tracker);
+    Py_VISIT(self->model);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int StepEntry_clear(StepEntryObject *self) {
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->model);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void StepEntry_dealloc(StepEntryObject *self) {
+    PyObject_GC_UnTrack(self);
+    StepEntry_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef StepEntry_methods[] = {
+    {"arm", (PyCFunction)StepEntry_arm, METH_VARARGS, "arm(tracker, model): return tracker for that model (or none)."},
+    {"disarm", (PyCFunction)StepEntry_disarm, METH_NOARGS, "Every call goes to the reference again."},
+    {NULL},
+};
+
+static PyGetSetDef StepEntry_getset[] = {
+    {"armed", (getter)StepEntry_get_armed, NULL, "the common case runs here", NULL},
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject StepEntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.StepEntry",
+    .tp_basicsize = sizeof(StepEntryObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "StepEntry(fn): traceml.trace_step with its common case in C (see api.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)StepEntry_init,
+    .tp_dealloc = (destructor)StepEntry_dealloc,
+    .tp_traverse = (traverseproc)StepEntry_traverse,
+    .tp_clear = (inquiry)StepEntry_clear,
+    .tp_methods = StepEntry_methods,
+    .tp_getset = StepEntry_getset,
+    .tp_dictoffset = offsetof(StepEntryObject, dict),
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(StepEntryObject, vectorcall),
+};
+
 static PyObject *mod_now_ns(PyObject *m, PyObject *unused) { return PyLong_FromLongLong(now_ns()); }
 
 static PyMethodDef module_methods[] = {
@@ -1212,7 +1330,8 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(s__enabled, "_enabled");
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
         PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0 ||
-        PyType_Ready(&PhaseArrayType) < 0 || PyType_Ready(&AutoHookType) < 0)
+        PyType_Ready(&PhaseArrayType) < 0 || PyType_Ready(&AutoHookType) < 0 ||
+        PyType_Ready(&StepEntryType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastclock_module);
     if (m == NULL) return NULL;
@@ -1221,7 +1340,8 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         PyModule_AddObjectRef(m, "OptimizerHook", (PyObject *)&OptHookType) < 0 ||
         PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0 ||
         PyModule_AddObjectRef(m, "ClockCore", (PyObject *)&ClockCoreType) < 0 ||
-        PyModule_AddObjectRef(m, "AutoHook", (PyObject *)&AutoHookType) < 0) {
+        PyModule_AddObjectRef(m, "AutoHook", (PyObject *)&AutoHookType) < 0 ||
+        PyModule_AddObjectRef(m, "StepEntry", (PyObject *)&StepEntryType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

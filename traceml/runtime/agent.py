@@ -111,6 +111,8 @@ class Agent:
         self.gpu_timer: Any = None
         self._h2d = h2d
         self._model: Any = None
+        #: called when the traced model changes (api.py disarms trace_step's C entry)
+        self.on_model_change: Callable[[], None] | None = None
         self._patch_names: list[str] = []
         self._env_sent = False
         self._env_wrapper = ""
@@ -346,6 +348,8 @@ class Agent:
 
     def _attach_model(self, model: Any, wrap: bool = True) -> None:
         self._model = model
+        if self.on_model_change is not None:
+            self.on_model_change()  # api.py's trace_step entry re-checks the model
         if self.closed:
             return
         try:

@@ -7,6 +7,7 @@ only bad *arguments* to :func:`init` raise (:class:`ConfigError`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from traceml.runtime._failopen import disable_piece, log_once
 from traceml.runtime.agent import Agent
 from traceml.runtime.inputs import InputBlock, mark_input
 from traceml.runtime.regions import Region
-from traceml.runtime.step import PhaseClock, StepTracker
+from traceml.runtime.step import FAST, PhaseClock, StepTracker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,9 +113,11 @@ def init(
                 return None
             if interval_s is not None:
                 cfg = dataclasses.replace(cfg, interval_s=interval_s)
+            _disarm()
             _agent = Agent(
                 cfg, out=out_path, h2d=h2d, script=script, start=start, auto_steps=bool(auto_steps) and cfg.auto_steps
             )
+            _agent.on_model_change = _disarm
             _off = False
             return _agent
         except Exception:
@@ -133,6 +136,7 @@ def shutdown() -> None:
     with _lock:
         agent, _agent = _agent, None
         _off = None
+        _disarm()
     if agent is not None:
         try:
             agent.close()
@@ -158,7 +162,7 @@ def mark_failed() -> None:
         agent.mark_failed()
 
 
-def trace_step(model: Any = None) -> StepTracker | _NoStep:
+def _trace_step(model: Any = None) -> StepTracker | _NoStep:
     """``with traceml.trace_step(model):`` marks one training step.
 
     Records one ``step_time`` row per step: the wall time and the dataloader, h2d,
@@ -174,12 +178,30 @@ def trace_step(model: Any = None) -> StepTracker | _NoStep:
         return _NO_STEP
     auto = agent.autostep
     if (model is None or model is agent._model) and (auto is None or not auto.active):
+        if _entry is not None:  # from the next call on, this case runs in C
+            _entry.arm(agent.tracker, agent._model)
         return agent.tracker  # every step after the first: what step_context would return, one call less
     try:
         return agent.step_context(model)
     except Exception:
         disable_piece("trace-step", "trace_step")
         return _NO_STEP
+
+
+#: the C fast path's entry (``_fastclock.StepEntry``): the common case above without a Python frame
+_entry: Any = None
+if FAST is not None:
+    _entry = FAST.StepEntry(_trace_step)
+    functools.update_wrapper(_entry, _trace_step)
+    _entry.__name__ = _entry.__qualname__ = "trace_step"
+#: ``with traceml.trace_step(model):`` (see :func:`_trace_step`)
+trace_step: Callable[..., StepTracker | _NoStep] = _entry if _entry is not None else _trace_step
+
+
+def _disarm() -> None:
+    """The agent changes (init, shutdown, a forked child): every trace_step goes through Python again."""
+    if _entry is not None:
+        _entry.disarm()
 
 
 def _tracker() -> StepTracker | None:
@@ -228,6 +250,7 @@ def _after_fork_in_child() -> None:
     global _agent, _off
     agent, _agent = _agent, None
     _off = True
+    _disarm()
     if agent is not None:
         agent.clock.enabled = False
         agent.tracker.enabled = False
