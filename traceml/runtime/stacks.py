@@ -103,6 +103,7 @@ class StackSampler:
         self.cpu_ns = 0
         #: the native timer while it samples (None: this module's thread samples)
         self._timer: Any = None
+        self._timer_lock = threading.Lock()
         self._native = native and frames is sys._current_frames
         self._roots = _library_roots()
         self._user_file: dict[str, bool] = {}
@@ -149,7 +150,8 @@ class StackSampler:
     _native_ns = 0
 
     def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
+        with self._timer_lock:  # stop() and the sampler's hand-over may both get here
+            timer, self._timer = self._timer, None
         if timer is not None:
             timer.stop()
             self._native_ns = timer.cost_ns
