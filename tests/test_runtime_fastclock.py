@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traceml.runtime import patches, step
 from traceml.runtime.hooks import install_torch_hooks, wrap_forward
-from traceml.runtime.step import BACKWARD, CARRY, NO_PHASE, STEP, PhaseClock, StepTracker
+from traceml.runtime.step import BACKWARD, CARRY, DATALOADER, NO_PHASE, STEP, PhaseClock, StepTracker
 from traceml.runtime.steprows import StepRows, raw_array
 from traceml.runtime.timed import timed
 from traceml.schema import STEP_REGION
@@ -347,13 +347,30 @@ def test_sampled_steps_stay_in_c_and_measure_their_own_time(monkeypatch: pytest.
     )
     fwd = timed(clock, FORWARD, lambda: time.sleep(0))
     pre, post = optimizer_hooks(clock)
+
+    class Batches:  # a DataLoader iterator: its loader is named by its dataset
+        _dataset = object()
+
+    it, full_fetches = Batches(), []
+
+    def full_fetch(*args: object) -> int:  # the Python reference of the fetch: must not run here
+        full_fetches.append(tracker.step)
+        return 0
+
+    fetch = step.FAST.Fetch(clock, DATALOADER, lambda _it: 1, full_fetch)
     n = 200
-    for _ in range(n):
+    taken: list[bytes] = []
+    clock.train_src = id(Batches._dataset)  # the training loader, as step 0's full path would adopt it
+    for i in range(n):
+        if i:
+            assert fetch(it) == 1  # between steps, also before a sampled step: the C path
         with tracker:
             fwd()
             pre(None, (), {})
             post(None, (), {})
-        rows.take_unsent()
+        taken += rows.take_unsent()
+    assert full_fetches == []
+    assert (raw_array(taken)[1:, 4 + DATALOADER] > 0).all()  # each fetch carried into its step
     assert python_path == [0]  # only step 0's exit (it plans the next slow step); no sampled step
     assert tracker.cost_steps == len([s for s in range(n) if sampled_step(s)]) == 4  # 1, 65, 129, 193
     assert 0 < tracker.cost_ns < tracker.cost_steps * 1_000_000  # its own time: µs, not the step's

@@ -704,14 +704,20 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nar
         return NULL;
     }
     ClockCoreObject *c = CC(clock);
-    if (PyVectorcall_NARGS(nargsf) < 1 || c->gate != CARRY || !is_owner(clock))
-        return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* in a step, sampled, off, nested, another thread */
+    long long gate = c->gate;
+    if (PyVectorcall_NARGS(nargsf) < 1 || (gate & ~SAMPLE) != CARRY || !is_owner(clock))
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* in a step, off, nested, another thread */
+    /* before a sampled step: this wrapper's own time counts in that step's cost (as in the reference) */
+    long long te = (gate & SAMPLE) ? now_ns() : 0;
     open_phase(clock, DATALOADER);
     long long t0 = now_ns();
     PyObject *res = PyObject_Vectorcall(fn, args, nargsf, kwnames);
     long long t1 = now_ns();
     close_phase(clock);
-    if (res == NULL) return NULL; /* StopIteration at the end of an epoch too: not counted */
+    if (res == NULL) { /* StopIteration at the end of an epoch too: not counted */
+        if (te) c->self_ns += t0 - te;
+        return NULL;
+    }
     /* which loader: id(it._dataset), else id(type(it)) (hooks._loader_source) */
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
@@ -736,6 +742,7 @@ static PyObject *Fetch_call(TimedObject *self, PyObject *const *args, size_t nar
         Py_XDECREF(out);
     }
     PyErr_Restore(et, ev, etb);
+    if (te) c->self_ns += now_ns() - t1 + t0 - te;
     return res;
 }
 

@@ -79,7 +79,9 @@ def install_dataloader(clock: PhaseClock, suffix: str = "") -> list[str]:
 def _fetch_wrapper(clock: PhaseClock, fn: Any) -> Any:
     """``__next__`` of DataLoader iterators: a fetch between steps from the training loader is
     carried inline (one frame: the loader read without a ``source`` call); every other case
-    (inside a step, sampled, another loader, a failure) is :func:`timed_carried`'s."""
+    (inside a step, another loader, a failure; in pure Python also a fetch before a sampled step)
+    is :func:`timed_carried`'s.  The C path also times the fetch before a sampled step, whose own
+    time then counts in that step's cost, so that a sampled step costs what the others do."""
     full = timed_carried(clock, DATALOADER, fn, source=_loader_source, gpu=False)
     if FAST is not None:
         fast = FAST.Fetch(clock, DATALOADER, fn, full)  # the same fast path in C
