@@ -126,3 +126,88 @@ def test_no_sampled_step_reads_memory_and_the_reads_are_counted_apart() -> None:
     assert not read & sampled
     assert tracker.cost_steps == len(sampled)
     assert tracker.rare_ns > 0  # the reads' slow exits, each counted once
+
+
+def _tracker_with_memory(rows: list[tuple[int, ...]]) -> tuple[Any, HostStepMemory]:
+    from traceml.runtime.step import PhaseClock, StepTracker
+    from traceml.runtime.steprows import StepRows
+    from traceml.schema import STEP_REGION
+    from traceml.store import BoundedTable
+
+    tracker = StepTracker(PhaseClock(), StepRows(8192), BoundedTable(STEP_REGION, 64))
+    tracker.memory = mem = HostStepMemory(rows.append)
+    return tracker, mem
+
+
+def _needs_c() -> None:
+    from traceml.runtime import hostmem
+
+    if hostmem._Base is object:
+        pytest.skip("the C fast path is not built (or TRACEML_PURE_PYTHON=1)")
+
+
+def test_the_c_exit_reads_memory_itself_on_the_readers_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the C fast path the step context's exit reads ``/proc/self/statm`` itself (a memory
+    step's Python exit cost ~39 µs in the tiny loop of ``bench_vs_upstream.py``, the C read ~3):
+    the rows and the stride are the reference's, and ``step_end`` in Python is not called."""
+    from traceml.runtime.hostmem import WARM_STEPS
+
+    _needs_c()
+    python_reads: list[int] = []
+    reference = HostStepMemory.step_end
+    monkeypatch.setattr(
+        HostStepMemory, "step_end", lambda self, s, ts: python_reads.append(s) or reference(self, s, ts)
+    )
+    rows: list[tuple[int, ...]] = []
+    tracker, mem = _tracker_with_memory(rows)
+    n = 4000
+    for _ in range(n):
+        with tracker:
+            pass
+    assert python_reads == [0]  # step 0's exit is the full path (it plans the next slow step)
+    steps = [r[0] for r in rows]
+    assert steps[: WARM_STEPS // EVERY] == list(range(0, WARM_STEPS, EVERY))
+    assert all(r[2] > 10 * 2**20 and r[1] > 10**18 for r in rows)  # bytes resident; a wall-clock ns stamp
+    assert mem.every > EVERY and all(s % EVERY == 0 for s in steps)  # it widened on these µs steps
+    assert tracker.rare_ns > 0
+    mem.close()
+    assert mem._fd == -1
+    with tracker:  # closed: no more rows, no error
+        pass
+    assert len(rows) == len(steps)
+
+
+def test_the_c_and_python_stride_rules_agree() -> None:
+    _needs_c()
+    import random
+
+    rng = random.Random(7)
+    for _ in range(20):
+        py, c = HostStepMemory(lambda row: None), HostStepMemory(lambda row: None)
+        step, ts = 0, 0
+        for _ in range(300):
+            step += py.every * rng.choice([1, 1, 2, 3])
+            ts += rng.choice([10**3, 10**6, 10**7, 4 * 10**7, 3 * 10**8, 10**9])
+            py._adapt(step, ts)
+            c._adapt_c(step, ts)
+            assert (c.every, c._last_step, c._last_ts) == (py.every, py._last_step, py._last_ts)
+        py.close()
+        c.close()
+
+
+def test_a_failing_read_in_c_falls_back_to_the_reference_which_turns_it_off() -> None:
+    _needs_c()
+    rows: list[tuple[int, ...]] = []
+    tracker, mem = _tracker_with_memory(rows)
+    for _ in range(8):
+        with tracker:
+            pass
+    assert len(rows) == 2
+    real = mem._fd
+    mem._fd = 10**6  # not an open file: the C read fails, the reference's read too
+    for _ in range(8):
+        with tracker:
+            pass
+    os.close(real)
+    assert mem._fd == -1 and len(rows) == 2  # turned off (logged once), the steps went on
+    assert tracker.step == 16 and tracker.enabled

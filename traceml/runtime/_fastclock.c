@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <errno.h>
 
 #define CARRY 1
 #define STEP 2
@@ -73,6 +75,7 @@ enum {
     A__enter_full,
     A__exit_full,
     A__fail,
+    A__cmem,
     N_ATTR
 };
 static PyObject *attr_name[N_ATTR];
@@ -817,12 +820,140 @@ static PyTypeObject OptHookType = {
     .tp_weaklistoffset = offsetof(TimedObject, weakreflist),
 };
 
+/* ==== StatmCore: the base of hostmem.HostStepMemory, its read of /proc/self/statm ============= *
+ * hostmem.py stays the reference (pure Python, and every step that takes the full exit); the C
+ * exit below reads on the memory steps itself: pread, the resident pages, one row appended, the
+ * stride adapted -- the same rule as HostStepMemory._adapt, with these constants (checked there). */
+#define STATM_WARM_STEPS 256
+#define STATM_MIN_GAP_NS 50000000LL
+#define STATM_MAX_EVERY 4096
+typedef struct {
+    PyObject_HEAD
+    PyObject *append;
+    long long every, page, last_ts, last_step, floor_;
+    int fd;
+} StatmCoreObject;
+
+static int Statm_traverse(StatmCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->append);
+    return 0;
+}
+
+static int Statm_clear(StatmCoreObject *self) {
+    Py_CLEAR(self->append);
+    return 0;
+}
+
+static void Statm_dealloc(StatmCoreObject *self) {
+    PyObject_GC_UnTrack(self);
+    Statm_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* HostStepMemory._adapt: the stride for the next reads */
+static void statm_adapt(StatmCoreObject *m, long long step, long long ts) {
+    long long steps = step - m->last_step, took = ts - m->last_ts;
+    m->last_step = step;
+    m->last_ts = ts;
+    if (step < STATM_WARM_STEPS || took <= 0 || steps <= 0) return;
+    long long gap = took * m->every / steps; /* between two reads at the current stride */
+    if (gap < STATM_MIN_GAP_NS && m->every < STATM_MAX_EVERY)
+        m->every *= 2;
+    else if (gap > 4 * STATM_MIN_GAP_NS && m->every > m->floor_)
+        m->every /= 2;
+}
+
+/* HostStepMemory.step_end on a step it reads: -1 with an exception set on any failure (the
+ * caller then runs the Python reference, which retries and turns the piece off if it fails) */
+static int statm_read(StatmCoreObject *m, long long step, long long ts) {
+    char buf[129];
+    ssize_t n = pread(m->fd, buf, 128, 0);
+    if (n <= 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    buf[n] = 0;
+    char *p = buf, *end;
+    while (*p == ' ') p++;
+    strtoll(p, &end, 10); /* size */
+    if (end == p) goto bad;
+    p = end;
+    errno = 0;
+    long long resident = strtoll(p, &end, 10);
+    if (end == p || errno) goto bad;
+    PyObject *row = Py_BuildValue("(LLL)", step, ts, resident * m->page);
+    if (row == NULL) return -1;
+    PyObject *r = m->append != NULL ? PyObject_CallOneArg(m->append, row) : NULL;
+    Py_DECREF(row);
+    if (r == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "traceml: no append");
+        return -1;
+    }
+    Py_DECREF(r);
+    statm_adapt(m, step, ts);
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "traceml: unexpected /proc/self/statm");
+    return -1;
+}
+
+static PyObject *Statm_adapt_c(StatmCoreObject *self, PyObject *args) {
+    long long step, ts;
+    if (!PyArg_ParseTuple(args, "LL", &step, &ts)) return NULL;
+    statm_adapt(self, step, ts);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Statm_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    StatmCoreObject *self = (StatmCoreObject *)PyType_GenericNew(type, args, kw);
+    if (self != NULL) {
+        self->fd = -1; /* nothing to read until the reader opens the file */
+        self->every = self->floor_ = 1;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef Statm_methods[] = {
+    {"_adapt_c", (PyCFunction)Statm_adapt_c, METH_VARARGS, "_adapt_c(step, ts): the C exit's stride rule."},
+    {NULL},
+};
+
+static PyMemberDef Statm_members[] = {
+    {"append", T_OBJECT_EX, offsetof(StatmCoreObject, append), 0, "appends one (step, ts, bytes) row"},
+    {"every", T_LONGLONG, offsetof(StatmCoreObject, every), 0, "read on the steps divisible by this"},
+    {"_page", T_LONGLONG, offsetof(StatmCoreObject, page), 0, "bytes per page"},
+    {"_last_ts", T_LONGLONG, offsetof(StatmCoreObject, last_ts), 0, "wall ns of the last read"},
+    {"_last_step", T_LONGLONG, offsetof(StatmCoreObject, last_step), 0, "step of the last read"},
+    {"_floor", T_LONGLONG, offsetof(StatmCoreObject, floor_), 0, "the narrowest stride"},
+    {"_fd", T_INT, offsetof(StatmCoreObject, fd), 0, "the open /proc/self/statm (-1: closed)"},
+    {NULL},
+};
+
+static PyTypeObject StatmCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "traceml.runtime._fastclock.StatmCore",
+    .tp_doc = "Base of HostStepMemory: its state in C, read by the step context's C exit.",
+    .tp_basicsize = sizeof(StatmCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Statm_new,
+    .tp_dealloc = (destructor)Statm_dealloc,
+    .tp_traverse = (traverseproc)Statm_traverse,
+    .tp_clear = (inquiry)Statm_clear,
+    .tp_methods = Statm_methods,
+    .tp_members = Statm_members,
+};
+
+static inline long long wall_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+}
+
 /* ==== StepContext: the base of StepTracker, its __enter__ / __exit__ ======================= */
 /* StepTracker's integers, read and written here without building Python ints */
 typedef struct {
     PyObject_HEAD
     long long depth, step, t0, pending, slow_at;
-    long long sampled, enter_ns, cost_ns, cost_steps;
+    long long sampled, enter_ns, cost_ns, cost_steps, rare_ns;
     char rare;
 } StepContextObject;
 
@@ -937,6 +1068,28 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     Py_DECREF(rows);
     Py_DECREF(table);
+    rows = table = NULL;
+    /* a memory step (hostmem.HostStepMemory with its C base; never a sampled step) */
+    PyObject *mem = GA(self, A__cmem);
+    if (mem == NULL) {
+        PyErr_Clear();
+        mem = Py_NewRef(Py_None);
+    }
+    if (mem != Py_None && PyObject_TypeCheck(mem, &StatmCoreType)) {
+        StatmCoreObject *m = (StatmCoreObject *)mem;
+        long long done = s->step - 1;
+        if (m->fd >= 0 && m->every > 0 && done % m->every == 0) {
+            long long ts = wall_ns();
+            if (statm_read(m, done, ts) < 0) { /* the reference retries, and turns it off if it fails */
+                PyErr_Clear();
+                r = PyObject_CallMethod(mem, "step_end", "LL", done, ts);
+                if (r == NULL) PyErr_Clear();
+                Py_XDECREF(r);
+            }
+            s->rare_ns += now_ns() - t1;
+        }
+    }
+    Py_DECREF(mem);
     if (s->sampled) {
         s->cost_ns += now_ns() - t1 + s->enter_ns + c->self_ns;
         s->cost_steps += 1;
@@ -982,6 +1135,7 @@ static PyMemberDef Step_members[] = {
     {"enter_ns", T_LONGLONG, offsetof(StepContextObject, enter_ns), 0, "the sampled step's enter cost"},
     {"cost_ns", T_LONGLONG, offsetof(StepContextObject, cost_ns), 0, "traceml's own ns over the sampled steps"},
     {"cost_steps", T_LONGLONG, offsetof(StepContextObject, cost_steps), 0, "the sampled steps measured"},
+    {"rare_ns", T_LONGLONG, offsetof(StepContextObject, rare_ns), 0, "traceml's own ns on the memory steps"},
     {NULL},
 };
 
@@ -1326,6 +1480,7 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__enter_full], "_enter_full");
     INTERN(attr_name[A__exit_full], "_exit_full");
     INTERN(attr_name[A__fail], "_fail");
+    INTERN(attr_name[A__cmem], "_cmem");
     if ((k_zero = PyLong_FromLong(0)) == NULL || (k_one = PyLong_FromLong(1)) == NULL) return NULL;
     INTERN(s_active, "active");
     INTERN(s__open, "_open");
@@ -1338,7 +1493,7 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
         PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0 ||
         PyType_Ready(&PhaseArrayType) < 0 || PyType_Ready(&AutoHookType) < 0 ||
-        PyType_Ready(&StepEntryType) < 0)
+        PyType_Ready(&StepEntryType) < 0 || PyType_Ready(&StatmCoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastclock_module);
     if (m == NULL) return NULL;
@@ -1348,7 +1503,8 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         PyModule_AddObjectRef(m, "StepContext", (PyObject *)&StepContextType) < 0 ||
         PyModule_AddObjectRef(m, "ClockCore", (PyObject *)&ClockCoreType) < 0 ||
         PyModule_AddObjectRef(m, "AutoHook", (PyObject *)&AutoHookType) < 0 ||
-        PyModule_AddObjectRef(m, "StepEntry", (PyObject *)&StepEntryType) < 0) {
+        PyModule_AddObjectRef(m, "StepEntry", (PyObject *)&StepEntryType) < 0 ||
+        PyModule_AddObjectRef(m, "StatmCore", (PyObject *)&StatmCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
@@ -1367,5 +1523,13 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
         return NULL;
     }
     Py_DECREF(yield);
+    /* hostmem.py's WARM_STEPS, MIN_GAP_NS and MAX_EVERY: it uses StatmCore only when they match */
+    PyObject *statm = Py_BuildValue("(iLi)", STATM_WARM_STEPS, STATM_MIN_GAP_NS, STATM_MAX_EVERY);
+    if (statm == NULL || PyModule_AddObjectRef(m, "STATM", statm) < 0) {
+        Py_XDECREF(statm);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(statm);
     return m;
 }

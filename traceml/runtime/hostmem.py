@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from traceml.runtime._failopen import disable_piece
+from traceml.runtime.step import FAST, native_slots
 
 #: one host sample every this many steps (at least: the read adapts to the step rate, see below)
 EVERY = 4
@@ -22,12 +23,20 @@ MIN_GAP_NS = 50_000_000
 MAX_EVERY = 4096
 STATM = "/proc/self/statm"
 
+# with the C fast path the reader's state lives in its C base, whose exit reads on the memory
+# steps itself (_fastclock.StatmCore, the same rule); a build with other constants is not used
+if TYPE_CHECKING or FAST is None or getattr(FAST, "STATM", None) != (WARM_STEPS, MIN_GAP_NS, MAX_EVERY):
+    _Base: type = object
+else:
+    _Base = FAST.StatmCore
 
-class HostStepMemory:
+
+class HostStepMemory(_Base):
     """``every`` and ``begins`` tell the step tracker to call :meth:`step_end` on those steps only
-    and :meth:`step_begin` never (see :class:`traceml.runtime.step.StepMemory`)."""
+    and :meth:`step_begin` never (see :class:`traceml.runtime.step.StepMemory`).  On the C base the
+    step context's C exit reads on those steps itself; these methods stay the reference."""
 
-    __slots__ = ("append", "every", "_fd", "_page", "_last_ts", "_last_step", "_floor")
+    __slots__ = native_slots(_Base, ("append", "every", "_fd", "_page", "_last_ts", "_last_step", "_floor"))
     begins = False
 
     def __init__(self, append: Callable[[tuple[Any, ...]], None], every: int = EVERY) -> None:

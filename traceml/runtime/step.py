@@ -81,7 +81,7 @@ else:
     _ClockBase = FAST.ClockCore
 
 
-def _slots(base: type, names: tuple[str, ...]) -> tuple[str, ...]:
+def native_slots(base: type, names: tuple[str, ...]) -> tuple[str, ...]:
     """``names`` less the fields the C base already holds (its integers and arrays, in C memory)."""
     fields = (MemberDescriptorType, GetSetDescriptorType)
     native = {k for k, v in vars(base).items() if isinstance(v, fields)} if base is not object else set()
@@ -121,7 +121,7 @@ class PhaseClock(_ClockBase):
     path its integer fields live in the C base (``_fastclock.ClockCore``).
     """
 
-    __slots__ = _slots(
+    __slots__ = native_slots(
         _ClockBase,
         (
             "_enabled",
@@ -287,7 +287,7 @@ class StepTracker(_StepBase):
     ``trace_step`` (say an integration plus the user's own) counts as the same step.
     """
 
-    __slots__ = _slots(
+    __slots__ = native_slots(
         _StepBase,
         (
             "clock",
@@ -302,6 +302,7 @@ class StepTracker(_StepBase):
             "_memory",
             "_mem_begin",
             "_mem_every",
+            "_cmem",
             "_enabled",
             "_on_cuda_check",
             "_rare",
@@ -331,6 +332,8 @@ class StepTracker(_StepBase):
         self._memory: StepMemory | None = None
         self._mem_begin: Callable[[], None] | None = None
         self._mem_every = 1
+        #: the memory reader when the C exit reads it itself (hostmem.HostStepMemory on the C base)
+        self._cmem: StepMemory | None = None
         self._enabled = True
         #: called at step start until it returns False (the agent's "is CUDA in use yet?" probe)
         self._on_cuda_check: Callable[[], bool] | None = None
@@ -400,7 +403,7 @@ class StepTracker(_StepBase):
             at = nxt + (SAMPLE_OFFSET - 1 - nxt) % every  # its exit makes the next step sampled
         else:
             at = 1 << 62  # the C exit arms sampled steps itself (the same sampled_step rule)
-        if self._memory is not None:
+        if self._memory is not None and self._cmem is None:  # else the C exit reads it itself
             every = self._mem_every
             at = min(at, nxt + (-nxt) % every)
         self._slow_at = at
@@ -415,6 +418,8 @@ class StepTracker(_StepBase):
         self._memory = memory
         self._mem_every = max(1, int(getattr(memory, "every", 1))) if memory is not None else 1
         self._mem_begin = memory.step_begin if memory is not None and getattr(memory, "begins", True) else None
+        native = FAST is not None and isinstance(memory, FAST.StatmCore) and self._mem_begin is None
+        self._cmem = memory if native else None
         self._replan()
 
     # -- the context ---------------------------------------------------------------
@@ -533,6 +538,8 @@ class StepTracker(_StepBase):
             if failed:
                 self.steps_failed += 1
             mem = self._memory
+            if self._cmem is not None:  # the C exits adapt its stride: read it afresh
+                self._mem_every = max(1, int(self._cmem.every))  # type: ignore[attr-defined]
             if mem is not None and step % self._mem_every:
                 mem = None  # not a step it reads
             if self.regions or self._gpu is not None or mem is not None:
