@@ -245,7 +245,9 @@ static void *timer_main(void *arg) {
         if (now.tv_sec > next.tv_sec + 1) next = now; /* suspended or starved: do not catch up */
         if (atomic_load(&t->pending)) continue;
         if (read_ll(t->tracker, t->off_depth) <= 0 || read_ll(t->clock, t->off_base) == 0) continue;
-        atomic_store(&t->trig_phase, read_ll(t->clock, t->off_phase));
+        long long phase = read_ll(t->clock, t->off_phase);
+        if (phase != -1) continue; /* a timed phase: its time is measured already, only the residual is sampled */
+        atomic_store(&t->trig_phase, phase);
         atomic_store(&t->pending, 1);
         t->triggers++;
         if (Py_AddPendingCall(timer_cb, t) != 0)

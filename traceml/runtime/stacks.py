@@ -19,6 +19,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from traceml.runtime._failopen import disable_piece
+from traceml.runtime.step import NO_PHASE
 
 DEFAULT_HZ = 67.0
 MAX_HZ = 1000.0
@@ -207,6 +208,8 @@ class StackSampler:
         clock = self.clock
         if not clock.enabled:
             return  # shutting down: the open step is never recorded
+        if clock.phase != NO_PHASE:
+            return  # a timed phase: its time is measured already, only the residual is sampled
         frame = self.frames().get(clock.owner)
         if frame is None:
             return
