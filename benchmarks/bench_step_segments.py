@@ -5,8 +5,8 @@
 
 Each process runs under ``traceml run --ui none`` (its aggregator, sender, sampler and stack
 threads, as in ``bench_vs_upstream.py``), stops the traceml that ``traceml run`` started, and
-starts it again with ``traceml.init()`` after noting the patchable state of torch (the same
-capture-and-toggle as ``bench_vs_upstream.py``).  The loop is ``bench_vs_upstream.py``'s tiny one
+starts it again with ``traceml.init()`` after noting the patchable state of torch (``torch_patch_state.py``, as
+``bench_vs_upstream.py`` does).  The loop is ``bench_vs_upstream.py``'s tiny one
 (Linear(32,64)-ReLU-Linear(64,10), batch 32, SGD with momentum, a shuffled in-memory DataLoader,
 ``torch.set_num_threads(1)``), and every statement of a step is timed with ``perf_counter_ns``:
 ``next(it)``, ``trace_step(model)`` with its ``__enter__``, the forward, the loss, ``backward()``,
@@ -45,10 +45,8 @@ cfg = json.loads(sys.argv[1])
 import traceml
 traceml.shutdown()  # `traceml run` started it: start it again below, once torch's state is noted
 import torch
-import torch.nn.modules.module as torch_module
-import torch.optim.optimizer as torch_optimizer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, dataloader
+from torch.utils.data import DataLoader, TensorDataset
 from traceml.runtime import api
 
 torch.set_num_threads(1)
@@ -60,46 +58,10 @@ data = TensorDataset(torch.randn(n, 32), torch.randint(0, 10, (n,)))
 loader = DataLoader(data, batch_size=32, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 NULL = contextlib.nullcontext()
-OWNERS = [DataLoader, dataloader._BaseDataLoaderIter, dataloader._SingleProcessDataLoaderIter, nn.Module,
-          nn.Sequential, nn.Linear, nn.ReLU, torch.Tensor, torch.autograd, torch.optim.Optimizer, torch.optim.SGD,
-          torch_module, torch_optimizer, *model.modules()]
+sys.path.insert(0, cfg["bench_dir"])
+from torch_patch_state import apply, capture, changed, owners
 
-
-def capture():
-    snap = {}
-    for owner in OWNERS:
-        for k, v in list(vars(owner).items()):
-            hooks = isinstance(v, dict) and (k.startswith("_global_") or isinstance(owner, nn.Module))
-            snap[(id(owner), k)] = (owner, k, hooks, dict(v) if hooks else v)
-    return snap
-
-
-def same(a, b):
-    if a[2] != b[2]:
-        return False
-    if a[2]:
-        return {k: id(v) for k, v in a[3].items()} == {k: id(v) for k, v in b[3].items()}
-    return a[3] is b[3]
-
-
-def apply(snap, keys, other):
-    for key in keys:
-        if key in snap:
-            owner, k, hooks, v = snap[key]
-            if hooks:
-                d = vars(owner)[k]  # hooks hold a reference to this very dict: refill it
-                d.clear()
-                d.update(v)
-            elif isinstance(owner, type):
-                setattr(owner, k, v)
-            else:
-                vars(owner)[k] = v
-        else:
-            owner, k = other[key][:2]
-            if isinstance(owner, type):
-                delattr(owner, k)
-            else:
-                del vars(owner)[k]
+OWNERS = owners([model])
 
 
 P = time.perf_counter_ns
@@ -138,25 +100,25 @@ def block(kind):
     return [statistics.median(s) for s in segs]
 
 
-before = capture()
+before = capture(OWNERS)
 if traceml.init() is None:
     raise SystemExit("traceml.init() did not start an agent")
 for _ in range(2):  # first-call costs, untimed
     for kind in ("on", "off", "pass"):
         block(kind)
-patched = capture()
-changed = [k for k in set(before) | set(patched) if k not in before or k not in patched or not same(before[k], patched[k])]
+patched = capture(OWNERS)
+keys = changed(before, patched)
 state, res = "patched", {k: [] for k in cfg["kinds"]}
 rng = random.Random(cfg["seed"])
 for _ in range(cfg["rounds"]):
     for kind in rng.sample(cfg["kinds"], len(cfg["kinds"])):
         want = "bare" if kind == "bare" else "patched"
         if want != state:
-            apply(before if want == "bare" else patched, changed, patched if want == "bare" else before)
+            apply(before if want == "bare" else patched, keys, patched if want == "bare" else before)
             state = want
         res[kind].append(block(kind))
 if state != "patched":
-    apply(patched, changed, before)
+    apply(patched, keys, before)
 with open(cfg["result"], "w") as f:
     json.dump(res, f)
 """
@@ -165,7 +127,7 @@ with open(cfg["result"], "w") as f:
 def run_process(traceml_bin: str, cfg: dict[str, object], tmp: Path, i: int) -> dict[str, list[list[float]]]:
     script, result = tmp / "segments_child.py", tmp / f"result{i}.json"
     script.write_text(CHILD)
-    cfg = {**cfg, "result": str(result), "seed": i}
+    cfg = {**cfg, "result": str(result), "seed": i, "bench_dir": str(Path(__file__).resolve().parent)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACEML_")}
     cmd = [
         traceml_bin,

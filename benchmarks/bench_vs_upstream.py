@@ -81,10 +81,8 @@ if os.environ.pop("BENCH_START_OFF", None):
 if cfg["pin"] >= 0:  # the training thread only (the profilers' threads already exist and run anywhere)
     os.sched_setaffinity(0, {cfg["pin"]})
 import torch
-import torch.nn.modules.module as torch_module
-import torch.optim.optimizer as torch_optimizer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, dataloader
+from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -132,57 +130,10 @@ models = {name: build(name) for name in cfg["models"]}
 
 # -- the global state a profiler may patch: attributes of these classes and modules, torch's
 # global hook registries, and every traced module's own attributes and hook dicts
-OWNERS = [DataLoader, dataloader._BaseDataLoaderIter, dataloader._SingleProcessDataLoaderIter, nn.Module,
-          nn.Sequential, nn.Linear, nn.ReLU, torch.Tensor, torch.autograd, torch.optim.Optimizer, torch.optim.SGD,
-          torch_module, torch_optimizer]
-OWNERS += [sub for m in models.values() for sub in m[0].modules()]
+sys.path.insert(0, cfg["bench_dir"])
+from torch_patch_state import apply, capture, changed as changed_keys, name_of, owners
 
-
-def capture():
-    snap = {}
-    for owner in OWNERS:
-        for k, v in list(vars(owner).items()):
-            if isinstance(v, dict) and (k.startswith("_global_") or isinstance(owner, nn.Module)):
-                snap[(id(owner), k)] = (owner, k, True, dict(v))
-            else:
-                snap[(id(owner), k)] = (owner, k, False, v)
-    return snap
-
-
-def same(a, b):
-    if a[2] != b[2]:
-        return False
-    if a[2]:
-        return {k: id(v) for k, v in a[3].items()} == {k: id(v) for k, v in b[3].items()}
-    return a[3] is b[3]
-
-
-def apply(snap, keys):
-    for key in keys:
-        if key in snap:
-            owner, k, is_dict, v = snap[key]
-            if is_dict:
-                d = vars(owner)[k]  # hooks hold a reference to this very dict: refill it
-                d.clear()
-                d.update(v)
-            elif isinstance(owner, type):
-                setattr(owner, k, v)
-            else:
-                vars(owner)[k] = v
-        else:
-            owner, k = (before.get(key) or patched[key])[:2]
-            if isinstance(owner, type):
-                delattr(owner, k)
-            else:
-                del vars(owner)[k]
-
-
-def name_of(owner, k):
-    if isinstance(owner, nn.Module):
-        return f"<traced {type(owner).__name__} instance>.{k}"
-    if isinstance(owner, type):
-        return f"{owner.__module__}.{owner.__qualname__}.{k}"
-    return f"{owner.__name__}.{k}"
+OWNERS = owners([m[0] for m in models.values()])
 
 
 blocks, traced_steps, state = [], 0, "bare"
@@ -192,7 +143,7 @@ def record(phase, name):
     global traced_steps, state
     want = "bare" if phase in ("pre", "bare") else "patched"
     if state != want and variant != "bare":
-        apply(before if want == "bare" else patched, changed)
+        apply(before if want == "bare" else patched, changed, patched if want == "bare" else before)
         state = want
     blocks.append([phase, name, *run_block(models[name], phase == "on")])
     traced_steps += models[name][3] if phase == "on" else 0
@@ -203,7 +154,7 @@ for m in models.values():  # warm-up (untimed)
 for _ in range(cfg["pre"]):
     for name in rng.sample(list(models), len(models)):
         record("pre", name)
-before = capture()
+before = capture(OWNERS)
 t_switch = time.perf_counter()
 if variant == "traceml":
     import traceml
@@ -221,22 +172,22 @@ for m in models.values():  # first-call costs (forward wrapper, optimizer hooks,
     run_block(m, True)
     traced_steps += m[3]
     run_block(m, False)
-patched = capture()
-changed = [key for key in set(before) | set(patched) if key not in before or key not in patched
-           or not same(before[key], patched[key])]
+patched = capture(OWNERS)
+changed = changed_keys(before, patched)
 state = "patched"
 for _ in range(cfg["rounds"]):
     for name in rng.sample(list(models), len(models)):
         for phase in rng.sample(["bare", "off", "on"], 3):
             record(phase, name)
 if state != "patched":
-    apply(patched, changed)  # the profiler's own shutdown undoes its patches from here
+    apply(patched, changed, before)  # the profiler's own shutdown undoes its patches from here
 with open(cfg["result"], "w") as f:
     json.dump({"blocks": blocks, "traced_steps": traced_steps, "switch_s": switch_s,
                "patched": sorted({name_of(*(patched.get(k) or before[k])[:2]) for k in changed})}, f)
 """
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 OURS = str(Path(sys.executable).parent / "traceml")
 VARIANTS = ("bare", "traceml", "upstream")
 #: what --make-upstream-venv installs (torch and numpy come from this venv through a .pth)
@@ -268,7 +219,7 @@ def run_process(variant: str, work: Path, loop: Path, cfg: dict[str, object], up
     run_dir = work / f"{variant}-{n}"
     run_dir.mkdir()
     result = run_dir / "result.json"
-    arg = json.dumps({**cfg, "variant": variant, "result": str(result), "seed": n})
+    arg = json.dumps({**cfg, "variant": variant, "result": str(result), "seed": n, "bench_dir": str(HERE)})
     if variant == "bare":
         cmd = [sys.executable, str(loop), arg]
     elif variant == "traceml":
