@@ -76,6 +76,14 @@ enum {
     A__exit_full,
     A__fail,
     A__cmem,
+    A_active,
+    A__open,
+    A__last_pre,
+    A__new,
+    A__closer,
+    A_steps_recorded,
+    A_boundaries,
+    A__enabled,
     N_ATTR
 };
 static PyObject *attr_name[N_ATTR];
@@ -1162,11 +1170,11 @@ typedef struct {
     int kind;
 } AutoHookObject;
 
-static PyObject *s_active, *s__open, *s__last_pre, *s__new, *s__closer, *s_steps_recorded, *s_boundaries, *s__enabled;
 
 /* 1 / 0: auto.<name> is true / false; -1: error */
-static int attr_true(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
+/* AutoSteps keeps its state in __slots__: read and written at their offsets (GA / SA) */
+static int attr_true(PyObject *o, int name) {
+    PyObject *v = GA(o, name);
     if (v == NULL) return -1;
     int r = PyObject_IsTrue(v);
     Py_DECREF(v);
@@ -1174,21 +1182,21 @@ static int attr_true(PyObject *o, PyObject *name) {
 }
 
 /* 1: auto.<name> is a weakref to obj; 0: it is not (or None); -1: error */
-static int ref_is(PyObject *o, PyObject *name, PyObject *obj) {
-    PyObject *v = PyObject_GetAttr(o, name);
+static int ref_is(PyObject *o, int name, PyObject *obj) {
+    PyObject *v = GA(o, name);
     if (v == NULL) return -1;
     int r = PyWeakref_Check(v) && PyWeakref_GetObject(v) == obj;
     Py_DECREF(v);
     return r;
 }
 
-static int add_one(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
+static int add_one(PyObject *o, int name) {
+    PyObject *v = GA(o, name);
     if (v == NULL) return -1;
     PyObject *w = PyNumber_Add(v, k_one);
     Py_DECREF(v);
     if (w == NULL) return -1;
-    int r = PyObject_SetAttr(o, name, w);
+    int r = SA(o, name, w);
     Py_DECREF(w);
     return r;
 }
@@ -1200,36 +1208,36 @@ static PyObject *AutoHook_call(AutoHookObject *self, PyObject *const *args, size
     PyObject *opt = args[0];
     ClockCoreObject *c = CC(self->clock);
     int r;
-    if ((r = attr_true(self->auto_, s_active)) <= 0) goto none_or_full;
+    if ((r = attr_true(self->auto_, A_active)) <= 0) goto none_or_full;
     if (self->kind == 0) { /* pre */
-        if ((r = attr_true(self->auto_, s__open)) <= 0) goto full_or_error; /* no open step: Python sets the owner */
+        if ((r = attr_true(self->auto_, A__open)) <= 0) goto full_or_error; /* no open step: Python sets the owner */
         if (!is_owner(self->clock) || c->opt_depth > 1) Py_RETURN_NONE;
-        if ((r = ref_is(self->auto_, s__last_pre, opt)) == 1) Py_RETURN_NONE; /* the optimizer of the last step */
+        if ((r = ref_is(self->auto_, A__last_pre, opt)) == 1) Py_RETURN_NONE; /* the optimizer of the last step */
         goto full_or_error;
     }
     /* post */
     if (!is_owner(self->clock) || c->opt_depth > 0) Py_RETURN_NONE;
-    PyObject *nw = PyObject_GetAttr(self->auto_, s__new);
+    PyObject *nw = GA(self->auto_, A__new);
     if (nw == NULL) goto error;
     int no_new = nw == Py_None;
     Py_DECREF(nw);
-    if (!no_new || (r = ref_is(self->auto_, s__closer, opt)) != 1) goto full_or_error;
+    if (!no_new || (r = ref_is(self->auto_, A__closer, opt)) != 1) goto full_or_error;
     /* the steady state (AutoSteps._post): the step ends, the next begins */
-    if ((r = attr_true(self->auto_, s__open)) < 0) goto error;
+    if ((r = attr_true(self->auto_, A__open)) < 0) goto error;
     if (r) {
-        if (PyObject_SetAttr(self->auto_, s__open, Py_False) < 0) goto error;
+        if (SA(self->auto_, A__open, Py_False) < 0) goto error;
         PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
         PyObject *out = Step_exit(self->tracker, exit_args, 3);
         Py_XDECREF(out);
-        if (out == NULL || add_one(self->auto_, s_steps_recorded) < 0) goto error;
+        if (out == NULL || add_one(self->auto_, A_steps_recorded) < 0) goto error;
     }
-    if (add_one(self->auto_, s_boundaries) < 0) goto error;
+    if (add_one(self->auto_, A_boundaries) < 0) goto error;
     if (!SC(self->tracker)->depth) {
-        if ((r = attr_true(self->tracker, s__enabled)) < 0) goto error;
+        if ((r = attr_true(self->tracker, A__enabled)) < 0) goto error;
         if (r) {
             PyObject *out = Step_enter(self->tracker, NULL);
             Py_XDECREF(out);
-            if (out == NULL || PyObject_SetAttr(self->auto_, s__open, Py_True) < 0) goto error;
+            if (out == NULL || SA(self->auto_, A__open, Py_True) < 0) goto error;
         }
     }
     Py_RETURN_NONE;
@@ -1481,15 +1489,15 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__exit_full], "_exit_full");
     INTERN(attr_name[A__fail], "_fail");
     INTERN(attr_name[A__cmem], "_cmem");
+    INTERN(attr_name[A_active], "active");
+    INTERN(attr_name[A__open], "_open");
+    INTERN(attr_name[A__last_pre], "_last_pre");
+    INTERN(attr_name[A__new], "_new");
+    INTERN(attr_name[A__closer], "_closer");
+    INTERN(attr_name[A_steps_recorded], "steps_recorded");
+    INTERN(attr_name[A_boundaries], "boundaries");
+    INTERN(attr_name[A__enabled], "_enabled");
     if ((k_zero = PyLong_FromLong(0)) == NULL || (k_one = PyLong_FromLong(1)) == NULL) return NULL;
-    INTERN(s_active, "active");
-    INTERN(s__open, "_open");
-    INTERN(s__last_pre, "_last_pre");
-    INTERN(s__new, "_new");
-    INTERN(s__closer, "_closer");
-    INTERN(s_steps_recorded, "steps_recorded");
-    INTERN(s_boundaries, "boundaries");
-    INTERN(s__enabled, "_enabled");
     if (PyType_Ready(&TimedType) < 0 || PyType_Ready(&FetchType) < 0 || PyType_Ready(&OptHookType) < 0 ||
         PyType_Ready(&StepContextType) < 0 || PyType_Ready(&ClockCoreType) < 0 ||
         PyType_Ready(&PhaseArrayType) < 0 || PyType_Ready(&AutoHookType) < 0 ||

@@ -86,6 +86,33 @@ class AutoSteps:
     the wrapper kind from it).
     """
 
+    # slots: the C hooks (_fastclock.AutoHook) read and write the steady state's fields at their offsets
+    __slots__ = (
+        "clock",
+        "tracker",
+        "on_model",
+        "active",
+        "names",
+        "steps_recorded",
+        "windows_discarded",
+        "models",
+        "_open",
+        "_seen",
+        "_closer",
+        "_new",
+        "_last_pre",
+        "_wrapped",
+        "boundaries",
+        "_scaler_seen",
+        "_first_hooks",
+        "_first_root",
+        "_first_t0",
+        "_first_misses",
+        "_first_step",
+        "_others",
+        "__weakref__",
+    )
+
     def __init__(self, clock: PhaseClock, tracker: StepTracker, on_model: Callable[[Any], None] | None = None) -> None:
         self.clock = clock
         self.tracker = tracker
