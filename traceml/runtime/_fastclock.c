@@ -75,7 +75,7 @@ enum {
     A__enter_full,
     A__exit_full,
     A__fail,
-    A__cmem,
+    A__memory,
     A_active,
     A__open,
     A__last_pre,
@@ -1078,7 +1078,7 @@ static PyObject *Step_exit(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_DECREF(table);
     rows = table = NULL;
     /* a memory step (hostmem.HostStepMemory with its C base; never a sampled step) */
-    PyObject *mem = GA(self, A__cmem);
+    PyObject *mem = GA(self, A__memory);
     if (mem == NULL) {
         PyErr_Clear();
         mem = Py_NewRef(Py_None);
@@ -1488,7 +1488,7 @@ PyMODINIT_FUNC PyInit__fastclock(void) {
     INTERN(attr_name[A__enter_full], "_enter_full");
     INTERN(attr_name[A__exit_full], "_exit_full");
     INTERN(attr_name[A__fail], "_fail");
-    INTERN(attr_name[A__cmem], "_cmem");
+    INTERN(attr_name[A__memory], "_memory");
     INTERN(attr_name[A_active], "active");
     INTERN(attr_name[A__open], "_open");
     INTERN(attr_name[A__last_pre], "_last_pre");

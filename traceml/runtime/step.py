@@ -302,7 +302,6 @@ class StepTracker(_StepBase):
             "_memory",
             "_mem_begin",
             "_mem_every",
-            "_cmem",
             "_enabled",
             "_on_cuda_check",
             "_rare",
@@ -332,8 +331,6 @@ class StepTracker(_StepBase):
         self._memory: StepMemory | None = None
         self._mem_begin: Callable[[], None] | None = None
         self._mem_every = 1
-        #: the memory reader when the C exit reads it itself (hostmem.HostStepMemory on the C base)
-        self._cmem: StepMemory | None = None
         self._enabled = True
         #: called at step start until it returns False (the agent's "is CUDA in use yet?" probe)
         self._on_cuda_check: Callable[[], bool] | None = None
@@ -403,10 +400,14 @@ class StepTracker(_StepBase):
             at = nxt + (SAMPLE_OFFSET - 1 - nxt) % every  # its exit makes the next step sampled
         else:
             at = 1 << 62  # the C exit arms sampled steps itself (the same sampled_step rule)
-        if self._memory is not None and self._cmem is None:  # else the C exit reads it itself
+        if self._memory is not None and not self._memory_in_c():  # else the C exit reads it itself
             every = self._mem_every
             at = min(at, nxt + (-nxt) % every)
         self._slow_at = at
+
+    def _memory_in_c(self) -> bool:
+        """The C exit reads this memory itself (hostmem.HostStepMemory on its C base, ``StatmCore``)."""
+        return FAST is not None and isinstance(self._memory, FAST.StatmCore)
 
     @property
     def memory(self) -> StepMemory | None:
@@ -418,8 +419,6 @@ class StepTracker(_StepBase):
         self._memory = memory
         self._mem_every = max(1, int(getattr(memory, "every", 1))) if memory is not None else 1
         self._mem_begin = memory.step_begin if memory is not None and getattr(memory, "begins", True) else None
-        native = FAST is not None and isinstance(memory, FAST.StatmCore) and self._mem_begin is None
-        self._cmem = memory if native else None
         self._replan()
 
     # -- the context ---------------------------------------------------------------
@@ -538,8 +537,8 @@ class StepTracker(_StepBase):
             if failed:
                 self.steps_failed += 1
             mem = self._memory
-            if self._cmem is not None:  # the C exits adapt its stride: read it afresh
-                self._mem_every = max(1, int(self._cmem.every))  # type: ignore[attr-defined]
+            if mem is not None and self._memory_in_c():  # the C exits adapt its stride: read it afresh
+                self._mem_every = max(1, int(mem.every))  # type: ignore[attr-defined]
             if mem is not None and step % self._mem_every:
                 mem = None  # not a step it reads
             if self.regions or self._gpu is not None or mem is not None:
