@@ -251,3 +251,30 @@ def test_writer_cannot_create_its_file(tmp_path: Path) -> None:
         TmlWriter(tmp_path / "missing-dir" / "x.tml", run_meta={})
     with pytest.raises(WriterClosedError, match="No space left on device"):
         TmlWriter("/dev/full", run_meta={})
+
+
+def test_the_magic_and_the_header_reach_the_file_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer SIGKILLed while it opens its file leaves it empty or with a whole HEADER, never the
+    magic alone (CI once caught an aggregator killed between two writes: an 8-byte file).  Every
+    state the file passes through while the writer opens is read back."""
+    import traceml.format.writer as writer_module
+
+    path = tmp_path / "opening.tml"
+    real_write = os.write
+    sizes: list[int] = []
+
+    def counting_write(fd: int, data: Any) -> int:
+        if os.path.exists(path) and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", counting_write)
+    w = TmlWriter(path, run_meta={"run_id": "opening"}, fsync_interval_s=None, clock=FakeClock())
+    monkeypatch.undo()
+    assert len(sizes) == 1, (
+        f"the file was opened in {len(sizes)} writes ({sizes}); a kill between them leaves a torn HEADER"
+    )
+    with open_recording(path) as r:  # the state right after that one write: a readable, empty recording
+        assert r.header["run_id"] == "opening"
+        assert r.read_table("step_time") == {}
+    w.close()

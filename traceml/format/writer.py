@@ -238,8 +238,9 @@ class TmlWriter:
             raise FormatError(
                 f"cannot create recording {self._path}: {exc.strerror}; check that the directory exists and is writable"
             ) from exc
-        self._write(_records.MAGIC)
-        self._write_record(RecordKind.HEADER, header)
+        # the magic and the HEADER go out in one write (~1 KiB, inside one page): a writer killed
+        # at any moment leaves an empty file or one whose HEADER is whole, never the magic alone
+        self._write_record(RecordKind.HEADER, header, prefix=_records.MAGIC)
 
     # --- properties -----------------------------------------------------------------
 
@@ -556,7 +557,7 @@ class TmlWriter:
             }
         )
 
-    def _write_record(self, kind: int, payload: bytes) -> int:
+    def _write_record(self, kind: int, payload: bytes, prefix: bytes = b"") -> int:
         if len(payload) > _records.DEFAULT_MAX_RECORD_BYTES:
             raise RecordTooLargeError(
                 RecordKind(kind).name,
@@ -565,7 +566,7 @@ class TmlWriter:
                 setting="store less data per record",
             )
         record = _records.pack_record(self._sync, kind, payload)
-        self._write(record)
+        self._write(prefix + record if prefix else record)
         return len(record)
 
     def _write(self, data: bytes) -> None:
