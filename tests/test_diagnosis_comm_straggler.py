@@ -77,3 +77,34 @@ def test_without_step_comm_the_causes_are_unchanged() -> None:
     (f,) = stragglers(ddp_straggler(n_ranks=2, culprit=1, extra_us=20_000.0, phase="residual"))
     assert f.labels["cause"] == "other"
     assert "own_comm_us" not in f.evidence
+
+
+def _wait_shapes() -> dict[str, RunBuilder]:
+    """Two ranks kept in step by collectives outside DDP, rank 1 the slow one, rank 0 waiting:
+    ``manual``: gradients averaged with dist.all_reduce after backward, rank 1's backward 20 ms
+    longer, rank 0 waiting 20 ms more in the all-reduces (its residual);
+    ``async``: 40 async_op=True all-reduces waited before the optimizer, rank 1 slow to issue them
+    (CPU-starved: 23 ms more of its residual outside the wait), rank 0 waiting that much more."""
+    manual, issued = RunBuilder(), RunBuilder()
+    for r in range(2):
+        manual.steps(
+            r,
+            N,
+            backward=60_000.0 + (20_000.0 if r == 1 else 0.0),
+            residual=1_000.0 + (22_000.0 if r == 0 else 2_000.0),
+        )
+        comm_rows(manual, r, 22_000.0 if r == 0 else 2_000.0)
+        issued.steps(
+            r, N, forward=1_000.0, backward=1_500.0, optimizer=400.0, dataloader=0.0, residual=41_000.0 + 400.0 * r
+        )
+        comm_rows(issued, r, 35_000.0 if r == 0 else 12_000.0, buckets=80)
+    return {"manual": manual, "async": issued}
+
+
+def test_the_rank_that_waits_in_a_collective_outside_ddp_is_not_the_straggler() -> None:
+    # before, rank 0 (the fast one) was named "straggler (communication)" or "(other)": its waiting
+    # was counted as its own collective time or its own residual
+    for shape, b in _wait_shapes().items():
+        named = [(f.rank, f.labels["cause"], f.summary) for f in stragglers(b)]
+        assert all(rank != 0 for rank, _, _ in named), (shape, named)
+        assert all(cause != "communication" for _, cause, _ in named), (shape, named)

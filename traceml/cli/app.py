@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 
+from traceml._summary import DEFAULT_RUNS_DIR
 from traceml.cli import format_cmds, report_cmds, run_cmd
 from traceml.cli.settings import QUIET_ENV, load_config
 
@@ -162,7 +163,7 @@ def version(
 
 @app.command("runs")
 def runs(
-    runs_dir: Path = typer.Argument(Path("traceml_runs"), help="the runs folder (default ./traceml_runs)"),
+    runs_dir: Path = typer.Argument(Path(DEFAULT_RUNS_DIR), help=f"the runs folder (default ./{DEFAULT_RUNS_DIR})"),
     as_json: bool = typer.Option(False, "--json", help="print the listing as JSON"),
     limit: int = typer.Option(50, "--limit", "-n", min=1, help="newest N runs"),
 ) -> None:

@@ -367,8 +367,9 @@ def straggler(data: StepData, view: StoreView | None = None) -> Finding | None:
 
     With ``step_comm`` in ``view``, a rank's *own* communication counts too: its exposed
     collective time over the other ranks' median, less the most any other rank's
-    non-synchronised excess could have made it wait there (the others wait for a compute
-    straggler inside the all-reduce; the straggler itself waits least).  That excess is the
+    non-synchronised excess, or excess outside exposed collectives, could have made it wait
+    there (the others wait for a compute straggler inside the all-reduce; the straggler itself
+    waits least).  That excess is the
     cause "communication"; it is time spent inside some phase, so it is taken out of the phase
     with the largest excess rather than counted twice.
     """
@@ -395,11 +396,21 @@ def straggler(data: StepData, view: StoreView | None = None) -> Finding | None:
     own_comm = [0.0] * len(data.ranks)
     if comm_m is not None:
         comm_ref = others_median(comm_m)
+        # a rank's time outside exposed collectives, over the others': what it can make them wait.
+        # It covers what the phases miss: a slow backward before a manual all-reduce, or slowly
+        # issued async collectives, are not in the non-equalised phases
+        work = step_m - comm_m
+        work_ref = others_median(work)
+        holds = [max(ne_gaps[j], _median_delta(work[j], work_ref[j])) for j in range(len(data.ranks))]
         for i in range(len(data.ranks)):
             comm_deltas[i] = _median_delta(comm_m[i], comm_ref[i])
-            waited = max((g for j, g in enumerate(ne_gaps) if j != i), default=0.0)
+            waited = max((g for j, g in enumerate(holds) if j != i), default=0.0)
             excess = comm_deltas[i] - waited
             own_comm[i] = excess if excess >= th.STRAGGLER_COMM_MIN_GAP_US else 0.0
+        # exposed time a rank spent waiting for another is not its own excess, in whichever
+        # phase the collective ran (a manual all-reduce's wait lands in the residual)
+        for i in range(len(data.ranks)):
+            ne_gaps[i] = max(0.0, ne_gaps[i] - (max(0.0, comm_deltas[i]) - own_comm[i]))
     best: tuple[float, int, float] | None = None
     for i, _rank in enumerate(data.ranks):
         step_delta = _median_delta(step_m[i], step_ref[i])
