@@ -1181,11 +1181,28 @@ static int attr_true(PyObject *o, int name) {
     return r;
 }
 
+/* 1 when the weak reference `ref` points at `obj` (an identity test: no reference is kept).
+ * PyWeakref_GET_OBJECT is deprecated from 3.13 (to be removed): PyWeakref_GetRef there. */
+static inline int weakref_is(PyObject *ref, PyObject *obj) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *target = NULL;
+    if (PyWeakref_GetRef(ref, &target) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    int r = target == obj;
+    Py_XDECREF(target);
+    return r;
+#else
+    return PyWeakref_GET_OBJECT(ref) == obj;
+#endif
+}
+
 /* 1: auto.<name> is a weakref to obj; 0: it is not (or None); -1: error */
 static int ref_is(PyObject *o, int name, PyObject *obj) {
     PyObject *v = GA(o, name);
     if (v == NULL) return -1;
-    int r = PyWeakref_Check(v) && PyWeakref_GetObject(v) == obj;
+    int r = PyWeakref_Check(v) && weakref_is(v, obj);
     Py_DECREF(v);
     return r;
 }
@@ -1335,7 +1352,7 @@ static PyObject *StepEntry_call(StepEntryObject *self, PyObject *const *args, si
     PyObject *tracker = self->tracker;
     if (tracker != NULL && kwnames == NULL && nargs <= 1) {
         PyObject *model = nargs ? args[0] : Py_None;
-        if (model == Py_None || (self->model != NULL && PyWeakref_GET_OBJECT(self->model) == model)) {
+        if (model == Py_None || (self->model != NULL && weakref_is(self->model, model))) {
             Py_INCREF(tracker);
             return tracker;
         }
