@@ -369,9 +369,9 @@ def straggler(data: StepData, view: StoreView | None = None) -> Finding | None:
     collective time over the other ranks' median, less the most any other rank's
     non-synchronised excess, or excess outside exposed collectives, could have made it wait
     there (the others wait for a compute straggler inside the all-reduce; the straggler itself
-    waits least).  That excess is the
-    cause "communication"; it is time spent inside some phase, so it is taken out of the phase
-    with the largest excess rather than counted twice.
+    waits least).  That excess is the cause "communication"; it is time spent inside some
+    phase, so it is taken out of the phase with the largest excess rather than counted twice.
+    The rest of a rank's exposed excess is waiting, and is taken out of its own gap.
     """
     if len(data.ranks) < 2:
         return None
