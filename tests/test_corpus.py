@@ -111,6 +111,7 @@ def _start(name: str, case: Case, traced: bool, tmp: Path) -> tuple[subprocess.P
     cmd = [TRACEML, "run", "--ui", "none", "--out", str(out), "--nproc-per-node", str(case.nproc)]
     cmd += [str(CORPUS / case.script), *case.args, *(["--traced"] if traced else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACEML_")}
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that dies of a signal prints every thread's stack
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
         cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -145,8 +146,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Run
     return done
 
 
+def _fatal(log: str) -> str:
+    """The faulthandler report of a rank that died of a signal (with its stacks), if the log has one."""
+    at = log.find("Fatal Python error")
+    return "" if at < 0 else log[max(0, at - 200) : at + 6000] + "\n...\n"
+
+
 def _primary(run: Run) -> Any:
-    assert run.code == 0, f"traceml run exited {run.code}:\n{run.log[-3000:]}"
+    assert run.code == 0, f"traceml run exited {run.code}:\n{_fatal(run.log)}{run.log[-3000:]}"
     assert run.diagnosis is not None, run.log[-3000:]
     return run.diagnosis.primary
 
