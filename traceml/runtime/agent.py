@@ -33,6 +33,23 @@ from traceml.schema import STANDARD_TABLES
 from traceml.store import BoundedTable
 from traceml.transport import RankIdentity, TelemetryClient, hello, rank_identity_from_env
 
+
+def thread_cpu_ns(native_id: int) -> int:
+    """CPU time of the kernel thread ``native_id`` of this process, or -1 (ended, or not Linux).
+
+    Never ``time.pthread_getcpuclockid(thread.ident)``: glibc reads the pthread's descriptor for
+    it, and once the thread has ended and its stack is unmapped, that read is a segfault of the
+    training process.  Linux names a thread's CPU clock by its kernel id (the clock id glibc
+    builds: ``~tid << 3 | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED``); an ended thread's clock gives EINVAL.
+    """
+    if not sys.platform.startswith("linux"):
+        return -1
+    try:
+        return time.clock_gettime_ns((~native_id << 3) | 6)
+    except (OSError, ValueError, OverflowError):
+        return -1
+
+
 #: rows kept per table on the rank before the oldest are evicted (and counted as lost)
 TABLE_CAPACITY: dict[str, int] = {
     "step_time": 16384,
@@ -397,14 +414,12 @@ class Agent:
             getattr(self.stacks, "_thread", None),
         ]
         for t in threads:
-            ident = getattr(t, "ident", None)
-            if ident is None:
-                continue
-            try:
-                ns = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
-            except (AttributeError, OSError, ValueError):
-                continue  # not on this platform, or the thread has ended: keep its last figure
-            self._thread_cpu[ident] = ns
+            tid = getattr(t, "native_id", None)
+            if tid is None or t is None or not t.is_alive():
+                continue  # not started, or ended: keep its last figure
+            ns = thread_cpu_ns(tid)
+            if ns >= 0:
+                self._thread_cpu[tid] = ns
         if not self._thread_cpu:
             return -1
         return sum(self._thread_cpu.values()) + int(getattr(self.stacks, "native_ns", 0) or 0)
