@@ -415,7 +415,7 @@ class Agent:
         ]
         for t in threads:
             tid = getattr(t, "native_id", None)
-            if tid is None or not t.is_alive():
+            if tid is None or t is None or not t.is_alive():
                 continue  # not started, or ended: keep its last figure
             ns = thread_cpu_ns(tid)
             if ns >= 0:
